@@ -88,3 +88,250 @@ def _backward(ctx, grad_out):
 
 
 attn_res.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- two-phase schedule: phase 1 (multi-query over completed blocks) and phase 2 (merge) --------
+# Same style as attn_res: an opaque forward op, an opaque backward op, autograd glue between them.
+# Optional grads are returned as empty tensors (a custom op cannot return None in a list).
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase1", mutates_args=())
+def attn_res_phase1(
+    sources: List[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    """sources: m x [..., D]; queries/norm_weights [S, D] -> (out [S, ..., D] input dtype, lse [S, ...] fp32)."""
+    if sources[0].is_cuda:
+        from . import dispatch
+
+        return dispatch.phase1_cuda(sources, queries, norm_weights, eps)
+    out, lse = reference.attn_res_phase1_reference(sources, queries, norm_weights, eps)
+    return out, lse.float() if sources[0].dtype != torch.float64 else lse
+
+
+@attn_res_phase1.register_fake
+def _attn_res_phase1_fake(sources, queries, norm_weights, eps):
+    reference._check_sources(sources, queries[0])
+    S, lead = queries.shape[0], sources[0].shape[:-1]
+    lse_dtype = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
+    out = sources[0].new_empty((S, *sources[0].shape))
+    return out, sources[0].new_empty((S, *lead), dtype=lse_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase1_backward", mutates_args=())
+def attn_res_phase1_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor,
+    sources: List[Tensor],
+    queries: Tensor,
+    norm_weights: Optional[Tensor],
+    eps: float,
+    out: Tensor,
+    lse: Tensor,
+) -> List[Tensor]:
+    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty)]. ``out``/``lse`` are
+    the forward's outputs (the CUDA kernel uses them instead of recomputing the softmax)."""
+    if sources[0].is_cuda:
+        from . import dispatch
+
+        gs, gq, gw = dispatch.phase1_backward_cuda(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse)
+    else:
+        from .reference_grads import attn_res_phase1_backward_reference
+
+        gs, gq, gw = attn_res_phase1_backward_reference(grad_out, grad_lse, sources, queries, norm_weights, eps)
+    return gs + [gq, _or_empty(gw, queries)]
+
+
+@attn_res_phase1_backward.register_fake
+def _attn_res_phase1_backward_fake(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse):
+    gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
+    return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw]
+
+
+def _phase1_setup_context(ctx, inputs, output):
+    sources, queries, norm_weights, eps = inputs
+    ctx.n, ctx.has_weight, ctx.eps = len(sources), norm_weights is not None, eps
+    weights = [norm_weights] if norm_weights is not None else []
+    ctx.save_for_backward(*sources, queries, *weights, *output)
+
+
+def _phase1_backward(ctx, grad_out, grad_lse):
+    saved = ctx.saved_tensors
+    sources, queries = list(saved[: ctx.n]), saved[ctx.n]
+    norm_weights = saved[ctx.n + 1] if ctx.has_weight else None
+    out, lse = saved[-2], saved[-1]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+    grads = torch.ops.residual_rewriter.attn_res_phase1_backward(
+        grad_out, grad_lse, sources, queries, norm_weights, ctx.eps, out, lse
+    )
+    return list(grads[: ctx.n]), grads[ctx.n], grads[ctx.n + 1] if ctx.has_weight else None, None
+
+
+attn_res_phase1.register_autograd(_phase1_backward, setup_context=_phase1_setup_context)
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase2", mutates_args=())
+def attn_res_phase2(
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+) -> Tensor:
+    """Merge one sublayer's phase-1 result [..., D] / lse [...] with the partial block [..., D] (or None)."""
+    if phase1_out.is_cuda:
+        from . import dispatch
+
+        return dispatch.phase2_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
+    return reference.attn_res_phase2_reference(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
+
+
+@attn_res_phase2.register_fake
+def _attn_res_phase2_fake(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
+    return torch.empty_like(phase1_out)
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase2_backward", mutates_args=())
+def attn_res_phase2_backward(
+    grad_out: Tensor,
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+) -> List[Tensor]:
+    """Returns [grad_phase1_out, grad_phase1_lse, grad_partial (or empty), grad_query, grad_norm_weight (or empty)]."""
+    if grad_out.is_cuda:
+        from . import dispatch
+
+        fn = dispatch.phase2_backward_cuda
+    else:
+        from .reference_grads import attn_res_phase2_backward_reference as fn
+    go, gl, gp, gq, gw = fn(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
+    return [go, gl, _or_empty(gp, query), gq, _or_empty(gw, query)]
+
+
+@attn_res_phase2_backward.register_fake
+def _attn_res_phase2_backward_fake(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
+    gp = torch.empty_like(partial) if partial is not None else query.new_empty(0)
+    gw = torch.empty_like(norm_weight) if norm_weight is not None else query.new_empty(0)
+    return [torch.empty_like(phase1_out), torch.empty_like(phase1_lse), gp, torch.empty_like(query), gw]
+
+
+def _phase2_setup_context(ctx, inputs, output):
+    phase1_out, phase1_lse, partial, query, norm_weight, eps, scale = inputs
+    ctx.has_partial, ctx.has_weight = partial is not None, norm_weight is not None
+    ctx.eps, ctx.scale = eps, scale
+    opt = [t for t in (partial, norm_weight) if t is not None]
+    ctx.save_for_backward(phase1_out, phase1_lse, query, *opt)
+
+
+def _phase2_backward(ctx, grad_out):
+    phase1_out, phase1_lse, query, *opt = ctx.saved_tensors
+    partial = opt.pop(0) if ctx.has_partial else None
+    norm_weight = opt.pop(0) if ctx.has_weight else None
+    go, gl, gp, gq, gw = torch.ops.residual_rewriter.attn_res_phase2_backward(
+        grad_out.contiguous(), phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale
+    )
+    return go, gl, gp if ctx.has_partial else None, gq, gw if ctx.has_weight else None, None, None
+
+
+attn_res_phase2.register_autograd(_phase2_backward, setup_context=_phase2_setup_context)
+
+
+# ---- aggregation + the sublayer's own RMSNorm, fused --------------------------------------------
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_normed", mutates_args=())
+def attn_res_normed(
+    sources: List[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(mix [..., D], RMSNorm(mix) * out_norm_weight [..., D]), both in the sources' dtype."""
+    if sources[0].is_cuda:
+        from . import dispatch
+
+        return dispatch.normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    return reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+
+
+@attn_res_normed.register_fake
+def _attn_res_normed_fake(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+    reference._check_sources(sources, query)
+    return torch.empty_like(sources[0]), torch.empty_like(sources[0])
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_normed_backward", mutates_args=())
+def attn_res_normed_backward(
+    grad_mix: Tensor,
+    grad_normed: Tensor,
+    sources: List[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> List[Tensor]:
+    """Returns [grad_src_0..n-1, grad_query, grad_norm_weight (or empty), grad_out_norm_weight (or empty)]."""
+    if sources[0].is_cuda:
+        from . import dispatch
+
+        fn = dispatch.normed_backward_cuda
+    else:
+        from .reference_grads import attn_res_normed_backward_reference as fn
+    gs, gq, gw, gwo = fn(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    return gs + [gq, _or_empty(gw, query), _or_empty(gwo, query)]
+
+
+@attn_res_normed_backward.register_fake
+def _attn_res_normed_backward_fake(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+    gw = torch.empty_like(norm_weight) if norm_weight is not None else query.new_empty(0)
+    gwo = torch.empty_like(out_norm_weight) if out_norm_weight is not None else query.new_empty(0)
+    return [torch.empty_like(s) for s in sources] + [torch.empty_like(query), gw, gwo]
+
+
+def _normed_setup_context(ctx, inputs, output):
+    sources, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
+    ctx.n, ctx.has_weight, ctx.has_out_weight = len(sources), norm_weight is not None, out_norm_weight is not None
+    ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
+    opt = [t for t in (norm_weight, out_norm_weight) if t is not None]
+    ctx.save_for_backward(*sources, query, *opt)
+
+
+def _normed_backward(ctx, grad_mix, grad_normed):
+    saved = ctx.saved_tensors
+    sources, query, opt = list(saved[: ctx.n]), saved[ctx.n], list(saved[ctx.n + 1 :])
+    norm_weight = opt.pop(0) if ctx.has_weight else None
+    out_norm_weight = opt.pop(0) if ctx.has_out_weight else None
+    grad_mix = torch.zeros_like(sources[0]) if grad_mix is None else grad_mix.contiguous()
+    grad_normed = torch.zeros_like(sources[0]) if grad_normed is None else grad_normed.contiguous()
+    grads = torch.ops.residual_rewriter.attn_res_normed_backward(
+        grad_mix, grad_normed, sources, query, norm_weight, ctx.eps, ctx.scale, out_norm_weight, ctx.out_eps
+    )
+    n = ctx.n
+    return (
+        list(grads[:n]),
+        grads[n],
+        grads[n + 1] if ctx.has_weight else None,
+        None,
+        None,
+        grads[n + 2] if ctx.has_out_weight else None,
+        None,
+    )
+
+
+attn_res_normed.register_autograd(_normed_backward, setup_context=_normed_setup_context)

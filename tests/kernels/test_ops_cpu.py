@@ -1,0 +1,114 @@
+"""The library ops on CPU (reference implementations): values, gradients vs autograd through the
+reference in float64, and ``torch.library.opcheck`` on every registration."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from residual_rewriter.kernels.attn_res import reference as R
+from residual_rewriter.kernels.attn_res import reference_grads as RG  # noqa: F401  (imported: must import)
+
+OPS = torch.ops.residual_rewriter
+F64 = torch.float64
+
+
+def _leaf(*shape, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+
+
+def _grads(y, ins, gy):
+    ys = y if isinstance(y, (tuple, list)) else (y,)
+    gys = gy if isinstance(gy, (tuple, list)) else (gy,)
+    loss = sum((a * b).sum() for a, b in zip(ys, gys))
+    return torch.autograd.grad(loss, ins, materialize_grads=True)
+
+
+def _assert_all_close(a, b, tol=1e-10):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_phase1_op_matches_reference_and_grads(with_weight):
+    srcs = [_leaf(2, 5, 24, seed=i) for i in range(3)]
+    Q = _leaf(4, 24, seed=10)
+    G = _leaf(4, 24, seed=11) if with_weight else None
+    out, lse = OPS.attn_res_phase1(srcs, Q, G, 1e-6)
+    ro, rl = R.attn_res_phase1_reference(srcs, Q, G, 1e-6)
+    assert out.shape == (4, 2, 5, 24) and lse.shape == (4, 2, 5)
+    ins = srcs + [Q] + ([G] if G is not None else [])
+    gy = (torch.randn_like(out), torch.randn_like(lse))
+    _assert_all_close(_grads((out, lse), ins, gy), _grads((ro, rl), ins, gy))
+
+
+@pytest.mark.parametrize("with_partial", [True, False])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_phase2_op_matches_reference_and_grads(with_partial, with_weight):
+    o1, l1 = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2)
+    p = _leaf(2, 5, 24, seed=3) if with_partial else None
+    q, g = _leaf(24, seed=4), (_leaf(24, seed=5) if with_weight else None)
+    y = OPS.attn_res_phase2(o1, l1, p, q, g, 1e-6, 2.5)
+    yr = R.attn_res_phase2_reference(o1, l1, p, q, g, 1e-6, 2.5)
+    torch.testing.assert_close(y, yr)
+    ins = [o1, l1, q] + [t for t in (p, g) if t is not None]
+    gy = torch.randn_like(y)
+    _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
+
+
+def test_two_phase_equals_single_pass():
+    srcs = [_leaf(3, 7, 16, seed=i) for i in range(4)]
+    Q, G = _leaf(2, 16, seed=8), _leaf(2, 16, seed=9)
+    partial = _leaf(3, 7, 16, seed=12)
+    out, lse = OPS.attn_res_phase1(srcs, Q, G, 1e-6)
+    for j in range(2):
+        y = OPS.attn_res_phase2(out[j], lse[j], partial, Q[j], G[j], 1e-6, 5.0)
+        torch.testing.assert_close(y, R.attn_res_reference(srcs + [partial], Q[j], G[j], 1e-6, 5.0))
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("with_out_weight", [True, False])
+def test_normed_op_matches_reference_and_grads(with_weight, with_out_weight):
+    srcs = [_leaf(2, 5, 24, seed=i) for i in range(3)]
+    q = _leaf(24, seed=4)
+    g = _leaf(24, seed=5) if with_weight else None
+    wo = _leaf(24, seed=6) if with_out_weight else None
+    y = OPS.attn_res_normed(srcs, q, g, 1e-6, 3.0, wo, 1e-5)
+    yr = R.attn_res_normed_reference(srcs, q, g, 1e-6, 3.0, wo, 1e-5)
+    ins = srcs + [q] + [t for t in (g, wo) if t is not None]
+    gy = (torch.randn_like(y[0]), torch.randn_like(y[1]))
+    _assert_all_close(y, yr)
+    _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)  # schema, autograd registration, fake tensor, aot dispatch (dynamic)
+
+
+def test_opcheck_attn_res():
+    srcs = [_leaf(2, 3, 8, seed=i, dtype=torch.float32) for i in range(3)]
+    _opcheck(OPS.attn_res.default, (srcs, _leaf(8, seed=5, dtype=torch.float32), _leaf(8, seed=6, dtype=torch.float32), 1e-6, 3.0))
+    _opcheck(OPS.attn_res.default, (srcs, _leaf(8, seed=5, dtype=torch.float32), None, 1e-6, 1.0))
+
+
+def test_opcheck_phase1():
+    srcs = [_leaf(2, 3, 8, seed=i, dtype=torch.float32) for i in range(3)]
+    Q, G = _leaf(4, 8, seed=7, dtype=torch.float32), _leaf(4, 8, seed=8, dtype=torch.float32)
+    _opcheck(OPS.attn_res_phase1.default, (srcs, Q, G, 1e-6))
+    _opcheck(OPS.attn_res_phase1.default, (srcs, Q, None, 1e-6))
+
+
+def test_opcheck_phase2():
+    f = torch.float32
+    o1, l1, p = _leaf(2, 3, 8, seed=1, dtype=f), _leaf(2, 3, seed=2, dtype=f), _leaf(2, 3, 8, seed=3, dtype=f)
+    q, g = _leaf(8, seed=4, dtype=f), _leaf(8, seed=5, dtype=f)
+    _opcheck(OPS.attn_res_phase2.default, (o1, l1, p, q, g, 1e-6, 2.0))
+    _opcheck(OPS.attn_res_phase2.default, (o1, l1, None, q, None, 1e-6, 1.0))
+
+
+def test_opcheck_normed():
+    f = torch.float32
+    srcs = [_leaf(2, 3, 8, seed=i, dtype=f) for i in range(3)]
+    q, g, wo = _leaf(8, seed=4, dtype=f), _leaf(8, seed=5, dtype=f), _leaf(8, seed=6, dtype=f)
+    _opcheck(OPS.attn_res_normed.default, (srcs, q, g, 1e-6, 3.0, wo, 1e-5))
+    _opcheck(OPS.attn_res_normed.default, (srcs, q, None, 1e-6, 1.0, None, 1e-6))
