@@ -1,4 +1,16 @@
-"""residual_rewriter: give any PyTorch model Block Attention Residuals without touching its source."""
+"""residual_rewriter: give any PyTorch model Block Attention Residuals without touching its source.
+
+    converted = residual_rewriter.convert(model)          # exact at init, trains as Block AttnRes
+    print(converted.report)                                # what was rewritten
+    report = residual_rewriter.detect(model)               # look before converting
+"""
 from . import kernels  # noqa: F401  registers torch.ops.residual_rewriter.*
+from .api import convert, detect
+from .config import AttnResConfig
+from .converted import ConvertedModule
+from .errors import ConversionError
+from .report import ConversionReport
 
 __version__ = "0.1.0"
+
+__all__ = ["convert", "detect", "AttnResConfig", "ConvertedModule", "ConversionError", "ConversionReport"]

@@ -1,0 +1,111 @@
+"""Launch-side helpers shared by the Triton kernels of ``fused.py`` and ``two_phase.py``.
+
+Nothing here imports triton: the kernel modules do, and only they are imported lazily.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# The kernels take the sources as a tuple of pointers (a Triton tuple argument, unrolled with
+# tl.static_range), so there is no stacking copy. Every source count is its own specialization;
+# the limit keeps compile time and the kernel's parameter block bounded, and it is CHECKED.
+MAX_SOURCES = 64
+
+# Element budget of one program's [BLOCK_T, BLOCK_D] tile on a GPU: with BLOCK_D = next_pow2(D),
+# BLOCK_T = budget // BLOCK_D (D=4096 -> 1 token per program, 8 warps, 16 fp32 registers a thread).
+# The interpreter pays per program and per op, not per element: it gets much larger tiles.
+GPU_TILE_ELEMENTS = 4096
+INTERPRET_TILE_ELEMENTS = 1 << 15
+
+# Tests set this to True: every output buffer is then allocated filled with NaN, so an element the
+# kernel forgets to write fails the comparison instead of passing by luck (torch.empty is often 0).
+POISON_OUTPUTS = False
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(tensors: Sequence[Tensor], what: str) -> None:
+    """The Triton path runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Anything else
+    is an error, never a silent fallback to the reference."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{what}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    dev = devices.pop()
+    if dev.type == "cuda":
+        return
+    if dev.type == "cpu" and interpreting():
+        return
+    raise RuntimeError(
+        f"{what}: the Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+        f"triton is imported); got {dev}. Use attn_res_reference or torch.ops.residual_rewriter.* on CPU."
+    )
+
+
+def check_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"{what}: the Triton kernels take float32/float16/bfloat16 inputs (fp32 math), got {dtype}; "
+            f"float64 is served by the reference"
+        )
+
+
+def check_num_sources(n: int, what: str) -> None:
+    if n < 1:
+        raise ValueError(f"{what} needs at least one source, got an empty list")
+    if n > MAX_SOURCES:
+        raise ValueError(
+            f"{what}: {n} sources exceed the Triton kernels' limit of {MAX_SOURCES} (MAX_SOURCES). "
+            f"Use the two-phase ops (phase 1 over the completed blocks in chunks) or fewer blocks."
+        )
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """``[..., D]`` -> a ``[T, D]`` view with unit stride along D and one row stride, copying only when
+    no such view exists (e.g. a transposed hidden dim). Non-contiguous token strides stay views."""
+    D = x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(-1, D)
+    except RuntimeError:  # leading dims not collapsible into one stride
+        return x.reshape(-1, D)
+
+
+def empty(shape, dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tile(T: int, D: int, budget: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) for T tokens of hidden size D. BLOCK_D covers the whole row:
+    the RMSNorm and the score need the full row, and a whole row per program keeps one pass."""
+    if budget is None:
+        budget = INTERPRET_TILE_ELEMENTS if interpreting() else GPU_TILE_ELEMENTS
+    block_d = next_pow2(D)
+    block_t = max(1, min(next_pow2(max(T, 1)), budget // block_d))
+    num_warps = max(1, min(8, block_t * block_d // 512))
+    return block_t, block_d, num_warps
+
+
+def num_programs(num_tiles: int, device: torch.device) -> int:
+    """Programs of the persistent backward kernels (each loops over tiles and writes one row of a
+    [programs, D] fp32 partial of the query gradient, summed afterwards in a fixed order, so the
+    reduction over tokens is deterministic — no atomics)."""
+    if device.type == "cuda":
+        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cap = 2
+    return max(1, min(num_tiles, cap))

@@ -1,0 +1,213 @@
+"""Capture: an unmodified model becomes an FX graph whose nodes still point at its own submodules.
+
+* The root of the trace is a throw-away wrapper that shares the model's children, so module paths in
+  the graph are the model's own (``transformer.h.0.ln_1``) and parameters are shared, not copied.
+* Norms, attention, rotary embeddings and every ``torch.nn`` built-in stay opaque ``call_module``
+  nodes: what remains visible is the residual stream itself. Dropout stays a module, so train/eval
+  behave as in the original.
+* A submodule whose forward cannot be traced symbolically (data-dependent control flow, iterating a
+  proxy, ...) is rolled back and kept opaque instead of failing the whole trace; the capture lists
+  those modules so the report can say where residuals may be hidden.
+* Hugging Face v5 models wrap ``forward`` in decorators and build masks with Python control flow:
+  every public callable of each model's own modeling module (mask builders, output classes) is
+  autowrapped, i.e. recorded as one call instead of being traced into.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+# Class names of submodules that stay opaque: their insides hold no residual stream.
+_OPAQUE_CLASS_NAME = re.compile(r"(Norm|Attention|Attn|Rotary|RoPE|Embedding)", re.IGNORECASE)
+
+
+@dataclass
+class Captured:
+    graph_module: fx.GraphModule
+    example_inputs: tuple
+    input_names: list[str]
+    opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why it was kept opaque
+
+
+class ResidualTracer(fx.Tracer):
+    """``search_modules``: Python modules whose globals get the autowrapped functions patched in
+    (FX only looks at the globals of the forwards it traces; a decorated forward's globals are the
+    decorator's module, not the model's)."""
+
+    def __init__(
+        self,
+        autowrap_functions: Sequence[Callable] = (),
+        search_modules: Sequence[Any] = (),
+        opaque_if_reads_training: bool = False,
+    ):
+        import math
+
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        self._autowrap_search.extend(search_modules)
+        self.opaque_if_reads_training = opaque_if_reads_training
+        self.opaque_modules: dict[str, str] = {}
+        self._rr_constants: dict[str, Any] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque_modules:
+            return True
+        if type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return True
+        if _OPAQUE_CLASS_NAME.search(type(m).__name__):
+            return True
+        if self.opaque_if_reads_training and _reads_training_flag(type(m)):
+            # FX would bake the current train/eval branch into the graph; keep the module whole.
+            self.opaque_modules[qualname] = "its forward branches on self.training"
+            return True
+        return False
+
+    def create_arg(self, a: Any):
+        # FX rebuilds dataclass instances (e.g. a Hugging Face config) by calling their constructor on
+        # every forward. A dataclass holding no proxy is a constant: keep the object itself instead.
+        if dataclasses.is_dataclass(a) and not isinstance(a, type) and not _holds_proxy(a):
+            name = f"_rr_constant_{len(self._rr_constants)}"
+            self._rr_constants[name] = a
+            setattr(self.root, name, a)
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        # Trace into the module; if its Python cannot be traced, undo what it recorded and keep it opaque.
+        last_node = self.graph._root.prev
+        saved_stack = self.module_stack.copy()
+        saved_calls = dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - any trace failure means "keep this module opaque"
+            new_nodes = []
+            node = last_node.next
+            while node is not self.graph._root:
+                new_nodes.append(node)
+                node = node.next
+            for node in reversed(new_nodes):
+                self.graph.erase_node(node)
+            self.module_stack.clear()
+            self.module_stack.update(saved_stack)
+            self.num_calls = saved_calls
+            self.opaque_modules[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            return super().call_module(m, forward, args, kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training_flag(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _holds_proxy(obj: Any) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(
+        [getattr(obj, f.name, None) for f in dataclasses.fields(obj)],
+        lambda v: found.append(v) if isinstance(v, fx.Proxy) else None,
+    )
+    return bool(found)
+
+
+def _make_root(model: nn.Module, input_names: list[str], call: Callable) -> nn.Module:
+    """A module sharing ``model``'s children/parameters whose forward has explicit arguments."""
+    args = ", ".join(input_names)
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {args}):\n    return self._rr_call({args})\n", namespace)  # noqa: S102
+    root_cls = type(f"{type(model).__name__}Traced", (nn.Module,), {"forward": namespace["forward"]})
+    root = root_cls()
+    root._modules = model._modules  # same children, same dict: paths are the model's own
+    root._parameters = model._parameters
+    root._buffers = model._buffers
+    root._rr_call = call
+    root.training = model.training
+    return root
+
+
+def _forward_input_names(model: nn.Module, n: int) -> list[str]:
+    params = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    names = params[:n]
+    return names + [f"input_{i}" for i in range(len(names), n)]
+
+
+def _modeling_modules(model: nn.Module) -> list[Any]:
+    names = {type(m).__module__ for m in model.modules()}
+    return [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
+
+
+def _autowrap_candidates(modules: Sequence[Any]) -> list[Callable]:
+    """Recorded as one call each instead of traced into: Hugging Face mask builders (Python control
+    flow on tensor values) and output dataclasses (so the graph returns the model's own output type)."""
+    found = []
+    for mod in modules:
+        for name, value in vars(mod).items():
+            if name.startswith("_"):
+                continue
+            if inspect.isfunction(value) and value.__module__.endswith("masking_utils"):
+                found.append(value)
+            elif inspect.isclass(value) and any(c.__name__ == "ModelOutput" for c in value.__mro__):
+                found.append(value)
+    return found
+
+
+def _trace(model, input_names, call, opaque_if_reads_training):
+    modules = _modeling_modules(model)
+    tracer = ResidualTracer(
+        autowrap_functions=_autowrap_candidates(modules),
+        search_modules=modules,
+        opaque_if_reads_training=opaque_if_reads_training,
+    )
+    root = _make_root(model, input_names, call)
+    graph = tracer.trace(root)
+    return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
+
+
+def _trace_in_mode(model, training: bool, *args):
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        return _trace(model, *args)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple,
+    *,
+    call: Callable | None = None,
+    input_names: list[str] | None = None,
+) -> Captured:
+    """Trace ``model`` called as ``call(*example_inputs)`` (default ``model.forward``).
+
+    Returns a GraphModule whose ``call_module`` targets are ``model``'s own module paths. The model
+    is traced in train and in eval mode; if the two graphs differ (Python branching on
+    ``self.training`` in a traced-through forward), the modules that read ``self.training`` are kept
+    opaque so that train/eval keep working.
+    """
+    input_names = input_names or _forward_input_names(model, len(example_inputs))
+    call = call or model.forward
+    gm_train, _ = _trace_in_mode(model, True, input_names, call, False)
+    gm, tracer = _trace_in_mode(model, False, input_names, call, False)
+    if gm_train.code != gm.code:
+        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True)
+    gm.train(model.training)
+    return Captured(gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules))

@@ -1,0 +1,269 @@
+"""Detection: find pre-norm residual sites ``add(x, f(norm(x)))`` in a captured graph, link them
+into streams, split each stream into blocks, and explain everything that is not converted.
+
+Contract: reads the GraphModule and a recording of every node's value on the example inputs; never
+changes the graph. Returns a ``Plan`` (plain data) or raises ``ConversionError``.
+
+How a site is recognised (by meaning):
+  1. an add of two floating tensors of the same shape where one operand, the skip ``x``, is an
+     ancestor of the other, the branch ``y``;
+  2. networkx's dominators on the sub-DAG from ``x`` to ``y`` give the nodes every path from x to y
+     passes through; the first of them that is a normalization of ``x`` (``norms.py``) is the norm;
+     everything after it (dropout, a constant scale, a second norm) is the sublayer ``f``.
+So ``x`` reaches the branch only through its norm, which is what makes the rewrite exact.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from residual_rewriter.errors import ConversionError
+
+from . import norms
+from .plan import LeftOut, Plan, Site, Stream, split_blocks
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
+
+
+def record_values(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, Any]:
+    """Run the graph once (eval mode, no grad) and keep every node's value."""
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm, garbage_collect_values=False).run(*example_inputs)
+    return values
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_TARGETS:
+        return True
+    return node.op == "call_method" and node.target in ("add", "__add__")
+
+
+def _same_float_tensors(a: Any, b: Any) -> bool:
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.is_floating_point()
+        and a.shape == b.shape
+        and a.dim() >= 2
+    )
+
+
+def _to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+class _SiteFinder:
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any]):
+        self.gm = gm
+        self.values = values
+        self.dag = _to_networkx(gm.graph)
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.metadata_readers: dict[fx.Node, list[fx.Node]] = {}
+
+    def drop_metadata_edges(self, x: fx.Node) -> list[fx.Node]:
+        """Users of x that only read its shape/dtype carry no value: cut those edges for analysis."""
+        if x not in self.metadata_readers:
+            readers = [u for u in x.users if not _is_add(u) and norms.reads_only_metadata(self.gm, self.values, u, x)]
+            for u in readers:
+                if self.dag.has_edge(x, u):
+                    self.dag.remove_edge(x, u)
+            self.metadata_readers[x] = readers
+        return self.metadata_readers[x]
+
+    def _between(self, src: fx.Node, dst: fx.Node) -> set[fx.Node]:
+        """Nodes on some path src -> dst, both ends included."""
+        return (nx.descendants(self.dag, src) & nx.ancestors(self.dag, dst)) | {src, dst}
+
+    def _sorted(self, nodes) -> list[fx.Node]:
+        return sorted(nodes, key=self.order.__getitem__)
+
+    def match(self, add: fx.Node) -> tuple[Optional[Site], Optional[str]]:
+        """A Site for this add, or (None, reason) when it looks like a residual but is not pre-norm."""
+        if len(add.args) < 2 or not all(isinstance(a, fx.Node) for a in add.args[:2]):
+            return None, None
+        a, b = add.args[0], add.args[1]
+        if not _same_float_tensors(self.values.get(a), self.values.get(b)):
+            return None, None
+        for skip, branch in ((a, b), (b, a)):
+            self.drop_metadata_edges(skip)
+            if skip in nx.ancestors(self.dag, branch):
+                break
+        else:
+            return None, None  # two independent values (e.g. token + position embeddings)
+        region = self._between(skip, branch)
+        sub = self.dag.subgraph(region)
+        idom = nx.immediate_dominators(sub, skip)
+        chain = [branch]
+        while chain[-1] is not skip:
+            chain.append(idom[chain[-1]])
+        chain = chain[::-1][1:]  # dominators of the branch, from just after x down to y
+        for cand in chain:
+            norm_region = self._sorted(self._between(skip, cand) - {skip})
+            if norms.is_known_norm(self.gm, cand) and cand.args and cand.args[0] is skip:
+                found = True
+            else:
+                found = norms.probe_scale_invariant(self.gm, self.values, norm_region, skip, cand)
+            if found:
+                return self._site(add, skip, branch, cand, norm_region), None
+        if not self._has_parameters(region):
+            return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
+        return None, "the branch does not read x through a normalization (post-norm or plain residual)"
+
+    def _has_parameters(self, region: set[fx.Node]) -> bool:
+        for n in region:
+            if n.op == "get_attr":
+                return True
+            if n.op == "call_module" and any(True for _ in self.gm.get_submodule(n.target).parameters()):
+                return True
+        return False
+
+    def _site(self, add, skip, branch, norm_out, norm_region) -> Site:
+        after_norm = self._between(norm_out, branch) - {norm_out}
+        add_path = norms.module_path(add)
+        paths = [norms.module_path(n) for n in after_norm if n.op != "get_attr"]
+        paths = [p for p in paths if p and p != add_path and p.startswith(add_path)]
+        sublayer = _common_prefix(paths) if paths else f"{add_path}:<inline>"
+        return Site(
+            stream=-1,
+            index=-1,
+            norm=norms.describe(self.gm, norm_out),
+            sublayer=sublayer,
+            add_node=add.name,
+            skip_node=skip.name,
+            branch_node=branch.name,
+            norm_node=norm_out.name,
+            norm_entry_nodes=[n.name for n in norm_region if skip in n.all_input_nodes],
+        )
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix) or paths[0]
+
+
+def _param_key(path: str) -> str:
+    return path.replace(".", "__").replace(":", "__").replace("<", "").replace(">", "")
+
+
+def build_plan(
+    gm: fx.GraphModule,
+    values: dict[fx.Node, Any],
+    *,
+    num_blocks: Optional[int] = 8,
+    block_size: Optional[int] = None,
+    mixing: str = "sum",
+    opaque_modules: Optional[dict[str, str]] = None,
+) -> Plan:
+    finder = _SiteFinder(gm, values)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    plan = Plan(opaque_modules=dict(opaque_modules or {}))
+    sites_by_add: dict[str, Site] = {}
+    for node in gm.graph.nodes:
+        if not _is_add(node):
+            continue
+        site, reason = finder.match(node)
+        if site is not None:
+            sites_by_add[node.name] = site
+        elif reason is not None:
+            plan.left_out.append(LeftOut(node.name, norms.module_path(node), reason))
+
+    # Link sites into streams: a site continues the stream whose last add is its skip input.
+    for site in sites_by_add.values():  # graph order
+        prev = sites_by_add.get(site.skip_node)
+        if prev is not None and prev.stream >= 0:
+            stream = plan.streams[prev.stream]
+        else:
+            src = nodes[site.skip_node]
+            stream = Stream(
+                index=len(plan.streams),
+                source=norms.module_path(src) or src.name,
+                source_node=src.name,
+                hidden_size=int(values[src].shape[-1]),
+            )
+            plan.streams.append(stream)
+        site.stream, site.index = stream.index, len(stream.sites)
+        stream.sites.append(site)
+
+    if not plan.streams:
+        raise ConversionError(_nothing_matched_message(plan))
+
+    for stream in plan.streams:
+        _check_stream_readers(stream, nodes, finder)
+        _assign_blocks(stream, num_blocks, block_size, mixing)
+    return plan
+
+
+def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_SiteFinder") -> None:
+    """Every intermediate stream value may only be read by the next site's norm and add (and by
+    nodes that only look at its shape/dtype, which the rewrite points at the source instead)."""
+    problems = []
+    for site, nxt in zip(stream.sites, stream.sites[1:]):
+        readers = finder.drop_metadata_edges(nodes[site.add_node])
+        site.metadata_readers = [r.name for r in readers]
+        allowed = set(nxt.norm_entry_nodes) | {nxt.add_node} | set(site.metadata_readers)
+        for user in nodes[site.add_node].users:
+            if user.name not in allowed:
+                problems.append(
+                    f"the stream after {site.sublayer} is also read by {norms.module_path(user) or '?'} "
+                    f"({user.op} {getattr(user.target, '__name__', user.target)})"
+                )
+    if problems:
+        raise ConversionError(
+            "cannot convert exactly: a residual stream is read by something other than the next "
+            "sublayer's norm and residual add (parallel branches, or a hidden state taken out mid-stream):\n  "
+            + "\n  ".join(problems)
+            + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by norms."
+        )
+    last = nodes[stream.sites[-1].add_node]
+    stream.consumer_nodes = [u.name for u in last.users]
+    stream.consumers = [norms.module_path(u) or u.name for u in last.users]
+
+
+def _assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
+    blocks = split_blocks(len(stream.sites), num_blocks, block_size)
+    stream.num_blocks = max(blocks)
+    stream.block_size = blocks.count(1)
+    position = 0
+    for i, (site, block) in enumerate(zip(stream.sites, blocks)):
+        position = 0 if i == 0 or blocks[i - 1] != block else position + 1
+        site.block, site.position = block, position
+        site.num_sources = block + (1 if position > 0 else 0)  # b_0..b_{n-1} + partial
+        site.param_prefix = f"attn_res.{_param_key(site.sublayer)}"
+    consumer = stream.consumers[0] if stream.consumers else "output"
+    stream.final_param_prefix = f"attn_res.final__{_param_key(consumer)}"
+
+
+def _nothing_matched_message(plan: Plan) -> str:
+    lines = ["no pre-norm residual site `x + f(norm(x))` was found; nothing to convert."]
+    if plan.left_out:
+        lines.append("Residual adds that were seen but are not pre-norm:")
+        for lo in plan.left_out[:8]:
+            lines.append(f"  {lo.module or lo.node}: {lo.reason}")
+        if len(plan.left_out) > 8:
+            lines.append(f"  ... and {len(plan.left_out) - 8} more")
+        lines.append("Post-norm models (norm(x + f(x)), e.g. BERT) cannot be given AttnRes exactly.")
+    if plan.opaque_modules:
+        lines.append("These modules could not be traced into and may hide residuals: " + ", ".join(plan.opaque_modules))
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Rewrite: turn a Plan into Block AttnRes in the graph.
+
+For each stream (sites in depth order, source node b_0):
+  * site l in block n, position i: ``h_l = attn_res([b_0 .. b_{n-1}] (+ partial if i > 0), q_l, g_l)``
+    is inserted right after the previous residual add, and the site's norm reads ``h_l`` instead of x;
+  * its branch output v_l starts (i == 0) or extends the running partial block sum; at a block's
+    end the partial sum becomes the completed block b_n;
+  * the stream's consumers (the final norm) read ``attn_res([b_0 .. b_N], q_final, g_final)``;
+  * the original residual adds are erased.
+
+New parameters (query ``[D]`` zeros, key-norm gain ``[D]`` ones) live in ``attn_res.<site>`` on the
+graph module. ``scale`` = number of sources ("sum" mixing: a zero query gives back exactly the sum of
+the sources, i.e. the original model) or 1 ("mean": the paper's plain average at init).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .plan import Plan, Stream
+
+ATTN_RES_OP = torch.ops.residual_rewriter.attn_res.default
+
+
+class AttnResQuery(nn.Module):
+    """The learned pseudo-query of one aggregation and the gain of its key RMSNorm."""
+
+    def __init__(self, hidden_size: int, dtype=None, device=None):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))  # [D]
+        self.key_norm_weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))  # [D]
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.query.shape[0]}"
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan, values: dict, *, eps: float, mixing: str) -> fx.GraphModule:
+    """Rewrite ``gm`` in place following ``plan``; lints and recompiles it."""
+    if mixing not in ("sum", "mean"):
+        raise ValueError(f"mixing must be 'sum' (exact at init) or 'mean' (the paper's average), got {mixing!r}")
+    if not hasattr(gm, "attn_res"):
+        gm.add_module("attn_res", nn.ModuleDict())
+    for stream in plan.streams:
+        _rewrite_stream(gm, stream, values, eps=eps, mixing=mixing)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: float, mixing: str) -> None:
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    source = nodes[stream.source_node]
+    example = values[source]  # [..., D]
+
+    def aggregate(after: fx.Node, sources: list[fx.Node], prefix: str) -> fx.Node:
+        key = prefix.split(".", 1)[1]
+        gm.attn_res[key] = AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device)
+        scale = float(len(sources)) if mixing == "sum" else 1.0
+        with graph.inserting_after(after):
+            q = graph.get_attr(f"{prefix}.query")
+        with graph.inserting_after(q):
+            g = graph.get_attr(f"{prefix}.key_norm_weight")
+        with graph.inserting_after(g):
+            h = graph.call_function(ATTN_RES_OP, (list(sources), q, g, eps, scale))
+        h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
+        return h
+
+    blocks: list[fx.Node] = [source]  # b_0, b_1, ... completed block sums
+    partial = None  # running sum of the current block
+    cursor = source  # new nodes go right after the value they follow
+    for k, site in enumerate(stream.sites):
+        if site.position == 0:
+            partial = None
+        sources = blocks + ([partial] if partial is not None else [])
+        h = aggregate(cursor, sources, site.param_prefix)
+        x = nodes[site.skip_node]
+        for name in site.norm_entry_nodes:
+            nodes[name].replace_input_with(x, h)
+        add, v = nodes[site.add_node], nodes[site.branch_node]
+        with graph.inserting_after(add):
+            partial = v if partial is None else graph.call_function(operator.add, (partial, v))
+        cursor = partial if partial is not v else add
+        last_in_block = k + 1 == len(stream.sites) or stream.sites[k + 1].block != site.block
+        if last_in_block:
+            blocks.append(partial)
+    for site in stream.sites[:-1]:  # shape/dtype-only readers of a stream value now read the source
+        for name in site.metadata_readers:
+            nodes[name].replace_input_with(nodes[site.add_node], source)
+    final = aggregate(cursor, blocks, stream.final_param_prefix)
+    nodes[stream.sites[-1].add_node].replace_all_uses_with(final)
+    for site in reversed(stream.sites):
+        graph.erase_node(nodes[site.add_node])

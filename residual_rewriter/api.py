@@ -1,0 +1,146 @@
+"""Public entry points: ``detect`` (what would be converted) and ``convert`` (do it)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from residual_rewriter import hf
+from residual_rewriter.config import AttnResConfig
+from residual_rewriter.converted import ConvertedModule
+from residual_rewriter.errors import ConversionError
+from residual_rewriter.passes.capture import capture
+from residual_rewriter.passes.detect import build_plan, record_values
+from residual_rewriter.passes.rewrite import apply_plan
+from residual_rewriter.report import ConversionReport
+
+
+def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        if hf.is_hf_model(model):
+            return hf.example_inputs(model)
+        if callable(getattr(model, "example_inputs", None)):
+            return tuple(model.example_inputs())
+        raise ConversionError(
+            f"{type(model).__name__} needs example inputs to be traced: pass example_inputs=(tensor, ...) "
+            "(a tuple of the positional arguments of its forward; a lone tensor is accepted)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of positional arguments or a tensor, got {type(example_inputs).__name__}")
+    return example_inputs
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode while recording example values (no dropout noise, no BatchNorm statistics updates)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConfig):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert/detect take a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalize_inputs(model, example_inputs)
+    if hf.is_hf_model(model):
+        names = [model.main_input_name][: len(inputs)]
+        captured = capture(model, inputs, call=hf.traced_call(model, names), input_names=names)
+    else:
+        captured = capture(model, inputs)
+    with _eval_mode(model):
+        values = record_values(captured.graph_module, inputs)
+    plan = build_plan(
+        captured.graph_module,
+        values,
+        num_blocks=config.num_blocks,
+        block_size=config.block_size,
+        mixing=config.mixing,
+        opaque_modules=captured.opaque_modules,
+    )
+    return captured, values, plan
+
+
+def _make_config(config: Optional[AttnResConfig], **options) -> AttnResConfig:
+    if config is not None:
+        if any(v is not None for v in options.values()):
+            raise TypeError("pass either config=AttnResConfig(...) or keyword options, not both")
+        return config
+    options = {k: v for k, v in options.items() if v is not None}
+    if "block_size" in options and "num_blocks" in options:
+        raise ValueError("pass num_blocks (the paper's N) or block_size (the paper's S), not both")
+    if "block_size" in options:
+        options["num_blocks"] = None
+    return AttnResConfig(**options)
+
+
+def detect(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    num_blocks: Optional[int] = None,
+    block_size: Optional[int] = None,
+    config: Optional[AttnResConfig] = None,
+) -> ConversionReport:
+    """Find the pre-norm residual sites of ``model`` without changing it.
+
+    Returns a report whose ``.sites`` lists one entry per residual sublayer in depth order (norm and
+    sublayer module paths, block); ``print(report)`` shows a table. Raises ``ConversionError`` when
+    nothing can be converted.
+    """
+    config = _make_config(config, num_blocks=num_blocks, block_size=block_size)
+    _, _, plan = _capture_and_plan(model, example_inputs, config)
+    return ConversionReport(model=type(model).__name__, config=config, plan=plan, converted=False)
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    num_blocks: Optional[int] = None,
+    block_size: Optional[int] = None,
+    mixing: Optional[str] = None,
+    key_norm_eps: Optional[float] = None,
+    config: Optional[AttnResConfig] = None,
+    inplace: bool = False,
+) -> ConvertedModule:
+    """Give ``model`` Block Attention Residuals.
+
+    Args:
+        model: any ``nn.Module`` with pre-norm residuals (hand-written, Hugging Face, ...).
+        example_inputs: positional arguments to trace with (a lone tensor is accepted). Optional for
+            Hugging Face models and models with an ``example_inputs()`` method.
+        num_blocks: the paper's N (default 8). block_size: the paper's S; 1 is Full AttnRes.
+        mixing: "sum" (default; computes exactly what ``model`` computed at init) or "mean".
+        inplace: share ``model``'s parameters instead of converting a deep copy. By default the
+            original model is left untouched.
+
+    Returns a ``ConvertedModule`` (a GraphModule) holding the model's submodules and the new
+    parameters; ``.report`` says what was rewritten.
+    """
+    config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
+    target = model if inplace else copy.deepcopy(model)
+    inputs = _normalize_inputs(target, example_inputs)
+    captured, values, plan = _capture_and_plan(target, inputs, config)
+    gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing)
+    converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{type(model).__name__}")
+    converted.train(model.training)
+    report = ConversionReport(
+        model=type(model).__name__,
+        config=config,
+        plan=plan,
+        converted=True,
+        new_parameters={f"attn_res.{n}": p.numel() for n, p in converted.attn_res.named_parameters()},
+    )
+    converted.meta["residual_rewriter_report"] = report
+    return converted

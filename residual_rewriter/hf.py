@@ -1,0 +1,47 @@
+"""Hugging Face transformers support: example inputs and the call used for tracing.
+
+Nothing here imports transformers at module import time; a model is recognised as a Hugging Face
+model by duck typing (``config`` + ``main_input_name``), so the library works without transformers.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "main_input_name") and hasattr(model.config, "to_dict")
+
+
+def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> tuple:
+    """Random inputs for ``model.main_input_name`` built from the config (nothing downloaded)."""
+    cfg = model.config
+    name = model.main_input_name
+    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    if name == "input_ids":
+        vocab = getattr(cfg, "vocab_size", None) or getattr(cfg.get_text_config(), "vocab_size")
+        return (torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device),)
+    if name == "pixel_values":
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        dtype = next(model.parameters()).dtype
+        x = torch.randn(batch_size, getattr(cfg, "num_channels", 3), size, size, generator=g)
+        return (x.to(device=device, dtype=dtype),)
+    raise TypeError(
+        f"cannot derive example inputs for {type(model).__name__} (main input {name!r}); "
+        "pass example_inputs=(...) to convert/detect"
+    )
+
+
+def traced_call(model: nn.Module, input_names: list[str]) -> Callable:
+    """``model(**inputs)`` with the KV cache switched off (a graph cannot carry a cache object out)."""
+    accepted = inspect.signature(model.forward).parameters
+    fixed = {"use_cache": False} if "use_cache" in accepted else {}
+
+    def call(*args):
+        return model.forward(**dict(zip(input_names, args)), **fixed)
+
+    return call

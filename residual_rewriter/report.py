@@ -1,0 +1,95 @@
+"""The conversion report: the Plan, printed for people and as a dict for tools."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from residual_rewriter.config import AttnResConfig
+from residual_rewriter.passes.plan import LeftOut, Plan, Site, Stream
+
+
+@dataclass
+class ConversionReport:
+    model: str  # class name of the converted model
+    config: AttnResConfig
+    plan: Plan
+    converted: bool = False  # False for detect(), True once convert() rewrote the graph
+    new_parameters: dict[str, int] = field(default_factory=dict)  # name -> numel
+
+    @property
+    def sites(self) -> list[Site]:
+        return self.plan.sites
+
+    @property
+    def streams(self) -> list[Stream]:
+        return self.plan.streams
+
+    @property
+    def left_out(self) -> list[LeftOut]:
+        return self.plan.left_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "converted": self.converted,
+            "config": asdict(self.config),
+            "streams": [
+                {
+                    "index": st.index,
+                    "source": st.source,
+                    "consumers": st.consumers,
+                    "hidden_size": st.hidden_size,
+                    "num_blocks": st.num_blocks,
+                    "block_size": st.block_size,
+                    "final_parameters": st.final_param_prefix,
+                    "sites": [
+                        {
+                            "index": s.index,
+                            "block": s.block,
+                            "position": s.position,
+                            "num_sources": s.num_sources,
+                            "norm": s.norm,
+                            "sublayer": s.sublayer,
+                            "parameters": s.param_prefix,
+                        }
+                        for s in st.sites
+                    ],
+                }
+                for st in self.plan.streams
+            ],
+            "left_out": [asdict(lo) for lo in self.plan.left_out],
+            "opaque_modules": dict(self.plan.opaque_modules),
+            "new_parameters": dict(self.new_parameters),
+        }
+
+    def __str__(self) -> str:
+        lines = []
+        verb = "converted" if self.converted else "detected (not converted)"
+        n_sites = len(self.sites)
+        lines.append(
+            f"AttnRes {verb}: {self.model} — {n_sites} residual sublayers in {len(self.streams)} stream(s), "
+            f"mixing={self.config.mixing}" + (" (exact at init)" if self.config.mixing == "sum" else " (paper's average)")
+        )
+        for st in self.streams:
+            kind = "Full AttnRes" if st.block_size == 1 else "Block AttnRes"
+            lines.append(
+                f"\nstream {st.index}: source {st.source} (b_0) -> {', '.join(st.consumers) or 'output'}; "
+                f"{st.num_blocks} blocks of {st.block_size} ({kind}), hidden {st.hidden_size}"
+            )
+            w_norm = max([4] + [len(s.norm) for s in st.sites])
+            w_sub = max([8] + [len(s.sublayer) for s in st.sites])
+            lines.append(f"  {'site':>5} {'block':>5} {'sources':>7}  {'norm':<{w_norm}}  {'sublayer':<{w_sub}}")
+            for s in st.sites:
+                lines.append(f"  {s.index:>5} {s.block:>5} {s.num_sources:>7}  {s.norm:<{w_norm}}  {s.sublayer:<{w_sub}}")
+            lines.append(f"  {'final':>5} {'-':>5} {st.num_blocks + 1:>7}  -> {', '.join(st.consumers)}")
+        if self.new_parameters:
+            total = sum(self.new_parameters.values())
+            lines.append(f"\nnew parameters: {len(self.new_parameters)} tensors, {total:,} values (queries + key-norm gains)")
+        lines.append("left out: " + ("none" if not self.left_out else ""))
+        for lo in self.left_out:
+            lines.append(f"  {lo.module or lo.node}: {lo.reason}")
+        if self.plan.opaque_modules:
+            lines.append("kept opaque (not traced into): ")
+            for path, why in self.plan.opaque_modules.items():
+                lines.append(f"  {path}: {why}")
+        return "\n".join(lines)
