@@ -132,6 +132,7 @@ def convert(
     target = model if inplace else copy.deepcopy(model)
     inputs = _normalize_inputs(target, example_inputs)
     captured, values, plan = _capture_and_plan(target, inputs, config)
+    original_graph = copy.deepcopy(captured.graph_module.graph)  # kept for before/after views
     gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing)
     converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{type(model).__name__}")
     converted.train(model.training)
@@ -143,4 +144,5 @@ def convert(
         new_parameters={f"attn_res.{n}": p.numel() for n, p in converted.attn_res.named_parameters()},
     )
     converted.meta["residual_rewriter_report"] = report
+    converted.meta["residual_rewriter_original_graph"] = original_graph
     return converted

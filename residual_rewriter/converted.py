@@ -12,6 +12,11 @@ class ConvertedModule(fx.GraphModule):
     def report(self):
         return self.meta["residual_rewriter_report"]
 
+    @property
+    def original_graph(self) -> fx.Graph:
+        """The captured graph before the rewrite (same node names), for before/after views."""
+        return self.meta["residual_rewriter_original_graph"]
+
     def attn_res_parameters(self):
         """The new parameters only (queries and key-norm gains), e.g. for their own optimizer group."""
         return list(self.attn_res.parameters())
