@@ -1,4 +1,11 @@
-"""AttnRes aggregation: reference (the spec), library op, and Triton kernels."""
+"""AttnRes aggregation: reference (the spec), library ops, and Triton kernels.
+
+Layout: ``reference.py`` (forward specs) and ``reference_grads.py`` (closed-form backward specs of
+the two-phase and normed variants) are plain PyTorch; ``op.py`` registers the library ops
+(``torch.ops.residual_rewriter.attn_res``, ``attn_res_phase1``, ``attn_res_phase2``,
+``attn_res_normed`` and their backward ops); ``fused.py`` / ``two_phase.py`` hold the Triton kernels,
+wired into the ops on CUDA by ``dispatch.py``. Importing this package does not import triton.
+"""
 from .reference import (
     DEFAULT_EPS,
     attn_res_backward_reference,
@@ -8,4 +15,16 @@ from .reference import (
     attn_res_reference,
     attn_res_weights_reference,
 )
+from ._launch import MAX_SOURCES
 from . import op  # noqa: F401  (registers torch.ops.residual_rewriter.*)
+
+
+def attn_res_triton(sources, query, norm_weight=None, eps=DEFAULT_EPS, scale=1.0):
+    """The Triton kernel with ``attn_res_reference``'s signature and autograd (see ``fused.py``).
+
+    Runs on CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before triton was imported;
+    raises otherwise. At most ``MAX_SOURCES`` sources. Triton is imported on the first call.
+    """
+    from .fused import attn_res_triton as _impl
+
+    return _impl(sources, query, norm_weight, eps, scale)

@@ -1,38 +1,84 @@
-"""CUDA dispatch for the library ops: the Triton kernels. Owned by the kernels issue (#3)."""
+"""CUDA dispatch for the library ops in ``op.py``: the Triton kernels of ``fused.py`` and ``two_phase.py``.
+
+float64 is not a Triton dtype here (the kernels compute in fp32): on CUDA it is served by the
+reference / closed-form backward, explicitly and for float64 only. Every other case runs the kernel
+or raises; nothing falls back silently. Triton is imported on first use, not at import time.
+"""
 from __future__ import annotations
 
+import torch
 
-def _todo(name):
-    raise NotImplementedError(f"residual_rewriter: the Triton kernel for {name} is not wired in yet (issue #3)")
+from . import reference
+from . import reference_grads as RG
+
+
+def _f64(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float64
 
 
 def forward_cuda(sources, query, norm_weight, eps, scale):
-    _todo("attn_res")
+    if _f64(sources[0]):
+        return reference.attn_res_reference(sources, query, norm_weight, eps, scale)
+    from .fused import attn_res_fwd
+
+    return attn_res_fwd(sources, query, norm_weight, eps, scale)
 
 
 def backward_cuda(grad_out, sources, query, norm_weight, eps, scale):
-    _todo("attn_res_backward")
+    if _f64(sources[0]):
+        return reference.attn_res_backward_reference(grad_out, sources, query, norm_weight, eps, scale)
+    from .fused import attn_res_bwd
+
+    return attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale)
 
 
 def phase1_cuda(sources, queries, norm_weights, eps):
-    _todo("attn_res_phase1")
+    if _f64(sources[0]):
+        return reference.attn_res_phase1_reference(sources, queries, norm_weights, eps)
+    from .two_phase import phase1_fwd
+
+    return phase1_fwd(sources, queries, norm_weights, eps)
 
 
 def phase1_backward_cuda(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse):
-    _todo("attn_res_phase1_backward")
+    if _f64(sources[0]):
+        return RG.attn_res_phase1_backward_reference(grad_out, grad_lse, sources, queries, norm_weights, eps)
+    from .two_phase import phase1_bwd
+
+    return phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse)
 
 
 def phase2_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
-    _todo("attn_res_phase2")
+    if _f64(phase1_out):
+        return reference.attn_res_phase2_reference(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
+    from .two_phase import phase2_fwd
+
+    return phase2_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
 
 
 def phase2_backward_cuda(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
-    _todo("attn_res_phase2_backward")
+    if _f64(phase1_out):
+        return RG.attn_res_phase2_backward_reference(
+            grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale
+        )
+    from .two_phase import phase2_bwd
+
+    return phase2_bwd(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
 
 
 def normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    _todo("attn_res_normed")
+    if _f64(sources[0]):
+        return reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    from .fused import attn_res_normed_fwd
+
+    return attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
 
 
 def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    _todo("attn_res_normed_backward")
+    if _f64(sources[0]):
+        return RG.attn_res_normed_backward_reference(
+            grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps
+        )
+    from .fused import attn_res_normed_bwd
+
+    return attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)

@@ -133,7 +133,8 @@ def attn_res_phase1_backward(
     lse: Tensor,
 ) -> List[Tensor]:
     """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty)]. ``out``/``lse`` are
-    the forward's outputs (the CUDA kernel uses them instead of recomputing the softmax)."""
+    the forward's outputs: the CUDA kernel takes the softmax weights from the saved lse (fp32) and
+    recomputes dout.out in fp32 (the saved ``out`` is rounded to the input dtype)."""
     if sources[0].is_cuda:
         from . import dispatch
 
