@@ -96,7 +96,7 @@ def tile(T: int, D: int, budget: int | None = None) -> tuple[int, int, int]:
         budget = INTERPRET_TILE_ELEMENTS if interpreting() else GPU_TILE_ELEMENTS
     block_d = next_pow2(D)
     block_t = max(1, min(next_pow2(max(T, 1)), budget // block_d))
-    num_warps = max(1, min(8, block_t * block_d // 512))
+    num_warps = max(1, min(16, block_t * block_d // 512))  # 8 warps at 4096 elements, 16 at 8192
     return block_t, block_d, num_warps
 
 

@@ -1,0 +1,97 @@
+"""Every Triton kernel compiled for Hopper (sm_90) down to cubin with Triton's bundled ptxas — no GPU
+needed. The interpreter accepts things the compiler refuses (full-fp32 tl.dot, tiny dot shapes, type
+mismatches in loops); this suite catches them. Signatures are derived from the kernels' parameter
+names, so a renamed or added parameter is typed here without editing a table per kernel."""
+from __future__ import annotations
+
+import pytest
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from residual_rewriter.kernels.attn_res import fused, two_phase
+
+TARGET = GPUTarget("cuda", 90, 32)
+INT_ARGS = {"T", "D", "S", "num_tiles"}
+FLOAT_ARGS = {"eps", "scale", "out_eps"}
+FP32_BUFFERS = {"lse_ptr", "dlse_ptr", "delta_ptr", "dqg_ptr", "dwo_ptr", "q_ptr", "w_ptr", "wo_ptr"}
+
+
+def _signature(kernel, dtype: str, n: int, constexprs: dict) -> dict:
+    """Triton type strings for every parameter: tuples of n pointers / n int64 strides for the sources,
+    fp32 for the statistics and parameters, ``dtype`` for activations."""
+    sig = {}
+    for p in kernel.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in ("srcs", "dsrcs"):
+            sig[name] = tuple(f"*{dtype}" for _ in range(n))
+        elif name == "strides":
+            sig[name] = tuple("i64" for _ in range(n))
+        elif name.endswith("_stride"):
+            sig[name] = "i64"
+        elif name in INT_ARGS:
+            sig[name] = "i32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in FP32_BUFFERS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}"
+        else:  # pragma: no cover - a new parameter kind: type it above
+            raise AssertionError(f"untyped kernel parameter {name!r} of {kernel.fn.__name__}")
+    missing = {p.name for p in kernel.params if p.is_constexpr} - set(constexprs)
+    assert not missing, f"constexprs not given: {missing}"
+    return sig
+
+
+def _compile(kernel, dtype, n, num_warps, **constexprs):
+    sig = _signature(kernel, dtype, n, constexprs)
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=TARGET, options={"num_warps": num_warps})
+    assert compiled.asm.get("cubin"), "no cubin produced"
+    return compiled
+
+
+# (dtype, n sources, BLOCK_T, BLOCK_D, num_warps): D=4096 one token per program (the benchmark's main
+# shape), D=1024 four tokens, D=7168 -> BLOCK_D=8192 (the paper's largest hidden size), fp32 small.
+CONFIGS = [
+    ("bf16", 9, 1, 4096, 8),
+    ("fp16", 2, 4, 1024, 8),
+    ("bf16", 16, 1, 8192, 8),
+    ("fp32", 1, 8, 128, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,n,bt,bd,warps", CONFIGS)
+def test_fused_forward(dtype, n, bt, bd, warps):
+    _compile(fused._fwd_kernel, dtype, n, warps, N=n, HAS_W=True, STORE_LSE=False, NORMED=False,
+             HAS_WO=False, BLOCK_T=bt, BLOCK_D=bd)
+
+
+def test_fused_forward_all_epilogues_and_max_sources():
+    from residual_rewriter.kernels import MAX_SOURCES
+
+    _compile(fused._fwd_kernel, "bf16", MAX_SOURCES, 8, N=MAX_SOURCES, HAS_W=False, STORE_LSE=True,
+             NORMED=True, HAS_WO=True, BLOCK_T=1, BLOCK_D=2048)
+
+
+@pytest.mark.parametrize("dtype,n,bt,bd,warps", CONFIGS[:2] + CONFIGS[3:])
+@pytest.mark.parametrize("normed", [False, True])
+def test_fused_backward(dtype, n, bt, bd, warps, normed):
+    _compile(fused._bwd_kernel, dtype, n, warps, N=n, HAS_W=True, NORMED=normed, HAS_WO=normed,
+             BLOCK_T=bt, BLOCK_D=bd)
+
+
+@pytest.mark.parametrize("dtype,n,bt,bd,warps", [CONFIGS[0], CONFIGS[3]])
+def test_phase1_backward(dtype, n, bt, bd, warps):
+    _compile(two_phase._phase1_delta_kernel, dtype, n, warps, N=n, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
+    _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, N=n, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
+
+
+@pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 8), ("fp32", 8, 128, 2)])
+@pytest.mark.parametrize("has_p", [True, False])
+def test_phase2(dtype, bt, bd, warps, has_p):
+    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, HAS_P=has_p, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
+    if has_p:
+        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)

@@ -1,0 +1,154 @@
+"""Two-phase (phase 1 multi-query, phase 2 merge) and normed kernels under TRITON_INTERPRET=1,
+forward and every gradient against the float64 references, with spies on every launch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_tiers import assert_close_tier
+from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
+from residual_rewriter.kernels.attn_res import dispatch, fused, two_phase
+from residual_rewriter.kernels.attn_res.reference import attn_res_phase1_reference, attn_res_phase2_reference
+from residual_rewriter.kernels.attn_res.reference_grads import (
+    attn_res_normed_backward_reference,
+    attn_res_phase1_backward_reference,
+    attn_res_phase2_backward_reference,
+)
+from spies import spy_on
+
+F64 = torch.float64
+
+
+def _rand(*shape, dtype=torch.float32, seed=0, shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 2 + shift).to(dtype)
+
+
+def _param_tier(dtype):
+    # query/gain gradients are fp32 parameters; their error follows the inputs' precision
+    return dtype
+
+
+@pytest.mark.parametrize(
+    "shape,m,S,dtype",
+    [
+        ((7, 96), 3, 4, torch.float32),
+        ((1, 200), 1, 2, torch.float32),
+        ((2, 5, 96), MAX_SOURCES, 3, torch.float32),
+        ((33, 96), 4, 3, torch.bfloat16),
+        ((7, 200), 2, 2, torch.float16),
+    ],
+)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_phase1(monkeypatch, shape, m, S, dtype, with_weight):
+    sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(m)]
+    D = shape[-1]
+    Q = _rand(S, D, seed=100, shift=0.0) * 0.25
+    G = (1 + 0.3 * _rand(S, D, seed=101, shift=0.0)) if with_weight else None
+    with spy_on(monkeypatch, fused, "_fwd_kernel"):
+        out, lse = dispatch.phase1_cuda(sources, Q, G, 1e-6)
+    s64, Q64, G64 = [s.to(F64) for s in sources], Q.to(F64), (G.to(F64) if G is not None else None)
+    ro, rl = attn_res_phase1_reference(s64, Q64, G64, 1e-6)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_tier(out, ro, dtype, "out", "phase1 out")
+    assert_close_tier(lse, rl, torch.float32, "out", "phase1 lse")
+    dout = _rand(*out.shape, dtype=dtype, seed=7, shift=0.0)
+    dlse = _rand(*lse.shape, seed=8, shift=0.0)
+    with spy_on(monkeypatch, two_phase, "_phase1_delta_kernel", "_phase1_bwd_kernel"):
+        gs, gq, gw = dispatch.phase1_backward_cuda(dout, dlse, sources, Q, G, 1e-6, out, lse)
+    rgs, rgq, rgw = attn_res_phase1_backward_reference(dout.to(F64), dlse.to(F64), s64, Q64, G64, 1e-6)
+    for i, (a, b) in enumerate(zip(gs, rgs)):
+        assert a.dtype == dtype
+        assert_close_tier(a, b, dtype, "grad", f"grad source {i}")
+    assert_close_tier(gq, rgq, _param_tier(dtype), "grad", "grad queries")
+    if with_weight:
+        assert_close_tier(gw, rgw, _param_tier(dtype), "grad", "grad norm_weights")
+    else:
+        assert gw is None
+
+
+def test_phase1_non_contiguous_sources(monkeypatch):
+    sources = [_rand(14, 100, seed=i)[::2, :96] for i in range(3)]  # token stride 200, row-padded
+    Q = _rand(2, 96, seed=3, shift=0.0) * 0.3
+    with spy_on(monkeypatch, fused, "_fwd_kernel"):
+        out, lse = two_phase.phase1_fwd(sources, Q, None, 1e-6)
+    ro, rl = attn_res_phase1_reference([s.to(F64) for s in sources], Q.to(F64), None, 1e-6)
+    assert_close_tier(out, ro, torch.float32)
+    assert_close_tier(lse, rl, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_partial", [True, False])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_phase2(monkeypatch, dtype, with_partial, with_weight):
+    shape = (3, 11, 200)
+    o1 = _rand(*shape, dtype=dtype, seed=1)
+    l1 = _rand(3, 11, seed=2)
+    partial = _rand(*shape, dtype=dtype, seed=3) if with_partial else None
+    q = _rand(200, seed=4, shift=0.0) * 0.3
+    g = (1 + 0.3 * _rand(200, seed=5, shift=0.0)) if with_weight else None
+    with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
+        y = dispatch.phase2_cuda(o1, l1, partial, q, g, 1e-6, 4.0)
+    p64 = partial.to(F64) if partial is not None else None
+    g64 = g.to(F64) if g is not None else None
+    yr = attn_res_phase2_reference(o1.to(F64), l1.to(F64), p64, q.to(F64), g64, 1e-6, 4.0)
+    assert y.dtype == dtype
+    assert_close_tier(y, yr, dtype, "out", "phase2 out")
+    dy = _rand(*shape, dtype=dtype, seed=9, shift=0.0)
+    names = ("_phase2_bwd_kernel",) if with_partial else ()
+    with spy_on(monkeypatch, two_phase, *names):
+        got = dispatch.phase2_backward_cuda(dy, o1, l1, partial, q, g, 1e-6, 4.0)
+    ref = attn_res_phase2_backward_reference(dy.to(F64), o1.to(F64), l1.to(F64), p64, q.to(F64), g64, 1e-6, 4.0)
+    for name, a, b in zip(("d out", "d lse", "d partial", "d query", "d gain"), got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close_tier(a, b, dtype, "grad", name)
+
+
+def test_two_phase_composes_to_the_single_pass(monkeypatch):
+    """phase 1 over the completed blocks + phase 2 with the partial == one aggregation over all."""
+    blocks = [_rand(9, 96, seed=i) for i in range(4)]
+    partial = _rand(9, 96, seed=10)
+    Q = _rand(3, 96, seed=11, shift=0.0) * 0.3
+    out, lse = two_phase.phase1_fwd(blocks, Q, None, 1e-6)
+    for j in range(3):
+        y = two_phase.phase2_fwd(out[j], lse[j], partial, Q[j], None, 1e-6, 5.0)
+        ref = attn_res_reference([b.to(F64) for b in blocks + [partial]], Q[j].to(F64), None, 1e-6, 5.0)
+        assert_close_tier(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,n,dtype", [((7, 200), 3, torch.float32), ((1, 96), 1, torch.float32), ((33, 96), 4, torch.bfloat16)]
+)
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_normed(monkeypatch, shape, n, dtype, with_weights):
+    sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(n)]
+    D = shape[-1]
+    q = _rand(D, seed=20, shift=0.0) * 0.3
+    w = (1 + 0.3 * _rand(D, seed=21, shift=0.0)) if with_weights else None
+    wo = (1 + 0.3 * _rand(D, seed=22, shift=0.0)) if with_weights else None
+    with spy_on(monkeypatch, fused, "_fwd_kernel"):
+        mix, normed = dispatch.normed_cuda(sources, q, w, 1e-6, float(n), wo, 1e-5)
+    s64 = [s.to(F64) for s in sources]
+    w64, wo64 = (w.to(F64), wo.to(F64)) if with_weights else (None, None)
+    rmix, rnormed = attn_res_normed_reference(s64, q.to(F64), w64, 1e-6, float(n), wo64, 1e-5)
+    assert_close_tier(mix, rmix, dtype, "out", "mix")
+    assert_close_tier(normed, rnormed, dtype, "out", "normed")
+    gm = _rand(*shape, dtype=dtype, seed=30, shift=0.0)
+    gn = _rand(*shape, dtype=dtype, seed=31, shift=0.0)
+    with spy_on(monkeypatch, fused, "_bwd_kernel"):
+        gs, gq, gw, gwo = dispatch.normed_backward_cuda(gm, gn, sources, q, w, 1e-6, float(n), wo, 1e-5)
+    rgs, rgq, rgw, rgwo = attn_res_normed_backward_reference(
+        gm.to(F64), gn.to(F64), s64, q.to(F64), w64, 1e-6, float(n), wo64, 1e-5
+    )
+    for i, (a, b) in enumerate(zip(gs, rgs)):
+        assert_close_tier(a, b, dtype, "grad", f"grad source {i}")
+    if n > 1:  # one source: the query gradient is exactly zero up to cancellation noise
+        assert_close_tier(gq, rgq, dtype, "grad", "grad query")
+    if with_weights:
+        if n > 1:
+            assert_close_tier(gw, rgw, dtype, "grad", "grad norm_weight")
+        assert_close_tier(gwo, rgwo, dtype, "grad", "grad out_norm_weight")
+    else:
+        assert gw is None and gwo is None
