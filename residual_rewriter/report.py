@@ -28,6 +28,35 @@ class ConversionReport:
     def left_out(self) -> list[LeftOut]:
         return self.plan.left_out
 
+    def totals(self) -> dict[str, Any]:
+        """Counts over all streams: sites, blocks, aggregations, new parameter values, sources.
+
+        ``new_parameters`` is the number of values convert adds (after convert: counted on the module;
+        for a detect report: what convert would add, one query and one gain of the hidden size per
+        aggregation). ``sources_per_block`` has one entry per block: its sublayer count and the fewest /
+        most sources its sublayers read (the first reads b_0 .. b_{n-1}, later ones also the partial
+        block sum).
+        """
+        aggregations = sum(len(st.sites) + 1 for st in self.streams)  # + the final one per stream
+        if self.new_parameters:
+            new_values = sum(self.new_parameters.values())
+        else:
+            new_values = sum((len(st.sites) + 1) * 2 * st.hidden_size for st in self.streams)
+        return {
+            "streams": len(self.streams),
+            "sites": len(self.sites),
+            "blocks": sum(st.num_blocks for st in self.streams),
+            "aggregations": aggregations,
+            "new_parameters": new_values,
+            "max_sources": max([st.num_blocks + 1 for st in self.streams] or [0]),
+            "sources_per_block": [
+                {"stream": st.index, "block": n, "sublayers": len(counts), "min_sources": min(counts), "max_sources": max(counts)}
+                for st in self.streams
+                for n, counts in _sources_by_block(st).items()
+            ],
+            "left_out": len(self.left_out),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -60,6 +89,7 @@ class ConversionReport:
             "left_out": [asdict(lo) for lo in self.plan.left_out],
             "opaque_modules": dict(self.plan.opaque_modules),
             "new_parameters": dict(self.new_parameters),
+            "totals": self.totals(),
         }
 
     def __str__(self) -> str:
@@ -85,6 +115,12 @@ class ConversionReport:
         if self.new_parameters:
             total = sum(self.new_parameters.values())
             lines.append(f"\nnew parameters: {len(self.new_parameters)} tensors, {total:,} values (queries + key-norm gains)")
+        t = self.totals()
+        lines.append(
+            f"totals: {t['sites']} sites in {t['blocks']} blocks ({t['streams']} stream(s)), {t['aggregations']} "
+            f"aggregations reading up to {t['max_sources']} sources, "
+            f"{t['new_parameters']:,} new parameter values" + ("" if self.converted else " (once converted)")
+        )
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:
             lines.append(f"  {lo.module or lo.node}: {lo.reason}")
@@ -93,3 +129,11 @@ class ConversionReport:
             for path, why in self.plan.opaque_modules.items():
                 lines.append(f"  {path}: {why}")
         return "\n".join(lines)
+
+
+def _sources_by_block(stream: Stream) -> dict[int, list[int]]:
+    """Block number -> the source counts of its sublayers, in block order."""
+    by_block: dict[int, list[int]] = {}
+    for site in stream.sites:
+        by_block.setdefault(site.block, []).append(site.num_sources)
+    return by_block
