@@ -1,0 +1,34 @@
+"""The benchmark runner's smoke mode (tiny size, Triton interpreter) so the script cannot rot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "attn_res" / "bench_attn_res.py"
+
+
+def test_bench_smoke(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # smoke mode even where a GPU is present
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (result,) = list(tmp_path.glob("*.json"))
+    data = json.loads(result.read_text())
+    assert result.with_suffix(".md").exists()
+    assert data["smoke"] and data["copy_gbs"] > 0
+    assert data["checks"]["ours (attn_res_triton)"]["status"] == "ok"
+    ours = [r for r in data["rows"] if r["impl"] == "ours (attn_res_triton)"]
+    assert {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in ours)
+    # peers that cannot run here are reported, not dropped
+    assert data["checks"]["liger-kernel"]["status"].startswith("skipped")
