@@ -1,0 +1,156 @@
+"""The graph before and after the rewrite, one readable line per node, and a diff of what changed.
+
+The captured graphs are already module level (``call_module`` nodes for norms, attention, MLPs), so a
+readable view only has to drop FX's bookkeeping (``num_users``, ``get_attr`` nodes that only feed an
+aggregation) and print each node as ``name = callee(inputs)``. Node names are shared between
+``converted.original_graph`` and ``converted.graph``, so a line-based diff of the two listings shows
+exactly the nodes the rewrite added, erased or rewired, and nothing else.
+"""
+from __future__ import annotations
+
+import difflib
+import operator
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from residual_rewriter.report import ConversionReport
+
+ATTN_RES_OP = torch.ops.residual_rewriter.attn_res.default
+
+_OPERATOR_NAMES = {operator.add: "add", operator.mul: "mul", operator.sub: "sub", operator.getitem: "getitem"}
+
+
+def is_aggregation(node: fx.Node) -> bool:
+    """An AttnRes aggregation inserted by ``convert``: ``attn_res(sources, query, key_norm_weight, eps, scale)``."""
+    return node.op == "call_function" and node.target is ATTN_RES_OP
+
+
+def _folded(node: fx.Node) -> bool:
+    """get_attr nodes that only feed aggregations are shown inside the aggregation's line instead."""
+    return node.op == "get_attr" and bool(node.users) and all(is_aggregation(u) for u in node.users)
+
+
+def _fmt(arg: Any) -> str:
+    if isinstance(arg, fx.Node):
+        return arg.name
+    if isinstance(arg, (list, tuple)):
+        inner = ", ".join(_fmt(a) for a in arg)
+        return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
+    if isinstance(arg, dict):
+        return "{" + ", ".join(f"{k!r}: {_fmt(v)}" for k, v in arg.items()) + "}"
+    return repr(arg)
+
+
+def _call(args: tuple, kwargs: dict) -> str:
+    parts = [_fmt(a) for a in args] + [f"{k}={_fmt(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _function_name(target: Any) -> str:
+    if target in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[target]
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # e.g. aten.add.Tensor
+    return getattr(target, "__name__", repr(target))
+
+
+def node_line(node: fx.Node) -> str:
+    """One node as ``name = callee(inputs)``; stable across the rewrite for nodes it did not touch."""
+    if node.op == "placeholder":
+        return f"input {node.name}"
+    if node.op == "output":
+        return f"return {_fmt(node.args[0])}"
+    if node.op == "get_attr":
+        return f"{node.name} = self.{node.target}"
+    if node.op == "call_module":
+        return f"{node.name} = {node.target}{_call(node.args, node.kwargs)}"
+    if node.op == "call_method":
+        obj, *rest = node.args
+        return f"{node.name} = {_fmt(obj)}.{node.target}{_call(tuple(rest), node.kwargs)}"
+    if is_aggregation(node):
+        sources, query, _gain, _eps, scale = node.args
+        prefix = node.meta.get("residual_rewriter", {}).get("prefix") or getattr(query, "target", "?").rsplit(".", 1)[0]
+        return f"{node.name} = AttnRes[{prefix}]({', '.join(_fmt(s) for s in sources)}; scale={scale:g})"
+    return f"{node.name} = {_function_name(node.target)}{_call(node.args, node.kwargs)}"
+
+
+def readable_graph(graph: Union[fx.Graph, fx.GraphModule]) -> str:
+    """The graph as text, one line per node (module-level calls, aggregations on one line each)."""
+    if isinstance(graph, fx.GraphModule):
+        graph = graph.graph
+    return "\n".join(node_line(n) for n in graph.nodes if not _folded(n))
+
+
+def graphs_before_after(module: Union[nn.Module, ConversionReport]) -> tuple[str, str]:
+    """``(before, after)`` readable listings. A GraphModule that was never rewritten gives two equal listings."""
+    if isinstance(module, ConversionReport):
+        raise TypeError(
+            "a ConversionReport holds no graph: pass the module convert() returned "
+            "(a detect() report changes nothing, so there is nothing to show)"
+        )
+    if not isinstance(module, fx.GraphModule):
+        raise TypeError(f"expected the module convert() returned (an fx.GraphModule), got {type(module).__name__}")
+    after = readable_graph(module.graph)
+    original = module.meta.get("residual_rewriter_original_graph")
+    before = after if original is None else readable_graph(original)
+    return before, after
+
+
+def graph_diff(module: Union[nn.Module, ConversionReport], *, context: int = 1) -> str:
+    """A unified diff of the readable graph before -> after the rewrite: only what changed.
+
+    Empty when nothing was rewritten: a ``detect()`` report, a GraphModule ``convert`` never touched,
+    or any other unconverted ``nn.Module``.
+    """
+    if isinstance(module, ConversionReport):
+        if module.converted:
+            raise TypeError("a ConversionReport holds no graph: pass the converted module to diff it")
+        return ""
+    if not isinstance(module, fx.GraphModule):
+        return ""  # a plain module has not been rewritten
+    before, after = graphs_before_after(module)
+    lines = difflib.unified_diff(
+        before.splitlines(), after.splitlines(), "before (captured)", "after (AttnRes)", n=context, lineterm=""
+    )
+    return "\n".join(lines)
+
+
+@dataclass
+class GraphChanges:
+    """Counts of what the rewrite did to the graph, from the two listings (node names are shared)."""
+
+    nodes_before: int
+    nodes_after: int
+    added: list[str]  # node names only in the rewritten graph (aggregations, partial block sums)
+    removed: list[str]  # node names only in the captured graph (the residual adds)
+    rewired: list[str]  # nodes in both whose inputs changed (the norms now read an aggregation)
+    aggregations: int
+
+    def __str__(self) -> str:
+        return (
+            f"graph: {self.nodes_before} nodes before, {self.nodes_after} after; "
+            f"{len(self.added)} added ({self.aggregations} aggregations), {len(self.removed)} removed, "
+            f"{len(self.rewired)} rewired"
+        )
+
+
+def graph_changes(module: fx.GraphModule) -> GraphChanges:
+    before, after = graphs_before_after(module)
+
+    def by_name(text: str) -> dict[str, str]:
+        # "name = ..." lines; inputs and the return line are keyed by themselves
+        return {line.split(" = ", 1)[0]: line for line in text.splitlines()}
+
+    b, a = by_name(before), by_name(after)
+    return GraphChanges(
+        nodes_before=len(b),
+        nodes_after=len(a),
+        added=[k for k in a if k not in b],
+        removed=[k for k in b if k not in a],
+        rewired=[k for k in a if k in b and a[k] != b[k]],
+        aggregations=sum(1 for n in module.graph.nodes if is_aggregation(n)),
+    )

@@ -1,0 +1,101 @@
+"""What to inspect: turn a TARGET string into a model (and example inputs for it).
+
+TARGET is one of
+* ``None``                     — the built-in GPT (``residual_rewriter.models.GPT``);
+* ``package.module:callable``  — a function returning an ``nn.Module`` or an ``nn.Module`` class
+                                 (called with no arguments; dotted attributes like ``mod:Cls.make`` work);
+* a path to a Hugging Face ``config.json`` or a folder holding one — a random-weight model is built
+  from the config (``AutoModelForCausalLM``, else ``AutoModel``); nothing is downloaded.
+
+Every failure is a ``TargetError`` whose message is one line naming the TARGET and what went wrong.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+
+class TargetError(ValueError):
+    """TARGET could not be turned into a model."""
+
+
+def load_target(target: Optional[str]) -> nn.Module:
+    if target is None:
+        from residual_rewriter.models import GPT
+
+        return GPT()
+    path = Path(target)
+    if path.exists():
+        return _from_hf_config(path)
+    if ":" in target:
+        return _from_callable(target)
+    raise TargetError(
+        f"TARGET {target!r} is neither package.module:callable nor an existing config.json file or folder"
+    )
+
+
+def _from_callable(target: str) -> nn.Module:
+    module_name, _, attr_path = target.partition(":")
+    if not module_name or not attr_path:
+        raise TargetError(f"TARGET {target!r} must look like package.module:callable")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or anything the module raises while importing
+        raise TargetError(f"cannot import {module_name!r} (from TARGET {target!r}): {type(e).__name__}: {e}") from e
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise TargetError(f"{module_name!r} has no attribute {attr_path!r} (from TARGET {target!r})") from e
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise TargetError(f"TARGET {target!r} is a {type(obj).__name__}, not a callable or a module class")
+    try:
+        model = obj()
+    except Exception as e:
+        raise TargetError(f"calling {target!r} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise TargetError(f"{target!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _from_hf_config(path: Path) -> nn.Module:
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise TargetError(f"{str(path)!r} is a folder without a config.json")
+    try:
+        import transformers
+    except ImportError as e:
+        raise TargetError(f"building a model from {str(config_file)!r} needs transformers: pip install transformers") from e
+    try:
+        # local_files_only: a config file is all we read; nothing may be downloaded
+        config = transformers.AutoConfig.from_pretrained(str(config_file), local_files_only=True)
+    except Exception as e:
+        raise TargetError(f"cannot read a Hugging Face config from {str(config_file)!r}: {type(e).__name__}: {e}") from e
+    errors = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            return auto.from_config(config)  # random weights
+        except Exception as e:  # e.g. ValueError: unrecognized configuration class for this auto class
+            errors.append(f"{auto.__name__}: {type(e).__name__}: {e}".splitlines()[0])
+    raise TargetError(f"cannot build a model from {str(config_file)!r}: " + "; ".join(errors))
+
+
+def example_inputs_for(model: nn.Module) -> tuple:
+    """Inputs to run ``model`` (and its converted module) with: what ``convert`` traces with by default."""
+    from residual_rewriter import hf
+
+    if hf.is_hf_model(model):
+        return hf.example_inputs(model)
+    make = getattr(model, "example_inputs", None)
+    if callable(make) and not inspect.isclass(model):
+        return tuple(make())
+    raise TargetError(
+        f"{type(model).__name__} has no example_inputs() method and is not a Hugging Face model: "
+        "give it one to inspect it from the command line"
+    )
