@@ -112,3 +112,38 @@ def test_opcheck_normed():
     q, g, wo = _leaf(8, seed=4, dtype=f), _leaf(8, seed=5, dtype=f), _leaf(8, seed=6, dtype=f)
     _opcheck(OPS.attn_res_normed.default, (srcs, q, g, 1e-6, 3.0, wo, 1e-5))
     _opcheck(OPS.attn_res_normed.default, (srcs, q, None, 1e-6, 1.0, None, 1e-6))
+
+
+def test_ops_compile_fullgraph_with_backward():
+    """The compile backend's view: all four ops trace into one graph (no breaks) and train under
+    aot_eager; the graph keeps them as single nodes, findable by target."""
+    f = torch.float32
+    srcs = [_leaf(2, 3, 16, seed=i, dtype=f) for i in range(3)]
+    q, g, wo = _leaf(16, seed=4, dtype=f), _leaf(16, seed=5, dtype=f), _leaf(16, seed=6, dtype=f)
+    Q = _leaf(2, 16, seed=7, dtype=f)
+
+    def fn(srcs, q, g, wo, Q):
+        mix = OPS.attn_res(srcs, q, g, 1e-6, 3.0)
+        m2, normed = OPS.attn_res_normed(srcs, q, g, 1e-6, 3.0, wo, 1e-6)
+        out, lse = OPS.attn_res_phase1(srcs, Q, None, 1e-6)
+        y = OPS.attn_res_phase2(out[0], lse[0], mix, Q[0], None, 1e-6, 4.0)
+        return (mix + normed + y).sum() + m2.sum()
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+            gm, example_inputs
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    loss = compiled(srcs, q, g, wo, Q)
+    ins = srcs + [q, g, wo, Q]
+    got = torch.autograd.grad(loss, ins)
+    ref_loss = fn(srcs, q, g, wo, Q)
+    torch.testing.assert_close(loss, ref_loss)
+    _assert_all_close(got, torch.autograd.grad(ref_loss, ins), tol=1e-5)
+    for name in ("attn_res", "attn_res_normed", "attn_res_phase1", "attn_res_phase2"):
+        assert f"residual_rewriter.{name}" in seen or f"residual_rewriter.{name}.default" in seen, (name, seen)
