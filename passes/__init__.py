@@ -5,4 +5,5 @@ norms.py    what counts as a normalization (by meaning: scale-invariant in its i
 detect.py   GraphModule -> Plan: residual sites x + f(norm(x)), linked into streams, split into blocks
 plan.py     the Plan: plain data, what the report prints
 rewrite.py  Plan -> converted GraphModule: block sums, partial block, one attn_res op per site
+op_names.py recognise the library ops in a graph (by name)
 """

@@ -219,6 +219,15 @@ def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_S
     """Every intermediate stream value may only be read by the next site's norm and add (and by
     nodes that only look at its shape/dtype, which the rewrite points at the source instead)."""
     problems = []
+    source, first = nodes[stream.source_node], stream.sites[0]
+    meta_readers = {r.name for r in finder.drop_metadata_edges(source)}
+    allowed = set(first.norm_entry_nodes) | {first.add_node} | meta_readers
+    for user in source.users:
+        if user.name not in allowed:
+            problems.append(
+                f"the input of {first.sublayer} is also read by {norms.module_path(user) or '?'} "
+                f"({user.op} {getattr(user.target, '__name__', user.target)})"
+            )
     for site, nxt in zip(stream.sites, stream.sites[1:]):
         readers = finder.drop_metadata_edges(nodes[site.add_node])
         site.metadata_readers = [r.name for r in readers]
@@ -250,7 +259,7 @@ def _assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
         position = 0 if i == 0 or blocks[i - 1] != block else position + 1
         site.block, site.position = block, position
         site.num_sources = block + (1 if position > 0 else 0)  # b_0..b_{n-1} + partial
-        site.param_prefix = f"attn_res.{_param_key(site.sublayer)}"
+        site.param_prefix = f"attn_res.{_param_key(site.sublayer)}" if site.num_sources > 1 else ""
     consumer = stream.consumers[0] if stream.consumers else "output"
     stream.final_param_prefix = f"attn_res.final__{_param_key(consumer)}"
 

@@ -20,9 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .op_names import attn_res_op
 from .plan import Plan, Stream
-
-ATTN_RES_OP = torch.ops.residual_rewriter.attn_res.default
 
 
 class AttnResQuery(nn.Module):
@@ -65,7 +64,7 @@ def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: fl
         with graph.inserting_after(q):
             g = graph.get_attr(f"{prefix}.key_norm_weight")
         with graph.inserting_after(g):
-            h = graph.call_function(ATTN_RES_OP, (list(sources), q, g, eps, scale))
+            h = graph.call_function(attn_res_op(), (list(sources), q, g, eps, scale))
         h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
         return h
 
@@ -76,10 +75,13 @@ def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: fl
         if site.position == 0:
             partial = None
         sources = blocks + ([partial] if partial is not None else [])
-        h = aggregate(cursor, sources, site.param_prefix)
         x = nodes[site.skip_node]
-        for name in site.norm_entry_nodes:
-            nodes[name].replace_input_with(x, h)
+        if len(sources) > 1:
+            h = aggregate(cursor, sources, site.param_prefix)
+            for name in site.norm_entry_nodes:
+                nodes[name].replace_input_with(x, h)
+        # else: the very first sublayer has one source, b_0 == x: softmax over one source is 1, so it
+        # reads x directly and gets no query (a query there could never receive a gradient).
         add, v = nodes[site.add_node], nodes[site.branch_node]
         with graph.inserting_after(add):
             partial = v if partial is None else graph.call_function(operator.add, (partial, v))

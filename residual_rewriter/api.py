@@ -135,6 +135,7 @@ def convert(
     original_graph = copy.deepcopy(captured.graph_module.graph)  # kept for before/after views
     gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing)
     converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{type(model).__name__}")
+    converted.attn_res = gm.attn_res  # keep the AttnResQuery modules (GraphModule copied bare containers)
     converted.train(model.training)
     report = ConversionReport(
         model=type(model).__name__,

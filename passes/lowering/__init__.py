@@ -1,0 +1,71 @@
+"""The ``attnres`` compile backend's FX passes, in pipeline order (one module per pass).
+
+find.py       pass 1: the ``attn_res`` aggregation ops (changes nothing)
+batch.py      pass 2: the two-phase schedule: one phase-1 multi-query call per block + phase-2 merges
+fuse_norm.py  pass 3: ``attn_res`` followed by an RMSNorm -> ``attn_res_normed``
+lower.py      pass 4: keep the ops for Triton (CUDA) or decompose them into torch math (CPU)
+decompose.py  the ops' math as traceable torch code (used by pass 4)
+common.py     op targets, fake-value metadata, ``finish`` (lint + recompile)
+
+Each pass is a ``torch.fx.passes.infra.pass_base.PassBase``: ``pass(gm) -> PassResult(gm, modified)``,
+with a ``summary()`` of counts. ``run_passes`` runs the enabled ones, lints and recompiles after each,
+and logs the counts to ``logging.getLogger("residual_rewriter.backend")`` (INFO; quiet by default).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .batch import BatchTwoPhase, plan_groups
+from .common import LoweringError
+from .find import Aggregation, FindAggregations, find_aggregations
+from .fuse_norm import FuseRMSNorm, match_rms_norm
+from .lower import Lower, decompose_node
+
+log = logging.getLogger("residual_rewriter.backend")
+
+__all__ = [
+    "Aggregation", "BatchTwoPhase", "FindAggregations", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
+    "decompose_node", "find_aggregations", "match_rms_norm", "plan_groups", "run_passes",
+]
+
+
+@dataclass
+class PassLog:
+    """What each pass did to one graph: ``{pass name: {"modified": bool, **counts}}``, in run order."""
+
+    passes: dict = field(default_factory=dict)
+
+    def record(self, name: str, modified: bool, counts: dict) -> None:
+        self.passes[name] = {"modified": modified, **counts}
+        log.info("attnres %s: %s%s", name, "changed " if modified else "unchanged ", counts)
+
+    def __getitem__(self, name: str) -> dict:
+        return self.passes[name]
+
+
+def run_passes(
+    gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, lower: str | None = "auto"
+) -> PassLog:
+    """Run the pipeline on ``gm`` in place. ``lower=None`` keeps the library ops as they are (for
+    inspecting the batched/fused graph, or running the ops' own implementations)."""
+    plog = PassLog()
+    find = FindAggregations()
+    find(gm)
+    plog.record(find.name, False, find.summary())
+    if not find.found and not find.counts:
+        return plog  # nothing of ours: the graph is left exactly as it came
+    passes = []
+    if batch_two_phase:
+        passes.append(BatchTwoPhase())
+    if fuse_norm:
+        passes.append(FuseRMSNorm())
+    if lower is not None:
+        passes.append(Lower(lower))
+    for p in passes:
+        result = p(gm)  # PassBase.__call__: requires -> call -> ensures
+        gm.graph.lint()
+        plog.record(p.name, result.modified, p.summary())
+    return plog

@@ -1,0 +1,56 @@
+"""Shared fixtures: small random-weight models (nothing is downloaded)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from residual_rewriter.models import GPT, GPTConfig
+
+SMALL_DECODER = dict(
+    vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def make_hf(name: str):
+    """A small random-weight Hugging Face model by architecture name, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    warnings.filterwarnings("ignore", message=".*token_id.*")
+    if name == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL_DECODER))
+    elif name == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL_DECODER))
+    elif name == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL_DECODER))
+    elif name == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=48, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif name == "bert":
+        cfg = transformers.BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
+        model = transformers.BertModel(cfg)
+    else:
+        raise KeyError(name)
+    return model.eval()
+
+
+def make_gpt(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**overrides)).eval()
+
+
+def logits_of(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def perturb_attn_res(converted, seed: int = 0, scale: float = 1.0) -> None:
+    """Random queries and gains, so the mixture is far from uniform (it is really AttnRes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in converted.attn_res.values():
+            mod.query.copy_(torch.randn(mod.query.shape, generator=g, dtype=torch.float64) * scale)
+            mod.key_norm_weight.copy_(1 + 0.5 * torch.rand(mod.key_norm_weight.shape, generator=g, dtype=torch.float64))

@@ -1,0 +1,61 @@
+"""convert() computes exactly what the original computed, at initialisation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import residual_rewriter as rr
+from residual_rewriter.passes.op_names import is_attn_res
+from conftest import logits_of, make_gpt, make_hf, rel_err
+
+MODELS = ["gpt", "llama", "mistral", "qwen2", "gpt2"]
+# float64: rounding level; float32: the issue's bound.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def build(name):
+    return make_gpt() if name == "gpt" else make_hf(name)
+
+
+def inputs_for(model, batch=3, seq=11):
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("blocks", [dict(num_blocks=8), dict(block_size=1), dict(num_blocks=2)])
+def test_exact_at_init(name, dtype, blocks):
+    model = build(name).to(dtype)
+    converted = rr.convert(model, **blocks)
+    x = inputs_for(model)  # batch and length differ from the traced example
+    with torch.no_grad():
+        ref, out = logits_of(model(x)), logits_of(converted(x))
+    assert out.dtype == ref.dtype
+    assert rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+def test_really_rewritten():
+    """Guard against a test that cannot fail: the graph calls the op once per site plus one final."""
+    converted = rr.convert(make_gpt(), num_blocks=2)
+    ops = [n for n in converted.graph.nodes if is_attn_res(n)]
+    assert len(ops) == len(converted.report.sites)  # every site but the first (one source) + the final
+    assert not any(n.target is torch.ops.aten.add.Tensor for n in converted.graph.nodes)
+
+
+def test_mean_mixing_is_the_papers_average():
+    model = make_gpt().double()
+    converted = rr.convert(model, mixing="mean", block_size=1)
+    x = inputs_for(model)
+    # under pre-norm consumers the plain average is close to the sum but not exact (eps)
+    err = rel_err(converted(x), model(x))
+    assert 1e-10 < err < 0.5
+    scales = {n.args[4] for n in converted.graph.nodes if is_attn_res(n)}
+    assert scales == {1.0}
+
+
+def test_hf_output_type_is_kept():
+    model = make_hf("llama")
+    converted = rr.convert(model)
+    out = converted(inputs_for(model))
+    assert type(out) is type(model(inputs_for(model)))

@@ -1,0 +1,127 @@
+"""The returned module behaves like a model: shapes, modes, state, copies, dtype, training; and the
+user's original model is left exactly as it was."""
+from __future__ import annotations
+
+import copy
+import io
+
+import torch
+
+import residual_rewriter as rr
+from conftest import logits_of, make_gpt, make_hf, perturb_attn_res, rel_err
+from toy_models import ToyLM
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_original_model_untouched():
+    model = make_hf("llama")
+    before = snapshot(model)
+    x = torch.randint(0, 128, (2, 7))
+    ref = logits_of(model(x)).detach()
+    converted = rr.convert(model)
+    opt = torch.optim.SGD(converted.parameters(), lr=0.1)
+    logits_of(converted(x)).square().mean().backward()
+    opt.step()
+    after = snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(logits_of(model(x)), ref)
+    assert not model.training and not any(hasattr(m, "attn_res") for m in model.modules())
+    # converted params are a copy by default ...
+    model_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not model_ptrs & {p.data_ptr() for p in converted.parameters()}
+
+
+def test_inplace_shares_parameters():
+    model = make_gpt()
+    converted = rr.convert(model, inplace=True)
+    shared = {p.data_ptr() for p in model.parameters()} & {p.data_ptr() for p in converted.parameters()}
+    assert len(shared) == len(list(model.parameters()))
+
+
+def test_other_batch_and_sequence_lengths():
+    model = make_gpt().double()
+    converted = rr.convert(model)  # traced with (2, 16)
+    for shape in [(1, 1), (5, 7), (3, 33)]:
+        x = torch.randint(0, 256, shape)
+        assert converted(x).shape == (*shape, 256)
+        assert rel_err(converted(x), model(x)) <= 1e-10
+
+
+def test_train_eval_and_dropout_follow_the_original():
+    torch.manual_seed(0)
+    model = ToyLM("layernorm").double()  # has dropout 0.1 in every branch
+    converted = rr.convert(model)
+    x = model.example_inputs()[0]
+    converted.train()
+    assert all(m.training for m in converted.modules())
+    assert not torch.equal(converted(x), converted(x))  # dropout is live
+    converted.eval()
+    assert not any(m.training for m in converted.modules())
+    model.eval()
+    assert rel_err(converted(x), model(x)) <= 1e-10
+
+
+def test_training_mode_is_kept_at_conversion():
+    model = make_gpt().train()
+    assert rr.convert(model).training
+    assert not rr.convert(model.eval()).training
+
+
+def test_state_dict_roundtrip_and_names():
+    converted = rr.convert(make_gpt(), num_blocks=2)
+    perturb_attn_res(converted)
+    names = [n for n, _ in converted.named_parameters() if n.startswith("attn_res.")]
+    assert "attn_res.transformer__h__0__mlp.query" in names
+    assert not any("h__0__attn" in n for n in names)  # the first sublayer has one source: no query
+    assert "attn_res.final__transformer__ln_f.key_norm_weight" in names
+    assert len(names) == 2 * len(converted.report.sites)  # sites - first + final
+    buf = io.BytesIO()
+    torch.save(converted.state_dict(), buf)
+    fresh = rr.convert(make_gpt(), num_blocks=2)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    x = torch.randint(0, 256, (2, 5))
+    assert torch.equal(fresh(x), converted(x))
+
+
+def test_deepcopy_and_dtype():
+    converted = rr.convert(make_gpt(), num_blocks=2)
+    perturb_attn_res(converted)
+    twin = copy.deepcopy(converted)
+    assert isinstance(twin, rr.ConvertedModule) and twin.report.sites == converted.report.sites
+    x = torch.randint(0, 256, (2, 5))
+    assert torch.equal(twin(x), converted(x))
+    assert twin.attn_res_parameters()[0].data_ptr() != converted.attn_res_parameters()[0].data_ptr()
+    half = twin.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in half.parameters())
+    assert half(x).dtype == torch.float64
+
+
+def test_optimizer_trains_and_every_query_gets_a_gradient():
+    torch.manual_seed(0)
+    model = make_gpt()
+    converted = rr.convert(model, num_blocks=3)
+    opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)
+    x = torch.randint(0, 256, (4, 16))
+    losses = []
+    for _ in range(8):
+        logits = converted(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            for name, mod in converted.attn_res.items():
+                assert mod.query.grad is not None and mod.query.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert any(m.query.abs().sum() > 0 for m in converted.attn_res.values())
+
+
+def test_report_is_reachable_from_the_module():
+    converted = rr.convert(make_hf("qwen2"))
+    assert converted.report.converted
+    assert len(converted.report.sites) == 6
+    assert "model.layers.2.mlp" in str(converted.report)

@@ -1,0 +1,140 @@
+"""Hand-written pre-norm models exercising every way of writing a norm, and models that must be refused."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MyRMSNorm(nn.Module):
+    """A model's own RMSNorm class (recognised by name and by the probe)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class Normalizer(nn.Module):
+    """A norm whose class name says nothing: traced into, recognised by meaning only."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        xc = x - mu
+        return xc / torch.sqrt((xc * xc).mean(-1, keepdim=True) + 1e-5) * self.gain
+
+
+NORM_KINDS = ["layernorm", "rmsnorm", "own_rmsnorm", "unnamed", "f_layer_norm", "f_rms_norm", "inlined"]
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d, norm_kind, swap_operands=False, extras=False):
+        super().__init__()
+        self.d, self.kind, self.swap, self.extras = d, norm_kind, swap_operands, extras
+        if norm_kind == "layernorm":
+            self.norm = nn.LayerNorm(d)
+        elif norm_kind == "rmsnorm":
+            self.norm = nn.RMSNorm(d, eps=1e-6)
+        elif norm_kind == "own_rmsnorm":
+            self.norm = MyRMSNorm(d)
+        elif norm_kind == "unnamed":
+            self.norm = Normalizer(d)
+        else:
+            self.w = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+            self.b = nn.Parameter(0.1 * torch.randn(d))
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(0.1)
+        if extras:
+            self.inner_norm = nn.LayerNorm(2 * d)
+
+    def normalize(self, x):
+        if self.kind == "f_layer_norm":
+            return F.layer_norm(x, (self.d,), self.w, self.b)
+        if self.kind == "f_rms_norm":
+            return F.rms_norm(x, (self.d,), self.w, eps=1e-6)
+        if self.kind == "inlined":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+        return self.norm(x)
+
+    def branch(self, x):
+        h = self.fc1(self.normalize(x))
+        if self.extras:  # a second norm, a constant scale and dropout all belong to the sublayer
+            h = self.inner_norm(h) * 0.5
+        return self.drop(self.fc2(F.gelu(h)))
+
+    def forward(self, x):
+        return self.branch(x) + x if self.swap else x + self.branch(x)
+
+
+class ToyLM(nn.Module):
+    def __init__(self, norm_kind="layernorm", n_layers=4, d=40, vocab=64, swap_operands=False, extras=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([ToyBlock(d, norm_kind, swap_operands, extras) for _ in range(n_layers)])
+        self.norm_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.vocab = vocab
+
+    def forward(self, idx):
+        x = self.emb(idx)  # (B, T, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm_f(x))
+
+    def example_inputs(self):
+        return (torch.randint(0, self.vocab, (2, 9), generator=torch.Generator().manual_seed(0)),)
+
+
+class PostNormLM(ToyLM):
+    """norm(x + f(x)): must be refused."""
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for blk in self.blocks:
+            x = blk.norm(x + blk.fc2(F.gelu(blk.fc1(x))))
+        return self.head(x)
+
+
+class ParallelLM(ToyLM):
+    """x + f(n1(x)) + g(n2(x)) (GPT-J style parallel branches): refused with the module path."""
+
+    def __init__(self):
+        super().__init__("layernorm", n_layers=2)
+        self.n2 = nn.ModuleList([nn.LayerNorm(40) for _ in self.blocks])
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for blk, n2 in zip(self.blocks, self.n2):
+            x = x + blk.fc2(F.gelu(blk.fc1(blk.norm(x)))) + blk.fc2(F.gelu(blk.fc1(n2(x))))
+        return self.head(self.norm_f(x))
+
+
+class ReadsMidStreamLM(ToyLM):
+    """Returns a hidden state taken out in the middle of the stream: refused."""
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        mids = []
+        for blk in self.blocks:
+            x = blk(x)
+            mids.append(x)
+        return self.head(self.norm_f(x)), mids[1]
+
+
+class PlainMLP(nn.Module):
+    """No residual at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return self.net(x)
