@@ -174,14 +174,15 @@ def _bwd_kernel(
 # ---- launch wrappers ----------------------------------------------------------------------------
 
 
-def _prepare(sources: Sequence[Tensor], query: Tensor, what: str):
-    """Checks, then (rows [T, D] views, strides tuple, T, D)."""
+def _prepare(sources: Sequence[Tensor], query: Tensor, what: str, *others: Optional[Tensor]):
+    """Checks (count, shapes, dtype, one device for sources, query and ``others``), then
+    (rows [T, D] views, row strides tuple, T, D)."""
     L.check_num_sources(len(sources), what)
     from .reference import _check_sources
 
     _check_sources(sources, query)
     L.check_dtype(sources[0].dtype, what)
-    L.check_device(list(sources) + [query], what)
+    L.check_device(list(sources) + [query] + [t for t in others if t is not None], what)
     rows = [L.as_rows(s) for s in sources]
     T, D = rows[0].shape
     return rows, tuple(int(r.stride(0)) for r in rows), T, D
@@ -201,8 +202,10 @@ def forward_launch(
 ):
     """Launch ``_fwd_kernel``. Returns (out [S, T, D], lse [S, T] fp32 or None, normed [T, D] or None),
     flat over tokens; callers reshape."""
-    rows, strides, T, D = _prepare(sources, queries[0], what)
+    rows, strides, T, D = _prepare(sources, queries[0], what, queries, norm_weights, out_norm_weight)
     S = queries.shape[0]
+    if norm_weights is not None and norm_weights.shape != queries.shape:
+        raise ValueError(f"{what}: norm weights {tuple(norm_weights.shape)} must match queries {tuple(queries.shape)}")
     dev, dt = rows[0].device, rows[0].dtype
     normed = out_eps is not None
     if normed and S != 1:
@@ -217,6 +220,7 @@ def forward_launch(
     wo = out_norm_weight.contiguous() if out_norm_weight is not None else None
     BT, BD, warps = L.tile(T, D)
     grid = (triton.cdiv(T, BT) * S,)
+    # Absent optional buffers get a placeholder pointer: their constexpr flag compiles every access out.
     _fwd_kernel[grid](
         tuple(rows), strides, q, w if w is not None else q, out, lse if lse is not None else out,
         y if y is not None else out, wo if wo is not None else q,
@@ -241,7 +245,7 @@ def backward_launch(
     what: str = "attn_res_triton backward",
 ):
     """Launch ``_bwd_kernel``. Returns (grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight)."""
-    rows, strides, T, D = _prepare(sources, query, what)
+    rows, strides, T, D = _prepare(sources, query, what, grad_out, norm_weight, grad_normed, out_norm_weight)
     dev, dt = rows[0].device, rows[0].dtype
     normed = out_eps is not None
     gsrc = [L.empty(s.shape, dt, dev) for s in sources]  # contiguous

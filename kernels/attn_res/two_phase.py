@@ -195,7 +195,7 @@ def phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse
     """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None)."""
     from .fused import _prepare
 
-    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1 backward")
+    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1 backward", grad_out, norm_weights, lse)
     S = queries.shape[0]
     dev, dt = rows[0].device, rows[0].dtype
     gsrc = [L.empty(s.shape, dt, dev) for s in sources]
@@ -223,9 +223,9 @@ def phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse
     return gsrc, gq, gw
 
 
-def _phase2_inputs(phase1_out, phase1_lse, partial, query, what):
+def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what):
     L.check_dtype(phase1_out.dtype, what)
-    L.check_device([t for t in (phase1_out, phase1_lse, partial, query) if t is not None], what)
+    L.check_device([t for t in (phase1_out, phase1_lse, partial, query, norm_weight) if t is not None], what)
     D = phase1_out.shape[-1]
     if query.shape != (D,) or (partial is not None and partial.shape != phase1_out.shape):
         raise ValueError(f"{what}: phase1_out {tuple(phase1_out.shape)}, partial "
@@ -238,7 +238,7 @@ def _phase2_inputs(phase1_out, phase1_lse, partial, query, what):
 
 def phase2_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
     """``[..., D]`` in phase1_out's dtype."""
-    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, "attn_res_phase2")
+    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, "attn_res_phase2")
     out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device)
     if T > 0:
         BT, BD, warps = L.tile(T, D)
@@ -259,7 +259,7 @@ def phase2_bwd(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, ep
         gw = torch.zeros_like(norm_weight) if norm_weight is not None else None
         return ((grad_out.float() * scale).to(phase1_out.dtype), torch.zeros_like(phase1_lse), None,
                 torch.zeros_like(query), gw)
-    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, "attn_res_phase2 backward")
+    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, "attn_res_phase2 backward")
     dev = o.device
     d_o = L.empty(phase1_out.shape, phase1_out.dtype, dev)
     d_lse = L.empty((T,), torch.float32, dev)

@@ -133,7 +133,10 @@ def test_ops_compile_fullgraph_with_backward():
 
     def backend(gm, example_inputs):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(
+        from functorch.compile import make_boxed_func
+
+        passthrough = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=passthrough, bw_compiler=passthrough)(
             gm, example_inputs
         )
 
