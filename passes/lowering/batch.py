@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .common import PHASE1, PHASE2, copy_location, erase_unused, finish, infer_meta, value
+from .common import PHASE1, PHASE2, copy_location, op, erase_unused, finish, infer_meta, value
 from .find import Aggregation, find_aggregations
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -140,7 +140,7 @@ class BatchTwoPhase(PassBase):
         with graph.inserting_before(first):
             q_stack = graph.call_function(torch.stack, (q_nodes,))  # [S, D]
             g_stack = graph.call_function(torch.stack, (g_nodes,)) if g_nodes is not None else None  # [S, D]
-            p1 = graph.call_function(PHASE1, (list(group.shared), q_stack, g_stack, group.eps))
+            p1 = graph.call_function(op(PHASE1), (list(group.shared), q_stack, g_stack, group.eps))
             out = graph.call_function(operator.getitem, (p1, 0))  # [S, ..., D]
             lse = graph.call_function(operator.getitem, (p1, 1))  # [S, ...] fp32
             new_nodes += [q_stack] + ([g_stack] if g_stack is not None else []) + [p1, out, lse]
@@ -149,7 +149,7 @@ class BatchTwoPhase(PassBase):
                 o_j = graph.call_function(torch.select, (out, 0, j))  # [..., D]
                 l_j = graph.call_function(torch.select, (lse, 0, j))  # [...]
                 h = graph.call_function(
-                    PHASE2, (o_j, l_j, partial_of[agg.node], agg.query, agg.norm_weight, agg.eps, agg.scale)
+                    op(PHASE2), (o_j, l_j, partial_of[agg.node], agg.query, agg.norm_weight, agg.eps, agg.scale)
                 )
             for n in (o_j, l_j, h):
                 copy_location(n, agg.node)

@@ -16,12 +16,29 @@ from torch.fx.passes.infra.pass_base import PassResult  # noqa: F401  (re-export
 
 import residual_rewriter.kernels  # noqa: F401  (registers torch.ops.residual_rewriter.*)
 
-OPS = torch.ops.residual_rewriter
-ATTN_RES = OPS.attn_res.default
-PHASE1 = OPS.attn_res_phase1.default
-PHASE2 = OPS.attn_res_phase2.default
-NORMED = OPS.attn_res_normed.default
+from residual_rewriter.passes.op_names import op_name
+
+# Ops are matched by their schema NAME, never by object identity: building some models (Hugging
+# Face ones) refreshes torch.ops caches, after which ``torch.ops.residual_rewriter.attn_res.default``
+# is a new object (see passes/op_names.py). New nodes get the op looked up at that time (``op()``).
+ATTN_RES = "residual_rewriter::attn_res"
+PHASE1 = "residual_rewriter::attn_res_phase1"
+PHASE2 = "residual_rewriter::attn_res_phase2"
+NORMED = "residual_rewriter::attn_res_normed"
 LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE2, NORMED)
+
+
+def op(name: str):
+    """The OpOverload of a library op, looked up now."""
+    return getattr(torch.ops.residual_rewriter, name.split("::")[1]).default
+
+
+def library_op(node: fx.Node) -> Optional[str]:
+    """The library op a node calls (one of LIBRARY_OPS), else None."""
+    if node.op != "call_function":
+        return None
+    name = op_name(node)
+    return name if name in LIBRARY_OPS else None
 
 META = "example_value"  # the key Dynamo uses for a node's fake value
 
@@ -35,10 +52,6 @@ def value(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         return node
     return node.meta.get(META, node.meta.get("val"))
-
-
-def is_call(node: fx.Node, target) -> bool:
-    return node.op == "call_function" and node.target is target
 
 
 def getitem_users(node: fx.Node) -> dict[int, list[fx.Node]]:

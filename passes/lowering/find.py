@@ -1,6 +1,6 @@
 """Pass 1, find: the aggregation ops in a captured graph.
 
-Matches: ``call_function`` nodes whose target is ``torch.ops.residual_rewriter.attn_res.default``
+Matches: ``call_function`` nodes calling ``residual_rewriter::attn_res`` (by name)
 (the one op ``convert`` emits per residual site), in graph order.
 Leaves: the graph unchanged (``PassResult.modified`` is always False). The later passes take the
 list this pass returns; ``counts`` also reports the other library ops already in the graph
@@ -15,7 +15,7 @@ from typing import Optional
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .common import ATTN_RES, LIBRARY_OPS
+from .common import ATTN_RES, library_op
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Aggregation:
 
 
 def find_aggregations(graph: fx.Graph) -> list[Aggregation]:
-    return [Aggregation.of(n) for n in graph.nodes if n.op == "call_function" and n.target is ATTN_RES]
+    return [Aggregation.of(n) for n in graph.nodes if library_op(n) == ATTN_RES]
 
 
 class FindAggregations(PassBase):
@@ -52,9 +52,7 @@ class FindAggregations(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.found = find_aggregations(gm.graph)
-        self.counts = Counter(
-            n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.target in LIBRARY_OPS
-        )
+        self.counts = Counter(library_op(n).split("::")[1] for n in gm.graph.nodes if library_op(n))
         return PassResult(gm, False)
 
     def summary(self) -> dict:

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .common import NORMED, copy_location, erase_unused, finish, infer_meta, value
+from .common import NORMED, copy_location, op, erase_unused, finish, infer_meta, value
 from .find import Aggregation, find_aggregations
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -178,7 +178,7 @@ class FuseRMSNorm(PassBase):
     def _fuse(self, graph: fx.Graph, agg: Aggregation, m: RMSNormMatch) -> None:
         with graph.inserting_before(agg.node):
             fused = graph.call_function(
-                NORMED, (agg.sources, agg.query, agg.norm_weight, agg.eps, agg.scale, m.weight, float(m.eps))
+                op(NORMED), (agg.sources, agg.query, agg.norm_weight, agg.eps, agg.scale, m.weight, float(m.eps))
             )
             mix = graph.call_function(operator.getitem, (fused, 0))  # [..., D]
         with graph.inserting_after(m.output):

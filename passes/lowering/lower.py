@@ -25,8 +25,8 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from . import decompose as D
 from .common import (
-    ATTN_RES, LIBRARY_OPS, NORMED, PHASE1, PHASE2, LoweringError, copy_location, erase_unused, finish,
-    getitem_users, infer_meta, node_device, value,
+    ATTN_RES, NORMED, PHASE1, PHASE2, LoweringError, copy_location, erase_unused, finish,
+    getitem_users, infer_meta, library_op, node_device, value,
 )
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -45,13 +45,14 @@ def _source_dtype(node: fx.Node) -> torch.dtype:
 def _decomposition(node: fx.Node):
     """(function, extra keyword arguments) giving ``node``'s math on Proxy arguments."""
     dtype = _source_dtype(node)
-    if node.target is ATTN_RES:
+    name = library_op(node)
+    if name == ATTN_RES:
         return D.attn_res, {"dtype": dtype}
-    if node.target is NORMED:
+    if name == NORMED:
         return D.attn_res_normed, {"dtype": dtype}
-    if node.target is PHASE2:
+    if name == PHASE2:
         return D.attn_res_phase2, {"dtype": dtype}
-    if node.target is PHASE1:
+    if name == PHASE1:
         return D.attn_res_phase1, {"dtype": dtype, "num_queries": int(value(node.args[1]).shape[0])}
     raise AssertionError(node.target)
 
@@ -119,8 +120,8 @@ class Lower(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.stats.clear()
         modified = False
-        for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LIBRARY_OPS]:
-            name = node.target._opname
+        for node in [n for n in gm.graph.nodes if library_op(n)]:
+            name = library_op(node).split("::")[1]
             if self._choice(node) == "triton":
                 _check_triton(node)
                 self.stats[f"triton.{name}"] += 1
