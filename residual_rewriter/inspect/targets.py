@@ -12,7 +12,6 @@ Every failure is a ``TargetError`` whose message is one line naming the TARGET a
 from __future__ import annotations
 
 import importlib
-import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -91,10 +90,14 @@ def example_inputs_for(model: nn.Module) -> tuple:
     from residual_rewriter import hf
 
     if hf.is_hf_model(model):
-        return hf.example_inputs(model)
+        try:
+            return hf.example_inputs(model)
+        except TypeError as e:  # a main input (e.g. audio) it cannot make up
+            raise TargetError(str(e)) from e
     make = getattr(model, "example_inputs", None)
-    if callable(make) and not inspect.isclass(model):
-        return tuple(make())
+    if callable(make):
+        inputs = make()
+        return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     raise TargetError(
         f"{type(model).__name__} has no example_inputs() method and is not a Hugging Face model: "
         "give it one to inspect it from the command line"

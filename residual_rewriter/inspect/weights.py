@@ -169,8 +169,7 @@ def draw_depth_weights(dw: DepthWeights, title: Optional[str] = None):
     data = np.ma.masked_invalid(dw.weights.numpy())
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")  # sources a row does not read
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # sources a row does not read
     im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=max(float(np.nanmax(dw.weights.numpy())), 1e-6), aspect="auto")
     if n_rows * n_cols <= 600:  # values in the cells while they stay legible
         for i in range(n_rows):
