@@ -1,0 +1,254 @@
+"""residual_rewriter.inspect: graphs before/after and their diff, the stream graph, pictures, weights."""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+
+import networkx as nx
+import pytest
+import torch
+import torch.fx as fx
+
+import residual_rewriter as rr
+from residual_rewriter import inspect as rri
+from residual_rewriter.models import GPT, GPTConfig
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def small_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=3, n_embd=32, n_head=2, block_size=16, vocab_size=64))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_gpt()
+
+
+@pytest.fixture(scope="module", params=[None, 2], ids=["full", "block2"])
+def converted(request, model):
+    """Full AttnRes (6 sublayers, default 8 blocks) and Block AttnRes with blocks of 2."""
+    return rr.convert(model, block_size=request.param)
+
+
+# ---- graphs ------------------------------------------------------------------------------------
+
+
+def test_diff_of_unconverted_is_empty(model):
+    assert rri.graph_diff(rr.detect(model)) == ""
+    assert rri.graph_diff(fx.symbolic_trace(model)) == ""  # a GraphModule convert never touched
+    assert rri.graph_diff(model) == ""  # a plain module
+
+
+def test_diff_of_converted_shows_only_the_rewrite(converted):
+    diff = rri.graph_diff(converted)
+    assert diff.startswith("--- before (captured)\n+++ after (AttnRes)")
+    changed = [l for l in diff.splitlines()[2:] if l[:1] in "+-"]
+    added = [l for l in changed if l.startswith("+")]
+    removed = [l for l in changed if l.startswith("-")]
+    # every aggregation is added, every residual add is erased, every norm is rewired
+    n_agg = sum(rri.is_aggregation(n) for n in converted.graph.nodes)
+    assert sum("AttnRes[attn_res." in l for l in added) == n_agg
+    assert sum(l.startswith("-add_") for l in removed) >= len(converted.report.sites)
+    for site in converted.report.sites:
+        if site.num_sources > 1:  # (a single-source "aggregation" is the identity and may be left out)
+            assert any(f"= {site.norm}(attn_res" in l for l in added), site.norm
+    # nodes the rewrite did not touch (the sublayers themselves) are not in the diff
+    assert not any(l[1:].startswith(f"{s.sublayer.replace('.', '_')} =") for s in converted.report.sites for l in changed)
+
+
+def test_readable_graph_is_module_level(converted):
+    before, after = rri.graphs_before_after(converted)
+    for text in (before, after):
+        assert "num_users" not in text and "get_attr" not in text
+        assert "attn_res.default" not in text  # aggregations print as AttnRes[prefix](...)
+    assert "AttnRes[" not in before and "AttnRes[" in after
+    # one line per node, except the query/gain get_attrs folded into their aggregation line
+    folded = sum(n.op == "get_attr" and all(rri.is_aggregation(u) for u in n.users) for n in converted.graph.nodes)
+    assert len(after.splitlines()) == len(converted.graph.nodes) - folded
+
+
+def test_graph_changes_counts(converted):
+    c = rri.graph_changes(converted)
+    n_sites = len(converted.report.sites)
+    assert len(c.removed) == n_sites  # the residual adds
+    assert c.aggregations == sum(rri.is_aggregation(n) for n in converted.graph.nodes)
+    assert n_sites <= c.aggregations + 1 <= n_sites + 1  # the first site's single-source one may be elided
+    assert "added" in str(c)
+
+
+# ---- stream graph ------------------------------------------------------------------------------
+
+
+def test_stream_graph_matches_the_plan(converted):
+    g = rri.stream_graph(converted)
+    assert nx.is_directed_acyclic_graph(g)
+    (st,) = converted.report.streams
+    for site in st.sites:
+        node = f"s0:site{site.index}"
+        assert g.nodes[node]["block"] == site.block and g.nodes[node]["sublayer"] == site.sublayer
+        sources = {d["source"] for _, _, d in g.in_edges(node, data=True)}
+        assert sources == set(range(site.num_sources))  # sources are b_0, b_1, ... in order
+        assert g.has_edge(node, f"s0:b{site.block}")  # and it adds into its block summary
+    final_sources = {d["source"] for _, _, d in g.in_edges("s0:final", data=True)}
+    assert final_sources == set(range(st.num_blocks + 1))
+    order = rri.depth_order(g, 0)
+    assert order[0] == "s0:b0" and order[-1] == "s0:final"
+    assert [n for n in order if n.startswith("s0:site")] == [f"s0:site{s.index}" for s in st.sites]
+
+
+def test_stream_graph_from_detect_report(model):
+    report = rr.detect(model, block_size=2)
+    g = rri.stream_graph(report)
+    assert sum(d["kind"] == "sublayer" for _, d in g.nodes(data=True)) == len(report.sites)
+    assert sum(d["kind"] == "block" for _, d in g.nodes(data=True)) == report.streams[0].num_blocks
+
+
+def test_dot_text(converted):
+    dot = rri.to_dot(rri.stream_graph(converted))
+    assert dot.startswith("digraph attnres {") and dot.rstrip().endswith("}")
+    assert dot.count("subgraph cluster_") == converted.report.streams[0].num_blocks
+    assert dot.count('" -> "') == rri.stream_graph(converted).number_of_edges()
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_stream_pictures_with_matplotlib(converted, fmt, tmp_path):
+    pic = rri.render_streams(converted, fmt, backend="matplotlib")
+    assert pic.backend == "matplotlib" and pic.format == fmt
+    path = pic.save(tmp_path / f"streams.{fmt}")
+    _assert_valid_picture(path.read_bytes(), fmt)
+
+
+def test_stream_picture_auto_backend_never_fails(converted):
+    # Graphviz is used when `dot` is on PATH, matplotlib otherwise; either way a picture comes back
+    pic = rri.render_streams(converted, "svg")
+    assert pic.backend in ("graphviz", "matplotlib")
+    _assert_valid_picture(pic.data, "svg")
+
+
+def test_failing_graphviz_is_reported_not_swallowed(converted, monkeypatch, tmp_path):
+    fake_dot = tmp_path / "dot"
+    fake_dot.write_text("#!/bin/sh\necho 'dot: simulated crash' >&2\nexit 3\n")
+    fake_dot.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    with pytest.warns(RuntimeWarning, match="simulated crash"):
+        pic = rri.render_streams(converted, "png")
+    assert pic.backend == "matplotlib" and "graphviz dot failed" in pic.notes[0]
+    _assert_valid_picture(pic.data, "png")
+    with pytest.raises(RuntimeError, match="graphviz dot failed"):
+        rri.render_streams(converted, "png", backend="graphviz")
+
+
+def test_bad_picture_format(converted):
+    with pytest.raises(ValueError, match="png, svg"):
+        rri.render_streams(converted, "jpg")
+
+
+# ---- depth-attention weights -------------------------------------------------------------------
+
+
+def _perturb_queries(converted, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in converted.attn_res.values():
+            m.query.copy_(torch.randn(m.query.shape, generator=g) * 2.0)
+
+
+def test_weights_uniform_at_init(converted, model):
+    dw = rri.depth_attention_weights(converted, *model.example_inputs())
+    for row, n in zip(dw.weights, dw.num_sources):
+        torch.testing.assert_close(row[:n], torch.full((n,), 1.0 / n))
+
+
+def test_weights_rows_sum_to_one_and_are_learned(model):
+    converted = rr.convert(model, block_size=2)
+    _perturb_queries(converted)
+    inputs = model.example_inputs()
+    dw = rri.depth_attention_weights(converted, *inputs)
+    report = converted.report
+    st = report.streams[0]
+    # one row per sublayer plus the final aggregation, columns b_0 .. b_N
+    assert dw.weights.shape == (len(report.sites) + 1, st.num_blocks + 1)
+    assert dw.rows[: len(report.sites)] == [s.sublayer for s in report.sites]
+    assert dw.rows[-1] == "final -> transformer.ln_f"
+    assert dw.num_sources == [s.num_sources for s in report.sites] + [st.num_blocks + 1]
+    assert dw.num_tokens == inputs[0].numel()
+    for row, n in zip(dw.weights, dw.num_sources):
+        assert torch.isnan(row[n:]).all() and not torch.isnan(row[:n]).any()  # padding is NaN, documented
+        assert math.isclose(row[:n].sum().item(), 1.0, abs_tol=1e-5)
+    torch.testing.assert_close(torch.nansum(dw.weights, 1), torch.ones(dw.weights.shape[0]))
+    # the perturbed queries make the weights clearly non-uniform
+    multi = [(row, n) for row, n in zip(dw.weights, dw.num_sources) if n > 1]
+    assert max((row[:n] - 1.0 / n).abs().max().item() for row, n in multi) > 0.05
+
+
+def test_weights_match_the_reference_directly(model):
+    """The recorded mean equals the reference weights computed by hand on the final aggregation's inputs."""
+    converted = rr.convert(model, block_size=2)
+    _perturb_queries(converted, seed=1)
+    (x,) = model.example_inputs()
+    dw = rri.depth_attention_weights(converted, x)
+    final = [n for n in converted.graph.nodes if rri.is_aggregation(n)][-1]
+    captured = {}
+
+    class Grab(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is final:
+                captured["args"] = [self.env[s] for s in n.args[0]], self.env[n.args[1]], self.env[n.args[2]], n.args[3]
+            return out
+
+    with torch.no_grad():
+        Grab(converted.eval()).run(x)
+    sources, q, g, eps = captured["args"]
+    expected = rr.kernels.attn_res_weights_reference(sources, q, g, eps).reshape(len(sources), -1).mean(1)
+    torch.testing.assert_close(dw.weights[-1, : len(sources)], expected.float())
+
+
+def test_weights_json_and_text(model):
+    converted = rr.convert(model, block_size=2)
+    dw = rri.depth_attention_weights(converted, *model.example_inputs())
+    d = dw.to_dict()
+    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "num_tokens", "weights"}
+    assert d["columns"] == [f"b{j}" for j in range(dw.weights.shape[1])]
+    assert d["weights"][0][1] is None  # NaN padding becomes null in JSON
+    assert "b0" in str(dw) and dw.rows[0] in str(dw)
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_heatmap_files(model, fmt, tmp_path):
+    converted = rr.convert(model, block_size=2)
+    _perturb_queries(converted)
+    dw = rri.depth_attention_weights(converted, *model.example_inputs())
+    path = rri.plot_depth_weights(dw, tmp_path / f"weights.{fmt}")
+    _assert_valid_picture(path.read_bytes(), fmt)
+
+
+def test_weights_need_a_converted_module(model):
+    with pytest.raises(ValueError, match="no AttnRes aggregations"):
+        rri.depth_attention_weights(fx.symbolic_trace(model), *model.example_inputs())
+
+
+# ---- targets -----------------------------------------------------------------------------------
+
+
+def test_load_target_default_and_errors():
+    assert isinstance(rri.load_target(None), GPT)
+    assert isinstance(rri.load_target("residual_rewriter.models:GPT"), GPT)  # a module class
+    with pytest.raises(rri.TargetError, match="cannot import 'no_such_pkg_xyz.models'.*No module named"):
+        rri.load_target("no_such_pkg_xyz.models:make")
+    with pytest.raises(rri.TargetError, match="has no attribute"):
+        rri.load_target("residual_rewriter.models:NoSuchThing")
+    with pytest.raises(rri.TargetError, match="neither"):
+        rri.load_target("not-a-target")
+    with pytest.raises(rri.TargetError, match="not a torch.nn.Module"):
+        rri.load_target("builtins:dict")
+
+
+def _assert_valid_picture(data: bytes, fmt: str) -> None:
+    if fmt == "png":
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    else:
+        root = ET.fromstring(data)  # parses as XML
+        assert root.tag.endswith("svg")
