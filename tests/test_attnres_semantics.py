@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import residual_rewriter as rr
-from conftest import make_gpt, perturb_attn_res, rel_err
+from model_zoo import make_gpt, perturb_attn_res, rel_err
 
 EPS = 1e-6
 

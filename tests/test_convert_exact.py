@@ -6,7 +6,7 @@ import torch
 
 import residual_rewriter as rr
 from residual_rewriter.passes.op_names import is_attn_res
-from conftest import logits_of, make_gpt, make_hf, rel_err
+from model_zoo import logits_of, make_gpt, make_hf, rel_err
 
 MODELS = ["gpt", "llama", "mistral", "qwen2", "gpt2"]
 # float64: rounding level; float32: the bound.

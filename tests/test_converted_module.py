@@ -8,7 +8,7 @@ import io
 import torch
 
 import residual_rewriter as rr
-from conftest import logits_of, make_gpt, make_hf, perturb_attn_res, rel_err
+from model_zoo import logits_of, make_gpt, make_hf, perturb_attn_res, rel_err
 from toy_models import ToyLM
 
 

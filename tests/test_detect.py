@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from conftest import make_gpt, make_hf, rel_err
+from model_zoo import make_gpt, make_hf, rel_err
 from toy_models import NORM_KINDS, ParallelLM, PlainMLP, PostNormLM, ReadsMidStreamLM, ToyLM
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: small random-weight models (nothing is downloaded)."""
+"""Small random-weight models and helpers shared by the tests (nothing is downloaded)."""
 from __future__ import annotations
 
 import warnings
