@@ -17,16 +17,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from residual_rewriter.passes.op_names import is_attn_res
 from residual_rewriter.report import ConversionReport
-
-ATTN_RES_OP = torch.ops.residual_rewriter.attn_res.default
 
 _OPERATOR_NAMES = {operator.add: "add", operator.mul: "mul", operator.sub: "sub", operator.getitem: "getitem"}
 
 
 def is_aggregation(node: fx.Node) -> bool:
-    """An AttnRes aggregation inserted by ``convert``: ``attn_res(sources, query, key_norm_weight, eps, scale)``."""
-    return node.op == "call_function" and node.target is ATTN_RES_OP
+    """An AttnRes aggregation inserted by ``convert``: ``attn_res(sources, query, key_norm_weight, eps, scale)``.
+
+    Matched by op name, not identity: building some models refreshes ``torch.ops`` caches, after which
+    ``torch.ops.residual_rewriter.attn_res.default`` is a new object (see ``passes/op_names.py``).
+    """
+    return is_attn_res(node)
 
 
 def _folded(node: fx.Node) -> bool:
