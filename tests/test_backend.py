@@ -1,0 +1,294 @@
+"""The ``attnres`` torch.compile backend and its passes (CPU).
+
+Cost plan: the passes are tested on graphs run eagerly or through ``aot_eager`` (a second or two
+each); real inductor compiles (~15 s cold on 2 cores) are kept to three tests, marked below.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import residual_rewriter as rr
+from residual_rewriter.backend import AttnResBackendConfig, attnres_backend, make_attnres_backend
+from residual_rewriter.kernels.attn_res import reference as R
+from residual_rewriter.passes.lowering import LoweringError, decompose as DEC
+from residual_rewriter.passes.op_names import op_name
+
+from model_zoo import logits_of, make_gpt, make_hf, perturb_attn_res, rel_err
+
+OPS = torch.ops.residual_rewriter
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compile_with_passes(model, *inputs, **options):
+    """Run ``model`` through the backend with ``compiler="eager"``: the passes' output graph runs as is
+    (library ops with their own implementations, or the decomposed math). Returns (output, backend);
+    ``backend.graphs[-1]`` is the rewritten graph."""
+    backend = make_attnres_backend(compiler="eager", keep_graphs=True, **options)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    assert len(backend.graphs) == 1
+    return out, backend
+
+
+def op_counts(graph: torch.fx.Graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        name = op_name(n) if n.op == "call_function" else None
+        if name and name.startswith("residual_rewriter::"):
+            key = name.split("::")[1]
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def expected_counts(num_sites: int, block_size: int) -> dict[str, int]:
+    """What batching must leave for one stream of ``num_sites`` sublayers in blocks of ``block_size``.
+
+    Block k's aggregations form one group; site 0 has none (it reads b_0 directly) and the stream's
+    final aggregation joins the last block. A group of >= 2 becomes 1 phase-1 + one phase-2 per member;
+    a group of 1 stays a plain attn_res (nothing to batch). Full AttnRes (block_size 1): only the last
+    site and the final aggregation pair up.
+    """
+    sizes = [len(range(b, min(b + block_size, num_sites))) for b in range(0, num_sites, block_size)]
+    sizes[0] -= 1
+    sizes[-1] += 1
+    batched = [s for s in sizes if s >= 2]
+    return {"attn_res_phase1": len(batched), "attn_res_phase2": sum(batched), "attn_res": sum(s for s in sizes if s == 1)}
+
+
+def _train_step(fn, model, x):
+    """Forward through ``fn``, backward, and ``model``'s parameter gradients by name."""
+    model.zero_grad(set_to_none=True)
+    out = logits_of(fn(x))
+    (out.float().pow(2).mean() + out.float().mean()).backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_matches_eager(converted, x, backend, fwd_tol=1e-5, grad_tol=1e-4):
+    ref_out, ref_grads = _train_step(converted, converted, x)
+    out, grads = _train_step(torch.compile(converted, backend=backend), converted, x)
+    assert rel_err(out, ref_out) < fwd_tol
+    assert grads.keys() == ref_grads.keys()
+    assert any(".query" in n for n in grads), "the AttnRes queries must receive gradients"
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < grad_tol, name
+
+
+def _converted(kind: str, block_size: int):
+    if kind == "gpt":
+        model = make_gpt()  # 4 layers -> 8 sites
+        x, sites = model.example_inputs()[0], 8
+    else:
+        model = make_hf("llama")  # 3 layers -> 6 sites
+        x, sites = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)), 6
+    conv = rr.convert(model, block_size=block_size)
+    conv.train()
+    perturb_attn_res(conv, seed=block_size)
+    return conv, x, sites
+
+
+# ---- registration --------------------------------------------------------------------------------
+
+
+def test_name_registered_on_import():
+    assert "attnres" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("attnres") is attnres_backend
+
+
+def test_name_works_through_entry_point_in_a_fresh_process():
+    code = (
+        "import sys, torch\n"
+        "f = torch.compile(lambda x: x * 2, backend='attnres', options={'compiler': 'eager'})\n"
+        "assert f(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]\n"
+        "assert 'residual_rewriter.backend' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_options_and_factory():
+    cfg = AttnResBackendConfig(fuse_norm=False)
+    assert make_attnres_backend(cfg).config.fuse_norm is False
+    assert make_attnres_backend(lower="decompose", batch_two_phase=False).config.batch_two_phase is False
+    with pytest.raises(TypeError, match="unknown attnres backend option"):
+        make_attnres_backend(fuse_rmsnorm=True)
+    with pytest.raises(ValueError, match="lower must be one of"):
+        AttnResBackendConfig(lower="cuda")
+
+
+# ---- the passes, on Dynamo graphs (cheap: no inductor) -------------------------------------------
+
+
+@pytest.mark.parametrize("kind,block_size", [("gpt", 2), ("gpt", 3), ("gpt", 1), ("gpt", 8), ("llama", 2), ("llama", 1)])
+def test_batching_leaves_expected_ops(kind, block_size):
+    conv, x, sites = _converted(kind, block_size)
+    out, backend = compile_with_passes(conv, x, fuse_norm=False, lower=None)
+    plog = backend.last_log
+    assert plog["find"]["aggregations"] == sites  # site 0 reads b_0 directly; + the final aggregation
+    expected = {k: v for k, v in expected_counts(sites, block_size).items() if v}
+    assert op_counts(backend.graphs[-1]) == expected
+    assert plog["batch_two_phase"]["phase1"] == expected["attn_res_phase1"]
+    with torch.no_grad():  # the rewritten graph, run with the ops' own (reference) implementations
+        torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_norm_on_llama_full_attnres():
+    conv, x, sites = _converted("llama", 1)
+    out, backend = compile_with_passes(conv, x, lower=None)
+    # Full AttnRes: the last site + final aggregation batch; every other aggregation feeds a
+    # LlamaRMSNorm (inlined pow/mean/rsqrt in fp32) and is fused with it.
+    assert op_counts(backend.graphs[-1]) == {"attn_res_phase1": 1, "attn_res_phase2": 2, "attn_res_normed": sites - 2}
+    assert backend.last_log["fuse_norm"]["fused"] == sites - 2
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+class _NormAfterAggregation(nn.Module):
+    """attn_res then a norm, spelled several ways."""
+
+    def __init__(self, how: str, D: int = 24):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.how = how
+        self.q = nn.Parameter(torch.randn(D, generator=g))
+        self.g = nn.Parameter(1 + 0.1 * torch.rand(D, generator=g))
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(D, generator=g))
+        self.rms = nn.RMSNorm(D, eps=1e-5)
+        self.ln = nn.LayerNorm(D)
+
+    def forward(self, a, b):
+        h = OPS.attn_res([a, b], self.q, self.g, 1e-6, 2.0)
+        if self.how == "F.rms_norm":
+            return F.rms_norm(h, (h.shape[-1],), self.w, 1e-5)
+        if self.how == "nn.RMSNorm":
+            return self.rms(h)
+        if self.how == "inlined":  # as LlamaRMSNorm, with x * x and the weight on the right
+            x = h.to(torch.float32)
+            y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5)
+            return y.to(h.dtype) * self.w
+        if self.how == "layer_norm":
+            return self.ln(h)
+        raise KeyError(self.how)
+
+
+@pytest.mark.parametrize("how,fused", [("F.rms_norm", 1), ("nn.RMSNorm", 1), ("inlined", 1), ("layer_norm", 0)])
+def test_fuse_norm_spellings(how, fused):
+    m = _NormAfterAggregation(how)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, 24, generator=g)
+    out, backend = compile_with_passes(m, a, b, lower=None)
+    assert backend.last_log["fuse_norm"].get("fused", 0) == fused
+    assert op_counts(backend.graphs[-1]) == ({"attn_res_normed": 1} if fused else {"attn_res": 1})
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(a, b), rtol=1e-5, atol=1e-5)
+    out, _ = compile_with_passes(m, a, b, lower="decompose")  # and its decomposition
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(a, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_decompositions_match_the_references(dtype):
+    g = torch.Generator().manual_seed(0)
+    D, S = 20, 3
+    srcs = [torch.randn(2, 7, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
+    q, w = torch.randn(S, D, generator=g, dtype=torch.float64), 1 + 0.3 * torch.rand(S, D, generator=g, dtype=torch.float64)
+    q, w = q.to(dtype), w.to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=0)  # same rounding points
+    torch.testing.assert_close(DEC.attn_res(srcs, q[0], w[0], 1e-6, 3.0, dtype=dtype), R.attn_res_reference(srcs, q[0], w[0], 1e-6, 3.0), **tol)
+    p1 = DEC.attn_res_phase1(srcs[:3], q, w, 1e-6, dtype=dtype, num_queries=S)
+    r1 = R.attn_res_phase1_reference(srcs[:3], q, w, 1e-6)
+    torch.testing.assert_close(p1[0], r1[0], **tol)
+    torch.testing.assert_close(p1[1], r1[1].to(p1[1].dtype), rtol=1e-6, atol=1e-6)
+    for partial in (None, srcs[3]):
+        torch.testing.assert_close(
+            DEC.attn_res_phase2(p1[0][1], p1[1][1], partial, q[1], w[1], 1e-6, 4.0, dtype=dtype),
+            R.attn_res_phase2_reference(r1[0][1], r1[1][1], partial, q[1], w[1], 1e-6, 4.0),
+            rtol=1e-6 if dtype == torch.float64 else 1e-2, atol=1e-6 if dtype == torch.float64 else 1e-2,
+        )
+    for a, b in zip(DEC.attn_res_normed(srcs, q[2], None, 1e-6, 2.0, w[0], 1e-5, dtype=dtype),
+                    R.attn_res_normed_reference(srcs, q[2], None, 1e-6, 2.0, w[0], 1e-5)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+# ---- numerics through AOT autograd (aot_eager: cheap), forward and backward ----------------------
+
+
+@pytest.mark.parametrize("kind,block_size", [("gpt", 2), ("gpt", 1), ("gpt", 8), ("llama", 2), ("llama", 1)])
+def test_training_matches_eager_aot_eager(kind, block_size):
+    conv, x, _ = _converted(kind, block_size)
+    backend = make_attnres_backend(compiler="aot_eager", lower="decompose")
+    assert_matches_eager(conv, x, backend)
+    assert backend.last_log["lower"]["modified"]
+
+
+@pytest.mark.parametrize("options", [
+    {"lower": None},  # the library ops themselves (their autograd registrations) under AOT autograd
+    {"batch_two_phase": False},
+    {"fuse_norm": False, "batch_two_phase": False},
+])
+def test_each_pass_can_be_switched_off(options):
+    conv, x, _ = _converted("llama", 2)
+    backend = make_attnres_backend(compiler="aot_eager", **options)
+    assert_matches_eager(conv, x, backend)
+    ran = set(backend.last_log.passes)
+    assert ("batch_two_phase" in ran) == options.get("batch_two_phase", True)
+    assert ("fuse_norm" in ran) == options.get("fuse_norm", True)
+    assert ("lower" in ran) == (options.get("lower", "auto") is not None)
+
+
+def test_triton_lowering_on_cpu_raises():
+    conv, x, _ = _converted("gpt", 2)
+    with pytest.raises(Exception, match="Triton kernels need CUDA") as info:
+        torch.compile(conv, backend=make_attnres_backend(compiler="eager", lower="triton"))(x)
+    # Dynamo wraps a backend's exception in BackendCompilerFailed; the LoweringError is inside
+    assert isinstance(getattr(info.value, "inner_exception", info.value), LoweringError)
+
+
+def test_logging_counts_and_quiet_by_default(caplog):
+    conv, x, _ = _converted("gpt", 2)
+    with caplog.at_level(logging.WARNING, logger="residual_rewriter.backend"):
+        torch.compile(conv, backend=make_attnres_backend(compiler="eager"))(x)
+    assert not caplog.records
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="residual_rewriter.backend"):
+        torch.compile(conv, backend=make_attnres_backend(compiler="eager"))(x)
+    text = caplog.text
+    assert "batch_two_phase" in text and "'phase1': 3" in text and "lower" in text
+
+
+# ---- real inductor (three cold compiles) ---------------------------------------------------------
+
+
+def test_inductor_gpt_block_attnres_training():
+    conv, x, _ = _converted("gpt", 2)
+    assert_matches_eager(conv, x, "attnres")
+    plog = attnres_backend.last_log
+    assert plog["batch_two_phase"]["phase1"] == 3 and plog["lower"]["decomposed.attn_res_phase2"] == 7
+
+
+def test_inductor_llama_full_attnres_training():
+    conv, x, sites = _converted("llama", 1)
+    backend = make_attnres_backend(keep_graphs=True)
+    assert_matches_eager(conv, x, backend)
+    assert backend.logs[0]["fuse_norm"]["fused"] == sites - 2
+    assert op_counts(backend.graphs[0]) == {}  # everything decomposed for inductor on CPU
+
+
+def test_inductor_graph_without_aggregation_passes_through():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    backend = make_attnres_backend()
+    out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, model(x))
+    assert backend.last_log.passes == {"find": {"modified": False, "aggregations": 0}}
