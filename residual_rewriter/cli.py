@@ -29,6 +29,7 @@ FORMAT_VIEWS = {
     "svg": ("streams", "weights"),
     "png": ("streams", "weights"),
 }
+MAX_UNEXPECTED_MESSAGE = 300  # characters of an unexpected error's message shown without --traceback
 SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
 
 INSPECT_EPILOG = """\
@@ -156,9 +157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             output = _inspect(args, fmt, view, Progress(args.quiet))
-        for w in caught:  # e.g. "graphviz dot failed ...; drew with matplotlib": say it, once, plainly
-            if issubclass(w.category, RuntimeWarning) or "residual_rewriter" in str(w.filename):
+        for w in caught:
+            if issubclass(w.category, RuntimeWarning):  # ours, e.g. "graphviz dot failed ...; drew with matplotlib"
                 print(f"{PROG}: warning: {_one_line(w.message)}", file=sys.stderr)
+            else:  # anyone else's (torch, transformers): shown as Python would have shown it
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         _write(output, args.output, fmt)
     except BrokenPipeError:  # e.g. `| head`: the reader left; not an error of ours
         sys.stderr.close()  # nothing more to say, and no "Exception ignored" message at exit
@@ -179,7 +182,10 @@ def _describe(e: Exception) -> str:
         return _one_line(e)
     if isinstance(e, ConversionError):
         return f"cannot convert this model: {_one_line(e)}"
-    return f"{type(e).__name__}: {_one_line(e)} (run again with --traceback for details)"
+    text = _one_line(e)
+    if len(text) > MAX_UNEXPECTED_MESSAGE:  # e.g. a tracer error quoting a whole FX node
+        text = text[:MAX_UNEXPECTED_MESSAGE] + " ..."
+    return f"{type(e).__name__}: {text} (run again with --traceback for details)"
 
 
 def _run_demo(argv: list[str]) -> int:

@@ -37,11 +37,14 @@ class ConversionReport:
         most sources its sublayers read (the first reads b_0 .. b_{n-1}, later ones also the partial
         block sum).
         """
-        aggregations = sum(len(st.sites) + 1 for st in self.streams)  # + the final one per stream
+        # a sublayer reading only b_0 needs no aggregation (softmax over one source is the identity);
+        # every other sublayer has one, and so does the stream's final norm
+        per_stream = {st.index: sum(s.num_sources > 1 for s in st.sites) + 1 for st in self.streams}
+        aggregations = sum(per_stream.values())
         if self.new_parameters:
             new_values = sum(self.new_parameters.values())
         else:
-            new_values = sum((len(st.sites) + 1) * 2 * st.hidden_size for st in self.streams)
+            new_values = sum(per_stream[st.index] * 2 * st.hidden_size for st in self.streams)
         return {
             "streams": len(self.streams),
             "sites": len(self.sites),
@@ -121,6 +124,12 @@ class ConversionReport:
             f"aggregations reading up to {t['max_sources']} sources, "
             f"{t['new_parameters']:,} new parameter values" + ("" if self.converted else " (once converted)")
         )
+        for st in self.streams:  # block n: its sublayer count and the sources they read (fewest-most)
+            per_block = [
+                f"block {n}: {len(c)} sublayers, {min(c)}" + (f"-{max(c)}" if max(c) != min(c) else "") + " sources"
+                for n, c in _sources_by_block(st).items()
+            ]
+            lines.append(f"  stream {st.index}: " + "; ".join(per_block))
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:
             lines.append(f"  {lo.module or lo.node}: {lo.reason}")
