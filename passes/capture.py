@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import operator
 import re
 import sys
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class ResidualTracer(fx.Tracer):
 
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
         self._autowrap_search.extend(search_modules)
+        self.example_inputs: tuple = ()
         self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_modules: dict[str, str] = {}
         self._rr_constants: dict[str, Any] = {}
@@ -69,6 +71,27 @@ class ResidualTracer(fx.Tracer):
             self.opaque_modules[qualname] = "its forward branches on self.training"
             return True
         return False
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        # Python branching on a traced value. Allowed only when the condition depends on nothing but
+        # dtypes/devices (e.g. ViT's `if pixel_values.dtype != expected_dtype`): those do not change
+        # with batch size or sequence length, so the branch taken on the example inputs is the branch.
+        if not _depends_only_on_metadata(obj.node):
+            return super().to_bool(obj)
+        return bool(self._evaluate(obj.node))
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in self.graph.nodes:
+            env[n] = graph.node_copy(n, env.__getitem__)
+            if n is node:
+                break
+        graph.output(env[node])
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run for real, not traced
+
+        with _maybe_revert_all_patches(), torch.no_grad():
+            return fx.GraphModule(self.root, graph)(*self.example_inputs)
 
     def create_arg(self, a: Any):
         # FX rebuilds dataclass instances (e.g. a Hugging Face config) by calling their constructor on
@@ -111,6 +134,19 @@ def _reads_training_flag(cls: type) -> bool:
         return "self.training" in inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
+
+
+_METADATA_ATTRS = {"dtype", "device"}
+_COMPARISONS = {operator.eq, operator.ne, operator.not_, operator.is_, operator.is_not, operator.and_, operator.or_}
+
+
+def _depends_only_on_metadata(node: fx.Node) -> bool:
+    """The node is computed from tensors' dtype/device only (and constants)."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA_ATTRS:
+        return True
+    if node.op == "call_function" and node.target in _COMPARISONS:
+        return all(_depends_only_on_metadata(n) for n in node.all_input_nodes)
+    return False
 
 
 def _holds_proxy(obj: Any) -> bool:
@@ -167,13 +203,14 @@ def _autowrap_candidates(modules: Sequence[Any]) -> list[Callable]:
     return found
 
 
-def _trace(model, input_names, call, opaque_if_reads_training):
+def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
     modules = _modeling_modules(model)
     tracer = ResidualTracer(
         autowrap_functions=_autowrap_candidates(modules),
         search_modules=modules,
         opaque_if_reads_training=opaque_if_reads_training,
     )
+    tracer.example_inputs = example_inputs
     root = _make_root(model, input_names, call)
     graph = tracer.trace(root)
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
@@ -205,9 +242,10 @@ def capture(
     """
     input_names = input_names or _forward_input_names(model, len(example_inputs))
     call = call or model.forward
-    gm_train, _ = _trace_in_mode(model, True, input_names, call, False)
-    gm, tracer = _trace_in_mode(model, False, input_names, call, False)
+    inputs = tuple(example_inputs)
+    gm_train, _ = _trace_in_mode(model, True, input_names, call, False, inputs)
+    gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs)
     if gm_train.code != gm.code:
-        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True)
+        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs)
     gm.train(model.training)
     return Captured(gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules))

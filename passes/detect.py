@@ -136,9 +136,17 @@ class _SiteFinder:
 
     def _site(self, add, skip, branch, norm_out, norm_region) -> Site:
         after_norm = self._between(norm_out, branch) - {norm_out}
+        # The sublayer is the deepest module holding the branch's module calls (and any function
+        # call made inside a submodule of its own); glue like `getitem` at the layer level is ignored.
+        # Parameter-free modules (a dropout shared by the whole layer) do not define the sublayer.
         add_path = norms.module_path(add)
-        paths = [norms.module_path(n) for n in after_norm if n.op != "get_attr"]
-        paths = [p for p in paths if p and p != add_path and p.startswith(add_path)]
+        modules = [n.target for n in after_norm if n.op == "call_module"]
+        with_params = [m for m in modules if any(True for _ in self.gm.get_submodule(m).parameters())]
+        paths = with_params or modules
+        paths += [
+            p for p in (norms.module_path(n) for n in after_norm if n.op in ("call_function", "call_method"))
+            if p and len(p) > len(add_path) and p.startswith(add_path)
+        ]
         sublayer = _common_prefix(paths) if paths else f"{add_path}:<inline>"
         return Site(
             stream=-1,

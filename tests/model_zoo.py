@@ -26,6 +26,9 @@ def make_hf(name: str):
     elif name == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=128, n_embd=48, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(cfg)
+    elif name == "vit":
+        cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
+        model = transformers.ViTForImageClassification(cfg)
     elif name == "bert":
         cfg = transformers.BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
         model = transformers.BertModel(cfg)

@@ -59,3 +59,16 @@ def test_hf_output_type_is_kept():
     converted = rr.convert(model)
     out = converted(inputs_for(model))
     assert type(out) is type(model(inputs_for(model)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vision_transformer_exact(dtype):
+    """A Hugging Face ViT: example inputs derived from its config; its dtype check is traced through."""
+    model = make_hf("vit").to(dtype)
+    converted = rr.convert(model, block_size=1)
+    assert [s.sublayer for s in converted.report.sites] == [
+        "vit.layers.0.attention", "vit.layers.0.mlp", "vit.layers.1.attention", "vit.layers.1.mlp"
+    ]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        assert rel_err(logits_of(converted(x)), logits_of(model(x))) <= TOLERANCE[dtype]
