@@ -30,6 +30,11 @@ def test_wheel_layout(wheel):
     assert "passes" not in tops and "kernels" not in tops
     for module in ("passes/detect.py", "passes/rewrite.py", "kernels/attn_res/reference.py", "kernels/attn_res/op.py"):
         assert f"residual_rewriter/{module}" in names
+    # every package in the source tree is in the wheel (the packages list in pyproject is explicit)
+    for top, installed in (("residual_rewriter", "residual_rewriter"), ("passes", "residual_rewriter/passes"), ("kernels", "residual_rewriter/kernels")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.relative_to(ROOT / top).as_posix()
+            assert f"{installed}/{rel}" in names, f"{top}/{rel} is missing from the wheel: add its package to pyproject.toml"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "residual-rewriter = residual_rewriter.cli:main" in text

@@ -44,15 +44,32 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _stacked(sources: Sequence[Tensor]) -> Tensor:
+    """``[n, ..., D]`` in the compute dtype (one copy; the kernels read the list in place instead)."""
+    cd = _compute_dtype(sources[0].dtype)
+    return torch.stack([s.to(cd) for s in sources])
+
+
+def _folded_query(query: Tensor, norm_weight: Optional[Tensor], cd: torch.dtype) -> Tensor:
+    q = query.to(cd)
+    return q * norm_weight.to(cd) if norm_weight is not None else q  # w.(k*g) == (w*g).k
+
+
+def _scores(V: Tensor, qg: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(scores [n, ...], r [n, ...])`` with ``r = rsqrt(mean(v^2) + eps)``.
+
+    ``qg . RMSNorm(v) == r * (qg . v)``: the normalised keys are never materialised.
+    """
+    r = torch.rsqrt(V.pow(2).mean(-1) + eps)  # [n, ...]
+    return (V @ qg) * r, r
+
+
 def attn_res_scores(
     sources: Sequence[Tensor], query: Tensor, norm_weight: Optional[Tensor], eps: float
 ) -> Tensor:
     """Scores ``w . (RMSNorm(v_i) * g)`` for every source: ``[n, ...]`` in the compute dtype."""
-    cd = _compute_dtype(sources[0].dtype)
-    q = query.to(cd)
-    if norm_weight is not None:
-        q = q * norm_weight.to(cd)  # (w . (k * g)) == ((w * g) . k): fold the gain into the query
-    return torch.stack([(rms_normalize(s.to(cd), eps) * q).sum(-1) for s in sources])  # [n, ...]
+    V = _stacked(sources)
+    return _scores(V, _folded_query(query, norm_weight, V.dtype), eps)[0]
 
 
 def attn_res_reference(
@@ -64,9 +81,9 @@ def attn_res_reference(
 ) -> Tensor:
     """``scale * sum_i softmax_i(query . RMSNorm(v_i; norm_weight, eps)) * v_i`` -> ``[..., D]``."""
     _check_sources(sources, query)
-    cd = _compute_dtype(sources[0].dtype)
-    weights = torch.softmax(attn_res_scores(sources, query, norm_weight, eps), dim=0)  # [n, ...]
-    out = sum(w.unsqueeze(-1) * s.to(cd) for w, s in zip(weights, sources))
+    V = _stacked(sources)  # [n, ..., D]
+    weights = torch.softmax(_scores(V, _folded_query(query, norm_weight, V.dtype), eps)[0], dim=0)  # [n, ...]
+    out = (weights.unsqueeze(-1) * V).sum(0)  # [..., D]
     return (out * scale).to(sources[0].dtype)
 
 
@@ -84,27 +101,27 @@ def attn_res_backward_reference(
     out = scale * sum_i a_i v_i and upstream gradient dy:
       da_i = scale * (dy . v_i);  ds_i = a_i (da_i - sum_j a_j da_j);  dq' = sum_tokens ds_i n_i
       dv_i = scale * a_i dy + r_i (dn_i - n_i mean(dn_i n_i))   with dn_i = ds_i q'
+           = scale * a_i dy + r_i ds_i (q' - n_i s_i / D)       since dn_i . n_i = ds_i s_i
       d query = dq' * g;  d g = dq' * query
     """
     _check_sources(sources, query)
-    cd = _compute_dtype(sources[0].dtype)
-    dy = grad_out.to(cd)
-    q = query.to(cd)
-    g = norm_weight.to(cd) if norm_weight is not None else None
-    qg = q * g if g is not None else q
-    vs = [s.to(cd) for s in sources]
-    rs = [torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) for v in vs]  # [..., 1]
-    ns = [v * r for v, r in zip(vs, rs)]  # [..., D]
-    a = torch.softmax(torch.stack([(n * qg).sum(-1) for n in ns]), dim=0)  # [n, ...]
-    da = torch.stack([scale * (dy * v).sum(-1) for v in vs])  # [n, ...]
+    V = _stacked(sources)  # [n, ..., D]
+    cd, D = V.dtype, V.shape[-1]
+    dy = grad_out.to(cd)  # [..., D]
+    qg = _folded_query(query, norm_weight, cd)  # [D]
+    s, r = _scores(V, qg, eps)  # [n, ...]
+    a = torch.softmax(s, dim=0)
+    da = scale * (V * dy).sum(-1)  # [n, ...]
     ds = a * (da - (a * da).sum(0, keepdim=True))  # [n, ...]
-    d_qg = sum((dsi.unsqueeze(-1) * n).reshape(-1, n.shape[-1]).sum(0) for dsi, n in zip(ds, ns))  # [D]
-    grad_sources = []
-    for ai, dsi, v, r, n in zip(a, ds, vs, rs, ns):
-        dn = dsi.unsqueeze(-1) * qg
-        dv = scale * ai.unsqueeze(-1) * dy + r * (dn - n * (dn * n).mean(-1, keepdim=True))
-        grad_sources.append(dv.to(sources[0].dtype))
-    grad_query = (d_qg * g if g is not None else d_qg).to(query.dtype)
+    d_qg = ((ds * r).unsqueeze(-1) * V).reshape(-1, D).sum(0)  # sum over sources and tokens of ds_i n_i, [D]
+    # one tensor per source (not views of one stacked tensor: op outputs must not alias)
+    grad_sources = [
+        (scale * a[i].unsqueeze(-1) * dy + (r[i] * ds[i]).unsqueeze(-1) * (qg - V[i] * (r[i] * s[i] / D).unsqueeze(-1)))
+        .to(sources[0].dtype)
+        for i in range(V.shape[0])
+    ]
+    q = query.to(cd)
+    grad_query = (d_qg * norm_weight.to(cd) if norm_weight is not None else d_qg).to(query.dtype)
     grad_weight = (d_qg * q).to(norm_weight.dtype) if norm_weight is not None else None
     return grad_sources, grad_query, grad_weight
 
