@@ -247,6 +247,17 @@ def test_each_pass_can_be_switched_off(options):
     assert ("lower" in ran) == (options.get("lower", "auto") is not None)
 
 
+def test_dynamic_sequence_length():
+    conv, x, _ = _converted("llama", 2)
+    backend = make_attnres_backend(compiler="aot_eager")
+    compiled = torch.compile(conv, backend=backend, dynamic=True)
+    for seq in (12, 7):
+        ids = x[:, :seq]
+        with torch.no_grad():
+            torch.testing.assert_close(logits_of(compiled(ids)), logits_of(conv(ids)), rtol=1e-5, atol=1e-5)
+    assert backend.last_log["batch_two_phase"]["phase1"] == 2
+
+
 def test_triton_lowering_on_cpu_raises():
     conv, x, _ = _converted("gpt", 2)
     with pytest.raises(Exception, match="Triton kernels need CUDA") as info:
@@ -270,9 +281,12 @@ def test_logging_counts_and_quiet_by_default(caplog):
 # ---- real inductor (three cold compiles) ---------------------------------------------------------
 
 
+INDUCTOR_GRAD_TOL = 1e-3  # inductor reorders fp32 reductions (measured ~1e-4 on the tied embedding grad)
+
+
 def test_inductor_gpt_block_attnres_training():
     conv, x, _ = _converted("gpt", 2)
-    assert_matches_eager(conv, x, "attnres")
+    assert_matches_eager(conv, x, "attnres", grad_tol=INDUCTOR_GRAD_TOL)
     plog = attnres_backend.last_log
     assert plog["batch_two_phase"]["phase1"] == 3 and plog["lower"]["decomposed.attn_res_phase2"] == 7
 
@@ -280,7 +294,7 @@ def test_inductor_gpt_block_attnres_training():
 def test_inductor_llama_full_attnres_training():
     conv, x, sites = _converted("llama", 1)
     backend = make_attnres_backend(keep_graphs=True)
-    assert_matches_eager(conv, x, backend)
+    assert_matches_eager(conv, x, backend, grad_tol=INDUCTOR_GRAD_TOL)
     assert backend.logs[0]["fuse_norm"]["fused"] == sites - 2
     assert op_counts(backend.graphs[0]) == {}  # everything decomposed for inductor on CPU
 

@@ -74,6 +74,13 @@ def plan_groups(aggs: list[Aggregation]) -> list[Group]:
     return list(groups.values())
 
 
+def _remap(group: Group, replaced: dict) -> None:
+    group.shared = tuple(replaced.get(s, s) for s in group.shared)
+    group.partials = [replaced.get(p, p) if p is not None else None for p in group.partials]
+    for agg in group.members:
+        agg.sources = [replaced.get(s, s) for s in agg.sources]
+
+
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
@@ -91,11 +98,14 @@ class BatchTwoPhase(PassBase):
         self.stats.clear()
         graph = gm.graph
         modified = False
+        replaced: dict[fx.Node, fx.Node] = {}  # erased aggregation -> its phase-2 replacement
         for group in plan_groups(find_aggregations(graph)):
             if len(group.members) < 2:
                 self.stats["singletons"] += 1
                 continue
-            reason = self._rewrite(gm, group)
+            if replaced:  # a group reading an aggregation rewritten earlier (not in convert's graphs)
+                _remap(group, replaced)
+            reason = self._rewrite(gm, group, replaced)
             if reason:
                 log.info("batch_two_phase: left a group of %d as is: %s", len(group.members), reason)
                 self.stats["skipped_groups"] += 1
@@ -103,10 +113,9 @@ class BatchTwoPhase(PassBase):
             modified = True
             self.stats["phase1"] += 1
             self.stats["phase2"] += len(group.members)
-            self.stats["queries_batched"] += len(group.members)
         return finish(gm, modified)
 
-    def _rewrite(self, gm: fx.GraphModule, group: Group) -> Optional[str]:
+    def _rewrite(self, gm: fx.GraphModule, group: Group, replaced: dict) -> Optional[str]:
         graph = gm.graph
         order = _order(graph)
         members = sorted(group.members, key=lambda a: order[a.node])
@@ -131,10 +140,11 @@ class BatchTwoPhase(PassBase):
 
         if any(order[s] >= order[first] for s in group.shared):
             return "a shared source is computed after the group's first member"
+        late = [n for n in queries + (gains or []) if order[n] >= order[first]]
+        if any(n.op != "get_attr" for n in late):
+            return "a query or gain is computed after the group's first member"
         q_nodes = [available(q) for q in queries]
         g_nodes = [available(g) for g in gains] if gains is not None else None
-        if any(n is None for n in q_nodes + (g_nodes or [])):
-            return "a query or gain is computed after the group's first member"
 
         new_nodes = []
         with graph.inserting_before(first):
@@ -155,6 +165,7 @@ class BatchTwoPhase(PassBase):
                 copy_location(n, agg.node)
             new_nodes += [o_j, l_j, h]
             agg.node.replace_all_uses_with(h)
+            replaced[agg.node] = h
         copy_location(p1, first)
         infer_meta(new_nodes)
         erase_unused([a.node for a in members])

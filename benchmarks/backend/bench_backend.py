@@ -1,0 +1,175 @@
+"""What the ``attnres`` compile backend costs, and what each of its passes is worth.
+
+Llama-like model (Hugging Face ``LlamaForCausalLM``, random weights); for each variant, a training
+step (forward + backward) and an inference forward (``torch.no_grad``), all variants timed
+interleaved in ONE run and reported as ratios to ``original + inductor``:
+
+    original  + inductor            the baseline
+    converted + inductor            Block AttnRes, the aggregation op opaque to inductor
+    converted + attnres             all passes
+    converted + attnres -batch      two-phase batching off
+    converted + attnres -fuse_norm  RMSNorm fusion off
+    converted + attnres -lower      CPU: library ops kept (their eager reference); CUDA: lower="decompose"
+                                    (inductor-generated code instead of the hand-written Triton kernels)
+
+Prints a table, writes ``benchmarks/results/backend-<device>-<date>.json``.
+
+    python benchmarks/backend/bench_backend.py                  # small CPU size (a few minutes on 2 cores)
+    python benchmarks/backend/bench_backend.py --gpu-size       # H100 preset: hidden 2048, 8 blocks, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import residual_rewriter as rr
+from residual_rewriter.backend import make_attnres_backend
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+CPU_SIZE = dict(layers=4, hidden=256, seq=128, batch=4, num_blocks=4, dtype="float32", device="cpu")
+GPU_SIZE = dict(layers=16, hidden=2048, seq=2048, batch=4, num_blocks=8, dtype="bfloat16", device="cuda")
+
+
+def llama_like(layers: int, hidden: int):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 512),
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def variants(device: str) -> dict:
+    """name -> (which model, backend)."""
+    alt_lower = "decompose" if device == "cuda" else None
+    return {
+        "original+inductor": ("original", "inductor"),
+        "converted+inductor": ("converted", "inductor"),
+        "converted+attnres": ("converted", make_attnres_backend()),
+        "attnres -batch": ("converted", make_attnres_backend(batch_two_phase=False)),
+        "attnres -fuse_norm": ("converted", make_attnres_backend(fuse_norm=False)),
+        "attnres -lower": ("converted", make_attnres_backend(lower=alt_lower)),
+    }
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_ms(fns: dict, repeats: int, iters: int, device: str) -> dict:
+    """Median ms per call of each fn; the variants take turns so drift hits them alike."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3 / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu-size", action="store_true", help="the H100 preset: " + str(GPU_SIZE))
+    for k, v in CPU_SIZE.items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = p.parse_args(argv)
+    size = dict(GPU_SIZE if args.gpu_size else CPU_SIZE)
+    size.update({k: getattr(args, k) for k in size if getattr(args, k) is not None})
+    device, dtype = size["device"], getattr(torch, size["dtype"])
+
+    # Every variant adds a train and a no_grad cache entry to the SAME forward code object; past the
+    # default limit (8) Dynamo would silently run later variants eagerly.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+
+    torch.manual_seed(0)
+    original = llama_like(size["layers"], size["hidden"]).to(device=device, dtype=dtype).train()
+    converted = rr.convert(original, num_blocks=size["num_blocks"])
+    converted.train()
+    with torch.no_grad():  # nonzero queries: a real mixture, not the uniform one of initialisation
+        for m in converted.attn_res.values():
+            m.query.normal_(0, 0.5)
+    ids = torch.randint(0, 4096, (size["batch"], size["seq"]), device=device)
+    models = {"original": original, "converted": converted}
+
+    chosen = {k: v for k, v in variants(device).items() if not args.only or k in args.only}
+    train_fns, fwd_fns, compile_s, pass_logs = {}, {}, {}, {}
+    for name, (which, backend) in chosen.items():
+        model = models[which]
+        compiled = torch.compile(model, backend=backend)
+
+        def train_step(compiled=compiled, model=model):
+            model.zero_grad(set_to_none=True)
+            compiled(ids).logits.float().mean().backward()
+
+        def forward(compiled=compiled):
+            with torch.no_grad():
+                compiled(ids)
+
+        t0 = time.perf_counter()
+        train_step()  # compiles the training graph
+        forward()  # and the inference graph
+        _sync(device)
+        compile_s[name] = time.perf_counter() - t0
+        for _ in range(2):
+            train_step(), forward()
+        train_fns[name], fwd_fns[name] = train_step, forward
+        if not isinstance(backend, str):
+            pass_logs[name] = [log.passes for log in backend.logs]
+        print(f"compiled {name} in {compile_s[name]:.1f} s", flush=True)
+
+    train = interleaved_ms(train_fns, args.repeats, args.iters, device)
+    fwd = interleaved_ms(fwd_fns, args.repeats, args.iters, device)
+    base = "original+inductor"
+    rows = []
+    for name in chosen:
+        row = {"variant": name, "train_ms": train[name], "forward_ms": fwd[name], "compile_s": compile_s[name]}
+        if base in train:
+            row["train_ratio"], row["forward_ratio"] = train[name] / train[base], fwd[name] / fwd[base]
+        rows.append(row)
+
+    print(f"\nLlama-like {size}: {len(converted.report.plan.sites)} sublayers")
+    print(f"{'variant':24} {'train ms':>10} {'ratio':>7} {'fwd ms':>10} {'ratio':>7} {'compile s':>10}")
+    for r in rows:
+        print(f"{r['variant']:24} {r['train_ms']:10.2f} {r.get('train_ratio', float('nan')):7.3f} "
+              f"{r['forward_ms']:10.2f} {r.get('forward_ratio', float('nan')):7.3f} {r['compile_s']:10.1f}")
+
+    dev_name = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    out = {
+        "benchmark": "backend",
+        "date": datetime.date.today().isoformat(),
+        "device": dev_name,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "size": size,
+        "repeats": args.repeats,
+        "iters": args.iters,
+        "results": rows,
+        "pass_logs": pass_logs,
+        "note": "ratios are to original+inductor measured in the same run (interleaved medians)",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"backend-{dev_name}-{out['date']}.json"
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nwrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
