@@ -76,7 +76,10 @@ def _train_step(fn, model, x):
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_matches_eager(converted, x, backend, fwd_tol=1e-5, grad_tol=1e-4):
+def assert_matches_eager(converted, x, backend, fwd_tol=1e-5, grad_tol=5e-4):
+    """fp32 forward and gradients vs the eager converted model, relative to each tensor's max. The
+    two-phase merge and the decomposition round differently from the one-shot reference: the small
+    query/gain gradients (sums over all tokens) move by up to ~2e-4 of their max."""
     ref_out, ref_grads = _train_step(converted, converted, x)
     out, grads = _train_step(torch.compile(converted, backend=backend), converted, x)
     assert rel_err(out, ref_out) < fwd_tol
