@@ -3,8 +3,10 @@
     converted = residual_rewriter.convert(model)          # exact at init, trains as Block AttnRes
     print(converted.report)                                # what was rewritten
     report = residual_rewriter.detect(model)               # look before converting
+    fast = torch.compile(converted, backend="attnres")     # Triton / inductor fast path
 """
 from . import kernels  # noqa: F401  registers torch.ops.residual_rewriter.*
+from . import backend  # noqa: F401  registers the torch.compile backend "attnres"
 from .api import convert, detect
 from .config import AttnResConfig
 from .converted import ConvertedModule
