@@ -1,6 +1,8 @@
 """FX passes of residual_rewriter, in pipeline order.
 
 capture.py  model -> GraphModule whose leaves are the model's own norm/attention modules
+modes.py    one captured graph that follows train()/eval()
+canonicalize.py  (x + f) + g -> x + (f + g), so parallel branches show the residual pattern
 norms.py    what counts as a normalization (by meaning: scale-invariant in its input)
 detect.py   GraphModule -> Plan: residual sites x + f(norm(x)), linked into streams, split into blocks
 plan.py     the Plan: plain data, what the report prints

@@ -27,6 +27,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .canonicalize import regroup_residual_sums
+from .modes import merge_train_eval
+
 # Class names of submodules that stay opaque: their insides hold no residual stream.
 _OPAQUE_CLASS_NAME = re.compile(r"(Norm|Attention|Attn|Rotary|RoPE|Embedding)", re.IGNORECASE)
 
@@ -236,16 +239,18 @@ def capture(
     """Trace ``model`` called as ``call(*example_inputs)`` (default ``model.forward``).
 
     Returns a GraphModule whose ``call_module`` targets are ``model``'s own module paths. The model
-    is traced in train and in eval mode; if the two graphs differ (Python branching on
-    ``self.training`` in a traced-through forward), the modules that read ``self.training`` are kept
-    opaque so that train/eval keep working.
+    is traced in train and in eval mode. Where the graphs differ only in constants (e.g.
+    ``F.dropout(x, p, training=self.training)``), those constants follow ``self.training`` at run
+    time (``modes.py``); where they differ in structure, the modules that read ``self.training`` are
+    kept opaque, so that train/eval keep working either way.
     """
     input_names = input_names or _forward_input_names(model, len(example_inputs))
     call = call or model.forward
     inputs = tuple(example_inputs)
     gm_train, _ = _trace_in_mode(model, True, input_names, call, False, inputs)
     gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs)
-    if gm_train.code != gm.code:
+    if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
         gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs)
+    regroup_residual_sums(gm)
     gm.train(model.training)
     return Captured(gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules))

@@ -108,6 +108,13 @@ class _SiteFinder:
         else:
             return None, None  # two independent values (e.g. token + position embeddings)
         region = self._between(skip, branch)
+        # x read by known norms only (one, or several as in GPT-NeoX's parallel attention + MLP):
+        # x reaches the branch through them alone, whatever comes after.
+        entries = self._sorted(set(self.dag.successors(skip)) & region)
+        if entries and branch not in entries and all(
+            norms.is_known_norm(self.gm, n) and n.args and n.args[0] is skip for n in entries
+        ):
+            return self._site(add, skip, branch, entries, entries), None
         sub = self.dag.subgraph(region)
         idom = nx.immediate_dominators(sub, skip)
         chain = [branch]
@@ -121,10 +128,36 @@ class _SiteFinder:
             else:
                 found = norms.probe_scale_invariant(self.gm, self.values, norm_region, skip, cand)
             if found:
-                return self._site(add, skip, branch, cand, norm_region), None
-        if not self._has_parameters(region):
+                return self._site(add, skip, branch, [cand], norm_region), None
+        if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         return None, "the branch does not read x through a normalization (post-norm or plain residual)"
+
+    def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+        """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
+        Hugging Face output object or a tuple holding the tensor, and the getattr/getitem that take
+        the very same tensor object back out (checked on the recorded values, not by spelling)."""
+        value = self.values.get(node)
+        found = []
+        for user in node.users:
+            uval = self.values.get(user)
+            if uval is value and user.op != "output":  # an alias of the same tensor
+                found += self.effective_readers(user)
+            elif _selects_tokens(user, uval, value):  # h[:, 0] then a norm: per-token norms commute
+                found += self.effective_readers(user)
+            elif user.op == "call_function" and _holds(uval, value):
+                for taker in user.users:
+                    if self.values.get(taker) is value:
+                        found += self.effective_readers(taker)
+            else:
+                found.append((user, node))
+        return found
+
+    def is_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
+        """``node`` normalises ``x`` directly (a known norm, or a single call that is scale-invariant in x)."""
+        if norms.is_known_norm(self.gm, node) and node.args and node.args[0] is x:
+            return True
+        return norms.probe_scale_invariant(self.gm, self.values, [node], x, node)
 
     def _has_parameters(self, region: set[fx.Node]) -> bool:
         for n in region:
@@ -134,8 +167,8 @@ class _SiteFinder:
                 return True
         return False
 
-    def _site(self, add, skip, branch, norm_out, norm_region) -> Site:
-        after_norm = self._between(norm_out, branch) - {norm_out}
+    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region) -> Site:
+        after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - set(norm_outs)
         # The sublayer is the deepest module holding the branch's module calls (and any function
         # call made inside a submodule of its own); glue like `getitem` at the layer level is ignored.
         # Parameter-free modules (a dropout shared by the whole layer) do not define the sublayer.
@@ -151,14 +184,40 @@ class _SiteFinder:
         return Site(
             stream=-1,
             index=-1,
-            norm=norms.describe(self.gm, norm_out),
+            norm=" + ".join(norms.describe(self.gm, n) for n in norm_outs),
             sublayer=sublayer,
             add_node=add.name,
             skip_node=skip.name,
             branch_node=branch.name,
-            norm_node=norm_out.name,
+            norm_node=norm_outs[0].name,
             norm_entry_nodes=[n.name for n in norm_region if skip in n.all_input_nodes],
         )
+
+
+def _selects_tokens(node: fx.Node, out: Any, value: Any) -> bool:
+    """``node`` indexes tokens of ``value`` (a view keeping the whole hidden dimension)."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(value, torch.Tensor)):
+        return False
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[-1] != value.shape[-1]:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    keeps_last = index[-1] == slice(None) or (Ellipsis not in index and len(index) < value.dim())
+    return keeps_last and out.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+
+
+def _holds(container: Any, value: Any) -> bool:
+    """``container`` (a tuple, list, dict or dataclass such as a ModelOutput) holds ``value`` itself."""
+    if isinstance(container, torch.Tensor) or container is None:
+        return False
+    if isinstance(container, dict):
+        items = container.values()
+    elif isinstance(container, (tuple, list)):
+        items = container
+    elif hasattr(container, "__dataclass_fields__"):
+        items = [getattr(container, f, None) for f in container.__dataclass_fields__]
+    else:
+        return False
+    return any(item is value for item in items)
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -254,6 +313,14 @@ def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_S
             + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by norms."
         )
     last = nodes[stream.sites[-1].add_node]
+    for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
+        if not finder.is_norm_of(user, alias):
+            raise ConversionError(
+                f"cannot convert exactly: the residual stream after {stream.sites[-1].sublayer} is read by "
+                f"{norms.module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), "
+                "which is not a normalization. AttnRes streams must end in a norm (the final norm); this is "
+                "typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
+            )
     stream.consumer_nodes = [u.name for u in last.users]
     stream.consumers = [norms.module_path(u) or u.name for u in last.users]
 

@@ -125,3 +125,20 @@ def test_report_is_reachable_from_the_module():
     assert converted.report.converted
     assert len(converted.report.sites) == 6
     assert "model.layers.2.mlp" in str(converted.report)
+
+
+def test_forward_reading_self_training_follows_the_mode():
+    """A traced-through forward with F.dropout(training=self.training) and p chosen by mode: one
+    graph that follows train()/eval() (no module had to be kept opaque)."""
+    from toy_models import ModeLM
+
+    torch.manual_seed(0)
+    model = ModeLM().double()
+    converted = rr.convert(model)
+    assert converted.report.plan.opaque_modules == {} and len(converted.report.sites) == 3
+    x = model.example_inputs()[0]
+    converted.train()
+    assert not torch.equal(converted(x), converted(x))
+    converted.eval()
+    model.eval()
+    assert rel_err(converted(x), model(x)) <= 1e-10

@@ -6,7 +6,16 @@ import torch
 
 import residual_rewriter as rr
 from model_zoo import make_gpt, make_hf, rel_err
-from toy_models import NORM_KINDS, ParallelLM, PlainMLP, PostNormLM, ReadsMidStreamLM, ToyLM
+from toy_models import (
+    NORM_KINDS,
+    ParallelLM,
+    ParallelSharedInputLM,
+    PlainMLP,
+    PostNormLM,
+    PostSublayerNormLM,
+    ReadsMidStreamLM,
+    ToyLM,
+)
 
 
 def test_gpt_sites_in_depth_order():
@@ -67,15 +76,21 @@ def test_post_norm_toy_is_refused():
         rr.detect(PostNormLM())
 
 
-def test_parallel_branches_are_refused_naming_the_module():
-    with pytest.raises(rr.ConversionError, match="parallel branches") as info:
-        rr.convert(ParallelLM())
-    assert "blocks.0" in str(info.value)
+def test_parallel_branches_are_regrouped_into_one_site():
+    """x + f(n1(x)) + g(n2(x)) (GPT-J style) is re-associated into x + (f + g): one site, two norms."""
+    torch.manual_seed(0)
+    model = ParallelLM().double().eval()
+    report = rr.detect(model)
+    assert [s.norm for s in report.sites] == [f"blocks.{i}.norm + n2.{i}" for i in range(2)]
+    converted = rr.convert(model, block_size=1)
+    x = model.example_inputs()[0]
+    assert rel_err(converted(x), model(x)) <= 1e-10
 
 
 def test_stream_read_mid_way_is_refused():
-    with pytest.raises(rr.ConversionError, match="read by"):
+    with pytest.raises(rr.ConversionError, match="read by") as info:
         rr.convert(ReadsMidStreamLM())
+    assert "blocks.1" in str(info.value)  # names where the stream is taken out
 
 
 def test_nothing_to_convert():
@@ -101,3 +116,59 @@ def test_missing_example_inputs_is_a_clear_error():
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rr.convert(make_gpt(), **kwargs)
+
+
+def test_parallel_block_read_through_two_norms_is_one_site():
+    torch.manual_seed(0)
+    model = ParallelSharedInputLM().double().eval()
+    report = rr.detect(model)
+    assert [s.norm for s in report.sites] == [f"n2.{i} + blocks.{i}.norm" for i in range(3)]
+    converted = rr.convert(model, block_size=1)
+    x = model.example_inputs()[0]
+    assert rel_err(converted(x), model(x)) <= 1e-10
+
+
+def test_post_sublayer_norm_is_refused():
+    with pytest.raises(rr.ConversionError, match="not a normalization|no pre-norm"):
+        rr.convert(PostSublayerNormLM())
+
+
+@pytest.mark.parametrize("name, match", [("olmo2", "not a normalization"), ("bloom", "read by")])
+def test_hugging_face_models_that_are_refused(name, match):
+    """OLMo-2 puts its norms after the sublayers; BLOOM's attention adds the residual inside itself."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(name, **kw))
+    with pytest.raises(rr.ConversionError, match=match):
+        rr.convert(model)
+
+
+def test_elementwise_adds_are_not_reported_as_left_out():
+    report = rr.detect(make_hf("gpt2"))  # GPT-2's GELU computes x + 0.044715 * x**3
+    assert report.left_out == []
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "falcon", "phi", "cohere", "gemma", "starcoder2", "qwen3", "dinov2", "clip_vision_model"])
+def test_more_hugging_face_architectures(name):
+    """Parallel blocks (GPT-NeoX, Falcon, Phi, Cohere), scaled embeddings (Gemma), functional dropout
+    reading self.training (StarCoder2), vision backbones whose stream ends in an output object or a
+    token slice before the norm (DINOv2, CLIP): all exact at init in float64."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+    if name in ("gemma", "qwen3"):
+        kw.update(head_dim=12, num_key_value_heads=2)
+    if name in ("dinov2", "clip_vision_model"):
+        kw = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+        model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name, **kw))
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(name, **kw))
+    model = model.double().eval()
+    converted = rr.convert(model, num_blocks=2)
+    assert len(converted.report.sites) >= 2 and not converted.report.plan.opaque_modules
+    from residual_rewriter import hf
+
+    (x,) = hf.example_inputs(model, batch_size=3, seq_len=7)
+    with torch.no_grad():
+        ref, out = model(x), converted(x)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    assert rel_err(getattr(out, key), getattr(ref, key)) <= 1e-10

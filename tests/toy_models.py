@@ -138,3 +138,46 @@ class PlainMLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class ModeBlock(nn.Module):
+    """Reads self.training in a traced-through forward: F.dropout(training=...) and a mode-dependent p."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        p = 0.5 if self.training else 0.0
+        return x + F.dropout(self.fc(self.norm(x)), p=p, training=self.training)
+
+
+class ModeLM(ToyLM):
+    def __init__(self):
+        super().__init__("layernorm", n_layers=3)
+        self.blocks = nn.ModuleList([ModeBlock(40) for _ in range(3)])
+
+
+class ParallelSharedInputLM(ToyLM):
+    """GPT-NeoX style parallel block: x + (mlp(n2(x)) + attn(n1(x))): one sublayer read through two norms."""
+
+    def __init__(self):
+        super().__init__("layernorm", n_layers=3)
+        self.n2 = nn.ModuleList([nn.LayerNorm(40) for _ in self.blocks])
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for blk, n2 in zip(self.blocks, self.n2):
+            x = (blk.fc2(F.gelu(blk.fc1(n2(x)))) + blk.fc2(F.gelu(blk.fc1(blk.norm(x))))) + x
+        return self.head(self.norm_f(x))
+
+
+class PostSublayerNormLM(ToyLM):
+    """OLMo-2 style x + norm(f(x)): f reads the stream directly; the stream never feeds a norm."""
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for blk in self.blocks:
+            x = x + blk.norm(blk.fc2(F.gelu(blk.fc1(x))))
+        return self.head(x)
