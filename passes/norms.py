@@ -98,11 +98,14 @@ def reads_only_metadata(gm: fx.GraphModule, recorded: dict[fx.Node, Any], user: 
     x = recorded.get(x_node)
     if not isinstance(x, torch.Tensor) or user.op == "output":
         return False
-    before = recorded.get(user)
     gen = torch.Generator(device="cpu").manual_seed(4321)
     noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    # Re-run both ways now rather than comparing with the recording: objects among the inputs (a KV
+    # cache) may have changed state since it was made.
+    runner = _RegionRunner(gm, recorded)
     try:
-        after = _RegionRunner(gm, recorded).evaluate([user], x_node, noise, user)
+        before = runner.evaluate([user], x_node, x, user)
+        after = runner.evaluate([user], x_node, noise, user)
     except Exception:  # noqa: BLE001
         return False
     return _same_values(before, after)

@@ -36,12 +36,16 @@ class AttnResQuery(nn.Module):
         return f"hidden_size={self.query.shape[0]}"
 
 
-def apply_plan(gm: fx.GraphModule, plan: Plan, values: dict, *, eps: float, mixing: str) -> fx.GraphModule:
-    """Rewrite ``gm`` in place following ``plan``; lints and recompiles it."""
+def apply_plan(
+    gm: fx.GraphModule, plan: Plan, values: dict, *, eps: float, mixing: str, attn_res: nn.ModuleDict | None = None
+) -> fx.GraphModule:
+    """Rewrite ``gm`` in place following ``plan``; lints and recompiles it.
+
+    ``attn_res``: existing parameters to reuse (by site key) instead of creating new ones.
+    """
     if mixing not in ("sum", "mean"):
         raise ValueError(f"mixing must be 'sum' (exact at init) or 'mean' (the paper's average), got {mixing!r}")
-    if not hasattr(gm, "attn_res"):
-        gm.add_module("attn_res", nn.ModuleDict())
+    gm.add_module("attn_res", attn_res if attn_res is not None else nn.ModuleDict())
     for stream in plan.streams:
         _rewrite_stream(gm, stream, values, eps=eps, mixing=mixing)
     gm.graph.lint()
@@ -57,7 +61,8 @@ def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: fl
 
     def aggregate(after: fx.Node, sources: list[fx.Node], prefix: str) -> fx.Node:
         key = prefix.split(".", 1)[1]
-        gm.attn_res[key] = AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device)
+        if key not in gm.attn_res:  # several graphs of one model (one per call signature) share them
+            gm.attn_res[key] = AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device)
         scale = float(len(sources)) if mixing == "sum" else 1.0
         with graph.inserting_after(after):
             q = graph.get_attr(f"{prefix}.query")

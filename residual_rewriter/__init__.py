@@ -11,8 +11,9 @@ from .api import convert, detect
 from .config import AttnResConfig
 from .converted import ConvertedModule
 from .errors import ConversionError
+from .hf_class import from_pretrained
 from .report import ConversionReport
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "detect", "AttnResConfig", "ConvertedModule", "ConversionError", "ConversionReport"]
+__all__ = ["convert", "detect", "from_pretrained", "AttnResConfig", "ConvertedModule", "ConversionError", "ConversionReport"]

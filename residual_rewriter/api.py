@@ -49,17 +49,20 @@ def _eval_mode(model: nn.Module):
             m.training = mode
 
 
-def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConfig):
+def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConfig, call=None, input_names=None):
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert/detect take a torch.nn.Module, got {type(model).__name__}")
     inputs = _normalize_inputs(model, example_inputs)
-    if hf.is_hf_model(model):
+    if call is not None:
+        captured = capture(model, copy.deepcopy(inputs), call=call, input_names=input_names)
+    elif hf.is_hf_model(model):
         names = [model.main_input_name][: len(inputs)]
         captured = capture(model, inputs, call=hf.traced_call(model, names), input_names=names)
     else:
         captured = capture(model, inputs)
     with _eval_mode(model):
-        values = record_values(captured.graph_module, inputs)
+        # a copy: recording runs the model, which would append to a KV cache passed as an input
+        values = record_values(captured.graph_module, copy.deepcopy(inputs) if call is not None else inputs)
     plan = build_plan(
         captured.graph_module,
         values,
@@ -113,7 +116,8 @@ def convert(
     key_norm_eps: Optional[float] = None,
     config: Optional[AttnResConfig] = None,
     inplace: bool = False,
-) -> ConvertedModule:
+    keep_class: bool = False,
+) -> nn.Module:
     """Give ``model`` Block Attention Residuals.
 
     Args:
@@ -124,21 +128,41 @@ def convert(
         mixing: "sum" (default; computes exactly what ``model`` computed at init) or "mean".
         inplace: share ``model``'s parameters instead of converting a deep copy. By default the
             original model is left untouched.
+        keep_class: Hugging Face models only: return the model object itself (its class, config,
+            ``generate`` with the KV cache, ``save_pretrained``) with its forward running converted
+            graphs, one per call signature (see ``hf_class.py``).
 
     Returns a ``ConvertedModule`` (a GraphModule) holding the model's submodules and the new
-    parameters; ``.report`` says what was rewritten.
+    parameters; ``.report`` says what was rewritten. With ``keep_class=True``, the model's own class.
     """
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
+    if keep_class:
+        from residual_rewriter.hf_class import convert_keeping_class
+
+        return convert_keeping_class(model, example_inputs, config, inplace=inplace)
     target = model if inplace else copy.deepcopy(model)
-    inputs = _normalize_inputs(target, example_inputs)
-    captured, values, plan = _capture_and_plan(target, inputs, config)
+    return convert_graph(target, _normalize_inputs(target, example_inputs), config, model_name=type(model).__name__)
+
+
+def convert_graph(
+    target: nn.Module,
+    inputs: tuple,
+    config: AttnResConfig,
+    *,
+    model_name: str,
+    call=None,
+    input_names=None,
+    attn_res: Optional[nn.Module] = None,
+) -> ConvertedModule:
+    """Capture ``target`` called as ``call(*inputs)``, detect and rewrite: one converted graph."""
+    captured, values, plan = _capture_and_plan(target, inputs, config, call=call, input_names=input_names)
     original_graph = copy.deepcopy(captured.graph_module.graph)  # kept for before/after views
-    gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing)
-    converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{type(model).__name__}")
+    gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing, attn_res=attn_res)
+    converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{model_name}")
     converted.attn_res = gm.attn_res  # keep the AttnResQuery modules (GraphModule copied bare containers)
-    converted.train(model.training)
+    converted.train(target.training)
     report = ConversionReport(
-        model=type(model).__name__,
+        model=model_name,
         config=config,
         plan=plan,
         converted=True,

@@ -1,0 +1,119 @@
+"""convert(hf_model, keep_class=True): the model keeps its class — generate with the KV cache,
+save_pretrained / from_pretrained, output types — and runs converted graphs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import residual_rewriter as rr
+from model_zoo import make_hf, perturb_attn_res, rel_err
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = make_hf("llama").double()
+    converted = rr.convert(model, keep_class=True, num_blocks=2)
+    return model, converted
+
+
+def test_class_and_report(pair):
+    model, converted = pair
+    assert type(converted) is type(model) and converted is not model
+    assert len(converted.attn_res_report.sites) == 6
+    assert {n for n, _ in converted.named_parameters() if n.startswith("attn_res.")} == {
+        f"attn_res.{k}" for k in converted.attn_res.state_dict()
+    }
+    assert not hasattr(model, "attn_res")  # the original is untouched
+
+
+def test_exact_at_init_and_output_type(pair):
+    model, converted = pair
+    x = torch.randint(0, 128, (2, 9))
+    out, ref = converted(x), model(x)
+    assert type(out) is type(ref)
+    assert rel_err(out.logits, ref.logits) <= 1e-10
+
+
+def test_generate_with_kv_cache_matches_the_original_at_init(pair):
+    model, converted = pair
+    x = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(converted.generate(x, **kw), model.generate(x, **kw))
+    assert any(k for k in converted.forward.graphs if ("past_key_values", "object", "DynamicCache") in k)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral"])
+def test_generate_other_decoders(name):
+    model = make_hf(name).double()
+    converted = rr.convert(model, keep_class=True, num_blocks=2)
+    x = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    assert torch.equal(converted.generate(x, **kw), model.generate(x, **kw))
+
+
+def test_kv_cache_is_exact_for_attnres():
+    """With random queries (really AttnRes), decoding with the cache equals recomputing everything:
+    the depth mixture is per token, so cached keys/values stay valid."""
+    converted = rr.convert(make_hf("llama").double(), keep_class=True, block_size=1)
+    perturb_attn_res(converted, scale=3.0)
+    x = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    cached = converted.generate(x, use_cache=True, **kw)
+    recomputed = converted.generate(x, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+    # and the cached forward logits equal the full forward's at every step
+    full = converted(cached, use_cache=False).logits
+    with torch.no_grad():
+        out = converted(cached[:, :6], use_cache=True)
+        step = converted(cached[:, 6:7], past_key_values=out.past_key_values, use_cache=True)
+    assert rel_err(step.logits[:, -1], full[:, 6]) <= 1e-10
+
+
+def test_save_pretrained_and_from_pretrained(tmp_path):
+    converted = rr.convert(make_hf("llama"), keep_class=True, num_blocks=2, mixing="mean")
+    perturb_attn_res(converted)
+    converted.save_pretrained(tmp_path)
+    loaded = rr.from_pretrained(tmp_path)
+    assert type(loaded) is type(converted) and loaded.attn_res_report.config.mixing == "mean"
+    x = torch.randint(0, 128, (2, 7))
+    assert torch.equal(loaded(x).logits, converted(x).logits)
+    for k, v in converted.attn_res.state_dict().items():
+        assert torch.equal(loaded.attn_res.state_dict()[k], v)
+
+
+def test_training_keeps_class_and_trains():
+    converted = rr.convert(make_hf("qwen2"), keep_class=True)
+    opt = torch.optim.AdamW(converted.parameters(), lr=1e-2)
+    x = torch.randint(0, 128, (4, 12))
+    converted.train()
+    losses = []
+    for _ in range(5):
+        loss = converted(x, labels=x).loss  # HF computes the loss; labels is a new signature
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(m.query.abs().sum() > 0 for m in converted.attn_res.values())
+
+
+def test_deepcopy_rebuilds_graphs_on_the_copy(pair):
+    _, converted = pair
+    twin = copy.deepcopy(converted)
+    x = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        twin.attn_res[next(iter(twin.attn_res))].query.add_(1.0)
+    assert twin.forward.model is twin and not twin.forward.graphs
+    assert not torch.equal(twin(x).logits, converted(x).logits)
+
+
+def test_keep_class_refuses_plain_modules():
+    from model_zoo import make_gpt
+
+    with pytest.raises(rr.ConversionError, match="Hugging Face"):
+        rr.convert(make_gpt(), keep_class=True)
