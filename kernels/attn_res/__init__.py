@@ -3,7 +3,7 @@
 Layout: ``reference.py`` (forward specs) and ``reference_grads.py`` (closed-form backward specs of
 the two-phase and normed variants) are plain PyTorch; ``op.py`` registers the library ops
 (``torch.ops.residual_rewriter.attn_res``, ``attn_res_phase1``, ``attn_res_phase2``,
-``attn_res_normed`` and their backward ops); ``fused.py`` / ``two_phase.py`` hold the Triton kernels,
+``attn_res_normed``, ``attn_res_phase2_normed`` and their backward ops); ``fused.py`` / ``two_phase.py`` hold the Triton kernels,
 wired into the ops on CUDA by ``dispatch.py``. Importing this package does not import triton.
 """
 from .reference import (
@@ -11,6 +11,7 @@ from .reference import (
     attn_res_backward_reference,
     attn_res_normed_reference,
     attn_res_phase1_reference,
+    attn_res_phase2_normed_reference,
     attn_res_phase2_reference,
     attn_res_reference,
     attn_res_weights_reference,

@@ -336,3 +336,99 @@ def _normed_backward(ctx, grad_mix, grad_normed):
 
 
 attn_res_normed.register_autograd(_normed_backward, setup_context=_normed_setup_context)
+
+
+# ---- phase-2 merge + the sublayer's own RMSNorm, fused ------------------------------------------
+# What the compile backend emits when an RMSNorm reads a phase-2 merge (Block AttnRes: most sites).
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase2_normed", mutates_args=())
+def attn_res_phase2_normed(
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(mix = attn_res_phase2(...), RMSNorm(mix) * out_norm_weight), both [..., D] in phase1_out's dtype."""
+    if phase1_out.is_cuda:
+        from . import dispatch
+
+        return dispatch.phase2_normed_cuda(
+            phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+        )
+    return reference.attn_res_phase2_normed_reference(
+        phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+    )
+
+
+@attn_res_phase2_normed.register_fake
+def _attn_res_phase2_normed_fake(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+    return torch.empty_like(phase1_out), torch.empty_like(phase1_out)
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase2_normed_backward", mutates_args=())
+def attn_res_phase2_normed_backward(
+    grad_mix: Tensor,
+    grad_normed: Tensor,
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> List[Tensor]:
+    """Returns [grad_phase1_out, grad_phase1_lse, grad_partial (or empty), grad_query,
+    grad_norm_weight (or empty), grad_out_norm_weight (or empty)]."""
+    if phase1_out.is_cuda:
+        from . import dispatch
+
+        fn = dispatch.phase2_normed_backward_cuda
+    else:
+        from .reference_grads import attn_res_phase2_normed_backward_reference as fn
+    go, gl, gp, gq, gw, gwo = fn(
+        grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+    )
+    return [go, gl, _or_empty(gp, query), gq, _or_empty(gw, query), _or_empty(gwo, query)]
+
+
+@attn_res_phase2_normed_backward.register_fake
+def _attn_res_phase2_normed_backward_fake(
+    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+):
+    def like(t):
+        return torch.empty_like(t) if t is not None else query.new_empty(0)
+
+    return [torch.empty_like(phase1_out), torch.empty_like(phase1_lse), like(partial), torch.empty_like(query),
+            like(norm_weight), like(out_norm_weight)]
+
+
+def _phase2_normed_setup_context(ctx, inputs, output):
+    phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
+    ctx.has = tuple(t is not None for t in (partial, norm_weight, out_norm_weight))
+    ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
+    opt = [t for t in (partial, norm_weight, out_norm_weight) if t is not None]
+    ctx.save_for_backward(phase1_out, phase1_lse, query, *opt)
+
+
+def _phase2_normed_backward(ctx, grad_mix, grad_normed):
+    phase1_out, phase1_lse, query, *opt = ctx.saved_tensors
+    partial, norm_weight, out_norm_weight = (opt.pop(0) if has else None for has in ctx.has)
+    grad_mix = torch.zeros_like(phase1_out) if grad_mix is None else grad_mix.contiguous()
+    grad_normed = torch.zeros_like(phase1_out) if grad_normed is None else grad_normed.contiguous()
+    go, gl, gp, gq, gw, gwo = torch.ops.residual_rewriter.attn_res_phase2_normed_backward(
+        grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale,
+        out_norm_weight, ctx.out_eps,
+    )
+    has_p, has_w, has_wo = ctx.has
+    return (go, gl, gp if has_p else None, gq, gw if has_w else None, None, None, gwo if has_wo else None, None)
+
+
+attn_res_phase2_normed.register_autograd(_phase2_normed_backward, setup_context=_phase2_normed_setup_context)

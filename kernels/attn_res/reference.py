@@ -175,14 +175,19 @@ def attn_res_phase2_reference(
     phase1_out ``[..., D]``, phase1_lse ``[...]``, partial ``[..., D]`` or None (first sublayer of a
     block). Equals ``attn_res_reference(completed + [partial], ...)``.
     """
+    return _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale).to(phase1_out.dtype)
+
+
+def _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale) -> Tensor:
+    """The phase-2 merge in the compute dtype (not rounded to the input dtype)."""
     cd = _compute_dtype(phase1_out.dtype)
     if partial is None:
-        return (phase1_out.to(cd) * scale).to(phase1_out.dtype)
+        return phase1_out.to(cd) * scale
     s_p = attn_res_scores([partial], query, norm_weight, eps)[0]  # [...]
     lse = torch.logaddexp(phase1_lse.to(cd), s_p)
     out = torch.exp(phase1_lse.to(cd) - lse).unsqueeze(-1) * phase1_out.to(cd)
     out = out + torch.exp(s_p - lse).unsqueeze(-1) * partial.to(cd)
-    return (out * scale).to(phase1_out.dtype)
+    return out * scale
 
 
 # ---- aggregation followed by the sublayer's own RMSNorm -----------------------------------------
@@ -210,4 +215,26 @@ def attn_res_normed_reference(
     if out_norm_weight is not None:
         normed = normed * out_norm_weight.to(cd)
     dt = sources[0].dtype
+    return mix.to(dt), normed.to(dt)
+
+
+def attn_res_phase2_normed_reference(
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = DEFAULT_EPS,
+    scale: float = 1.0,
+    out_norm_weight: Optional[Tensor] = None,
+    out_eps: float = DEFAULT_EPS,
+) -> tuple[Tensor, Tensor]:
+    """Phase 2 followed by the sublayer's RMSNorm: ``(mix, RMSNorm(mix) * out_norm_weight)``, both in
+    phase1_out's dtype, ``mix = attn_res_phase2_reference(...)``. As in ``attn_res_normed_reference``
+    the normalised form is computed from the fp32 mixture (before rounding to the input dtype)."""
+    mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
+    normed = rms_normalize(mix, out_eps)
+    if out_norm_weight is not None:
+        normed = normed * out_norm_weight.to(mix.dtype)
+    dt = phase1_out.dtype
     return mix.to(dt), normed.to(dt)

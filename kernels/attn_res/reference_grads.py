@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import _check_sources, _compute_dtype, attn_res_backward_reference, attn_res_scores
+from .reference import _check_sources, _compute_dtype, _phase2_mix, attn_res_backward_reference, attn_res_scores
 
 
 def _rms_parts(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -149,3 +149,46 @@ def attn_res_normed_backward_reference(
         grad_w_out = torch.zeros_like(out_norm_weight)
     gs, gq, gw = attn_res_backward_reference(dmix, sources, query, norm_weight, eps, scale)
     return gs, gq, gw, grad_w_out
+
+
+def _fold_out_norm(dmix, grad_normed, mix, out_norm_weight, out_eps):
+    """Fold the output RMSNorm's backward into the mixture's upstream gradient (all in the compute
+    dtype): ``(dmix + r_m (dnm - nm mean(dnm nm)), grad_out_norm_weight or None)``."""
+    rm, nm = _rms_parts(mix, out_eps)
+    dnm = grad_normed * out_norm_weight.to(mix.dtype) if out_norm_weight is not None else grad_normed
+    dmix = dmix + rm * (dnm - nm * (dnm * nm).mean(-1, keepdim=True))
+    gwo = _sum_tokens(grad_normed * nm).to(out_norm_weight.dtype) if out_norm_weight is not None else None
+    return dmix, gwo
+
+
+def attn_res_phase2_normed_backward_reference(
+    grad_mix: Optional[Tensor],
+    grad_normed: Optional[Tensor],
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``attn_res_phase2_normed_reference``:
+    ``(grad_phase1_out, grad_phase1_lse, grad_partial, grad_query, grad_norm_weight, grad_out_norm_weight)``.
+
+    The output RMSNorm's backward folds into the mixture's upstream gradient (recomputing the fp32
+    mixture), then it is ``attn_res_phase2_backward_reference``.
+    """
+    cd = _compute_dtype(phase1_out.dtype)
+    mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)  # [..., D] unrounded
+    dmix = grad_mix.to(cd) if grad_mix is not None else torch.zeros_like(mix)
+    gwo = None
+    if grad_normed is not None:
+        dmix, gwo = _fold_out_norm(dmix, grad_normed.to(cd), mix, out_norm_weight, out_eps)
+    elif out_norm_weight is not None:
+        gwo = torch.zeros_like(out_norm_weight)
+    go, gl, gp, gq, gw = attn_res_phase2_backward_reference(
+        dmix, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale
+    )
+    return go, gl, gp, gq, gw, gwo

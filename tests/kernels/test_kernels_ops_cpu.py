@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from residual_rewriter.kernels.attn_res import reference as R
 from residual_rewriter.kernels.attn_res import reference_grads as RG  # noqa: F401  (imported: must import)
@@ -81,6 +82,29 @@ def test_normed_op_matches_reference_and_grads(with_weight, with_out_weight):
     _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
 
 
+@pytest.mark.parametrize("with_partial", [True, False])
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_phase2_normed_op_matches_reference_and_grads(with_partial, with_weights):
+    """The closed-form backward (what the op runs on CPU) against autograd through the reference, float64."""
+    o1, l1 = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2)
+    p = _leaf(2, 5, 24, seed=3) if with_partial else None
+    q = _leaf(24, seed=4)
+    g, wo = (_leaf(24, seed=5), _leaf(24, seed=6)) if with_weights else (None, None)
+    args = (o1, l1, p, q, g, 1e-6, 2.5, wo, 1e-5)
+    y, yr = OPS.attn_res_phase2_normed(*args), R.attn_res_phase2_normed_reference(*args)
+    _assert_all_close(y, yr)
+    # mix is exactly phase 2; normed is RMSNorm(mix) * wo
+    torch.testing.assert_close(y[0], R.attn_res_phase2_reference(o1, l1, p, q, g, 1e-6, 2.5))
+    normed = F.rms_norm(y[0], (24,), wo, 1e-5)
+    torch.testing.assert_close(y[1], normed)
+    ins = [o1, l1, q] + [t for t in (p, g, wo) if t is not None]
+    gy = (torch.randn_like(y[0]), torch.randn_like(y[1]))
+    _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
+    for k in (0, 1):  # only one output read: the other's gradient arrives as None
+        y, yr = OPS.attn_res_phase2_normed(*args), R.attn_res_phase2_normed_reference(*args)
+        _assert_all_close(_grads(y[k], ins, gy[k]), _grads(yr[k], ins, gy[k]))
+
+
 def _opcheck(op, args):
     torch.library.opcheck(op, args)  # schema, autograd registration, fake tensor, aot dispatch (dynamic)
 
@@ -114,8 +138,16 @@ def test_opcheck_normed():
     _opcheck(OPS.attn_res_normed.default, (srcs, q, None, 1e-6, 1.0, None, 1e-6))
 
 
+def test_opcheck_phase2_normed():
+    f = torch.float32
+    o1, l1, p = _leaf(2, 3, 8, seed=1, dtype=f), _leaf(2, 3, seed=2, dtype=f), _leaf(2, 3, 8, seed=3, dtype=f)
+    q, g, wo = _leaf(8, seed=4, dtype=f), _leaf(8, seed=5, dtype=f), _leaf(8, seed=6, dtype=f)
+    _opcheck(OPS.attn_res_phase2_normed.default, (o1, l1, p, q, g, 1e-6, 2.0, wo, 1e-5))
+    _opcheck(OPS.attn_res_phase2_normed.default, (o1, l1, None, q, None, 1e-6, 1.0, None, 1e-6))
+
+
 def test_ops_compile_fullgraph_with_backward():
-    """The compile backend's view: all four ops trace into one graph (no breaks) and train under
+    """The compile backend's view: all five ops trace into one graph (no breaks) and train under
     aot_eager; the graph keeps them as single nodes, findable by target."""
     f = torch.float32
     srcs = [_leaf(2, 3, 16, seed=i, dtype=f) for i in range(3)]
@@ -127,7 +159,8 @@ def test_ops_compile_fullgraph_with_backward():
         m2, normed = OPS.attn_res_normed(srcs, q, g, 1e-6, 3.0, wo, 1e-6)
         out, lse = OPS.attn_res_phase1(srcs, Q, None, 1e-6)
         y = OPS.attn_res_phase2(out[0], lse[0], mix, Q[0], None, 1e-6, 4.0)
-        return (mix + normed + y).sum() + m2.sum()
+        y2, n2 = OPS.attn_res_phase2_normed(out[1], lse[1], mix, Q[1], g, 1e-6, 4.0, wo, 1e-5)
+        return (mix + normed + y + n2).sum() + m2.sum() + y2.pow(2).sum()
 
     seen = []
 
@@ -148,5 +181,5 @@ def test_ops_compile_fullgraph_with_backward():
     ref_loss = fn(srcs, q, g, wo, Q)
     torch.testing.assert_close(loss, ref_loss)
     _assert_all_close(got, torch.autograd.grad(ref_loss, ins), tol=1e-5)
-    for name in ("attn_res", "attn_res_normed", "attn_res_phase1", "attn_res_phase2"):
+    for name in ("attn_res", "attn_res_normed", "attn_res_phase1", "attn_res_phase2", "attn_res_phase2_normed"):
         assert f"residual_rewriter.{name}" in seen or f"residual_rewriter.{name}.default" in seen, (name, seen)
