@@ -82,3 +82,24 @@ def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps
     from .fused import attn_res_normed_bwd
 
     return attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+
+
+def phase2_normed_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+    if _f64(phase1_out):
+        return reference.attn_res_phase2_normed_reference(
+            phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+        )
+    from .two_phase import phase2_normed_fwd
+
+    return phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+
+
+def phase2_normed_backward_cuda(
+    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+):
+    args = (grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    if _f64(phase1_out):
+        return RG.attn_res_phase2_normed_backward_reference(*args)
+    from .two_phase import phase2_normed_bwd
+
+    return phase2_normed_bwd(*args)

@@ -16,6 +16,11 @@ summed by torch in fixed order: deterministic).
 
 Phase 2 (``_phase2_fwd_kernel`` / ``_phase2_bwd_kernel``): a two-way online-softmax merge of the
 phase-1 result (score lse, value out) with the running partial block; elementwise over tokens.
+With ``NORMED`` (the ``attn_res_phase2_normed`` op) the forward also writes the sublayer's RMSNorm of
+the fp32 mixture, ``RMSNorm(mix) * wo``, and the backward recomputes the fp32 mixture and folds the
+norm's backward into the mixture's gradient (``dmix += r_m (dn wo - nm mean(dn wo nm))``, d wo
+reduced per program like d q'), exactly as ``fused.py`` does for ``attn_res_normed``. Without a partial
+block (first sublayer of a block) the backward kernel still runs when NORMED (``HAS_P=False``).
 """
 from __future__ import annotations
 
@@ -117,8 +122,10 @@ def _phase2_fwd_kernel(
     p_ptr, p_stride,  # partial block [T, D] rows (HAS_P)
     q_ptr, w_ptr,  # query [D], gain [D] (HAS_W)
     out_ptr,  # [T, D] contiguous
-    T, D, eps, scale,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    normed_ptr, wo_ptr,  # [T, D] RMSNorm(out) * wo (NORMED; wo if HAS_WO)
+    T, D, eps, scale, out_eps,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
@@ -133,17 +140,28 @@ def _phase2_fwd_kernel(
         q = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
         a1, ap, r, n, s_p = _merge_weights(o, p, l1, q, D, eps)
         o = a1[:, None] * o + ap[:, None] * p
-    tl.store(out_ptr + rows64[:, None] * D + cols[None, :], (o * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    mix = o * scale  # fp32
+    offs = rows64[:, None] * D + cols[None, :]
+    tl.store(out_ptr + offs, mix.to(out_ptr.dtype.element_ty), mask=mask)
+    if NORMED:  # the sublayer's own pre-norm, from the fp32 mixture (before rounding)
+        rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
+        y = mix * rm[:, None]
+        if HAS_WO:
+            y = y * tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(normed_ptr + offs, y.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _phase2_bwd_kernel(
-    dy_ptr,  # [T, D] contiguous
-    o_ptr, o_stride, lse_ptr, p_ptr, p_stride, q_ptr, w_ptr,  # as in the forward (partial required)
-    do_ptr, dlse_ptr, dp_ptr,  # [T, D], [T] fp32, [T, D] contiguous
+    dy_ptr,  # [T, D] contiguous: gradient of the mixture
+    o_ptr, o_stride, lse_ptr, p_ptr, p_stride, q_ptr, w_ptr,  # as in the forward
+    dn_ptr, wo_ptr,  # [T, D] gradient of the normed output, out gain [D] (NORMED / HAS_WO)
+    do_ptr, dlse_ptr, dp_ptr,  # [T, D], [T] fp32, [T, D] contiguous (dp: HAS_P)
     dqg_ptr,  # [programs, D] fp32
-    T, D, eps, scale, num_tiles,
-    HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    dwo_ptr,  # [programs, D] fp32 partial of d wo (HAS_WO)
+    T, D, eps, scale, out_eps, num_tiles,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -151,6 +169,9 @@ def _phase2_bwd_kernel(
     cmask = cols < D
     q = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
     dqg = tl.zeros([BLOCK_D], tl.float32)
+    dwo = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_WO:
+        wo = tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for t in range(pid, num_tiles, nprog):
         rows = t * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
@@ -159,19 +180,41 @@ def _phase2_bwd_kernel(
         offs = rows64[:, None] * D + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + rows64[:, None] * o_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + rows64[:, None] * p_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        l1 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
-        a1, ap, r, n, s_p = _merge_weights(o, p, l1, q, D, eps)
-        da1 = scale * tl.sum(dy * o, 1)
-        dap = scale * tl.sum(dy * p, 1)
-        abar = a1 * da1 + ap * dap
-        ds = ap * (dap - abar)
-        tl.store(dlse_ptr + rows64, a1 * (da1 - abar), mask=rmask)
-        tl.store(do_ptr + offs, ((scale * a1)[:, None] * dy).to(do_ptr.dtype.element_ty), mask=mask)
-        dp = (scale * ap)[:, None] * dy + (r * ds)[:, None] * (q[None, :] - n * (s_p / D)[:, None])
-        tl.store(dp_ptr + offs, dp.to(dp_ptr.dtype.element_ty), mask=mask)
-        dqg += tl.sum(ds[:, None] * n, 0)
-    tl.store(dqg_ptr + pid.to(tl.int64) * D + cols, dqg, mask=cmask)
+        if HAS_P:
+            p = tl.load(p_ptr + rows64[:, None] * p_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            l1 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
+            a1, ap, r, n, s_p = _merge_weights(o, p, l1, q, D, eps)
+        if NORMED:  # fold RMSNorm(mix) * wo's backward into dy, from the recomputed fp32 mixture
+            if HAS_P:
+                mix = (a1[:, None] * o + ap[:, None] * p) * scale
+            else:
+                mix = o * scale
+            rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
+            nm = mix * rm[:, None]
+            dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WO:
+                dwo += tl.sum(dn * nm, 0)
+                dn = dn * wo[None, :]
+            dy += rm[:, None] * (dn - nm * (tl.sum(dn * nm, 1) / D)[:, None])
+        if HAS_P:
+            da1 = scale * tl.sum(dy * o, 1)
+            dap = scale * tl.sum(dy * p, 1)
+            # a1 (da1 - abar) with abar = a1 da1 + ap dap and a1 + ap = 1, written without the
+            # cancellation (da1 ~ 1e2, ap ~ 1e-4 lost 4 digits of d lse in the subtracted form)
+            dlse = a1 * ap * (da1 - dap)
+            ds = -dlse  # = ap (dap - abar)
+            tl.store(dlse_ptr + rows64, dlse, mask=rmask)
+            tl.store(do_ptr + offs, ((scale * a1)[:, None] * dy).to(do_ptr.dtype.element_ty), mask=mask)
+            dp = (scale * ap)[:, None] * dy + (r * ds)[:, None] * (q[None, :] - n * (s_p / D)[:, None])
+            tl.store(dp_ptr + offs, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+            dqg += tl.sum(ds[:, None] * n, 0)
+        else:  # mix = scale * o: the lse and the query do not matter
+            tl.store(dlse_ptr + rows64, tl.zeros([BLOCK_T], tl.float32), mask=rmask)
+            tl.store(do_ptr + offs, (scale * dy).to(do_ptr.dtype.element_ty), mask=mask)
+    prow = pid.to(tl.int64) * D
+    tl.store(dqg_ptr + prow + cols, dqg, mask=cmask)
+    if HAS_WO:
+        tl.store(dwo_ptr + prow + cols, dwo, mask=cmask)
 
 
 # ---- launch wrappers ----------------------------------------------------------------------------
@@ -223,9 +266,9 @@ def phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse
     return gsrc, gq, gw
 
 
-def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what):
+def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, *others):
     L.check_dtype(phase1_out.dtype, what)
-    L.check_device([t for t in (phase1_out, phase1_lse, partial, query, norm_weight) if t is not None], what)
+    L.check_device([t for t in (phase1_out, phase1_lse, partial, query, norm_weight, *others) if t is not None], what)
     D = phase1_out.shape[-1]
     if query.shape != (D,) or (partial is not None and partial.shape != phase1_out.shape):
         raise ValueError(f"{what}: phase1_out {tuple(phase1_out.shape)}, partial "
@@ -236,20 +279,78 @@ def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what):
     return o, p, lse, o.shape[0], D
 
 
-def phase2_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
-    """``[..., D]`` in phase1_out's dtype."""
-    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, "attn_res_phase2")
+def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps, what):
+    """Launch ``_phase2_fwd_kernel``: (out, normed or None), ``[..., D]`` in phase1_out's dtype."""
+    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, out_norm_weight)
+    normed = out_eps is not None
     out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device)
+    y = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if normed else None
     if T > 0:
         BT, BD, warps = L.tile(T, D)
         q = query.contiguous()
         w = norm_weight.contiguous() if norm_weight is not None else None
+        wo = out_norm_weight.contiguous() if normed and out_norm_weight is not None else None
+        # Absent optional buffers get a placeholder pointer: their constexpr flag compiles every access out.
         _phase2_fwd_kernel[(triton.cdiv(T, BT),)](
             o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q, out.view(-1, D),
-            T, D, float(eps), float(scale),
-            HAS_P=partial is not None, HAS_W=w is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            y.view(-1, D) if y is not None else out.view(-1, D), wo if wo is not None else q,
+            T, D, float(eps), float(scale), float(out_eps if normed else 0.0),
+            HAS_P=partial is not None, HAS_W=w is not None, NORMED=normed, HAS_WO=wo is not None,
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
-    return out
+    return out, y
+
+
+def phase2_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
+    """``[..., D]`` in phase1_out's dtype."""
+    return _phase2_fwd_launch(
+        phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, None, None, "attn_res_phase2"
+    )[0]
+
+
+def phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+    """(mix, RMSNorm(mix) * out_norm_weight), both ``[..., D]`` in phase1_out's dtype."""
+    return _phase2_fwd_launch(
+        phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+        "attn_res_phase2_normed",
+    )
+
+
+def _phase2_bwd_launch(grad_out, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
+                       out_norm_weight, out_eps, what):
+    """Launch ``_phase2_bwd_kernel``: (d phase1_out, d lse, d partial or None, d query, d gain or None,
+    d out gain or None)."""
+    normed = out_eps is not None
+    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what,
+                                     grad_out, grad_normed if normed else None, out_norm_weight)
+    dev = o.device
+    d_o = L.empty(phase1_out.shape, phase1_out.dtype, dev)
+    d_lse = L.empty((T,), torch.float32, dev)
+    d_p = L.empty(partial.shape, partial.dtype, dev) if partial is not None else None
+    BT, BD, warps = L.tile(T, D)
+    num_tiles = triton.cdiv(T, BT)
+    P = L.num_programs(num_tiles, dev)
+    dqg = L.empty((P, D), torch.float32, dev)
+    has_wo = normed and out_norm_weight is not None
+    dwo = L.empty((P, D), torch.float32, dev) if has_wo else dqg
+    if T == 0:
+        dqg.zero_(), dwo.zero_()
+    else:
+        q = query.contiguous()
+        w = norm_weight.contiguous() if norm_weight is not None else None
+        dy = L.as_rows(grad_out).contiguous()
+        dn = L.as_rows(grad_normed).contiguous() if normed else dy
+        wo = out_norm_weight.contiguous() if has_wo else q
+        _phase2_bwd_kernel[(P,)](
+            dy, o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q, dn, wo,
+            d_o.view(-1, D), d_lse, d_p.view(-1, D) if d_p is not None else d_o.view(-1, D), dqg, dwo,
+            T, D, float(eps), float(scale), float(out_eps if normed else 0.0), num_tiles,
+            HAS_P=partial is not None, HAS_W=w is not None, NORMED=normed, HAS_WO=has_wo,
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+        )
+    gq, gw = _query_grads(dqg.sum(0), query, norm_weight)
+    gwo = dwo.sum(0).to(out_norm_weight.dtype) if has_wo else None
+    return d_o, d_lse.view(phase1_lse.shape).to(phase1_lse.dtype), d_p, gq, gw, gwo
 
 
 def phase2_bwd(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
@@ -259,25 +360,14 @@ def phase2_bwd(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, ep
         gw = torch.zeros_like(norm_weight) if norm_weight is not None else None
         return ((grad_out.float() * scale).to(phase1_out.dtype), torch.zeros_like(phase1_lse), None,
                 torch.zeros_like(query), gw)
-    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, "attn_res_phase2 backward")
-    dev = o.device
-    d_o = L.empty(phase1_out.shape, phase1_out.dtype, dev)
-    d_lse = L.empty((T,), torch.float32, dev)
-    d_p = L.empty(partial.shape, partial.dtype, dev)
-    BT, BD, warps = L.tile(T, D)
-    num_tiles = triton.cdiv(T, BT)
-    P = L.num_programs(num_tiles, dev)
-    dqg = L.empty((P, D), torch.float32, dev)
-    if T == 0:
-        dqg.zero_()
-    else:
-        q = query.contiguous()
-        w = norm_weight.contiguous() if norm_weight is not None else None
-        _phase2_bwd_kernel[(P,)](
-            L.as_rows(grad_out).contiguous(), o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q,
-            d_o.view(-1, D), d_lse, d_p.view(-1, D), dqg,
-            T, D, float(eps), float(scale), num_tiles,
-            HAS_W=w is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
-        )
-    gq, gw = _query_grads(dqg.sum(0), query, norm_weight)
-    return d_o, d_lse.view(phase1_lse.shape).to(phase1_lse.dtype), d_p, gq, gw
+    return _phase2_bwd_launch(grad_out, None, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
+                              None, None, "attn_res_phase2 backward")[:5]
+
+
+def phase2_normed_bwd(grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
+                      out_norm_weight, out_eps):
+    """As ``attn_res_phase2_normed_backward_reference``: (d phase1_out, d lse, d partial or None,
+    d query, d gain or None, d out gain or None). Without a partial the kernel still runs: the norm's
+    backward needs the mixture."""
+    return _phase2_bwd_launch(grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps,
+                              scale, out_norm_weight, out_eps, "attn_res_phase2_normed backward")

@@ -91,7 +91,15 @@ def test_phase1_backward(dtype, n, bt, bd, warps):
 
 @pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 8), ("fp32", 8, 128, 2)])
 @pytest.mark.parametrize("has_p", [True, False])
-def test_phase2(dtype, bt, bd, warps, has_p):
-    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, HAS_P=has_p, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
-    if has_p:
-        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
+@pytest.mark.parametrize("normed", [False, True])
+def test_phase2(dtype, bt, bd, warps, has_p, normed):
+    flags = dict(HAS_P=has_p, HAS_W=True, NORMED=normed, HAS_WO=normed, BLOCK_T=bt, BLOCK_D=bd)
+    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, **flags)
+    if has_p or normed:  # the plain merge without a partial is a scaling: no backward kernel
+        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, **flags)
+
+
+def test_phase2_normed_without_out_gain():
+    flags = dict(HAS_P=True, HAS_W=False, NORMED=True, HAS_WO=False, BLOCK_T=1, BLOCK_D=8192)
+    _compile(two_phase._phase2_fwd_kernel, "fp16", 0, 8, **flags)
+    _compile(two_phase._phase2_bwd_kernel, "fp16", 0, 8, **flags)

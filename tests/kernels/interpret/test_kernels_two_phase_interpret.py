@@ -1,4 +1,4 @@
-"""Two-phase (phase 1 multi-query, phase 2 merge) and normed kernels under TRITON_INTERPRET=1,
+"""Two-phase (phase 1 multi-query, phase 2 merge, phase 2 + RMSNorm) and normed kernels under TRITON_INTERPRET=1,
 forward and every gradient against the float64 references, with spies on every launch."""
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import torch
 from kernel_tiers import assert_close_tier
 from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
 from residual_rewriter.kernels.attn_res import dispatch, fused, two_phase
-from residual_rewriter.kernels.attn_res.reference import attn_res_phase1_reference, attn_res_phase2_reference
+from residual_rewriter.kernels.attn_res.reference import (
+    attn_res_phase1_reference,
+    attn_res_phase2_normed_reference,
+    attn_res_phase2_reference,
+)
 from residual_rewriter.kernels.attn_res.reference_grads import (
     attn_res_normed_backward_reference,
     attn_res_phase1_backward_reference,
     attn_res_phase2_backward_reference,
+    attn_res_phase2_normed_backward_reference,
 )
 from spies import spy_on
 
@@ -152,3 +157,83 @@ def test_normed(monkeypatch, shape, n, dtype, with_weights):
         assert_close_tier(gwo, rgwo, dtype, "grad", "grad out_norm_weight")
     else:
         assert gw is None and gwo is None
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((1, 96), torch.float32),  # one token
+        ((7, 200), torch.float32),  # ragged tokens, D not a power of two
+        ((3, 11, 96), torch.float32),  # leading batch dims (33 tokens)
+        ((33, 200), torch.bfloat16),
+        ((7, 96), torch.float16),
+    ],
+)
+@pytest.mark.parametrize("with_partial", [True, False])
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_phase2_normed(monkeypatch, shape, dtype, with_partial, with_weights):
+    D = shape[-1]
+    o1 = _rand(*shape, dtype=dtype, seed=1)
+    # lse far above the partial's score (a_p ~ 1e-4 at one token): the kernel must write d lse as
+    # a_1 a_p (da_1 - da_p), not a_1 (da_1 - abar), which loses 4 digits to cancellation (the fp32
+    # reference, written the subtracted way, is itself 1.2e-4 off here)
+    l1 = _rand(*shape[:-1], seed=2)
+    partial = _rand(*shape, dtype=dtype, seed=3) if with_partial else None
+    q = _rand(D, seed=4, shift=0.0) * 0.3
+    g = (1 + 0.3 * _rand(D, seed=5, shift=0.0)) if with_weights else None
+    wo = (1 + 0.3 * _rand(D, seed=6, shift=0.0)) if with_weights else None
+    with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
+        mix, normed = dispatch.phase2_normed_cuda(o1, l1, partial, q, g, 1e-6, 4.0, wo, 1e-5)
+    o64, l64, q64 = o1.to(F64), l1.to(F64), q.to(F64)
+    p64, g64, wo64 = (t.to(F64) if t is not None else None for t in (partial, g, wo))
+    rmix, rnormed = attn_res_phase2_normed_reference(o64, l64, p64, q64, g64, 1e-6, 4.0, wo64, 1e-5)
+    assert mix.dtype == dtype and normed.dtype == dtype and mix.shape == normed.shape == shape
+    assert_close_tier(mix, rmix, dtype, "out", "mix")
+    assert_close_tier(normed, rnormed, dtype, "out", "normed")
+    gm = _rand(*shape, dtype=dtype, seed=30, shift=0.0)
+    gn = _rand(*shape, dtype=dtype, seed=31, shift=0.0)
+    with spy_on(monkeypatch, two_phase, "_phase2_bwd_kernel") as spies:
+        got = dispatch.phase2_normed_backward_cuda(gm, gn, o1, l1, partial, q, g, 1e-6, 4.0, wo, 1e-5)
+    assert len(spies["_phase2_bwd_kernel"].grids) == 1  # one launch, with or without a partial
+    ref = attn_res_phase2_normed_backward_reference(
+        gm.to(F64), gn.to(F64), o64, l64, p64, q64, g64, 1e-6, 4.0, wo64, 1e-5
+    )
+    names = ("d out", "d lse", "d partial", "d query", "d gain", "d out gain")
+    for name, a, b in zip(names, got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close_tier(a, b, dtype, "grad", name)
+
+
+def test_phase2_normed_non_contiguous_inputs(monkeypatch):
+    """Token-strided phase-1 output (a select of phase 1's [S, ...] result is contiguous, but a
+    slice is not) and a row-padded partial: the kernel reads them in place."""
+    o1 = _rand(14, 100, seed=1)[::2, :96]
+    partial = _rand(7, 104, seed=3)[:, :96]
+    l1 = _rand(14, seed=2)[::2]
+    q, wo = _rand(96, seed=4, shift=0.0) * 0.3, 1 + 0.3 * _rand(96, seed=6, shift=0.0)
+    with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
+        mix, normed = two_phase.phase2_normed_fwd(o1, l1, partial, q, None, 1e-6, 2.0, wo, 1e-6)
+    rmix, rnormed = attn_res_phase2_normed_reference(
+        o1.to(F64), l1.to(F64), partial.to(F64), q.to(F64), None, 1e-6, 2.0, wo.to(F64), 1e-6
+    )
+    assert_close_tier(mix, rmix, torch.float32)
+    assert_close_tier(normed, rnormed, torch.float32)
+
+
+def test_phase2_normed_only_normed_read(monkeypatch):
+    """What the op's autograd glue passes when only ``normed`` is read: grad_mix = zeros."""
+    shape = (2, 7, 96)
+    o1, l1, partial = _rand(*shape, seed=1), _rand(*shape[:-1], seed=2), _rand(*shape, seed=3)
+    q, wo = _rand(96, seed=4, shift=0.0) * 0.3, 1 + 0.3 * _rand(96, seed=6, shift=0.0)
+    gn = _rand(*shape, seed=9, shift=0.0)
+    with spy_on(monkeypatch, two_phase, "_phase2_bwd_kernel"):
+        got = two_phase.phase2_normed_bwd(torch.zeros(shape), gn, o1, l1, partial, q, None, 1e-6, 3.0, wo, 1e-5)
+    ref = attn_res_phase2_normed_backward_reference(
+        None, gn.to(F64), o1.to(F64), l1.to(F64), partial.to(F64), q.to(F64), None, 1e-6, 3.0, wo.to(F64), 1e-5
+    )
+    assert got[4] is None and ref[4] is None
+    for name, a, b in zip(("d out", "d lse", "d partial", "d query", "d out gain"),
+                          [got[i] for i in (0, 1, 2, 3, 5)], [ref[i] for i in (0, 1, 2, 3, 5)]):
+        assert_close_tier(a, b, torch.float32, "grad", name)
