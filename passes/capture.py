@@ -32,6 +32,7 @@ from .modes import merge_train_eval
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
 _OPAQUE_CLASS_NAME = re.compile(r"(Norm|Attention|Attn|Rotary|RoPE|Embedding)", re.IGNORECASE)
+_ATTENTION_CLASS_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 
 
 @dataclass
@@ -68,7 +69,10 @@ class ResidualTracer(fx.Tracer):
         if type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return True
         if _OPAQUE_CLASS_NAME.search(type(m).__name__):
-            return True
+            # ... unless it wraps another such module (T5LayerSelfAttention = norm + T5Attention +
+            # residual add): then the residual is inside and must be traced.
+            wraps = any(_ATTENTION_CLASS_NAME.search(type(c).__name__) for c in m.children())
+            return not wraps
         if self.opaque_if_reads_training and _reads_training_flag(type(m)):
             # FX would bake the current train/eval branch into the graph; keep the module whole.
             self.opaque_modules[qualname] = "its forward branches on self.training"

@@ -314,6 +314,8 @@ def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_S
         )
     last = nodes[stream.sites[-1].add_node]
     for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
+        if user in finder.drop_metadata_edges(alias):
+            continue  # reads only its dtype/shape (T5: `if hidden_states.dtype == torch.float16`)
         if not finder.is_norm_of(user, alias):
             raise ConversionError(
                 f"cannot convert exactly: the residual stream after {stream.sites[-1].sublayer} is read by "
@@ -321,8 +323,9 @@ def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_S
                 "which is not a normalization. AttnRes streams must end in a norm (the final norm); this is "
                 "typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
             )
-    stream.consumer_nodes = [u.name for u in last.users]
-    stream.consumers = [norms.module_path(u) or u.name for u in last.users]
+    readers = [u for u in last.users if u not in finder.drop_metadata_edges(last)]
+    stream.consumer_nodes = [u.name for u in readers]
+    stream.consumers = [norms.module_path(u) or u.name for u in readers]
 
 
 def _assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:

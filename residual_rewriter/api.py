@@ -56,7 +56,7 @@ def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConf
     if call is not None:
         captured = capture(model, copy.deepcopy(inputs), call=call, input_names=input_names)
     elif hf.is_hf_model(model):
-        names = [model.main_input_name][: len(inputs)]
+        names = hf.input_names(model, len(inputs))
         captured = capture(model, inputs, call=hf.traced_call(model, names), input_names=names)
     else:
         captured = capture(model, inputs)

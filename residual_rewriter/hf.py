@@ -24,7 +24,10 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> t
     device = next(model.parameters()).device
     if name == "input_ids":
         vocab = getattr(cfg, "vocab_size", None) or getattr(cfg.get_text_config(), "vocab_size")
-        return (torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device),)
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
+        if getattr(cfg, "is_encoder_decoder", False):  # (input_ids, decoder_input_ids)
+            return ids, torch.randint(0, vocab, (batch_size, max(1, seq_len - 3)), generator=g).to(device)
+        return (ids,)
     if name == "pixel_values":
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         dtype = next(model.parameters()).dtype
@@ -34,6 +37,14 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> t
         f"cannot derive example inputs for {type(model).__name__} (main input {name!r}); "
         "pass example_inputs=(...) to convert/detect"
     )
+
+
+def input_names(model: nn.Module, n: int) -> list[str]:
+    """Names of the ``n`` example inputs ``example_inputs`` builds."""
+    names = [model.main_input_name]
+    if getattr(model.config, "is_encoder_decoder", False):
+        names.append("decoder_input_ids")
+    return names[:n]
 
 
 def traced_call(model: nn.Module, input_names: list[str]) -> Callable:

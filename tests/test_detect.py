@@ -172,3 +172,19 @@ def test_more_hugging_face_architectures(name):
         ref, out = model(x), converted(x)
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
     assert rel_err(getattr(out, key), getattr(ref, key)) <= 1e-10
+
+
+def test_encoder_decoder_t5_has_two_streams():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+    converted = rr.convert(model, num_blocks=2)  # example inputs: (input_ids, decoder_input_ids)
+    enc, dec = converted.report.streams
+    assert enc.consumers == ["encoder.final_layer_norm"] and dec.consumers == ["decoder.final_layer_norm"]
+    assert [s.sublayer.rsplit(".", 1)[1] for s in dec.sites[:3]] == ["SelfAttention", "EncDecAttention", "DenseReluDense"]
+    ids = torch.randint(0, 128, (2, 9))
+    dec_ids = torch.randint(0, 128, (2, 4))
+    with torch.no_grad():
+        ref = model(input_ids=ids, decoder_input_ids=dec_ids).logits
+        out = converted(ids, dec_ids).logits
+    assert rel_err(out, ref) <= 1e-10

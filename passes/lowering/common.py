@@ -25,7 +25,8 @@ ATTN_RES = "residual_rewriter::attn_res"
 PHASE1 = "residual_rewriter::attn_res_phase1"
 PHASE2 = "residual_rewriter::attn_res_phase2"
 NORMED = "residual_rewriter::attn_res_normed"
-LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE2, NORMED)
+PHASE2_NORMED = "residual_rewriter::attn_res_phase2_normed"
+LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE2, NORMED, PHASE2_NORMED)
 
 
 def op(name: str):

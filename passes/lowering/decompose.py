@@ -93,15 +93,33 @@ def attn_res_phase1(sources, queries, norm_weights: Optional[object], eps: float
     return torch.stack(outs), torch.stack(lses)
 
 
-def attn_res_phase2(phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, *, dtype):
-    """= attn_res_phase2_reference: two-way online-softmax merge with the partial block."""
-    cd = compute_dtype(dtype)
+def _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, cd):
+    """The merge in the compute dtype, unrounded."""
     o = _cast(phase1_out, cd)
     if partial is None:
-        return _to(o * scale, dtype, cd)
+        return o * scale
     p = _cast(partial, cd)
     s_p = (_rms(p, eps) * _gained_query(query, norm_weight, cd)).sum(-1)  # [...]
     l1 = _cast(phase1_lse, cd)
     lse = torch.logaddexp(l1, s_p)
     out = torch.exp(l1 - lse).unsqueeze(-1) * o + torch.exp(s_p - lse).unsqueeze(-1) * p
-    return _to(out * scale, dtype, cd)
+    return out * scale
+
+
+def attn_res_phase2(phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, *, dtype):
+    """= attn_res_phase2_reference: two-way online-softmax merge with the partial block."""
+    cd = compute_dtype(dtype)
+    return _to(_phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, cd), dtype, cd)
+
+
+def attn_res_phase2_normed(
+    phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, out_norm_weight, out_eps: float,
+    *, dtype,
+):
+    """= attn_res_phase2_normed_reference: (mix, RMSNorm(mix) * out_norm_weight), normed from the unrounded mix."""
+    cd = compute_dtype(dtype)
+    mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, cd)
+    normed = _rms(mix, out_eps)
+    if out_norm_weight is not None:
+        normed = normed * _cast(out_norm_weight, cd)
+    return _to(mix, dtype, cd), _to(normed, dtype, cd)

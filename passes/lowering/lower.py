@@ -10,7 +10,8 @@
   the decomposed form fuses with the neighbouring norm and adds, and autograd derives the backward.
 * ``"auto"`` (default): ``"triton"`` for ops on CUDA tensors, ``"decompose"`` for everything else.
 
-Matches: every ``attn_res`` / ``attn_res_phase1`` / ``attn_res_phase2`` / ``attn_res_normed`` node.
+Matches: every ``attn_res`` / ``attn_res_phase1`` / ``attn_res_phase2`` / ``attn_res_normed`` /
+``attn_res_phase2_normed`` node.
 Leaves: the rest of the graph. With ``"triton"`` the graph is unchanged (the result says so).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from . import decompose as D
 from .common import (
-    ATTN_RES, NORMED, PHASE1, PHASE2, LoweringError, copy_location, erase_unused, finish,
+    ATTN_RES, NORMED, PHASE1, PHASE2, PHASE2_NORMED, LoweringError, copy_location, erase_unused, finish,
     getitem_users, infer_meta, library_op, node_device, value,
 )
 
@@ -52,6 +53,8 @@ def _decomposition(node: fx.Node):
         return D.attn_res_normed, {"dtype": dtype}
     if name == PHASE2:
         return D.attn_res_phase2, {"dtype": dtype}
+    if name == PHASE2_NORMED:
+        return D.attn_res_phase2_normed, {"dtype": dtype}
     if name == PHASE1:
         return D.attn_res_phase1, {"dtype": dtype, "num_queries": int(value(node.args[1]).shape[0])}
     raise AssertionError(node.target)
@@ -70,7 +73,7 @@ def decompose_node(gm: fx.GraphModule, node: fx.Node) -> None:
     for n in new_nodes:
         copy_location(n, node)
     infer_meta(new_nodes)
-    if isinstance(result, tuple):  # phase1 / normed: rewire each `node[i]` reader
+    if isinstance(result, tuple):  # phase1 / normed / phase2_normed: rewire each `node[i]` reader
         readers = getitem_users(node)
         for i, users in readers.items():
             for u in users:
