@@ -149,12 +149,84 @@ def test_batching_leaves_expected_ops(kind, block_size):
 def test_fuse_norm_on_llama_full_attnres():
     conv, x, sites = _converted("llama", 1)
     out, backend = compile_with_passes(conv, x, lower=None)
-    # Full AttnRes: the last site + final aggregation batch; every other aggregation feeds a
-    # LlamaRMSNorm (inlined pow/mean/rsqrt in fp32) and is fused with it.
-    assert op_counts(backend.graphs[-1]) == {"attn_res_phase1": 1, "attn_res_phase2": 2, "attn_res_normed": sites - 2}
+    # Full AttnRes: the last site + final aggregation batch; every aggregation feeds a LlamaRMSNorm
+    # (inlined pow/mean/rsqrt in fp32) and is fused with it, the two phase-2 merges included.
+    expected = {"attn_res_phase1": 1, "attn_res_phase2_normed": 2, "attn_res_normed": sites - 2}
+    assert op_counts(backend.graphs[-1]) == expected
     assert backend.last_log["fuse_norm"]["fused"] == sites - 2
+    assert backend.last_log["fuse_norm"]["fused_phase2"] == 2
     with torch.no_grad():
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def _fused_counts(num_sites: int, block_size: int) -> dict[str, int]:
+    """``expected_counts`` once every aggregation is fused with the RMSNorm that reads it."""
+    names = {"attn_res": "attn_res_normed", "attn_res_phase2": "attn_res_phase2_normed", "attn_res_phase1": "attn_res_phase1"}
+    return {names[k]: v for k, v in expected_counts(num_sites, block_size).items() if v}
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_fuse_norm_on_llama_block_attnres(block_size):
+    """Block AttnRes: batching turns almost every site into a phase-2 merge; each one that feeds a
+    LlamaRMSNorm becomes ``attn_res_phase2_normed`` (here: all of them)."""
+    conv, x, sites = _converted("llama", block_size)
+    out, backend = compile_with_passes(conv, x, lower=None)
+    expected = _fused_counts(sites, block_size)
+    assert op_counts(backend.graphs[-1]) == expected
+    plog = backend.last_log["fuse_norm"]
+    assert plog.get("fused_phase2", 0) == expected["attn_res_phase2_normed"] >= 5
+    assert plog.get("fused", 0) == expected.get("attn_res_normed", 0)
+    assert "not_followed_by_rms_norm" not in plog
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    out, backend = compile_with_passes(conv, x, lower="decompose")  # and its decomposition
+    assert op_counts(backend.graphs[-1]) == {}
+    assert backend.last_log["lower"]["decomposed.attn_res_phase2_normed"] == expected["attn_res_phase2_normed"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lower", [None, "decompose"])
+def test_block_attnres_fused_phase2_training_matches_eager(lower):
+    """Forward + backward through AOT autograd with the fused phase-2 ops: their own autograd
+    registration (lower=None: the closed-form backward op) or the decomposed math."""
+    conv, x, sites = _converted("llama", 2)
+    backend = make_attnres_backend(compiler="aot_eager", lower=lower)
+    assert_matches_eager(conv, x, backend)
+    assert backend.last_log["fuse_norm"]["fused_phase2"] == _fused_counts(sites, 2)["attn_res_phase2_normed"]
+
+
+class _NormAfterPhase2(nn.Module):
+    """attn_res_phase2 (as a model would call it) then a norm."""
+
+    def __init__(self, how: str, D: int = 24):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.how = how
+        self.q = nn.Parameter(torch.randn(D, generator=g))
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(D, generator=g))
+        self.ln = nn.LayerNorm(D)
+
+    def forward(self, o, lse, p):
+        h = OPS.attn_res_phase2(o, lse, p, self.q, None, 1e-6, 2.0)
+        if self.how == "F.rms_norm":
+            return F.rms_norm(h, (h.shape[-1],), self.w, 1e-5)
+        if self.how == "layer_norm":
+            return self.ln(h)
+        raise KeyError(self.how)
+
+
+@pytest.mark.parametrize("how,fused", [("F.rms_norm", 1), ("layer_norm", 0)])
+def test_fuse_norm_after_phase2_spellings(how, fused):
+    m = _NormAfterPhase2(how)
+    g = torch.Generator().manual_seed(1)
+    o, lse, p = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, generator=g), torch.randn(2, 5, 24, generator=g)
+    out, backend = compile_with_passes(m, o, lse, p, lower=None, batch_two_phase=False)
+    assert backend.last_log["fuse_norm"].get("fused_phase2", 0) == fused
+    assert op_counts(backend.graphs[-1]) == ({"attn_res_phase2_normed": 1} if fused else {"attn_res_phase2": 1})
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(o, lse, p), rtol=1e-5, atol=1e-5)
 
 
 class _NormAfterAggregation(nn.Module):
@@ -222,6 +294,12 @@ def test_decompositions_match_the_references(dtype):
     for a, b in zip(DEC.attn_res_normed(srcs, q[2], None, 1e-6, 2.0, w[0], 1e-5, dtype=dtype),
                     R.attn_res_normed_reference(srcs, q[2], None, 1e-6, 2.0, w[0], 1e-5)):
         torch.testing.assert_close(a, b, **tol)
+    for partial in (None, srcs[3]):
+        for a, b in zip(
+            DEC.attn_res_phase2_normed(r1[0][1], r1[1][1], partial, q[1], w[1], 1e-6, 4.0, w[2], 1e-5, dtype=dtype),
+            R.attn_res_phase2_normed_reference(r1[0][1], r1[1][1], partial, q[1], w[1], 1e-6, 4.0, w[2], 1e-5),
+        ):
+            torch.testing.assert_close(a, b, **tol)
 
 
 # ---- numerics through AOT autograd (aot_eager: cheap), forward and backward ----------------------
@@ -299,6 +377,7 @@ def test_inductor_llama_full_attnres_training():
     backend = make_attnres_backend(keep_graphs=True)
     assert_matches_eager(conv, x, backend, grad_tol=INDUCTOR_GRAD_TOL)
     assert backend.logs[0]["fuse_norm"]["fused"] == sites - 2
+    assert backend.logs[0]["fuse_norm"]["fused_phase2"] == 2
     assert op_counts(backend.graphs[0]) == {}  # everything decomposed for inductor on CPU
 
 

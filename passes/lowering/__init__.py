@@ -2,7 +2,8 @@
 
 find.py       pass 1: the ``attn_res`` aggregation ops (changes nothing)
 batch.py      pass 2: the two-phase schedule: one phase-1 multi-query call per block + phase-2 merges
-fuse_norm.py  pass 3: ``attn_res`` followed by an RMSNorm -> ``attn_res_normed``
+fuse_norm.py  pass 3: ``attn_res`` / ``attn_res_phase2`` followed by an RMSNorm -> ``attn_res_normed`` /
+              ``attn_res_phase2_normed``
 lower.py      pass 4: keep the ops for Triton (CUDA) or decompose them into torch math (CPU)
 decompose.py  the ops' math as traceable torch code (used by pass 4)
 common.py     op targets, fake-value metadata, ``finish`` (lint + recompile)

@@ -1,19 +1,22 @@
 """Pass 3, fuse_norm: an aggregation followed by the sublayer's own RMSNorm becomes ONE op.
 
 After ``convert`` every pre-norm reads its site's aggregation: ``f(RMSNorm(attn_res(...)))``. The
-fused op ``attn_res_normed`` returns ``(mix, RMSNorm(mix) * w)`` from one pass over the sources,
-so the mixture is not written and read back just to be normalised (one [..., D] round trip per site).
+fused ops return ``(mix, RMSNorm(mix) * w)`` from one pass, so the mixture is not written and read
+back just to be normalised (one [..., D] round trip per site):
+  * ``attn_res`` + RMSNorm         -> ``attn_res_normed``        (counted as ``fused``);
+  * ``attn_res_phase2`` + RMSNorm  -> ``attn_res_phase2_normed`` (counted as ``fused_phase2``): the
+    batch pass runs first, so in Block AttnRes most sites reach this pass as phase-2 merges.
 
-Matches, on the output ``h`` of a plain ``attn_res`` node (the batch pass runs first; a phase-2
-merge has no fused-norm form), an RMSNorm over the last dim however Dynamo spelled it:
+Matches, on the output ``h`` of an ``attn_res`` or ``attn_res_phase2`` node, an RMSNorm over the last
+dim however Dynamo spelled it:
   * ``F.rms_norm(h, (D,), w, eps)`` / ``torch.rms_norm``;
   * the inlined form of Hugging Face's ``LlamaRMSNorm`` and of most hand-written RMSNorms:
     ``x = h[.to(float32)]; y = x * rsqrt(mean(x^2, -1, keepdim) + eps) [.to(dt)] [* w]``
     (``x^2`` as ``pow(x, 2)`` or ``x * x``, either operand order of ``*``/``+``, method or function form).
   ``w`` is absorbed when it is a [D] tensor computed before the aggregation; the chain's
   intermediates must have no readers outside the chain; the norm's output dtype must equal ``h``'s.
-Leaves: LayerNorm (mean-centred: not what ``attn_res_normed`` computes), any norm whose
-intermediates are read elsewhere, and aggregations that feed no norm.
+Leaves: LayerNorm (mean-centred: not what the fused ops compute), any norm whose intermediates are
+read elsewhere, and aggregations that feed no norm (counted as ``not_followed_by_rms_norm``).
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .common import NORMED, copy_location, op, erase_unused, finish, infer_meta, value
-from .find import Aggregation, find_aggregations
+from .common import NORMED, PHASE2, PHASE2_NORMED, copy_location, op, erase_unused, finish, infer_meta, library_op, value
+from .find import find_aggregations
 
 log = logging.getLogger("residual_rewriter.backend")
 
@@ -147,8 +150,38 @@ def _absorb_weight(match: RMSNormMatch, h: fx.Node, D: int) -> RMSNormMatch:
     return RMSNormMatch(mul, w, match.eps, match.chain + [match.output])
 
 
+_PHASE2_ARGS = ("phase1_out", "phase1_lse", "partial", "query", "norm_weight", "eps", "scale")
+
+
+@dataclass
+class _Site:
+    """One fusable node: ``kind`` "fused" (attn_res) or "fused_phase2" (attn_res_phase2), and the
+    fused op's target and arguments without the norm's (weight, eps)."""
+
+    node: fx.Node
+    kind: str
+    target: str
+    args: tuple
+
+
+def _sites(graph: fx.Graph) -> list[_Site]:
+    aggs = {a.node: a for a in find_aggregations(graph)}
+    sites = []
+    for node in graph.nodes:
+        if node in aggs:
+            a = aggs[node]
+            sites.append(_Site(node, "fused", NORMED, (a.sources, a.query, a.norm_weight, a.eps, a.scale)))
+        elif library_op(node) == PHASE2:
+            named = dict(zip(_PHASE2_ARGS, node.args)) | dict(node.kwargs)
+            named.setdefault("partial", None)
+            named.setdefault("norm_weight", None)
+            sites.append(_Site(node, "fused_phase2", PHASE2_NORMED, tuple(named[k] for k in _PHASE2_ARGS)))
+    return sites
+
+
 class FuseRMSNorm(PassBase):
-    """Replaces ``attn_res`` + RMSNorm by ``attn_res_normed``; counts fused and left-alone sites."""
+    """Replaces ``attn_res`` / ``attn_res_phase2`` + RMSNorm by ``attn_res_normed`` /
+    ``attn_res_phase2_normed``; counts fused and left-alone sites."""
 
     name = "fuse_norm"
 
@@ -160,37 +193,36 @@ class FuseRMSNorm(PassBase):
         self.stats.clear()
         graph = gm.graph
         modified = False
-        for agg in find_aggregations(graph):
-            m = match_rms_norm(agg.node)
+        for site in _sites(graph):
+            m = match_rms_norm(site.node)
             if m is None:
                 self.stats["not_followed_by_rms_norm"] += 1
                 continue
-            hv, ov = value(agg.node), value(m.output)
+            hv, ov = value(site.node), value(m.output)
             if isinstance(ov, torch.Tensor) and ov.dtype != hv.dtype:
-                log.info("fuse_norm: %s left as is: the norm returns %s, the fused op %s", agg.node.name, ov.dtype, hv.dtype)
+                log.info("fuse_norm: %s left as is: the norm returns %s, the fused op %s", site.node.name, ov.dtype, hv.dtype)
                 self.stats["dtype_mismatch"] += 1
                 continue
-            self._fuse(graph, agg, m)
+            self._fuse(graph, site, m)
             modified = True
-            self.stats["fused"] += 1
+            self.stats[site.kind] += 1
         return finish(gm, modified)
 
-    def _fuse(self, graph: fx.Graph, agg: Aggregation, m: RMSNormMatch) -> None:
-        with graph.inserting_before(agg.node):
-            fused = graph.call_function(
-                op(NORMED), (agg.sources, agg.query, agg.norm_weight, agg.eps, agg.scale, m.weight, float(m.eps))
-            )
+    def _fuse(self, graph: fx.Graph, site: _Site, m: RMSNormMatch) -> None:
+        h = site.node
+        with graph.inserting_before(h):
+            fused = graph.call_function(op(site.target), (*site.args, m.weight, float(m.eps)))
             mix = graph.call_function(operator.getitem, (fused, 0))  # [..., D]
         with graph.inserting_after(m.output):
             normed = graph.call_function(operator.getitem, (fused, 1))  # [..., D]
         for n in (fused, mix, normed):
-            copy_location(n, agg.node)
+            copy_location(n, h)
         infer_meta([fused, mix, normed])
         m.output.replace_all_uses_with(normed)
         to_erase = [m.output] + m.chain[::-1]
         erase_unused(dict.fromkeys(to_erase))  # the norm's nodes, readers first
-        agg.node.replace_all_uses_with(mix)  # readers of h outside the norm (none in converted models)
-        erase_unused([agg.node])
+        h.replace_all_uses_with(mix)  # readers of h outside the norm (none in converted models)
+        erase_unused([h])
         if not mix.users:
             graph.erase_node(mix)
 
