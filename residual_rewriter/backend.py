@@ -9,7 +9,9 @@ What it does with each graph Dynamo captures (passes in ``passes/lowering/``, in
   1. find the ``attn_res`` aggregation ops;
   2. ``batch_two_phase``: one ``attn_res_phase1`` multi-query call per block + per-sublayer
      ``attn_res_phase2`` merges (the paper's two-phase schedule);
-  3. ``fuse_norm``: ``attn_res`` followed by an RMSNorm -> ``attn_res_normed``;
+  3. ``fuse_norm``: ``attn_res`` followed by an RMSNorm -> ``attn_res_normed``, and a phase-2 merge
+     followed by an RMSNorm -> ``attn_res_phase2_normed`` (so batched Block AttnRes sites are fused too;
+     counted as ``fused`` / ``fused_phase2`` in the pass log);
   4. ``lower``: on CUDA keep the ops (they run the Triton kernels); on CPU decompose them into torch
      math that inductor fuses ("auto"); or force "triton" / "decompose"; None keeps the ops as they are.
 then ``compiler``: "inductor" (default: ``torch._inductor.compile_fx.compile_fx``, i.e. AOT autograd +
@@ -56,7 +58,8 @@ class AttnResBackendConfig:
     """Options of the ``attnres`` backend (each pass can be switched off).
 
     batch_two_phase: group each block's aggregations into one phase-1 call + phase-2 merges.
-    fuse_norm: fuse an RMSNorm that reads an aggregation into it (``attn_res_normed``).
+    fuse_norm: fuse an RMSNorm that reads an aggregation into it (``attn_res_normed``, or
+        ``attn_res_phase2_normed`` for a phase-2 merge).
     lower: "auto" (Triton ops on CUDA, decomposed torch math elsewhere), "triton" (raises unless
         every op can run the Triton kernels), "decompose", or None (keep the library ops as they are).
     compiler: "inductor", "aot_eager" or "eager" — what compiles the rewritten graph.
