@@ -31,7 +31,9 @@ from .canonicalize import regroup_residual_sums
 from .modes import merge_train_eval
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
-_OPAQUE_CLASS_NAME = re.compile(r"(Norm|Attention|Attn|Rotary|RoPE|Embedding)", re.IGNORECASE)
+# Matched at the END of the class name: `LlamaRMSNorm`, `CausalSelfAttention`, `LlamaRotaryEmbedding`
+# are opaque; a user's `PreNormBlock` or `AttnBlock` is traced into (its residual add is inside).
+_OPAQUE_CLASS_NAME = re.compile(r"(Norm|Attention|Attn|Rotary|RoPE|Embedding|Embeddings)$", re.IGNORECASE)
 _ATTENTION_CLASS_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 
 
@@ -41,6 +43,8 @@ class Captured:
     example_inputs: tuple
     input_names: list[str]
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why it was kept opaque
+    # kept opaque by class name although they hold a norm: where a residual could hide if none is found
+    opaque_with_norms: list[str] = field(default_factory=list)
 
 
 class ResidualTracer(fx.Tracer):
@@ -61,6 +65,7 @@ class ResidualTracer(fx.Tracer):
         self.example_inputs: tuple = ()
         self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_modules: dict[str, str] = {}
+        self.opaque_with_norms: list[str] = []
         self._rr_constants: dict[str, Any] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -72,6 +77,8 @@ class ResidualTracer(fx.Tracer):
             # ... unless it wraps another such module (T5LayerSelfAttention = norm + T5Attention +
             # residual add): then the residual is inside and must be traced.
             wraps = any(_ATTENTION_CLASS_NAME.search(type(c).__name__) for c in m.children())
+            if not wraps and any("norm" in type(c).__name__.lower() for c in m.modules() if c is not m):
+                self.opaque_with_norms.append(qualname)
             return not wraps
         if self.opaque_if_reads_training and _reads_training_flag(type(m)):
             # FX would bake the current train/eval branch into the graph; keep the module whole.
@@ -257,4 +264,6 @@ def capture(
         gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs)
     regroup_residual_sums(gm)
     gm.train(model.training)
-    return Captured(gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules))
+    return Captured(
+        gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms))
+    )

@@ -153,6 +153,30 @@ class _SiteFinder:
                 found.append((user, node))
         return found
 
+    def inlined_norm_region(self, x: fx.Node) -> set[fx.Node]:
+        """Nodes of a norm written out inline right after ``x`` (``x * rsqrt(mean(x^2) + eps) * g``):
+        the region up to the first node that every path from x to the output passes through and
+        that is scale-invariant in x. Empty when there is none."""
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        reach = nx.descendants(self.dag, x)
+        if out not in reach:
+            return set()
+        idom = nx.immediate_dominators(self.dag.subgraph(reach | {x}), x)
+        chain = [out]
+        while chain[-1] is not x:
+            chain.append(idom[chain[-1]])
+        for cand in chain[::-1][1:]:
+            region = self._between(x, cand) - {x}
+            # an inline norm is plain tensor math on x, its own parameters and constants: no module
+            # calls, no other inputs (else "the norm" would swallow whole layers)
+            if any(n.op not in ("call_function", "call_method") for n in region):
+                return set()
+            if any(i not in region and i is not x and i.op != "get_attr" for n in region for i in n.all_input_nodes):
+                return set()
+            if norms.probe_scale_invariant(self.gm, self.values, self._sorted(region), x, cand):
+                return region
+        return set()
+
     def is_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
         """``node`` normalises ``x`` directly (a known norm, or a single call that is scale-invariant in x)."""
         if norms.is_known_norm(self.gm, node) and node.args and node.args[0] is x:
@@ -242,10 +266,11 @@ def build_plan(
     block_size: Optional[int] = None,
     mixing: str = "sum",
     opaque_modules: Optional[dict[str, str]] = None,
+    opaque_with_norms: Optional[list[str]] = None,
 ) -> Plan:
     finder = _SiteFinder(gm, values)
     nodes = {n.name: n for n in gm.graph.nodes}
-    plan = Plan(opaque_modules=dict(opaque_modules or {}))
+    plan = Plan(opaque_modules=dict(opaque_modules or {}), opaque_with_norms=list(opaque_with_norms or []))
     sites_by_add: dict[str, Site] = {}
     for node in gm.graph.nodes:
         if not _is_add(node):
@@ -316,7 +341,7 @@ def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_S
     for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
         if user in finder.drop_metadata_edges(alias):
             continue  # reads only its dtype/shape (T5: `if hidden_states.dtype == torch.float16`)
-        if not finder.is_norm_of(user, alias):
+        if not finder.is_norm_of(user, alias) and user not in finder.inlined_norm_region(alias):
             raise ConversionError(
                 f"cannot convert exactly: the residual stream after {stream.sites[-1].sublayer} is read by "
                 f"{norms.module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), "
@@ -353,4 +378,10 @@ def _nothing_matched_message(plan: Plan) -> str:
         lines.append("Post-norm models (norm(x + f(x)), e.g. BERT) cannot be given AttnRes exactly.")
     if plan.opaque_modules:
         lines.append("These modules could not be traced into and may hide residuals: " + ", ".join(plan.opaque_modules))
+    if plan.opaque_with_norms:
+        shown = ", ".join(plan.opaque_with_norms[:6]) + (" ..." if len(plan.opaque_with_norms) > 6 else "")
+        lines.append(
+            "These modules are kept whole because of their class name (attention/norm/embedding) but contain "
+            f"a norm, so a residual may be inside: {shown}"
+        )
     return "\n".join(lines)

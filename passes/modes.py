@@ -8,6 +8,7 @@ read at run time, so the single graph behaves like the original in either mode.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch.fx as fx
@@ -74,7 +75,9 @@ def merge_train_eval(gm_eval: fx.GraphModule, gm_train: fx.GraphModule) -> bool:
         return True
     graph = gm_eval.graph
     first = next(iter(graph.nodes))
-    with graph.inserting_before(first):
+    with graph.inserting_before(first), warnings.catch_warnings():
+        # `training` is a plain attribute of every module, not a parameter/buffer/submodule: FX warns
+        warnings.simplefilter("ignore", UserWarning)
         training = graph.get_attr("training")
 
     def realise(value, node):

@@ -32,8 +32,7 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return str(node.target)
     where = module_path(node)
-    what = getattr(node.target, "__name__", str(node.target))
-    return f"{where}:{what}" if where else what
+    return f"{where}:{node.name}" if where else node.name  # node names tell two inlined norms apart
 
 
 def module_path(node: fx.Node) -> str:

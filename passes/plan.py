@@ -61,6 +61,7 @@ class Plan:
     streams: list[Stream] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
     opaque_modules: dict[str, str] = field(default_factory=dict)
+    opaque_with_norms: list[str] = field(default_factory=list)  # opaque by class name, hold a norm
 
     @property
     def sites(self) -> list[Site]:

@@ -70,6 +70,7 @@ def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConf
         block_size=config.block_size,
         mixing=config.mixing,
         opaque_modules=captured.opaque_modules,
+        opaque_with_norms=captured.opaque_with_norms,
     )
     return captured, values, plan
 

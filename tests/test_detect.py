@@ -188,3 +188,32 @@ def test_encoder_decoder_t5_has_two_streams():
         ref = model(input_ids=ids, decoder_input_ids=dec_ids).logits
         out = converted(ids, dec_ids).logits
     assert rel_err(out, ref) <= 1e-10
+
+
+def test_user_block_named_like_a_norm_and_an_inlined_final_norm():
+    from toy_models import InlineFinalNormLM
+
+    torch.manual_seed(0)
+    model = InlineFinalNormLM().double()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    converted = rr.convert(model, x, block_size=1)
+    assert [s.sublayer for s in converted.report.sites] == [f"blocks.{i}.ff" for i in range(3)]
+    assert len({s.norm for s in converted.report.sites}) == 3  # inlined norms are told apart
+    assert rel_err(converted(x), model(x)) <= 1e-10
+
+
+def test_residual_hidden_in_an_attention_named_module_is_hinted():
+    import torch.nn as nn
+
+    class MyAttention(nn.Module):  # holds its own pre-norm residual, but its name makes it opaque
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = nn.LayerNorm(16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.proj(self.norm(x))
+
+    model = nn.Sequential(MyAttention(), MyAttention(), nn.LayerNorm(16))
+    with pytest.raises(rr.ConversionError, match="class name") as info:
+        rr.convert(model, torch.randn(2, 3, 16))
+    assert "0, 1" in str(info.value)

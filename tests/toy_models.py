@@ -181,3 +181,33 @@ class PostSublayerNormLM(ToyLM):
         for blk in self.blocks:
             x = x + blk.norm(blk.fc2(F.gelu(blk.fc1(x))))
         return self.head(x)
+
+
+def inline_rms(x, g):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+
+
+class PreNormBlock(nn.Module):
+    """A user's block whose class name contains 'Norm': must still be traced into."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(d))
+        self.ff = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.ff(inline_rms(x, self.g))
+
+
+class InlineFinalNormLM(nn.Module):
+    """Inlined RMSNorms everywhere, the final norm included."""
+
+    def __init__(self, d=24, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList([PreNormBlock(d) for _ in range(n)])
+        self.g_out = nn.Parameter(torch.ones(d) + 0.1)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return inline_rms(x, self.g_out)
