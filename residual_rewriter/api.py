@@ -10,7 +10,7 @@ from torch import nn
 
 from residual_rewriter import hf
 from residual_rewriter.config import AttnResConfig
-from residual_rewriter.converted import ConvertedModule
+from residual_rewriter.converted import ORIGINAL_GRAPH, REPORT, ConvertedModule
 from residual_rewriter.errors import ConversionError
 from residual_rewriter.passes.capture import capture
 from residual_rewriter.passes.detect import build_plan, record_values
@@ -169,6 +169,6 @@ def convert_graph(
         converted=True,
         new_parameters={f"attn_res.{n}": p.numel() for n, p in converted.attn_res.named_parameters()},
     )
-    converted.meta["residual_rewriter_report"] = report
-    converted.meta["residual_rewriter_original_graph"] = original_graph
+    converted.meta[REPORT] = report
+    converted.meta[ORIGINAL_GRAPH] = original_graph
     return converted

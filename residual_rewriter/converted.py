@@ -4,19 +4,44 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from residual_rewriter.passes.modes import mode_value
+
+REPORT = "residual_rewriter_report"
+ORIGINAL_GRAPH = "residual_rewriter_original_graph"
+
 
 class ConvertedModule(fx.GraphModule):
     """A model with Block AttnRes. Train it like the original; ``.report`` says what was rewritten."""
 
     @property
     def report(self):
-        return self.meta["residual_rewriter_report"]
+        return self.meta[REPORT]
 
     @property
-    def original_graph(self) -> fx.Graph:
-        """The captured graph before the rewrite (same node names), for before/after views."""
-        return self.meta["residual_rewriter_original_graph"]
+    def original_graph(self) -> fx.Graph | None:
+        """The captured graph before the rewrite (same node names), for before/after views.
+        None after unpickling (graphs do not pickle)."""
+        return self.meta.get(ORIGINAL_GRAPH)
 
     def attn_res_parameters(self):
         """The new parameters only (queries and key-norm gains), e.g. for their own optimizer group."""
         return list(self.attn_res.parameters())
+
+    def __reduce__(self):
+        # torch.save(module): GraphModule pickles its code and re-traces it on load; that re-trace
+        # would freeze a graph that follows train()/eval() in the mode it was saved in.
+        if any(n.op == "call_function" and n.target is mode_value for n in self.graph.nodes):
+            raise TypeError(
+                "this converted model's graph follows train()/eval() at run time, which pickling a "
+                "GraphModule cannot keep: save `converted.state_dict()` and rebuild with "
+                "residual_rewriter.convert(model) + load_state_dict instead"
+            )
+        rebuild, args = super().__reduce__()
+        return _unpickle, (rebuild, args, self.meta.get(REPORT))
+
+
+def _unpickle(rebuild, args, report) -> ConvertedModule:
+    gm = rebuild(*args)
+    converted = ConvertedModule(gm, gm.graph, class_name=type(gm).__name__)
+    converted.meta[REPORT] = report
+    return converted

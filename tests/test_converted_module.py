@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
 
 import residual_rewriter as rr
@@ -142,3 +143,22 @@ def test_forward_reading_self_training_follows_the_mode():
     converted.eval()
     model.eval()
     assert rel_err(converted(x), model(x)) <= 1e-10
+
+
+def test_torch_save_whole_module():
+    converted = rr.convert(make_gpt(), num_blocks=2)
+    perturb_attn_res(converted)
+    buf = io.BytesIO()
+    torch.save(converted, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert isinstance(loaded, rr.ConvertedModule) and loaded.report.sites == converted.report.sites
+    x = torch.randint(0, 256, (2, 5))
+    assert torch.equal(loaded.eval()(x), converted.eval()(x))
+
+
+def test_torch_save_refuses_a_mode_following_graph():
+    from toy_models import ModeLM
+
+    converted = rr.convert(ModeLM())
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(converted, io.BytesIO())
