@@ -44,10 +44,10 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _stacked(sources: Sequence[Tensor]) -> Tensor:
-    """``[n, ..., D]`` in the compute dtype (one copy; the kernels read the list in place instead)."""
+def _compute(sources: Sequence[Tensor]) -> list[Tensor]:
+    """The sources in the compute dtype (no copy for float32/float64 inputs)."""
     cd = _compute_dtype(sources[0].dtype)
-    return torch.stack([s.to(cd) for s in sources])
+    return [s.to(cd) for s in sources]
 
 
 def _folded_query(query: Tensor, norm_weight: Optional[Tensor], cd: torch.dtype) -> Tensor:
@@ -55,21 +55,31 @@ def _folded_query(query: Tensor, norm_weight: Optional[Tensor], cd: torch.dtype)
     return q * norm_weight.to(cd) if norm_weight is not None else q  # w.(k*g) == (w*g).k
 
 
-def _scores(V: Tensor, qg: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _scores(vs: Sequence[Tensor], qg: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(scores [n, ...], r [n, ...])`` with ``r = rsqrt(mean(v^2) + eps)``.
 
-    ``qg . RMSNorm(v) == r * (qg . v)``: the normalised keys are never materialised.
+    ``qg . RMSNorm(v) == r * (qg . v)``: the normalised keys are never materialised, and each source
+    is read where it lies (no stacked copy): two reductions per source.
     """
-    r = torch.rsqrt(V.pow(2).mean(-1) + eps)  # [n, ...]
-    return (V @ qg) * r, r
+    D = vs[0].shape[-1]
+    r = torch.stack([torch.rsqrt(torch.linalg.vector_norm(v, dim=-1).square() / D + eps) for v in vs])  # [n, ...]
+    return torch.stack([v @ qg for v in vs]) * r, r
 
 
 def attn_res_scores(
     sources: Sequence[Tensor], query: Tensor, norm_weight: Optional[Tensor], eps: float
 ) -> Tensor:
     """Scores ``w . (RMSNorm(v_i) * g)`` for every source: ``[n, ...]`` in the compute dtype."""
-    V = _stacked(sources)
-    return _scores(V, _folded_query(query, norm_weight, V.dtype), eps)[0]
+    vs = _compute(sources)
+    return _scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0]
+
+
+def _mix(vs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``sum_i weights[i] * v_i`` accumulated in place: ``[..., D]``."""
+    out = vs[0] * weights[0].unsqueeze(-1)
+    for w, v in zip(weights[1:], vs[1:]):
+        out.addcmul_(w.unsqueeze(-1), v)
+    return out
 
 
 def attn_res_reference(
@@ -81,10 +91,10 @@ def attn_res_reference(
 ) -> Tensor:
     """``scale * sum_i softmax_i(query . RMSNorm(v_i; norm_weight, eps)) * v_i`` -> ``[..., D]``."""
     _check_sources(sources, query)
-    V = _stacked(sources)  # [n, ..., D]
-    weights = torch.softmax(_scores(V, _folded_query(query, norm_weight, V.dtype), eps)[0], dim=0)  # [n, ...]
-    out = (weights.unsqueeze(-1) * V).sum(0)  # [..., D]
-    return (out * scale).to(sources[0].dtype)
+    vs = _compute(sources)  # n x [..., D]
+    weights = torch.softmax(_scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0], dim=0)  # [n, ...]
+    out = _mix(vs, weights * scale)  # [..., D]
+    return out.to(sources[0].dtype)
 
 
 def attn_res_backward_reference(
@@ -105,20 +115,21 @@ def attn_res_backward_reference(
       d query = dq' * g;  d g = dq' * query
     """
     _check_sources(sources, query)
-    V = _stacked(sources)  # [n, ..., D]
-    cd, D = V.dtype, V.shape[-1]
+    vs = _compute(sources)  # n x [..., D]
+    cd, D = vs[0].dtype, vs[0].shape[-1]
     dy = grad_out.to(cd)  # [..., D]
     qg = _folded_query(query, norm_weight, cd)  # [D]
-    s, r = _scores(V, qg, eps)  # [n, ...]
+    s, r = _scores(vs, qg, eps)  # [n, ...]
     a = torch.softmax(s, dim=0)
-    da = scale * (V * dy).sum(-1)  # [n, ...]
+    da = scale * torch.stack([(v * dy).sum(-1) for v in vs])  # [n, ...]
     ds = a * (da - (a * da).sum(0, keepdim=True))  # [n, ...]
-    d_qg = ((ds * r).unsqueeze(-1) * V).reshape(-1, D).sum(0)  # sum over sources and tokens of ds_i n_i, [D]
+    c = ds * r  # [n, ...]
+    d_qg = sum((ci.reshape(-1) @ v.reshape(-1, D)) for ci, v in zip(c, vs))  # sum over tokens of ds_i n_i, [D]
     # one tensor per source (not views of one stacked tensor: op outputs must not alias)
     grad_sources = [
-        (scale * a[i].unsqueeze(-1) * dy + (r[i] * ds[i]).unsqueeze(-1) * (qg - V[i] * (r[i] * s[i] / D).unsqueeze(-1)))
+        (scale * a[i].unsqueeze(-1) * dy + c[i].unsqueeze(-1) * (qg - vs[i] * (r[i] * s[i] / D).unsqueeze(-1)))
         .to(sources[0].dtype)
-        for i in range(V.shape[0])
+        for i in range(len(vs))
     ]
     q = query.to(cd)
     grad_query = (d_qg * norm_weight.to(cd) if norm_weight is not None else d_qg).to(query.dtype)
