@@ -350,7 +350,11 @@ def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_S
             )
     readers = [u for u in last.users if u not in finder.drop_metadata_edges(last)]
     stream.consumer_nodes = [u.name for u in readers]
-    stream.consumers = [norms.module_path(u) or u.name for u in readers]
+    inline = finder.inlined_norm_region(last)
+    names = [norms.module_path(u) or u.name for u in readers if u not in inline]
+    if inline & set(readers):  # an inlined final norm: name it by its output node
+        names.append("inline norm " + norms.describe(finder.gm, finder._sorted(inline)[-1]))
+    stream.consumers = names
 
 
 def _assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
