@@ -104,8 +104,15 @@ class ResidualTracer(fx.Tracer):
         graph.output(env[node])
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run for real, not traced
 
-        with _maybe_revert_all_patches(), torch.no_grad():
-            return fx.GraphModule(self.root, graph)(*self.example_inputs)
+        gm = fx.GraphModule(self.root, graph)
+        modes = [(m, m.training) for m in gm.modules()]
+        gm.eval()  # no BatchNorm statistics update, no dropout: this run must not touch the model
+        try:
+            with _maybe_revert_all_patches(), torch.no_grad():
+                return gm(*self.example_inputs)
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def create_arg(self, a: Any):
         # FX rebuilds dataclass instances (e.g. a Hugging Face config) by calling their constructor on
