@@ -104,15 +104,15 @@ class ResidualTracer(fx.Tracer):
         graph.output(env[node])
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run for real, not traced
 
-        gm = fx.GraphModule(self.root, graph)
-        modes = [(m, m.training) for m in gm.modules()]
-        gm.eval()  # no BatchNorm statistics update, no dropout: this run must not touch the model
-        try:
-            with _maybe_revert_all_patches(), torch.no_grad():
+        with _maybe_revert_all_patches(), torch.no_grad():
+            gm = fx.GraphModule(self.root, graph)
+            modes = [(m, m.training) for m in gm.modules()]
+            gm.eval()  # no BatchNorm statistics update, no dropout: this run must not touch the model
+            try:
                 return gm(*self.example_inputs)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+            finally:
+                for m, mode in modes:
+                    m.training = mode
 
     def create_arg(self, a: Any):
         # FX rebuilds dataclass instances (e.g. a Hugging Face config) by calling their constructor on
