@@ -24,7 +24,8 @@ import torch.fx as fx
 from residual_rewriter.errors import ConversionError
 
 from . import norms
-from .plan import LeftOut, Plan, Site, Stream, split_blocks
+from .plan import LeftOut, Plan, Site, Stream
+from .streams import assign_blocks, check_stream_readers, nothing_matched_message
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
 
@@ -254,10 +255,6 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(prefix) or paths[0]
 
 
-def _param_key(path: str) -> str:
-    return path.replace(".", "__").replace(":", "__").replace("<", "").replace(">", "")
-
-
 def build_plan(
     gm: fx.GraphModule,
     values: dict[fx.Node, Any],
@@ -299,93 +296,9 @@ def build_plan(
         stream.sites.append(site)
 
     if not plan.streams:
-        raise ConversionError(_nothing_matched_message(plan))
+        raise ConversionError(nothing_matched_message(plan))
 
     for stream in plan.streams:
-        _check_stream_readers(stream, nodes, finder)
-        _assign_blocks(stream, num_blocks, block_size, mixing)
+        check_stream_readers(stream, nodes, finder)
+        assign_blocks(stream, num_blocks, block_size, mixing)
     return plan
-
-
-def _check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder: "_SiteFinder") -> None:
-    """Every intermediate stream value may only be read by the next site's norm and add (and by
-    nodes that only look at its shape/dtype, which the rewrite points at the source instead)."""
-    problems = []
-    source, first = nodes[stream.source_node], stream.sites[0]
-    meta_readers = {r.name for r in finder.drop_metadata_edges(source)}
-    allowed = set(first.norm_entry_nodes) | {first.add_node} | meta_readers
-    for user in source.users:
-        if user.name not in allowed:
-            problems.append(
-                f"the input of {first.sublayer} is also read by {norms.module_path(user) or '?'} "
-                f"({user.op} {getattr(user.target, '__name__', user.target)})"
-            )
-    for site, nxt in zip(stream.sites, stream.sites[1:]):
-        readers = finder.drop_metadata_edges(nodes[site.add_node])
-        site.metadata_readers = [r.name for r in readers]
-        allowed = set(nxt.norm_entry_nodes) | {nxt.add_node} | set(site.metadata_readers)
-        for user in nodes[site.add_node].users:
-            if user.name not in allowed:
-                problems.append(
-                    f"the stream after {site.sublayer} is also read by {norms.module_path(user) or '?'} "
-                    f"({user.op} {getattr(user.target, '__name__', user.target)})"
-                )
-    if problems:
-        raise ConversionError(
-            "cannot convert exactly: a residual stream is read by something other than the next "
-            "sublayer's norm and residual add (parallel branches, or a hidden state taken out mid-stream):\n  "
-            + "\n  ".join(problems)
-            + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by norms."
-        )
-    last = nodes[stream.sites[-1].add_node]
-    for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
-        if user in finder.drop_metadata_edges(alias):
-            continue  # reads only its dtype/shape (T5: `if hidden_states.dtype == torch.float16`)
-        if not finder.is_norm_of(user, alias) and user not in finder.inlined_norm_region(alias):
-            raise ConversionError(
-                f"cannot convert exactly: the residual stream after {stream.sites[-1].sublayer} is read by "
-                f"{norms.module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), "
-                "which is not a normalization. AttnRes streams must end in a norm (the final norm); this is "
-                "typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
-            )
-    readers = [u for u in last.users if u not in finder.drop_metadata_edges(last)]
-    stream.consumer_nodes = [u.name for u in readers]
-    inline = finder.inlined_norm_region(last)
-    names = [norms.module_path(u) or u.name for u in readers if u not in inline]
-    if inline & set(readers):  # an inlined final norm: name it by its output node
-        names.append("inline norm " + norms.describe(finder.gm, finder._sorted(inline)[-1]))
-    stream.consumers = names
-
-
-def _assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
-    blocks = split_blocks(len(stream.sites), num_blocks, block_size)
-    stream.num_blocks = max(blocks)
-    stream.block_size = blocks.count(1)
-    position = 0
-    for i, (site, block) in enumerate(zip(stream.sites, blocks)):
-        position = 0 if i == 0 or blocks[i - 1] != block else position + 1
-        site.block, site.position = block, position
-        site.num_sources = block + (1 if position > 0 else 0)  # b_0..b_{n-1} + partial
-        site.param_prefix = f"attn_res.{_param_key(site.sublayer)}" if site.num_sources > 1 else ""
-    consumer = stream.consumers[0] if stream.consumers else "output"
-    stream.final_param_prefix = f"attn_res.final__{_param_key(consumer)}"
-
-
-def _nothing_matched_message(plan: Plan) -> str:
-    lines = ["no pre-norm residual site `x + f(norm(x))` was found; nothing to convert."]
-    if plan.left_out:
-        lines.append("Residual adds that were seen but are not pre-norm:")
-        for lo in plan.left_out[:8]:
-            lines.append(f"  {lo.module or lo.node}: {lo.reason}")
-        if len(plan.left_out) > 8:
-            lines.append(f"  ... and {len(plan.left_out) - 8} more")
-        lines.append("Post-norm models (norm(x + f(x)), e.g. BERT) cannot be given AttnRes exactly.")
-    if plan.opaque_modules:
-        lines.append("These modules could not be traced into and may hide residuals: " + ", ".join(plan.opaque_modules))
-    if plan.opaque_with_norms:
-        shown = ", ".join(plan.opaque_with_norms[:6]) + (" ..." if len(plan.opaque_with_norms) > 6 else "")
-        lines.append(
-            "These modules are kept whole because of their class name (attention/norm/embedding) but contain "
-            f"a norm, so a residual may be inside: {shown}"
-        )
-    return "\n".join(lines)
