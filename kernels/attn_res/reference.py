@@ -91,10 +91,22 @@ def attn_res_reference(
 ) -> Tensor:
     """``scale * sum_i softmax_i(query . RMSNorm(v_i; norm_weight, eps)) * v_i`` -> ``[..., D]``."""
     _check_sources(sources, query)
+    return _aggregate(sources, query, norm_weight, eps, scale).to(sources[0].dtype)
+
+
+def _aggregate(sources, query, norm_weight, eps, scale) -> Tensor:
+    """The mixture in the compute dtype (not rounded to the input dtype): ``[..., D]``."""
     vs = _compute(sources)  # n x [..., D]
     weights = torch.softmax(_scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0], dim=0)  # [n, ...]
-    out = _mix(vs, weights * scale)  # [..., D]
-    return out.to(sources[0].dtype)
+    return _mix(vs, weights * scale)
+
+
+def _with_out_norm(mix: Tensor, out_norm_weight: Optional[Tensor], out_eps: float, dtype) -> tuple[Tensor, Tensor]:
+    """``(mix, RMSNorm(mix) * out_norm_weight)`` rounded to ``dtype``; the norm reads the unrounded mix."""
+    normed = rms_normalize(mix, out_eps)
+    if out_norm_weight is not None:
+        normed = normed * out_norm_weight.to(mix.dtype)
+    return mix.to(dtype), normed.to(dtype)
 
 
 def attn_res_backward_reference(
@@ -160,14 +172,13 @@ def attn_res_phase1_reference(
     Returns ``(out [S, ..., D]`` in the sources' dtype — the softmax-normalised mixture over these
     sources for each query — ``, lse [S, ...]`` float32/float64 — log-sum-exp of each query's scores).
     """
-    cd = _compute_dtype(sources[0].dtype)
+    vs = _compute(sources)  # converted once for all queries
     outs, lses = [], []
     for j in range(queries.shape[0]):
         g = None if norm_weights is None else norm_weights[j]
-        scores = attn_res_scores(sources, queries[j], g, eps)  # [m, ...]
+        scores = _scores(vs, _folded_query(queries[j], g, vs[0].dtype), eps)[0]  # [m, ...]
         lse = torch.logsumexp(scores, dim=0)
-        w = torch.exp(scores - lse)
-        outs.append(sum(wi.unsqueeze(-1) * s.to(cd) for wi, s in zip(w, sources)).to(sources[0].dtype))
+        outs.append(_mix(vs, torch.exp(scores - lse)).to(sources[0].dtype))
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
 
@@ -219,14 +230,7 @@ def attn_res_normed_reference(
     a fused kernel would.
     """
     _check_sources(sources, query)
-    cd = _compute_dtype(sources[0].dtype)
-    weights = torch.softmax(attn_res_scores(sources, query, norm_weight, eps), dim=0)
-    mix = sum(w.unsqueeze(-1) * s.to(cd) for w, s in zip(weights, sources)) * scale
-    normed = rms_normalize(mix, out_eps)
-    if out_norm_weight is not None:
-        normed = normed * out_norm_weight.to(cd)
-    dt = sources[0].dtype
-    return mix.to(dt), normed.to(dt)
+    return _with_out_norm(_aggregate(sources, query, norm_weight, eps, scale), out_norm_weight, out_eps, sources[0].dtype)
 
 
 def attn_res_phase2_normed_reference(
@@ -244,8 +248,4 @@ def attn_res_phase2_normed_reference(
     phase1_out's dtype, ``mix = attn_res_phase2_reference(...)``. As in ``attn_res_normed_reference``
     the normalised form is computed from the fp32 mixture (before rounding to the input dtype)."""
     mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
-    normed = rms_normalize(mix, out_eps)
-    if out_norm_weight is not None:
-        normed = normed * out_norm_weight.to(mix.dtype)
-    dt = phase1_out.dtype
-    return mix.to(dt), normed.to(dt)
+    return _with_out_norm(mix, out_norm_weight, out_eps, phase1_out.dtype)
