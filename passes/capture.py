@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from .canonicalize import regroup_residual_sums
-from .modes import merge_train_eval
+from .modes import in_mode, merge_train_eval
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
 # Matched at the END of the class name: `LlamaRMSNorm`, `CausalSelfAttention`, `LlamaRotaryEmbedding`
@@ -106,13 +106,8 @@ class ResidualTracer(fx.Tracer):
 
         with _maybe_revert_all_patches(), torch.no_grad():
             gm = fx.GraphModule(self.root, graph)
-            modes = [(m, m.training) for m in gm.modules()]
-            gm.eval()  # no BatchNorm statistics update, no dropout: this run must not touch the model
-            try:
+            with in_mode(gm, False):  # no BatchNorm statistics update, no dropout: must not touch the model
                 return gm(*self.example_inputs)
-            finally:
-                for m, mode in modes:
-                    m.training = mode
 
     def create_arg(self, a: Any):
         # FX rebuilds dataclass instances (e.g. a Hugging Face config) by calling their constructor on
@@ -238,13 +233,8 @@ def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
 
 
 def _trace_in_mode(model, training: bool, *args):
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
+    with in_mode(model, training):
         return _trace(model, *args)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def capture(

@@ -8,10 +8,24 @@ read at run time, so the single graph behaves like the original in either mode.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch.fx as fx
+from torch import nn
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module.train(training)`` for the block, then every submodule's own flag back as it was."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 @fx.wrap

@@ -44,6 +44,12 @@ def module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0]
 
 
+def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal values of x's shape, dtype and device, reproducible (drawn on the CPU)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+
+
 class _RegionRunner(fx.Interpreter):
     """Re-evaluates a few nodes of a graph with one input replaced, everything else from a recording."""
 
@@ -72,9 +78,7 @@ def probe_scale_invariant(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return False
     runner = _RegionRunner(gm, recorded)
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    base = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-    other = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    base, other = _random_like(x, seed=1234), _random_like(x, seed=1235)
     try:
         y_small = runner.evaluate(region, x_node, base * 4, out)
         y_large = runner.evaluate(region, x_node, base * 16, out)
@@ -97,8 +101,7 @@ def reads_only_metadata(gm: fx.GraphModule, recorded: dict[fx.Node, Any], user: 
     x = recorded.get(x_node)
     if not isinstance(x, torch.Tensor) or user.op == "output":
         return False
-    gen = torch.Generator(device="cpu").manual_seed(4321)
-    noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    noise = _random_like(x, seed=4321)
     # Re-run both ways now rather than comparing with the recording: objects among the inputs (a KV
     # cache) may have changed state since it was made.
     runner = _RegionRunner(gm, recorded)

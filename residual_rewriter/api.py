@@ -1,7 +1,6 @@
 """Public entry points: ``detect`` (what would be converted) and ``convert`` (do it)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any, Optional
 
@@ -14,6 +13,7 @@ from residual_rewriter.converted import ORIGINAL_GRAPH, REPORT, ConvertedModule
 from residual_rewriter.errors import ConversionError
 from residual_rewriter.passes.capture import capture
 from residual_rewriter.passes.detect import build_plan, record_values
+from residual_rewriter.passes.modes import in_mode
 from residual_rewriter.passes.rewrite import apply_plan
 from residual_rewriter.report import ConversionReport
 
@@ -37,18 +37,6 @@ def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return example_inputs
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode while recording example values (no dropout noise, no BatchNorm statistics updates)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConfig, call=None, input_names=None):
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert/detect take a torch.nn.Module, got {type(model).__name__}")
@@ -60,7 +48,7 @@ def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConf
         captured = capture(model, inputs, call=hf.traced_call(model, names), input_names=names)
     else:
         captured = capture(model, inputs)
-    with _eval_mode(model):
+    with in_mode(model, False):  # recording: no dropout noise, no BatchNorm statistics updates
         # a copy: recording runs the model, which would append to a KV cache passed as an input
         values = record_values(captured.graph_module, copy.deepcopy(inputs) if call is not None else inputs)
     plan = build_plan(

@@ -35,6 +35,7 @@ class SignatureDispatch:
         self.config = config
         self.signature = inspect.signature(original_forward)
         self.__signature__ = self.signature  # what generate() inspects to decide which kwargs to pass
+        self._var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         self.graphs: dict[tuple, Any] = {}
         self.report = None
 
@@ -54,8 +55,7 @@ class SignatureDispatch:
     def _arguments(self, args, kwargs) -> dict:
         bound = self.signature.bind(*args, **kwargs)
         arguments = dict(bound.arguments)
-        extra = arguments.pop(next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), ""), {})
-        arguments.update(extra)
+        arguments.update(arguments.pop(self._var_keyword, {}))  # **kwargs flattened into named arguments
         return {k: v for k, v in arguments.items() if v is not None}
 
     def _provide_cache(self, arguments: dict) -> None:
