@@ -15,7 +15,7 @@ the first shape; a wrong result is reported as such and not timed. A peer that f
 run is recorded with its error, never dropped. Peers that need stacked sources get the stack built
 OUTSIDE the timed region (favouring them).
 
-Writes ``benchmarks/results/<device>-<date>.json`` and ``.md``.
+Writes ``benchmarks/results/attn_res-<grid>-<device>-<date>.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -173,10 +173,15 @@ def copy_bandwidth_gbs(device, nbytes=2 << 30) -> float:
 
 
 def make_inputs(T, D, n, dtype, device, requires_grad, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    sources = [(torch.randn(T, D, generator=g) * 2 + 0.5).to(device, dtype).requires_grad_(requires_grad) for _ in range(n)]
-    query = (torch.randn(D, generator=g) * 0.1).to(device).requires_grad_(requires_grad)
-    weight = (1 + 0.1 * torch.randn(D, generator=g)).to(device).requires_grad_(requires_grad)
+    """Random (never zero) inputs drawn on the device itself: a CPU draw of GBs would dominate the run."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    sources = [(randn(T, D) * 2 + 0.5).to(dtype).requires_grad_(requires_grad) for _ in range(n)]
+    query = (randn(D) * 0.1).requires_grad_(requires_grad)
+    weight = (1 + 0.1 * randn(D)).requires_grad_(requires_grad)
     return sources, query, weight
 
 
@@ -252,7 +257,7 @@ def versions() -> dict:
 
 def markdown(results: dict) -> str:
     lines = [
-        f"# AttnRes aggregation benchmark: {results['device']} ({results['date']})",
+        f"# AttnRes aggregation benchmark: {results['device']}, grid {results['grid']} ({results['date']})",
         "",
         f"Copy bandwidth measured in this run: {results['copy_gbs']:.0f} GB/s. GB/s = ideal traffic / time "
         f"(fwd: (n+1)·T·D·bytes; fwd+bwd: (3n+2)·T·D·bytes). Versions: "
@@ -287,7 +292,8 @@ def main(argv=None) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
-    grid = GRIDS["smoke" if smoke else (args.grid or "paper")]
+    grid_name = "smoke" if smoke else (args.grid or "paper")
+    grid = GRIDS[grid_name]
     dtype = getattr(torch, args.dtype)
     impls = {k: v for k, v in IMPLS.items() if args.impls == "all" or any(s in k for s in args.impls.split(","))}
     copy_gbs = copy_bandwidth_gbs(device, nbytes=(64 << 20) if smoke else (2 << 30))
@@ -327,15 +333,16 @@ def main(argv=None) -> dict:
         "date": date,
         "copy_gbs": copy_gbs,
         "smoke": smoke,
+        "grid": grid_name,
         "versions": versions(),
         "checks": checks,
         "rows": rows,
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{results['device']}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results))
+    stem = out_dir / f"attn_res-{grid_name}-{results['device']}-{date}"
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
+    Path(f"{stem}.md").write_text(markdown(results))
     print(f"wrote {stem}.json and {stem}.md")
     return results
 

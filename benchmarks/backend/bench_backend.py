@@ -61,6 +61,20 @@ def variants(device: str) -> dict:
     }
 
 
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("triton", "transformers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -88,6 +102,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the results JSON")
     args = p.parse_args(argv)
     size = dict(GPU_SIZE if args.gpu_size else CPU_SIZE)
     size.update({k: getattr(args, k) for k in size if getattr(args, k) is not None})
@@ -110,7 +125,9 @@ def main(argv=None):
     models = {"original": original, "converted": converted}
 
     chosen = {k: v for k, v in variants(device).items() if not args.only or k in args.only}
-    train_fns, fwd_fns, compile_s, pass_logs = {}, {}, {}, {}
+    with torch.no_grad():  # eager outputs: every compiled variant is checked against its own model's
+        eager_logits = {k: m(ids).logits.float() for k, m in models.items()}
+    train_fns, fwd_fns, compile_s, pass_logs, max_rel_err = {}, {}, {}, {}, {}
     for name, (which, backend) in chosen.items():
         model = models[which]
         compiled = torch.compile(model, backend=backend)
@@ -128,19 +145,23 @@ def main(argv=None):
         forward()  # and the inference graph
         _sync(device)
         compile_s[name] = time.perf_counter() - t0
+        with torch.no_grad():
+            got, want = compiled(ids).logits.float(), eager_logits[which]
+        max_rel_err[name] = ((got - want).abs().max() / want.abs().max()).item()
         for _ in range(2):
             train_step(), forward()
         train_fns[name], fwd_fns[name] = train_step, forward
         if not isinstance(backend, str):
             pass_logs[name] = [log.passes for log in backend.logs]
-        print(f"compiled {name} in {compile_s[name]:.1f} s", flush=True)
+        print(f"compiled {name} in {compile_s[name]:.1f} s; logits max rel err vs eager {max_rel_err[name]:.2e}", flush=True)
 
     train = interleaved_ms(train_fns, args.repeats, args.iters, device)
     fwd = interleaved_ms(fwd_fns, args.repeats, args.iters, device)
     base = "original+inductor"
     rows = []
     for name in chosen:
-        row = {"variant": name, "train_ms": train[name], "forward_ms": fwd[name], "compile_s": compile_s[name]}
+        row = {"variant": name, "train_ms": train[name], "forward_ms": fwd[name], "compile_s": compile_s[name],
+               "logits_max_rel_err_vs_eager": max_rel_err[name]}
         if base in train:
             row["train_ratio"], row["forward_ratio"] = train[name] / train[base], fwd[name] / fwd[base]
         rows.append(row)
@@ -156,7 +177,7 @@ def main(argv=None):
         "benchmark": "backend",
         "date": datetime.date.today().isoformat(),
         "device": dev_name,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "size": size,
         "repeats": args.repeats,
         "iters": args.iters,
@@ -164,8 +185,9 @@ def main(argv=None):
         "pass_logs": pass_logs,
         "note": "ratios are to original+inductor measured in the same run (interleaved medians)",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"backend-{dev_name}-{out['date']}.json"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"backend-{dev_name}-{out['date']}.json"
     path.write_text(json.dumps(out, indent=2, default=str))
     print(f"\nwrote {path}")
     return out

@@ -1,9 +1,10 @@
 """Kernel tests. Two sub-suites need a process of their own, because triton reads TRITON_INTERPRET
-once, at import: ``interpret/`` (TRITON_INTERPRET=1: the kernels run on CPU tensors) and
-``compile_sm90/`` (TRITON_INTERPRET unset: the kernels are compiled to sm_90 cubin). The normal run
-ignores both folders and ``test_kernels_subprocess.py`` runs each in a subprocess with the right env.
+once, at import: ``numerics/`` (the kernels run against the float64 reference: on CPU tensors under
+TRITON_INTERPRET=1, or on a CUDA GPU with RR_KERNELS_DEVICE=cuda) and ``compile_sm90/``
+(TRITON_INTERPRET unset: the kernels are compiled to sm_90 cubin). The normal run ignores both
+folders and ``test_kernels_subprocess.py`` runs each in a subprocess with the right env.
 """
 import os
 
 _suite = os.environ.get("RR_KERNELS_SUITE", "")
-collect_ignore = [d for d in ("interpret", "compile_sm90") if d != _suite]
+collect_ignore = [d for d in ("numerics", "compile_sm90") if d != _suite]

@@ -24,7 +24,7 @@ def test_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (result,) = list(tmp_path.glob("*.json"))
     data = json.loads(result.read_text())
-    assert result.with_suffix(".md").exists()
+    assert result.with_suffix(".md").exists() and result.name.startswith("attn_res-smoke-")
     assert data["smoke"] and data["copy_gbs"] > 0
     assert data["checks"]["ours (attn_res_triton)"]["status"] == "ok"
     ours = [r for r in data["rows"] if r["impl"] == "ours (attn_res_triton)"]

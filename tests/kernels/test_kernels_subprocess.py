@@ -1,4 +1,4 @@
-"""Drives the two sub-suites that need their own process (see conftest.py)."""
+"""Drives the sub-suites that need their own process (see conftest.py)."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def _run_suite(suite: str, interpret: bool) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run_suite(suite: str, interpret: bool = False, device: str = "cpu") -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RR_KERNELS_DEVICE")}
     env["RR_KERNELS_SUITE"] = suite
+    env["RR_KERNELS_DEVICE"] = device
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a triton 3.9 notice; same as the default
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -28,10 +29,20 @@ def _run_suite(suite: str, interpret: bool) -> None:
 def test_interpreter_suite():
     """Triton kernels on CPU tensors (TRITON_INTERPRET=1) against the float64 reference."""
     pytest.importorskip("triton")
-    _run_suite("interpret", interpret=True)
+    _run_suite("numerics", interpret=True)
+
+
+def test_cuda_suite():
+    """The same numerics suite compiled and run on a GPU, plus GPU-sized shapes (int64 offsets)."""
+    pytest.importorskip("triton")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here (the interpreter suite covers the kernels' logic on CPU)")
+    _run_suite("numerics", device="cuda")
 
 
 def test_sm90_compile_suite():
     """Every kernel compiled to Hopper cubin (no GPU needed; catches what only the interpreter accepts)."""
     pytest.importorskip("triton")
-    _run_suite("compile_sm90", interpret=False)
+    _run_suite("compile_sm90")

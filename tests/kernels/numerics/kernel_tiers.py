@@ -5,11 +5,23 @@ for gradients with entries near zero). The reference runs in float64 on the same
 low-precision inputs, so the tiers measure the kernel's own error: fp32 math plus one rounding of
 each output to its dtype (bf16: 2^-8 relative, fp16: 2^-11). NOTE: the interpreter TRUNCATES
 fp32 -> bf16/fp16 casts (measured: 100% match with bit-chopping, ~50% mismatch with torch's
-round-to-nearest; fp_downcast_rounding="rtne" is ignored), while the GPU rounds to nearest, so here
-a low-precision output carries up to 1 ulp instead of 1/2. Measured worst cases on the test shapes:
-about 5e-7 / 7e-5 (fp32 out / grads, the latter in the sharp-softmax case), 1e-3 (fp16), 6e-3 (bf16).
+round-to-nearest; fp_downcast_rounding="rtne" is ignored), while the GPU rounds to nearest, so under
+the interpreter a low-precision output carries up to 1 ulp instead of 1/2. The same tiers hold on CUDA.
+Measured worst cases on the test shapes (interpreter): about 5e-7 / 7e-5 (fp32 out / grads, the
+latter in the sharp-softmax case), 1e-3 (fp16), 6e-3 (bf16).
 """
+import os
+
 import torch
+
+# "cpu" (Triton interpreter) or "cuda" (the compiled kernels on a GPU); see conftest.py.
+DEVICE = os.environ.get("RR_KERNELS_DEVICE", "cpu")
+
+
+def cpu_randn(*shape, generator):
+    """Seeded normal draws made on the CPU (the seeds stay device-independent), then moved to DEVICE."""
+    return torch.randn(*shape, generator=generator, device="cpu").to(DEVICE)
+
 
 TIERS = {
     # dtype: (outputs, gradients)

@@ -1,12 +1,12 @@
-"""attn_res_triton (fused forward + backward) under TRITON_INTERPRET=1 against the float64 reference:
-output and every gradient (sources, query, norm_weight), odd shapes, 1 and MAX_SOURCES sources,
+"""attn_res_triton (fused forward + backward), interpreted or on CUDA (conftest.py), against the float64
+reference: output and every gradient (sources, query, norm_weight), odd shapes, 1 and MAX_SOURCES sources,
 non-contiguous inputs, three dtypes, NaN-poisoned outputs (conftest), and a spy on every launch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernel_tiers import assert_close_tier
+from kernel_tiers import assert_close_tier, cpu_randn
 from residual_rewriter.kernels import MAX_SOURCES, attn_res_reference, attn_res_triton
 from residual_rewriter.kernels.attn_res import dispatch, fused
 from residual_rewriter.kernels.attn_res.reference import attn_res_backward_reference
@@ -17,11 +17,11 @@ F64 = torch.float64
 
 def _make(shape, n, dtype, seed=0, with_weight=True, layout="contiguous"):
     """n sources of ``shape`` [..., D] (in the given layout), query [D], gain [D] or None."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     D = shape[-1]
 
     def rand(*s):
-        return (torch.randn(*s, generator=g) * 2 + 0.5).to(dtype)  # nonzero mean and scale: RMSNorm matters
+        return (cpu_randn(*s, generator=g) * 2 + 0.5).to(dtype)  # nonzero mean and scale: RMSNorm matters
 
     def one():
         if layout == "token_strided":  # every other token of a bigger tensor: a non-contiguous view
@@ -33,8 +33,8 @@ def _make(shape, n, dtype, seed=0, with_weight=True, layout="contiguous"):
         return rand(*shape)
 
     sources = [one() for _ in range(n)]
-    query = (torch.randn(2 * D, generator=g)[::2] * 0.5).to(torch.float32)  # non-contiguous [D]
-    weight = (1 + 0.3 * torch.randn(D, generator=g)) if with_weight else None
+    query = (cpu_randn(2 * D, generator=g)[::2] * 0.5).to(torch.float32)  # non-contiguous [D]
+    weight = (1 + 0.3 * cpu_randn(D, generator=g)) if with_weight else None
     return sources, query, weight
 
 
@@ -45,7 +45,7 @@ def _check_fwd_bwd(monkeypatch, sources, query, weight, scale, dtype, eps=1e-6, 
     with spy_on(monkeypatch, fused, "_fwd_kernel", "_bwd_kernel"):
         out = attn_res_triton(srcs, q, w, eps, scale)
         assert out.dtype == dtype and out.shape == sources[0].shape
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        dy = cpu_randn(*out.shape, generator=torch.Generator(device="cpu").manual_seed(7)).to(dtype)
         out.backward(dy)
     s64 = [s.detach().to(F64) for s in sources]
     q64, w64 = query.to(F64), (weight.to(F64) if weight is not None else None)

@@ -1,11 +1,11 @@
-"""Two-phase (phase 1 multi-query, phase 2 merge, phase 2 + RMSNorm) and normed kernels under TRITON_INTERPRET=1,
-forward and every gradient against the float64 references, with spies on every launch."""
+"""Two-phase (phase 1 multi-query, phase 2 merge, phase 2 + RMSNorm) and normed kernels, interpreted or
+on CUDA (conftest.py), forward and every gradient against the float64 references, with spies on every launch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernel_tiers import assert_close_tier
+from kernel_tiers import assert_close_tier, cpu_randn
 from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
 from residual_rewriter.kernels.attn_res import dispatch, fused, two_phase
 from residual_rewriter.kernels.attn_res.reference import (
@@ -25,8 +25,8 @@ F64 = torch.float64
 
 
 def _rand(*shape, dtype=torch.float32, seed=0, shift=0.5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * 2 + shift).to(dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (cpu_randn(*shape, generator=g) * 2 + shift).to(dtype)
 
 
 def _param_tier(dtype):

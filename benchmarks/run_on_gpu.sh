@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command (a lent GPU machine is billed by the second):
+#   setup           pip-install this repo (editable, offline) and the peers' wheels found in .whl/
+#   tests           the kernels' numerics suite compiled and run on CUDA (tests/kernels, cuda suite)
+#   attn [GRID]     benchmarks/attn_res/bench_attn_res.py --grid GRID (default: quick)
+#   backend [ARGS]  benchmarks/backend/bench_backend.py --gpu-size ARGS
+# Usage:  bash benchmarks/run_on_gpu.sh setup tests "attn quick" "backend --only original+inductor"
+# Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results/.
+# Each step has its own time limit (STEP_TIMEOUT, seconds) so one hang cannot eat the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${OUT:-benchmarks/results}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+
+step() {  # step NAME CMD...: runs CMD with a limit, logs to $RESULTS/log-NAME.txt, reports the status
+    local name=$1; shift
+    local t0=$SECONDS
+    timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$RESULTS/log-$name.txt"
+    echo "== step $name: rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+}
+
+for spec in "$@"; do
+    read -r cmd args <<<"$spec"
+    case $cmd in
+        setup)
+            nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+            if compgen -G ".whl/*.whl" >/dev/null; then
+                python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || echo "peer wheels: install failed"
+            fi
+            python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+            python3 -c "import torch, triton, residual_rewriter; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+            ;;
+        tests)
+            step tests python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_kernels_subprocess.py -k cuda -rs
+            ;;
+        attn)
+            step "attn-${args:-quick}" python3 benchmarks/attn_res/bench_attn_res.py --grid "${args:-quick}" --out "$RESULTS"
+            ;;
+        backend)
+            # shellcheck disable=SC2086
+            step backend python3 benchmarks/backend/bench_backend.py --gpu-size --out "$RESULTS" $args
+            ;;
+        *)
+            echo "unknown step: $cmd"; exit 2
+            ;;
+    esac
+done
