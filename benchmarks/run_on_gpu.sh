@@ -33,7 +33,9 @@ for spec in "$@"; do
             python3 -c "import torch, triton, residual_rewriter; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
             ;;
         tests)
-            step tests python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_kernels_subprocess.py -k cuda -rs
+            # the cuda run of tests/kernels/test_kernels_subprocess.py, inline so its progress streams
+            RR_KERNELS_SUITE=numerics RR_KERNELS_DEVICE=cuda step tests \
+                python3 -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/numerics
             ;;
         attn)
             step "attn-${args:-quick}" python3 benchmarks/attn_res/bench_attn_res.py --grid "${args:-quick}" --out "$RESULTS"

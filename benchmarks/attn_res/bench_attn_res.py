@@ -20,11 +20,13 @@ Writes ``benchmarks/results/attn_res-<grid>-<device>-<date>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -94,8 +96,9 @@ def _fla(sources, query, weight):
 def _fast_attnres(sources, query, weight):
     import attnres
 
-    # no key-norm gain in its API: benchmarked with the gain folded into the query (same math)
-    qg = (query * weight).detach().requires_grad_(query.requires_grad)
+    # no key-norm gain in its API: benchmarked with the gain folded into the query (same math); its
+    # query must be bf16 (its own check)
+    qg = (query * weight).detach().to(sources[0].dtype).requires_grad_(query.requires_grad)
     return lambda: attnres.attnres(list(sources), qg, eps=EPS, scale=1.0)
 
 
@@ -162,11 +165,36 @@ def time_ms(fn, device, warmup=3, reps=10) -> float:
 
 def copy_bandwidth_gbs(device, nbytes=2 << 30) -> float:
     """GB/s of a plain device copy (read + write counted): the roofline the kernels are held to."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError in this (main) thread after ``seconds`` (0: no limit). It interrupts Python
+    code, e.g. a peer's autotuning loop, between kernel launches."""
+    if not seconds:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s (autotuning, compiling or a hang)")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def error_status(e: Exception) -> str:
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"error: {type(e).__name__}: {msg}"
 
 
 # ---- one benchmark point -----------------------------------------------------------------------
@@ -202,29 +230,33 @@ def check_against_reference(make, T, D, n, dtype, device):
     return rel(out.detach(), ref), (max(grads) if grads else None)
 
 
-def bench_point(name, make, T, D, n, dtype, device, mode, copy_gbs):
+def _time_one(make, T, D, n, dtype, device, mode) -> float:
+    sources, query, weight = make_inputs(T, D, n, dtype, device, mode == "fwd+bwd")
+    fwd = make(sources, query, weight)
+    if mode == "fwd":
+        with torch.no_grad():
+            return time_ms(fwd, device)
+    dy = torch.randn(T, D, dtype=dtype, device=device)
+
+    def step():
+        for t in sources + [query, weight]:
+            t.grad = None
+        fwd().backward(dy)
+
+    return time_ms(step, device)
+
+
+def bench_point(name, make, T, D, n, dtype, device, mode, copy_gbs, timeout_s=0):
     elt = torch.finfo(dtype).bits // 8
     ideal = (n + 1) * T * D * elt if mode == "fwd" else (3 * n + 2) * T * D * elt
     row = {"impl": name, "tokens": T, "hidden": D, "sources": n, "dtype": str(dtype).replace("torch.", ""), "mode": mode}
     try:
-        sources, query, weight = make_inputs(T, D, n, dtype, device, mode == "fwd+bwd")
-        fwd = make(sources, query, weight)
-        if mode == "fwd":
-            with torch.no_grad():
-                ms = time_ms(fwd, device)
-        else:
-            dy = torch.randn(T, D, dtype=dtype, device=device)
-
-            def step():
-                for t in sources + [query, weight]:
-                    t.grad = None
-                fwd().backward(dy)
-
-            ms = time_ms(step, device)
+        with time_limit(timeout_s):
+            ms = _time_one(make, T, D, n, dtype, device, mode)
         gbs = ideal / (ms * 1e-3) / 1e9
         row.update(status="ok", ms=round(ms, 4), gbs=round(gbs, 1), pct_copy=round(100 * gbs / copy_gbs, 1) if copy_gbs else None)
     except Exception as e:  # a peer that cannot run a shape is REPORTED, not dropped
-        row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        row.update(status=error_status(e))
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -288,6 +320,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--impls", default="all", help="comma-separated substrings of implementation names")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--point-timeout", type=int, default=90,
+                    help="seconds one check or timed point may take (a peer's autotuning or a hang) before it is reported as such")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,35 +332,6 @@ def main(argv=None) -> dict:
     impls = {k: v for k, v in IMPLS.items() if args.impls == "all" or any(s in k for s in args.impls.split(","))}
     copy_gbs = copy_bandwidth_gbs(device, nbytes=(64 << 20) if smoke else (2 << 30))
 
-    checks = {}
-    for name, make in list(impls.items()):
-        if device.type != "cuda" and name in CUDA_ONLY:
-            checks[name] = {"status": "skipped: needs CUDA"}
-            del impls[name]
-            continue
-        T, D, n = grid[0]
-        try:
-            out_err, grad_err = check_against_reference(make, T, D, n, dtype, device)
-            tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
-            ok = out_err <= tol and (grad_err is None or grad_err <= tol)
-            checks[name] = {"status": "ok" if ok else "WRONG RESULT (not timed)", "out": out_err, "grad": grad_err}
-            if not ok:
-                del impls[name]
-        except Exception as e:
-            checks[name] = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-            if os.environ.get("BENCH_DEBUG"):
-                traceback.print_exc()
-            del impls[name]
-        print(f"check {name}: {checks[name]}", flush=True)
-
-    rows = []
-    for mode in args.modes.split(","):
-        for T, D, n in grid:
-            for name, make in impls.items():
-                row = bench_point(name, make, T, D, n, dtype, device, mode, copy_gbs)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-
     date = _dt.date.today().isoformat()
     results = {
         "device": device_slug(device),
@@ -335,17 +340,49 @@ def main(argv=None) -> dict:
         "smoke": smoke,
         "grid": grid_name,
         "versions": versions(),
-        "checks": checks,
-        "rows": rows,
+        "checks": {},
+        "rows": [],
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"attn_res-{grid_name}-{results['device']}-{date}"
-    Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
-    Path(f"{stem}.md").write_text(markdown(results))
+
+    def save():  # after every point: a run stopped midway still leaves what it measured
+        Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
+        Path(f"{stem}.md").write_text(markdown(results))
+
+    checks = results["checks"]
+    for name, make in list(impls.items()):
+        if device.type != "cuda" and name in CUDA_ONLY:
+            checks[name] = {"status": "skipped: needs CUDA"}
+            del impls[name]
+            continue
+        T, D, n = grid[0]
+        try:
+            with time_limit(args.point_timeout):
+                out_err, grad_err = check_against_reference(make, T, D, n, dtype, device)
+            tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+            ok = out_err <= tol and (grad_err is None or grad_err <= tol)
+            checks[name] = {"status": "ok" if ok else "WRONG RESULT (not timed)", "out": out_err, "grad": grad_err}
+            if not ok:
+                del impls[name]
+        except Exception as e:
+            checks[name] = {"status": error_status(e)}
+            if os.environ.get("BENCH_DEBUG"):
+                traceback.print_exc()
+            del impls[name]
+        print(f"check {name}: {checks[name]}", flush=True)
+        save()
+
+    for mode in args.modes.split(","):
+        for T, D, n in grid:
+            for name, make in impls.items():
+                row = bench_point(name, make, T, D, n, dtype, device, mode, copy_gbs, args.point_timeout)
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
     print(f"wrote {stem}.json and {stem}.md")
     return results
-
 
 if __name__ == "__main__":
     main()
