@@ -6,7 +6,8 @@
 #   backend [ARGS]  benchmarks/backend/bench_backend.py --gpu-size ARGS
 # Usage:  bash benchmarks/run_on_gpu.sh setup tests "attn quick" "backend --only original+inductor"
 # Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results/.
-# Each step has its own time limit (STEP_TIMEOUT, seconds) so one hang cannot eat the others.
+# Each step has its own time limit (STEP_TIMEOUT, seconds) so one hang cannot eat the others;
+# TESTS_K passes a pytest -k expression to the tests step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-benchmarks/results}
@@ -35,7 +36,7 @@ for spec in "$@"; do
         tests)
             # the cuda run of tests/kernels/test_kernels_subprocess.py, inline so its progress streams
             RR_KERNELS_SUITE=numerics RR_KERNELS_DEVICE=cuda step tests \
-                python3 -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/numerics
+                python3 -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/numerics ${TESTS_K:+-k "$TESTS_K"}
             ;;
         attn)
             step "attn-${args:-quick}" python3 benchmarks/attn_res/bench_attn_res.py --grid "${args:-quick}" --out "$RESULTS"
