@@ -2,9 +2,12 @@
 # Everything that needs a GPU, in one command (a lent GPU machine is billed by the second):
 #   setup           pip-install this repo (editable, offline) and the peers' wheels found in .whl/
 #   tests           the kernels' numerics suite compiled and run on CUDA (tests/kernels, cuda suite)
-#   attn [GRID]     benchmarks/attn_res/bench_attn_res.py --grid GRID (default: quick)
+#   attn [GRID [OPTIONS]]  benchmarks/attn_res/bench_attn_res.py --grid GRID (default: quick) OPTIONS
 #   backend [ARGS]  benchmarks/backend/bench_backend.py --gpu-size ARGS
 # Usage:  bash benchmarks/run_on_gpu.sh setup tests "attn quick" "backend --only original+inductor"
+# Peers' wheels (pure Python) for the setup step, fetched where PyPI is reachable, carried as .whl:
+#   echo /.whl/ >> .git/info/exclude; cd .whl && for p in liger-kernel==0.8.5 fla-core==0.6.0 \
+#   flash-attn-res==0.1.12 fast-attnres==2.1.0; do pip download --no-deps $p; done
 # Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results/.
 # Each step has its own time limit (STEP_TIMEOUT, seconds) so one hang cannot eat the others;
 # TESTS_K passes a pytest -k expression to the tests step.
@@ -24,6 +27,7 @@ step() {  # step NAME CMD...: runs CMD with a limit, logs to $RESULTS/log-NAME.t
 
 for spec in "$@"; do
     read -r cmd args <<<"$spec"
+    read -r grid attn_args <<<"$args"  # attn: "attn GRID [bench_attn_res.py options]"
     case $cmd in
         setup)
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
@@ -39,7 +43,9 @@ for spec in "$@"; do
                 python3 -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/numerics ${TESTS_K:+-k "$TESTS_K"}
             ;;
         attn)
-            step "attn-${args:-quick}" python3 benchmarks/attn_res/bench_attn_res.py --grid "${args:-quick}" --out "$RESULTS"
+            # shellcheck disable=SC2086
+            step "attn-${grid:-quick}" python3 benchmarks/attn_res/bench_attn_res.py --grid "${grid:-quick}" \
+                --out "$RESULTS" $attn_args
             ;;
         backend)
             # shellcheck disable=SC2086

@@ -24,7 +24,8 @@ def attn_res_triton(sources, query, norm_weight=None, eps=DEFAULT_EPS, scale=1.0
     """The Triton kernel with ``attn_res_reference``'s signature and autograd (see ``fused.py``).
 
     Runs on CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before triton was imported;
-    raises otherwise. At most ``MAX_SOURCES`` sources. Triton is imported on the first call.
+    raises otherwise. Any number of sources (over ``MAX_SOURCES``, in chunks: ``chunked.py``).
+    Triton is imported on the first call.
     """
     from .fused import attn_res_triton as _impl
 

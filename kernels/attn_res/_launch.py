@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 # The kernels take the sources as a tuple of pointers (a Triton tuple argument, unrolled with
-# tl.static_range), so there is no stacking copy. Every source count is its own specialization;
-# the limit keeps compile time and the kernel's parameter block bounded, and it is CHECKED.
-MAX_SOURCES = 64
+# tl.static_range), so there is no stacking copy. Every source count is its own specialization, and
+# registers and compile time grow with it (the fused backward on 2 CPU cores: 5-9 s at 16 sources,
+# 240 s at 64, with register spills). So one launch takes at most MAX_SOURCES, CHECKED; the library
+# ops and attn_res_triton take any number, in chunks merged by log-sum-exp (chunked.py).
+MAX_SOURCES = 16
 
 # Element budget of one program's [BLOCK_T, BLOCK_D] tile on a GPU: with BLOCK_D = next_pow2(D),
 # BLOCK_T = budget // BLOCK_D (D=4096 -> 1 token per program, 8 warps, 16 fp32 registers a thread).
@@ -62,8 +64,9 @@ def check_num_sources(n: int, what: str) -> None:
         raise ValueError(f"{what} needs at least one source, got an empty list")
     if n > MAX_SOURCES:
         raise ValueError(
-            f"{what}: {n} sources exceed the Triton kernels' limit of {MAX_SOURCES} (MAX_SOURCES). "
-            f"Use the two-phase ops (phase 1 over the completed blocks in chunks) or fewer blocks."
+            f"{what}: {n} sources exceed one kernel launch's limit of {MAX_SOURCES} (MAX_SOURCES). "
+            f"Call attn_res_triton or the torch.ops.residual_rewriter ops instead: they split the "
+            f"sources into chunks of at most {MAX_SOURCES} and merge them (kernels/attn_res/chunked.py)."
         )
 
 

@@ -2,13 +2,14 @@
 
 float64 is not a Triton dtype here (the kernels compute in fp32): on CUDA it is served by the
 reference / closed-form backward, explicitly and for float64 only. Every other case runs the kernel
-or raises; nothing falls back silently. Triton is imported on first use, not at import time.
+or raises; nothing falls back silently. More sources than one launch takes (``MAX_SOURCES``) go
+through ``chunked.py``. Triton is imported on first use, not at import time.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import chunked, reference
 from . import reference_grads as RG
 
 
@@ -21,6 +22,8 @@ def forward_cuda(sources, query, norm_weight, eps, scale):
         return reference.attn_res_reference(sources, query, norm_weight, eps, scale)
     from .fused import attn_res_fwd
 
+    if chunked.needs_chunks(sources):
+        return chunked.attn_res_fwd(sources, query, norm_weight, eps, scale)
     return attn_res_fwd(sources, query, norm_weight, eps, scale)
 
 
@@ -29,6 +32,8 @@ def backward_cuda(grad_out, sources, query, norm_weight, eps, scale):
         return reference.attn_res_backward_reference(grad_out, sources, query, norm_weight, eps, scale)
     from .fused import attn_res_bwd
 
+    if chunked.needs_chunks(sources):
+        return chunked.attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale)
     return attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale)
 
 
@@ -37,6 +42,9 @@ def phase1_cuda(sources, queries, norm_weights, eps):
         return reference.attn_res_phase1_reference(sources, queries, norm_weights, eps)
     from .two_phase import phase1_fwd
 
+    if chunked.needs_chunks(sources):
+        out, lse = chunked.phase1_fwd(sources, queries, norm_weights, eps)
+        return out.to(sources[0].dtype), lse
     return phase1_fwd(sources, queries, norm_weights, eps)
 
 
@@ -45,6 +53,8 @@ def phase1_backward_cuda(grad_out, grad_lse, sources, queries, norm_weights, eps
         return RG.attn_res_phase1_backward_reference(grad_out, grad_lse, sources, queries, norm_weights, eps)
     from .two_phase import phase1_bwd
 
+    if chunked.needs_chunks(sources):
+        return chunked.phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps)
     return phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse)
 
 
@@ -71,6 +81,8 @@ def normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_ep
         return reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     from .fused import attn_res_normed_fwd
 
+    if chunked.needs_chunks(sources):
+        return chunked.attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     return attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
 
 
@@ -81,6 +93,10 @@ def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps
         )
     from .fused import attn_res_normed_bwd
 
+    if chunked.needs_chunks(sources):
+        return chunked.attn_res_normed_bwd(
+            grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps
+        )
     return attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
 
 

@@ -3,7 +3,7 @@
 * ``"triton"``: keep the ops. They ARE the Triton kernels on CUDA (``kernels/attn_res/dispatch.py``),
   and inductor calls them as extern kernels between its own fused kernels; AOT autograd takes their
   backward from the ops' autograd registrations (the Triton backward kernels). The pass checks that
-  they can run there — CUDA tensors, an importable triton, at most ``MAX_SOURCES`` sources — and raises
+  they can run there — CUDA tensors, an importable triton — and raises
   ``LoweringError`` otherwise: asking for Triton never silently gives something else.
 * ``"decompose"``: replace each op by its reference math in plain torch ops (``decompose.py``). On
   CPU this is what inductor fuses best: the opaque op would run the Python reference unfused, while
@@ -85,8 +85,6 @@ def decompose_node(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _check_triton(node: fx.Node) -> None:
-    from residual_rewriter.kernels import MAX_SOURCES
-
     dev = node_device(node)
     if dev is None or dev.type != "cuda":
         raise LoweringError(
@@ -99,9 +97,6 @@ def _check_triton(node: fx.Node) -> None:
         import triton  # noqa: F401
     except ImportError as e:
         raise LoweringError(f"lower='triton' asked for, but triton does not import: {e}") from e
-    sources = node.args[0]
-    if isinstance(sources, (list, tuple)) and len(sources) > MAX_SOURCES:
-        raise LoweringError(f"{node.name} reads {len(sources)} sources; the Triton kernels take at most {MAX_SOURCES}")
 
 
 class Lower(PassBase):

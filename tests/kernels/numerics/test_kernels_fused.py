@@ -38,11 +38,12 @@ def _make(shape, n, dtype, seed=0, with_weight=True, layout="contiguous"):
     return sources, query, weight
 
 
-def _check_fwd_bwd(monkeypatch, sources, query, weight, scale, dtype, eps=1e-6, param_grads=True):
+def _check_fwd_bwd(monkeypatch, sources, query, weight, scale, dtype, eps=1e-6, param_grads=True,
+                   kernels=("_fwd_kernel", "_bwd_kernel"), floor=0.0):
     srcs = [s.detach().requires_grad_(True) for s in sources]
     q = query.detach().requires_grad_(True)
     w = weight.detach().requires_grad_(True) if weight is not None else None
-    with spy_on(monkeypatch, fused, "_fwd_kernel", "_bwd_kernel"):
+    with spy_on(monkeypatch, fused, *kernels):
         out = attn_res_triton(srcs, q, w, eps, scale)
         assert out.dtype == dtype and out.shape == sources[0].shape
         dy = cpu_randn(*out.shape, generator=torch.Generator(device="cpu").manual_seed(7)).to(dtype)
@@ -50,11 +51,11 @@ def _check_fwd_bwd(monkeypatch, sources, query, weight, scale, dtype, eps=1e-6, 
     s64 = [s.detach().to(F64) for s in sources]
     q64, w64 = query.to(F64), (weight.to(F64) if weight is not None else None)
     ref = attn_res_reference(s64, q64, w64, eps, scale)
-    assert_close_tier(out, ref, dtype, "out", "out")
+    assert_close_tier(out, ref, dtype, "out", "out", floor)
     gs, gq, gw = attn_res_backward_reference(dy.to(F64), s64, q64, w64, eps, scale)
     for i, (s, g) in enumerate(zip(srcs, gs)):
         assert s.grad.dtype == dtype
-        assert_close_tier(s.grad, g, dtype, "grad", f"grad source {i}")
+        assert_close_tier(s.grad, g, dtype, "grad", f"grad source {i}", floor)
     assert torch.isfinite(q.grad).all() and (w is None or torch.isfinite(w.grad).all())
     if not param_grads:
         return
@@ -100,9 +101,17 @@ def test_low_precision(monkeypatch, dtype, shape, n):
 
 def test_sharp_softmax_is_stable(monkeypatch):
     """Large scores (|s| ~ 1e3): the online softmax must not overflow. (The query gradient is ~1e-16
-    here, all of it cancellation noise in either precision, so only its finiteness is checked.)"""
+    here, all of it cancellation noise in either precision, so only its finiteness is checked.)
+    Conditioning: a score of size |s| is known in fp32 only to |s|·2^-24, and the softmax weights
+    inherit that as relative error, so the tolerance is 16·max|s|·2^-24 (~1e-3) where that exceeds
+    the fp32 tier. The interpreter's numpy sums happened to land under the tier; on an H100 the test
+    failed against it (2026-11-22; the run was cut off before the numbers were printed)."""
     sources, q, w = _make((7, 96), 4, torch.float32, seed=2)
-    _check_fwd_bwd(monkeypatch, sources, q * 100, w, scale=1.0, dtype=torch.float32, param_grads=False)
+    q = q * 100
+    s64 = [s.to(F64) for s in sources]
+    scores = torch.stack([(s * (q * w).to(F64)).sum(-1) * torch.rsqrt(s.pow(2).mean(-1) + 1e-6) for s in s64])
+    floor = 16 * scores.abs().max().item() * 2.0**-24
+    _check_fwd_bwd(monkeypatch, sources, q, w, scale=1.0, dtype=torch.float32, param_grads=False, floor=floor)
 
 
 def test_zero_query_gives_the_residual_sum(monkeypatch):
@@ -127,10 +136,23 @@ def test_dispatch_routes_to_the_kernels(monkeypatch):
         assert_close_tier(a, b, torch.bfloat16, "grad")
 
 
-def test_too_many_sources_is_a_clear_error():
+def test_one_launch_refuses_too_many_sources():
     sources, q, w = _make((3, 32), MAX_SOURCES + 1, torch.float32)
     with pytest.raises(ValueError, match="MAX_SOURCES"):
-        attn_res_triton(sources, q, w)
+        fused.forward_launch(sources, q[None], w[None], 1e-6, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_more_sources_than_one_launch_go_in_chunks(monkeypatch, dtype):
+    """8 sources with a launch limit of 3: chunks of 3, 3, 2 through the phase-1 kernels, merged by
+    log-sum-exp; output and every gradient against the float64 reference (bf16: one more rounding)."""
+    from residual_rewriter.kernels.attn_res import _launch, two_phase
+
+    monkeypatch.setattr(_launch, "MAX_SOURCES", 3)
+    sources, q, w = _make((7, 96), 8, dtype, seed=12)
+    with spy_on(monkeypatch, two_phase, "_phase1_bwd_kernel") as spies:
+        _check_fwd_bwd(monkeypatch, sources, q, w, scale=8.0, dtype=dtype, kernels=("_fwd_kernel",))
+    assert len(spies["_phase1_bwd_kernel"].grids) == 3  # one backward launch per chunk
 
 
 def test_float64_is_refused():

@@ -7,7 +7,7 @@ import torch
 
 from kernel_tiers import assert_close_tier, cpu_randn
 from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
-from residual_rewriter.kernels.attn_res import dispatch, fused, two_phase
+from residual_rewriter.kernels.attn_res import _launch, dispatch, fused, two_phase
 from residual_rewriter.kernels.attn_res.reference import (
     attn_res_phase1_reference,
     attn_res_phase2_normed_reference,
@@ -72,6 +72,20 @@ def test_phase1(monkeypatch, shape, m, S, dtype, with_weight):
         assert gw is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phase1_in_chunks(monkeypatch, dtype):
+    """5 sources with a launch limit of 2: three chunks merged by log-sum-exp (chunked.py), with an
+    lse gradient flowing through the merge."""
+    monkeypatch.setattr(_launch, "MAX_SOURCES", 2)
+    test_phase1(monkeypatch, (7, 96), 5, 3, dtype, True)
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_normed_in_chunks(monkeypatch, with_weights):
+    monkeypatch.setattr(_launch, "MAX_SOURCES", 2)
+    _check_normed(monkeypatch, (7, 200), 5, torch.float32, with_weights, bwd_kernel=(two_phase, "_phase1_bwd_kernel"))
+
+
 def test_phase1_non_contiguous_sources(monkeypatch):
     sources = [_rand(14, 100, seed=i)[::2, :96] for i in range(3)]  # token stride 200, row-padded
     Q = _rand(2, 96, seed=3, shift=0.0) * 0.3
@@ -128,6 +142,10 @@ def test_two_phase_composes_to_the_single_pass(monkeypatch):
 )
 @pytest.mark.parametrize("with_weights", [True, False])
 def test_normed(monkeypatch, shape, n, dtype, with_weights):
+    _check_normed(monkeypatch, shape, n, dtype, with_weights, bwd_kernel=(fused, "_bwd_kernel"))
+
+
+def _check_normed(monkeypatch, shape, n, dtype, with_weights, bwd_kernel):
     sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(n)]
     D = shape[-1]
     q = _rand(D, seed=20, shift=0.0) * 0.3
@@ -142,7 +160,7 @@ def test_normed(monkeypatch, shape, n, dtype, with_weights):
     assert_close_tier(normed, rnormed, dtype, "out", "normed")
     gm = _rand(*shape, dtype=dtype, seed=30, shift=0.0)
     gn = _rand(*shape, dtype=dtype, seed=31, shift=0.0)
-    with spy_on(monkeypatch, fused, "_bwd_kernel"):
+    with spy_on(monkeypatch, *bwd_kernel):
         gs, gq, gw, gwo = dispatch.normed_backward_cuda(gm, gn, sources, q, w, 1e-6, float(n), wo, 1e-5)
     rgs, rgq, rgw, rgwo = attn_res_normed_backward_reference(
         gm.to(F64), gn.to(F64), s64, q.to(F64), w64, 1e-6, float(n), wo64, 1e-5
