@@ -121,6 +121,32 @@ def _flash_attn_res(sources, query, weight):
     return run
 
 
+def _with_elements_per_thread(make, ept):
+    """``make`` carrying a launch knob: ``knobs`` applies it around a whole check or timed point, so
+    the forward and the backward launches both use ``_launch.ELEMENTS_PER_THREAD = ept``."""
+    def make_ept(sources, query, weight):
+        return make(sources, query, weight)
+
+    make_ept.elements_per_thread = ept
+    return make_ept
+
+
+@contextlib.contextmanager
+def knobs(make):
+    """Apply the launch knobs an implementation carries for the whole of one check or timed point."""
+    ept = getattr(make, "elements_per_thread", None)
+    if ept is None:
+        yield
+        return
+    from residual_rewriter.kernels.attn_res import _launch
+
+    old, _launch.ELEMENTS_PER_THREAD = _launch.ELEMENTS_PER_THREAD, ept
+    try:
+        yield
+    finally:
+        _launch.ELEMENTS_PER_THREAD = old
+
+
 IMPLS = {
     "ours (attn_res_triton)": _ours,
     "ours (library op)": _ours_op,
@@ -252,7 +278,8 @@ def bench_point(name, make, T, D, n, dtype, device, mode, copy_gbs, timeout_s=0)
     row = {"impl": name, "tokens": T, "hidden": D, "sources": n, "dtype": str(dtype).replace("torch.", ""), "mode": mode}
     try:
         with time_limit(timeout_s):
-            ms = _time_one(make, T, D, n, dtype, device, mode)
+            with knobs(make):
+                ms = _time_one(make, T, D, n, dtype, device, mode)
         gbs = ideal / (ms * 1e-3) / 1e9
         row.update(status="ok", ms=round(ms, 4), gbs=round(gbs, 1), pct_copy=round(100 * gbs / copy_gbs, 1) if copy_gbs else None)
     except Exception as e:  # a peer that cannot run a shape is REPORTED, not dropped
@@ -320,6 +347,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--impls", default="all", help="comma-separated substrings of implementation names")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--sweep-elements-per-thread", default="",
+                    help="also time our kernel with these ELEMENTS_PER_THREAD values (comma-separated, e.g. 16)")
     ap.add_argument("--point-timeout", type=int, default=90,
                     help="seconds one check or timed point may take (a peer's autotuning or a hang) before it is reported as such")
     args = ap.parse_args(argv)
@@ -330,6 +359,9 @@ def main(argv=None) -> dict:
     grid = GRIDS[grid_name]
     dtype = getattr(torch, args.dtype)
     impls = {k: v for k, v in IMPLS.items() if args.impls == "all" or any(s in k for s in args.impls.split(","))}
+    for ept in (int(x) for x in args.sweep_elements_per_thread.split(",") if x):
+        # our kernel again with another launch configuration, timed side by side in this run
+        impls[f"ours (attn_res_triton, {ept} elements/thread)"] = _with_elements_per_thread(_ours, ept)
     copy_gbs = copy_bandwidth_gbs(device, nbytes=(64 << 20) if smoke else (2 << 30))
 
     date = _dt.date.today().isoformat()
@@ -360,7 +392,8 @@ def main(argv=None) -> dict:
         T, D, n = grid[0]
         try:
             with time_limit(args.point_timeout):
-                out_err, grad_err = check_against_reference(make, T, D, n, dtype, device)
+                with knobs(make):
+                    out_err, grad_err = check_against_reference(make, T, D, n, dtype, device)
             tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
             ok = out_err <= tol and (grad_err is None or grad_err <= tol)
             checks[name] = {"status": "ok" if ok else "WRONG RESULT (not timed)", "out": out_err, "grad": grad_err}

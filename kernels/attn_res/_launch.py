@@ -18,9 +18,16 @@ from torch import Tensor
 MAX_SOURCES = 16
 
 # Element budget of one program's [BLOCK_T, BLOCK_D] tile on a GPU: with BLOCK_D = next_pow2(D),
-# BLOCK_T = budget // BLOCK_D (D=4096 -> 1 token per program, 8 warps, 16 fp32 registers a thread).
-# The interpreter pays per program and per op, not per element: it gets much larger tiles.
+# BLOCK_T = budget // BLOCK_D (D=4096 -> 1 token per program). The interpreter pays per program and
+# per op, not per element: it gets much larger tiles.
 GPU_TILE_ELEMENTS = 4096
+# Warps are chosen so that each thread holds ELEMENTS_PER_THREAD elements of each source tile.
+# Registers read off the sm_90 cubins (bf16, 9 sources at D=4096 / 16 at D=7168):
+#   forward:  16 per thread -> 128 / 128 registers + 144 B spills;  8 per thread -> 60 / 60, no spills
+#   backward: 16 per thread -> 150 / 128 + 80 B spills;   8 per thread -> 105 / (32 warps) 64 + 368 B
+# A block of 32 warps may use at most 64 registers a thread, so the backward stops at 16 warps.
+# Not yet timed on a GPU against 16 per thread: benchmarks/attn_res sweeps both.
+ELEMENTS_PER_THREAD = 8
 INTERPRET_TILE_ELEMENTS = 1 << 15
 
 # Tests set this to True: every output buffer is then allocated filled with NaN, so an element the
@@ -92,14 +99,14 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def tile(T: int, D: int, budget: int | None = None) -> tuple[int, int, int]:
+def tile(T: int, D: int, budget: int | None = None, max_warps: int = 16) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) for T tokens of hidden size D. BLOCK_D covers the whole row:
     the RMSNorm and the score need the full row, and a whole row per program keeps one pass."""
     if budget is None:
         budget = INTERPRET_TILE_ELEMENTS if interpreting() else GPU_TILE_ELEMENTS
     block_d = next_pow2(D)
     block_t = max(1, min(next_pow2(max(T, 1)), budget // block_d))
-    num_warps = max(1, min(16, block_t * block_d // 512))  # 8 warps at 4096 elements, 16 at 8192
+    num_warps = max(1, min(max_warps, block_t * block_d // (32 * ELEMENTS_PER_THREAD)))
     return block_t, block_d, num_warps
 
 
