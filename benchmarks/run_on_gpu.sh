@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (a lent GPU machine is billed by the second):
 #   setup           pip-install this repo (editable, offline) and the peers' wheels found in .whl/
-#   tests           the kernels' numerics suite compiled and run on CUDA (tests/kernels, cuda suite)
+#   tests           the kernels' numerics suite compiled and run on CUDA (tests/kernels, cuda suite),
+#                   then tests/test_backend_cuda.py (the compile backend with the Triton lowering)
 #   attn [GRID [OPTIONS]]  benchmarks/attn_res/bench_attn_res.py --grid GRID (default: quick) OPTIONS
 #   backend [ARGS]  benchmarks/backend/bench_backend.py --gpu-size ARGS
 # Usage:  bash benchmarks/run_on_gpu.sh setup tests "attn quick" "backend --only original+inductor"
@@ -39,8 +40,9 @@ for spec in "$@"; do
             ;;
         tests)
             # the cuda run of tests/kernels/test_kernels_subprocess.py, inline so its progress streams
-            RR_KERNELS_SUITE=numerics RR_KERNELS_DEVICE=cuda step tests \
+            RR_KERNELS_SUITE=numerics RR_KERNELS_DEVICE=cuda step tests-kernels \
                 python3 -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/numerics ${TESTS_K:+-k "$TESTS_K"}
+            step tests-backend python3 -m pytest -v -p no:cacheprovider tests/test_backend_cuda.py
             ;;
         attn)
             # shellcheck disable=SC2086
