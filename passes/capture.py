@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -219,6 +220,33 @@ def _autowrap_candidates(modules: Sequence[Any]) -> list[Callable]:
     return found
 
 
+# Factory functions that take the size as varargs: ``torch.ones(n, seq_len)`` with traced sizes fails
+# in torch's argument parser before FX sees it ("ones() takes 1 positional argument but 2 were
+# given"; OPT and BART decoders do this), while ``torch.ones((n, seq_len))`` traces fine.
+_VARARG_SIZE_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")
+
+
+@contextlib.contextmanager
+def _traceable_size_varargs():
+    """While tracing, these factories pack traced varargs sizes into the tuple form they also accept."""
+    def packing(fn):
+        @functools.wraps(fn)
+        def factory(*args, **kwargs):
+            if len(args) > 1 and any(isinstance(a, fx.Proxy) for a in args):
+                return fn(tuple(args), **kwargs)
+            return fn(*args, **kwargs)
+        return factory
+
+    originals = {name: getattr(torch, name) for name in _VARARG_SIZE_FACTORIES}
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, packing(fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
 def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
     modules = _modeling_modules(model)
     tracer = ResidualTracer(
@@ -228,7 +256,8 @@ def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
     )
     tracer.example_inputs = example_inputs
     root = _make_root(model, input_names, call)
-    graph = tracer.trace(root)
+    with _traceable_size_varargs():
+        graph = tracer.trace(root)
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
 
 

@@ -56,8 +56,8 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder) -> N
             raise ConversionError(
                 f"cannot convert exactly: the residual stream after {stream.sites[-1].sublayer} is read by "
                 f"{norms.module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), "
-                "which is not a normalization. AttnRes streams must end in a norm (the final norm); this is "
-                "typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
+                "which is not a normalization. AttnRes streams must end in a norm (the final norm); "
+                + _why_not_a_norm(user)
             )
     readers = [u for u in last.users if u not in finder.drop_metadata_edges(last)]
     stream.consumer_nodes = [u.name for u in readers]
@@ -100,3 +100,15 @@ def nothing_matched_message(plan: Plan) -> str:
             f"a norm, so a residual may be inside: {shown}"
         )
     return "\n".join(lines)
+
+
+_RESHAPES = {"reshape", "view", "flatten", "unflatten"}
+
+
+def _why_not_a_norm(user) -> str:
+    name = getattr(user.target, "__name__", user.target)
+    if name in _RESHAPES:
+        return ("here the stream is reshaped between sublayers (OPT flattens the tokens around its MLP), "
+                "which the rewrite does not follow yet.")
+    return "this is typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
+

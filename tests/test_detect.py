@@ -143,6 +143,54 @@ def test_hugging_face_models_that_are_refused(name, match):
         rr.convert(model)
 
 
+def _seq2seq_decoder(name):
+    """OPT / BART / mBART causal-LM decoders: their forward builds masks with ``torch.ones(b, t)``."""
+    transformers = pytest.importorskip("transformers")
+    if name == "opt":
+        cfg = transformers.OPTConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2, ffn_dim=80,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=48)
+        return transformers.OPTForCausalLM(cfg).eval()
+    kw = dict(vocab_size=128, d_model=48, decoder_layers=2, encoder_layers=2, decoder_ffn_dim=80, encoder_ffn_dim=80,
+              decoder_attention_heads=4, encoder_attention_heads=4, max_position_embeddings=64)
+    cls = {"bart": (transformers.BartConfig, transformers.BartForCausalLM),
+           "mbart": (transformers.MBartConfig, transformers.MBartForCausalLM)}[name]
+    return cls[1](cls[0](**kw)).eval()
+
+
+def test_mbart_decoder_converts_exactly():
+    """mBART's pre-norm decoder: traced through since varargs factory sizes (``torch.ones(b, t)`` with
+    traced sizes) are packed for FX; before that its decoder stayed opaque and nothing was found."""
+    model = _seq2seq_decoder("mbart").double()
+    converted = rr.convert(model, block_size=1)
+    assert len(converted.report.sites) == 4 and not converted.report.plan.opaque_modules
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(converted(x).logits, model(x).logits) <= 1e-10
+
+
+@pytest.mark.parametrize("name, match", [("opt", "reshaped between sublayers"), ("bart", "post-norm")])
+def test_seq2seq_decoders_that_are_refused(name, match):
+    """OPT flattens the tokens around its MLP (the stream is reshaped mid-way); BART is post-norm.
+    Both are traced into now and refused for what they are, not for an untraceable decoder."""
+    model = _seq2seq_decoder(name)
+    with pytest.raises(rr.ConversionError, match=match) as info:
+        rr.convert(model)
+    assert "could not be traced" not in str(info.value)
+
+
+def test_varargs_factory_sizes_trace():
+    from residual_rewriter.passes.capture import capture
+
+    class MaskedLM(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype) + torch.zeros(x.shape[0], 1, x.shape[2])
+
+    captured = capture(MaskedLM(), (torch.randn(2, 3, 4),))
+    x = torch.randn(5, 6, 4)
+    torch.testing.assert_close(captured.graph_module(x), MaskedLM()(x))
+    assert torch.ones(2, 3).shape == (2, 3)  # the patch is gone after tracing
+
+
 def test_elementwise_adds_are_not_reported_as_left_out():
     report = rr.detect(make_hf("gpt2"))  # GPT-2's GELU computes x + 0.044715 * x**3
     assert report.left_out == []
