@@ -6,6 +6,11 @@ A parallel block written ``(x + f(n(x))) + g(n(x))`` (Cohere) or ``x + f(n1(x)) 
   * the inner add is used only by the outer one (nothing else sees the partial sum), and
   * ``x`` is an ancestor of both ``f`` and ``g``, which do not depend on each other.
 Float addition is re-associated, so results change at rounding level only.
+
+A sublayer written on a reshaped stream, ``(R(x) + g(n(R(x)))).view(x.shape)`` (OPT flattens the
+tokens around its MLP: ``R = reshape(-1, D)``), hides the stream ``x``. ``sink_residual_reshapes``
+rewrites it to ``x + g(n(R(x))).reshape(x.shape)`` when the sum is read only by that view back to
+``x``'s own shape. Reshapes keep the elements' logical order, so this is exact.
 """
 from __future__ import annotations
 
@@ -50,6 +55,51 @@ def regroup_residual_sums(gm: fx.GraphModule) -> int:
                 if progress:
                     break
             if progress:
+                break
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+_RESHAPES = {"reshape", "view", "flatten"}
+
+
+def _is_reshape_of(n, x=None) -> bool:
+    return (isinstance(n, fx.Node) and n.op == "call_method" and n.target in _RESHAPES
+            and (x is None or n.args[0] is x))
+
+
+def _is_shape_of(n) -> fx.Node | None:
+    """``x.shape`` / ``x.size()`` -> x."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return n.args[0]
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 1:
+        return n.args[0]
+    return None
+
+
+def sink_residual_reshapes(gm: fx.GraphModule) -> int:
+    """Rewrite ``gm`` in place; returns how many reshaped residual adds were moved back onto the stream."""
+    changed = 0
+    for back in list(gm.graph.nodes):
+        # back = (R(x) + g).view(x.shape)
+        if not (_is_reshape_of(back) and back.target in ("view", "reshape") and len(back.args) == 2 and not back.kwargs):
+            continue
+        add, x = back.args[0], _is_shape_of(back.args[1])
+        if x is None or not _is_add(add) or set(add.users) != {back}:
+            continue
+        for r, g in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            if _is_reshape_of(r, x) and isinstance(g, fx.Node):
+                with gm.graph.inserting_before(back):
+                    g_back = gm.graph.call_method("reshape", (g, back.args[1]))
+                    new_add = gm.graph.call_function(operator.add, (x, g_back))
+                back.replace_all_uses_with(new_add)
+                gm.graph.erase_node(back)
+                gm.graph.erase_node(add)
+                changed += 1
                 break
     if changed:
         gm.graph.lint()

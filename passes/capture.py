@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .canonicalize import regroup_residual_sums
+from .canonicalize import regroup_residual_sums, sink_residual_reshapes
 from .modes import in_mode, merge_train_eval
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
@@ -288,6 +288,7 @@ def capture(
     gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
         gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs)
+    sink_residual_reshapes(gm)
     regroup_residual_sums(gm)
     gm.train(model.training)
     return Captured(

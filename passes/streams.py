@@ -108,7 +108,8 @@ _RESHAPES = {"reshape", "view", "flatten", "unflatten"}
 def _why_not_a_norm(user) -> str:
     name = getattr(user.target, "__name__", user.target)
     if name in _RESHAPES:
-        return ("here the stream is reshaped between sublayers (OPT flattens the tokens around its MLP), "
-                "which the rewrite does not follow yet.")
+        return ("here the stream is reshaped between sublayers. The rewrite follows a sublayer run on a "
+                "reshaped stream only when its residual sum is viewed straight back to the stream's shape "
+                "(OPT's `(x.reshape(-1, D) + mlp(...)).view(x.shape)`, see passes/canonicalize.py).")
     return "this is typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
 

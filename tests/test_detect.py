@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from model_zoo import make_gpt, make_hf, rel_err
+from model_zoo import make_gpt, make_hf, perturb_attn_res, rel_err
 from toy_models import (
     NORM_KINDS,
     ParallelLM,
@@ -157,10 +157,13 @@ def _seq2seq_decoder(name):
     return cls[1](cls[0](**kw)).eval()
 
 
-def test_mbart_decoder_converts_exactly():
-    """mBART's pre-norm decoder: traced through since varargs factory sizes (``torch.ones(b, t)`` with
-    traced sizes) are packed for FX; before that its decoder stayed opaque and nothing was found."""
-    model = _seq2seq_decoder("mbart").double()
+@pytest.mark.parametrize("name", ["mbart", "opt"])
+def test_mbart_and_opt_decoders_convert_exactly(name):
+    """Traced through since varargs factory sizes (``torch.ones(b, t)`` with traced sizes) are packed
+    for FX; before, their decoders stayed opaque and nothing was found. OPT also runs its MLP on the
+    stream flattened to [tokens, D] and views it back: ``sink_residual_reshapes`` moves that add back
+    onto the stream."""
+    model = _seq2seq_decoder(name).double()
     converted = rr.convert(model, block_size=1)
     assert len(converted.report.sites) == 4 and not converted.report.plan.opaque_modules
     x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -168,14 +171,44 @@ def test_mbart_decoder_converts_exactly():
         assert rel_err(converted(x).logits, model(x).logits) <= 1e-10
 
 
-@pytest.mark.parametrize("name, match", [("opt", "reshaped between sublayers"), ("bart", "post-norm")])
-def test_seq2seq_decoders_that_are_refused(name, match):
-    """OPT flattens the tokens around its MLP (the stream is reshaped mid-way); BART is post-norm.
-    Both are traced into now and refused for what they are, not for an untraceable decoder."""
-    model = _seq2seq_decoder(name)
-    with pytest.raises(rr.ConversionError, match=match) as info:
-        rr.convert(model)
+def test_bart_decoder_is_refused_as_post_norm():
+    """Traced into now, and refused for what it is rather than for an untraceable decoder."""
+    with pytest.raises(rr.ConversionError, match="post-norm") as info:
+        rr.convert(_seq2seq_decoder("bart"))
     assert "could not be traced" not in str(info.value)
+
+
+class FlattenedMLPBlockLM(torch.nn.Module):
+    """OPT's layout in miniature: the MLP sublayer runs on the stream flattened to [tokens, D]."""
+
+    def __init__(self, d=24, layers=2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, d)
+        self.n1 = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.f1 = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.n2 = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.f2 = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for n1, f1, n2, f2 in zip(self.n1, self.f1, self.n2, self.f2):
+            h = h + f1(n1(h))
+            shape = h.shape
+            flat = h.reshape(-1, h.size(-1))
+            h = (flat + f2(n2(flat))).view(shape)
+        return self.norm(h)
+
+
+def test_sublayer_on_a_flattened_stream_converts():
+    model = FlattenedMLPBlockLM().double()
+    converted = rr.convert(model, example_inputs=(torch.randint(0, 50, (2, 5)),), block_size=1)
+    assert len(converted.report.sites) == 4
+    x = torch.randint(0, 50, (3, 7))
+    assert rel_err(converted(x), model(x)) <= 1e-10
+    perturb_attn_res(converted, seed=1)  # a real mixture still runs forward and backward
+    converted(x).pow(2).mean().backward()
+    assert all(m.query.grad is not None for m in converted.attn_res.values())
 
 
 def test_varargs_factory_sizes_trace():
