@@ -11,6 +11,8 @@ interleaved in ONE run and reported as ratios to ``original + inductor``:
     converted + attnres -fuse_norm  RMSNorm fusion off
     converted + attnres -lower      CPU: library ops kept (their eager reference); CUDA: lower="decompose"
                                     (inductor-generated code instead of the hand-written Triton kernels)
+    converted + attnres+ept16       the Triton kernels with 16 elements per thread (the launch
+                                    configuration before session 2; CPU: same as converted + attnres)
 
 Prints a table, writes ``benchmarks/results/backend-<device>-<date>.json``.
 
@@ -20,6 +22,7 @@ Prints a table, writes ``benchmarks/results/backend-<device>-<date>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -58,7 +61,22 @@ def variants(device: str) -> dict:
         "attnres -batch": ("converted", make_attnres_backend(batch_two_phase=False)),
         "attnres -fuse_norm": ("converted", make_attnres_backend(fuse_norm=False)),
         "attnres -lower": ("converted", make_attnres_backend(lower=alt_lower)),
+        # the kernels' previous launch configuration (kernels/attn_res/_launch.py), for comparison
+        "attnres+ept16": ("converted", make_attnres_backend(), 16),
     }
+
+
+@contextlib.contextmanager
+def elements_per_thread(ept):
+    """Launch the Triton kernels with ``_launch.ELEMENTS_PER_THREAD = ept`` (None: the default)."""
+    from residual_rewriter.kernels.attn_res import _launch
+
+    old = _launch.ELEMENTS_PER_THREAD
+    _launch.ELEMENTS_PER_THREAD = ept or old
+    try:
+        yield
+    finally:
+        _launch.ELEMENTS_PER_THREAD = old
 
 
 def versions() -> dict:
@@ -131,16 +149,18 @@ def main(argv=None):
     with torch.no_grad():  # eager outputs: every compiled variant is checked against its own model's
         eager_logits = {k: m(ids).logits.float() for k, m in models.items()}
     train_fns, fwd_fns, compile_s, pass_logs, max_rel_err = {}, {}, {}, {}, {}
-    for name, (which, backend) in chosen.items():
+    for name, (which, backend, *knob) in chosen.items():
         model = models[which]
         compiled = torch.compile(model, backend=backend)
+        ept = knob[0] if knob else None
 
-        def train_step(compiled=compiled, model=model):
+        def train_step(compiled=compiled, model=model, ept=ept):
             model.zero_grad(set_to_none=True)
-            compiled(ids).logits.float().mean().backward()
+            with elements_per_thread(ept):
+                compiled(ids).logits.float().mean().backward()
 
-        def forward(compiled=compiled):
-            with torch.no_grad():
+        def forward(compiled=compiled, ept=ept):
+            with torch.no_grad(), elements_per_thread(ept):
                 compiled(ids)
 
         t0 = time.perf_counter()

@@ -30,8 +30,12 @@ def _params(D, seed=1):
     return cpu_randn(D, generator=g) * 0.3, 1 + 0.3 * cpu_randn(D, generator=g)
 
 
+@pytest.mark.parametrize("elements_per_thread", [8, 16])  # the default launch config and the one the benchmark sweeps
 @pytest.mark.parametrize("T,D,n", [(16384 + 7, 4096, 9), (1000, 7168, 16), (8191, 1024, 2)])
-def test_paper_shapes_fwd_bwd(monkeypatch, T, D, n):
+def test_paper_shapes_fwd_bwd(monkeypatch, T, D, n, elements_per_thread):
+    from residual_rewriter.kernels.attn_res import _launch
+
+    monkeypatch.setattr(_launch, "ELEMENTS_PER_THREAD", elements_per_thread)
     sources = [s.requires_grad_(True) for s in _sources(T, D, n)]
     q, w = (p.requires_grad_(True) for p in _params(D))
     with spy_on(monkeypatch, fused, "_fwd_kernel", "_bwd_kernel"):
