@@ -162,3 +162,14 @@ def test_torch_save_refuses_a_mode_following_graph():
     converted = rr.convert(ModeLM())
     with pytest.raises(TypeError, match="state_dict"):
         torch.save(converted, io.BytesIO())
+
+
+def test_calling_with_inputs_it_was_not_captured_with_says_what_to_do():
+    converted = rr.convert(make_hf("llama"))
+    x = torch.randint(0, 128, (2, 5))
+    assert converted.input_names() == ["input_ids"]
+    torch.testing.assert_close(converted(input_ids=x).logits, converted(x).logits)
+    with pytest.raises(TypeError, match=r"takes \(input_ids\).*attention_mask, labels.*keep_class=True"):
+        converted(x, attention_mask=torch.ones(2, 5), labels=x)
+    with pytest.raises(TypeError, match="2 positional arguments"):
+        converted(x, x)
