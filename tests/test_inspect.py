@@ -183,6 +183,27 @@ def test_weights_rows_sum_to_one_and_are_learned(model):
     assert max((row[:n] - 1.0 / n).abs().max().item() for row, n in multi) > 0.05
 
 
+def test_weights_token_mask_averages_kept_tokens_only(model):
+    """Masking tokens out (padding) equals averaging over the kept tokens alone: with a causal model,
+    keeping the first k positions gives the weights of the input cut to those k positions."""
+    converted = rr.convert(model, block_size=2)
+    _perturb_queries(converted, seed=2)
+    (x,) = model.example_inputs()
+    k = x.shape[1] // 2
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[:, :k] = True
+    masked = rri.depth_attention_weights(converted, x, token_mask=mask)
+    cut = rri.depth_attention_weights(converted, x[:, :k])
+    assert masked.num_tokens == cut.num_tokens == x.shape[0] * k
+    torch.testing.assert_close(masked.weights, cut.weights, equal_nan=True)
+    assert not torch.allclose(torch.nan_to_num(masked.weights),
+                              torch.nan_to_num(rri.depth_attention_weights(converted, x).weights))
+    with pytest.raises(ValueError, match="one flag per token"):
+        rri.depth_attention_weights(converted, x, token_mask=mask[0])
+    with pytest.raises(ValueError, match="keeps no token"):
+        rri.depth_attention_weights(converted, x, token_mask=torch.zeros_like(mask))
+
+
 def test_weights_match_the_reference_directly(model):
     """The recorded mean equals the reference weights computed by hand on the final aggregation's inputs."""
     converted = rr.convert(model, block_size=2)

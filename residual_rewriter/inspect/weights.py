@@ -69,11 +69,12 @@ class DepthWeights:
 class _WeightRecorder(fx.Interpreter):
     """Runs the graph; at each aggregation records the token-mean softmax weights over its sources."""
 
-    def __init__(self, module: fx.GraphModule):
+    def __init__(self, module: fx.GraphModule, token_mask: Optional[Tensor] = None):
         super().__init__(module)
         self.records: list[tuple[fx.Node, Tensor]] = []
         self._node: Optional[fx.Node] = None
         self.num_tokens = 0
+        self.token_mask = token_mask
 
     def run_node(self, n: fx.Node) -> Any:
         self._node = n
@@ -83,8 +84,19 @@ class _WeightRecorder(fx.Interpreter):
         if is_aggregation(self._node):
             sources, query, norm_weight, eps = args[:4]
             w = attn_res_weights_reference(sources, query, norm_weight, eps)  # [n_sources, *token dims]
-            self.records.append((self._node, w.reshape(w.shape[0], -1).float().mean(1)))  # [n_sources]
-            self.num_tokens = w[0].numel()
+            if self.token_mask is None:
+                self.records.append((self._node, w.reshape(w.shape[0], -1).float().mean(1)))  # [n_sources]
+                self.num_tokens = w[0].numel()
+            else:  # the mean over the tokens the mask keeps (e.g. not padding)
+                if self.token_mask.shape != w.shape[1:]:
+                    raise ValueError(
+                        f"token_mask has shape {tuple(self.token_mask.shape)}, but {self._node.name} mixes tokens "
+                        f"of shape {tuple(w.shape[1:])} (the sources' shape without the hidden dim): pass one "
+                        "flag per token, e.g. the attention_mask [batch, seq]"
+                    )
+                keep = self.token_mask.to(device=w.device, dtype=torch.float32).reshape(-1)
+                self.records.append((self._node, (w.reshape(w.shape[0], -1).float() * keep).sum(1) / keep.sum()))
+                self.num_tokens = int(keep.sum().item())
         return super().call_function(target, args, kwargs)
 
 
@@ -115,12 +127,13 @@ def _rows_from_report(module: fx.GraphModule) -> list[tuple[str, str, int]]:
     return rows
 
 
-def depth_attention_weights(module: fx.GraphModule, *inputs: Any) -> DepthWeights:
+def depth_attention_weights(module: fx.GraphModule, *inputs: Any, token_mask: Optional[Tensor] = None) -> DepthWeights:
     """The mean depth-attention weight of every aggregation of ``module`` over ``inputs``.
 
     ``module`` is what ``convert`` returned (trained or not); ``inputs`` are its forward's positional
     arguments (for example ``model.example_inputs()`` of the original model). At init (zero queries)
-    every row is uniform, 1 / its number of sources.
+    every row is uniform, 1 / its number of sources. ``token_mask`` (one flag per token, e.g. an
+    attention mask ``[batch, seq]``) averages over the kept tokens only, so padding does not count.
 
     Rows follow the report (every sublayer, then the final aggregation, per stream). A sublayer that
     reads a single source (the first one, b_0) may have no aggregation node in the graph (a softmax
@@ -130,7 +143,9 @@ def depth_attention_weights(module: fx.GraphModule, *inputs: Any) -> DepthWeight
         raise TypeError(f"expected the module convert() returned (an fx.GraphModule), got {type(module).__name__}")
     if not any(is_aggregation(n) for n in module.graph.nodes):
         raise ValueError("this module has no AttnRes aggregations: pass the module convert() returned")
-    recorder = _WeightRecorder(module)
+    if token_mask is not None and not token_mask.any():
+        raise ValueError("token_mask keeps no token: there is nothing to average")
+    recorder = _WeightRecorder(module, token_mask)
     with torch.no_grad(), _eval(module):
         recorder.run(*inputs)
     measured = {node.meta.get("residual_rewriter", {}).get("prefix", node.name): w for node, w in recorder.records}
