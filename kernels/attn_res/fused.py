@@ -55,6 +55,30 @@ def _query_row(q_ptr, w_ptr, qoff, cols, cmask, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _store_rms_normed(normed_ptr, wo_ptr, offs, mix, cols, cmask, mask, D, out_eps, HAS_WO: tl.constexpr):
+    """Store RMSNorm(mix) * wo, the sublayer's own pre-norm, from the fp32 mixture (before rounding)."""
+    rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
+    y = mix * rm[:, None]
+    if HAS_WO:
+        y = y * tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(normed_ptr + offs, y.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward(mix, dn, wo, D, out_eps, HAS_WO: tl.constexpr):
+    """Backward of y = RMSNorm(mix) * wo for one tile: (d mix [BLOCK_T, BLOCK_D], this tile's d wo
+    [BLOCK_D], zeros without HAS_WO). ``wo`` is the fp32 gain row (any row without HAS_WO)."""
+    rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
+    nm = mix * rm[:, None]
+    if HAS_WO:
+        dwo = tl.sum(dn * nm, 0)
+        dn = dn * wo[None, :]
+    else:
+        dwo = wo * 0.0
+    return rm[:, None] * (dn - nm * (tl.sum(dn * nm, 1) / D)[:, None]), dwo
+
+
+@triton.jit
 def _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """One pass over the N sources for one tile: returns (m, l, acc) of the online softmax —
@@ -113,12 +137,8 @@ def _fwd_kernel(
     tl.store(out_ptr + obase + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if STORE_LSE:
         tl.store(lse_ptr + pid_q.to(tl.int64) * T + rows64, m + tl.log(l), mask=rmask)
-    if NORMED:  # the sublayer's own pre-norm, from the fp32 mixture (before rounding)
-        rm = tl.rsqrt(tl.sum(out * out, 1) / D + out_eps)
-        y = out * rm[:, None]
-        if HAS_WO:
-            y = y * tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(normed_ptr + offs, y.to(normed_ptr.dtype.element_ty), mask=mask)
+    if NORMED:
+        _store_rms_normed(normed_ptr, wo_ptr, offs, out, cols, cmask, mask, D, out_eps, HAS_WO)
 
 
 @triton.jit
@@ -141,6 +161,7 @@ def _bwd_kernel(
     q = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)  # q' [BLOCK_D]
     dqg = tl.zeros([BLOCK_D], tl.float32)
     dwo = tl.zeros([BLOCK_D], tl.float32)
+    wo = q  # a placeholder row unless HAS_WO
     if HAS_WO:
         wo = tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for t in range(pid, num_tiles, nprog):  # persistent: one partial row per program
@@ -155,13 +176,10 @@ def _bwd_kernel(
         mix = acc * (scale / l)[:, None]  # [BLOCK_T, BLOCK_D]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if NORMED:  # fold RMSNorm(mix) * wo's backward into dy
-            rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
-            nm = mix * rm[:, None]
             dn = tl.load(dnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_WO:
-                dwo += tl.sum(dn * nm, 0)
-                dn = dn * wo[None, :]
-            dy += rm[:, None] * (dn - nm * (tl.sum(dn * nm, 1) / D)[:, None])
+            d_mix, d_wo = _rms_norm_backward(mix, dn, wo, D, out_eps, HAS_WO)
+            dy += d_mix
+            dwo += d_wo
         abar = tl.sum(dy * mix, 1)  # = sum_i a_i * scale * dy.v_i   [BLOCK_T]
         # pass 2: per-source gradients
         for i in tl.static_range(N):

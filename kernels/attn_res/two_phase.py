@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _launch as L
-from .fused import _online_mix, _query_row, forward_launch, triton, tl
+from .fused import _online_mix, _query_row, _rms_norm_backward, _store_rms_normed, forward_launch, triton, tl
 
 
 @triton.jit
@@ -143,12 +143,8 @@ def _phase2_fwd_kernel(
     mix = o * scale  # fp32
     offs = rows64[:, None] * D + cols[None, :]
     tl.store(out_ptr + offs, mix.to(out_ptr.dtype.element_ty), mask=mask)
-    if NORMED:  # the sublayer's own pre-norm, from the fp32 mixture (before rounding)
-        rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
-        y = mix * rm[:, None]
-        if HAS_WO:
-            y = y * tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(normed_ptr + offs, y.to(normed_ptr.dtype.element_ty), mask=mask)
+    if NORMED:
+        _store_rms_normed(normed_ptr, wo_ptr, offs, mix, cols, cmask, mask, D, out_eps, HAS_WO)
 
 
 @triton.jit
@@ -170,6 +166,7 @@ def _phase2_bwd_kernel(
     q = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
     dqg = tl.zeros([BLOCK_D], tl.float32)
     dwo = tl.zeros([BLOCK_D], tl.float32)
+    wo = q  # a placeholder row unless HAS_WO
     if HAS_WO:
         wo = tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for t in range(pid, num_tiles, nprog):
@@ -189,13 +186,10 @@ def _phase2_bwd_kernel(
                 mix = (a1[:, None] * o + ap[:, None] * p) * scale
             else:
                 mix = o * scale
-            rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
-            nm = mix * rm[:, None]
             dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_WO:
-                dwo += tl.sum(dn * nm, 0)
-                dn = dn * wo[None, :]
-            dy += rm[:, None] * (dn - nm * (tl.sum(dn * nm, 1) / D)[:, None])
+            d_mix, d_wo = _rms_norm_backward(mix, dn, wo, D, out_eps, HAS_WO)
+            dy += d_mix
+            dwo += d_wo
         if HAS_P:
             da1 = scale * tl.sum(dy * o, 1)
             dap = scale * tl.sum(dy * p, 1)
