@@ -17,12 +17,14 @@ Each o_c is rounded once to the input dtype, so the merged output carries one ex
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _launch as L
+from .reference import _with_out_norm
+from .reference_grads import _fold_out_norm
 
 
 def needs_chunks(sources: Sequence[Tensor]) -> bool:
@@ -34,34 +36,33 @@ def _chunks(sources: Sequence[Tensor]):
     return [list(sources[i:i + k]) for i in range(0, len(sources), k)]
 
 
-def _phase1_parts(sources, queries, norm_weights, eps):
-    from .two_phase import phase1_fwd
+class _Merged(NamedTuple):
+    parts: list  # per chunk: (o_c [S, ..., D] input dtype, l_c [S, ...] fp32)
+    weights: Tensor  # w_c [C, S, ...]
+    lse: Tensor  # [S, ...]
+    out: Tensor  # [S, ..., D] fp32
 
-    parts = [phase1_fwd(chunk, queries, norm_weights, eps) for chunk in _chunks(sources)]
+
+def _forward(sources, queries, norm_weights, eps) -> _Merged:
+    from .two_phase import phase1_fwd as chunk_fwd
+
+    parts = [chunk_fwd(chunk, queries, norm_weights, eps) for chunk in _chunks(sources)]
     lses = torch.stack([lse for _, lse in parts])  # [C, S, ...] fp32
     lse = torch.logsumexp(lses, 0)  # [S, ...]
     weights = torch.exp(lses - lse)  # [C, S, ...]
-    return parts, weights, lse
-
-
-def phase1_fwd(sources, queries: Tensor, norm_weights: Optional[Tensor], eps: float):
-    """(out [S, ..., D] fp32, lse [S, ...] fp32) over any number of sources."""
-    parts, weights, lse = _phase1_parts(sources, queries, norm_weights, eps)
     out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
-    return out, lse
+    return _Merged(parts, weights, lse, out)
 
 
-def phase1_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], sources, queries, norm_weights, eps):
-    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None); recomputes the forward."""
+def _backward(fw: _Merged, G: Tensor, GL: Optional[Tensor], sources, queries, norm_weights, eps):
+    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None) from G = dL/d out (fp32)
+    and GL = dL/d lse (or None), through the merge and each chunk's phase-1 backward kernel."""
     from .two_phase import phase1_bwd as chunk_bwd
 
-    parts, weights, lse = _phase1_parts(sources, queries, norm_weights, eps)
-    G = grad_out.float()
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
-    g_dot_out = (G * out).sum(-1)  # [S, ...]
+    g_dot_out = (G * fw.out).sum(-1)  # [S, ...]
     grad_sources, grad_q, grad_w = [], 0, 0
-    for chunk, w, (o, l) in zip(_chunks(sources), weights, parts):
-        d_l = w * ((G * o.float()).sum(-1) - g_dot_out + (grad_lse.float() if grad_lse is not None else 0))
+    for chunk, w, (o, l) in zip(_chunks(sources), fw.weights, fw.parts):
+        d_l = w * ((G * o.float()).sum(-1) - g_dot_out + (GL.float() if GL is not None else 0))
         gs, gq, gw = chunk_bwd(w[..., None] * G, d_l, chunk, queries, norm_weights, eps, o, l)
         grad_sources += gs
         grad_q = grad_q + gq.float()
@@ -71,8 +72,25 @@ def phase1_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], sources, queries, n
     return grad_sources, grad_q, grad_w
 
 
+def phase1_fwd(sources, queries: Tensor, norm_weights: Optional[Tensor], eps: float):
+    """(out [S, ..., D] fp32, lse [S, ...] fp32) over any number of sources."""
+    fw = _forward(sources, queries, norm_weights, eps)
+    return fw.out, fw.lse
+
+
+def phase1_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], sources, queries, norm_weights, eps):
+    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None); recomputes the forward."""
+    fw = _forward(sources, queries, norm_weights, eps)
+    return _backward(fw, grad_out.float(), grad_lse, sources, queries, norm_weights, eps)
+
+
 def _one_query(query, norm_weight):
     return query[None], (norm_weight[None] if norm_weight is not None else None)
+
+
+def _single_query_backward(fw, G, sources, query, norm_weight, eps):
+    gs, gq, gw = _backward(fw, G[None], None, sources, *_one_query(query, norm_weight), eps)
+    return gs, gq[0], (gw[0] if gw is not None else None)
 
 
 def attn_res_fwd(sources, query, norm_weight, eps, scale) -> Tensor:
@@ -81,36 +99,19 @@ def attn_res_fwd(sources, query, norm_weight, eps, scale) -> Tensor:
 
 
 def attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale):
-    gs, gq, gw = phase1_bwd(scale * grad_out.float()[None], None, sources, *_one_query(query, norm_weight), eps)
-    return gs, gq[0], (gw[0] if gw is not None else None)
-
-
-def _rms_norm(mix: Tensor, weight: Optional[Tensor], eps: float):
-    """(RMSNorm(mix) * weight, the normalised mix, 1/rms), all fp32; mix is fp32."""
-    r = torch.rsqrt(mix.pow(2).mean(-1, keepdim=True) + eps)
-    n = mix * r
-    return (n * weight.float() if weight is not None else n), n, r
+    fw = _forward(sources, *_one_query(query, norm_weight), eps)
+    return _single_query_backward(fw, scale * grad_out.float(), sources, query, norm_weight, eps)
 
 
 def attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
     out, _ = phase1_fwd(sources, *_one_query(query, norm_weight), eps)
-    mix = scale * out[0]
-    y, _, _ = _rms_norm(mix, out_norm_weight, out_eps)
-    return mix.to(sources[0].dtype), y.to(sources[0].dtype)
+    return _with_out_norm(scale * out[0], out_norm_weight, out_eps, sources[0].dtype)
 
 
 def attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
     """(grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight), as the reference."""
-    out, _ = phase1_fwd(sources, *_one_query(query, norm_weight), eps)
-    mix = scale * out[0]
-    _, n, r = _rms_norm(mix, out_norm_weight, out_eps)
-    dn = grad_normed.float()
-    grad_wo = None
-    if out_norm_weight is not None:
-        grad_wo = (dn * n).reshape(-1, n.shape[-1]).sum(0).to(out_norm_weight.dtype)
-        dn = dn * out_norm_weight.float()
-    G = r * (dn - n * (dn * n).mean(-1, keepdim=True))  # RMSNorm backward
-    if grad_mix is not None:
-        G = G + grad_mix.float()
-    gs, gq, gw = attn_res_bwd(G, sources, query, norm_weight, eps, scale)
+    fw = _forward(sources, *_one_query(query, norm_weight), eps)
+    dmix = grad_mix.float() if grad_mix is not None else 0.0
+    G, grad_wo = _fold_out_norm(dmix, grad_normed.float(), scale * fw.out[0], out_norm_weight, out_eps)
+    gs, gq, gw = _single_query_backward(fw, scale * G, sources, query, norm_weight, eps)
     return gs, gq, gw, grad_wo
