@@ -62,11 +62,12 @@ def regroup_residual_sums(gm: fx.GraphModule) -> int:
     return changed
 
 
-_RESHAPES = {"reshape", "view", "flatten"}
+# Tensor methods that re-lay out elements without changing them (also used by streams.py's messages).
+RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten"}
 
 
 def _is_reshape_of(n, x=None) -> bool:
-    return (isinstance(n, fx.Node) and n.op == "call_method" and n.target in _RESHAPES
+    return (isinstance(n, fx.Node) and n.op == "call_method" and n.target in RESHAPE_METHODS
             and (x is None or n.args[0] is x))
 
 

@@ -11,6 +11,7 @@ import torch.fx as fx
 from residual_rewriter.errors import ConversionError
 
 from . import norms
+from .canonicalize import RESHAPE_METHODS
 from .plan import Plan, Stream, split_blocks
 
 
@@ -102,12 +103,9 @@ def nothing_matched_message(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-_RESHAPES = {"reshape", "view", "flatten", "unflatten"}
-
-
 def _why_not_a_norm(user) -> str:
     name = getattr(user.target, "__name__", user.target)
-    if name in _RESHAPES:
+    if name in RESHAPE_METHODS:
         return ("here the stream is reshaped between sublayers. The rewrite follows a sublayer run on a "
                 "reshaped stream only when its residual sum is viewed straight back to the stream's shape "
                 "(OPT's `(x.reshape(-1, D) + mlp(...)).view(x.shape)`, see passes/canonicalize.py).")

@@ -131,20 +131,11 @@ def _with_elements_per_thread(make, ept):
     return make_ept
 
 
-@contextlib.contextmanager
 def knobs(make):
-    """Apply the launch knobs an implementation carries for the whole of one check or timed point."""
-    ept = getattr(make, "elements_per_thread", None)
-    if ept is None:
-        yield
-        return
-    from residual_rewriter.kernels.attn_res import _launch
+    """The launch knobs an implementation carries, applied for the whole of one check or timed point."""
+    from residual_rewriter.kernels.attn_res._launch import elements_per_thread
 
-    old, _launch.ELEMENTS_PER_THREAD = _launch.ELEMENTS_PER_THREAD, ept
-    try:
-        yield
-    finally:
-        _launch.ELEMENTS_PER_THREAD = old
+    return elements_per_thread(getattr(make, "elements_per_thread", None))
 
 
 IMPLS = {

@@ -90,10 +90,11 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
 def rows(shapes, elements_per_thread):
     result = []
     for ept in elements_per_thread:
-        L.ELEMENTS_PER_THREAD = ept
         for shape in shapes:
             T, D, n, m, S = SHAPES[shape]
-            for op, launches in launches_of(T, D, n, m, S).items():
+            with L.elements_per_thread(ept):
+                captured = launches_of(T, D, n, m, S)
+            for op, launches in captured.items():
                 for kernel, args, kw in launches:
                     kw = dict(kw)
                     warps = kw.pop("num_warps")
@@ -112,11 +113,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not resources.cuobjdump().exists():
         raise SystemExit(f"no cuobjdump at {resources.cuobjdump()} (it ships with triton's NVIDIA backend)")
-    default = L.ELEMENTS_PER_THREAD
-    try:
-        table = rows(args.shapes.split(","), [int(x) for x in args.elements_per_thread.split(",")])
-    finally:
-        L.ELEMENTS_PER_THREAD = default
+    table = rows(args.shapes.split(","), [int(x) for x in args.elements_per_thread.split(",")])
     print(f"\n{'shape':10} {'ept':>3} {'op':16} {'kernel':22} {'warps':>5} {'regs':>4} {'stack':>5} {'bar':>4} {'prog/SM':>7}")
     for r in table:
         print(f"{r['shape']:10} {r['elements_per_thread']:3} {r['op']:16} {r['kernel']:22} {r['num_warps']:5} "

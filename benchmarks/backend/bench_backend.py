@@ -22,7 +22,6 @@ Prints a table, writes ``benchmarks/results/backend-<device>-<date>.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -34,6 +33,7 @@ import torch
 
 import residual_rewriter as rr
 from residual_rewriter.backend import make_attnres_backend
+from residual_rewriter.kernels.attn_res._launch import elements_per_thread as launch_config
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -64,19 +64,6 @@ def variants(device: str) -> dict:
         # the kernels' previous launch configuration (kernels/attn_res/_launch.py), for comparison
         "attnres+ept16": ("converted", make_attnres_backend(), 16),
     }
-
-
-@contextlib.contextmanager
-def elements_per_thread(ept):
-    """Launch the Triton kernels with ``_launch.ELEMENTS_PER_THREAD = ept`` (None: the default)."""
-    from residual_rewriter.kernels.attn_res import _launch
-
-    old = _launch.ELEMENTS_PER_THREAD
-    _launch.ELEMENTS_PER_THREAD = ept or old
-    try:
-        yield
-    finally:
-        _launch.ELEMENTS_PER_THREAD = old
 
 
 def versions() -> dict:
@@ -156,11 +143,11 @@ def main(argv=None):
 
         def train_step(compiled=compiled, model=model, ept=ept):
             model.zero_grad(set_to_none=True)
-            with elements_per_thread(ept):
+            with launch_config(ept):
                 compiled(ids).logits.float().mean().backward()
 
         def forward(compiled=compiled, ept=ept):
-            with torch.no_grad(), elements_per_thread(ept):
+            with torch.no_grad(), launch_config(ept):
                 compiled(ids)
 
         t0 = time.perf_counter()

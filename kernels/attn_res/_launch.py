@@ -4,6 +4,7 @@ Nothing here imports triton: the kernel modules do, and only they are imported l
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -28,6 +29,19 @@ GPU_TILE_ELEMENTS = 4096
 # A block of 32 warps may use at most 64 registers a thread, so the backward stops at 16 warps.
 # Not yet timed on a GPU against 16 per thread: benchmarks/attn_res sweeps both.
 ELEMENTS_PER_THREAD = 8
+
+
+@contextlib.contextmanager
+def elements_per_thread(n: int | None):
+    """Launch with ``ELEMENTS_PER_THREAD = n`` inside the block (None: leave it), e.g. to time two
+    launch configurations side by side in one benchmark run."""
+    global ELEMENTS_PER_THREAD
+    old = ELEMENTS_PER_THREAD
+    ELEMENTS_PER_THREAD = n or old
+    try:
+        yield
+    finally:
+        ELEMENTS_PER_THREAD = old
 INTERPRET_TILE_ELEMENTS = 1 << 15
 
 # Tests set this to True: every output buffer is then allocated filled with NaN, so an element the
