@@ -8,11 +8,17 @@ class LaunchSpy:
     """Stands in for a JITFunction: records every ``kernel[grid]`` launch, then delegates."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
+        self.kernel, self.grids, self.constexprs = kernel, [], []
 
     def __getitem__(self, grid):
         self.grids.append(grid)
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def record(*args, **kwargs):  # keyword arguments: the constexpr flags and launch options
+            self.constexprs.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return record
 
 
 @contextlib.contextmanager

@@ -155,6 +155,10 @@ def test_fuse_norm_on_llama_full_attnres():
     assert op_counts(backend.graphs[-1]) == expected
     assert backend.last_log["fuse_norm"]["fused"] == sites - 2
     assert backend.last_log["fuse_norm"]["fused_phase2"] == 2
+    # nothing but its norm reads a mixture: no fused op writes it (return_mix=False on every one)
+    assert backend.last_log["fuse_norm"]["mix_not_written"] == sites
+    fused = [n for n in backend.graphs[-1].nodes if "normed" in str(n.target)]
+    assert len(fused) == sites and all(n.kwargs == {"return_mix": False} for n in fused)
     with torch.no_grad():
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
 

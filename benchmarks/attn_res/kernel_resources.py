@@ -75,9 +75,11 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
         "phase1 fwd": lambda: dispatch.phase1_cuda(blocks, Q, G, 1e-6),
         "phase1 bwd": lambda: dispatch.phase1_backward_cuda(
             e(S, T, D), e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, D), e(S, T, dt=torch.float32)),
-        "phase2+norm fwd": lambda: dispatch.phase2_normed_cuda(o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5),
+        # as the compile backend calls them: only the normed form is read (return_mix=False)
+        "phase2+norm fwd": lambda: dispatch.phase2_normed_cuda(o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5,
+                                                                return_mix=False),
         "phase2+norm bwd": lambda: dispatch.phase2_normed_backward_cuda(
-            dy, dy, o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5),
+            None, dy, o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5),
     }
     out = {}
     for name, call in ops.items():

@@ -76,14 +76,22 @@ def phase2_backward_cuda(grad_out, phase1_out, phase1_lse, partial, query, norm_
     return phase2_bwd(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
 
 
-def normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+def _drop_mix(result, return_mix):
+    """(mix or None, normed) from the paths that always compute the mix (float64, chunks)."""
+    return result if return_mix else (None, result[1])
+
+
+def normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, *, return_mix=True):
+    """(mix, normed); the mix is None without ``return_mix`` (the kernel then does not write it)."""
     if _f64(sources[0]):
-        return reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+        return _drop_mix(reference.attn_res_normed_reference(
+            sources, query, norm_weight, eps, scale, out_norm_weight, out_eps), return_mix)
     from .fused import attn_res_normed_fwd
 
     if chunked.needs_chunks(sources):
-        return chunked.attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    return attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+        return _drop_mix(chunked.attn_res_normed_fwd(
+            sources, query, norm_weight, eps, scale, out_norm_weight, out_eps), return_mix)
+    return attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, return_mix)
 
 
 def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
@@ -100,14 +108,17 @@ def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps
     return attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
 
 
-def phase2_normed_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+def phase2_normed_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+                       *, return_mix=True):
+    """(mix, normed); the mix is None without ``return_mix`` (the kernel then does not write it)."""
     if _f64(phase1_out):
-        return reference.attn_res_phase2_normed_reference(
+        return _drop_mix(reference.attn_res_phase2_normed_reference(
             phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
-        )
+        ), return_mix)
     from .two_phase import phase2_normed_fwd
 
-    return phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    return phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+                             return_mix)
 
 
 def phase2_normed_backward_cuda(

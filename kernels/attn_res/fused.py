@@ -111,11 +111,11 @@ def _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N: tl.constexpr, B
 def _fwd_kernel(
     srcs, strides,  # N pointers to [T, D] rows (row stride strides[i], unit column stride)
     q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
-    out_ptr,  # [S, T, D] contiguous, input dtype
+    out_ptr,  # [S, T, D] contiguous, input dtype (STORE_MIX)
     lse_ptr,  # [S, T] fp32 (STORE_LSE)
     normed_ptr, wo_ptr,  # [T, D] RMSNorm(out) * wo (NORMED; wo if HAS_WO)
     T, D, S, eps, scale, out_eps,
-    N: tl.constexpr, HAS_W: tl.constexpr, STORE_LSE: tl.constexpr, NORMED: tl.constexpr,
+    N: tl.constexpr, HAS_W: tl.constexpr, STORE_MIX: tl.constexpr, STORE_LSE: tl.constexpr, NORMED: tl.constexpr,
     HAS_WO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1-D grid over (token tile, query), query fastest: the S programs of one tile run side by side
@@ -134,7 +134,8 @@ def _fwd_kernel(
     out = acc * (scale / l)[:, None]  # [BLOCK_T, BLOCK_D] fp32
     obase = pid_q.to(tl.int64) * T * D
     offs = rows64[:, None] * D + cols[None, :]
-    tl.store(out_ptr + obase + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if STORE_MIX:  # off when only the normed form is read (the compile backend's usual case)
+        tl.store(out_ptr + obase + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if STORE_LSE:
         tl.store(lse_ptr + pid_q.to(tl.int64) * T + rows64, m + tl.log(l), mask=rmask)
     if NORMED:
@@ -146,12 +147,12 @@ def _bwd_kernel(
     srcs, strides,  # N pointers to [T, D] rows
     dsrcs,  # N pointers to [T, D] contiguous gradient buffers (input dtype)
     q_ptr, w_ptr,  # query [D], gain [D] (HAS_W)
-    dy_ptr,  # [T, D] contiguous: gradient of the mixture
+    dy_ptr,  # [T, D] contiguous: gradient of the mixture (HAS_DY; none when the mix was not returned)
     dnormed_ptr, wo_ptr,  # [T, D] gradient of the normed output, out gain [D] (NORMED / HAS_WO)
     dqg_ptr,  # [programs, D] fp32 partial of d(q * g)
     dwo_ptr,  # [programs, D] fp32 partial of d wo (NORMED and HAS_WO)
     T, D, eps, scale, out_eps, num_tiles,
-    N: tl.constexpr, HAS_W: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    N: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -174,7 +175,10 @@ def _bwd_kernel(
         m, l, acc = _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N, BLOCK_T, BLOCK_D)
         lse = m + tl.log(l)
         mix = acc * (scale / l)[:, None]  # [BLOCK_T, BLOCK_D]
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY:
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            dy = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         if NORMED:  # fold RMSNorm(mix) * wo's backward into dy
             dn = tl.load(dnormed_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             d_mix, d_wo = _rms_norm_backward(mix, dn, wo, D, out_eps, HAS_WO)
@@ -225,10 +229,11 @@ def forward_launch(
     store_lse: bool = False,
     out_norm_weight: Optional[Tensor] = None,
     out_eps: Optional[float] = None,
+    store_mix: bool = True,
     what: str = "attn_res_triton",
 ):
-    """Launch ``_fwd_kernel``. Returns (out [S, T, D], lse [S, T] fp32 or None, normed [T, D] or None),
-    flat over tokens; callers reshape."""
+    """Launch ``_fwd_kernel``. Returns (out [S, T, D] or None without ``store_mix``, lse [S, T] fp32 or
+    None, normed [T, D] or None), flat over tokens; callers reshape."""
     rows, strides, T, D = _prepare(sources, queries[0], what, queries, norm_weights, out_norm_weight)
     S = queries.shape[0]
     if norm_weights is not None and norm_weights.shape != queries.shape:
@@ -237,7 +242,9 @@ def forward_launch(
     normed = out_eps is not None
     if normed and S != 1:
         raise ValueError(f"{what}: the normed epilogue takes one query")
-    out = L.empty((S, T, D), dt, dev)
+    if not (store_mix or normed):
+        raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
+    out = L.empty((S, T, D), dt, dev) if store_mix else None
     lse = L.empty((S, T), torch.float32, dev) if store_lse else None
     y = L.empty((T, D), dt, dev) if normed else None
     if T == 0:
@@ -248,11 +255,12 @@ def forward_launch(
     BT, BD, warps = L.tile(T, D, max_warps=32)  # the forward fits 32 warps' 64-register cap (_launch.py)
     grid = (triton.cdiv(T, BT) * S,)
     # Absent optional buffers get a placeholder pointer: their constexpr flag compiles every access out.
+    placeholder = out if out is not None else y
     _fwd_kernel[grid](
-        tuple(rows), strides, q, w if w is not None else q, out, lse if lse is not None else out,
-        y if y is not None else out, wo if wo is not None else q,
+        tuple(rows), strides, q, w if w is not None else q, placeholder, lse if lse is not None else placeholder,
+        y if y is not None else placeholder, wo if wo is not None else q,
         T, D, S, float(eps), float(scale), float(out_eps if normed else 0.0),
-        N=len(rows), HAS_W=w is not None, STORE_LSE=store_lse, NORMED=normed, HAS_WO=wo is not None,
+        N=len(rows), HAS_W=w is not None, STORE_MIX=store_mix, STORE_LSE=store_lse, NORMED=normed, HAS_WO=wo is not None,
         BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
     )
     return out, lse, y
@@ -271,7 +279,8 @@ def backward_launch(
     out_eps: Optional[float] = None,
     what: str = "attn_res_triton backward",
 ):
-    """Launch ``_bwd_kernel``. Returns (grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight)."""
+    """Launch ``_bwd_kernel``. Returns (grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight).
+    ``grad_out`` None: no gradient reaches the mixture (normed variant with the mix not returned)."""
     rows, strides, T, D = _prepare(sources, query, what, grad_out, norm_weight, grad_normed, out_norm_weight)
     dev, dt = rows[0].device, rows[0].dtype
     normed = out_eps is not None
@@ -285,16 +294,18 @@ def backward_launch(
     if T == 0:
         dqg.zero_(), dwo.zero_()
     else:
-        dy = L.as_rows(grad_out).contiguous()
-        dn = L.as_rows(grad_normed).contiguous() if normed else dy
+        dn = L.as_rows(grad_normed).contiguous() if normed else None
+        dy = L.as_rows(grad_out).contiguous() if grad_out is not None else None
+        if dy is None and dn is None:
+            raise ValueError(f"{what}: neither a gradient of the mixture nor of its normed form")
         q = query.contiguous()
         w = norm_weight.contiguous() if norm_weight is not None else None
         wo = out_norm_weight.contiguous() if has_wo else q
         _bwd_kernel[(P,)](
             tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), q, w if w is not None else q,
-            dy, dn, wo, dqg, dwo,
+            dy if dy is not None else dn, dn if dn is not None else dy, wo, dqg, dwo,
             T, D, float(eps), float(scale), float(out_eps if normed else 0.0), num_tiles,
-            N=len(rows), HAS_W=w is not None, NORMED=normed, HAS_WO=has_wo,
+            N=len(rows), HAS_W=w is not None, HAS_DY=dy is not None, NORMED=normed, HAS_WO=has_wo,
             BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     d_qg = dqg.sum(0)  # [D] fp32, fixed-order reduction over programs
@@ -320,18 +331,21 @@ def attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale):
     return gs, gq, gw
 
 
-def attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    """(mix, RMSNorm(mix) * out_norm_weight), both ``[..., D]`` in the sources' dtype."""
+def attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, return_mix=True):
+    """(mix, RMSNorm(mix) * out_norm_weight), both ``[..., D]`` in the sources' dtype; without
+    ``return_mix`` the mix is not written and comes back as None."""
     w = norm_weight[None] if norm_weight is not None else None
     out, _, y = forward_launch(
-        sources, query[None], w, eps, scale, out_norm_weight=out_norm_weight, out_eps=out_eps, what="attn_res_normed"
+        sources, query[None], w, eps, scale, out_norm_weight=out_norm_weight, out_eps=out_eps,
+        store_mix=return_mix, what="attn_res_normed",
     )
     shape = sources[0].shape
-    return out.view(shape), y.view(shape)
+    return (out.view(shape) if out is not None else None), y.view(shape)
 
 
 def attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    """(grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight), as the reference."""
+    """(grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight), as the reference (either
+    upstream gradient may be None: zero)."""
     return backward_launch(
         grad_mix, sources, query, norm_weight, eps, scale,
         grad_normed=grad_normed, out_norm_weight=out_norm_weight, out_eps=out_eps, what="attn_res_normed backward",

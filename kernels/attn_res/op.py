@@ -249,6 +249,15 @@ attn_res_phase2.register_autograd(_phase2_backward, setup_context=_phase2_setup_
 
 
 # ---- aggregation + the sublayer's own RMSNorm, fused --------------------------------------------
+# Both fused ops return (mix, normed). In a converted model only `normed` is read (the mixture feeds
+# nothing but its norm), so the compile backend passes return_mix=False: the kernel then skips the
+# [..., D] store of the mix, the op returns an EMPTY tensor in its place (a custom op's outputs are
+# fixed), and the backward gets no mix gradient (None) instead of a materialised zero [..., D] tensor.
+# return_mix is keyword-only: autograd then expects gradients for the positional inputs only.
+
+
+def _mix_or_empty(mix: Optional[Tensor], normed: Tensor, return_mix: bool) -> Tensor:
+    return mix if return_mix else normed.new_empty(0)
 
 
 @torch.library.custom_op(f"{LIB}::attn_res_normed", mutates_args=())
@@ -260,24 +269,31 @@ def attn_res_normed(
     scale: float,
     out_norm_weight: Optional[Tensor],
     out_eps: float,
+    *,
+    return_mix: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """(mix [..., D], RMSNorm(mix) * out_norm_weight [..., D]), both in the sources' dtype."""
+    """(mix [..., D], RMSNorm(mix) * out_norm_weight [..., D]), both in the sources' dtype; the mix is
+    an empty tensor, not computed into memory, when ``return_mix`` is False."""
     if sources[0].is_cuda:
         from . import dispatch
 
-        return dispatch.normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    return reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+        mix, normed = dispatch.normed_cuda(
+            sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, return_mix=return_mix)
+    else:
+        mix, normed = reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    return _mix_or_empty(mix, normed, return_mix), normed
 
 
 @attn_res_normed.register_fake
-def _attn_res_normed_fake(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+def _attn_res_normed_fake(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, *, return_mix=True):
     reference._check_sources(sources, query)
-    return torch.empty_like(sources[0]), torch.empty_like(sources[0])
+    normed = torch.empty_like(sources[0])
+    return _mix_or_empty(torch.empty_like(sources[0]), normed, return_mix), normed
 
 
 @torch.library.custom_op(f"{LIB}::attn_res_normed_backward", mutates_args=())
 def attn_res_normed_backward(
-    grad_mix: Tensor,
+    grad_mix: Optional[Tensor],
     grad_normed: Tensor,
     sources: List[Tensor],
     query: Tensor,
@@ -287,7 +303,8 @@ def attn_res_normed_backward(
     out_norm_weight: Optional[Tensor],
     out_eps: float,
 ) -> List[Tensor]:
-    """Returns [grad_src_0..n-1, grad_query, grad_norm_weight (or empty), grad_out_norm_weight (or empty)]."""
+    """Returns [grad_src_0..n-1, grad_query, grad_norm_weight (or empty), grad_out_norm_weight (or empty)].
+    ``grad_mix`` None: no gradient reaches the mix (it was not returned)."""
     if sources[0].is_cuda:
         from . import dispatch
 
@@ -305,10 +322,11 @@ def _attn_res_normed_backward_fake(grad_mix, grad_normed, sources, query, norm_w
     return [torch.empty_like(s) for s in sources] + [torch.empty_like(query), gw, gwo]
 
 
-def _normed_setup_context(ctx, inputs, output):
+def _normed_setup_context(ctx, inputs, keyword_only_inputs, output):
     sources, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
     ctx.n, ctx.has_weight, ctx.has_out_weight = len(sources), norm_weight is not None, out_norm_weight is not None
     ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
+    ctx.return_mix = keyword_only_inputs.get("return_mix", True)
     opt = [t for t in (norm_weight, out_norm_weight) if t is not None]
     ctx.save_for_backward(*sources, query, *opt)
 
@@ -318,7 +336,7 @@ def _normed_backward(ctx, grad_mix, grad_normed):
     sources, query, opt = list(saved[: ctx.n]), saved[ctx.n], list(saved[ctx.n + 1 :])
     norm_weight = opt.pop(0) if ctx.has_weight else None
     out_norm_weight = opt.pop(0) if ctx.has_out_weight else None
-    grad_mix = torch.zeros_like(sources[0]) if grad_mix is None else grad_mix.contiguous()
+    grad_mix = grad_mix.contiguous() if ctx.return_mix and grad_mix is not None else None
     grad_normed = torch.zeros_like(sources[0]) if grad_normed is None else grad_normed.contiguous()
     grads = torch.ops.residual_rewriter.attn_res_normed_backward(
         grad_mix, grad_normed, sources, query, norm_weight, ctx.eps, ctx.scale, out_norm_weight, ctx.out_eps
@@ -353,27 +371,31 @@ def attn_res_phase2_normed(
     scale: float,
     out_norm_weight: Optional[Tensor],
     out_eps: float,
+    *,
+    return_mix: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """(mix = attn_res_phase2(...), RMSNorm(mix) * out_norm_weight), both [..., D] in phase1_out's dtype."""
+    """(mix = attn_res_phase2(...), RMSNorm(mix) * out_norm_weight), both [..., D] in phase1_out's dtype;
+    the mix is an empty tensor, not computed into memory, when ``return_mix`` is False."""
+    args = (phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     if phase1_out.is_cuda:
         from . import dispatch
 
-        return dispatch.phase2_normed_cuda(
-            phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
-        )
-    return reference.attn_res_phase2_normed_reference(
-        phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
-    )
+        mix, normed = dispatch.phase2_normed_cuda(*args, return_mix=return_mix)
+    else:
+        mix, normed = reference.attn_res_phase2_normed_reference(*args)
+    return _mix_or_empty(mix, normed, return_mix), normed
 
 
 @attn_res_phase2_normed.register_fake
-def _attn_res_phase2_normed_fake(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    return torch.empty_like(phase1_out), torch.empty_like(phase1_out)
+def _attn_res_phase2_normed_fake(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+                                 *, return_mix=True):
+    normed = torch.empty_like(phase1_out)
+    return _mix_or_empty(torch.empty_like(phase1_out), normed, return_mix), normed
 
 
 @torch.library.custom_op(f"{LIB}::attn_res_phase2_normed_backward", mutates_args=())
 def attn_res_phase2_normed_backward(
-    grad_mix: Tensor,
+    grad_mix: Optional[Tensor],
     grad_normed: Tensor,
     phase1_out: Tensor,
     phase1_lse: Tensor,
@@ -386,7 +408,8 @@ def attn_res_phase2_normed_backward(
     out_eps: float,
 ) -> List[Tensor]:
     """Returns [grad_phase1_out, grad_phase1_lse, grad_partial (or empty), grad_query,
-    grad_norm_weight (or empty), grad_out_norm_weight (or empty)]."""
+    grad_norm_weight (or empty), grad_out_norm_weight (or empty)]. ``grad_mix`` None: no gradient
+    reaches the mix (it was not returned)."""
     if phase1_out.is_cuda:
         from . import dispatch
 
@@ -410,10 +433,11 @@ def _attn_res_phase2_normed_backward_fake(
             like(norm_weight), like(out_norm_weight)]
 
 
-def _phase2_normed_setup_context(ctx, inputs, output):
+def _phase2_normed_setup_context(ctx, inputs, keyword_only_inputs, output):
     phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
     ctx.has = tuple(t is not None for t in (partial, norm_weight, out_norm_weight))
     ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
+    ctx.return_mix = keyword_only_inputs.get("return_mix", True)
     opt = [t for t in (partial, norm_weight, out_norm_weight) if t is not None]
     ctx.save_for_backward(phase1_out, phase1_lse, query, *opt)
 
@@ -421,7 +445,7 @@ def _phase2_normed_setup_context(ctx, inputs, output):
 def _phase2_normed_backward(ctx, grad_mix, grad_normed):
     phase1_out, phase1_lse, query, *opt = ctx.saved_tensors
     partial, norm_weight, out_norm_weight = (opt.pop(0) if has else None for has in ctx.has)
-    grad_mix = torch.zeros_like(phase1_out) if grad_mix is None else grad_mix.contiguous()
+    grad_mix = grad_mix.contiguous() if ctx.return_mix and grad_mix is not None else None
     grad_normed = torch.zeros_like(phase1_out) if grad_normed is None else grad_normed.contiguous()
     go, gl, gp, gq, gw, gwo = torch.ops.residual_rewriter.attn_res_phase2_normed_backward(
         grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale,

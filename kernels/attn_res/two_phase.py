@@ -121,10 +121,10 @@ def _phase2_fwd_kernel(
     lse_ptr,  # [T] fp32
     p_ptr, p_stride,  # partial block [T, D] rows (HAS_P)
     q_ptr, w_ptr,  # query [D], gain [D] (HAS_W)
-    out_ptr,  # [T, D] contiguous
+    out_ptr,  # [T, D] contiguous (STORE_MIX)
     normed_ptr, wo_ptr,  # [T, D] RMSNorm(out) * wo (NORMED; wo if HAS_WO)
     T, D, eps, scale, out_eps,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, STORE_MIX: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -142,21 +142,22 @@ def _phase2_fwd_kernel(
         o = a1[:, None] * o + ap[:, None] * p
     mix = o * scale  # fp32
     offs = rows64[:, None] * D + cols[None, :]
-    tl.store(out_ptr + offs, mix.to(out_ptr.dtype.element_ty), mask=mask)
+    if STORE_MIX:  # off when only the normed form is read (the compile backend's usual case)
+        tl.store(out_ptr + offs, mix.to(out_ptr.dtype.element_ty), mask=mask)
     if NORMED:
         _store_rms_normed(normed_ptr, wo_ptr, offs, mix, cols, cmask, mask, D, out_eps, HAS_WO)
 
 
 @triton.jit
 def _phase2_bwd_kernel(
-    dy_ptr,  # [T, D] contiguous: gradient of the mixture
+    dy_ptr,  # [T, D] contiguous: gradient of the mixture (HAS_DY; none when the mix was not returned)
     o_ptr, o_stride, lse_ptr, p_ptr, p_stride, q_ptr, w_ptr,  # as in the forward
     dn_ptr, wo_ptr,  # [T, D] gradient of the normed output, out gain [D] (NORMED / HAS_WO)
     do_ptr, dlse_ptr, dp_ptr,  # [T, D], [T] fp32, [T, D] contiguous (dp: HAS_P)
     dqg_ptr,  # [programs, D] fp32
     dwo_ptr,  # [programs, D] fp32 partial of d wo (HAS_WO)
     T, D, eps, scale, out_eps, num_tiles,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -175,7 +176,10 @@ def _phase2_bwd_kernel(
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)
         offs = rows64[:, None] * D + cols[None, :]
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY:
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            dy = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         o = tl.load(o_ptr + rows64[:, None] * o_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_P:
             p = tl.load(p_ptr + rows64[:, None] * p_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -273,11 +277,15 @@ def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, *o
     return o, p, lse, o.shape[0], D
 
 
-def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps, what):
-    """Launch ``_phase2_fwd_kernel``: (out, normed or None), ``[..., D]`` in phase1_out's dtype."""
+def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps, what,
+                       store_mix=True):
+    """Launch ``_phase2_fwd_kernel``: (out or None without ``store_mix``, normed or None), ``[..., D]`` in
+    phase1_out's dtype."""
     o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, out_norm_weight)
     normed = out_eps is not None
-    out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device)
+    if not (store_mix or normed):
+        raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
+    out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if store_mix else None
     y = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if normed else None
     if T > 0:
         BT, BD, warps = L.tile(T, D)
@@ -285,11 +293,12 @@ def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps,
         w = norm_weight.contiguous() if norm_weight is not None else None
         wo = out_norm_weight.contiguous() if normed and out_norm_weight is not None else None
         # Absent optional buffers get a placeholder pointer: their constexpr flag compiles every access out.
+        out_rows = (out if out is not None else y).view(-1, D)
         _phase2_fwd_kernel[(triton.cdiv(T, BT),)](
-            o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q, out.view(-1, D),
-            y.view(-1, D) if y is not None else out.view(-1, D), wo if wo is not None else q,
+            o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q, out_rows,
+            y.view(-1, D) if y is not None else out_rows, wo if wo is not None else q,
             T, D, float(eps), float(scale), float(out_eps if normed else 0.0),
-            HAS_P=partial is not None, HAS_W=w is not None, NORMED=normed, HAS_WO=wo is not None,
+            HAS_P=partial is not None, HAS_W=w is not None, STORE_MIX=store_mix, NORMED=normed, HAS_WO=wo is not None,
             BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     return out, y
@@ -302,18 +311,20 @@ def phase2_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
     )[0]
 
 
-def phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    """(mix, RMSNorm(mix) * out_norm_weight), both ``[..., D]`` in phase1_out's dtype."""
+def phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+                      return_mix=True):
+    """(mix, RMSNorm(mix) * out_norm_weight), both ``[..., D]`` in phase1_out's dtype; without
+    ``return_mix`` the mix is not written and comes back as None."""
     return _phase2_fwd_launch(
         phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
-        "attn_res_phase2_normed",
+        "attn_res_phase2_normed", store_mix=return_mix,
     )
 
 
 def _phase2_bwd_launch(grad_out, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
                        out_norm_weight, out_eps, what):
     """Launch ``_phase2_bwd_kernel``: (d phase1_out, d lse, d partial or None, d query, d gain or None,
-    d out gain or None)."""
+    d out gain or None). ``grad_out`` None: no gradient reaches the mixture (mix not returned)."""
     normed = out_eps is not None
     o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what,
                                      grad_out, grad_normed if normed else None, out_norm_weight)
@@ -332,14 +343,17 @@ def _phase2_bwd_launch(grad_out, grad_normed, phase1_out, phase1_lse, partial, q
     else:
         q = query.contiguous()
         w = norm_weight.contiguous() if norm_weight is not None else None
-        dy = L.as_rows(grad_out).contiguous()
-        dn = L.as_rows(grad_normed).contiguous() if normed else dy
+        dn = L.as_rows(grad_normed).contiguous() if normed else None
+        dy = L.as_rows(grad_out).contiguous() if grad_out is not None else None
+        if dy is None and dn is None:
+            raise ValueError(f"{what}: neither a gradient of the mixture nor of its normed form")
         wo = out_norm_weight.contiguous() if has_wo else q
         _phase2_bwd_kernel[(P,)](
-            dy, o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q, dn, wo,
+            dy if dy is not None else dn, o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q,
+            dn if dn is not None else dy, wo,
             d_o.view(-1, D), d_lse, d_p.view(-1, D) if d_p is not None else d_o.view(-1, D), dqg, dwo,
             T, D, float(eps), float(scale), float(out_eps if normed else 0.0), num_tiles,
-            HAS_P=partial is not None, HAS_W=w is not None, NORMED=normed, HAS_WO=has_wo,
+            HAS_P=partial is not None, HAS_W=w is not None, HAS_DY=dy is not None, NORMED=normed, HAS_WO=has_wo,
             BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), query, norm_weight)

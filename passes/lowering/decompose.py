@@ -63,16 +63,21 @@ def attn_res(sources, query, norm_weight, eps: float, scale: float, *, dtype):
     return _to(_mix(xs, w) * scale, dtype, cd)
 
 
-def attn_res_normed(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, *, dtype):
-    """= attn_res_normed_reference: (mix, RMSNorm(mix) * out_norm_weight), normed from the unrounded mix."""
+def attn_res_normed(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, *, return_mix=True, dtype):
+    """= attn_res_normed_reference: (mix, RMSNorm(mix) * out_norm_weight), normed from the unrounded mix;
+    (None, normed) without ``return_mix``."""
     cd = compute_dtype(dtype)
     xs = [_cast(s, cd) for s in sources]
     w = torch.softmax(_scores(xs, _gained_query(query, norm_weight, cd), eps), dim=0)
     mix = _mix(xs, w) * scale
+    return _with_out_norm(mix, out_norm_weight, out_eps, return_mix, dtype, cd)
+
+
+def _with_out_norm(mix, out_norm_weight, out_eps, return_mix, dtype, cd):
     normed = _rms(mix, out_eps)
     if out_norm_weight is not None:
         normed = normed * _cast(out_norm_weight, cd)
-    return _to(mix, dtype, cd), _to(normed, dtype, cd)
+    return (_to(mix, dtype, cd) if return_mix else None), _to(normed, dtype, cd)
 
 
 def attn_res_phase1(sources, queries, norm_weights: Optional[object], eps: float, *, dtype, num_queries: int):
@@ -114,12 +119,10 @@ def attn_res_phase2(phase1_out, phase1_lse, partial, query, norm_weight, eps: fl
 
 def attn_res_phase2_normed(
     phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, out_norm_weight, out_eps: float,
-    *, dtype,
+    *, return_mix=True, dtype,
 ):
-    """= attn_res_phase2_normed_reference: (mix, RMSNorm(mix) * out_norm_weight), normed from the unrounded mix."""
+    """= attn_res_phase2_normed_reference: (mix, RMSNorm(mix) * out_norm_weight), normed from the unrounded mix;
+    (None, normed) without ``return_mix``."""
     cd = compute_dtype(dtype)
     mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, cd)
-    normed = _rms(mix, out_eps)
-    if out_norm_weight is not None:
-        normed = normed * _cast(out_norm_weight, cd)
-    return _to(mix, dtype, cd), _to(normed, dtype, cd)
+    return _with_out_norm(mix, out_norm_weight, out_eps, return_mix, dtype, cd)

@@ -15,6 +15,9 @@ dim however Dynamo spelled it:
     (``x^2`` as ``pow(x, 2)`` or ``x * x``, either operand order of ``*``/``+``, method or function form).
   ``w`` is absorbed when it is a [D] tensor computed before the aggregation; the chain's
   intermediates must have no readers outside the chain; the norm's output dtype must equal ``h``'s.
+When nothing but the norm reads the mixture (every converted model), the fused op gets
+``return_mix=False``: the mix is not written and no zero gradient is made for it (counted as
+``mix_not_written``).
 Leaves: LayerNorm (mean-centred: not what the fused ops compute), any norm whose intermediates are
 read elsewhere, and aggregations that feed no norm (counted as ``not_followed_by_rms_norm``).
 """
@@ -31,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .common import NORMED, PHASE2, PHASE2_NORMED, copy_location, op, erase_unused, finish, infer_meta, library_op, value
+from .common import META, NORMED, PHASE2, PHASE2_NORMED, copy_location, op, erase_unused, finish, infer_meta, library_op, value
 from .find import find_aggregations
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -223,8 +226,13 @@ class FuseRMSNorm(PassBase):
         erase_unused(dict.fromkeys(to_erase))  # the norm's nodes, readers first
         h.replace_all_uses_with(mix)  # readers of h outside the norm (none in converted models)
         erase_unused([h])
-        if not mix.users:
+        if not mix.users:  # the usual case: tell the op not to write the mix at all
             graph.erase_node(mix)
+            fused.kwargs = {"return_mix": False}
+            for key in (META, "val"):  # its first output is now empty: record the new value
+                fused.meta.pop(key, None)
+            infer_meta([fused])
+            self.stats["mix_not_written"] += 1
 
     def summary(self) -> dict:
         return dict(self.stats)

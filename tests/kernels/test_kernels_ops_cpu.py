@@ -105,6 +105,27 @@ def test_phase2_normed_op_matches_reference_and_grads(with_partial, with_weights
         _assert_all_close(_grads(y[k], ins, gy[k]), _grads(yr[k], ins, gy[k]))
 
 
+@pytest.mark.parametrize("op", ["attn_res_normed", "attn_res_phase2_normed"])
+def test_normed_ops_without_the_mix(op):
+    """return_mix=False (what the compile backend emits): the first output is empty, the normed form
+    and its gradients are those of return_mix=True with only ``normed`` read."""
+    srcs = [_leaf(2, 5, 24, seed=i) for i in range(3)]
+    q, g, wo = _leaf(24, seed=4), _leaf(24, seed=5), _leaf(24, seed=6)
+    if op == "attn_res_normed":
+        args, ins = (srcs, q, g, 1e-6, 3.0, wo, 1e-5), srcs + [q, g, wo]
+    else:
+        o1, l1, p = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2), _leaf(2, 5, 24, seed=3)
+        args, ins = (o1, l1, p, q, g, 1e-6, 2.5, wo, 1e-5), [o1, l1, p, q, g, wo]
+    fn = getattr(OPS, op)
+    mix, normed = fn(*args, return_mix=False)
+    assert mix.numel() == 0
+    full = fn(*args, return_mix=True)
+    torch.testing.assert_close(normed, full[1], atol=0, rtol=0)
+    gy = torch.randn_like(normed)
+    _assert_all_close(_grads(normed, ins, gy), _grads(full[1], ins, gy))
+    torch.library.opcheck(getattr(OPS, op).default, args, {"return_mix": False})
+
+
 def _opcheck(op, args):
     torch.library.opcheck(op, args)  # schema, autograd registration, fake tensor, aot dispatch (dynamic)
 

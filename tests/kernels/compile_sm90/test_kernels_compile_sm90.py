@@ -66,21 +66,29 @@ CONFIGS = [
 
 @pytest.mark.parametrize("dtype,n,bt,bd,warps", CONFIGS)
 def test_fused_forward(dtype, n, bt, bd, warps):
-    _compile(fused._fwd_kernel, dtype, n, warps, N=n, HAS_W=True, STORE_LSE=False, NORMED=False,
+    _compile(fused._fwd_kernel, dtype, n, warps, N=n, HAS_W=True, STORE_MIX=True, STORE_LSE=False, NORMED=False,
              HAS_WO=False, BLOCK_T=bt, BLOCK_D=bd)
 
 
 def test_fused_forward_all_epilogues_and_max_sources():
     from residual_rewriter.kernels import MAX_SOURCES
 
-    _compile(fused._fwd_kernel, "bf16", MAX_SOURCES, 8, N=MAX_SOURCES, HAS_W=False, STORE_LSE=True,
+    _compile(fused._fwd_kernel, "bf16", MAX_SOURCES, 8, N=MAX_SOURCES, HAS_W=False, STORE_MIX=True, STORE_LSE=True,
              NORMED=True, HAS_WO=True, BLOCK_T=1, BLOCK_D=2048)
+
+
+def test_fused_normed_without_the_mix():
+    """What the compile backend launches: only the normed form stored, no gradient of the mix read."""
+    _compile(fused._fwd_kernel, "bf16", 9, 16, N=9, HAS_W=True, STORE_MIX=False, STORE_LSE=False,
+             NORMED=True, HAS_WO=True, BLOCK_T=1, BLOCK_D=4096)
+    _compile(fused._bwd_kernel, "bf16", 9, 16, N=9, HAS_W=True, HAS_DY=False, NORMED=True, HAS_WO=True,
+             BLOCK_T=1, BLOCK_D=4096)
 
 
 @pytest.mark.parametrize("dtype,n,bt,bd,warps", CONFIGS[:2] + CONFIGS[3:])
 @pytest.mark.parametrize("normed", [False, True])
 def test_fused_backward(dtype, n, bt, bd, warps, normed):
-    _compile(fused._bwd_kernel, dtype, n, warps, N=n, HAS_W=True, NORMED=normed, HAS_WO=normed,
+    _compile(fused._bwd_kernel, dtype, n, warps, N=n, HAS_W=True, HAS_DY=True, NORMED=normed, HAS_WO=normed,
              BLOCK_T=bt, BLOCK_D=bd)
 
 
@@ -92,18 +100,19 @@ def test_phase1_backward(dtype, n, bt, bd, warps):
 
 @pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 8), ("fp32", 8, 128, 2)])
 @pytest.mark.parametrize("has_p", [True, False])
-@pytest.mark.parametrize("normed", [False, True])
-def test_phase2(dtype, bt, bd, warps, has_p, normed):
+@pytest.mark.parametrize("outputs", ["mix", "mix+normed", "normed"])
+def test_phase2(dtype, bt, bd, warps, has_p, outputs):
+    normed, mix = "normed" in outputs, "mix" in outputs
     flags = dict(HAS_P=has_p, HAS_W=True, NORMED=normed, HAS_WO=normed, BLOCK_T=bt, BLOCK_D=bd)
-    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, **flags)
+    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, STORE_MIX=mix, **flags)
     if has_p or normed:  # the plain merge without a partial is a scaling: no backward kernel
-        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, **flags)
+        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, HAS_DY=mix, **flags)
 
 
 def test_phase2_normed_without_out_gain():
     flags = dict(HAS_P=True, HAS_W=False, NORMED=True, HAS_WO=False, BLOCK_T=1, BLOCK_D=8192)
-    _compile(two_phase._phase2_fwd_kernel, "fp16", 0, 8, **flags)
-    _compile(two_phase._phase2_bwd_kernel, "fp16", 0, 8, **flags)
+    _compile(two_phase._phase2_fwd_kernel, "fp16", 0, 8, STORE_MIX=True, **flags)
+    _compile(two_phase._phase2_bwd_kernel, "fp16", 0, 8, HAS_DY=True, **flags)
 
 
 # ---- resources: what the compiled kernel costs each SM (registers, stack), read off the cubin ------
@@ -135,7 +144,8 @@ def test_forward_keeps_to_registers(dtype, T, D, n, max_regs):
     bt, bd, warps = L.tile(T, D, budget=L.GPU_TILE_ELEMENTS, max_warps=32)  # as fused.forward_launch
     compiled = resources.compile_launch(
         fused._fwd_kernel, (srcs, tuple(D for _ in range(n)), q, w, out, None, None, None, T, D, 1, 1e-6, 1.0, 1e-6),
-        warps, N=n, HAS_W=True, STORE_LSE=False, NORMED=False, HAS_WO=False, BLOCK_T=bt, BLOCK_D=bd)
+        warps, N=n, HAS_W=True, STORE_MIX=True, STORE_LSE=False, NORMED=False, HAS_WO=False, BLOCK_T=bt,
+        BLOCK_D=bd)
     u = resources.usage(compiled)
     assert u["stack_bytes"] == 0, f"register spills: {u}"
     assert u["registers"] <= max_regs, u

@@ -240,18 +240,37 @@ def test_phase2_normed_non_contiguous_inputs(monkeypatch):
     assert_close_tier(normed, rnormed, torch.float32)
 
 
-def test_phase2_normed_only_normed_read(monkeypatch):
-    """What the op's autograd glue passes when only ``normed`` is read: grad_mix = zeros."""
-    shape = (2, 7, 96)
-    o1, l1, partial = _rand(*shape, seed=1), _rand(*shape[:-1], seed=2), _rand(*shape, seed=3)
+@pytest.mark.parametrize("op", ["normed", "phase2_normed"])
+def test_only_the_normed_form_is_read(monkeypatch, op):
+    """What the compile backend runs: ``return_mix=False`` stores no mix (the kernel's STORE_MIX is
+    off and the mix comes back as None), and the backward gets ``grad_mix=None`` (HAS_DY off, no
+    zero tensor read). The normed form and every gradient still match the float64 reference."""
+    shape, n = (2, 7, 96), 3
     q, wo = _rand(96, seed=4, shift=0.0) * 0.3, 1 + 0.3 * _rand(96, seed=6, shift=0.0)
     gn = _rand(*shape, seed=9, shift=0.0)
-    with spy_on(monkeypatch, two_phase, "_phase2_bwd_kernel"):
-        got = two_phase.phase2_normed_bwd(torch.zeros(shape), gn, o1, l1, partial, q, None, 1e-6, 3.0, wo, 1e-5)
-    ref = attn_res_phase2_normed_backward_reference(
-        None, gn.to(F64), o1.to(F64), l1.to(F64), partial.to(F64), q.to(F64), None, 1e-6, 3.0, wo.to(F64), 1e-5
-    )
-    assert got[4] is None and ref[4] is None
-    for name, a, b in zip(("d out", "d lse", "d partial", "d query", "d out gain"),
-                          [got[i] for i in (0, 1, 2, 3, 5)], [ref[i] for i in (0, 1, 2, 3, 5)]):
-        assert_close_tier(a, b, torch.float32, "grad", name)
+    if op == "normed":
+        sources = [_rand(*shape, seed=i) for i in range(n)]
+        args = (sources, q, None, 1e-6, float(n), wo, 1e-5)
+        fwd, bwd, module, kernels = dispatch.normed_cuda, dispatch.normed_backward_cuda, fused, ("_fwd_kernel", "_bwd_kernel")
+        ref_fwd, ref_bwd = attn_res_normed_reference, attn_res_normed_backward_reference
+    else:
+        args = (_rand(*shape, seed=1), _rand(*shape[:-1], seed=2), _rand(*shape, seed=3), q, None, 1e-6, 3.0, wo, 1e-5)
+        fwd, bwd, module = dispatch.phase2_normed_cuda, dispatch.phase2_normed_backward_cuda, two_phase
+        kernels = ("_phase2_fwd_kernel", "_phase2_bwd_kernel")
+        ref_fwd, ref_bwd = attn_res_phase2_normed_reference, attn_res_phase2_normed_backward_reference
+    args64 = tuple([a.to(F64) for a in x] if isinstance(x, list) else x.to(F64) if isinstance(x, torch.Tensor) else x
+                   for x in args)
+    with spy_on(monkeypatch, module, kernels[0]) as spies:
+        mix, normed = fwd(*args, return_mix=False)
+    assert mix is None and [c["STORE_MIX"] for c in spies[kernels[0]].constexprs] == [False]
+    assert_close_tier(normed, ref_fwd(*args64)[1], torch.float32, "out", "normed")
+    with spy_on(monkeypatch, module, kernels[1]) as spies:
+        got = bwd(None, gn, *args)
+    assert [c["HAS_DY"] for c in spies[kernels[1]].constexprs] == [False]
+    ref = ref_bwd(None, gn.to(F64), *args64)
+    got, ref = (list(got[0]) + list(got[1:]), list(ref[0]) + list(ref[1:])) if op == "normed" else (got, ref)
+    assert len(got) == len(ref)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert (a is None) == (b is None), i
+        if b is not None:
+            assert_close_tier(a, b, torch.float32, "grad", f"gradient {i}")
