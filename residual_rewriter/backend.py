@@ -11,8 +11,12 @@ What it does with each graph Dynamo captures (passes in ``passes/lowering/``, in
      ``attn_res_phase2`` merges (the paper's two-phase schedule);
   3. ``fuse_norm``: ``attn_res`` followed by an RMSNorm -> ``attn_res_normed``, and a phase-2 merge
      followed by an RMSNorm -> ``attn_res_phase2_normed`` (so batched Block AttnRes sites are fused too;
-     counted as ``fused`` / ``fused_phase2`` in the pass log);
-  4. ``lower``: on CUDA keep the ops (they run the Triton kernels); on CPU decompose them into torch
+     counted as ``fused`` / ``fused_phase2`` in the pass log); the mixture itself is not written when
+     only the norm reads it (``mix_not_written``);
+  4. ``fuse_add``: the partial block's update ``prev + f`` and the phase-2 merge that reads it ->
+     ``attn_res_phase2_add_normed`` (``fused_partial_add``): one [..., D] read fewer forward, the
+     partial's gradient summed in the merge's backward kernel;
+  5. ``lower``: on CUDA keep the ops (they run the Triton kernels); on CPU decompose them into torch
      math that inductor fuses ("auto"); or force "triton" / "decompose"; None keeps the ops as they are.
 then ``compiler``: "inductor" (default: ``torch._inductor.compile_fx.compile_fx``, i.e. AOT autograd +
 inductor for forward and backward), "aot_eager" or "eager" (for debugging the passes cheaply).
@@ -60,6 +64,8 @@ class AttnResBackendConfig:
     batch_two_phase: group each block's aggregations into one phase-1 call + phase-2 merges.
     fuse_norm: fuse an RMSNorm that reads an aggregation into it (``attn_res_normed``, or
         ``attn_res_phase2_normed`` for a phase-2 merge).
+    fuse_add: fold the partial block's add into the fused merge that reads it
+        (``attn_res_phase2_add_normed``; needs fuse_norm).
     lower: "auto" (Triton ops on CUDA, decomposed torch math elsewhere), "triton" (raises unless
         every op can run the Triton kernels), "decompose", or None (keep the library ops as they are).
     compiler: "inductor", "aot_eager" or "eager" — what compiles the rewritten graph.
@@ -69,6 +75,7 @@ class AttnResBackendConfig:
 
     batch_two_phase: bool = True
     fuse_norm: bool = True
+    fuse_add: bool = True
     lower: Optional[str] = "auto"
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
@@ -105,7 +112,8 @@ class AttnResBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, *, options: Optional[dict] = None, mode: Optional[str] = None):
         # torch.compile(m, backend="attnres", options={...}) arrives here as `options`
         config = self.config.replace(**options) if options else self.config
-        plog = run_passes(gm, batch_two_phase=config.batch_two_phase, fuse_norm=config.fuse_norm, lower=config.lower)
+        plog = run_passes(gm, batch_two_phase=config.batch_two_phase, fuse_norm=config.fuse_norm,
+                          fuse_add=config.fuse_add, lower=config.lower)
         self.logs.append(plog)
         if config.keep_graphs:
             self.graphs.append(copy.deepcopy(gm.graph))

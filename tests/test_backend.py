@@ -163,10 +163,26 @@ def test_fuse_norm_on_llama_full_attnres():
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
 
 
-def _fused_counts(num_sites: int, block_size: int) -> dict[str, int]:
-    """``expected_counts`` once every aggregation is fused with the RMSNorm that reads it."""
+def expected_partial_adds(num_sites: int, block_size: int) -> int:
+    """How many phase-2 merges read a partial block that is a sum of two or more sublayer outputs (an
+    add, which fuse_add folds into the merge). Sublayer k of a block reads the sum of the block's first
+    k outputs, the final aggregation the whole last block; only groups of two or more are merges."""
+    blocks = [list(range(b, min(b + block_size, num_sites))) for b in range(0, num_sites, block_size)]
+    groups = [[k for k, site in enumerate(block) if site > 0] for block in blocks]  # site 0 aggregates nothing
+    groups[-1].append(len(blocks[-1]))  # the final aggregation
+    return sum(sum(k >= 2 for k in g) for g in groups if len(g) >= 2)
+
+
+def _fused_counts(num_sites: int, block_size: int, fuse_add: bool = True) -> dict[str, int]:
+    """``expected_counts`` once every aggregation is fused with the RMSNorm that reads it (and, with
+    ``fuse_add``, every merge with the add making its partial block)."""
     names = {"attn_res": "attn_res_normed", "attn_res_phase2": "attn_res_phase2_normed", "attn_res_phase1": "attn_res_phase1"}
-    return {names[k]: v for k, v in expected_counts(num_sites, block_size).items() if v}
+    counts = {names[k]: v for k, v in expected_counts(num_sites, block_size).items()}
+    if fuse_add:
+        adds = expected_partial_adds(num_sites, block_size)
+        counts["attn_res_phase2_normed"] -= adds
+        counts["attn_res_phase2_add_normed"] = adds
+    return {k: v for k, v in counts.items() if v}
 
 
 @pytest.mark.parametrize("block_size", [2, 3])
@@ -174,8 +190,8 @@ def test_fuse_norm_on_llama_block_attnres(block_size):
     """Block AttnRes: batching turns almost every site into a phase-2 merge; each one that feeds a
     LlamaRMSNorm becomes ``attn_res_phase2_normed`` (here: all of them)."""
     conv, x, sites = _converted("llama", block_size)
-    out, backend = compile_with_passes(conv, x, lower=None)
-    expected = _fused_counts(sites, block_size)
+    out, backend = compile_with_passes(conv, x, lower=None, fuse_add=False)
+    expected = _fused_counts(sites, block_size, fuse_add=False)
     assert op_counts(backend.graphs[-1]) == expected
     plog = backend.last_log["fuse_norm"]
     assert plog.get("fused_phase2", 0) == expected["attn_res_phase2_normed"] >= 5
@@ -184,21 +200,32 @@ def test_fuse_norm_on_llama_block_attnres(block_size):
     with torch.no_grad():
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+    out, backend = compile_with_passes(conv, x, lower=None)  # + fuse_add: the partial blocks' adds go in
+    expected = _fused_counts(sites, block_size)
+    assert op_counts(backend.graphs[-1]) == expected
+    assert backend.last_log["fuse_add"]["fused_partial_add"] == expected_partial_adds(sites, block_size) >= 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
     out, backend = compile_with_passes(conv, x, lower="decompose")  # and its decomposition
     assert op_counts(backend.graphs[-1]) == {}
     assert backend.last_log["lower"]["decomposed.attn_res_phase2_normed"] == expected["attn_res_phase2_normed"]
+    assert backend.last_log["lower"]["decomposed.attn_res_phase2_add_normed"] == expected["attn_res_phase2_add_normed"]
     with torch.no_grad():
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lower", [None, "decompose"])
-def test_block_attnres_fused_phase2_training_matches_eager(lower):
+@pytest.mark.parametrize("lower,block_size", [(None, 2), ("decompose", 2), (None, 3)])
+def test_block_attnres_fused_phase2_training_matches_eager(lower, block_size):
     """Forward + backward through AOT autograd with the fused phase-2 ops: their own autograd
-    registration (lower=None: the closed-form backward op) or the decomposed math."""
-    conv, x, sites = _converted("llama", 2)
+    registration (lower=None: the closed-form backward op) or the decomposed math. Blocks of 3: fused
+    partial updates whose result other readers (the next add, phase 1) also take gradients from."""
+    conv, x, sites = _converted("llama", block_size)
     backend = make_attnres_backend(compiler="aot_eager", lower=lower)
     assert_matches_eager(conv, x, backend)
-    assert backend.last_log["fuse_norm"]["fused_phase2"] == _fused_counts(sites, 2)["attn_res_phase2_normed"]
+    fused = _fused_counts(sites, block_size, fuse_add=False)["attn_res_phase2_normed"]
+    assert backend.last_log["fuse_norm"]["fused_phase2"] == fused
+    assert backend.last_log["fuse_add"]["fused_partial_add"] == expected_partial_adds(sites, block_size) >= 1
 
 
 class _NormAfterPhase2(nn.Module):

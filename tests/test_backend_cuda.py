@@ -48,18 +48,23 @@ def _check_against_float64(converted, x, backend):
         assert rel_err(grads[name].cpu().double(), ref_grads[name]) < GRAD_TOL, name
 
 
-def test_block_attnres_gpt_training_runs_the_triton_kernels(monkeypatch):
+@pytest.mark.parametrize("block_size,phase1_calls", [(2, 3), (4, 2)])
+def test_block_attnres_gpt_training_runs_the_triton_kernels(monkeypatch, block_size, phase1_calls):
     from residual_rewriter.kernels.attn_res import fused, two_phase
 
-    model = make_gpt()
-    conv = rr.convert(model, block_size=2).train()
+    model = make_gpt()  # 4 layers: 8 sublayers
+    conv = rr.convert(model, block_size=block_size).train()
     perturb_attn_res(conv, seed=2, scale=0.3)
     backend = make_attnres_backend(lower="triton")
     # phase 1 + the phase-2 merges, forward and backward: each must launch (checked on leaving)
     with spy_on(monkeypatch, fused, "_fwd_kernel"), \
-            spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel", "_phase1_bwd_kernel", "_phase2_bwd_kernel"):
+            spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel", "_phase1_bwd_kernel", "_phase2_bwd_kernel") as spies:
         _check_against_float64(conv, model.example_inputs()[0], backend)
-    assert backend.last_log["lower"]["triton.attn_res_phase1"] == 3
+    assert backend.last_log["lower"]["triton.attn_res_phase1"] == phase1_calls
+    fused_adds = backend.last_log["fuse_add"].get("fused_partial_add", 0)
+    assert sum(c["ADD_DELTA"] for c in spies["_phase2_fwd_kernel"].constexprs) == fused_adds
+    if block_size >= 3:  # a block's third sublayer on reads prev + f: the add runs inside the merge
+        assert fused_adds >= 1
 
 
 def test_full_attnres_past_one_launch_goes_in_chunks():

@@ -80,6 +80,11 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
                                                                 return_mix=False),
         "phase2+norm bwd": lambda: dispatch.phase2_normed_backward_cuda(
             None, dy, o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5),
+        # and with the partial block's update fused in (a block's third sublayer on)
+        "phase2+add+norm fwd": lambda: dispatch.phase2_add_normed_cuda(
+            o1, l1, part, dy, q, w, 1e-6, float(m + 1), w, 1e-5),
+        "phase2+add+norm bwd": lambda: dispatch.phase2_add_normed_backward_cuda(
+            dy, dy, o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5),
     }
     out = {}
     for name, call in ops.items():

@@ -130,3 +130,25 @@ def phase2_normed_backward_cuda(
     from .two_phase import phase2_normed_bwd
 
     return phase2_normed_bwd(*args)
+
+
+def phase2_add_normed_cuda(phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight,
+                           out_eps):
+    args = (phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    if _f64(phase1_out):
+        return reference.attn_res_phase2_add_normed_reference(*args)
+    from .two_phase import phase2_add_normed_fwd
+
+    return phase2_add_normed_fwd(*args)
+
+
+def phase2_add_normed_backward_cuda(
+    grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+):
+    args = (grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight,
+            out_eps)
+    if _f64(phase1_out):
+        return RG.attn_res_phase2_add_normed_backward_reference(*args)
+    from .two_phase import phase2_add_normed_bwd
+
+    return phase2_add_normed_bwd(*args)

@@ -456,3 +456,105 @@ def _phase2_normed_backward(ctx, grad_mix, grad_normed):
 
 
 attn_res_phase2_normed.register_autograd(_phase2_normed_backward, setup_context=_phase2_normed_setup_context)
+
+
+# ---- the partial block's update + phase-2 merge + the sublayer's RMSNorm, fused -----------------
+# What the compile backend emits when a phase-2 merge (mix not returned) reads a partial block that an
+# add just produced, `partial = prev + delta` (Block AttnRes: every sublayer after a block's second).
+# The update is written once and not read back; its gradient and the merge's are summed in the kernel.
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase2_add_normed", mutates_args=())
+def attn_res_phase2_add_normed(
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Tensor,
+    delta: Tensor,
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(new partial = partial + delta, RMSNorm(attn_res_phase2(..., new partial, ...)) * out_norm_weight),
+    both [..., D] in phase1_out's dtype."""
+    args = (phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+    if phase1_out.is_cuda:
+        from . import dispatch
+
+        return dispatch.phase2_add_normed_cuda(*args)
+    return reference.attn_res_phase2_add_normed_reference(*args)
+
+
+@attn_res_phase2_add_normed.register_fake
+def _attn_res_phase2_add_normed_fake(phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale,
+                                     out_norm_weight, out_eps):
+    return torch.empty_like(partial), torch.empty_like(phase1_out)
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase2_add_normed_backward", mutates_args=())
+def attn_res_phase2_add_normed_backward(
+    grad_partial: Optional[Tensor],
+    grad_normed: Tensor,
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Tensor,
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> List[Tensor]:
+    """Returns [grad_phase1_out, grad_phase1_lse, grad of the old partial = grad of delta, grad_query,
+    grad_norm_weight (or empty), grad_out_norm_weight (or empty)]. ``partial`` is the UPDATED partial;
+    ``grad_partial`` its gradient from its other readers (None: it has none)."""
+    if phase1_out.is_cuda:
+        from . import dispatch
+
+        fn = dispatch.phase2_add_normed_backward_cuda
+    else:
+        from .reference_grads import attn_res_phase2_add_normed_backward_reference as fn
+    go, gl, gp, gq, gw, gwo = fn(
+        grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight,
+        out_eps,
+    )
+    return [go, gl, gp, gq, _or_empty(gw, query), _or_empty(gwo, query)]
+
+
+@attn_res_phase2_add_normed_backward.register_fake
+def _attn_res_phase2_add_normed_backward_fake(
+    grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+):
+    def like(t):
+        return torch.empty_like(t) if t is not None else query.new_empty(0)
+
+    return [torch.empty_like(phase1_out), torch.empty_like(phase1_lse), torch.empty_like(partial),
+            torch.empty_like(query), like(norm_weight), like(out_norm_weight)]
+
+
+def _phase2_add_normed_setup_context(ctx, inputs, output):
+    phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
+    ctx.has = tuple(t is not None for t in (norm_weight, out_norm_weight))
+    ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
+    opt = [t for t in (norm_weight, out_norm_weight) if t is not None]
+    ctx.save_for_backward(phase1_out, phase1_lse, query, output[0], *opt)  # output[0]: the updated partial
+
+
+def _phase2_add_normed_backward(ctx, grad_partial, grad_normed):
+    phase1_out, phase1_lse, query, partial, *opt = ctx.saved_tensors
+    norm_weight, out_norm_weight = (opt.pop(0) if has else None for has in ctx.has)
+    grad_partial = grad_partial.contiguous() if grad_partial is not None else None
+    grad_normed = torch.zeros_like(phase1_out) if grad_normed is None else grad_normed.contiguous()
+    go, gl, gp, gq, gw, gwo = torch.ops.residual_rewriter.attn_res_phase2_add_normed_backward(
+        grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale,
+        out_norm_weight, ctx.out_eps,
+    )
+    has_w, has_wo = ctx.has
+    return (go, gl, gp, gp, gq, gw if has_w else None, None, None, gwo if has_wo else None, None)
+
+
+attn_res_phase2_add_normed.register_autograd(
+    _phase2_add_normed_backward, setup_context=_phase2_add_normed_setup_context
+)

@@ -249,3 +249,24 @@ def attn_res_phase2_normed_reference(
     the normalised form is computed from the fp32 mixture (before rounding to the input dtype)."""
     mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
     return _with_out_norm(mix, out_norm_weight, out_eps, phase1_out.dtype)
+
+
+def attn_res_phase2_add_normed_reference(
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Tensor,
+    delta: Tensor,
+    query: Tensor,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = DEFAULT_EPS,
+    scale: float = 1.0,
+    out_norm_weight: Optional[Tensor] = None,
+    out_eps: float = DEFAULT_EPS,
+) -> tuple[Tensor, Tensor]:
+    """The partial block's update fused with the phase-2 merge and the sublayer's RMSNorm:
+    ``(new = partial + delta, RMSNorm(attn_res_phase2(phase1_out, phase1_lse, new, ...)) * out_norm_weight)``.
+    ``new`` is rounded to the partial's dtype exactly as the add it replaces; the mixture is not returned."""
+    new = partial + delta
+    return new, attn_res_phase2_normed_reference(
+        phase1_out, phase1_lse, new, query, norm_weight, eps, scale, out_norm_weight, out_eps
+    )[1]

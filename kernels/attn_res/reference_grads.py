@@ -192,3 +192,28 @@ def attn_res_phase2_normed_backward_reference(
         dmix, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale
     )
     return go, gl, gp, gq, gw, gwo
+
+
+def attn_res_phase2_add_normed_backward_reference(
+    grad_partial: Optional[Tensor],
+    grad_normed: Optional[Tensor],
+    phase1_out: Tensor,
+    phase1_lse: Tensor,
+    partial: Tensor,
+    query: Tensor,
+    norm_weight: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``attn_res_phase2_add_normed_reference`` from the UPDATED partial (its first output)
+    and that output's gradient from its other readers (``grad_partial``, or None):
+    ``(grad_phase1_out, grad_phase1_lse, grad_partial_total, grad_query, grad_norm_weight, grad_out_norm_weight)``.
+    ``grad_partial_total`` is the gradient of both the old partial and the delta (d(a + b)/da = d/db = 1)."""
+    go, gl, gp, gq, gw, gwo = attn_res_phase2_normed_backward_reference(
+        None, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+    )
+    if grad_partial is not None:
+        gp = (gp.to(_compute_dtype(gp.dtype)) + grad_partial.to(_compute_dtype(gp.dtype))).to(gp.dtype)
+    return go, gl, gp, gq, gw, gwo

@@ -119,13 +119,15 @@ def _merge_weights(o, p, l1, q, D, eps):
 def _phase2_fwd_kernel(
     o_ptr, o_stride,  # phase-1 output [T, D] rows
     lse_ptr,  # [T] fp32
-    p_ptr, p_stride,  # partial block [T, D] rows (HAS_P)
+    p_ptr, p_stride,  # partial block [T, D] rows (HAS_P); with ADD_DELTA the partial BEFORE the update
+    d_ptr, d_stride,  # [T, D] rows: the update, the sublayer output added to the partial (ADD_DELTA)
+    pn_ptr,  # [T, D] contiguous: the updated partial p + d, in p's dtype (ADD_DELTA)
     q_ptr, w_ptr,  # query [D], gain [D] (HAS_W)
     out_ptr,  # [T, D] contiguous (STORE_MIX)
     normed_ptr, wo_ptr,  # [T, D] RMSNorm(out) * wo (NORMED; wo if HAS_WO)
     T, D, eps, scale, out_eps,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, STORE_MIX: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_P: tl.constexpr, ADD_DELTA: tl.constexpr, HAS_W: tl.constexpr, STORE_MIX: tl.constexpr,
+    NORMED: tl.constexpr, HAS_WO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
@@ -133,15 +135,20 @@ def _phase2_fwd_kernel(
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
+    offs = rows64[:, None] * D + cols[None, :]
     o = tl.load(o_ptr + rows64[:, None] * o_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_P:
-        p = tl.load(p_ptr + rows64[:, None] * p_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + rows64[:, None] * p_stride + cols[None, :], mask=mask, other=0.0)
+        if ADD_DELTA:  # the partial block's update, fused: rounded once to p's dtype, as torch's add is
+            d = tl.load(d_ptr + rows64[:, None] * d_stride + cols[None, :], mask=mask, other=0.0)
+            p = (p.to(tl.float32) + d.to(tl.float32)).to(pn_ptr.dtype.element_ty)
+            tl.store(pn_ptr + offs, p, mask=mask)
+        p = p.to(tl.float32)
         l1 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
         q = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
         a1, ap, r, n, s_p = _merge_weights(o, p, l1, q, D, eps)
         o = a1[:, None] * o + ap[:, None] * p
     mix = o * scale  # fp32
-    offs = rows64[:, None] * D + cols[None, :]
     if STORE_MIX:  # off when only the normed form is read (the compile backend's usual case)
         tl.store(out_ptr + offs, mix.to(out_ptr.dtype.element_ty), mask=mask)
     if NORMED:
@@ -154,11 +161,12 @@ def _phase2_bwd_kernel(
     o_ptr, o_stride, lse_ptr, p_ptr, p_stride, q_ptr, w_ptr,  # as in the forward
     dn_ptr, wo_ptr,  # [T, D] gradient of the normed output, out gain [D] (NORMED / HAS_WO)
     do_ptr, dlse_ptr, dp_ptr,  # [T, D], [T] fp32, [T, D] contiguous (dp: HAS_P)
+    gp_ptr,  # [T, D] contiguous: the gradient the partial receives from its other readers, added to dp (HAS_GP)
     dqg_ptr,  # [programs, D] fp32
     dwo_ptr,  # [programs, D] fp32 partial of d wo (HAS_WO)
     T, D, eps, scale, out_eps, num_tiles,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_P: tl.constexpr, HAS_GP: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, NORMED: tl.constexpr,
+    HAS_WO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -204,6 +212,8 @@ def _phase2_bwd_kernel(
             tl.store(dlse_ptr + rows64, dlse, mask=rmask)
             tl.store(do_ptr + offs, ((scale * a1)[:, None] * dy).to(do_ptr.dtype.element_ty), mask=mask)
             dp = (scale * ap)[:, None] * dy + (r * ds)[:, None] * (q[None, :] - n * (s_p / D)[:, None])
+            if HAS_GP:  # fused partial update: the partial's whole gradient, written once
+                dp += tl.load(gp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(dp_ptr + offs, dp.to(dp_ptr.dtype.element_ty), mask=mask)
             dqg += tl.sum(ds[:, None] * n, 0)
         else:  # mix = scale * o: the lse and the query do not matter
@@ -278,15 +288,23 @@ def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, *o
 
 
 def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps, what,
-                       store_mix=True):
-    """Launch ``_phase2_fwd_kernel``: (out or None without ``store_mix``, normed or None), ``[..., D]`` in
-    phase1_out's dtype."""
-    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, out_norm_weight)
+                       store_mix=True, delta=None):
+    """Launch ``_phase2_fwd_kernel``: (out or None without ``store_mix``, normed or None, updated partial
+    ``partial + delta`` or None without ``delta``), ``[..., D]`` in phase1_out's dtype."""
+    o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, out_norm_weight, delta)
     normed = out_eps is not None
     if not (store_mix or normed):
         raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
+    if delta is not None and (partial is None or not partial.shape == delta.shape == phase1_out.shape
+                              or not partial.dtype == delta.dtype == phase1_out.dtype):
+        raise ValueError(
+            f"{what}: the fused partial update needs partial and delta of phase1_out's shape and dtype "
+            f"{tuple(phase1_out.shape)} {phase1_out.dtype}; got partial "
+            f"{None if partial is None else (tuple(partial.shape), partial.dtype)}, delta {(tuple(delta.shape), delta.dtype)}"
+        )
     out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if store_mix else None
     y = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if normed else None
+    pn = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if delta is not None else None
     if T > 0:
         BT, BD, warps = L.tile(T, D)
         q = query.contiguous()
@@ -294,14 +312,16 @@ def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps,
         wo = out_norm_weight.contiguous() if normed and out_norm_weight is not None else None
         # Absent optional buffers get a placeholder pointer: their constexpr flag compiles every access out.
         out_rows = (out if out is not None else y).view(-1, D)
+        d = L.as_rows(delta) if delta is not None else o
         _phase2_fwd_kernel[(triton.cdiv(T, BT),)](
-            o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q, out_rows,
+            o, o.stride(0), lse, p, p.stride(0), d, d.stride(0), pn.view(-1, D) if pn is not None else out_rows,
+            q, w if w is not None else q, out_rows,
             y.view(-1, D) if y is not None else out_rows, wo if wo is not None else q,
             T, D, float(eps), float(scale), float(out_eps if normed else 0.0),
-            HAS_P=partial is not None, HAS_W=w is not None, STORE_MIX=store_mix, NORMED=normed, HAS_WO=wo is not None,
-            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            HAS_P=partial is not None, ADD_DELTA=delta is not None, HAS_W=w is not None, STORE_MIX=store_mix,
+            NORMED=normed, HAS_WO=wo is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
-    return out, y
+    return out, y, pn
 
 
 def phase2_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
@@ -318,16 +338,28 @@ def phase2_normed_fwd(phase1_out, phase1_lse, partial, query, norm_weight, eps, 
     return _phase2_fwd_launch(
         phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
         "attn_res_phase2_normed", store_mix=return_mix,
+    )[:2]
+
+
+def phase2_add_normed_fwd(phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight,
+                          out_eps):
+    """(partial + delta, RMSNorm(phase 2 with partial + delta) * out_norm_weight), both ``[..., D]``:
+    the partial block's update and the merge in one pass (the mix is not written)."""
+    _, y, pn = _phase2_fwd_launch(
+        phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+        "attn_res_phase2_add_normed", store_mix=False, delta=delta,
     )
+    return pn, y
 
 
 def _phase2_bwd_launch(grad_out, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
-                       out_norm_weight, out_eps, what):
+                       out_norm_weight, out_eps, what, grad_partial=None):
     """Launch ``_phase2_bwd_kernel``: (d phase1_out, d lse, d partial or None, d query, d gain or None,
-    d out gain or None). ``grad_out`` None: no gradient reaches the mixture (mix not returned)."""
+    d out gain or None). ``grad_out`` None: no gradient reaches the mixture (mix not returned).
+    ``grad_partial``: a gradient the partial receives from elsewhere, added into d partial."""
     normed = out_eps is not None
     o, p, lse, T, D = _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what,
-                                     grad_out, grad_normed if normed else None, out_norm_weight)
+                                     grad_out, grad_normed if normed else None, out_norm_weight, grad_partial)
     dev = o.device
     d_o = L.empty(phase1_out.shape, phase1_out.dtype, dev)
     d_lse = L.empty((T,), torch.float32, dev)
@@ -348,12 +380,17 @@ def _phase2_bwd_launch(grad_out, grad_normed, phase1_out, phase1_lse, partial, q
         if dy is None and dn is None:
             raise ValueError(f"{what}: neither a gradient of the mixture nor of its normed form")
         wo = out_norm_weight.contiguous() if has_wo else q
+        gp = L.as_rows(grad_partial).contiguous() if grad_partial is not None else None
+        if gp is not None and partial is None:
+            raise ValueError(f"{what}: a partial gradient without a partial")
         _phase2_bwd_kernel[(P,)](
             dy if dy is not None else dn, o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q,
             dn if dn is not None else dy, wo,
-            d_o.view(-1, D), d_lse, d_p.view(-1, D) if d_p is not None else d_o.view(-1, D), dqg, dwo,
+            d_o.view(-1, D), d_lse, d_p.view(-1, D) if d_p is not None else d_o.view(-1, D),
+            gp if gp is not None else d_o.view(-1, D), dqg, dwo,
             T, D, float(eps), float(scale), float(out_eps if normed else 0.0), num_tiles,
-            HAS_P=partial is not None, HAS_W=w is not None, HAS_DY=dy is not None, NORMED=normed, HAS_WO=has_wo,
+            HAS_P=partial is not None, HAS_GP=gp is not None, HAS_W=w is not None, HAS_DY=dy is not None,
+            NORMED=normed, HAS_WO=has_wo,
             BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), query, norm_weight)
@@ -379,3 +416,13 @@ def phase2_normed_bwd(grad_mix, grad_normed, phase1_out, phase1_lse, partial, qu
     backward needs the mixture."""
     return _phase2_bwd_launch(grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps,
                               scale, out_norm_weight, out_eps, "attn_res_phase2_normed backward")
+
+
+def phase2_add_normed_bwd(grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
+                          out_norm_weight, out_eps):
+    """As ``attn_res_phase2_add_normed_backward_reference``: (d phase1_out, d lse, d partial — the gradient
+    of both the old partial and the delta —, d query, d gain or None, d out gain or None). ``partial``
+    is the UPDATED partial (the forward's first output); ``grad_partial`` its gradient from its other
+    readers, or None."""
+    return _phase2_bwd_launch(None, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
+                              out_norm_weight, out_eps, "attn_res_phase2_add_normed backward", grad_partial=grad_partial)

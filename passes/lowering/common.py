@@ -26,7 +26,8 @@ PHASE1 = "residual_rewriter::attn_res_phase1"
 PHASE2 = "residual_rewriter::attn_res_phase2"
 NORMED = "residual_rewriter::attn_res_normed"
 PHASE2_NORMED = "residual_rewriter::attn_res_phase2_normed"
-LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE2, NORMED, PHASE2_NORMED)
+PHASE2_ADD_NORMED = "residual_rewriter::attn_res_phase2_add_normed"
+LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE2, NORMED, PHASE2_NORMED, PHASE2_ADD_NORMED)
 
 
 def op(name: str):

@@ -126,3 +126,16 @@ def attn_res_phase2_normed(
     cd = compute_dtype(dtype)
     mix = _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, cd)
     return _with_out_norm(mix, out_norm_weight, out_eps, return_mix, dtype, cd)
+
+
+def attn_res_phase2_add_normed(
+    phase1_out, phase1_lse, partial, delta, query, norm_weight, eps: float, scale: float, out_norm_weight,
+    out_eps: float, *, dtype,
+):
+    """= attn_res_phase2_add_normed_reference: (partial + delta, RMSNorm(phase 2 on it) * out_norm_weight).
+    Decomposed, the add is an add again: inductor fuses it with the merge."""
+    new = partial + delta
+    return new, attn_res_phase2_normed(
+        phase1_out, phase1_lse, new, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+        return_mix=False, dtype=dtype,
+    )[1]

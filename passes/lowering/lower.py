@@ -11,7 +11,7 @@
 * ``"auto"`` (default): ``"triton"`` for ops on CUDA tensors, ``"decompose"`` for everything else.
 
 Matches: every ``attn_res`` / ``attn_res_phase1`` / ``attn_res_phase2`` / ``attn_res_normed`` /
-``attn_res_phase2_normed`` node.
+``attn_res_phase2_normed`` / ``attn_res_phase2_add_normed`` node.
 Leaves: the rest of the graph. With ``"triton"`` the graph is unchanged (the result says so).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from . import decompose as D
 from .common import (
-    ATTN_RES, NORMED, PHASE1, PHASE2, PHASE2_NORMED, LoweringError, copy_location, erase_unused, finish,
+    ATTN_RES, NORMED, PHASE1, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, LoweringError, copy_location, erase_unused, finish,
     getitem_users, infer_meta, library_op, node_device, value,
 )
 
@@ -55,6 +55,8 @@ def _decomposition(node: fx.Node):
         return D.attn_res_phase2, {"dtype": dtype}
     if name == PHASE2_NORMED:
         return D.attn_res_phase2_normed, {"dtype": dtype}
+    if name == PHASE2_ADD_NORMED:
+        return D.attn_res_phase2_add_normed, {"dtype": dtype}
     if name == PHASE1:
         return D.attn_res_phase1, {"dtype": dtype, "num_queries": int(value(node.args[1]).shape[0])}
     raise AssertionError(node.target)
@@ -73,7 +75,7 @@ def decompose_node(gm: fx.GraphModule, node: fx.Node) -> None:
     for n in new_nodes:
         copy_location(n, node)
     infer_meta(new_nodes)
-    if isinstance(result, tuple):  # phase1 / normed / phase2_normed: rewire each `node[i]` reader
+    if isinstance(result, tuple):  # phase1 / the normed ops: rewire each `node[i]` reader
         readers = getitem_users(node)
         for i, users in readers.items():
             for u in users:

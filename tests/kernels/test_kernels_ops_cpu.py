@@ -126,6 +126,29 @@ def test_normed_ops_without_the_mix(op):
     torch.library.opcheck(getattr(OPS, op).default, args, {"return_mix": False})
 
 
+@pytest.mark.parametrize("other_reader", [True, False])
+def test_phase2_add_normed_op_matches_its_unfused_form(other_reader):
+    """attn_res_phase2_add_normed == add + attn_res_phase2_normed(return_mix=False), values and all
+    gradients (float64, closed-form backward vs autograd through the references), with and without
+    another reader of the updated partial (its gradient enters the fused backward)."""
+    o1, l1 = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2)
+    prev, delta = _leaf(2, 5, 24, seed=3), _leaf(2, 5, 24, seed=7)
+    q, g, wo = _leaf(24, seed=4), _leaf(24, seed=5), _leaf(24, seed=6)
+    ins = [o1, l1, prev, delta, q, g, wo]
+    new, normed = OPS.attn_res_phase2_add_normed(o1, l1, prev, delta, q, g, 1e-6, 2.5, wo, 1e-5)
+    ref_new = prev + delta
+    ref_normed = R.attn_res_phase2_normed_reference(o1, l1, ref_new, q, g, 1e-6, 2.5, wo, 1e-5)[1]
+    _assert_all_close((new, normed), (ref_new, ref_normed))
+    gy = (torch.randn_like(new), torch.randn_like(normed))
+    outs, ref_outs = ((new, normed), (ref_new, ref_normed)) if other_reader else ((normed,), (ref_normed,))
+    gys = gy if other_reader else gy[1:]
+    _assert_all_close(_grads(outs, ins, gys), _grads(ref_outs, ins, gys))
+    f = torch.float32
+    args = tuple(t.detach().to(f).requires_grad_() if isinstance(t, torch.Tensor) else t
+                 for t in (o1, l1, prev, delta, q, g, 1e-6, 2.5, wo, 1e-5))
+    _opcheck(OPS.attn_res_phase2_add_normed.default, args)
+
+
 def _opcheck(op, args):
     torch.library.opcheck(op, args)  # schema, autograd registration, fake tensor, aot dispatch (dynamic)
 

@@ -104,15 +104,24 @@ def test_phase1_backward(dtype, n, bt, bd, warps):
 def test_phase2(dtype, bt, bd, warps, has_p, outputs):
     normed, mix = "normed" in outputs, "mix" in outputs
     flags = dict(HAS_P=has_p, HAS_W=True, NORMED=normed, HAS_WO=normed, BLOCK_T=bt, BLOCK_D=bd)
-    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, STORE_MIX=mix, **flags)
+    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, STORE_MIX=mix, ADD_DELTA=False, **flags)
     if has_p or normed:  # the plain merge without a partial is a scaling: no backward kernel
-        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, HAS_DY=mix, **flags)
+        _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, HAS_DY=mix, HAS_GP=False, **flags)
 
 
 def test_phase2_normed_without_out_gain():
     flags = dict(HAS_P=True, HAS_W=False, NORMED=True, HAS_WO=False, BLOCK_T=1, BLOCK_D=8192)
-    _compile(two_phase._phase2_fwd_kernel, "fp16", 0, 8, STORE_MIX=True, **flags)
-    _compile(two_phase._phase2_bwd_kernel, "fp16", 0, 8, HAS_DY=True, **flags)
+    _compile(two_phase._phase2_fwd_kernel, "fp16", 0, 8, STORE_MIX=True, ADD_DELTA=False, **flags)
+    _compile(two_phase._phase2_bwd_kernel, "fp16", 0, 8, HAS_DY=True, HAS_GP=False, **flags)
+
+
+@pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 16), ("fp32", 8, 128, 2)])
+@pytest.mark.parametrize("has_gp", [True, False])
+def test_phase2_add_normed(dtype, bt, bd, warps, has_gp):
+    """The partial block's update fused into the merge (attn_res_phase2_add_normed)."""
+    flags = dict(HAS_P=True, HAS_W=True, NORMED=True, HAS_WO=True, BLOCK_T=bt, BLOCK_D=bd)
+    _compile(two_phase._phase2_fwd_kernel, dtype, 0, warps, STORE_MIX=False, ADD_DELTA=True, **flags)
+    _compile(two_phase._phase2_bwd_kernel, dtype, 0, warps, HAS_DY=False, HAS_GP=has_gp, **flags)
 
 
 # ---- resources: what the compiled kernel costs each SM (registers, stack), read off the cubin ------
@@ -173,5 +182,6 @@ def test_kernel_resources_tool_captures_every_launch():
         "attn_res fwd": {"_fwd_kernel"}, "attn_res bwd": {"_bwd_kernel"}, "phase1 fwd": {"_fwd_kernel"},
         "phase1 bwd": {"_phase1_delta_kernel", "_phase1_bwd_kernel"},
         "phase2+norm fwd": {"_phase2_fwd_kernel"}, "phase2+norm bwd": {"_phase2_bwd_kernel"},
+        "phase2+add+norm fwd": {"_phase2_fwd_kernel"}, "phase2+add+norm bwd": {"_phase2_bwd_kernel"},
     }
     assert all(r["registers"] > 0 and r["num_warps"] == 16 for r in table)  # D=2048: 8 elements/thread

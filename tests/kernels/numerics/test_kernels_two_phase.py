@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_tiers import assert_close_tier, cpu_randn
+from kernel_tiers import DEVICE, assert_close_tier, cpu_randn
 from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
 from residual_rewriter.kernels.attn_res import _launch, dispatch, fused, two_phase
 from residual_rewriter.kernels.attn_res.reference import (
     attn_res_phase1_reference,
+    attn_res_phase2_add_normed_reference,
     attn_res_phase2_normed_reference,
     attn_res_phase2_reference,
 )
 from residual_rewriter.kernels.attn_res.reference_grads import (
     attn_res_normed_backward_reference,
     attn_res_phase1_backward_reference,
+    attn_res_phase2_add_normed_backward_reference,
     attn_res_phase2_backward_reference,
     attn_res_phase2_normed_backward_reference,
 )
@@ -274,3 +276,46 @@ def test_only_the_normed_form_is_read(monkeypatch, op):
         assert (a is None) == (b is None), i
         if b is not None:
             assert_close_tier(a, b, torch.float32, "grad", f"gradient {i}")
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((1, 96), torch.float32), ((7, 200), torch.float32), ((3, 11, 96), torch.float32), ((33, 200), torch.bfloat16),
+     ((7, 96), torch.float16)],
+)
+@pytest.mark.parametrize("with_grad_partial", [True, False])
+def test_phase2_add_normed(monkeypatch, shape, dtype, with_grad_partial):
+    """The partial block's update fused into the merge: the updated partial equals torch's add
+    bit for bit (the same single rounding), the normed form and every gradient match float64, and the
+    partial's gradient from its other readers (``grad_partial``) is summed in the kernel."""
+    D = shape[-1]
+    o1, l1 = _rand(*shape, dtype=dtype, seed=1), _rand(*shape[:-1], seed=2)
+    prev = _rand(*shape, dtype=dtype, seed=3)
+    delta = _rand(*shape[:-1], D + 8, dtype=dtype, seed=7)[..., :D]  # a row-padded (non-contiguous) delta
+    q, g = _rand(D, seed=4, shift=0.0) * 0.3, 1 + 0.3 * _rand(D, seed=5, shift=0.0)
+    wo = 1 + 0.3 * _rand(D, seed=6, shift=0.0)
+    with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel") as spies:
+        new, normed = dispatch.phase2_add_normed_cuda(o1, l1, prev, delta, q, g, 1e-6, 4.0, wo, 1e-5)
+    flags = spies["_phase2_fwd_kernel"].constexprs
+    assert [(c["ADD_DELTA"], c["STORE_MIX"]) for c in flags] == [(True, False)]
+    assert new.dtype == normed.dtype == dtype and new.shape == normed.shape == shape
+    if dtype == torch.bfloat16 and DEVICE != "cuda":
+        # the interpreter casts fp32 -> bf16 by truncation (triton/runtime/interpreter.py passes no
+        # rounding mode); compiled kernels round to nearest even as torch does, and must match exactly
+        torch.testing.assert_close(new, prev + delta, atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(new, prev + delta)
+    o64, l64, n64, q64, g64, wo64 = (t.to(F64) for t in (o1, l1, new, q, g, wo))
+    # reference on the (rounded) updated partial, split as prev=new, delta=0: only the merge is compared
+    _, rnormed = attn_res_phase2_add_normed_reference(o64, l64, n64, torch.zeros_like(n64), q64, g64, 1e-6, 4.0, wo64, 1e-5)
+    assert_close_tier(normed, rnormed, dtype, "out", "normed")
+    gn = _rand(*shape, dtype=dtype, seed=31, shift=0.0)
+    gp = _rand(*shape, dtype=dtype, seed=32, shift=0.0) if with_grad_partial else None
+    with spy_on(monkeypatch, two_phase, "_phase2_bwd_kernel") as spies:
+        got = dispatch.phase2_add_normed_backward_cuda(gp, gn, o1, l1, new, q, g, 1e-6, 4.0, wo, 1e-5)
+    assert [c["HAS_GP"] for c in spies["_phase2_bwd_kernel"].constexprs] == [with_grad_partial]
+    ref = attn_res_phase2_add_normed_backward_reference(
+        gp.to(F64) if gp is not None else None, gn.to(F64), o64, l64, n64, q64, g64, 1e-6, 4.0, wo64, 1e-5
+    )
+    for name, a, b in zip(("d out", "d lse", "d partial", "d query", "d gain", "d out gain"), got, ref):
+        assert_close_tier(a, b, dtype, "grad", name)

@@ -1,0 +1,111 @@
+"""Pass 4, fuse_add: the partial block's update folded into the phase-2 merge that reads it.
+
+In Block AttnRes every sublayer after the second of its block reads the partial block
+``p = prev + f`` (the block's outputs so far), which an add makes right before the merge. Unfused,
+``p`` is written by the add and read straight back by the merge; in the backward the merge's gradient
+of ``p`` and ``p``'s gradient from its other readers (the next add, phase 1) are summed by one more
+kernel. After this pass:
+
+    p = add(prev, f);  _, y = attn_res_phase2_normed(o, lse, p, q, g, eps, scale, wo, out_eps, return_mix=False)
+->  p, y = attn_res_phase2_add_normed(o, lse, prev, f, q, g, eps, scale, wo, out_eps)
+
+one pass reads (o, prev, f) and writes (p, y): one [..., D] read fewer forward, and backward the
+gradient of p is summed in the merge's kernel and written once (no add kernel, two passes fewer).
+``p`` is rounded to its dtype exactly as the add rounded it, so nothing changes numerically.
+
+Matches: ``attn_res_phase2_normed`` with ``return_mix=False`` (what fuse_norm makes of every converted
+model's merges) whose partial is an add of two tensors — ``operator.add`` / ``torch.add`` /
+``Tensor.add``, no ``alpha`` — both of exactly the sum's shape and dtype, which equal phase1_out's (no
+broadcast, no type promotion), and whose other readers all come after the merge.
+Leaves: merges without a partial or with a partial that is not such an add (a block's first two
+sublayers), counted as ``partial_not_an_add``; merges that still return the mix.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .common import (
+    PHASE2_ADD_NORMED, PHASE2_NORMED, copy_location, erase_unused, finish, getitem_users, infer_meta, library_op, op,
+    value,
+)
+
+log = logging.getLogger("residual_rewriter.backend")
+
+_ADDS = {operator.add, torch.add}
+
+
+def _tensor(node) -> Optional[torch.Tensor]:
+    v = value(node) if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _as_fusable_add(node, like: torch.Tensor) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(prev, delta) when ``node`` is ``prev + delta`` over two tensors of ``like``'s shape and dtype."""
+    if not isinstance(node, fx.Node) or node.kwargs:
+        return None
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target == "add")
+    if not is_add or len(node.args) != 2:
+        return None
+    vals = [_tensor(a) for a in (node, *node.args)]
+    if any(v is None or v.shape != like.shape or v.dtype != like.dtype for v in vals):
+        return None
+    return node.args[0], node.args[1]
+
+
+class FusePartialAdd(PassBase):
+    """Replaces ``add`` + ``attn_res_phase2_normed(return_mix=False)`` by ``attn_res_phase2_add_normed``."""
+
+    name = "fuse_add"
+
+    def __init__(self):
+        super().__init__()
+        self.stats = defaultdict(int)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.stats.clear()
+        graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        modified = False
+        for merge in [n for n in graph.nodes if library_op(n) == PHASE2_NORMED]:
+            if merge.kwargs.get("return_mix", True):
+                self.stats["mix_returned"] += 1
+                continue
+            o, lse, partial, *rest = merge.args  # (o, lse, partial, q, g, eps, scale, wo, out_eps)
+            like = _tensor(o)
+            add = _as_fusable_add(partial, like) if like is not None else None
+            if add is None:
+                self.stats["partial_not_an_add"] += 1
+                continue
+            if any(order[u] < order[merge] for u in partial.users if u is not merge):
+                self.stats["partial_read_before_merge"] += 1
+                continue
+            self._fuse(graph, merge, partial, add, o, lse, rest)
+            modified = True
+            self.stats["fused_partial_add"] += 1
+        return finish(gm, modified)
+
+    @staticmethod
+    def _fuse(graph: fx.Graph, merge: fx.Node, partial: fx.Node, add: tuple, o, lse, rest) -> None:
+        with graph.inserting_before(merge):
+            fused = graph.call_function(op(PHASE2_ADD_NORMED), (o, lse, *add, *rest))
+            new_partial = graph.call_function(operator.getitem, (fused, 0))  # [..., D]
+            normed = graph.call_function(operator.getitem, (fused, 1))  # [..., D]
+        for n in (fused, new_partial, normed):
+            copy_location(n, merge)
+        infer_meta([fused, new_partial, normed])
+        old = getitem_users(merge)
+        for u in old.get(1, []):
+            u.replace_all_uses_with(normed)
+        partial.replace_all_uses_with(new_partial, delete_user_cb=lambda user: user is not merge)
+        erase_unused([u for users in old.values() for u in users] + [merge, partial])
+
+    def summary(self) -> dict:
+        return dict(self.stats)
