@@ -419,3 +419,26 @@ def test_inductor_graph_without_aggregation_passes_through():
     out = torch.compile(model, backend=backend)(x)
     torch.testing.assert_close(out, model(x))
     assert backend.last_log.passes == {"find": {"modified": False, "aggregations": 0}}
+
+
+def test_traffic_model_counts_what_each_pass_saves():
+    """benchmarks/backend/traffic_model.py runs on the graphs the passes emit: each pass it switches
+    off shows up as more memory traffic, and it counts the fused ops the passes made."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "backend" / "traffic_model.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("traffic_model", path)
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        rows = {r["variant"]: r for r in tool.main(["--layers", "3", "--num-blocks", "1", "--tokens", "64"])}
+    finally:
+        sys.path.remove(str(path.parent))
+    full, no_add, no_norm = rows["all passes"], rows["-fuse_add"], rows["-fuse_norm"]
+    # one block of 6 sublayers: 1 phase-1 call, merges for sites 1..5 + the final aggregation, of which
+    # those reading 2+ outputs of the block (sites 2..5, final) take their add in
+    assert full["ops"] == {"attn_res_phase1": 1, "attn_res_phase2_normed": 1, "attn_res_phase2_add_normed": 5}
+    assert full["fwd"] < no_add["fwd"] < no_norm["fwd"]
+    assert full["fwd"] + full["bwd"] < no_add["fwd"] + no_add["bwd"] < no_norm["fwd"] + no_norm["bwd"]

@@ -1,0 +1,144 @@
+"""The memory traffic Block AttnRes adds to a model, counted on the graphs the ``attnres`` backend
+emits — the floor under what a converted model can cost over the original. No GPU needed.
+
+A MODEL, not a measurement. Unit: one pass over a [tokens, hidden] activation (read or write). The
+aggregation is memory-bound, so (extra passes) x (bytes per pass) / (copy bandwidth) is the least
+time the converted model can add, however fast the kernels. Counted per library op from the kernels'
+own I/O (``kernels/attn_res``): every activation input read once from DRAM and every output written
+once; re-reads a kernel makes of its own tile (L1/L2) are not counted, nor [tokens]-sized statistics
+(lse, their gradients). The stream's adds (the partial
+blocks) read 2 and write 1; a stream tensor read by k > 1 ops gets k gradients, summed in one
+kernel (k reads, 1 write). The ORIGINAL model, per sublayer, as inductor fuses it: the residual add
++ the next RMSNorm read (x, f) and write (x + f, normed) — 4 passes; backward, the norm's backward
+and the residual gradient's sum read (dnormed, x + f, the stream gradient) and write one — 4 passes.
+
+    python benchmarks/backend/traffic_model.py                         # the H100 backend benchmark's model
+    python benchmarks/backend/traffic_model.py --layers 32 --num-blocks 8 --hidden 4096
+
+Prints, per backend variant, the passes per forward and per training step, the floor in ms at the
+given copy bandwidth, and that floor as a share of the original's measured times when given.
+"""
+from __future__ import annotations
+
+import argparse
+import operator
+from collections import Counter
+
+import torch
+
+import residual_rewriter as rr
+from residual_rewriter.backend import make_attnres_backend
+from residual_rewriter.passes.lowering.common import library_op, value
+
+VARIANTS = {
+    "all passes": {},
+    "-fuse_add": {"fuse_add": False},
+    "-fuse_norm": {"fuse_norm": False},
+    "-batch": {"batch_two_phase": False},
+}
+_ADDS = {operator.add, torch.add}
+
+
+def _is_stream(node, shape) -> bool:
+    v = value(node)
+    return isinstance(v, torch.Tensor) and tuple(v.shape) == shape
+
+
+def op_passes(node) -> tuple[int, int]:
+    """(forward passes, backward passes) of one library-op node, in [tokens, hidden] units."""
+    name = library_op(node).split("::")[1]
+    args, mix = node.args, int(node.kwargs.get("return_mix", True))
+    # an unfused op's mixture is normalised by a kernel of its own: reads it, writes the normed form;
+    # backward reads (dnormed, mix), writes d mix
+    norm_fwd, norm_bwd = (2, 3) if name in ("attn_res", "attn_res_phase2") else (0, 0)
+    if name in ("attn_res", "attn_res_normed"):
+        n, normed = len(args[0]), name.endswith("normed")
+        # fwd: n sources -> out (+ normed); bwd: the sources (recompute) + dy (+ dnormed) -> n grads
+        fwd = n + (1 + mix if normed else 1)
+        bwd = n + (mix + 1 if normed else 1) + n
+        return fwd + norm_fwd, bwd + norm_bwd
+    if name == "attn_res_phase1":
+        m, S = len(args[0]), int(value(args[1]).shape[0])
+        # bwd: delta pre-pass (m, S douts); main pass (m, S douts) -> m grads; and the [S, ...] dout
+        # itself, assembled from the S merges' gradients of their select views (S reads, S writes)
+        return m + S, (m + S) + (m + S) + m + 2 * S
+    has_p = args[2] is not None
+    if name == "attn_res_phase2":
+        return 1 + has_p + 1 + norm_fwd, 1 + 1 + has_p + 1 + has_p + norm_bwd  # (dy, o, p) -> (d o, d p)
+    if name == "attn_res_phase2_normed":
+        return 1 + has_p + 1 + mix, (1 + mix) + 1 + has_p + 1 + has_p
+    if name == "attn_res_phase2_add_normed":
+        gp = int(bool(node.users) and any(u.args[1] == 0 for u in node.users))  # the new partial read elsewhere
+        return 3 + 2, 1 + 1 + 1 + gp + 2  # (dn, o, p, g p) -> (d o, d p)
+    raise AssertionError(name)
+
+
+def converted_passes(graph: torch.fx.Graph, stream_shape) -> dict:
+    """Forward and backward passes of the AttnRes ops and the stream's adds in one rewritten graph."""
+    ops = [n for n in graph.nodes if library_op(n)]
+    adds = [n for n in graph.nodes if n.op == "call_function" and n.target in _ADDS and _is_stream(n, stream_shape)]
+    fwd = bwd = 0
+    for n in ops:
+        f, b = op_passes(n)
+        fwd, bwd = fwd + f, bwd + b
+    fwd += 3 * len(adds)
+    readers = Counter()  # stream tensors read by several ops/adds get several gradients, summed once
+    for n in ops + adds:
+        for a in n.all_input_nodes:
+            if _is_stream(a, stream_shape):
+                readers[a] += 1
+    bwd += sum(k + 1 for k in readers.values() if k > 1)
+    return {"ops": Counter(library_op(n).split("::")[1] for n in ops), "adds": len(adds), "fwd": fwd, "bwd": bwd}
+
+
+def graphs_of(layers: int, num_blocks: int, options: dict):
+    from bench_backend import llama_like
+
+    torch.manual_seed(0)
+    model = rr.convert(llama_like(layers, 64), num_blocks=num_blocks).train()
+    backend = make_attnres_backend(compiler="eager", lower=None, keep_graphs=True, **options)
+    ids = torch.randint(0, 4096, (1, 8))
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(ids)
+    return backend.graphs[-1], (1, 8, 64), len(model.report.plan.sites)
+
+
+def _percent(ms: float, of_ms: float) -> str:
+    return f"{100 * ms / of_ms:6.1f}" if of_ms > 0 else f"{'-':>6}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=4 * 2048)
+    p.add_argument("--bytes", type=int, default=2, help="per element (bf16: 2)")
+    p.add_argument("--copy-gbps", type=float, default=3002.0, help="measured copy bandwidth (H100, session 2)")
+    p.add_argument("--original-fwd-ms", type=float, default=29.51,
+                   help="original + inductor forward, measured (default: H100, session 2, this default model); 0: none")
+    p.add_argument("--original-train-ms", type=float, default=91.32, help="the same for a training step")
+    args = p.parse_args(argv)
+    pass_ms = args.tokens * args.hidden * args.bytes / (args.copy_gbps * 1e9) * 1e3
+    print(f"{args.layers} layers, {args.num_blocks} blocks, hidden {args.hidden}, {args.tokens} tokens: one pass "
+          f"= {args.tokens * args.hidden * args.bytes / 2**20:.0f} MiB = {pass_ms * 1e3:.1f} us at {args.copy_gbps:.0f} GB/s\n")
+    print(f"{'variant':12} {'ops':64} {'fwd':>5} {'+fwd':>5} {'ms':>6} {'%fwd':>6} {'train':>6} {'+train':>6} {'ms':>6} {'%train':>6}")
+    rows = []
+    for name, options in VARIANTS.items():
+        graph, shape, sites = graphs_of(args.layers, args.num_blocks, options)
+        c = converted_passes(graph, shape)
+        orig_fwd, orig_bwd = 4 * sites, 4 * sites  # per sublayer: fused add + RMSNorm, and its backward
+        extra_fwd, extra_train = c["fwd"] - orig_fwd, c["fwd"] + c["bwd"] - orig_fwd - orig_bwd
+        row = dict(variant=name, ops=dict(c["ops"]), adds=c["adds"], fwd=c["fwd"], bwd=c["bwd"], extra_fwd=extra_fwd,
+                   extra_train=extra_train, extra_fwd_ms=extra_fwd * pass_ms, extra_train_ms=extra_train * pass_ms)
+        rows.append(row)
+        ops = ", ".join(f"{k.replace('attn_res_', '')} {v}" for k, v in sorted(c["ops"].items())) + f", adds {c['adds']}"
+        print(f"{name:12} {ops:64} {c['fwd']:5} {extra_fwd:5} {row['extra_fwd_ms']:6.2f} "
+              f"{_percent(row['extra_fwd_ms'], args.original_fwd_ms)} {c['fwd'] + c['bwd']:6} {extra_train:6} "
+              f"{row['extra_train_ms']:6.2f} {_percent(row['extra_train_ms'], args.original_train_ms)}")
+    print(f"\noriginal: {4 * sites} passes forward, {8 * sites} per training step ({sites} sublayers)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
