@@ -4,16 +4,17 @@ Llama-like model (Hugging Face ``LlamaForCausalLM``, random weights); for each v
 step (forward + backward) and an inference forward (``torch.no_grad``), all variants timed
 interleaved in ONE run and reported as ratios to ``original + inductor``:
 
-    original  + inductor            the baseline
-    converted + inductor            Block AttnRes, the aggregation op opaque to inductor
-    converted + attnres             all passes
-    converted + attnres -batch      two-phase batching off
-    converted + attnres -fuse_norm  RMSNorm fusion off (and with it fuse_add)
-    converted + attnres -fuse_add   the partial block's add left out of the merge
-    converted + attnres -lower      CPU: library ops kept (their eager reference); CUDA: lower="decompose"
-                                    (inductor-generated code instead of the hand-written Triton kernels)
-    converted + attnres+ept16       the Triton kernels with 16 elements per thread (the launch
-                                    configuration before session 2; CPU: same as converted + attnres)
+    original+inductor      the baseline
+    converted+inductor     Block AttnRes, the aggregation op opaque to inductor
+    converted+attnres      all passes
+    attnres-batch          two-phase batching off
+    attnres-fuse_norm      RMSNorm fusion off (and with it fuse_add)
+    attnres-fuse_add       the partial block's add left out of the merge
+    attnres-lower          CPU: library ops kept (their eager reference); CUDA: lower="decompose"
+                           (inductor-generated code instead of the hand-written Triton kernels)
+    attnres+ept16          the Triton kernels with 16 elements per thread (the launch
+                           configuration before session 2; CPU: same as converted+attnres)
+(names without spaces, for ``--only``)
 
 Prints a table, writes ``benchmarks/results/backend-<device>-<date>.json``.
 
@@ -59,10 +60,10 @@ def variants(device: str) -> dict:
         "original+inductor": ("original", "inductor"),
         "converted+inductor": ("converted", "inductor"),
         "converted+attnres": ("converted", make_attnres_backend()),
-        "attnres -batch": ("converted", make_attnres_backend(batch_two_phase=False)),
-        "attnres -fuse_norm": ("converted", make_attnres_backend(fuse_norm=False)),
-        "attnres -fuse_add": ("converted", make_attnres_backend(fuse_add=False)),
-        "attnres -lower": ("converted", make_attnres_backend(lower=alt_lower)),
+        "attnres-batch": ("converted", make_attnres_backend(batch_two_phase=False)),
+        "attnres-fuse_norm": ("converted", make_attnres_backend(fuse_norm=False)),
+        "attnres-fuse_add": ("converted", make_attnres_backend(fuse_add=False)),
+        "attnres-lower": ("converted", make_attnres_backend(lower=alt_lower)),
         # the kernels' previous launch configuration (kernels/attn_res/_launch.py), for comparison
         "attnres+ept16": ("converted", make_attnres_backend(), 16),
     }
