@@ -8,7 +8,7 @@ fuse_add.py   pass 4: the partial block's ``prev + f`` folded into the merge tha
               ``attn_res_phase2_add_normed``
 lower.py      pass 5: keep the ops for Triton (CUDA) or decompose them into torch math (CPU)
 decompose.py  the ops' math as traceable torch code (used by pass 4)
-common.py     op targets, fake-value metadata, ``finish`` (lint + recompile)
+common.py     op targets, fake-value metadata, ``CountingPass`` (the passes' base: counts, lint + recompile)
 
 Each pass is a ``torch.fx.passes.infra.pass_base.PassBase``: ``pass(gm) -> PassResult(gm, modified)``,
 with a ``summary()`` of counts. ``run_passes`` runs the enabled ones, lints and recompiles after each,

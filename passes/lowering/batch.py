@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
-
-from .common import PHASE1, PHASE2, copy_location, op, erase_unused, finish, infer_meta, value
+from .common import PHASE1, PHASE2, CountingPass, copy_location, erase_unused, infer_meta, node_order, op, value
 from .find import Aggregation, find_aggregations
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -81,21 +78,12 @@ def _remap(group: Group, replaced: dict) -> None:
         agg.sources = [replaced.get(s, s) for s in agg.sources]
 
 
-def _order(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}
-
-
-class BatchTwoPhase(PassBase):
+class BatchTwoPhase(CountingPass):
     """Rewrites each multi-member group into one ``attn_res_phase1`` plus one ``attn_res_phase2`` per member."""
 
     name = "batch_two_phase"
 
-    def __init__(self):
-        super().__init__()
-        self.stats = defaultdict(int)
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        self.stats.clear()
+    def rewrite(self, gm: fx.GraphModule) -> bool:
         graph = gm.graph
         modified = False
         replaced: dict[fx.Node, fx.Node] = {}  # erased aggregation -> its phase-2 replacement
@@ -113,11 +101,11 @@ class BatchTwoPhase(PassBase):
             modified = True
             self.stats["phase1"] += 1
             self.stats["phase2"] += len(group.members)
-        return finish(gm, modified)
+        return modified
 
     def _rewrite(self, gm: fx.GraphModule, group: Group, replaced: dict) -> Optional[str]:
         graph = gm.graph
-        order = _order(graph)
+        order = node_order(graph)
         members = sorted(group.members, key=lambda a: order[a.node])
         partial_of = dict(zip((a.node for a in group.members), group.partials))
         first = members[0].node
@@ -170,6 +158,3 @@ class BatchTwoPhase(PassBase):
         infer_meta(new_nodes)
         erase_unused([a.node for a in members])
         return None
-
-    def summary(self) -> dict:
-        return dict(self.stats)

@@ -8,11 +8,12 @@ inductor's own pre-grad passes, see true shapes and dtypes ("keep node metadata 
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult  # noqa: F401  (re-exported: the house style)
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import residual_rewriter.kernels  # noqa: F401  (registers torch.ops.residual_rewriter.*)
 
@@ -136,6 +137,32 @@ def finish(gm: fx.GraphModule, modified: bool) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+class CountingPass(PassBase):
+    """A rewriting pass that counts what it did: ``rewrite(gm) -> modified`` adds to ``self.stats``,
+    ``summary()`` reports them (``run_passes`` logs it). ``call`` = fresh counts, rewrite, ``finish``."""
+
+    name = "counting_pass"
+
+    def __init__(self):
+        super().__init__()
+        self.stats = defaultdict(int)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.stats.clear()
+        return finish(gm, self.rewrite(gm))
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        return dict(self.stats)
+
+
+def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Each node's position in the graph (for "is defined before" checks)."""
+    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def node_device(node: fx.Node) -> Optional[torch.device]:

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections import defaultdict
 from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
-
 from .common import (
-    PHASE2_ADD_NORMED, PHASE2_NORMED, copy_location, erase_unused, finish, getitem_users, infer_meta, library_op, op,
-    value,
+    PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, copy_location, erase_unused, getitem_users, infer_meta, library_op,
+    node_order, op, value,
 )
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -60,19 +57,14 @@ def _as_fusable_add(node, like: torch.Tensor) -> Optional[tuple[fx.Node, fx.Node
     return node.args[0], node.args[1]
 
 
-class FusePartialAdd(PassBase):
+class FusePartialAdd(CountingPass):
     """Replaces ``add`` + ``attn_res_phase2_normed(return_mix=False)`` by ``attn_res_phase2_add_normed``."""
 
     name = "fuse_add"
 
-    def __init__(self):
-        super().__init__()
-        self.stats = defaultdict(int)
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        self.stats.clear()
+    def rewrite(self, gm: fx.GraphModule) -> bool:
         graph = gm.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        order = node_order(graph)
         modified = False
         for merge in [n for n in graph.nodes if library_op(n) == PHASE2_NORMED]:
             if merge.kwargs.get("return_mix", True):
@@ -90,7 +82,7 @@ class FusePartialAdd(PassBase):
             self._fuse(graph, merge, partial, add, o, lse, rest)
             modified = True
             self.stats["fused_partial_add"] += 1
-        return finish(gm, modified)
+        return modified
 
     @staticmethod
     def _fuse(graph: fx.Graph, merge: fx.Node, partial: fx.Node, add: tuple, o, lse, rest) -> None:
@@ -106,6 +98,3 @@ class FusePartialAdd(PassBase):
             u.replace_all_uses_with(normed)
         partial.replace_all_uses_with(new_partial, delete_user_cb=lambda user: user is not merge)
         erase_unused([u for users in old.values() for u in users] + [merge, partial])
-
-    def summary(self) -> dict:
-        return dict(self.stats)

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
-
-from .common import META, NORMED, PHASE2, PHASE2_NORMED, copy_location, op, erase_unused, finish, infer_meta, library_op, value
+from .common import (
+    META, NORMED, PHASE2, PHASE2_NORMED, CountingPass, copy_location, erase_unused, infer_meta, library_op, op, value,
+)
 from .find import find_aggregations
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -182,18 +181,13 @@ def _sites(graph: fx.Graph) -> list[_Site]:
     return sites
 
 
-class FuseRMSNorm(PassBase):
+class FuseRMSNorm(CountingPass):
     """Replaces ``attn_res`` / ``attn_res_phase2`` + RMSNorm by ``attn_res_normed`` /
     ``attn_res_phase2_normed``; counts fused and left-alone sites."""
 
     name = "fuse_norm"
 
-    def __init__(self):
-        super().__init__()
-        self.stats = defaultdict(int)
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        self.stats.clear()
+    def rewrite(self, gm: fx.GraphModule) -> bool:
         graph = gm.graph
         modified = False
         for site in _sites(graph):
@@ -209,7 +203,7 @@ class FuseRMSNorm(PassBase):
             self._fuse(graph, site, m)
             modified = True
             self.stats[site.kind] += 1
-        return finish(gm, modified)
+        return modified
 
     def _fuse(self, graph: fx.Graph, site: _Site, m: RMSNormMatch) -> None:
         h = site.node
@@ -233,6 +227,3 @@ class FuseRMSNorm(PassBase):
                 fused.meta.pop(key, None)
             infer_meta([fused])
             self.stats["mix_not_written"] += 1
-
-    def summary(self) -> dict:
-        return dict(self.stats)

@@ -17,17 +17,14 @@ Leaves: the rest of the graph. With ``"triton"`` the graph is unchanged (the res
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from . import decompose as D
 from .common import (
-    ATTN_RES, NORMED, PHASE1, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, LoweringError, copy_location, erase_unused, finish,
-    getitem_users, infer_meta, library_op, node_device, value,
+    ATTN_RES, NORMED, PHASE1, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, LoweringError, copy_location,
+    erase_unused, getitem_users, infer_meta, library_op, node_device, value,
 )
 
 log = logging.getLogger("residual_rewriter.backend")
@@ -101,7 +98,7 @@ def _check_triton(node: fx.Node) -> None:
         raise LoweringError(f"lower='triton' asked for, but triton does not import: {e}") from e
 
 
-class Lower(PassBase):
+class Lower(CountingPass):
     name = "lower"
 
     def __init__(self, target: str = "auto"):
@@ -109,7 +106,6 @@ class Lower(PassBase):
         if target not in TARGETS:
             raise ValueError(f"lower target must be one of {TARGETS}, got {target!r}")
         self.target = target
-        self.stats = defaultdict(int)
 
     def _choice(self, node: fx.Node) -> str:
         if self.target != "auto":
@@ -117,8 +113,7 @@ class Lower(PassBase):
         dev = node_device(node)
         return "triton" if dev is not None and dev.type == "cuda" else "decompose"
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        self.stats.clear()
+    def rewrite(self, gm: fx.GraphModule) -> bool:
         modified = False
         for node in [n for n in gm.graph.nodes if library_op(n)]:
             name = library_op(node).split("::")[1]
@@ -129,7 +124,4 @@ class Lower(PassBase):
                 decompose_node(gm, node)
                 self.stats[f"decomposed.{name}"] += 1
                 modified = True
-        return finish(gm, modified)
-
-    def summary(self) -> dict:
-        return dict(self.stats)
+        return modified
