@@ -4,7 +4,10 @@ For each stream (sites in depth order, source node b_0):
   * site l in block n, position i: ``h_l = attn_res([b_0 .. b_{n-1}] (+ partial if i > 0), q_l, g_l)``
     is inserted right after the previous residual add, and the site's norm reads ``h_l`` instead of x;
   * its branch output v_l starts (i == 0) or extends the running partial block sum; at a block's
-    end the partial sum becomes the completed block b_n;
+    end the partial sum becomes the completed block b_n. A block's sum is kept in the dtype the
+    original's residual adds would give it, ``promote_types(v, b_0)`` (``in_stream_dtype``): under
+    autocast the stream stays fp32 while the branches are bf16, as in the original model, and every
+    aggregation's sources share one dtype;
   * the stream's consumers (the final norm) read ``attn_res([b_0 .. b_N], q_final, g_final)``;
   * the original residual adds are erased.
 
@@ -22,6 +25,12 @@ from torch import nn
 
 from .op_names import attn_res_op
 from .plan import Plan, Stream
+
+
+def in_stream_dtype(branch: torch.Tensor, stream_source: torch.Tensor) -> torch.Tensor:
+    """A block's first branch output in the dtype the original ``stream + branch`` had (no copy when
+    the dtypes already agree)."""
+    return branch.to(torch.promote_types(branch.dtype, stream_source.dtype))
 
 
 class AttnResQuery(nn.Module):
@@ -89,8 +98,11 @@ def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: fl
         # reads x directly and gets no query (a query there could never receive a gradient).
         add, v = nodes[site.add_node], nodes[site.branch_node]
         with graph.inserting_after(add):
-            partial = v if partial is None else graph.call_function(operator.add, (partial, v))
-        cursor = partial if partial is not v else add
+            if partial is None:  # a block starts
+                partial = graph.call_function(in_stream_dtype, (v, source))
+            else:
+                partial = graph.call_function(operator.add, (partial, v))
+        cursor = partial
         last_in_block = k + 1 == len(stream.sites) or stream.sites[k + 1].block != site.block
         if last_in_block:
             blocks.append(partial)

@@ -12,6 +12,7 @@ from residual_rewriter.config import AttnResConfig
 from residual_rewriter.converted import ORIGINAL_GRAPH, REPORT, ConvertedModule
 from residual_rewriter.errors import ConversionError
 from residual_rewriter.passes.capture import capture
+from residual_rewriter.passes.checkpointing import checkpointed_layers, keep_checkpointing
 from residual_rewriter.passes.detect import build_plan, record_values
 from residual_rewriter.passes.modes import in_mode
 from residual_rewriter.passes.rewrite import apply_plan
@@ -147,6 +148,7 @@ def convert_graph(
     captured, values, plan = _capture_and_plan(target, inputs, config, call=call, input_names=input_names)
     original_graph = copy.deepcopy(captured.graph_module.graph)  # kept for before/after views
     gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing, attn_res=attn_res)
+    checkpointed = keep_checkpointing(gm, plan, checkpointed_layers(target))  # tracing dropped it: put it back
     converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{model_name}")
     converted.attn_res = gm.attn_res  # keep the AttnResQuery modules (GraphModule copied bare containers)
     converted.train(target.training)
@@ -156,6 +158,7 @@ def convert_graph(
         plan=plan,
         converted=True,
         new_parameters={f"attn_res.{n}": p.numel() for n, p in converted.attn_res.named_parameters()},
+        checkpointed=checkpointed,
     )
     converted.meta[REPORT] = report
     converted.meta[ORIGINAL_GRAPH] = original_graph

@@ -15,6 +15,7 @@ class ConversionReport:
     plan: Plan
     converted: bool = False  # False for detect(), True once convert() rewrote the graph
     new_parameters: dict[str, int] = field(default_factory=dict)  # name -> numel
+    checkpointed: list[str] = field(default_factory=list)  # sublayers run under activation checkpointing
 
     @property
     def sites(self) -> list[Site]:
@@ -92,6 +93,7 @@ class ConversionReport:
             "left_out": [asdict(lo) for lo in self.plan.left_out],
             "opaque_modules": dict(self.plan.opaque_modules),
             "new_parameters": dict(self.new_parameters),
+            "checkpointed": list(self.checkpointed),
             "totals": self.totals(),
         }
 
@@ -130,6 +132,9 @@ class ConversionReport:
                 for n, c in _sources_by_block(st).items()
             ]
             lines.append(f"  stream {st.index}: " + "; ".join(per_block))
+        if self.checkpointed:
+            lines.append(f"activation checkpointing kept (the layers had it on): {len(self.checkpointed)} sublayers, "
+                         "each checkpointed on its own while training")
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:
             lines.append(f"  {lo.module or lo.node}: {lo.reason}")

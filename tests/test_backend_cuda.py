@@ -76,3 +76,32 @@ def test_full_attnres_past_one_launch_goes_in_chunks():
     assert max(s.num_sources for s in conv.report.plan.sites) > MAX_SOURCES
     perturb_attn_res(conv, seed=3, scale=0.3)
     _check_against_float64(conv, model.example_inputs()[0], make_attnres_backend(lower="triton"))
+
+
+def test_bf16_autocast_training_runs_the_add_fused_merge(monkeypatch):
+    """The usual way to train: bf16 autocast. Branches are bf16, the stream and its block sums fp32;
+    the partial adds (fp32 + bf16) are folded into the merges (ADD_DELTA launches), and the step
+    matches the same graph through plain aot_eager (whose ops run the fused Triton kernel)."""
+    from residual_rewriter.kernels.attn_res import two_phase
+
+    model = make_gpt()
+    conv = rr.convert(model, block_size=4).train().cuda()
+    perturb_attn_res(conv, seed=4, scale=0.3)
+    x = model.example_inputs()[0].cuda()
+
+    def step(fn):
+        conv.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = logits_of(fn(x)).float()
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.detach().clone() for n, p in conv.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grads = step(torch.compile(conv, backend="aot_eager"))
+    torch._dynamo.reset()
+    backend = make_attnres_backend(lower="triton")
+    with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel") as spies:
+        out, grads = step(torch.compile(conv, backend=backend))
+    assert any(c["ADD_DELTA"] for c in spies["_phase2_fwd_kernel"].constexprs)
+    assert rel_err(out, ref_out) < 1e-2
+    for name in ref_grads:
+        assert rel_err(grads[name].float(), ref_grads[name].float()) < 5e-2, name

@@ -173,3 +173,37 @@ def test_calling_with_inputs_it_was_not_captured_with_says_what_to_do():
         converted(x, attention_mask=torch.ones(2, 5), labels=x)
     with pytest.raises(TypeError, match="2 positional arguments"):
         converted(x, x)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_autocast_training_keeps_the_stream_in_fp32_and_matches_the_original_at_init(kind):
+    """Under autocast the branches return bf16 while the residual stream stays fp32 (fp32 + bf16
+    promotes). The block sums follow the same promotion, so every aggregation reads fp32 sources
+    (mixed dtypes used to raise) and the converted model equals the original at initialisation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SourceDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "residual_rewriter" in str(func):
+                self.seen |= {s.dtype for s in args[0]}
+            return func(*args, **(kwargs or {}))
+
+    model = make_gpt() if kind == "gpt" else make_hf("llama")
+    x = model.example_inputs()[0] if kind == "gpt" else torch.randint(0, 128, (2, 12))
+    conv = rr.convert(model, block_size=2).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = logits_of(model(x)).float()
+        with SourceDtypes() as mode:
+            out = logits_of(conv(x)).float()
+    assert mode.seen == {torch.float32}
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    perturb_attn_res(conv, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = logits_of(conv(x)).float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for n, p in conv.named_parameters() if ".query" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -478,7 +478,7 @@ def attn_res_phase2_add_normed(
     out_eps: float,
 ) -> tuple[Tensor, Tensor]:
     """(new partial = partial + delta, RMSNorm(attn_res_phase2(..., new partial, ...)) * out_norm_weight),
-    both [..., D] in phase1_out's dtype."""
+    both [..., D] in phase1_out's dtype (= the partial's; delta's may be one that promotes to it)."""
     args = (phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     if phase1_out.is_cuda:
         from . import dispatch
@@ -538,6 +538,7 @@ def _phase2_add_normed_setup_context(ctx, inputs, output):
     phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
     ctx.has = tuple(t is not None for t in (norm_weight, out_norm_weight))
     ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
+    ctx.delta_dtype = delta.dtype  # may be narrower than the partial's (a bf16 branch under autocast)
     opt = [t for t in (norm_weight, out_norm_weight) if t is not None]
     ctx.save_for_backward(phase1_out, phase1_lse, query, output[0], *opt)  # output[0]: the updated partial
 
@@ -552,7 +553,7 @@ def _phase2_add_normed_backward(ctx, grad_partial, grad_normed):
         out_norm_weight, ctx.out_eps,
     )
     has_w, has_wo = ctx.has
-    return (go, gl, gp, gp, gq, gw if has_w else None, None, None, gwo if has_wo else None, None)
+    return (go, gl, gp, gp.to(ctx.delta_dtype), gq, gw if has_w else None, None, None, gwo if has_wo else None, None)
 
 
 attn_res_phase2_add_normed.register_autograd(

@@ -296,9 +296,11 @@ def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps,
     if not (store_mix or normed):
         raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
     if delta is not None and (partial is None or not partial.shape == delta.shape == phase1_out.shape
-                              or not partial.dtype == delta.dtype == phase1_out.dtype):
+                              or partial.dtype != phase1_out.dtype
+                              or torch.promote_types(delta.dtype, partial.dtype) != partial.dtype):
         raise ValueError(
-            f"{what}: the fused partial update needs partial and delta of phase1_out's shape and dtype "
+            f"{what}: the fused partial update needs partial and delta of phase1_out's shape, the partial of "
+            f"its dtype and the delta of one that promotes to it; phase1_out is "
             f"{tuple(phase1_out.shape)} {phase1_out.dtype}; got partial "
             f"{None if partial is None else (tuple(partial.shape), partial.dtype)}, delta {(tuple(delta.shape), delta.dtype)}"
         )

@@ -15,8 +15,9 @@ gradient of p is summed in the merge's kernel and written once (no add kernel, t
 
 Matches: ``attn_res_phase2_normed`` with ``return_mix=False`` (what fuse_norm makes of every converted
 model's merges) whose partial is an add of two tensors — ``operator.add`` / ``torch.add`` /
-``Tensor.add``, no ``alpha`` — both of exactly the sum's shape and dtype, which equal phase1_out's (no
-broadcast, no type promotion), and whose other readers all come after the merge.
+``Tensor.add``, no ``alpha`` — of exactly the sum's shape (no broadcast), one of them and the sum of
+phase1_out's dtype, the other of a dtype that promotes to it (bf16 branches into an fp32 stream
+under autocast), and whose other readers all come after the merge.
 Leaves: merges without a partial or with a partial that is not such an add (a block's first two
 sublayers), counted as ``partial_not_an_add``; merges that still return the mix.
 """
@@ -44,17 +45,23 @@ def _tensor(node) -> Optional[torch.Tensor]:
 
 
 def _as_fusable_add(node, like: torch.Tensor) -> Optional[tuple[fx.Node, fx.Node]]:
-    """(prev, delta) when ``node`` is ``prev + delta`` over two tensors of ``like``'s shape and dtype."""
+    """(prev, delta) when ``node`` is ``prev + delta`` over two tensors of ``like``'s shape, the sum and
+    ``prev`` of ``like``'s dtype, ``delta`` of that dtype or one that promotes to it (a bf16 branch
+    output added to an fp32 partial sum under autocast)."""
     if not isinstance(node, fx.Node) or node.kwargs:
         return None
     is_add = (node.op == "call_function" and node.target in _ADDS) or (
         node.op == "call_method" and node.target == "add")
     if not is_add or len(node.args) != 2:
         return None
-    vals = [_tensor(a) for a in (node, *node.args)]
-    if any(v is None or v.shape != like.shape or v.dtype != like.dtype for v in vals):
+    total, a, b = (_tensor(x) for x in (node, *node.args))
+    if any(v is None or v.shape != like.shape for v in (total, a, b)) or total.dtype != like.dtype:
         return None
-    return node.args[0], node.args[1]
+    for prev, delta in ((0, 1), (1, 0)):  # the operand already in the sum's dtype is the partial
+        p, d = (a, b)[prev], (a, b)[delta]
+        if p.dtype == like.dtype and d.is_floating_point() and torch.promote_types(d.dtype, p.dtype) == p.dtype:
+            return node.args[prev], node.args[delta]
+    return None
 
 
 class FusePartialAdd(CountingPass):

@@ -319,3 +319,21 @@ def test_phase2_add_normed(monkeypatch, shape, dtype, with_grad_partial):
     )
     for name, a, b in zip(("d out", "d lse", "d partial", "d query", "d gain", "d out gain"), got, ref):
         assert_close_tier(a, b, dtype, "grad", name)
+
+
+def test_phase2_add_normed_with_a_narrower_delta(monkeypatch):
+    """Autocast: a bf16 branch output added to the fp32 partial block. The update is fp32 (as torch's
+    add promotes it, exactly), the delta's gradient comes back in its own dtype through the op."""
+    shape, D = (7, 200), 200
+    o1, l1, prev = _rand(*shape, seed=1), _rand(shape[0], seed=2), _rand(*shape, seed=3)
+    delta = _rand(*shape, dtype=torch.bfloat16, seed=7)
+    q, wo = _rand(D, seed=4, shift=0.0) * 0.3, 1 + 0.3 * _rand(D, seed=6, shift=0.0)
+    with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
+        new, normed = dispatch.phase2_add_normed_cuda(o1, l1, prev, delta, q, None, 1e-6, 3.0, wo, 1e-5)
+    assert new.dtype == torch.float32 and torch.equal(new, prev + delta)
+    n64 = new.to(F64)
+    _, rnormed = attn_res_phase2_add_normed_reference(
+        o1.to(F64), l1.to(F64), n64, torch.zeros_like(n64), q.to(F64), None, 1e-6, 3.0, wo.to(F64), 1e-5)
+    assert_close_tier(normed, rnormed, torch.float32, "out", "normed")
+    with pytest.raises(ValueError, match="promotes"):  # a wider delta than the partial cannot be fused
+        dispatch.phase2_add_normed_cuda(o1.bfloat16(), l1, prev.bfloat16(), prev, q, None, 1e-6, 3.0, wo, 1e-5)

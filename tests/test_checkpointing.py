@@ -1,0 +1,111 @@
+"""Activation checkpointing survives ``convert``: FX tracing drops ``torch.utils.checkpoint`` (it just
+calls the function), so ``passes/checkpointing.py`` checkpoints the sublayers of every Hugging Face
+layer that had it on. Checked by behaviour: the attention runs again in the backward (recompute),
+fewer activations are saved, numbers and gradients equal the unchecked conversion, and nothing is
+recomputed in eval or under no_grad."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import residual_rewriter as rr
+from residual_rewriter.backend import make_attnres_backend
+
+from model_zoo import logits_of, make_hf, perturb_attn_res, rel_err
+
+
+def _pair():
+    """(converted with checkpointing on, converted without), same weights and queries."""
+    torch.manual_seed(0)
+    model = make_hf("llama").train()
+    plain = copy.deepcopy(model)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # transformers v5 name first; the v4 one still works there, with a FutureWarning
+    ckpt, ref = rr.convert(model, num_blocks=2), rr.convert(plain, num_blocks=2)
+    perturb_attn_res(ckpt, seed=1)
+    ref.load_state_dict(ckpt.state_dict())
+    return ckpt, ref
+
+
+def _attention_calls(model, fn):
+    calls = []
+    # pre-hooks: a recompute may stop early (torch.utils.checkpoint early stop), before forward hooks
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for n, m in model.named_modules()
+             if n.endswith("self_attn")]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(calls)
+
+
+def _saved_bytes(fn):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_checkpointed_layers_recompute_in_the_backward_and_match():
+    ckpt, ref = _pair()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert len(ckpt.report.checkpointed) == 6 and "activation checkpointing kept" in str(ckpt.report)
+    assert ckpt.state_dict().keys() == ref.state_dict().keys()  # nothing registered twice
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        logits_of(model(ids)).float().pow(2).mean().backward()
+
+    assert _attention_calls(ckpt, lambda: step(ckpt)) == 2 * 3  # 3 layers: forward + recompute
+    assert _attention_calls(ref, lambda: step(ref)) == 3
+    for name, p in ref.named_parameters():
+        q = dict(ckpt.named_parameters())[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    assert _saved_bytes(lambda: ckpt(ids)) < _saved_bytes(lambda: ref(ids))
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad"])
+def test_no_recompute_where_the_layer_would_not_checkpoint(mode):
+    ckpt, _ = _pair()
+    ids = torch.randint(0, 128, (2, 12))
+    if mode == "eval":
+        ckpt.eval()
+        assert _attention_calls(ckpt, lambda: logits_of(ckpt(ids)).sum().backward()) == 3
+    else:
+        with torch.no_grad():
+            assert _attention_calls(ckpt, lambda: ckpt(ids)) == 3
+
+
+def test_compile_backend_still_sees_every_aggregation_of_a_checkpointed_model():
+    ckpt, ref = _pair()
+    ids = torch.randint(0, 128, (2, 12))
+    backend = make_attnres_backend(compiler="aot_eager", lower=None)
+    ckpt.zero_grad(set_to_none=True)
+    out = logits_of(torch.compile(ckpt, backend=backend)(ids))
+    out.float().pow(2).mean().backward()
+    assert backend.last_log["find"]["aggregations"] == 6  # 5 sublayers + the final one, none hidden in a region
+    assert backend.last_log["batch_two_phase"]["phase1"] >= 1
+    assert rel_err(out, logits_of(ref(ids))) < 1e-5
+    assert all(p.grad is not None for n, p in ckpt.named_parameters() if ".query" in n)
+
+
+def test_keep_class_model_keeps_checkpointing_and_trains_with_labels():
+    torch.manual_seed(0)
+    model = make_hf("llama").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    conv = rr.convert(model, num_blocks=2, keep_class=True)
+    ids = torch.randint(0, 128, (2, 12))
+    conv(input_ids=ids, labels=ids)  # the first call of a signature captures and converts its graph
+    calls = _attention_calls(conv, lambda: conv(input_ids=ids, labels=ids).loss.backward())
+    assert calls == 2 * 3
