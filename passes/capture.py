@@ -46,6 +46,9 @@ class Captured:
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why it was kept opaque
     # kept opaque by class name although they hold a norm: where a residual could hide if none is found
     opaque_with_norms: list[str] = field(default_factory=list)
+    # module paths whose forward called torch.utils.checkpoint (in the train-mode trace): tracing runs
+    # the function inline, so the checkpoint is gone from the graph unless something puts it back
+    checkpoint_calls: list[str] = field(default_factory=list)
 
 
 class ResidualTracer(fx.Tracer):
@@ -67,6 +70,7 @@ class ResidualTracer(fx.Tracer):
         self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_modules: dict[str, str] = {}
         self.opaque_with_norms: list[str] = []
+        self.checkpoint_calls: list[str] = []
         self._rr_constants: dict[str, Any] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -247,6 +251,36 @@ def _traceable_size_varargs():
             setattr(torch, name, fn)
 
 
+@contextlib.contextmanager
+def _recording_checkpoints(tracer: ResidualTracer):
+    """Record which module's forward calls ``torch.utils.checkpoint.checkpoint`` while tracing. Its two
+    paths are patched where ``checkpoint`` looks them up at call time (module globals), so calls
+    through names bound earlier (``from torch.utils.checkpoint import checkpoint``, Hugging Face's
+    partial) are seen too."""
+    import torch.utils.checkpoint as ckpt
+
+    def where():
+        return tracer.module_stack[next(reversed(tracer.module_stack))][0] if tracer.module_stack else ""
+
+    generator, function = ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction
+
+    def non_reentrant(*args, **kwargs):
+        tracer.checkpoint_calls.append(where())
+        return generator(*args, **kwargs)
+
+    class Reentrant(function):
+        @classmethod
+        def apply(cls, *args, **kwargs):
+            tracer.checkpoint_calls.append(where())
+            return function.apply(*args, **kwargs)
+
+    ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = non_reentrant, Reentrant
+    try:
+        yield
+    finally:
+        ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
+
+
 def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
     modules = _modeling_modules(model)
     tracer = ResidualTracer(
@@ -256,7 +290,7 @@ def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
     )
     tracer.example_inputs = example_inputs
     root = _make_root(model, input_names, call)
-    with _traceable_size_varargs():
+    with _traceable_size_varargs(), _recording_checkpoints(tracer):
         graph = tracer.trace(root)
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
 
@@ -284,7 +318,7 @@ def capture(
     input_names = input_names or _forward_input_names(model, len(example_inputs))
     call = call or model.forward
     inputs = tuple(example_inputs)
-    gm_train, _ = _trace_in_mode(model, True, input_names, call, False, inputs)
+    gm_train, train_tracer = _trace_in_mode(model, True, input_names, call, False, inputs)
     gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
         gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs)
@@ -292,5 +326,6 @@ def capture(
     regroup_residual_sums(gm)
     gm.train(model.training)
     return Captured(
-        gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms))
+        gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
+        sorted(set(train_tracer.checkpoint_calls)),
     )

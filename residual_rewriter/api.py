@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -148,7 +149,19 @@ def convert_graph(
     captured, values, plan = _capture_and_plan(target, inputs, config, call=call, input_names=input_names)
     original_graph = copy.deepcopy(captured.graph_module.graph)  # kept for before/after views
     gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing, attn_res=attn_res)
-    checkpointed = keep_checkpointing(gm, plan, checkpointed_layers(target))  # tracing dropped it: put it back
+    layers = checkpointed_layers(target)
+    checkpointed = keep_checkpointing(gm, plan, layers)  # tracing dropped it: put it back
+    dropped = [p for p in captured.checkpoint_calls if not any(p == lay or p.startswith(lay + ".") for lay in layers)]
+    if dropped:
+        warnings.warn(
+            f"residual_rewriter.convert: {', '.join(p or '(the model itself)' for p in dropped)} call "
+            "torch.utils.checkpoint in their forward. Tracing "
+            "runs the checkpointed function inline, so the converted model does NOT checkpoint there (more "
+            "activation memory). Checkpoint the converted model's submodules yourself; Hugging Face layers' "
+            "gradient checkpointing is kept by convert.",
+            UserWarning,
+            stacklevel=3,
+        )
     converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{model_name}")
     converted.attn_res = gm.attn_res  # keep the AttnResQuery modules (GraphModule copied bare containers)
     converted.train(target.training)
@@ -159,6 +172,7 @@ def convert_graph(
         converted=True,
         new_parameters={f"attn_res.{n}": p.numel() for n, p in converted.attn_res.named_parameters()},
         checkpointed=checkpointed,
+        checkpoint_dropped=dropped,
     )
     converted.meta[REPORT] = report
     converted.meta[ORIGINAL_GRAPH] = original_graph

@@ -16,6 +16,7 @@ class ConversionReport:
     converted: bool = False  # False for detect(), True once convert() rewrote the graph
     new_parameters: dict[str, int] = field(default_factory=dict)  # name -> numel
     checkpointed: list[str] = field(default_factory=list)  # sublayers run under activation checkpointing
+    checkpoint_dropped: list[str] = field(default_factory=list)  # modules whose own checkpoint calls tracing lost
 
     @property
     def sites(self) -> list[Site]:
@@ -94,6 +95,7 @@ class ConversionReport:
             "opaque_modules": dict(self.plan.opaque_modules),
             "new_parameters": dict(self.new_parameters),
             "checkpointed": list(self.checkpointed),
+            "checkpoint_dropped": list(self.checkpoint_dropped),
             "totals": self.totals(),
         }
 
@@ -135,6 +137,9 @@ class ConversionReport:
         if self.checkpointed:
             lines.append(f"activation checkpointing kept (the layers had it on): {len(self.checkpointed)} sublayers, "
                          "each checkpointed on its own while training")
+        if self.checkpoint_dropped:
+            lines.append("activation checkpointing NOT kept (torch.utils.checkpoint called in the forward of): "
+                         + ", ".join(p or "(the model itself)" for p in self.checkpoint_dropped))
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:
             lines.append(f"  {lo.module or lo.node}: {lo.reason}")

@@ -109,3 +109,29 @@ def test_keep_class_model_keeps_checkpointing_and_trains_with_labels():
     conv(input_ids=ids, labels=ids)  # the first call of a signature captures and converts its graph
     calls = _attention_calls(conv, lambda: conv(input_ids=ids, labels=ids).loss.backward())
     assert calls == 2 * 3
+
+
+def test_a_hand_written_checkpoint_that_tracing_drops_is_reported_loudly():
+    """A forward that calls torch.utils.checkpoint itself: tracing inlines it and convert cannot put
+    it back, so it says so (warning + report) instead of dropping it silently."""
+    from torch.utils.checkpoint import checkpoint
+
+    from toy_models import ToyLM
+
+    class CheckpointedToy(ToyLM):
+        def forward(self, idx):
+            x = self.emb(idx)
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+            return self.head(self.norm_f(x))
+
+    with pytest.warns(UserWarning, match="does NOT checkpoint"):
+        conv = rr.convert(CheckpointedToy())
+    assert conv.report.checkpoint_dropped == [""]  # called from the model's own forward (the root)
+    assert "NOT kept" in str(conv.report)
+    plain = ToyLM()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and nothing is said where nothing was dropped
+        assert rr.convert(plain).report.checkpoint_dropped == []
