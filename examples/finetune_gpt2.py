@@ -9,6 +9,8 @@ as you would do in practice: they start at zero and there are few of them.
 Random weights, a tiny built-in text, byte-level tokens: nothing is downloaded.
 
     python examples/finetune_gpt2.py --steps 30
+    python examples/finetune_gpt2.py --steps 30 --autocast --checkpointing   # bf16 autocast, and
+        # Hugging Face activation checkpointing, which convert keeps (the report says where)
 """
 import argparse
 import copy
@@ -26,6 +28,8 @@ parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--blocks", type=int, default=2, help="AttnRes blocks N")
 parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the model's own weights")
 parser.add_argument("--attn-res-lr", type=float, default=1e-2, help="learning rate of the new AttnRes parameters")
+parser.add_argument("--autocast", action="store_true", help="train under torch.autocast (bf16), as usual on a GPU")
+parser.add_argument("--checkpointing", action="store_true", help="turn on Hugging Face activation checkpointing first")
 args = parser.parse_args()
 warnings.filterwarnings("ignore", message=".*token_id.*")
 
@@ -42,7 +46,11 @@ config = transformers.GPT2Config(
     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
 )
 original = transformers.GPT2LMHeadModel(config)
+if args.checkpointing:  # (transformers v5 name first, the v4 one otherwise)
+    (getattr(original, "activation_checkpointing_enable", None) or original.gradient_checkpointing_enable)()
 converted = rr.convert(original, num_blocks=args.blocks)  # a converted deep copy: same starting weights
+if args.checkpointing:
+    print(f"activation checkpointing kept on {len(converted.report.checkpointed)} sublayers")
 baseline = copy.deepcopy(original)                        # what we fine-tune for comparison
 
 # Optimizers: the baseline as usual; the converted model with a second group for the AttnRes params.
@@ -68,8 +76,9 @@ def batches(seed, batch_size=8, seq_len=64):
 def step(model, opt, ids):
     # The converted module is traced with input_ids only (no labels=, attention_mask=, cache), so
     # compute the next-token loss from the logits - the same way for both models.
-    logits = model(input_ids=ids).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=args.autocast):
+        logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -54,6 +54,14 @@ def test_finetune_gpt2():
     assert "largest |pseudo-query| entry after fine-tuning" in out
 
 
+def test_finetune_gpt2_with_autocast_and_checkpointing():
+    pytest.importorskip("transformers")
+    out = run_example("finetune_gpt2.py", "--steps", "2", "--layers", "2", "--autocast", "--checkpointing")
+    assert "activation checkpointing kept on 4 sublayers" in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\.\d+\s+\d+\.\d+$", line)]
+    assert rows and abs(float(rows[0][1]) - float(rows[0][2])) <= 1e-3  # exact at init under autocast too
+
+
 def test_compile_attnres():
     # aot_eager: the backend's passes and AOT autograd, without inductor's long CPU compile
     out = run_example("compile_attnres.py", "--compiler", "aot_eager", "--layers", "2")
