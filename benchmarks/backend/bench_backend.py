@@ -16,7 +16,7 @@ interleaved in ONE run and reported as ratios to ``original + inductor``:
                            configuration before session 2; CPU: same as converted+attnres)
 (names without spaces, for ``--only``)
 
-Prints a table, writes ``benchmarks/results/backend-<device>-<date>.json``.
+Prints a table, writes ``benchmarks/results/backend-<device>-<date>-L<layers>-D<hidden>.json``.
 
     python benchmarks/backend/bench_backend.py                  # small CPU size (a few minutes on 2 cores)
     python benchmarks/backend/bench_backend.py --gpu-size       # H100 preset: hidden 2048, 8 blocks, bf16
@@ -200,7 +200,7 @@ def main(argv=None):
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"backend-{dev_name}-{out['date']}.json"
+    path = out_dir / f"backend-{dev_name}-{out['date']}-L{size['layers']}-D{size['hidden']}.json"  # sizes: no overwrite
     path.write_text(json.dumps(out, indent=2, default=str))
     print(f"\nwrote {path}")
     return out
