@@ -46,11 +46,21 @@ def call_module(module: nn.Module, *args, **kwargs):
     return module(*args, **kwargs)
 
 
-def run_checkpointed(region: nn.Module, *args):
-    """The outlined sublayer, checkpointed when its layer would have been (training, grad enabled)."""
-    if region.training and torch.is_grad_enabled():
-        return region.checkpoint_fn(region, *args)
-    return region(*args)
+class CheckpointedSublayer(nn.Module):
+    """An outlined sublayer (``body``, a parameter-free GraphModule), run through its layer's checkpoint
+    function when the layer would have checkpointed: training, with grad enabled. A plain module, so
+    ``deepcopy``/pickling keep ``checkpoint_fn`` (a GraphModule rebuilds itself from its graph and
+    would drop it)."""
+
+    def __init__(self, body: fx.GraphModule, checkpoint_fn: Callable):
+        super().__init__()
+        self.body = body
+        self.checkpoint_fn = checkpoint_fn  # e.g. functools.partial(torch.utils.checkpoint.checkpoint, ...)
+
+    def forward(self, *args):
+        if self.training and torch.is_grad_enabled():
+            return self.checkpoint_fn(self.body, *args)
+        return self.body(*args)
 
 
 def keep_checkpointing(gm: fx.GraphModule, plan: Plan, layers: dict[str, Callable]) -> list[str]:
@@ -115,15 +125,14 @@ def _outline(gm: fx.GraphModule, region: list[fx.Node], checkpoint_fn: Callable,
             env[node] = sub.node_copy(node, arg_of)
     outputs = [n for n in region if any(u not in inside for u in n.users)]
     sub.output(tuple(env[n] for n in outputs))
-    outlined = fx.GraphModule(nn.Module(), sub, class_name="CheckpointedSublayer")
-    outlined.checkpoint_fn = checkpoint_fn  # a plain attribute (e.g. functools.partial(checkpoint, ...))
+    outlined = CheckpointedSublayer(fx.GraphModule(nn.Module(), sub, class_name="SublayerBody"), checkpoint_fn)
     if not hasattr(gm, REGIONS):
         gm.add_module(REGIONS, nn.Module())
     getattr(gm, REGIONS).add_module(key, outlined)
 
     with graph.inserting_before(region[0]):
         args = [graph.get_attr(v[1]) if isinstance(v, tuple) else v for v in inputs]
-        call = graph.call_function(run_checkpointed, (graph.get_attr(f"{REGIONS}.{key}"), *args))
+        call = graph.call_module(f"{REGIONS}.{key}", tuple(args))
         results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
     for old, new in zip(outputs, results):
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inside)

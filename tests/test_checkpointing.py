@@ -72,6 +72,8 @@ def test_checkpointed_layers_recompute_in_the_backward_and_match():
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
     assert _saved_bytes(lambda: ckpt(ids)) < _saved_bytes(lambda: ref(ids))
+    twin = copy.deepcopy(ckpt)  # keeps its checkpointing (a GraphModule copy would drop plain attributes)
+    assert _attention_calls(twin, lambda: step(twin)) == 2 * 3
 
 
 @pytest.mark.parametrize("mode", ["eval", "no_grad"])
