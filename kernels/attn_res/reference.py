@@ -251,6 +251,19 @@ def attn_res_phase2_normed_reference(
     return _with_out_norm(mix, out_norm_weight, out_eps, phase1_out.dtype)
 
 
+def check_partial_update(phase1_out: Tensor, partial: Optional[Tensor], delta: Tensor, what: str) -> None:
+    """The fused partial update's contract: partial and delta of phase1_out's shape, the partial of its
+    dtype, the delta of that dtype or one that promotes to it (a bf16 branch into an fp32 stream)."""
+    if (partial is None or not partial.shape == delta.shape == phase1_out.shape or partial.dtype != phase1_out.dtype
+            or torch.promote_types(delta.dtype, partial.dtype) != partial.dtype):
+        raise ValueError(
+            f"{what}: the fused partial update needs partial and delta of phase1_out's shape, the partial of "
+            f"its dtype and the delta of one that promotes to it; phase1_out is {tuple(phase1_out.shape)} "
+            f"{phase1_out.dtype}; got partial {None if partial is None else (tuple(partial.shape), partial.dtype)}, "
+            f"delta {(tuple(delta.shape), delta.dtype)}"
+        )
+
+
 def attn_res_phase2_add_normed_reference(
     phase1_out: Tensor,
     phase1_lse: Tensor,
@@ -266,6 +279,7 @@ def attn_res_phase2_add_normed_reference(
     """The partial block's update fused with the phase-2 merge and the sublayer's RMSNorm:
     ``(new = partial + delta, RMSNorm(attn_res_phase2(phase1_out, phase1_lse, new, ...)) * out_norm_weight)``.
     ``new`` is rounded to the partial's dtype exactly as the add it replaces; the mixture is not returned."""
+    check_partial_update(phase1_out, partial, delta, "attn_res_phase2_add_normed")
     new = partial + delta
     return new, attn_res_phase2_normed_reference(
         phase1_out, phase1_lse, new, query, norm_weight, eps, scale, out_norm_weight, out_eps

@@ -295,15 +295,10 @@ def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps,
     normed = out_eps is not None
     if not (store_mix or normed):
         raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
-    if delta is not None and (partial is None or not partial.shape == delta.shape == phase1_out.shape
-                              or partial.dtype != phase1_out.dtype
-                              or torch.promote_types(delta.dtype, partial.dtype) != partial.dtype):
-        raise ValueError(
-            f"{what}: the fused partial update needs partial and delta of phase1_out's shape, the partial of "
-            f"its dtype and the delta of one that promotes to it; phase1_out is "
-            f"{tuple(phase1_out.shape)} {phase1_out.dtype}; got partial "
-            f"{None if partial is None else (tuple(partial.shape), partial.dtype)}, delta {(tuple(delta.shape), delta.dtype)}"
-        )
+    if delta is not None:
+        from .reference import check_partial_update
+
+        check_partial_update(phase1_out, partial, delta, what)
     out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if store_mix else None
     y = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if normed else None
     pn = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if delta is not None else None

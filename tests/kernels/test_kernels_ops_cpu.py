@@ -227,3 +227,15 @@ def test_ops_compile_fullgraph_with_backward():
     _assert_all_close(got, torch.autograd.grad(ref_loss, ins), tol=1e-5)
     for name in ("attn_res", "attn_res_normed", "attn_res_phase1", "attn_res_phase2", "attn_res_phase2_normed"):
         assert f"residual_rewriter.{name}" in seen or f"residual_rewriter.{name}.default" in seen, (name, seen)
+
+
+def test_phase2_add_normed_refuses_a_delta_wider_than_the_partial():
+    """The CPU op keeps the CUDA launcher's contract: the new partial has the partial's dtype, so a
+    delta that would promote it (float64 into float32) is an error, not a silently wider output."""
+    f = torch.float32
+    o1, l1, p = _leaf(2, 3, 8, seed=1, dtype=f), _leaf(2, 3, seed=2, dtype=f), _leaf(2, 3, 8, seed=3, dtype=f)
+    q = _leaf(8, seed=4, dtype=f)
+    with pytest.raises(ValueError, match="promotes"):
+        OPS.attn_res_phase2_add_normed(o1, l1, p, p.double(), q, None, 1e-6, 2.0, None, 1e-5)
+    new, _ = OPS.attn_res_phase2_add_normed(o1, l1, p, p.bfloat16(), q, None, 1e-6, 2.0, None, 1e-5)
+    assert new.dtype == f
