@@ -42,6 +42,11 @@ def checkpointed_layers(model: nn.Module) -> dict[str, Callable]:
     }
 
 
+def within(path: str, module_path: str) -> bool:
+    """``path`` is ``module_path`` or inside it."""
+    return path == module_path or path.startswith(module_path + ".")
+
+
 def call_module(module: nn.Module, *args, **kwargs):
     return module(*args, **kwargs)
 
@@ -71,7 +76,9 @@ def keep_checkpointing(gm: fx.GraphModule, plan: Plan, layers: dict[str, Callabl
     kept = []
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in plan.sites:
-        layer = next((p for p in layers if site.sublayer.startswith(p + ".")), None)
+        # the sublayer is the layer itself in parallel blocks (GPT-NeoX, GPT-J, Falcon) and where a
+        # branch ends in the layer's own code (DINOv2's layer scale)
+        layer = next((p for p in layers if within(site.sublayer, p)), None)
         if layer is None:
             continue
         region = _region(gm.graph, nodes[site.norm_node], nodes[site.branch_node])

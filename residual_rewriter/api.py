@@ -13,7 +13,7 @@ from residual_rewriter.config import AttnResConfig
 from residual_rewriter.converted import ORIGINAL_GRAPH, REPORT, ConvertedModule
 from residual_rewriter.errors import ConversionError
 from residual_rewriter.passes.capture import capture
-from residual_rewriter.passes.checkpointing import checkpointed_layers, keep_checkpointing
+from residual_rewriter.passes.checkpointing import checkpointed_layers, keep_checkpointing, within
 from residual_rewriter.passes.detect import build_plan, record_values
 from residual_rewriter.passes.modes import in_mode
 from residual_rewriter.passes.rewrite import apply_plan
@@ -151,7 +151,8 @@ def convert_graph(
     gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing, attn_res=attn_res)
     layers = checkpointed_layers(target)
     checkpointed = keep_checkpointing(gm, plan, layers)  # tracing dropped it: put it back
-    dropped = [p for p in captured.checkpoint_calls if not any(p == lay or p.startswith(lay + ".") for lay in layers)]
+    kept_layers = [lay for lay in layers if any(within(s, lay) for s in checkpointed)]
+    dropped = [p for p in captured.checkpoint_calls if not any(within(p, lay) for lay in kept_layers)]
     if dropped:
         warnings.warn(
             f"residual_rewriter.convert: {', '.join(p or '(the model itself)' for p in dropped)} call "

@@ -137,3 +137,36 @@ def test_a_hand_written_checkpoint_that_tracing_drops_is_reported_loudly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and nothing is said where nothing was dropped
         assert rr.convert(plain).report.checkpoint_dropped == []
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "gpt2", "dinov2"])
+def test_other_architectures_keep_checkpointing(name):
+    """Parallel blocks (GPT-NeoX: the sublayer is the layer itself), GPT-2, and a vision backbone whose
+    branch ends in the layer's own code (DINOv2's layer scale): every attention runs again in the
+    backward, and nothing is reported dropped."""
+    transformers = pytest.importorskip("transformers")
+    from residual_rewriter import hf
+
+    kw = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+    if name == "gpt2":
+        kw = dict(vocab_size=128, n_embd=48, n_layer=2, n_head=4)
+    if name == "dinov2":
+        kw = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+        model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name, **kw))
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(name, **kw))
+    model.train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    conv = rr.convert(model, num_blocks=2)
+    assert conv.report.checkpointed and conv.report.checkpoint_dropped == []
+    (x,) = hf.example_inputs(model, batch_size=2, seq_len=7)
+    calls = []
+    attn = [m for m in conv.modules() if type(m).__name__.endswith("Attention")]
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in attn]
+    out = conv(x)
+    forward_calls = len(calls)
+    (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    assert forward_calls == 2 and len(calls) == 2 * forward_calls  # 2 layers, each recomputed once
