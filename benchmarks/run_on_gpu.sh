@@ -4,6 +4,7 @@
 #   tests           the kernels' numerics suite compiled and run on CUDA (tests/kernels, cuda suite),
 #                   then tests/test_backend_cuda.py (the compile backend with the Triton lowering)
 #   attn [GRID [OPTIONS]]  benchmarks/attn_res/bench_attn_res.py --grid GRID (default: quick) OPTIONS
+#   ops [PRESET]    benchmarks/attn_res/bench_ops.py --preset PRESET (default: backend): each op alone
 #   backend [ARGS]  benchmarks/backend/bench_backend.py --gpu-size ARGS
 # Usage:  bash benchmarks/run_on_gpu.sh setup tests "attn quick" "backend --only original+inductor"
 # Peers' wheels (pure Python) for the setup step, fetched where PyPI is reachable, carried as .whl:
@@ -48,6 +49,9 @@ for spec in "$@"; do
             # shellcheck disable=SC2086
             step "attn-${grid:-quick}" python3 benchmarks/attn_res/bench_attn_res.py --grid "${grid:-quick}" \
                 --out "$RESULTS" $attn_args
+            ;;
+        ops)
+            step "ops-${grid:-backend}" python3 benchmarks/attn_res/bench_ops.py --preset "${grid:-backend}" --out "$RESULTS"
             ;;
         backend)
             # shellcheck disable=SC2086

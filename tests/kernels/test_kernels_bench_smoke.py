@@ -32,3 +32,21 @@ def test_bench_smoke(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in ours)
     # peers that cannot run here are reported, not dropped
     assert data["checks"]["liger-kernel"]["status"].startswith("skipped")
+
+
+def test_bench_ops_smoke(tmp_path):
+    """benchmarks/attn_res/bench_ops.py: every op the backend runs, timed alone (interpreter here)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "attn_res" / "bench_ops.py"), "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (result,) = list(tmp_path.glob("attn_res_ops-smoke-*.json"))
+    data = json.loads(result.read_text())
+    ops = {r["op"].split(" (")[0] for r in data["rows"]}
+    assert ops == {"phase1 fwd", "phase1 bwd", "phase2+norm fwd", "phase2+norm bwd", "phase2+add+norm fwd",
+                   "phase2+add+norm bwd", "attn_res fwd", "attn_res bwd"}
+    assert all(r["ms"] > 0 and r["passes"] > 0 for r in data["rows"]) and result.with_suffix(".md").exists()
