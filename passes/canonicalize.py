@@ -20,6 +20,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from .rewrite import in_stream_dtype
+
 _ADDS = {operator.add, torch.add}
 
 
@@ -46,7 +48,10 @@ def regroup_residual_sums(gm: fx.GraphModule) -> int:
                     anc_f, anc_g = nx.ancestors(dag, f), nx.ancestors(dag, g)
                     if x in anc_f and x in anc_g and f not in anc_g and g not in anc_f:
                         with gm.graph.inserting_before(outer):
-                            branch = gm.graph.call_function(operator.add, (f, g))
+                            # f in the stream's dtype first: ``(x + f) + g`` added f and g to an fp32
+                            # stream under autocast; ``f + g`` alone would round their sum to bf16
+                            f32 = gm.graph.call_function(in_stream_dtype, (f, x))
+                            branch = gm.graph.call_function(operator.add, (f32, g))
                         outer.args = (x, branch)
                         gm.graph.erase_node(inner)
                         changed += 1

@@ -298,3 +298,18 @@ def test_residual_hidden_in_an_attention_named_module_is_hinted():
     with pytest.raises(rr.ConversionError, match="class name") as info:
         rr.convert(model, torch.randn(2, 3, 16))
     assert "0, 1" in str(info.value)
+
+
+def test_residual_first_parallel_block_keeps_its_fp32_adds_under_autocast():
+    """Cohere adds ``residual + attn + mlp``: fp32 + bf16, then + bf16, under autocast. Regrouping it to
+    ``residual + (attn + mlp)`` must not round attn + mlp to bf16 first (canonicalize promotes attn to
+    the stream's dtype): the converted model equals the original at init, exactly in bf16."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("cohere", **kw)).eval()
+    converted = rr.convert(model, num_blocks=2)
+    from residual_rewriter import hf
+
+    (x,) = hf.example_inputs(model, batch_size=2, seq_len=7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(converted(x).logits, model(x).logits, rtol=0, atol=0)
