@@ -42,6 +42,11 @@ def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
 def _capture_and_plan(model: nn.Module, example_inputs: Any, config: AttnResConfig, call=None, input_names=None):
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert/detect take a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # FX cannot trace through Dynamo
+        raise ConversionError(
+            f"{type(model._orig_mod).__name__} is wrapped by torch.compile; convert the module itself and compile "
+            "the result: torch.compile(residual_rewriter.convert(model._orig_mod), backend='attnres')"
+        )
     inputs = _normalize_inputs(model, example_inputs)
     if call is not None:
         captured = capture(model, copy.deepcopy(inputs), call=call, input_names=input_names)

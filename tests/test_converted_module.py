@@ -207,3 +207,9 @@ def test_autocast_training_keeps_the_stream_in_fp32_and_matches_the_original_at_
     loss.backward()
     grads = [p.grad for n, p in conv.named_parameters() if ".query" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_compiled_module_is_refused_with_what_to_do():
+    model = make_gpt()
+    with pytest.raises(rr.ConversionError, match=r"wrapped by torch.compile.*_orig_mod"):
+        rr.convert(torch.compile(model), model.example_inputs())
