@@ -97,14 +97,12 @@ def keep_checkpointing(gm: fx.GraphModule, plan: Plan, layers: dict[str, Callabl
 
 def _region(graph: fx.Graph, norm: fx.Node, branch: fx.Node) -> Optional[list[fx.Node]]:
     """The nodes strictly after ``norm`` up to ``branch``, in graph order, if that is a region."""
-    region, node = [], norm.next
-    while True:
-        if node.op in ("placeholder", "output") or node is graph._root:
-            return None
-        region.append(node)
-        if node is branch:
-            return region
-        node = node.next
+    nodes = list(graph.nodes)
+    start, end = nodes.index(norm) + 1, nodes.index(branch) + 1
+    region = nodes[start:end]
+    if not region or any(n.op in ("placeholder", "output") for n in region):
+        return None
+    return region
 
 
 def _outline(gm: fx.GraphModule, region: list[fx.Node], checkpoint_fn: Callable, key: str) -> None:
