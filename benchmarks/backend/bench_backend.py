@@ -16,7 +16,10 @@ interleaved in ONE run and reported as ratios to ``original + inductor``:
                            configuration before session 2; CPU: same as converted+attnres)
 (names without spaces, for ``--only``)
 
-Prints a table, writes ``benchmarks/results/backend-<device>-<date>-L<layers>-D<hidden>.json``.
+Prints a table, and under it the FLOOR: the ratio converted+attnres would have if its only cost were
+its extra memory traffic (``traffic_model.py``) at the copy bandwidth measured in the same run; the
+gap between the measured ratio and the floor is what faster kernels can still win.
+Writes ``benchmarks/results/backend-<device>-<date>-L<layers>-D<hidden>.json``.
 
     python benchmarks/backend/bench_backend.py                  # small CPU size (a few minutes on 2 cores)
     python benchmarks/backend/bench_backend.py --gpu-size       # H100 preset: hidden 2048, 8 blocks, bf16
@@ -81,6 +84,31 @@ def versions() -> dict:
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     return out
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int) -> float:
+    """GB/s of a plain copy (read + write counted), median of 10."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
+def traffic_floor(size: dict, copy_gbs: float) -> dict:
+    """The least time converted+attnres can add at this size: the extra memory passes its graphs make
+    (``traffic_model.py``) at the copy bandwidth measured in this run."""
+    from traffic_model import extra_passes
+
+    c = extra_passes(size["layers"], size["num_blocks"])
+    pass_ms = size["batch"] * size["seq"] * size["hidden"] * getattr(torch, size["dtype"]).itemsize / (copy_gbs * 1e9) * 1e3
+    return {"copy_gbs": copy_gbs, "extra_fwd_passes": c["extra_fwd"], "extra_train_passes": c["extra_train"],
+            "fwd_ms": c["extra_fwd"] * pass_ms, "train_ms": c["extra_train"] * pass_ms}
 
 
 def _sync(device):
@@ -184,6 +212,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:24} {r['train_ms']:10.2f} {r.get('train_ratio', float('nan')):7.3f} "
               f"{r['forward_ms']:10.2f} {r.get('forward_ratio', float('nan')):7.3f} {r['compile_s']:10.1f}")
+    # the floor under converted+attnres: what its extra memory traffic costs at copy bandwidth
+    floor = traffic_floor(size, copy_bandwidth_gbs(device, (1 << 30) if device == "cuda" else (64 << 20)))
+    if base in train:
+        floor["fwd_ratio"] = 1 + floor["fwd_ms"] / fwd[base]
+        floor["train_ratio"] = 1 + floor["train_ms"] / train[base]
+        print(f"{'floor (traffic model)':24} {'':>10} {floor['train_ratio']:7.3f} {'':>10} {floor['fwd_ratio']:7.3f}"
+              f"   (+{floor['extra_train_passes']} / +{floor['extra_fwd_passes']} passes at {floor['copy_gbs']:.0f} GB/s)")
 
     dev_name = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     out = {
@@ -196,6 +231,7 @@ def main(argv=None):
         "iters": args.iters,
         "results": rows,
         "pass_logs": pass_logs,
+        "traffic_floor": floor,
         "note": "ratios are to original+inductor measured in the same run (interleaved medians)",
     }
     out_dir = Path(args.out)

@@ -103,6 +103,15 @@ def graphs_of(layers: int, num_blocks: int, options: dict):
     return backend.graphs[-1], (1, 8, 64), len(model.report.plan.sites)
 
 
+def extra_passes(layers: int, num_blocks: int, options: dict | None = None) -> dict:
+    """What one backend variant (``options``) adds over the original, in passes: the converted graph's
+    counts (``converted_passes``) minus the original's 4 per sublayer forward and 4 backward."""
+    graph, shape, sites = graphs_of(layers, num_blocks, options or {})
+    c = converted_passes(graph, shape)
+    orig_fwd, orig_bwd = 4 * sites, 4 * sites  # per sublayer: fused add + RMSNorm, and its backward
+    return dict(c, sites=sites, extra_fwd=c["fwd"] - orig_fwd, extra_train=c["fwd"] + c["bwd"] - orig_fwd - orig_bwd)
+
+
 def _percent(ms: float, of_ms: float) -> str:
     return f"{100 * ms / of_ms:6.1f}" if of_ms > 0 else f"{'-':>6}"
 
@@ -125,10 +134,8 @@ def main(argv=None):
     print(f"{'variant':12} {'ops':64} {'fwd':>5} {'+fwd':>5} {'ms':>6} {'%fwd':>6} {'train':>6} {'+train':>6} {'ms':>6} {'%train':>6}")
     rows = []
     for name, options in VARIANTS.items():
-        graph, shape, sites = graphs_of(args.layers, args.num_blocks, options)
-        c = converted_passes(graph, shape)
-        orig_fwd, orig_bwd = 4 * sites, 4 * sites  # per sublayer: fused add + RMSNorm, and its backward
-        extra_fwd, extra_train = c["fwd"] - orig_fwd, c["fwd"] + c["bwd"] - orig_fwd - orig_bwd
+        c = extra_passes(args.layers, args.num_blocks, options)
+        sites, extra_fwd, extra_train = c["sites"], c["extra_fwd"], c["extra_train"]
         row = dict(variant=name, ops=dict(c["ops"]), adds=c["adds"], fwd=c["fwd"], bwd=c["bwd"], extra_fwd=extra_fwd,
                    extra_train=extra_train, extra_fwd_ms=extra_fwd * pass_ms, extra_train_ms=extra_train * pass_ms)
         rows.append(row)
