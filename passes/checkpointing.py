@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from residual_rewriter.errors import ConversionError
+
 from .plan import Plan
 
 REGIONS = "_rr_checkpointed"  # the submodule holding the outlined sublayers (no parameters)
@@ -83,7 +85,7 @@ def keep_checkpointing(gm: fx.GraphModule, plan: Plan, layers: dict[str, Callabl
             continue
         region = _region(gm.graph, nodes[site.norm_node], nodes[site.branch_node])
         if region is None:
-            raise RuntimeError(
+            raise ConversionError(
                 f"{site.sublayer}: its layer {layer} had gradient checkpointing on, and its nodes between the norm "
                 f"and the branch output do not form one region this pass can checkpoint. Convert with "
                 f"checkpointing off (model.gradient_checkpointing_disable()) and checkpoint the converted model"
