@@ -49,6 +49,9 @@ class Captured:
     # module paths whose forward called torch.utils.checkpoint (in the train-mode trace): tracing runs
     # the function inline, so the checkpoint is gone from the graph unless something puts it back
     checkpoint_calls: list[str] = field(default_factory=list)
+    # traced-through modules (and the model itself, "") with forward/backward hooks: the graph runs
+    # their forward inline, so those hooks are never called by the converted model
+    hooked_inlined: list[str] = field(default_factory=list)
 
 
 class ResidualTracer(fx.Tracer):
@@ -71,6 +74,7 @@ class ResidualTracer(fx.Tracer):
         self.opaque_modules: dict[str, str] = {}
         self.opaque_with_norms: list[str] = []
         self.checkpoint_calls: list[str] = []
+        self.hooked_inlined: list[str] = []
         self._rr_constants: dict[str, Any] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -129,6 +133,8 @@ class ResidualTracer(fx.Tracer):
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         # Trace into the module; if its Python cannot be traced, undo what it recorded and keep it opaque.
+        if _has_hooks(m):
+            self.hooked_inlined.append(qualname)
         last_node = self.graph._root.prev
         saved_stack = self.module_stack.copy()
         saved_calls = dict(self.num_calls)
@@ -147,6 +153,10 @@ class ResidualTracer(fx.Tracer):
             self.num_calls = saved_calls
             self.opaque_modules[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
             return super().call_module(m, forward, args, kwargs)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,7 +335,8 @@ def capture(
     sink_residual_reshapes(gm)
     regroup_residual_sums(gm)
     gm.train(model.training)
+    hooked = ([""] if _has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
     return Captured(
         gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
-        sorted(set(train_tracer.checkpoint_calls)),
+        sorted(set(train_tracer.checkpoint_calls)), sorted(set(hooked)),
     )

@@ -149,6 +149,7 @@ def convert_graph(
     call=None,
     input_names=None,
     attn_res: Optional[nn.Module] = None,
+    root_called: bool = False,
 ) -> ConvertedModule:
     """Capture ``target`` called as ``call(*inputs)``, detect and rewrite: one converted graph."""
     captured, values, plan = _capture_and_plan(target, inputs, config, call=call, input_names=input_names)
@@ -168,6 +169,16 @@ def convert_graph(
             UserWarning,
             stacklevel=3,
         )
+    hooks_lost = [p for p in captured.hooked_inlined if p or not root_called]
+    if hooks_lost:
+        warnings.warn(
+            f"residual_rewriter.convert: forward/backward hooks on {', '.join(p or '(the model itself)' for p in hooks_lost)} "
+            "are NOT called by the converted model: it runs those modules' forward inline, and their outputs "
+            "(residual-stream values) no longer exist as such. Hook the sublayers or norms instead (leaf modules "
+            "such as attention, MLP projections and norms keep their hooks).",
+            UserWarning,
+            stacklevel=3,
+        )
     converted = ConvertedModule(gm, gm.graph, class_name=f"AttnRes{model_name}")
     converted.attn_res = gm.attn_res  # keep the AttnResQuery modules (GraphModule copied bare containers)
     converted.train(target.training)
@@ -179,6 +190,7 @@ def convert_graph(
         new_parameters={f"attn_res.{n}": p.numel() for n, p in converted.attn_res.named_parameters()},
         checkpointed=checkpointed,
         checkpoint_dropped=dropped,
+        hooks_not_called=hooks_lost,
     )
     converted.meta[REPORT] = report
     converted.meta[ORIGINAL_GRAPH] = original_graph

@@ -98,6 +98,7 @@ class SignatureDispatch:
             call=call,
             input_names=names,
             attn_res=self.model.attn_res,
+            root_called=True,  # the model object itself is still called: its own hooks still run
         )
         report = graph.report
         if self.report is not None and _site_list(report) != _site_list(self.report):

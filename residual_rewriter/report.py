@@ -17,6 +17,7 @@ class ConversionReport:
     new_parameters: dict[str, int] = field(default_factory=dict)  # name -> numel
     checkpointed: list[str] = field(default_factory=list)  # sublayers run under activation checkpointing
     checkpoint_dropped: list[str] = field(default_factory=list)  # modules whose own checkpoint calls tracing lost
+    hooks_not_called: list[str] = field(default_factory=list)  # inlined modules whose hooks no longer run
 
     @property
     def sites(self) -> list[Site]:
@@ -96,6 +97,7 @@ class ConversionReport:
             "new_parameters": dict(self.new_parameters),
             "checkpointed": list(self.checkpointed),
             "checkpoint_dropped": list(self.checkpoint_dropped),
+            "hooks_not_called": list(self.hooks_not_called),
             "totals": self.totals(),
         }
 
@@ -140,6 +142,9 @@ class ConversionReport:
         if self.checkpoint_dropped:
             lines.append("activation checkpointing NOT kept (torch.utils.checkpoint called in the forward of): "
                          + ", ".join(p or "(the model itself)" for p in self.checkpoint_dropped))
+        if self.hooks_not_called:
+            lines.append("module hooks NOT called by the converted model (their forward is inlined): "
+                         + ", ".join(p or "(the model itself)" for p in self.hooks_not_called))
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:
             lines.append(f"  {lo.module or lo.node}: {lo.reason}")

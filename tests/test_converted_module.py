@@ -213,3 +213,19 @@ def test_a_compiled_module_is_refused_with_what_to_do():
     model = make_gpt()
     with pytest.raises(rr.ConversionError, match=r"wrapped by torch.compile.*_orig_mod"):
         rr.convert(torch.compile(model), model.example_inputs())
+
+
+def test_hooks_on_inlined_modules_are_reported_not_silently_lost():
+    """A hook on a decoder layer cannot run in the converted model (the layer's forward is inlined
+    and its output, a residual-stream value, no longer exists): convert says so. Hooks on leaf
+    modules (attention here) keep running."""
+    model = make_hf("llama").eval()
+    calls = []
+    model.model.layers[1].register_forward_hook(lambda *a: calls.append("layer"))
+    model.model.layers[1].self_attn.register_forward_hook(lambda *a: calls.append("attn"))
+    with pytest.warns(UserWarning, match=r"hooks on model.layers.1 are NOT called"):
+        conv = rr.convert(model, num_blocks=2)
+    assert conv.report.hooks_not_called == ["model.layers.1"] and "NOT called" in str(conv.report)
+    calls.clear()
+    conv(torch.randint(0, 128, (2, 8)))
+    assert calls == ["attn"]
