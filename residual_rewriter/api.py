@@ -98,8 +98,21 @@ def detect(
     nothing can be converted.
     """
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size)
-    _, _, plan = _capture_and_plan(model, example_inputs, config)
-    return ConversionReport(model=type(model).__name__, config=config, plan=plan, converted=False)
+    captured, _, plan = _capture_and_plan(model, example_inputs, config)
+    layers = checkpointed_layers(model)  # what convert would keep under checkpointing, and what it could not
+    checkpointed = [s.sublayer for s in plan.sites if any(within(s.sublayer, lay) for lay in layers)]
+    dropped, hooks = _lost_in_tracing(captured, checkpointed, root_called=False)
+    return ConversionReport(model=type(model).__name__, config=config, plan=plan, converted=False,
+                            checkpointed=checkpointed, checkpoint_dropped=dropped, hooks_not_called=hooks)
+
+
+def _lost_in_tracing(captured, checkpointed: list[str], root_called: bool) -> tuple[list[str], list[str]]:
+    """What the traced graph cannot keep: (modules whose torch.utils.checkpoint calls are not kept by
+    ``checkpointed`` sublayers, inlined modules whose hooks will not run)."""
+    # a checkpoint called in module p's forward is kept when a sublayer inside p is checkpointed again
+    dropped = [p for p in captured.checkpoint_calls if not any(within(s, p) for s in checkpointed)]
+    hooks = [p for p in captured.hooked_inlined if p or not root_called]
+    return dropped, hooks
 
 
 def convert(
@@ -155,10 +168,8 @@ def convert_graph(
     captured, values, plan = _capture_and_plan(target, inputs, config, call=call, input_names=input_names)
     original_graph = copy.deepcopy(captured.graph_module.graph)  # kept for before/after views
     gm = apply_plan(captured.graph_module, plan, values, eps=config.key_norm_eps, mixing=config.mixing, attn_res=attn_res)
-    layers = checkpointed_layers(target)
-    checkpointed = keep_checkpointing(gm, plan, layers)  # tracing dropped it: put it back
-    kept_layers = [lay for lay in layers if any(within(s, lay) for s in checkpointed)]
-    dropped = [p for p in captured.checkpoint_calls if not any(within(p, lay) for lay in kept_layers)]
+    checkpointed = keep_checkpointing(gm, plan, checkpointed_layers(target))  # tracing dropped it: put it back
+    dropped, hooks_lost = _lost_in_tracing(captured, checkpointed, root_called)
     if dropped:
         warnings.warn(
             f"residual_rewriter.convert: {', '.join(p or '(the model itself)' for p in dropped)} call "
@@ -169,7 +180,6 @@ def convert_graph(
             UserWarning,
             stacklevel=3,
         )
-    hooks_lost = [p for p in captured.hooked_inlined if p or not root_called]
     if hooks_lost:
         warnings.warn(
             f"residual_rewriter.convert: forward/backward hooks on {', '.join(p or '(the model itself)' for p in hooks_lost)} "

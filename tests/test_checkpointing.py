@@ -170,3 +170,17 @@ def test_other_architectures_keep_checkpointing(name):
     for h in hooks:
         h.remove()
     assert forward_calls == 2 and len(calls) == 2 * forward_calls  # 2 layers, each recomputed once
+
+
+def test_detect_reports_checkpointing_and_hooks_before_converting():
+    """``detect`` tells in advance what ``convert`` will keep under checkpointing and which hooks will
+    not run, without changing the model."""
+    torch.manual_seed(0)
+    model = make_hf("llama").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.model.layers[0].register_forward_hook(lambda *a: None)
+    report = rr.detect(model)
+    assert len(report.checkpointed) == 6 and report.checkpoint_dropped == []
+    assert report.hooks_not_called == ["model.layers.0"]
+    assert "checkpointing kept" in str(report) and "NOT called" in str(report)
