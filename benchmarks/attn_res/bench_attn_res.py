@@ -27,9 +27,7 @@ import os
 import platform
 import re
 import signal
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -43,6 +41,8 @@ if not torch.cuda.is_available():
         raise RuntimeError("no CUDA and triton already imported without TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_timing import copy_bandwidth_gbs, time_ms  # noqa: E402
 from residual_rewriter.kernels import attn_res_reference, attn_res_triton  # noqa: E402
 from residual_rewriter.kernels.attn_res.reference import attn_res_backward_reference  # noqa: E402
 
@@ -152,41 +152,6 @@ CUDA_ONLY = {"torch.compile reference", "liger-kernel", "fla-core", "fast-attnre
 
 
 # ---- timing ------------------------------------------------------------------------------------
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, warmup=3, reps=10) -> float:
-    """Median milliseconds of fn(); CUDA events on a GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device, nbytes=2 << 30) -> float:
-    """GB/s of a plain device copy (read + write counted): the roofline the kernels are held to."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 @contextlib.contextmanager

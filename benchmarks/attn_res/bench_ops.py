@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attn_res import ROOT, copy_bandwidth_gbs, device_slug, time_ms, versions  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from bench_attn_res import ROOT, device_slug, versions  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
+from bench_timing import copy_bandwidth_gbs, time_ms  # noqa: E402
 
 from residual_rewriter.kernels.attn_res import dispatch  # noqa: E402
 

@@ -31,6 +31,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,9 @@ import torch
 import residual_rewriter as rr
 from residual_rewriter.backend import make_attnres_backend
 from residual_rewriter.kernels.attn_res._launch import elements_per_thread as launch_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_timing import copy_bandwidth_gbs, sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -86,20 +90,6 @@ def versions() -> dict:
     return out
 
 
-def copy_bandwidth_gbs(device: str, nbytes: int) -> float:
-    """GB/s of a plain copy (read + write counted), median of 10."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times[2:]) / 1e9
-
-
 def traffic_floor(size: dict, copy_gbs: float) -> dict:
     """The least time converted+attnres can add at this size: the extra memory passes its graphs make
     (``traffic_model.py``) at the copy bandwidth measured in this run."""
@@ -111,21 +101,16 @@ def traffic_floor(size: dict, copy_gbs: float) -> dict:
             "fwd_ms": c["extra_fwd"] * pass_ms, "train_ms": c["extra_train"] * pass_ms}
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved_ms(fns: dict, repeats: int, iters: int, device: str) -> dict:
     """Median ms per call of each fn; the variants take turns so drift hits them alike."""
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
-            _sync(device)
+            sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3 / iters)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -184,7 +169,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         train_step()  # compiles the training graph
         forward()  # and the inference graph
-        _sync(device)
+        sync(device)
         compile_s[name] = time.perf_counter() - t0
         with torch.no_grad():
             got, want = compiled(ids).logits.float(), eager_logits[which]
