@@ -25,7 +25,7 @@ from torch import nn
 
 from residual_rewriter.errors import ConversionError
 
-from .plan import Plan
+from .plan import Plan, Site
 
 REGIONS = "_rr_checkpointed"  # the submodule holding the outlined sublayers (no parameters)
 
@@ -70,6 +70,18 @@ class CheckpointedSublayer(nn.Module):
         return self.body(*args)
 
 
+def sites_to_checkpoint(plan: Plan, layers: dict[str, Callable]) -> list[tuple[Site, str]]:
+    """(site, its layer) for every site inside one of ``layers``. The sublayer is the layer itself in
+    parallel blocks (GPT-NeoX, GPT-J, Falcon) and where a branch ends in the layer's own code
+    (DINOv2's layer scale)."""
+    found = []
+    for site in plan.sites:
+        layer = next((p for p in layers if within(site.sublayer, p)), None)
+        if layer is not None:
+            found.append((site, layer))
+    return found
+
+
 def keep_checkpointing(gm: fx.GraphModule, plan: Plan, layers: dict[str, Callable]) -> list[str]:
     """Outline and checkpoint the sublayers of ``layers`` in ``gm`` (after the rewrite). Returns the
     sublayer paths now checkpointed; raises if a sublayer of such a layer cannot be."""
@@ -77,12 +89,7 @@ def keep_checkpointing(gm: fx.GraphModule, plan: Plan, layers: dict[str, Callabl
         return []
     kept = []
     nodes = {n.name: n for n in gm.graph.nodes}
-    for site in plan.sites:
-        # the sublayer is the layer itself in parallel blocks (GPT-NeoX, GPT-J, Falcon) and where a
-        # branch ends in the layer's own code (DINOv2's layer scale)
-        layer = next((p for p in layers if within(site.sublayer, p)), None)
-        if layer is None:
-            continue
+    for site, layer in sites_to_checkpoint(plan, layers):
         region = _region(gm.graph, nodes[site.norm_node], nodes[site.branch_node])
         if region is None:
             raise ConversionError(

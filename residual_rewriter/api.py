@@ -13,11 +13,11 @@ from residual_rewriter.config import AttnResConfig
 from residual_rewriter.converted import ORIGINAL_GRAPH, REPORT, ConvertedModule
 from residual_rewriter.errors import ConversionError
 from residual_rewriter.passes.capture import capture
-from residual_rewriter.passes.checkpointing import checkpointed_layers, keep_checkpointing, within
+from residual_rewriter.passes.checkpointing import checkpointed_layers, keep_checkpointing, sites_to_checkpoint, within
 from residual_rewriter.passes.detect import build_plan, record_values
 from residual_rewriter.passes.modes import in_mode
 from residual_rewriter.passes.rewrite import apply_plan
-from residual_rewriter.report import ConversionReport
+from residual_rewriter.report import ConversionReport, module_label
 
 
 def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
@@ -99,8 +99,8 @@ def detect(
     """
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size)
     captured, _, plan = _capture_and_plan(model, example_inputs, config)
-    layers = checkpointed_layers(model)  # what convert would keep under checkpointing, and what it could not
-    checkpointed = [s.sublayer for s in plan.sites if any(within(s.sublayer, lay) for lay in layers)]
+    # what convert would keep under checkpointing, and what it could not
+    checkpointed = [s.sublayer for s, _ in sites_to_checkpoint(plan, checkpointed_layers(model))]
     dropped, hooks = _lost_in_tracing(captured, checkpointed, root_called=False)
     return ConversionReport(model=type(model).__name__, config=config, plan=plan, converted=False,
                             checkpointed=checkpointed, checkpoint_dropped=dropped, hooks_not_called=hooks)
@@ -172,7 +172,7 @@ def convert_graph(
     dropped, hooks_lost = _lost_in_tracing(captured, checkpointed, root_called)
     if dropped:
         warnings.warn(
-            f"residual_rewriter.convert: {', '.join(p or '(the model itself)' for p in dropped)} call "
+            f"residual_rewriter.convert: {', '.join(map(module_label, dropped))} call "
             "torch.utils.checkpoint in their forward. Tracing "
             "runs the checkpointed function inline, so the converted model does NOT checkpoint there (more "
             "activation memory). Checkpoint the converted model's submodules yourself; Hugging Face layers' "
@@ -182,7 +182,7 @@ def convert_graph(
         )
     if hooks_lost:
         warnings.warn(
-            f"residual_rewriter.convert: forward/backward hooks on {', '.join(p or '(the model itself)' for p in hooks_lost)} "
+            f"residual_rewriter.convert: forward/backward hooks on {', '.join(map(module_label, hooks_lost))} "
             "are NOT called by the converted model: it runs those modules' forward inline, and their outputs "
             "(residual-stream values) no longer exist as such. Hook the sublayers or norms instead (leaf modules "
             "such as attention, MLP projections and norms keep their hooks).",

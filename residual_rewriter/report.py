@@ -8,6 +8,11 @@ from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes.plan import LeftOut, Plan, Site, Stream
 
 
+def module_label(path: str) -> str:
+    """A module path for messages; "" is the converted model itself."""
+    return path or "(the model itself)"
+
+
 @dataclass
 class ConversionReport:
     model: str  # class name of the converted model
@@ -141,10 +146,10 @@ class ConversionReport:
                          "each checkpointed on its own while training")
         if self.checkpoint_dropped:
             lines.append("activation checkpointing NOT kept (torch.utils.checkpoint called in the forward of): "
-                         + ", ".join(p or "(the model itself)" for p in self.checkpoint_dropped))
+                         + ", ".join(map(module_label, self.checkpoint_dropped)))
         if self.hooks_not_called:
             lines.append("module hooks NOT called by the converted model (their forward is inlined): "
-                         + ", ".join(p or "(the model itself)" for p in self.hooks_not_called))
+                         + ", ".join(map(module_label, self.hooks_not_called)))
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:
             lines.append(f"  {lo.module or lo.node}: {lo.reason}")

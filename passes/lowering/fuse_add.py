@@ -23,18 +23,16 @@ sublayers), counted as ``partial_not_an_add``; merges that still return the mix.
 """
 from __future__ import annotations
 
-import logging
 import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
+
 from .common import (
     PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, copy_location, erase_unused, getitem_users, infer_meta, library_op,
     node_order, op, value,
 )
-
-log = logging.getLogger("residual_rewriter.backend")
 
 _ADDS = {operator.add, torch.add}
 
