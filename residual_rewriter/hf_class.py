@@ -61,13 +61,14 @@ class SignatureDispatch:
     def _provide_cache(self, arguments: dict) -> None:
         """The model would create its KV cache inside forward; a graph cannot hold a fresh Python
         object per call, so create it here and pass it in, as generate() does."""
-        if "past_key_values" not in self.signature.parameters or "past_key_values" in arguments:
+        name = next((n for n in hf.CACHE_ARGUMENT_NAMES if n in self.signature.parameters), None)
+        if name is None or any(n in arguments for n in hf.CACHE_ARGUMENT_NAMES):
             return
         use_cache = arguments.get("use_cache", getattr(self.model.config, "use_cache", False))
         if use_cache:
             from transformers.cache_utils import DynamicCache
 
-            arguments["past_key_values"] = DynamicCache(config=self.model.config)
+            arguments[name] = DynamicCache(config=self.model.config)
 
     def __call__(self, *args, **kwargs):
         arguments = self._arguments(args, kwargs)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
+from residual_rewriter import hf
 from model_zoo import make_hf, perturb_attn_res, rel_err
 
 pytest.importorskip("transformers")
@@ -44,7 +45,7 @@ def test_generate_with_kv_cache_matches_the_original_at_init(pair):
     mask = torch.ones_like(x)
     kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask, pad_token_id=0)
     assert torch.equal(converted.generate(x, **kw), model.generate(x, **kw))
-    assert any(k for k in converted.forward.graphs if ("past_key_values", "object", "DynamicCache") in k)
+    assert any((name, "object", "DynamicCache") in k for k in converted.forward.graphs for name in hf.CACHE_ARGUMENT_NAMES)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mistral"])
@@ -70,7 +71,9 @@ def test_kv_cache_is_exact_for_attnres():
     full = converted(cached, use_cache=False).logits
     with torch.no_grad():
         out = converted(cached[:, :6], use_cache=True)
-        step = converted(cached[:, 6:7], past_key_values=out.past_key_values, use_cache=True)
+        name = next(n for n in hf.CACHE_ARGUMENT_NAMES if n in converted.forward.signature.parameters)
+        past = out.get("cache", out.get("past_key_values"))  # the output field follows the argument's name
+        step = converted(cached[:, 6:7], **{name: past}, use_cache=True)
     assert rel_err(step.logits[:, -1], full[:, 6]) <= 1e-10
 
 
