@@ -1,6 +1,8 @@
 """convert() computes exactly what the original computed, at initialisation."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
@@ -37,12 +39,38 @@ def test_exact_at_init(name, dtype, blocks):
     assert rel_err(out, ref) <= TOLERANCE[dtype]
 
 
+def _is_add(n) -> bool:
+    """An addition as FX records it: ``a + b`` / ``operator.add``, ``torch.add``, ``a.add(b)`` (and in place)."""
+    if n.op == "call_function":
+        return n.target in (operator.add, operator.iadd, torch.add)
+    return n.op == "call_method" and n.target in ("add", "add_")
+
+
+def _residual_adds(graph, norms) -> list[str]:
+    """The adds one of whose operands is the residual stream, i.e. a value a sublayer's norm (or the
+    final norm) reads: ``x + f(norm(x))``. Named by meaning, so a left-over add is found whatever it is
+    called and whichever of the three spellings the model used."""
+    stream = {a for n in graph.nodes if n.op == "call_module" and n.target in norms for a in n.all_input_nodes}
+    return [n.name for n in graph.nodes if _is_add(n) and any(a in stream for a in n.all_input_nodes)]
+
+
 def test_really_rewritten():
-    """Guard against a test that cannot fail: the graph calls the op once per site plus one final."""
+    """Guard against a test that cannot fail: the graph calls the op once per site plus one final, and
+    none of the original residual adds survives (every norm reads an aggregation, or b_0)."""
     converted = rr.convert(make_gpt(), num_blocks=2)
+    report = converted.report
     ops = [n for n in converted.graph.nodes if is_attn_res(n)]
-    assert len(ops) == len(converted.report.sites)  # every site but the first (one source) + the final
-    assert not any(n.target is torch.ops.aten.add.Tensor for n in converted.graph.nodes)
+    assert len(ops) == len(report.sites)  # every site but the first (one source) + the final
+    norms = {s.norm for s in report.sites} | {c for st in report.streams for c in st.consumers}
+    assert "transformer.ln_f" in norms and len(norms) == len(report.sites) + 1
+    # the criterion finds every residual add of the captured graph (else the check below proves nothing)
+    assert sorted(_residual_adds(converted.original_graph, norms)) == sorted(s.add_node for s in report.sites)
+    assert _residual_adds(converted.graph, norms) == []
+    b0 = {st.source_node for st in report.streams}
+    for n in converted.graph.nodes:
+        if n.op == "call_module" and n.target in norms:
+            (x,) = n.all_input_nodes
+            assert is_attn_res(x) or x.name in b0, (n.target, x.name)
 
 
 def test_mean_mixing_is_the_papers_average():
