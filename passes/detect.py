@@ -25,7 +25,7 @@ from residual_rewriter.errors import ConversionError
 
 from . import norms
 from .plan import LeftOut, Plan, Site, Stream
-from .streams import assign_blocks, check_stream_readers, nothing_matched_message
+from .streams import assign_blocks, assign_parameter_names, check_stream_readers, nothing_matched_message
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
 
@@ -301,4 +301,5 @@ def build_plan(
     for stream in plan.streams:
         check_stream_readers(stream, nodes, finder)
         assign_blocks(stream, num_blocks, block_size, mixing)
+    assign_parameter_names(plan)
     return plan

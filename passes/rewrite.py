@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from residual_rewriter.errors import ConversionError
+
 from .op_names import attn_res_op
 from .plan import Plan, Stream
 
@@ -54,6 +56,10 @@ def apply_plan(
     """
     if mixing not in ("sum", "mean"):
         raise ValueError(f"mixing must be 'sum' (exact at init) or 'mean' (the paper's average), got {mixing!r}")
+    keys = [s.param_prefix for s in plan.sites if s.param_prefix] + [st.final_param_prefix for st in plan.streams]
+    reused = sorted({k for k in keys if keys.count(k) > 1})
+    if reused:  # one query per aggregation: a shared one would be exact at init, train, and not be AttnRes
+        raise ConversionError(f"internal error: aggregations would share the parameters {reused}; please report it")
     gm.add_module("attn_res", attn_res if attn_res is not None else nn.ModuleDict())
     for stream in plan.streams:
         _rewrite_stream(gm, stream, values, eps=eps, mixing=mixing)

@@ -6,6 +6,9 @@ blocks and parameter names; raises ``ConversionError`` for streams that cannot b
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import torch.fx as fx
 
 from residual_rewriter.errors import ConversionError
@@ -16,7 +19,8 @@ from .plan import Plan, Stream, split_blocks
 
 
 def param_key(path: str) -> str:
-    return path.replace(".", "__").replace(":", "__").replace("<", "").replace(">", "")
+    """A module path (or a description of an inlined norm) as a ModuleDict key: an identifier."""
+    return re.sub(r"\W+", "_", path.replace(".", "__").replace(":", "__").replace("<", "").replace(">", "")).strip("_")
 
 
 def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder) -> None:
@@ -78,9 +82,24 @@ def assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
         position = 0 if i == 0 or blocks[i - 1] != block else position + 1
         site.block, site.position = block, position
         site.num_sources = block + (1 if position > 0 else 0)  # b_0..b_{n-1} + partial
-        site.param_prefix = f"attn_res.{param_key(site.sublayer)}" if site.num_sources > 1 else ""
-    consumer = stream.consumers[0] if stream.consumers else "output"
-    stream.final_param_prefix = f"attn_res.final__{param_key(consumer)}"
+
+
+def assign_parameter_names(plan: Plan) -> None:
+    """One query and one key-norm gain per aggregation, named after what it feeds.
+
+    A site is named after its sublayer. Where two sites share a sublayer path (the branch ends in a
+    LayerScale or a post-norm, so its common module prefix is the whole layer: DINOv2, Gemma2), both
+    are named after their own norm instead, which is always the site's own; a name still shared
+    (several stream ends read by one module) gets the site's stream and depth appended."""
+    sites = [s for s in plan.sites if s.num_sources > 1]  # the first sublayer reads b_0 directly: no query
+    by_sublayer = Counter(s.sublayer for s in plan.sites)
+    names = [param_key(s.sublayer if by_sublayer[s.sublayer] == 1 else s.norm) for s in sites]
+    finals = [f"final__{param_key(st.consumers[0] if st.consumers else 'output')}" for st in plan.streams]
+    taken = Counter(names + finals)
+    for site, name in zip(sites, names):
+        site.param_prefix = "attn_res." + (name if taken[name] == 1 else f"{name}__stream{site.stream}_{site.index}")
+    for stream, name in zip(plan.streams, finals):
+        stream.final_param_prefix = "attn_res." + (name if taken[name] == 1 else f"{name}__stream{stream.index}")
 
 
 def nothing_matched_message(plan: Plan) -> str:
