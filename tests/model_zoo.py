@@ -37,6 +37,38 @@ def make_hf(name: str):
     return model.eval()
 
 
+# Every Hugging Face architecture the README says converts, at a tiny random-weight size:
+# name -> (extra config options, dtype). Mixtral / Qwen2-MoE run in fp32 (grouped_mm has no fp64).
+_TINY_DECODER = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+_TINY_VISION = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+_GQA, _HEAD12, _PAD0 = dict(num_key_value_heads=2), dict(head_dim=12, num_key_value_heads=2), dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+DECODERS = {
+    "llama": _GQA, "mistral": _GQA, "qwen2": _GQA, "qwen3": _HEAD12, "gemma": _HEAD12, "gemma2": _HEAD12,
+    "gemma3_text": _HEAD12, "phi": {}, "phi3": {**_GQA, **_PAD0}, "olmo": _GQA, "mixtral": _GQA, "qwen2_moe": _GQA,
+    "gpt_neox": {}, "gptj": dict(rotary_dim=12), "codegen": dict(rotary_dim=12), "falcon": {},
+    "stablelm": dict(_GQA, partial_rotary_factor=0.5), "starcoder2": {}, "granite": _GQA, "smollm3": {**_GQA, **_PAD0},
+    "glm": {**_GQA, **_PAD0}, "gpt_bigcode": {}, "cohere": {}, "gpt2": {}, "opt": {},
+}
+VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
+FP32_ONLY = {"mixtral", "qwen2_moe"}
+
+
+def make_architecture(name: str):
+    """A tiny random-weight model of one of ``DECODERS`` / ``VISION`` (or T5), in eval mode, in float64
+    unless it is in ``FP32_ONLY``."""
+    transformers = pytest.importorskip("transformers")
+    warnings.filterwarnings("ignore", message=".*token_id.*")
+    if name == "t5":
+        cfg = transformers.T5Config(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12, decoder_start_token_id=0)
+        model = transformers.T5ForConditionalGeneration(cfg)
+    elif name in VISION:
+        model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name, **_TINY_VISION))
+    else:
+        cfg = transformers.AutoConfig.for_model(name, **_TINY_DECODER, **DECODERS[name])
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.to(torch.float32 if name in FP32_ONLY else torch.float64).eval()
+
+
 def make_gpt(**overrides) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**overrides)).eval()

@@ -1,0 +1,68 @@
+"""Every Hugging Face architecture the README lists as converting: exact at init in float64 (fp32
+for the MoE models), and one query per aggregation (a site whose sublayer path is the whole layer,
+DINOv2's LayerScale or Gemma2's post-norms, used to share its layer's query)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import residual_rewriter as rr
+from model_zoo import DECODERS, FP32_ONLY, VISION, make_architecture, make_gpt, rel_err
+from residual_rewriter import hf
+from residual_rewriter.passes.op_names import is_attn_res
+
+ARCHITECTURES = sorted(DECODERS) + VISION + ["t5"]
+
+
+def queries_per_aggregation(converted) -> tuple[int, int]:
+    """(aggregations in the graph, distinct query parameters they read)."""
+    aggregations = [n for n in converted.graph.nodes if is_attn_res(n)]
+    return len(aggregations), len({n.args[1].target for n in aggregations})
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_exact_at_init_with_one_query_per_aggregation(name):
+    model = make_architecture(name)
+    converted = rr.convert(model, block_size=1)
+    report = converted.report
+    # the MoE models' experts stay opaque (data-dependent routing); nothing else may
+    assert all(name in FP32_ONLY and path.endswith(".experts") for path in report.plan.opaque_modules)
+    aggregations, queries = queries_per_aggregation(converted)
+    # every site but each stream's first (one source: no query) + one final aggregation per stream
+    assert aggregations == len(report.sites) == queries
+    assert len(dict(converted.attn_res.named_children())) == queries
+    inputs = hf.example_inputs(model, batch_size=3, seq_len=7)
+    with torch.no_grad():  # T5: (input_ids, decoder_input_ids), by name for the original
+        ref, out = model(**dict(zip(hf.input_names(model, len(inputs)), inputs))), converted(*inputs)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    tolerance = 1e-6 if name in FP32_ONLY else 1e-10
+    assert rel_err(getattr(out, key), getattr(ref, key)) <= tolerance
+
+
+@pytest.mark.parametrize("name", ["dinov2", "gemma2"])
+def test_sites_sharing_a_layer_path_get_their_own_parameters(name):
+    """Both sublayers of a DINOv2 / Gemma2 layer are named after the layer (their branch ends in a
+    LayerScale / post-norm); their parameters are named after their own norms."""
+    converted = rr.convert(make_architecture(name), num_blocks=2)
+    sites = converted.report.sites
+    assert sites[1].sublayer == sites[0].sublayer  # the case this test is about
+    prefixes = [s.param_prefix for s in sites if s.param_prefix]
+    assert len(set(prefixes)) == len(prefixes) == len(sites) - 1
+    assert all(p.endswith(s.norm.rsplit(".", 1)[1]) for p, s in zip(prefixes, sites[1:]))
+
+
+def test_a_shared_parameter_key_is_refused(monkeypatch):
+    """Two aggregations reading one query would be exact at init and train, and not be AttnRes:
+    the rewrite refuses a plan that binds one key twice."""
+    from residual_rewriter.passes import streams
+
+    def same_name_for_all(plan):
+        for site in plan.sites:
+            site.param_prefix = "attn_res.shared" if site.num_sources > 1 else ""
+        for stream in plan.streams:
+            stream.final_param_prefix = "attn_res.final"
+
+    monkeypatch.setattr("residual_rewriter.passes.detect.assign_parameter_names", same_name_for_all)
+    with pytest.raises(rr.ConversionError, match="share the parameters.*attn_res.shared"):
+        rr.convert(make_gpt(), num_blocks=2)
+    assert streams.assign_parameter_names is not same_name_for_all
