@@ -205,9 +205,14 @@ def test_weights_token_mask_averages_kept_tokens_only(model):
 
 
 def test_weights_match_the_reference_directly(model):
-    """The recorded mean equals the reference weights computed by hand on the final aggregation's inputs."""
+    """The recorded mean equals the weights computed by hand (a float64 formula written here, not the
+    library's reference) on the final aggregation's inputs, with random queries and gains."""
     converted = rr.convert(model, block_size=2)
     _perturb_queries(converted, seed=1)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # gains away from ones, so a formula that drops or misplaces them shows
+        for m in converted.attn_res.values():
+            m.key_norm_weight.copy_(1 + 0.5 * torch.randn(m.key_norm_weight.shape, generator=g))
     (x,) = model.example_inputs()
     dw = rri.depth_attention_weights(converted, x)
     final = [n for n in converted.graph.nodes if rri.is_aggregation(n)][-1]
@@ -223,8 +228,14 @@ def test_weights_match_the_reference_directly(model):
     with torch.no_grad():
         Grab(converted.eval()).run(x)
     sources, q, g, eps = captured["args"]
-    expected = rr.kernels.attn_res_weights_reference(sources, q, g, eps).reshape(len(sources), -1).mean(1)
-    torch.testing.assert_close(dw.weights[-1, : len(sources)], expected.float())
+    # by hand, in float64, independently of the library: RMS-normalise each source over the hidden
+    # dim, apply the gain, dot with the query, softmax over sources per token, average over tokens
+    v = torch.stack(sources).double()  # [n, B, T, D]
+    keys = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+    logits = keys @ q.double()  # [n, B, T]
+    expected = torch.softmax(logits, dim=0).reshape(len(sources), -1).mean(1)
+    assert len(sources) > 1 and not torch.allclose(expected, torch.full_like(expected, 1 / len(sources)))
+    torch.testing.assert_close(dw.weights[-1, : len(sources)].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_weights_json_and_text(model):
