@@ -1,21 +1,84 @@
-"""The library ops on CPU (reference implementations): values, gradients vs autograd through the
-reference in float64, and ``torch.library.opcheck`` on every registration."""
+"""The library ops on CPU. There the ops run the plain-PyTorch reference, so their values are checked
+against an independent statement of the math written in this file (float64, relative error <= 1e-10),
+their closed-form backward (the registered autograd) against autograd through that statement (same
+tolerance) and against finite differences (``torch.autograd.gradcheck``, float64, small odd shapes),
+and every registration with ``torch.library.opcheck``."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from residual_rewriter.kernels.attn_res import reference as R
 from residual_rewriter.kernels.attn_res import reference_grads as RG  # noqa: F401  (imported: must import)
 
 OPS = torch.ops.residual_rewriter
 F64 = torch.float64
+SHAPE, D = (2, 5, 7), 7  # odd sizes: no power of two anywhere
+EPS, OUT_EPS = 1e-6, 1e-5
 
 
 def _leaf(*shape, seed=0, dtype=F64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+
+
+def _gain(seed):
+    """A norm gain away from ones (a formula that drops it shows)."""
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.5 * torch.randn(D, generator=g, dtype=F64)).requires_grad_(True)
+
+
+# ---- the math, stated independently of the library (float64) ------------------------------------
+# h = scale * sum_i softmax_i(q . (RMSNorm(s_i) * g)) * s_i, RMSNorm(x) = x / sqrt(mean(x^2) + eps)
+
+
+def _rmsnorm(x, eps, gain=None):
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    return y if gain is None else y * gain
+
+
+def _logits(sources, q, g, eps):
+    """[n, ...]: the score of every source."""
+    return torch.stack([(_rmsnorm(s, eps, g) * q).sum(-1) for s in sources])
+
+
+def _softmax_mix(values, logits, scale=1.0):
+    a = torch.softmax(logits, dim=0).unsqueeze(-1)  # [n, ..., 1]
+    return scale * (a * torch.stack(values)).sum(0)
+
+
+def f_attn_res(sources, q, g, eps, scale):
+    return _softmax_mix(sources, _logits(sources, q, g, eps), scale)
+
+
+def f_phase1(sources, Q, G, eps):
+    """Every query j over the sources: (its plain softmax average [S, ..., D], the log-sum-exp of its scores [S, ...])."""
+    logits = [_logits(sources, Q[j], None if G is None else G[j], eps) for j in range(Q.shape[0])]
+    return torch.stack([_softmax_mix(sources, l) for l in logits]), torch.stack([torch.logsumexp(l, 0) for l in logits])
+
+
+def f_phase2(o1, l1, p, q, g, eps, scale):
+    """The phase-1 result is one more "source" of value o1 and score l1, merged with the partial."""
+    if p is None:
+        return scale * o1
+    return _softmax_mix([o1, p], torch.stack([l1, _logits([p], q, g, eps)[0]]), scale)
+
+
+def f_normed(sources, q, g, eps, scale, wo, out_eps):
+    mix = f_attn_res(sources, q, g, eps, scale)
+    return mix, _rmsnorm(mix, out_eps, wo)
+
+
+def f_phase2_normed(o1, l1, p, q, g, eps, scale, wo, out_eps):
+    mix = f_phase2(o1, l1, p, q, g, eps, scale)
+    return mix, _rmsnorm(mix, out_eps, wo)
+
+
+def f_phase2_add_normed(o1, l1, prev, delta, q, g, eps, scale, wo, out_eps):
+    new = prev + delta
+    return new, f_phase2_normed(o1, l1, new, q, g, eps, scale, wo, out_eps)[1]
+
+
+# ---- helpers --------------------------------------------------------------------------------------
 
 
 def _grads(y, ins, gy):
@@ -25,127 +88,227 @@ def _grads(y, ins, gy):
     return torch.autograd.grad(loss, ins, materialize_grads=True)
 
 
+def _assert_exact(got, want, tol=1e-10):
+    """Same shapes and dtypes, max |got - want| <= tol * max |want| for every pair."""
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape, a.dtype, b.dtype)
+        err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300)
+        assert err <= tol, f"output {i}: relative error {err:.2e} > {tol:.0e}"
+
+
 def _assert_all_close(a, b, tol=1e-10):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=tol, rtol=tol)
 
 
+def _check(op_call, formula, ins, full_jacobian):
+    """Values against the formula, closed-form gradients against autograd through the formula (both
+    float64, relative 1e-10), and ``gradcheck`` of the op against finite differences: the whole
+    Jacobian for each op's fullest case (``full_jacobian``), random projections of it otherwise."""
+    y, want = op_call(*ins), formula(*ins)
+    _assert_exact(y, want)
+    ys = y if isinstance(y, tuple) else (y,)
+    gy = tuple(torch.randn(t.shape, generator=torch.Generator().manual_seed(90 + k), dtype=F64) for k, t in enumerate(ys))
+    gy = gy if isinstance(y, tuple) else gy[0]
+    got_g, want_g = _grads(y, ins, gy), _grads(want, ins, gy)
+    for i, (a, b) in enumerate(zip(got_g, want_g)):
+        _assert_exact(a, b)
+    assert torch.autograd.gradcheck(op_call, tuple(ins), fast_mode=not full_jacobian)
+
+
+# ---- every op: values, gradients, gradcheck -------------------------------------------------------
+
+
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_phase1_op_matches_reference_and_grads(with_weight):
-    srcs = [_leaf(2, 5, 24, seed=i) for i in range(3)]
-    Q = _leaf(4, 24, seed=10)
-    G = _leaf(4, 24, seed=11) if with_weight else None
-    out, lse = OPS.attn_res_phase1(srcs, Q, G, 1e-6)
-    ro, rl = R.attn_res_phase1_reference(srcs, Q, G, 1e-6)
-    assert out.shape == (4, 2, 5, 24) and lse.shape == (4, 2, 5)
-    ins = srcs + [Q] + ([G] if G is not None else [])
-    gy = (torch.randn_like(out), torch.randn_like(lse))
-    _assert_all_close(_grads((out, lse), ins, gy), _grads((ro, rl), ins, gy))
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_attn_res_op(with_weight, scale):
+    srcs = [_leaf(*SHAPE, seed=i) for i in range(3)]
+    q = _leaf(D, seed=4)
+    g = [_gain(5)] if with_weight else []
+    ins = srcs + [q] + g
+
+    def op(*t):
+        return OPS.attn_res(list(t[:3]), t[3], t[4] if with_weight else None, EPS, scale)
+
+    def formula(*t):
+        return f_attn_res(list(t[:3]), t[3], t[4] if with_weight else None, EPS, scale)
+
+    _check(op, formula, ins, with_weight and scale != 1.0)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_phase1_op(with_weight):
+    srcs = [_leaf(*SHAPE, seed=i) for i in range(3)]
+    Q = _leaf(3, D, seed=10)
+    G = [(1 + 0.5 * _leaf(3, D, seed=11)).detach().requires_grad_(True)] if with_weight else []
+    ins = srcs + [Q] + G
+
+    def op(*t):
+        return OPS.attn_res_phase1(list(t[:3]), t[3], t[4] if with_weight else None, EPS)
+
+    def formula(*t):
+        return f_phase1(list(t[:3]), t[3], t[4] if with_weight else None, EPS)
+
+    out, lse = op(*ins)
+    assert out.shape == (3, *SHAPE) and lse.shape == (3, *SHAPE[:-1])
+    _check(op, formula, ins, with_weight)
+
+
+def _phase2_ins(with_partial, with_weight, extra=()):
+    o1, l1 = _leaf(*SHAPE, seed=1), _leaf(*SHAPE[:-1], seed=2)
+    p = [_leaf(*SHAPE, seed=3)] if with_partial else []
+    q = _leaf(D, seed=4)
+    g = [_gain(5)] if with_weight else []
+    return [o1, l1, q] + p + g + list(extra)
+
+
+def _unpack_phase2(t, with_partial, with_weight):
+    """(o1, l1, partial or None, q, gain or None, rest) from _phase2_ins's flat list."""
+    o1, l1, q, *rest = t
+    p = rest.pop(0) if with_partial else None
+    g = rest.pop(0) if with_weight else None
+    return o1, l1, p, q, g, rest
 
 
 @pytest.mark.parametrize("with_partial", [True, False])
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_phase2_op_matches_reference_and_grads(with_partial, with_weight):
-    o1, l1 = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2)
-    p = _leaf(2, 5, 24, seed=3) if with_partial else None
-    q, g = _leaf(24, seed=4), (_leaf(24, seed=5) if with_weight else None)
-    y = OPS.attn_res_phase2(o1, l1, p, q, g, 1e-6, 2.5)
-    yr = R.attn_res_phase2_reference(o1, l1, p, q, g, 1e-6, 2.5)
-    torch.testing.assert_close(y, yr)
-    ins = [o1, l1, q] + [t for t in (p, g) if t is not None]
-    gy = torch.randn_like(y)
-    _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
+def test_phase2_op(with_partial, with_weight):
+    ins = _phase2_ins(with_partial, with_weight)
+
+    def op(*t):
+        o1, l1, p, q, g, _ = _unpack_phase2(t, with_partial, with_weight)
+        return OPS.attn_res_phase2(o1, l1, p, q, g, EPS, 2.5)
+
+    def formula(*t):
+        o1, l1, p, q, g, _ = _unpack_phase2(t, with_partial, with_weight)
+        return f_phase2(o1, l1, p, q, g, EPS, 2.5)
+
+    _check(op, formula, ins, with_partial and with_weight)
 
 
 def test_two_phase_equals_single_pass():
-    srcs = [_leaf(3, 7, 16, seed=i) for i in range(4)]
-    Q, G = _leaf(2, 16, seed=8), _leaf(2, 16, seed=9)
-    partial = _leaf(3, 7, 16, seed=12)
-    out, lse = OPS.attn_res_phase1(srcs, Q, G, 1e-6)
+    """Phase 1 over the completed blocks, then phase 2 with the partial: the formula over all of them."""
+    srcs = [_leaf(3, 5, D, seed=i) for i in range(4)]
+    Q, G = _leaf(2, D, seed=8), (1 + 0.5 * _leaf(2, D, seed=9)).detach()
+    partial = _leaf(3, 5, D, seed=12)
+    out, lse = OPS.attn_res_phase1(srcs, Q, G, EPS)
     for j in range(2):
-        y = OPS.attn_res_phase2(out[j], lse[j], partial, Q[j], G[j], 1e-6, 5.0)
-        torch.testing.assert_close(y, R.attn_res_reference(srcs + [partial], Q[j], G[j], 1e-6, 5.0))
+        y = OPS.attn_res_phase2(out[j], lse[j], partial, Q[j], G[j], EPS, 5.0)
+        _assert_exact(y, f_attn_res(srcs + [partial], Q[j], G[j], EPS, 5.0))
 
 
 @pytest.mark.parametrize("with_weight", [True, False])
 @pytest.mark.parametrize("with_out_weight", [True, False])
-def test_normed_op_matches_reference_and_grads(with_weight, with_out_weight):
-    srcs = [_leaf(2, 5, 24, seed=i) for i in range(3)]
-    q = _leaf(24, seed=4)
-    g = _leaf(24, seed=5) if with_weight else None
-    wo = _leaf(24, seed=6) if with_out_weight else None
-    y = OPS.attn_res_normed(srcs, q, g, 1e-6, 3.0, wo, 1e-5)
-    yr = R.attn_res_normed_reference(srcs, q, g, 1e-6, 3.0, wo, 1e-5)
-    ins = srcs + [q] + [t for t in (g, wo) if t is not None]
-    gy = (torch.randn_like(y[0]), torch.randn_like(y[1]))
-    _assert_all_close(y, yr)
-    _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
+def test_normed_op(with_weight, with_out_weight):
+    srcs = [_leaf(*SHAPE, seed=i) for i in range(3)]
+    q = _leaf(D, seed=4)
+    g = [_gain(5)] if with_weight else []
+    wo = [_gain(6)] if with_out_weight else []
+    ins = srcs + [q] + g + wo
+
+    def unpack(t):
+        rest = list(t[4:])
+        return list(t[:3]), t[3], rest.pop(0) if with_weight else None, rest.pop(0) if with_out_weight else None
+
+    def op(*t):
+        s, q, g, wo = unpack(t)
+        return OPS.attn_res_normed(s, q, g, EPS, 3.0, wo, OUT_EPS)
+
+    def formula(*t):
+        s, q, g, wo = unpack(t)
+        return f_normed(s, q, g, EPS, 3.0, wo, OUT_EPS)
+
+    _check(op, formula, ins, with_weight and with_out_weight)
+    for k in (0, 1):  # only one output read: the other's gradient arrives as None
+        y, want = op(*ins), formula(*ins)
+        gy = torch.randn(SHAPE, generator=torch.Generator().manual_seed(k), dtype=F64)
+        for a, b in zip(_grads(y[k], ins, gy), _grads(want[k], ins, gy)):
+            _assert_exact(a, b)
 
 
 @pytest.mark.parametrize("with_partial", [True, False])
 @pytest.mark.parametrize("with_weights", [True, False])
-def test_phase2_normed_op_matches_reference_and_grads(with_partial, with_weights):
-    """The closed-form backward (what the op runs on CPU) against autograd through the reference, float64."""
-    o1, l1 = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2)
-    p = _leaf(2, 5, 24, seed=3) if with_partial else None
-    q = _leaf(24, seed=4)
-    g, wo = (_leaf(24, seed=5), _leaf(24, seed=6)) if with_weights else (None, None)
-    args = (o1, l1, p, q, g, 1e-6, 2.5, wo, 1e-5)
-    y, yr = OPS.attn_res_phase2_normed(*args), R.attn_res_phase2_normed_reference(*args)
-    _assert_all_close(y, yr)
-    # mix is exactly phase 2; normed is RMSNorm(mix) * wo
-    torch.testing.assert_close(y[0], R.attn_res_phase2_reference(o1, l1, p, q, g, 1e-6, 2.5))
-    normed = F.rms_norm(y[0], (24,), wo, 1e-5)
-    torch.testing.assert_close(y[1], normed)
-    ins = [o1, l1, q] + [t for t in (p, g, wo) if t is not None]
-    gy = (torch.randn_like(y[0]), torch.randn_like(y[1]))
-    _assert_all_close(_grads(y, ins, gy), _grads(yr, ins, gy))
+def test_phase2_normed_op(with_partial, with_weights):
+    ins = _phase2_ins(with_partial, with_weights, extra=[_gain(6)] if with_weights else [])
+
+    def unpack(t):
+        o1, l1, p, q, g, rest = _unpack_phase2(t, with_partial, with_weights)
+        return o1, l1, p, q, g, (rest[0] if with_weights else None)
+
+    def op(*t):
+        o1, l1, p, q, g, wo = unpack(t)
+        return OPS.attn_res_phase2_normed(o1, l1, p, q, g, EPS, 2.5, wo, OUT_EPS)
+
+    def formula(*t):
+        o1, l1, p, q, g, wo = unpack(t)
+        return f_phase2_normed(o1, l1, p, q, g, EPS, 2.5, wo, OUT_EPS)
+
+    _check(op, formula, ins, with_partial and with_weights)
     for k in (0, 1):  # only one output read: the other's gradient arrives as None
-        y, yr = OPS.attn_res_phase2_normed(*args), R.attn_res_phase2_normed_reference(*args)
-        _assert_all_close(_grads(y[k], ins, gy[k]), _grads(yr[k], ins, gy[k]))
+        y, want = op(*ins), formula(*ins)
+        gy = torch.randn(SHAPE, generator=torch.Generator().manual_seed(k), dtype=F64)
+        for a, b in zip(_grads(y[k], ins, gy), _grads(want[k], ins, gy)):
+            _assert_exact(a, b)
 
 
 @pytest.mark.parametrize("op", ["attn_res_normed", "attn_res_phase2_normed"])
 def test_normed_ops_without_the_mix(op):
-    """return_mix=False (what the compile backend emits): the first output is empty, the normed form
-    and its gradients are those of return_mix=True with only ``normed`` read."""
-    srcs = [_leaf(2, 5, 24, seed=i) for i in range(3)]
-    q, g, wo = _leaf(24, seed=4), _leaf(24, seed=5), _leaf(24, seed=6)
+    """return_mix=False (what the compile backend emits): the first output is empty; the normed form
+    and its gradients are the formula's, also against finite differences."""
+    srcs = [_leaf(*SHAPE, seed=i) for i in range(3)]
+    q, g, wo = _leaf(D, seed=4), _gain(5), _gain(6)
     if op == "attn_res_normed":
-        args, ins = (srcs, q, g, 1e-6, 3.0, wo, 1e-5), srcs + [q, g, wo]
+        ins = srcs + [q, g, wo]
+
+        def call(*t):
+            return OPS.attn_res_normed(list(t[:3]), t[3], t[4], EPS, 3.0, t[5], OUT_EPS, return_mix=False)[1]
+
+        def formula(*t):
+            return f_normed(list(t[:3]), t[3], t[4], EPS, 3.0, t[5], OUT_EPS)[1]
+
+        args = (srcs, q, g, EPS, 3.0, wo, OUT_EPS)
     else:
-        o1, l1, p = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2), _leaf(2, 5, 24, seed=3)
-        args, ins = (o1, l1, p, q, g, 1e-6, 2.5, wo, 1e-5), [o1, l1, p, q, g, wo]
-    fn = getattr(OPS, op)
-    mix, normed = fn(*args, return_mix=False)
+        o1, l1, p = _leaf(*SHAPE, seed=1), _leaf(*SHAPE[:-1], seed=2), _leaf(*SHAPE, seed=3)
+        ins = [o1, l1, p, q, g, wo]
+
+        def call(*t):
+            return OPS.attn_res_phase2_normed(*t[:5], EPS, 2.5, t[5], OUT_EPS, return_mix=False)[1]
+
+        def formula(*t):
+            return f_phase2_normed(*t[:5], EPS, 2.5, t[5], OUT_EPS)[1]
+
+        args = (o1, l1, p, q, g, EPS, 2.5, wo, OUT_EPS)
+    mix, normed = getattr(OPS, op)(*args, return_mix=False)
     assert mix.numel() == 0
-    full = fn(*args, return_mix=True)
-    torch.testing.assert_close(normed, full[1], atol=0, rtol=0)
-    gy = torch.randn_like(normed)
-    _assert_all_close(_grads(normed, ins, gy), _grads(full[1], ins, gy))
+    _check(call, formula, ins, False)
     torch.library.opcheck(getattr(OPS, op).default, args, {"return_mix": False})
 
 
 @pytest.mark.parametrize("other_reader", [True, False])
-def test_phase2_add_normed_op_matches_its_unfused_form(other_reader):
-    """attn_res_phase2_add_normed == add + attn_res_phase2_normed(return_mix=False), values and all
-    gradients (float64, closed-form backward vs autograd through the references), with and without
-    another reader of the updated partial (its gradient enters the fused backward)."""
-    o1, l1 = _leaf(2, 5, 24, seed=1), _leaf(2, 5, seed=2)
-    prev, delta = _leaf(2, 5, 24, seed=3), _leaf(2, 5, 24, seed=7)
-    q, g, wo = _leaf(24, seed=4), _leaf(24, seed=5), _leaf(24, seed=6)
+def test_phase2_add_normed_op(other_reader):
+    """attn_res_phase2_add_normed: (prev + delta, the phase-2 merge with it, RMS-normed), values and all
+    gradients against the formula, with and without another reader of the updated partial (its
+    gradient enters the fused backward), and against finite differences."""
+    o1, l1 = _leaf(*SHAPE, seed=1), _leaf(*SHAPE[:-1], seed=2)
+    prev, delta = _leaf(*SHAPE, seed=3), _leaf(*SHAPE, seed=7)
+    q, g, wo = _leaf(D, seed=4), _gain(5), _gain(6)
     ins = [o1, l1, prev, delta, q, g, wo]
-    new, normed = OPS.attn_res_phase2_add_normed(o1, l1, prev, delta, q, g, 1e-6, 2.5, wo, 1e-5)
-    ref_new = prev + delta
-    ref_normed = R.attn_res_phase2_normed_reference(o1, l1, ref_new, q, g, 1e-6, 2.5, wo, 1e-5)[1]
-    _assert_all_close((new, normed), (ref_new, ref_normed))
-    gy = (torch.randn_like(new), torch.randn_like(normed))
-    outs, ref_outs = ((new, normed), (ref_new, ref_normed)) if other_reader else ((normed,), (ref_normed,))
-    gys = gy if other_reader else gy[1:]
-    _assert_all_close(_grads(outs, ins, gys), _grads(ref_outs, ins, gys))
+
+    def op(*t):
+        y = OPS.attn_res_phase2_add_normed(*t[:6], EPS, 2.5, t[6], OUT_EPS)
+        return y if other_reader else y[1]
+
+    def formula(*t):
+        y = f_phase2_add_normed(*t[:6], EPS, 2.5, t[6], OUT_EPS)
+        return y if other_reader else y[1]
+
+    _check(op, formula, ins, other_reader)
     f = torch.float32
     args = tuple(t.detach().to(f).requires_grad_() if isinstance(t, torch.Tensor) else t
-                 for t in (o1, l1, prev, delta, q, g, 1e-6, 2.5, wo, 1e-5))
+                 for t in (o1, l1, prev, delta, q, g, EPS, 2.5, wo, OUT_EPS))
     _opcheck(OPS.attn_res_phase2_add_normed.default, args)
 
 
