@@ -1,0 +1,27 @@
+"""Suite-wide test selection.
+
+``-m hf`` selects the Hugging Face-facing tests: ``.ci/run`` runs them again against the oldest and
+the newest transformers release that pyproject.toml declares, so that a release that breaks the
+converter shows up the day it appears. A test module is Hugging Face-facing when it is listed here
+(each converts transformers models throughout).
+"""
+from __future__ import annotations
+
+import pytest
+
+HF_FACING_MODULES = {
+    "test_architectures.py",  # every architecture the README lists
+    "test_checkpointing.py",  # HF layers' activation checkpointing
+    "test_convert_exact.py",
+    "test_converted_module.py",
+    "test_detect.py",
+    "test_export.py",
+    "test_hf_class.py",  # keep_class: generate, KV cache, save/from_pretrained
+    "test_oracle.py",  # the non-zero-query oracle on HF families
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in HF_FACING_MODULES:
+            item.add_marker(pytest.mark.hf)
