@@ -8,3 +8,13 @@ import os
 
 _suite = os.environ.get("RR_KERNELS_SUITE", "")
 collect_ignore = [d for d in ("numerics", "compile_sm90") if d != _suite]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The sub-suites' own counts (test_kernels_subprocess.py), which this run's counts do not show:
+    each sub-suite is one test here."""
+    suites = config.__dict__.get("_rr_kernel_subsuites")
+    if suites:
+        terminalreporter.section("kernel sub-suites (each run in its own process)")
+        for name, line in suites.items():
+            terminalreporter.write_line(f"{name}: {line}")
