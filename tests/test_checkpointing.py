@@ -180,7 +180,31 @@ def test_detect_reports_checkpointing_and_hooks_before_converting():
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     model.model.layers[0].register_forward_hook(lambda *a: None)
+
+    def state(m):
+        """What detect must leave as it was: values, modes, hooks, checkpointing, attributes, class."""
+        mods = dict(m.named_modules())
+        hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        return dict(
+            tensors={k: v.detach().clone() for k, v in m.state_dict().items()},
+            training={n: x.training for n, x in mods.items()},
+            hooks={n: [list(getattr(x, h).values()) for h in hooks] for n, x in mods.items()},
+            checkpointing={n: getattr(x, "gradient_checkpointing", None) for n, x in mods.items()},
+            attributes={n: sorted(vars(x)) for n, x in mods.items()},
+            classes={n: type(x) for n, x in mods.items()},
+        )
+
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    before, out_before = state(model), model(ids).logits.detach()
     report = rr.detect(model)
+    after = state(model)
+    for what in before:
+        if what == "tensors":
+            assert before[what].keys() == after[what].keys()
+            assert all(torch.equal(before[what][k], after[what][k]) for k in before[what]), what
+        else:
+            assert before[what] == after[what], what
+    assert torch.equal(model(ids).logits, out_before)
     assert len(report.checkpointed) == 6 and report.checkpoint_dropped == []
     assert report.hooks_not_called == ["model.layers.0"]
     assert "checkpointing kept" in str(report) and "NOT called" in str(report)
