@@ -28,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from residual_rewriter.errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
+
 from .canonicalize import regroup_residual_sums, sink_residual_reshapes
 from .modes import in_mode, merge_train_eval
 
@@ -118,6 +120,12 @@ class ResidualTracer(fx.Tracer):
             with in_mode(gm, False):  # no BatchNorm statistics update, no dropout: must not touch the model
                 return gm(*self.example_inputs)
 
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        # where the user's code made this node, for messages about it (cheaper than FX's stack traces)
+        node.meta[SOURCE_LOCATION] = _calling_user_line()
+        return node
+
     def create_arg(self, a: Any):
         # FX rebuilds dataclass instances (e.g. a Hugging Face config) by calling their constructor on
         # every forward. A dataclass holding no proxy is a constant: keep the object itself instead.
@@ -151,8 +159,27 @@ class ResidualTracer(fx.Tracer):
             self.module_stack.clear()
             self.module_stack.update(saved_stack)
             self.num_calls = saved_calls
-            self.opaque_modules[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            self.opaque_modules[qualname] = self._why_opaque(qualname, exc)
             return super().call_module(m, forward, args, kwargs)
+
+    def _why_opaque(self, qualname: str, exc: Exception) -> str:
+        """``Type: message [in inner.module] at file:line`` of the construct tracing stopped at."""
+        why = first_line(exc)[:160]
+        inner = module_in_traceback(self.root, exc.__traceback__)
+        if inner and inner != qualname:
+            why += f", in {inner}"
+        location = tb_location(exc.__traceback__)
+        return why + (f", at {location}" if location else "")
+
+
+SOURCE_LOCATION = "residual_rewriter_source"  # node.meta key: "file:line" of the code that made the node
+
+
+def _calling_user_line() -> str | None:
+    frame = sys._getframe(2)
+    while frame is not None and not is_user_code(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame_location(frame) if frame is not None else None
 
 
 def _has_hooks(m: nn.Module) -> bool:

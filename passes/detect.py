@@ -21,9 +21,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from residual_rewriter.errors import ConversionError
+from residual_rewriter.errors import ConversionError, GraphRunError
 
 from . import norms
+from .capture import SOURCE_LOCATION
 from .plan import LeftOut, Plan, Site, Stream
 from .streams import assign_blocks, assign_parameter_names, check_stream_readers, nothing_matched_message
 
@@ -31,18 +32,32 @@ _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
 
 
 def record_values(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, Any]:
-    """Run the graph once (eval mode, no grad) and keep every node's value."""
+    """Run the graph once (eval mode, no grad) and keep every node's value. A node that fails raises
+    ``GraphRunError`` naming where the user's code made it (the original exception is its cause)."""
     values: dict[fx.Node, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
-            out = super().run_node(n)
+            try:
+                out = super().run_node(n)
+            except Exception as exc:
+                raise GraphRunError(_calling_module(n), n.meta.get(SOURCE_LOCATION)) from exc
             values[n] = out
             return out
 
+    recorder = Recorder(gm, garbage_collect_values=False)
+    recorder.extra_traceback = False  # no graph dump appended to the model's own message
     with torch.no_grad():
-        Recorder(gm, garbage_collect_values=False).run(*example_inputs)
+        recorder.run(*example_inputs)
     return values
+
+
+def _calling_module(node: fx.Node) -> str:
+    """Path of the module whose forward made ``node`` (for a module call: the caller, not the callee)."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    if node.op == "call_module" and stack and stack[-1][0] == node.target:
+        stack = stack[:-1]
+    return stack[-1][0] if stack else ""
 
 
 def _is_add(node: fx.Node) -> bool:

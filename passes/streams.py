@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-from residual_rewriter.errors import ConversionError
+from residual_rewriter.errors import CONTROL_FLOW_HINT, ConversionError, is_control_flow
 
 from . import norms
 from .canonicalize import RESHAPE_METHODS
@@ -111,8 +111,7 @@ def nothing_matched_message(plan: Plan) -> str:
         if len(plan.left_out) > 8:
             lines.append(f"  ... and {len(plan.left_out) - 8} more")
         lines.append("Post-norm models (norm(x + f(x)), e.g. BERT) cannot be given AttnRes exactly.")
-    if plan.opaque_modules:
-        lines.append("These modules could not be traced into and may hide residuals: " + ", ".join(plan.opaque_modules))
+    lines += _opaque_lines(plan.opaque_modules)
     if plan.opaque_with_norms:
         shown = ", ".join(plan.opaque_with_norms[:6]) + (" ..." if len(plan.opaque_with_norms) > 6 else "")
         lines.append(
@@ -120,6 +119,17 @@ def nothing_matched_message(plan: Plan) -> str:
             f"a norm, so a residual may be inside: {shown}"
         )
     return "\n".join(lines)
+
+
+def _opaque_lines(opaque_modules: dict[str, str]) -> list[str]:
+    """Each module kept whole with the reason capture recorded (error, inner module, file:line)."""
+    if not opaque_modules:
+        return []
+    lines = ["These modules could not be traced into and may hide residuals:"]
+    lines += [f"  {path}: {why}" for path, why in opaque_modules.items()]
+    if any(is_control_flow(why) for why in opaque_modules.values()):
+        lines.append(CONTROL_FLOW_HINT)
+    return lines
 
 
 def _why_not_a_norm(user) -> str:

@@ -91,16 +91,23 @@ class SignatureDispatch:
             return forward(**dict(zip(names, values)), **constants)
 
         inputs = tuple(arguments[n] for n in names)
-        graph = convert_graph(
-            self.model,
-            inputs,
-            self.config,
-            model_name=type(self.model).__name__,
-            call=call,
-            input_names=names,
-            attn_res=self.model.attn_res,
-            root_called=True,  # the model object itself is still called: its own hooks still run
-        )
+        try:
+            graph = convert_graph(
+                self.model,
+                inputs,
+                self.config,
+                model_name=type(self.model).__name__,
+                call=call,
+                input_names=names,
+                attn_res=self.model.attn_res,
+                root_called=True,  # the model object itself is still called: its own hooks still run
+            )
+        except ConversionError as exc:  # this may be a generate() step: say which call was being converted
+            called = ", ".join(names + [f"{k}={v!r}" for k, v in constants.items()])
+            raise ConversionError(
+                f"{exc}\n(while converting {type(self.model).__name__} for a call with ({called}): keep_class "
+                "converts each new call signature the first time it is seen)"
+            ) from (exc.__cause__ or exc)
         report = graph.report
         if self.report is not None and _site_list(report) != _site_list(self.report):
             raise ConversionError(
@@ -128,14 +135,20 @@ def convert_keeping_class(model: nn.Module, example_inputs: Any, config: AttnRes
             f"keep_class=True is for Hugging Face models (with a config and generate); {type(model).__name__} "
             "is not one: call convert(model) without it"
         )
-    target = model if inplace else copy.deepcopy(model)
+    from residual_rewriter.api import copy_to_convert
+
+    target = model if inplace else copy_to_convert(model)
     target.attn_res = nn.ModuleDict()  # registered on the model: state_dict, save_pretrained, .to()
     dispatch = SignatureDispatch(target, type(target).forward.__get__(target), config)
     if example_inputs is None:
         example_inputs = hf.example_inputs(target)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    first = dispatch(*example_inputs, use_cache=False) if "use_cache" in dispatch.signature.parameters else dispatch(*example_inputs)
+    try:
+        first = dispatch(*example_inputs, use_cache=False) if "use_cache" in dispatch.signature.parameters else dispatch(*example_inputs)
+    except BaseException:
+        del target.attn_res  # inplace: a failed conversion leaves the model as it was
+        raise
     del first
     dispatch.report = next(iter(dispatch.graphs.values())).report
     target.forward = dispatch

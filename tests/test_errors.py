@@ -2,13 +2,179 @@
 bad argument) that says what was found, where (module path, file:line) and what to do."""
 from __future__ import annotations
 
+import copy
+import inspect
+
 import pytest
+import torch
+import torch.nn as nn
+
 import residual_rewriter as rr
-from model_zoo import make_gpt
+from model_zoo import make_hf
+from toy_models import ReadsMidStreamLM
+
+D = 16
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class BranchingBlock(Block):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: FX cannot trace it
+            x = 2 * x
+        return x + self.fc(self.norm(x))
+
+
+class Net(nn.Module):
+    def __init__(self, block=Block):
+        super().__init__()
+        self.blocks = nn.ModuleList(block() for _ in range(3))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.norm(x)
+
+
+class BranchingNet(Net):
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        if x.mean() > 0:  # in the model's own forward, not a submodule's
+            x = -x
+        return self.norm(x)
+
+
+def line_of(fn, text: str) -> str:
+    """``test_errors.py:N`` of the line of ``fn``'s source holding ``text``."""
+    lines, first = inspect.getsourcelines(fn)
+    return f"test_errors.py:{first + next(i for i, l in enumerate(lines) if text in l)}"
+
+
+def x():
+    return torch.randn(2, 5, D)
+
+
+@pytest.mark.parametrize("entry", [rr.convert, rr.detect])
+@pytest.mark.parametrize("model", [None, "model.pt", torch.randn(3)])
+def test_not_a_module_is_a_type_error(entry, model):
+    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module"):
+        entry(model, x())
+
+
+def test_meta_device_model():
+    model = Net().to("meta")
+    with pytest.raises(rr.ConversionError, match="meta device") as info:
+        rr.convert(model, x())
+    assert "to_empty" in str(info.value) and "blocks.0.norm.weight" in str(info.value)
+
+
+def test_converting_a_converted_module_again():
+    converted = rr.convert(Net(), x())
+    for entry in (rr.convert, rr.detect):
+        with pytest.raises(rr.ConversionError, match="already converted"):
+            entry(converted, x())
+
+
+def test_converting_a_keep_class_model_again():
+    model = rr.convert(make_hf("llama"), keep_class=True)
+    with pytest.raises(rr.ConversionError, match="already converted"):
+        rr.convert(model)
+    # a model reloaded by its own class from a converted checkpoint carries the options in its config
+    fresh = make_hf("llama")
+    fresh.config.residual_rewriter = dict(model.config.residual_rewriter)
+    with pytest.raises(rr.ConversionError, match="already converted.*from_pretrained"):
+        rr.convert(fresh)
 
 
 @pytest.mark.parametrize("option", ["num_blocks", "block_size"])
 @pytest.mark.parametrize("value", [2.5, "4", True, 0, -1])
 def test_block_options_must_be_positive_integers(option, value):
     with pytest.raises((TypeError, ValueError), match=rf"^{option} must be"):
-        rr.convert(make_gpt(), **{option: value})
+        rr.convert(Net(), x(), **{option: value})
+
+
+def test_data_dependent_control_flow_names_module_and_line():
+    with pytest.raises(rr.ConversionError) as info:
+        rr.convert(Net(BranchingBlock), x())
+    message = str(info.value)
+    assert "blocks.0: TraceError" in message
+    assert line_of(BranchingBlock.forward, "if x.sum() > 0") in message
+    assert "torch.where" in message  # what to do
+
+
+def test_data_dependent_control_flow_in_the_models_own_forward():
+    with pytest.raises(rr.ConversionError, match=r"the model itself") as info:
+        rr.convert(BranchingNet(), x())
+    assert line_of(BranchingNet.forward, "if x.mean() > 0") in str(info.value)
+    assert isinstance(info.value.__cause__, torch.fx.proxy.TraceError)
+
+
+def test_model_failing_on_its_example_inputs():
+    bad = torch.randn(2, 5, D + 1)  # the wrong hidden size
+    with pytest.raises(rr.ConversionError, match="fails on these example inputs") as info:
+        rr.convert(Net(), bad)
+    message = str(info.value)
+    assert "blocks.0" in message and line_of(Block.forward, "return x + self.fc") in message
+    assert "normalized_shape" in message  # the original message
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class GraphOnlyBug(Block):
+    def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):  # only the captured graph gets the wrong shape
+            x = x[..., :-1]
+        return x + self.fc(self.norm(x))
+
+
+def test_graph_failing_where_the_model_runs_names_the_line():
+    with pytest.raises(rr.ConversionError, match="cannot convert Net: RuntimeError") as info:
+        rr.convert(Net(GraphOnlyBug), x())
+    message = str(info.value)
+    assert "in blocks.0 (GraphOnlyBug)" in message and line_of(GraphOnlyBug.forward, "return x + self.fc") in message
+    assert "While executing" not in message and "please report" in message
+    assert "normalized_shape" in str(info.value.__cause__)
+
+
+def test_unexpected_failure_inside_the_pipeline_is_wrapped(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("residual_rewriter.api.apply_plan", broken)
+    with pytest.raises(rr.ConversionError, match="boom") as info:
+        rr.convert(Net(), x())
+    assert "please report" in str(info.value)
+    assert str(info.value.__cause__) == "boom"
+
+
+def test_model_that_cannot_be_deep_copied():
+    import threading
+
+    model = Net()
+    model.lock = threading.Lock()  # a module holding something copy.deepcopy refuses
+    with pytest.raises(rr.ConversionError, match=r"(?s)deep copy of Net.*cannot pickle.*inplace=True"):
+        rr.convert(model, x())
+    assert isinstance(rr.convert(model, x(), inplace=True), rr.ConvertedModule)
+
+
+def test_failed_inplace_convert_leaves_the_model_working():
+    torch.manual_seed(0)
+    model = ReadsMidStreamLM().train()
+    reference = copy.deepcopy(model).eval()
+    (idx,) = model.example_inputs()
+    with pytest.raises(rr.ConversionError, match="read by"):
+        rr.convert(model, inplace=True)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    for got, want in zip(model(idx), reference(idx)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=0, atol=0)
