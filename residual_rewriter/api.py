@@ -58,7 +58,7 @@ def _check_not_converted(model: nn.Module) -> None:
     if isinstance(model, ConvertedModule):
         why = "it is a ConvertedModule returned by residual_rewriter.convert"
     elif hasattr(model, "attn_res_report"):
-        why = "convert(..., keep_class=True) already gave it Block AttnRes (model.attn_res_report)"
+        why = "convert(..., keep_class=True) gave it Block AttnRes: it has model.attn_res_report"
     elif hf.is_hf_model(model) and getattr(model.config, "residual_rewriter", None):
         why = ("its config holds residual_rewriter options: it was saved from a converted model. Load it with "
                "residual_rewriter.from_pretrained(path), which restores the AttnRes parameters")
