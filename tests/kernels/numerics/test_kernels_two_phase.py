@@ -1,5 +1,9 @@
-"""Two-phase (phase 1 multi-query, phase 2 merge, phase 2 + RMSNorm) and normed kernels, interpreted or
-on CUDA (conftest.py), forward and every gradient against the float64 references, with spies on every launch."""
+"""Two-phase (phase 1 multi-query, phase 2 merge, phase 2 + RMSNorm, phase 2 + the partial's update +
+RMSNorm) and normed kernels, interpreted or on CUDA (conftest.py): forward and every gradient against the
+float64 references (but the single-pass composition, forward only, and a one-source aggregation's query
+and gain gradients, which are zero up to cancellation noise), with a launch spy on every kernel each test
+expects to run, so a number that came from a reference path fails. Where no kernel runs by design (phase 2
+without a partial, backward: a plain scaling), none is spied."""
 from __future__ import annotations
 
 import pytest
@@ -93,9 +97,19 @@ def test_phase1_non_contiguous_sources(monkeypatch):
     Q = _rand(2, 96, seed=3, shift=0.0) * 0.3
     with spy_on(monkeypatch, fused, "_fwd_kernel"):
         out, lse = two_phase.phase1_fwd(sources, Q, None, 1e-6)
-    ro, rl = attn_res_phase1_reference([s.to(F64) for s in sources], Q.to(F64), None, 1e-6)
+    s64 = [s.to(F64) for s in sources]
+    ro, rl = attn_res_phase1_reference(s64, Q.to(F64), None, 1e-6)
     assert_close_tier(out, ro, torch.float32)
     assert_close_tier(lse, rl, torch.float32)
+    dout = _rand(2, 7, 104, seed=7, shift=0.0)[..., :96]  # non-contiguous upstream gradients too
+    dlse = _rand(2, 14, seed=8, shift=0.0)[:, ::2]
+    with spy_on(monkeypatch, two_phase, "_phase1_delta_kernel", "_phase1_bwd_kernel"):
+        gs, gq, gw = dispatch.phase1_backward_cuda(dout, dlse, sources, Q, None, 1e-6, out, lse)
+    rgs, rgq, _ = attn_res_phase1_backward_reference(dout.to(F64), dlse.to(F64), s64, Q.to(F64), None, 1e-6)
+    for i, (a, b) in enumerate(zip(gs, rgs)):
+        assert_close_tier(a, b, torch.float32, "grad", f"grad source {i}")
+    assert_close_tier(gq, rgq, torch.float32, "grad", "grad queries")
+    assert gw is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -132,9 +146,11 @@ def test_two_phase_composes_to_the_single_pass(monkeypatch):
     blocks = [_rand(9, 96, seed=i) for i in range(4)]
     partial = _rand(9, 96, seed=10)
     Q = _rand(3, 96, seed=11, shift=0.0) * 0.3
-    out, lse = two_phase.phase1_fwd(blocks, Q, None, 1e-6)
+    with spy_on(monkeypatch, fused, "_fwd_kernel"):
+        out, lse = two_phase.phase1_fwd(blocks, Q, None, 1e-6)
     for j in range(3):
-        y = two_phase.phase2_fwd(out[j], lse[j], partial, Q[j], None, 1e-6, 5.0)
+        with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
+            y = two_phase.phase2_fwd(out[j], lse[j], partial, Q[j], None, 1e-6, 5.0)
         ref = attn_res_reference([b.to(F64) for b in blocks + [partial]], Q[j].to(F64), None, 1e-6, 5.0)
         assert_close_tier(y, ref, torch.float32)
 
@@ -235,11 +251,18 @@ def test_phase2_normed_non_contiguous_inputs(monkeypatch):
     q, wo = _rand(96, seed=4, shift=0.0) * 0.3, 1 + 0.3 * _rand(96, seed=6, shift=0.0)
     with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
         mix, normed = two_phase.phase2_normed_fwd(o1, l1, partial, q, None, 1e-6, 2.0, wo, 1e-6)
-    rmix, rnormed = attn_res_phase2_normed_reference(
-        o1.to(F64), l1.to(F64), partial.to(F64), q.to(F64), None, 1e-6, 2.0, wo.to(F64), 1e-6
-    )
+    args64 = (o1.to(F64), l1.to(F64), partial.to(F64), q.to(F64), None, 1e-6, 2.0, wo.to(F64), 1e-6)
+    rmix, rnormed = attn_res_phase2_normed_reference(*args64)
     assert_close_tier(mix, rmix, torch.float32)
     assert_close_tier(normed, rnormed, torch.float32)
+    gm, gn = _rand(14, 100, seed=30, shift=0.0)[::2, :96], _rand(7, 104, seed=31, shift=0.0)[:, :96]
+    with spy_on(monkeypatch, two_phase, "_phase2_bwd_kernel"):
+        got = two_phase.phase2_normed_bwd(gm, gn, o1, l1, partial, q, None, 1e-6, 2.0, wo, 1e-6)
+    ref = attn_res_phase2_normed_backward_reference(gm.to(F64), gn.to(F64), *args64)
+    for name, a, b in zip(("d out", "d lse", "d partial", "d query", "d gain", "d out gain"), got, ref):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert_close_tier(a, b, torch.float32, "grad", name)
 
 
 @pytest.mark.parametrize("op", ["normed", "phase2_normed"])
@@ -323,7 +346,8 @@ def test_phase2_add_normed(monkeypatch, shape, dtype, with_grad_partial):
 
 def test_phase2_add_normed_with_a_narrower_delta(monkeypatch):
     """Autocast: a bf16 branch output added to the fp32 partial block. The update is fp32 (as torch's
-    add promotes it, exactly), the delta's gradient comes back in its own dtype through the op."""
+    add promotes it, exactly), the delta's gradient comes back in its own dtype through the op (the
+    old partial's gradient, rounded once)."""
     shape, D = (7, 200), 200
     o1, l1, prev = _rand(*shape, seed=1), _rand(shape[0], seed=2), _rand(*shape, seed=3)
     delta = _rand(*shape, dtype=torch.bfloat16, seed=7)
@@ -335,5 +359,10 @@ def test_phase2_add_normed_with_a_narrower_delta(monkeypatch):
     _, rnormed = attn_res_phase2_add_normed_reference(
         o1.to(F64), l1.to(F64), n64, torch.zeros_like(n64), q.to(F64), None, 1e-6, 3.0, wo.to(F64), 1e-5)
     assert_close_tier(normed, rnormed, torch.float32, "out", "normed")
+    p, d = prev.clone().requires_grad_(True), delta.clone().requires_grad_(True)
+    _, normed2 = torch.ops.residual_rewriter.attn_res_phase2_add_normed(o1, l1, p, d, q, None, 1e-6, 3.0, wo, 1e-5)
+    normed2.backward(_rand(*shape, seed=31, shift=0.0))
+    assert p.grad.dtype == torch.float32 and d.grad.dtype == torch.bfloat16
+    assert p.grad.abs().sum() > 0 and torch.equal(d.grad, p.grad.to(torch.bfloat16))
     with pytest.raises(ValueError, match="promotes"):  # a wider delta than the partial cannot be fused
         dispatch.phase2_add_normed_cuda(o1.bfloat16(), l1, prev.bfloat16(), prev, q, None, 1e-6, 3.0, wo, 1e-5)
