@@ -73,6 +73,7 @@ class ResidualTracer(fx.Tracer):
         self._autowrap_search.extend(search_modules)
         self.example_inputs: tuple = ()
         self.opaque_if_reads_training = opaque_if_reads_training
+        self.opaque_children = False  # in-place conversion: the root's own children stay whole
         self.opaque_modules: dict[str, str] = {}
         self.opaque_with_norms: list[str] = []
         self.checkpoint_calls: list[str] = []
@@ -82,15 +83,14 @@ class ResidualTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque_modules:
             return True
-        if type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        if self.opaque_children and _is_direct_child(self.root, qualname):
             return True
-        if _OPAQUE_CLASS_NAME.search(type(m).__name__):
-            # ... unless it wraps another such module (T5LayerSelfAttention = norm + T5Attention +
-            # residual add): then the residual is inside and must be traced.
-            wraps = any(_ATTENTION_CLASS_NAME.search(type(c).__name__) for c in m.children())
-            if not wraps and any("norm" in type(c).__name__.lower() for c in m.modules() if c is not m):
+        if is_opaque_by_class(m):
+            if _OPAQUE_CLASS_NAME.search(type(m).__name__) and any(
+                "norm" in type(c).__name__.lower() for c in m.modules() if c is not m
+            ):
                 self.opaque_with_norms.append(qualname)
-            return not wraps
+            return True
         if self.opaque_if_reads_training and _reads_training_flag(type(m)):
             # FX would bake the current train/eval branch into the graph; keep the module whole.
             self.opaque_modules[qualname] = "its forward branches on self.training"
@@ -180,6 +180,28 @@ def _calling_user_line() -> str | None:
     while frame is not None and not is_user_code(frame.f_code.co_filename):
         frame = frame.f_back
     return frame_location(frame) if frame is not None else None
+
+
+def _is_direct_child(root: nn.Module, qualname: str) -> bool:
+    """``qualname`` names a child of ``root``, or a child of a container (ModuleList ...) that is one."""
+    *parents, _ = qualname.split(".")
+    module = root
+    for name in parents:
+        module = getattr(module, name)
+        if not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+    return True
+
+
+def is_opaque_by_class(m: nn.Module) -> bool:
+    """Kept whole by its class: ``torch.nn`` built-ins (not containers), and norm / attention /
+    rotary / embedding classes, unless they wrap an attention module (T5LayerSelfAttention = norm +
+    T5Attention + residual add: the residual is inside and must be traced)."""
+    if type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return True
+    if _OPAQUE_CLASS_NAME.search(type(m).__name__):
+        return not any(_ATTENTION_CLASS_NAME.search(type(c).__name__) for c in m.children())
+    return False
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -318,13 +340,14 @@ def _recording_checkpoints(tracer: ResidualTracer):
         ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
 
 
-def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
+def _trace(model, input_names, call, opaque_if_reads_training, example_inputs, opaque_children=False):
     modules = _modeling_modules(model)
     tracer = ResidualTracer(
         autowrap_functions=_autowrap_candidates(modules),
         search_modules=modules,
         opaque_if_reads_training=opaque_if_reads_training,
     )
+    tracer.opaque_children = opaque_children
     tracer.example_inputs = example_inputs
     root = _make_root(model, input_names, call)
     with _traceable_size_varargs(), _recording_checkpoints(tracer):
@@ -332,9 +355,9 @@ def _trace(model, input_names, call, opaque_if_reads_training, example_inputs):
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
 
 
-def _trace_in_mode(model, training: bool, *args):
+def _trace_in_mode(model, training: bool, *args, **kwargs):
     with in_mode(model, training):
-        return _trace(model, *args)
+        return _trace(model, *args, **kwargs)
 
 
 def capture(
@@ -343,6 +366,7 @@ def capture(
     *,
     call: Callable | None = None,
     input_names: list[str] | None = None,
+    opaque_children: bool = False,
 ) -> Captured:
     """Trace ``model`` called as ``call(*example_inputs)`` (default ``model.forward``).
 
@@ -351,14 +375,17 @@ def capture(
     ``F.dropout(x, p, training=self.training)``), those constants follow ``self.training`` at run
     time (``modes.py``); where they differ in structure, the modules that read ``self.training`` are
     kept opaque, so that train/eval keep working either way.
+
+    ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
+    in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole.
     """
     input_names = input_names or _forward_input_names(model, len(example_inputs))
     call = call or model.forward
     inputs = tuple(example_inputs)
-    gm_train, train_tracer = _trace_in_mode(model, True, input_names, call, False, inputs)
-    gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs)
+    gm_train, train_tracer = _trace_in_mode(model, True, input_names, call, False, inputs, opaque_children=opaque_children)
+    gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs, opaque_children=opaque_children)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
-        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs)
+        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs, opaque_children=opaque_children)
     sink_residual_reshapes(gm)
     regroup_residual_sums(gm)
     gm.train(model.training)

@@ -220,7 +220,8 @@ class _SiteFinder:
             p for p in (norms.module_path(n) for n in after_norm if n.op in ("call_function", "call_method"))
             if p and len(p) > len(add_path) and p.startswith(add_path)
         ]
-        sublayer = _common_prefix(paths) if paths else f"{add_path}:<inline>"
+        # no common module below the one holding the add (DINOv2's attention + LayerScale): that one
+        sublayer = (_common_prefix(paths) or add_path) if paths else f"{add_path}:<inline>"
         return Site(
             stream=-1,
             index=-1,
@@ -267,7 +268,7 @@ def _common_prefix(paths: list[str]) -> str:
         if len(set(level)) != 1:
             break
         prefix.append(level[0])
-    return ".".join(prefix) or paths[0]
+    return ".".join(prefix)
 
 
 def build_plan(
@@ -279,7 +280,10 @@ def build_plan(
     mixing: str = "sum",
     opaque_modules: Optional[dict[str, str]] = None,
     opaque_with_norms: Optional[list[str]] = None,
+    ends_at_output: bool = False,
 ) -> Plan:
+    """``ends_at_output``: ``gm`` is one layer traced alone; its streams end at its output (see
+    ``streams.check_stream_readers``)."""
     finder = _SiteFinder(gm, values)
     nodes = {n.name: n for n in gm.graph.nodes}
     plan = Plan(opaque_modules=dict(opaque_modules or {}), opaque_with_norms=list(opaque_with_norms or []))
@@ -314,7 +318,7 @@ def build_plan(
         raise ConversionError(nothing_matched_message(plan))
 
     for stream in plan.streams:
-        check_stream_readers(stream, nodes, finder)
+        check_stream_readers(stream, nodes, finder, ends_at_output=ends_at_output)
         assign_blocks(stream, num_blocks, block_size, mixing)
     assign_parameter_names(plan)
     return plan

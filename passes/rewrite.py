@@ -18,12 +18,14 @@ the sources, i.e. the original model) or 1 ("mean": the paper's plain average at
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from residual_rewriter.errors import ConversionError
+from residual_rewriter.state import make_state
 
 from .op_names import attn_res_op
 from .plan import Plan, Stream
@@ -47,28 +49,54 @@ class AttnResQuery(nn.Module):
         return f"hidden_size={self.query.shape[0]}"
 
 
+@dataclass(frozen=True)
+class LayerBoundary:
+    """How one layer traced alone joins the stream (in-place conversion, ``passes/layerwise.py``).
+
+    ``first``: its stream input is the plain tensor b_0. Otherwise it is an ``AttnResState`` holding
+    ``blocks_in`` completed sums (b_0 included) and, when the layer starts inside a block, the partial.
+    ``last``: it returns the final aggregation (a tensor); otherwise the state, for the next layer.
+    ``ends_block``: its last sublayer completes a block, so the state hands that sum over as a block."""
+
+    first: bool
+    last: bool
+    blocks_in: int = 1
+    ends_block: bool = False  # its last sublayer completes a block
+
+
 def apply_plan(
-    gm: fx.GraphModule, plan: Plan, values: dict, *, eps: float, mixing: str, attn_res: nn.ModuleDict | None = None
+    gm: fx.GraphModule,
+    plan: Plan,
+    values: dict,
+    *,
+    eps: float,
+    mixing: str,
+    attn_res: nn.ModuleDict | None = None,
+    layer: LayerBoundary | None = None,
 ) -> fx.GraphModule:
     """Rewrite ``gm`` in place following ``plan``; lints and recompiles it.
 
     ``attn_res``: existing parameters to reuse (by site key) instead of creating new ones.
+    ``layer``: ``gm`` is one layer of a stream, traced alone (one stream; see ``LayerBoundary``).
     """
     if mixing not in ("sum", "mean"):
         raise ValueError(f"mixing must be 'sum' (exact at init) or 'mean' (the paper's average), got {mixing!r}")
-    keys = [s.param_prefix for s in plan.sites if s.param_prefix] + [st.final_param_prefix for st in plan.streams]
+    keys = [s.param_prefix for s in plan.sites if s.param_prefix]
+    keys += [st.final_param_prefix for st in plan.streams if layer is None or layer.last]
     reused = sorted({k for k in keys if keys.count(k) > 1})
     if reused:  # one query per aggregation: a shared one would be exact at init, train, and not be AttnRes
         raise ConversionError(f"internal error: aggregations would share the parameters {reused}; please report it")
     gm.add_module("attn_res", attn_res if attn_res is not None else nn.ModuleDict())
     for stream in plan.streams:
-        _rewrite_stream(gm, stream, values, eps=eps, mixing=mixing)
+        _rewrite_stream(gm, stream, values, eps=eps, mixing=mixing, layer=layer)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: float, mixing: str) -> None:
+def _rewrite_stream(
+    gm: fx.GraphModule, stream: Stream, values: dict, *, eps: float, mixing: str, layer: LayerBoundary | None
+) -> None:
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     source = nodes[stream.source_node]
@@ -88,14 +116,17 @@ def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: fl
         h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
         return h
 
-    blocks: list[fx.Node] = [source]  # b_0, b_1, ... completed block sums
-    partial = None  # running sum of the current block
-    cursor = source  # new nodes go right after the value they follow
+    blocks, partial, inserted = _stream_entry(graph, source, layer, first_position=stream.sites[0].position)
+    b_0 = blocks[0]  # a tensor with the stream's shape and dtype, whatever the entry
+    for user in list(source.users):  # shape/dtype readers of a state input read b_0 instead
+        if user not in inserted:
+            user.replace_input_with(source, b_0)
+    cursor = inserted[-1] if inserted else source  # new nodes go right after the value they follow
     for k, site in enumerate(stream.sites):
         if site.position == 0:
             partial = None
         sources = blocks + ([partial] if partial is not None else [])
-        x = nodes[site.skip_node]
+        x = nodes[site.skip_node] if k else b_0
         if len(sources) > 1:
             h = aggregate(cursor, sources, site.param_prefix)
             for name in site.norm_entry_nodes:
@@ -105,17 +136,45 @@ def _rewrite_stream(gm: fx.GraphModule, stream: Stream, values: dict, *, eps: fl
         add, v = nodes[site.add_node], nodes[site.branch_node]
         with graph.inserting_after(add):
             if partial is None:  # a block starts
-                partial = graph.call_function(in_stream_dtype, (v, source))
+                partial = graph.call_function(in_stream_dtype, (v, b_0))
             else:
                 partial = graph.call_function(operator.add, (partial, v))
         cursor = partial
         last_in_block = k + 1 == len(stream.sites) or stream.sites[k + 1].block != site.block
-        if last_in_block:
+        if last_in_block and (k + 1 < len(stream.sites) or layer is None or layer.last or layer.ends_block):
             blocks.append(partial)
+            partial = None
     for site in stream.sites[:-1]:  # shape/dtype-only readers of a stream value now read the source
         for name in site.metadata_readers:
-            nodes[name].replace_input_with(nodes[site.add_node], source)
-    final = aggregate(cursor, blocks, stream.final_param_prefix)
-    nodes[stream.sites[-1].add_node].replace_all_uses_with(final)
+            nodes[name].replace_input_with(nodes[site.add_node], b_0)
+    end = nodes[stream.sites[-1].add_node]
+    if layer is None or layer.last:
+        final_sources = blocks + ([partial] if partial is not None else [])
+        out = aggregate(cursor, final_sources, stream.final_param_prefix)
+    else:
+        with graph.inserting_after(cursor):
+            out = graph.call_function(make_state, (list(blocks), partial))
+    end.replace_all_uses_with(out)
     for site in reversed(stream.sites):
         graph.erase_node(nodes[site.add_node])
+
+
+def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, first_position: int):
+    """(completed sums, partial, nodes inserted) where the stream enters the graph."""
+    if layer is None or layer.first:
+        return [source], None, []
+    inserted = []
+    with graph.inserting_after(source):
+        blocks_tuple = graph.call_function(getattr, (source, "blocks"))  # the input is an AttnResState
+    inserted.append(blocks_tuple)
+    blocks = []
+    for i in range(layer.blocks_in):
+        with graph.inserting_after(inserted[-1]):
+            blocks.append(graph.call_function(operator.getitem, (blocks_tuple, i)))
+        inserted.append(blocks[-1])
+    partial = None
+    if first_position > 0:  # the layer starts inside a block
+        with graph.inserting_after(inserted[-1]):
+            partial = graph.call_function(getattr, (source, "partial"))
+        inserted.append(partial)
+    return blocks, partial, inserted

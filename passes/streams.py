@@ -23,9 +23,12 @@ def param_key(path: str) -> str:
     return re.sub(r"\W+", "_", path.replace(".", "__").replace(":", "__").replace("<", "").replace(">", "")).strip("_")
 
 
-def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder) -> None:
+def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, ends_at_output: bool = False) -> None:
     """Every intermediate stream value may only be read by the next site's norm and add (and by
-    nodes that only look at its shape/dtype, which the rewrite points at the source instead)."""
+    nodes that only look at its shape/dtype, which the rewrite points at the source instead).
+
+    The stream's end must feed a norm (the final norm) or, with ``ends_at_output`` (one layer traced
+    alone, whose output hands the stream to the next layer), only the graph's output."""
     problems = []
     source, first = nodes[stream.source_node], stream.sites[0]
     meta_readers = {r.name for r in finder.drop_metadata_edges(source)}
@@ -54,6 +57,9 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder) -> N
             + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by norms."
         )
     last = nodes[stream.sites[-1].add_node]
+    if ends_at_output:
+        _check_stream_ends_at_output(stream, last, finder)
+        return
     for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
         if user in finder.drop_metadata_edges(alias):
             continue  # reads only its dtype/shape (T5: `if hidden_states.dtype == torch.float16`)
@@ -71,6 +77,20 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder) -> N
     if inline & set(readers):  # an inlined final norm: name it by its output node
         names.append("inline norm " + norms.describe(finder.gm, finder._sorted(inline)[-1]))
     stream.consumers = names
+
+
+def _check_stream_ends_at_output(stream: Stream, last: fx.Node, finder) -> None:
+    metadata = finder.drop_metadata_edges(last)
+    # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments
+    others = [u for u in last.users if u not in metadata and u.op != "output"]
+    if others:
+        user = others[0]
+        raise ConversionError(
+            f"the residual stream after {stream.sites[-1].sublayer} is read by "
+            f"{norms.module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}) "
+            "inside the module that holds it, besides being returned"
+        )
+    stream.consumer_nodes, stream.consumers = [], ["output"]
 
 
 def assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
@@ -93,7 +113,8 @@ def assign_parameter_names(plan: Plan) -> None:
     (several stream ends read by one module) gets the site's stream and depth appended."""
     sites = [s for s in plan.sites if s.num_sources > 1]  # the first sublayer reads b_0 directly: no query
     by_sublayer = Counter(s.sublayer for s in plan.sites)
-    names = [param_key(s.sublayer if by_sublayer[s.sublayer] == 1 else s.norm) for s in sites]
+    # a sublayer "" is the layer traced alone itself (in-place conversion): named after its norm too
+    names = [param_key(s.sublayer if s.sublayer and by_sublayer[s.sublayer] == 1 else s.norm) for s in sites]
     finals = [f"final__{param_key(st.consumers[0] if st.consumers else 'output')}" for st in plan.streams]
     taken = Counter(names + finals)
     for site, name in zip(sites, names):

@@ -12,8 +12,10 @@ from .config import AttnResConfig
 from .converted import ConvertedModule
 from .errors import ConversionError
 from .hf_class import from_pretrained
+from .inplace import convert_
+from .state import AttnResState
 from .report import ConversionReport
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "detect", "from_pretrained", "AttnResConfig", "ConvertedModule", "ConversionError", "ConversionReport"]
+__all__ = ["convert", "convert_", "AttnResState", "detect", "from_pretrained", "AttnResConfig", "ConvertedModule", "ConversionError", "ConversionReport"]

@@ -163,7 +163,7 @@ def convert_keeping_class(model: nn.Module, example_inputs: Any, config: AttnRes
 
 
 def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn.Module:
-    """Load a model saved with ``save_pretrained`` after ``convert(..., keep_class=True)``.
+    """Load a model saved with ``save_pretrained`` after ``convert_(model)`` or ``convert(..., keep_class=True)``.
 
     Builds the model with its class's ``from_pretrained`` (which skips the ``attn_res.*`` weights it
     does not know), converts it again with the options stored in its config (``residual_rewriter``),
@@ -181,6 +181,10 @@ def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn
     if not options:
         raise ConversionError(f"{path} holds no residual_rewriter options in its config: it was not saved from a converted model")
     model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    if options.get("mode") == "in_place":  # saved after convert_
+        from residual_rewriter.inplace import load_in_place
+
+        return load_in_place(model, path, options)
     converted = convert_keeping_class(model, None, AttnResConfig(**options), inplace=True)
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     saved = {}

@@ -23,6 +23,8 @@ class ConversionReport:
     checkpointed: list[str] = field(default_factory=list)  # sublayers run under activation checkpointing
     checkpoint_dropped: list[str] = field(default_factory=list)  # modules whose own checkpoint calls tracing lost
     hooks_not_called: list[str] = field(default_factory=list)  # inlined modules whose hooks no longer run
+    # "whole graph" (convert: one traced graph) or "in place, layer by layer" (convert_), with why
+    mode: str = "whole graph"
 
     @property
     def sites(self) -> list[Site]:

@@ -1,0 +1,379 @@
+"""Layerwise: rewrite only the forwards that hold residual adds, leaving the model's own Python intact.
+
+    observe (observe.py) ─▶ holders ─▶ chains (streams) ─▶ global blocks ─▶ per holder: rewrite + install
+
+* **Holders.** Module calls are tried outermost first. Each is traced alone with the arguments the
+  model gave it (``capture`` with a call), its own children kept whole, and its sites are detected
+  with the stream entering as an argument and leaving as its output
+  (``build_plan(ends_at_output=True)``). A module with sites is a holder: its own forward holds the
+  adds (a decoder layer, T5's ``T5LayerSelfAttention``); its MLP, attention and norms stay modules.
+  A module without (T5's ``T5Block``, whose children hold them) is skipped and its children tried.
+* **Chains.** Holders that hand the stream on form a stream: the tensor one returns is the very
+  tensor the next receives (checked on the observed call). Sublayers are split into blocks over the
+  whole chain, as in the whole-graph conversion.
+* **Rewrite.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
+  tensor (``rewrite.apply_plan(layer=...)``); the first takes the plain tensor (b_0), the last
+  returns the final aggregation. Its parameters live in the holder: ``<holder>.attn_res.<site>``.
+* **Install.** ``LayerForward`` becomes the holder's ``forward``: it runs the rewritten graph's code
+  with the holder itself as ``self`` (its submodules, its parameters, its train/eval flag), one
+  graph per call signature (constants such as ``use_cache`` are specialised, as tracing does).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from residual_rewriter.errors import ConversionError
+
+from .capture import Captured, capture, is_opaque_by_class
+from .detect import build_plan, record_values
+from .modes import in_mode
+from .observe import ModuleCall
+from .plan import Plan, Site, Stream, split_blocks
+from .rewrite import LayerBoundary, apply_plan
+from .streams import assign_parameter_names
+
+_CONSTANT_TYPES = (bool, int, float, str, type(None))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Binding a call to the forward's parameters
+# ---------------------------------------------------------------------------------------------------
+def _is_constant(value: Any) -> bool:
+    if isinstance(value, _CONSTANT_TYPES):
+        return True
+    return isinstance(value, (tuple, list)) and all(isinstance(v, _CONSTANT_TYPES) for v in value)
+
+
+@dataclass
+class BoundCall:
+    names: list[str]  # arguments passed to the graph, in order (tensors and objects)
+    values: list[Any]
+    constants: dict[str, Any]  # specialised into the graph
+
+    @property
+    def key(self) -> tuple:
+        kinds = tuple((n, type(v).__name__ if not isinstance(v, torch.Tensor) else "tensor") for n, v in zip(self.names, self.values))
+        return kinds + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
+    """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included."""
+    signature = inspect.signature(type(module).forward)
+    bound = signature.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    names, values, constants = [], [], {}
+    for name, value in list(bound.arguments.items())[1:]:  # [0] is self
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ConversionError(f"{type(module).__name__}.forward takes *{name}: cannot be traced by argument name")
+            continue
+        items = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
+        for n, v in items:
+            if _is_constant(v):
+                constants[n] = v
+            else:
+                names.append(n)
+                values.append(v)
+    return BoundCall(names, values, constants)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tracing one module alone and finding its sites
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Traced:
+    captured: Captured
+    values: dict
+    plan: Plan  # one stream, source = a placeholder, end = the output; blocks not yet assigned
+    stream_argument: str
+
+
+def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
+    forward = type(module).forward
+    names, constants = bound.names, bound.constants
+
+    def call(*values):
+        return forward(module, **dict(zip(names, values)), **constants)
+
+    checkpointing = getattr(module, "gradient_checkpointing", None)
+    if checkpointing:  # Hugging Face layers checkpoint their forward: trace the computation itself
+        module.gradient_checkpointing = False
+    try:
+        captured = capture(module, tuple(bound.values), call=call, input_names=list(names), opaque_children=True)
+    finally:
+        if checkpointing:
+            module.gradient_checkpointing = checkpointing
+    with in_mode(module, False):  # on a copy: running it must not append to a KV cache passed in
+        values = record_values(captured.graph_module, _detached_copy(bound.values))
+    plan = build_plan(captured.graph_module, values, num_blocks=None, block_size=1, ends_at_output=True,
+                      opaque_modules=captured.opaque_modules)
+    if len(plan.streams) != 1:
+        raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
+    stream = plan.streams[0]
+    source = next(n for n in captured.graph_module.graph.nodes if n.name == stream.source_node)
+    if source.op != "placeholder":
+        raise ConversionError(f"its residual stream starts inside it (at {stream.source}), not at an argument")
+    return Traced(captured, values, plan, source.target)
+
+
+def _detached_copy(values: list) -> tuple:
+    """A deep copy in which tensors computed under autograd are detached: a KV cache filled during a
+    training forward holds such tensors, which ``copy.deepcopy`` refuses to copy."""
+    original = torch.Tensor.__deepcopy__
+
+    def detaching(tensor, memo):
+        if tensor.grad_fn is None:
+            return original(tensor, memo)
+        memo[id(tensor)] = copied = tensor.detach().clone()
+        return copied
+
+    torch.Tensor.__deepcopy__ = detaching
+    try:
+        return copy.deepcopy(tuple(values))
+    finally:
+        torch.Tensor.__deepcopy__ = original
+
+
+# ---------------------------------------------------------------------------------------------------
+# Holders and chains
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Holder:
+    path: str
+    module: nn.Module
+    call: ModuleCall
+    bound: BoundCall
+    traced: Traced
+    boundary: Optional[LayerBoundary] = None
+
+    @property
+    def sites(self) -> list[Site]:
+        return self.traced.plan.streams[0].sites
+
+    def stream_input(self) -> torch.Tensor:
+        return self.bound.values[self.bound.names.index(self.traced.stream_argument)]
+
+
+@dataclass
+class Layerwise:
+    """What the in-place conversion found: holders grouped into streams, and why modules were not."""
+
+    streams: list[list[Holder]] = field(default_factory=list)
+    not_holders: dict[str, str] = field(default_factory=dict)  # module path -> why
+
+
+def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[Callable] = None) -> Layerwise:
+    found = Layerwise()
+    calls_per_module: dict[int, int] = {}
+    for c in calls:
+        calls_per_module[id(c.module)] = calls_per_module.get(id(c.module), 0) + 1
+    holders: list[Holder] = []
+    done: list[str] = []  # holders' paths: their insides are theirs
+    for call in calls:
+        if call.path == "" or any(call.path.startswith(p + ".") for p in done):
+            continue
+        if is_opaque_by_class(call.module) or not call.tensor_inputs():
+            continue
+        if filter_fn is not None and not filter_fn(call.module, call.path):
+            continue
+        try:
+            bound = bind_call(call.module, call.args, call.kwargs)
+            traced = trace_alone(call.module, bound)
+        except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
+            found.not_holders.setdefault(call.path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            continue
+        if calls_per_module[id(call.module)] > 1:
+            raise ConversionError(
+                f"{call.path} ({type(call.module).__name__}) holds residual adds and is called "
+                f"{calls_per_module[id(call.module)]} times in one forward (a shared layer): its sublayers would "
+                "need a query per call. Convert it with residual_rewriter.convert(model) (whole graph)."
+            )
+        holders.append(Holder(call.path, call.module, call, bound, traced))
+        done.append(call.path)
+    found.streams = _chains(holders)
+    return found
+
+
+def _chains(holders: list[Holder]) -> list[list[Holder]]:
+    """Holders in call order, linked where one's output tensor is the next one's stream input.
+
+    Consecutive holders that do not link start a new stream only when they share no module path
+    (T5's ``encoder`` and ``decoder``); under a common module (``h.0``, ``h.1``) it means the model's
+    own code did something to the stream between them, which in-place conversion cannot follow."""
+    chains: list[list[Holder]] = []
+    for holder in holders:
+        x = holder.stream_input()
+        chain = next((c for c in chains if any(t is x for t in c[-1].call.tensor_outputs())), None)
+        if chain is not None:
+            chain.append(holder)
+            continue
+        if chains and _common_path(chains[-1][-1].path, holder.path):
+            raise StreamTransformed(
+                f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
+                f"code (in {_common_path(chains[-1][-1].path, holder.path)} or its parents) transforms it between them"
+            )
+        chains.append([holder])
+    return chains
+
+
+class StreamTransformed(ConversionError):
+    """The model's own code does something with the stream between two rewritten layers."""
+
+
+def _common_path(a: str, b: str) -> str:
+    common = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, block_size) -> None:
+    """Blocks over the chain's sublayers in depth order, as ``streams.assign_blocks`` does for a whole
+    graph; then each holder's boundary and parameter names."""
+    sites = [s for h in chain for s in h.sites]
+    blocks = split_blocks(len(sites), num_blocks, block_size)
+    position = 0
+    for i, (site, block) in enumerate(zip(sites, blocks)):
+        position = 0 if i == 0 or blocks[i - 1] != block else position + 1
+        site.block, site.position, site.stream = block, position, stream_index
+        site.num_sources = block + (1 if position > 0 else 0)
+    start = 0
+    for k, holder in enumerate(chain):
+        n = len(holder.sites)
+        end = start + n
+        holder.boundary = LayerBoundary(
+            first=k == 0, last=k + 1 == len(chain), blocks_in=holder.sites[0].block,
+            ends_block=end == len(sites) or blocks[end] != blocks[end - 1],
+        )
+        stream = holder.traced.plan.streams[0]
+        stream.num_blocks, stream.block_size = max(blocks), blocks.count(1)
+        assign_parameter_names(holder.traced.plan)
+        stream.final_param_prefix = "attn_res.final"
+        start = end
+
+
+# ---------------------------------------------------------------------------------------------------
+# The installed forward
+# ---------------------------------------------------------------------------------------------------
+def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
+    """The rewritten graph's code as a function of ``self`` = the holder (its submodules, parameters
+    and training flag); constants the trace stored on its root are copied onto the holder."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("_rr_constant_"):
+            holder.__dict__[node.target] = getattr(gm, node.target)
+    return type(gm).forward
+
+
+class LayerForward:
+    """A holder's ``forward``: binds the call, picks the graph for its constants, runs it on the
+    holder. A call signature not seen before is traced, detected and rewritten the same way the
+    first was, and must find the same sites."""
+
+    def __init__(self, module: nn.Module, sites: list[Site], boundary: LayerBoundary, config, first: tuple):
+        self.module = module
+        self.sites = sites  # global block assignment, parameter names
+        self.boundary = boundary
+        self.config = config
+        self.graphs: dict[tuple, tuple[list[str], Callable]] = {}
+        key, names, fn, gm = first
+        self.graphs[key] = (names, fn)
+        self.graph_module = gm  # the first graph, for inspection (print(layer.forward.graph_module.code))
+
+    def __call__(self, *args, **kwargs):
+        bound = bind_call(self.module, args, kwargs)
+        entry = self.graphs.get(bound.key)
+        if entry is None:
+            entry = self.graphs[bound.key] = self._rebuild(bound)
+        names, fn = entry
+        values = dict(zip(bound.names, bound.values))
+        inputs = [values[n] for n in names]
+        if self._checkpointing():
+            return self._checkpointed(fn, inputs)
+        return fn(self.module, *inputs)
+
+    def _checkpointing(self) -> bool:
+        """Hugging Face layers (transformers >= 5.24) checkpoint in their class's ``forward``, which this
+        forward replaces: do it here, under the same conditions. (Older releases checkpoint in
+        ``__call__``, around this forward.)"""
+        module = self.module
+        return (
+            getattr(module, "gradient_checkpointing", False)
+            and module.training
+            and torch.is_grad_enabled()
+            and hasattr(module, "_gradient_checkpointing_func")
+            and type(module).__call__ is nn.Module.__call__
+        )
+
+    def _checkpointed(self, fn: Callable, inputs: list):
+        # every tensor as a positional argument (the AttnResState's included), so that a reentrant
+        # checkpoint sees each input that needs a gradient
+        flat, spec = tree_flatten(inputs)
+
+        def run(*flat_inputs):
+            return fn(self.module, *tree_unflatten(list(flat_inputs), spec))
+
+        return self.module._gradient_checkpointing_func(run, *flat)
+
+    def _rebuild(self, bound: BoundCall):
+        stream_values = list(bound.values)
+        from residual_rewriter.state import AttnResState
+
+        for i, v in enumerate(stream_values):  # trace on the tensor the stream would be
+            if isinstance(v, AttnResState):
+                stream_values[i] = v.residual_sum().detach()
+        traced = trace_alone(self.module, BoundCall(bound.names, stream_values, bound.constants))
+        sites = traced.plan.streams[0].sites
+        if [(s.norm, s.sublayer) for s in sites] != [(s.norm, s.sublayer) for s in self.sites]:
+            raise ConversionError(
+                f"calling {type(self.module).__name__} with {sorted(bound.constants)} traces to other residual sites "
+                f"than the first call: {[s.norm for s in sites]} vs {[s.norm for s in self.sites]}"
+            )
+        for new, old in zip(sites, self.sites):
+            new.block, new.position, new.num_sources, new.param_prefix = old.block, old.position, old.num_sources, old.param_prefix
+        traced.plan.streams[0].final_param_prefix = "attn_res.final"
+        gm = rewrite_holder(self.module, traced, self.boundary, self.config)
+        return list(bound.names), _compile(gm, self.module)
+
+    def __deepcopy__(self, memo):
+        twin = copy.copy(self)
+        twin.module = memo.get(id(self.module), self.module)
+        twin.graphs = dict(self.graphs)  # the code is the same; it runs on whichever module is self
+        return twin
+
+
+def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, config) -> fx.GraphModule:
+    return apply_plan(
+        traced.captured.graph_module, traced.plan, traced.values, eps=config.key_norm_eps, mixing=config.mixing,
+        attn_res=module.attn_res, layer=boundary,
+    )
+
+
+def install(holder: Holder, config) -> None:
+    """Rewrite ``holder``'s graph and make it the module's forward (parameters in ``module.attn_res``)."""
+    module = holder.module
+    if "attn_res" in module._modules or hasattr(module, "attn_res"):
+        raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
+    module.attn_res = nn.ModuleDict()
+    gm = rewrite_holder(module, holder.traced, holder.boundary, config)
+    first = (holder.bound.key, list(holder.bound.names), _compile(gm, module), gm)
+    module.forward = LayerForward(module, holder.sites, holder.boundary, config, first)
+
+
+def uninstall(module: nn.Module) -> None:
+    """Undo ``install`` (a failed conversion leaves the model as it was)."""
+    module.__dict__.pop("forward", None)
+    if "attn_res" in module._modules:
+        del module._modules["attn_res"]
+    for name in [k for k in module.__dict__ if k.startswith("_rr_constant_")]:
+        del module.__dict__[name]

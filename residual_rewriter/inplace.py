@@ -1,0 +1,189 @@
+"""``convert_``: Block AttnRes in place, layer by layer. The converted model stays the user's model.
+
+Its class, module tree, parameter names and Python forward are kept; only the forwards that hold
+residual adds (decoder layers, T5's ``T5LayerSelfAttention``) are rewritten, to pass the Block
+AttnRes state instead of one hidden tensor (``passes/layerwise.py``). New parameters live in the
+module that uses them (``model.layers.3.attn_res.mlp.query``).
+
+Where that cannot be done (the adds sit in the model's own forward, or its code transforms the stream
+between layers), the model is converted as one graph instead (``api.convert_graph``), and the report
+says which mode ran and why.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from residual_rewriter import hf
+from residual_rewriter.api import _check_model, _make_config, _normalize_inputs
+from residual_rewriter.config import AttnResConfig
+from residual_rewriter.errors import ConversionError, first_line
+from residual_rewriter.passes import layerwise
+from residual_rewriter.passes.observe import observe_calls
+from residual_rewriter.passes.plan import Plan, Stream
+from residual_rewriter.report import ConversionReport
+
+IN_PLACE = "in place, layer by layer"
+WHOLE_GRAPH = "whole graph"
+
+
+def convert_(
+    model: nn.Module,
+    config: Optional[AttnResConfig] = None,
+    *,
+    example_inputs: Any = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    verify: bool = True,
+    num_blocks: Optional[int] = None,
+    block_size: Optional[int] = None,
+    mixing: Optional[str] = None,
+) -> nn.Module:
+    """Give ``model`` Block Attention Residuals in place (torchao's ``quantize_`` convention); returns it.
+
+    Args:
+        config: an ``AttnResConfig``, or the keyword options ``num_blocks`` / ``block_size`` / ``mixing``.
+        example_inputs: positional arguments of its forward (a tuple or a lone tensor), or a dict of
+            keyword arguments. Optional for Hugging Face models and models with ``example_inputs()``.
+        filter_fn: ``filter_fn(module, path) -> bool``: only modules it accepts may be rewritten
+            (their sublayers must still form one stream).
+        verify: run the converted model once on the example inputs and compare it with the original's
+            output, in the model's dtype (on by default). A mismatch restores the model and raises.
+
+    ``model.attn_res_report`` says what was rewritten and in which mode.
+    """
+    _check_model(model)
+    config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing)
+    args, kwargs = _example_call(model, example_inputs)
+    calls, reference = observe_calls(model, args, kwargs)
+    try:
+        found = layerwise.find_holders(model, calls, filter_fn)
+        if not found.streams:
+            raise ConversionError(_nothing_found(model, found))
+        return _convert_layerwise(model, found, config, args, kwargs, reference, verify)
+    except layerwise.StreamTransformed as exc:
+        raise ConversionError(
+            f"cannot convert {type(model).__name__} in place: {exc}. Convert it as one graph instead: "
+            "residual_rewriter.convert(model)"
+        ) from exc
+
+
+def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
+    lines = [f"no module of {type(model).__name__} holds a pre-norm residual add `x + f(norm(x))` in its own forward, "
+             "taking the stream as an argument and returning it. If the adds are in the model's own forward, "
+             "convert it as one graph: residual_rewriter.convert(model). Modules tried:"]
+    lines += [f"  {path}: {why}" for path, why in list(found.not_holders.items())[:8]]
+    return "\n".join(lines)
+
+
+def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    if example_inputs is None and hf.is_hf_model(model):
+        inputs = hf.example_inputs(model)
+        example_inputs = dict(zip(hf.input_names(model, len(inputs)), inputs))
+    if isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+        if hf.is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+            kwargs.setdefault("use_cache", False)  # the layers are traced again with a cache when one comes
+        return (), kwargs
+    return _normalize_inputs(model, example_inputs), {}
+
+
+def _convert_layerwise(model, found, config, args, kwargs, reference, verify) -> nn.Module:
+    holders = [h for chain in found.streams for h in chain]
+    for i, chain in enumerate(found.streams):
+        layerwise.assign_global_blocks(chain, i, num_blocks=config.num_blocks, block_size=config.block_size)
+    try:
+        for holder in holders:
+            layerwise.install(holder, config)
+        if verify:
+            _verify(model, args, kwargs, reference, exact=config.mixing == "sum")
+    except Exception:
+        for holder in holders:
+            layerwise.uninstall(holder.module)
+        raise
+    report = ConversionReport(
+        model=type(model).__name__, config=config, plan=_global_plan(found), converted=True,
+        new_parameters={n: p.numel() for n, p in model.named_parameters() if ".attn_res." in f".{n}"},
+        mode=IN_PLACE,
+    )
+    model.attn_res_report = report
+    if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
+        model.config.residual_rewriter = {**dataclasses.asdict(config), "mode": "in_place"}
+    return model
+
+
+def load_in_place(model: nn.Module, path: str, options: dict) -> nn.Module:
+    """``from_pretrained`` for a checkpoint saved after ``convert_``: ``model`` was built by transformers
+    from it (the AttnRes weights skipped); convert it again and load those weights."""
+    import os
+
+    from safetensors.torch import load_file
+
+    options = {k: v for k, v in options.items() if k != "mode"}
+    del model.config.residual_rewriter  # recorded by the save: not a sign of a converted model here
+    convert_(model, AttnResConfig(**options))
+    saved = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            saved.update({k: v for k, v in load_file(os.path.join(path, name)).items() if ".attn_res." in f".{k}"})
+    expected = {k for k in model.state_dict() if ".attn_res." in f".{k}"}
+    if expected - set(saved):
+        raise ConversionError(f"{path} lacks AttnRes parameters {sorted(expected - set(saved))[:4]}: saved from another conversion?")
+    model.load_state_dict(saved, strict=False)
+    return model
+
+
+def _verify(model, args, kwargs, reference, exact: bool) -> None:
+    """Run the converted model on the example inputs; with ``exact`` ("sum" mixing, zero queries), its
+    output must equal the original's up to the dtype's rounding."""
+    try:
+        with torch.no_grad():
+            from residual_rewriter.passes.modes import in_mode
+
+            with in_mode(model, False):
+                out = model(*copy.deepcopy(args), **copy.deepcopy(kwargs))
+    except Exception as exc:  # noqa: BLE001
+        if "AttnResState" in f"{type(exc).__name__}: {exc}":
+            raise layerwise.StreamTransformed(f"the model's own code uses the stream between layers ({first_line(exc)})") from exc
+        raise ConversionError(f"the converted {type(model).__name__} fails on the example inputs: {first_line(exc)}") from exc
+    got, want = _first_tensor(out), _first_tensor(reference)
+    if not exact:
+        return
+    if got is None or got.shape != want.shape:
+        raise ConversionError(f"the converted {type(model).__name__} returns {type(out).__name__}, not what the original returned")
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}.get(want.dtype, 3e-2)
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    if not err <= tolerance:
+        raise ConversionError(
+            f"the converted {type(model).__name__} does not compute what the original computed at initialisation "
+            f"(relative error {err:.2e} > {tolerance:g} in {want.dtype}); the model is restored. Please report it."
+        )
+
+
+def _first_tensor(output: Any) -> Optional[torch.Tensor]:
+    from residual_rewriter.passes.observe import _leaves
+
+    return next((t for t in _leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
+def _global_plan(found: layerwise.Layerwise) -> Plan:
+    """One Plan over the whole model, paths made absolute, for the report."""
+    plan = Plan(opaque_modules=dict(found.not_holders))
+    for i, chain in enumerate(found.streams):
+        first = chain[0].traced.plan.streams[0]
+        stream = Stream(index=i, source=f"input of {chain[0].path}", source_node="", hidden_size=first.hidden_size,
+                        consumers=[f"output of {chain[-1].path}"], num_blocks=first.num_blocks, block_size=first.block_size,
+                        final_param_prefix=f"{chain[-1].path}.attn_res.final")
+        for holder in chain:
+            for site in holder.sites:
+                stream.sites.append(dataclasses.replace(
+                    site, stream=i, index=len(stream.sites), norm=f"{holder.path}.{site.norm}",
+                    sublayer=f"{holder.path}.{site.sublayer}".rstrip("."),
+                    param_prefix=f"{holder.path}.{site.param_prefix}" if site.param_prefix else "",
+                ))
+        plan.streams.append(stream)
+    return plan

@@ -1,0 +1,45 @@
+"""The residual stream between two rewritten layers: the Block AttnRes state.
+
+A model converted in place keeps its own Python forward. Where it hands ``hidden_states`` from one
+layer to the next, the rewritten layers hand this state instead: the completed block sums and the
+running partial sum of the current block. The first rewritten layer takes the plain tensor (the
+embedding output, b_0); the last returns the final aggregation as a plain tensor, so the final norm
+and everything after it run unchanged.
+
+It is a NamedTuple, so ``torch.utils._pytree`` (and with it DDP, FSDP2's input casting, activation
+checkpointing and ``torch.compile``) sees its tensors. Code that transforms the stream between layers
+(``hidden_states * 2``, ``.to(device)``) fails on it loudly rather than computing something else.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class AttnResState(NamedTuple):
+    blocks: tuple[torch.Tensor, ...]  # (b_0, b_1, ..., b_n): embedding output and completed block sums, each [..., D]
+    partial: Optional[torch.Tensor]  # running sum of the current block [..., D]; None at a block boundary
+
+    # what a model's own checks between layers read (T5: `if hidden_states.dtype == torch.float16`)
+    @property
+    def shape(self) -> torch.Size:
+        return self.blocks[0].shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device
+
+    def residual_sum(self) -> torch.Tensor:
+        """The value a standard residual stream would hold here: every source summed. With zero
+        queries it equals the original model's hidden state."""
+        total = sum(self.blocks[1:], self.blocks[0])
+        return total if self.partial is None else total + self.partial
+
+
+def make_state(blocks: list, partial: Optional[torch.Tensor]) -> AttnResState:
+    return AttnResState(tuple(blocks), partial)

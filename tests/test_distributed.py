@@ -1,0 +1,106 @@
+"""A model converted in place trains as users train it on many devices: FSDP2 ``fully_shard`` on every
+decoder layer then on the root (the standard recipe), and DDP. Two CPU processes over gloo; the
+losses of three SGD steps equal a single-process run's."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import residual_rewriter as rr
+
+STEPS = 3
+
+
+def _model():
+    from model_zoo import make_architecture
+
+    torch.manual_seed(0)
+    model = make_architecture("llama").float().train()
+    rr.convert_(model, num_blocks=2)
+    with torch.no_grad():  # non-zero queries: really AttnRes
+        for name, p in model.named_parameters():
+            if name.endswith(".query"):
+                p.copy_(torch.randn(p.shape) * 0.3)
+    return model
+
+
+def _batch(rank: int, world: int):
+    ids = torch.randint(0, 128, (2 * world, 8), generator=torch.Generator().manual_seed(1))
+    return ids[rank * 2 : (rank + 1) * 2]
+
+
+def _train(model, rank: int, world: int) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = _batch(rank, world)
+    losses = []
+    for _ in range(STEPS):
+        loss = model(x, labels=x, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        if how == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        losses = _train(model, rank, world)
+        if rank == 0:
+            queue.put(losses)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["fsdp2", "ddp"])
+def test_trains_sharded_per_layer_like_on_one_process(how):
+    pytest.importorskip("transformers")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    # the single-process reference: the whole batch on one process
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.cat([_batch(r, 2) for r in range(2)])
+    reference = []
+    for _ in range(STEPS):
+        loss = model(x, labels=x, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        reference.append(loss.item())
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(2, _free_port(), how, queue), nprocs=2, start_method="spawn", join=True)
+    losses = queue.get()
+    assert losses[-1] < losses[0]
+    # the mean of two half-batch losses is the full-batch loss (equal token counts per half)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6), (losses, reference)

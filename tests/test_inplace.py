@@ -1,0 +1,310 @@
+"""convert_(model): Block AttnRes in place, layer by layer. The model stays the user's model: its
+class, module tree, parameter names and Python forward; only the forwards holding residual adds
+(decoder layers) are rewritten to pass the Block AttnRes state."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import residual_rewriter as rr
+from attnres_oracle import expected_stream, rel_err as oracle_err
+from model_zoo import make_architecture, make_gpt, perturb_attn_res, rel_err
+from residual_rewriter import hf
+from residual_rewriter.backend import make_attnres_backend
+
+
+def _inputs(model):
+    inputs = hf.example_inputs(model, batch_size=3, seq_len=7)
+    return dict(zip(hf.input_names(model, len(inputs)), inputs))
+
+
+def _key_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _randomize(model, seed=0):
+    """Non-zero queries and gains in every holder's attn_res (so the mixture is really AttnRes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".attn_res." in name:
+                scale = 2 / p.numel() ** 0.5 if name.endswith("query") else 0.5
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale
+                p.copy_(noise if name.endswith("query") else 1 + noise.abs())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "gpt_neox", "opt", "dinov2", "t5"])
+def test_exact_at_init_and_the_module_tree_is_kept(name):
+    model = make_architecture(name)
+    original = copy.deepcopy(model)
+    before = {n: type(m) for n, m in model.named_modules()}
+    params_before = {n for n, _ in model.named_parameters()}
+    children = {n: m for n, m in model.named_modules()}
+    assert rr.convert_(model, num_blocks=2) is model
+    report = model.attn_res_report
+    assert report.mode == "in place, layer by layer" and len(report.sites) >= 2
+    after = {n: type(m) for n, m in model.named_modules()}
+    new = {n for n in after if n not in before}
+    assert all(before[n] is after[n] for n in before)  # same classes at the same paths
+    assert new and all(n.split(".")[-1] == "attn_res" or ".attn_res." in n for n in new)
+    assert all(dict(model.named_modules())[n] is m for n, m in children.items())  # the same objects
+    params_after = {n for n, _ in model.named_parameters()}
+    assert params_before <= params_after and all(".attn_res." in n for n in params_after - params_before)
+    # one query per aggregation, each inside the layer whose forward uses it
+    queries = [n for n in params_after if n.endswith(".query")]
+    assert len(queries) == len(report.sites)  # every site but the first, + one final per stream
+    inputs = _inputs(model)
+    with torch.no_grad():
+        assert rel_err(_key_output(model(**inputs)), _key_output(original(**inputs))) <= 1e-10
+
+
+def test_layers_stay_a_module_list_and_python_forward_runs():
+    model = make_architecture("llama")
+    layers = list(model.model.layers)
+    rr.convert_(model, block_size=1)
+    assert isinstance(model.model.layers, torch.nn.ModuleList)
+    assert [layer for layer in model.model.layers] == layers
+    assert type(model).forward is type(make_architecture("llama")).forward  # the model's own forward
+    assert "attn_res" in dict(model.model.layers[1].named_children())
+    x = torch.randint(0, 128, (2, 6))
+    out = model(x, labels=x, attention_mask=torch.ones_like(x))  # labels, masks: HF's own code
+    assert out.loss is not None and out.logits.shape == (2, 6, 128)
+
+
+def _record(model, x):
+    """(b_0, branch outputs v_l, what each sublayer's norm read, what the final norm read) of a
+    Llama, recorded with hooks on its own leaf modules."""
+    rec = {"v": [], "h": []}
+    hooks = [model.model.embed_tokens.register_forward_hook(lambda m, a, o: rec.__setitem__("b0", o))]
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o: rec["v"].append(o[0])))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, a, o: rec["v"].append(o)))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            hooks.append(norm.register_forward_pre_hook(lambda m, a: rec["h"].append(a[0])))
+    hooks.append(model.model.norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("final", a[0])))
+    with torch.no_grad():
+        model(x, use_cache=False)  # the call signature convert_ traced (a new one is traced on first use)
+    for h in hooks:
+        h.remove()
+    return rec
+
+
+@pytest.mark.parametrize("options", [dict(num_blocks=2), dict(block_size=4), dict(block_size=1)])
+def test_non_zero_queries_follow_the_oracle(options):
+    """The independent oracle (tests/attnres_oracle.py) over the sublayer outputs the in-place model
+    produced: every norm reads exactly the Block AttnRes mixture of the right sources, with the query
+    stored in the layer whose forward it feeds (a wrong partition, source set or binding fails)."""
+    model = make_architecture("llama")  # 2 layers -> 4 sublayers; block_size=4 puts them in one block
+    model.model.layers.append(copy.deepcopy(model.model.layers[0]))  # 3 layers -> 6 sublayers
+    model.config.num_hidden_layers = 3
+    model.model.layers[2].self_attn.layer_idx = 2
+    rr.convert_(model, **options)
+    _randomize(model)
+    x = torch.randint(0, 128, (2, 7))
+    rec = _record(model, x)
+    layers = model.model.layers
+    site_params = [None]  # sublayer 0 reads b_0 directly
+    for i, layer in enumerate(layers):
+        for name in ("self_attn", "mlp"):
+            if i == 0 and name == "self_attn":
+                continue
+            q = layer.attn_res[name]
+            site_params.append((q.query.detach(), q.key_norm_weight.detach()))
+    final = layers[-1].attn_res["final"]
+    want = expected_stream(rec["b0"], rec["v"], site_params, (final.query.detach(), final.key_norm_weight.detach()),
+                           num_blocks=options.get("num_blocks"), block_size=options.get("block_size"),
+                           eps=model.attn_res_report.config.key_norm_eps, mixing="sum")
+    assert [s.block for s in model.attn_res_report.sites] == want.blocks
+    for got, expected in zip(rec["h"], want.site_inputs):
+        assert oracle_err(got, expected) <= 1e-10
+    assert oracle_err(rec["final"], want.final_input) <= 1e-10
+    assert oracle_err(rec["final"], want.uniform[-1]) > 1e-3  # the queries do matter
+
+
+def test_same_function_as_the_whole_graph_conversion_with_the_same_queries():
+    """Two routes to one model: convert (one traced graph) and convert_ (layer by layer) compute the
+    same function once each aggregation's query is copied across by the site it belongs to."""
+    model = make_gpt().double()
+    whole = rr.convert(model, num_blocks=3)
+    inplace = rr.convert_(copy.deepcopy(model), num_blocks=3)
+    perturb_attn_res(whole, seed=3)
+    layerwise_sites = inplace.attn_res_report.sites
+    assert [s.block for s in whole.report.sites] == [s.block for s in layerwise_sites]
+    with torch.no_grad():
+        for a, b in zip(whole.report.sites[1:], layerwise_sites[1:]):
+            holder, key = b.param_prefix.split(".attn_res.")
+            target = inplace.get_submodule(holder).attn_res[key]
+            source = whole.attn_res[a.param_prefix.split(".", 1)[1]]
+            target.load_state_dict(source.state_dict())
+        last = inplace.attn_res_report.streams[0].final_param_prefix.split(".attn_res.")[0]
+        inplace.get_submodule(last).attn_res["final"].load_state_dict(
+            whole.attn_res[whole.report.streams[0].final_param_prefix.split(".", 1)[1]].state_dict())
+    (x,) = model.example_inputs()
+    with torch.no_grad():
+        assert rel_err(inplace(x), whole(x)) <= 1e-12
+        assert rel_err(inplace(x), model(x)) > 1e-3
+
+
+def test_generate_with_the_kv_cache():
+    """Greedy decoding with the cache equals the original at init, and with random queries equals
+    decoding without the cache (the depth mixture is per token)."""
+    model = make_architecture("llama")
+    original = copy.deepcopy(model)
+    rr.convert_(model, num_blocks=2)
+    x = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    assert torch.equal(model.generate(x, **kw), original.generate(x, **kw))
+    _randomize(model, seed=1)
+    assert torch.equal(model.generate(x, use_cache=True, **kw), model.generate(x, use_cache=False, **kw))
+
+
+def test_trains_deepcopies_and_round_trips_its_state_dict():
+    model = make_architecture("qwen2").float().train()
+    rr.convert_(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 128, (4, 12))
+    losses = []
+    for _ in range(4):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    queries = [p for n, p in model.named_parameters() if n.endswith(".attn_res.final.query")]
+    assert queries and queries[0].abs().sum() > 0
+    twin = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(twin(x).logits, model(x).logits)
+        next(p for n, p in twin.named_parameters() if n.endswith("final.query")).add_(1.0)
+        assert not torch.equal(twin(x).logits, model(x).logits)  # the copy runs on its own parameters
+    fresh = rr.convert_(make_architecture("qwen2").float())
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_compile_backend_batches_the_in_place_model_as_the_whole_graph(block_size):
+    """Dynamo traces the model's Python and each rewritten layer into one graph: the backend's pass
+    log counts are the same as for the whole-graph conversion of the same model."""
+    logs = []
+    for convert in (rr.convert, rr.convert_):
+        torch._dynamo.reset()
+        model = convert(make_gpt(), block_size=block_size)
+        backend = make_attnres_backend(compiler="eager", keep_graphs=True, lower=None)
+        (x,) = make_gpt().example_inputs()
+        with torch.no_grad():
+            torch.compile(model, backend=backend, fullgraph=True)(x)
+        assert len(backend.graphs) == 1
+        logs.append(backend.last_log)
+    torch._dynamo.reset()
+    assert logs[0] == logs[1] and logs[0]["find"]["aggregations"] == 8
+
+
+def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_untouched():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_gpt()
+
+        def forward(self, idx):
+            x = self.inner.transformer.wte(idx)
+            for block in self.inner.transformer.h:
+                x = block(x) * 1.0  # the model's own code transforms the stream
+            return self.inner.transformer.ln_f(x)
+
+    model = Scaled()
+    (x,) = model.inner.example_inputs()
+    with torch.no_grad():
+        before = model(x)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(rr.ConversionError, match="transforms it between them"):
+        rr.convert_(model, example_inputs=(x,))
+    assert model.state_dict().keys() == state.keys() and not hasattr(model, "attn_res_report")
+    assert all("forward" not in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_hugging_face_gradient_checkpointing_is_kept():
+    """The layer's rewritten forward checkpoints as the layer's own forward would: the sublayers run
+    again in the backward, and the gradients equal those without checkpointing."""
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = make_architecture("llama").train()
+        rr.convert_(model, num_blocks=2)
+        _randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        calls = []
+        model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: calls.append(1))
+        x = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+        model(x, labels=x, use_cache=False).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # run again in the backward
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and any(".attn_res." in n for n in grads[True])
+    for name, g in grads[False].items():
+        assert rel_err(grads[True][name], g) <= 1e-10, name
+
+
+def test_save_pretrained_and_from_pretrained(tmp_path):
+    model = make_architecture("llama").float()
+    rr.convert_(model, block_size=1, mixing="mean")
+    _randomize(model)
+    model.save_pretrained(tmp_path)
+    loaded = rr.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and loaded.attn_res_report.mode == "in place, layer by layer"
+    assert loaded.attn_res_report.config.mixing == "mean" and loaded.config.residual_rewriter["mode"] == "in_place"
+    x = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_verify_catches_a_wrong_conversion_and_restores_the_model(monkeypatch):
+    """The safety net: an aggregation off by 0.1% at init is caught before convert_ returns, and the
+    model is left as it was (no rewritten forward, no new parameters)."""
+    from residual_rewriter.passes import rewrite
+
+    model = make_gpt().double()
+    (x,) = model.example_inputs()
+    with torch.no_grad():
+        before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    original_apply = rewrite.apply_plan
+
+    def off_by_a_little(gm, *args, **kwargs):
+        gm = original_apply(gm, *args, **kwargs)
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "attn_res" in str(node.target):
+                node.args = node.args[:4] + (node.args[4] * 1.001,)
+        gm.recompile()
+        return gm
+
+    monkeypatch.setattr("residual_rewriter.passes.layerwise.apply_plan", off_by_a_little)
+    with pytest.raises(rr.ConversionError, match="does not compute what the original computed"):
+        rr.convert_(model)
+    assert model.state_dict().keys() == state.keys() and not hasattr(model, "attn_res_report")
+    assert all("forward" not in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    rr.convert_(model, verify=False)  # what verify=False would have let through is the same bug
+    with torch.no_grad():
+        assert rel_err(model(x), before) > 1e-6
+
+
+def test_filter_fn_limits_the_rewritten_layers():
+    """Only the layers filter_fn accepts are rewritten: here the last two of four, one stream."""
+    model = make_gpt().double()
+    original = copy.deepcopy(model)
+    rr.convert_(model, block_size=1, filter_fn=lambda module, path: path in ("transformer.h.2", "transformer.h.3"))
+    sites = model.attn_res_report.sites
+    assert [s.sublayer.rsplit(".", 1)[0] for s in sites] == ["transformer.h.2"] * 2 + ["transformer.h.3"] * 2
+    assert "forward" not in vars(model.transformer.h[0]) and "forward" in vars(model.transformer.h[2])
+    (x,) = model.example_inputs()
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= 1e-10
