@@ -7,6 +7,7 @@ tracing the model's own forward, which may not be traceable at all (shape checks
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,20 @@ def _leaves(value: Any) -> list:
     return tree_leaves(value)
 
 
+def _snapshot(value: Any) -> Any:
+    """``value`` with every object that is neither a tensor nor a plain constant deep-copied."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_snapshot(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - not copyable: keep the object itself
+        return value
+
+
 def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> tuple[list[ModuleCall], Any]:
     """Run ``model(*inputs, **kwargs)`` once (eval mode, no grad; modes restored afterwards) and
     return every module call in start order, with the model's output."""
@@ -49,6 +64,8 @@ def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -
     for path, module in model.named_modules():  # a module reachable under two paths: its first
 
         def pre(mod, args, kw, path=path):
+            # objects such as a KV cache are copied as they are now: the calls after this one change them
+            args, kw = _snapshot(args), _snapshot(kw)
             call = ModuleCall(path, mod, args, dict(kw), None, len(calls))
             calls.append(call)
             open_calls.setdefault(id(mod), []).append(call)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,6 +26,7 @@ from residual_rewriter.passes import layerwise
 from residual_rewriter.passes.observe import observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.report import ConversionReport
+from residual_rewriter.state import states_to_tensors
 
 IN_PLACE = "in place, layer by layer"
 WHOLE_GRAPH = "whole graph"
@@ -84,11 +84,8 @@ def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     if example_inputs is None and hf.is_hf_model(model):
         inputs = hf.example_inputs(model)
         example_inputs = dict(zip(hf.input_names(model, len(inputs)), inputs))
-    if isinstance(example_inputs, dict):
-        kwargs = dict(example_inputs)
-        if hf.is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
-            kwargs.setdefault("use_cache", False)  # the layers are traced again with a cache when one comes
-        return (), kwargs
+    if isinstance(example_inputs, dict):  # called as users call it (a KV cache included), so that the
+        return (), dict(example_inputs)  # common signature needs no tracing later, under torch.compile
     return _normalize_inputs(model, example_inputs), {}
 
 
@@ -105,6 +102,9 @@ def _convert_layerwise(model, found, config, args, kwargs, reference, verify) ->
         for holder in holders:
             layerwise.uninstall(holder.module)
         raise
+    for path in _ancestors([h.path for h in holders]):  # output_hidden_states: tensors, not states
+        if hf.is_hf_model(model.get_submodule(path)):
+            model.get_submodule(path).register_forward_hook(states_to_tensors)
     report = ConversionReport(
         model=type(model).__name__, config=config, plan=_global_plan(found), converted=True,
         new_parameters={n: p.numel() for n, p in model.named_parameters() if ".attn_res." in f".{n}"},
@@ -135,6 +135,15 @@ def load_in_place(model: nn.Module, path: str, options: dict) -> nn.Module:
         raise ConversionError(f"{path} lacks AttnRes parameters {sorted(expected - set(saved))[:4]}: saved from another conversion?")
     model.load_state_dict(saved, strict=False)
     return model
+
+
+def _ancestors(paths: list[str]) -> list[str]:
+    """The modules whose forward calls the rewritten ones: "" (the model) and every path above them."""
+    found = {""}
+    for path in paths:
+        parts = path.split(".")
+        found.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return sorted(found)
 
 
 def _verify(model, args, kwargs, reference, exact: bool) -> None:

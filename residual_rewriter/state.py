@@ -6,18 +6,23 @@ running partial sum of the current block. The first rewritten layer takes the pl
 embedding output, b_0); the last returns the final aggregation as a plain tensor, so the final norm
 and everything after it run unchanged.
 
-It is a NamedTuple, so ``torch.utils._pytree`` (and with it DDP, FSDP2's input casting, activation
-checkpointing and ``torch.compile``) sees its tensors. Code that transforms the stream between layers
-(``hidden_states * 2``, ``.to(device)``) fails on it loudly rather than computing something else.
+It is a dataclass registered with ``torch.utils._pytree``, so DDP, FSDP2's input casting,
+activation checkpointing and ``torch.compile`` see its tensors. It is deliberately not a tuple:
+Hugging Face's output recorders take ``output[0]`` of a layer returning a tuple. Code that transforms
+the stream between layers (``hidden_states * 2``, ``.to(device)``) fails on it loudly rather than
+computing something else.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
+from torch.utils._pytree import register_dataclass
 
 
-class AttnResState(NamedTuple):
+@dataclass
+class AttnResState:
     blocks: tuple[torch.Tensor, ...]  # (b_0, b_1, ..., b_n): embedding output and completed block sums, each [..., D]
     partial: Optional[torch.Tensor]  # running sum of the current block [..., D]; None at a block boundary
 
@@ -43,3 +48,20 @@ class AttnResState(NamedTuple):
 
 def make_state(blocks: list, partial: Optional[torch.Tensor]) -> AttnResState:
     return AttnResState(tuple(blocks), partial)
+
+
+register_dataclass(AttnResState, field_names=["blocks", "partial"])
+
+
+def states_to_tensors(module, args, output: Any) -> Any:
+    """Forward hook on the modules around the rewritten layers: where a model returns the hidden
+    states it collected (``output_hidden_states=True``), each state becomes the tensor a standard
+    residual stream would hold there (``residual_sum``: the original's hidden state at init)."""
+    hidden = output.get("hidden_states") if isinstance(output, dict) else getattr(output, "hidden_states", None)
+    if isinstance(hidden, (tuple, list)) and any(isinstance(h, AttnResState) for h in hidden):
+        tensors = type(hidden)(h.residual_sum() if isinstance(h, AttnResState) else h for h in hidden)
+        if isinstance(output, dict):
+            output["hidden_states"] = tensors
+        else:
+            output.hidden_states = tensors
+    return output
