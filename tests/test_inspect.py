@@ -140,6 +140,62 @@ def test_failing_graphviz_is_reported_not_swallowed(converted, monkeypatch, tmp_
         rri.render_streams(converted, "png", backend="graphviz")
 
 
+def _boxes(fig):
+    """(row, first column, last column, colour) of every source box drawn, from the figure's patches."""
+    from matplotlib.colors import to_hex
+
+    from residual_rewriter.inspect.streams import _CELL
+
+    colours = {to_hex(c): k for k, c in _CELL.items()}
+    out = []
+    for ax in fig.axes:
+        for p in ax.patches:
+            kind = colours.get(to_hex(p.get_facecolor()))
+            if kind is not None and p.get_zorder() == 2:
+                x, y = p.get_xy()
+                out.append((round(y + 0.38), round(x + 0.42), round(x + p.get_width() - 0.42), kind))
+    return out
+
+
+def test_stream_matrix_boxes_are_the_sources(model):
+    """Each row of the picture holds one box per source its aggregation reads, spanning exactly the
+    columns (b0, sublayer outputs) that source sums, all left of the row's own sublayer."""
+    report = rr.detect(model, block_size=2)  # 6 sublayers in blocks of 2
+    st = report.streams[0]
+    boxes = _boxes(rri.draw_streams(rri.stream_graph(report)))
+    rows = {}
+    for r, lo, hi, kind in boxes:
+        rows.setdefault(r, []).append((lo, hi, kind))
+    assert sorted(rows) == list(range(len(st.sites) + 1))  # every sublayer, then the final aggregation
+    for site in st.sites:
+        got = sorted(rows[site.index])
+        assert len(got) == site.num_sources
+        block_cols = {0: (0, 0), **{b: (2 * b - 1, 2 * b) for b in range(1, st.num_blocks + 1)}}  # columns 1.. = sublayers
+        want = [(*block_cols[j], "source" if j == 0 else "block") for j in range(site.block)]
+        if site.position > 0:  # the partial sum of its own block so far
+            want.append((block_cols[site.block][0], site.index, "partial"))
+        assert got == sorted(want), site
+        assert max(hi for _, hi, _ in got) < site.index + 1  # never reads itself or later sublayers
+    assert sorted(rows[len(st.sites)]) == [(0, 0, "source")] + [(2 * b - 1, 2 * b, "block") for b in range(1, 4)]
+
+
+def test_stream_picture_readable_at_32_layers():
+    """64 sublayers in 8 blocks: every block labelled, one box per source (no pile of arcs), a page-sized figure."""
+    torch.manual_seed(0)
+    deep = GPT(GPTConfig(n_layer=32, n_embd=16, n_head=2, block_size=16, vocab_size=32))
+    report = rr.detect(deep, num_blocks=8)
+    fig = rri.draw_streams(rri.stream_graph(report))
+    assert max(fig.get_size_inches()) <= 16
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert all(f"block {b}" in texts for b in range(1, 9))
+    assert len(_boxes(fig)) == sum(s.num_sources for s in report.sites) + 9
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert ticks[0] == "transformer.h.0.attn" and ticks[-1] == "final -> transformer.ln_f" and len(ticks) == 65
+    # a deep stream is drawn as the matrix even when Graphviz is there
+    svg = rri.render_streams(report, "svg").data.decode()
+    assert "block 8" in svg
+
+
 def test_bad_picture_format(converted):
     with pytest.raises(ValueError, match="png, svg"):
         rri.render_streams(converted, "jpg")

@@ -121,64 +121,124 @@ def to_dot(g: nx.DiGraph) -> str:
 
 # ---- pictures ------------------------------------------------------------------------------------
 
-_MPL_EDGE_STYLE = {  # kind -> (colour, line style, arc3 rad sign: for a downward edge -1 bulges right)
-    "reads": ("#1f77b4", "-", -1),
-    "partial": ("#ff7f0e", "--", 1),
-    "sums": ("#7f7f7f", ":", 1),
-}
+GRAPHVIZ_MAX_SUBLAYERS = 8  # backend "auto" draws a node-link graph with Graphviz only up to this depth
+
+
+def _stream_matrix(g: nx.DiGraph, stream: int) -> dict:
+    """What a stream's picture shows, from the graph: columns (b0, then every sublayer in depth order,
+    grouped by block), rows (every aggregation: the sublayers, then final) and, per row, the sources
+    it reads, each as (first column, last column, kind, source index)."""
+    order = depth_order(g, stream)
+    subs = [n for n in order if g.nodes[n]["kind"] == "sublayer"]
+    col = {n: i + 1 for i, n in enumerate(subs)}  # column 0 is b0
+    span = {0: (0, 0)}  # block -> its columns
+    for n in subs:
+        b = g.nodes[n]["block"]
+        lo, _ = span.get(b, (col[n], col[n]))
+        span[b] = (lo, col[n])
+    rows = subs + [n for n in order if g.nodes[n]["kind"] == "final"]
+    reads = []
+    for n in rows:
+        by_source: dict[int, list] = {}
+        for u, _, e in g.in_edges(n, data=True):
+            by_source.setdefault(e["source"], []).append((u, e["kind"]))
+        cells = []
+        for j, edges in sorted(by_source.items()):
+            if edges[0][1] == "partial":
+                cs = [col[u] for u, _ in edges]
+                cells.append((min(cs), max(cs), "partial", j))
+            else:
+                cells.append((*span[j], "source" if j == 0 else "block", j))
+        reads.append(cells)
+    blocks = sorted(b for b in span if b > 0)
+    return {"subs": subs, "rows": rows, "reads": reads, "span": span, "blocks": blocks, "col": col}
+
+
+_CELL = {"source": "#e8b400", "block": "#1f77b4", "partial": "#ff7f0e"}
 
 
 def draw_streams(g: nx.DiGraph):
-    """A matplotlib Figure of a stream graph: an arc diagram, depth top-down, blocks shaded.
+    """A matplotlib Figure of a stream graph: per stream, a source-by-sublayer matrix with block bands.
 
-    Each stream is a column of nodes in depth order (b0, block 1's sublayers, b1, ...); arcs on the
-    right are completed blocks an aggregation reads, arcs on the left the partial block sum and the
-    sublayers each block summary adds up.
+    Rows are the aggregations in depth order (each sublayer's input, then the final one); columns are
+    what the residual stream is made of: b0 (the embedding) and every sublayer's output, grouped into
+    the labelled blocks. Each source a row reads is ONE box spanning the columns it sums: b0 (gold), a
+    completed block b_j (blue, spanning the whole block) or the running partial sum of the row's own
+    block (orange, spanning the sublayers before it). So the boxes in a row are its sources, counted at
+    the right; the small black square marks the sublayer itself (the column its output goes to). Full
+    AttnRes is a triangle of single cells; Block AttnRes a staircase of block-wide boxes.
     """
-    from matplotlib.patches import FancyArrowPatch, Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
     from .pictures import new_figure
 
     streams = sorted({d["stream"] for _, d in g.nodes(data=True)})
-    orders = {st: depth_order(g, st) for st in streams}
-    rows = max(len(o) for o in orders.values())
-    width = 7.0 * len(streams)
-    fig = new_figure(width, max(3.0, 0.42 * rows + 1))
-    ax = fig.add_subplot()
-    pos = {}
+    mats = {st: _stream_matrix(g, st) for st in streams}
+    size = max(len(m["rows"]) for m in mats.values())
+    cell = max(0.13, min(0.42, 9.0 / size))  # inches per cell: 9 in across at 64 sublayers
+    label_w = 0.065 * max(len(g.nodes[n]["label"]) for m in mats.values() for n in m["rows"]) + 0.6
+    panel_w = cell * (size + 1) + label_w + 0.9
+    fig = new_figure(panel_w * len(streams), cell * (size + 1) + 2.4)
+    font = 7 if cell >= 0.2 else 5.5
     for k, st in enumerate(streams):
-        for i, n in enumerate(orders[st]):
-            pos[n] = (k * 7.0, -float(i))
-    for u, v, d in g.edges(data=True):
-        colour, style, side = _MPL_EDGE_STYLE[d["kind"]]
-        ax.add_patch(FancyArrowPatch(
-            pos[u], pos[v], arrowstyle="-|>", mutation_scale=8, color=colour, linestyle=style, linewidth=0.8,
-            connectionstyle=f"arc3,rad={side * 0.35}", shrinkA=6, shrinkB=6, alpha=0.8,
-        ))
-    for k, st in enumerate(streams):
-        for n in orders[st]:
-            d = g.nodes[n]
-            if d["kind"] == "sublayer":
-                y = pos[n][1]
-                ax.add_patch(Rectangle((k * 7.0 - 1.6, y - 0.5), 3.2, 1.0, color=f"C{d['block'] % 10}", alpha=0.12,
-                                       linewidth=0))
-            face = {"sublayer": "white", "block": "#dddddd", "source": "#ffe9a8", "final": "#ffe9a8"}[d["kind"]]
-            ax.text(*pos[n], d["label"], ha="center", va="center", fontsize=7,
-                    bbox=dict(boxstyle="round,pad=0.25", facecolor=face, edgecolor="#555555", linewidth=0.6))
-    ax.set_xlim(-3.5, 7.0 * (len(streams) - 1) + 3.5)
-    ax.set_ylim(-rows, 1)
-    ax.axis("off")
-    title = f"{g.graph.get('model', '')}: residual streams (blue: reads block, orange: reads partial block sum)"
-    ax.set_title(title, fontsize=9)
+        m = mats[st]
+        ax = fig.add_subplot(1, len(streams), k + 1)
+        n_cols, n_rows = len(m["subs"]) + 1, len(m["rows"])
+        for b in m["blocks"]:  # block bands: columns, and the rows of the sublayers in the block
+            lo, hi = m["span"][b]
+            shade = "#f0f0f0" if b % 2 else "#fafafa"
+            ax.add_patch(Rectangle((lo - 0.5, -0.5), hi - lo + 1, n_rows, color=shade, zorder=0, lw=0))
+            ax.add_patch(Rectangle((-0.5, lo - 1.5), n_cols, hi - lo + 1, color=shade, zorder=0, lw=0, alpha=0.8))
+            ax.text((lo + hi) / 2, -0.9, f"block {b}" if hi - lo >= 2 or cell >= 0.3 else f"{b}",
+                    ha="center", va="bottom", fontsize=font, rotation=0 if hi - lo >= 2 or cell >= 0.3 else 90)
+            if b > 1:
+                ax.axvline(lo - 0.5, color="#bbbbbb", lw=0.6, zorder=1)
+                ax.axhline(lo - 1.5, color="#bbbbbb", lw=0.6, zorder=1)
+        for r, cells in enumerate(m["reads"]):
+            for lo, hi, kind, j in cells:
+                ax.add_patch(Rectangle((lo - 0.42, r - 0.38), hi - lo + 0.84, 0.76, facecolor=_CELL[kind],
+                                       edgecolor="white", lw=0.5, zorder=2, alpha=0.9))
+                if cell >= 0.25 and (hi > lo or cell >= 0.35):
+                    ax.text((lo + hi) / 2, r, f"b{j}" if kind != "partial" else "part.", ha="center", va="center",
+                            fontsize=font - 1, color="white", zorder=3)
+            ax.text(n_cols - 0.2, r, str(len(cells)), ha="left", va="center", fontsize=font, color="#333333")
+            if r < len(m["subs"]):  # the sublayer itself: where its output goes
+                ax.add_patch(Rectangle((r + 1 - 0.15, r - 0.15), 0.3, 0.3, color="black", zorder=3))
+        ax.text(n_cols - 0.2, -0.9, "sources", ha="left", va="bottom", fontsize=font, color="#333333")
+        ax.set_xlim(-0.5, n_cols - 0.5)
+        ax.set_ylim(n_rows - 0.5, -0.5)
+        ax.set_yticks(range(n_rows), [g.nodes[n]["label"] for n in m["rows"]], fontsize=font)
+        step = 1 if n_cols <= 24 else 2 if n_cols <= 48 else 4
+        ticks = [0] + [c for c in range(1, n_cols) if (c - 1) % step == 0]
+        ax.set_xticks(ticks, ["b0"] + [str(c - 1) for c in ticks[1:]], fontsize=font)
+        ax.set_xlabel("what the stream is made of: b0 (embedding), then sublayer 0, 1, ... outputs", fontsize=font + 1)
+        ax.set_ylabel("input of (aggregation)", fontsize=font + 1)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        source = g.nodes[f"s{st}:b0"]["label"]
+        blocks = len(m["blocks"])
+        ax.set_title(f"stream {st}: {len(m['subs'])} sublayers in {blocks} block{'s' * (blocks != 1)}; {source}",
+                     fontsize=font + 1, pad=0.5 * cell * 72 + font + 8)
+    fig.legend(handles=[Patch(color=_CELL["source"], label="reads b0 (embedding)"),
+                        Patch(color=_CELL["block"], label="reads a completed block b_j (one source)"),
+                        Patch(color=_CELL["partial"], label="reads its own block's partial sum (one source)"),
+                        Patch(color="black", label="the sublayer itself")],
+               loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle(f"{g.graph.get('model', '')}: which sources each aggregation reads", fontsize=9)
+    fig.subplots_adjust(bottom=1.0 / fig.get_figheight(), top=1 - 0.9 / fig.get_figheight())
     return fig
 
 
 def render_streams(report_or_module, format: str = "svg", *, backend: str = "auto"):
     """Draw the stream graph as PNG/SVG bytes (a ``Picture``).
 
-    backend "auto": Graphviz ``dot`` when it is on PATH, otherwise matplotlib. If ``dot`` is there but
-    fails, the failure is warned about, written to ``Picture.notes``, and matplotlib draws instead.
-    "graphviz" / "matplotlib" force one (forcing graphviz without ``dot`` raises).
+    matplotlib draws the source-by-sublayer matrix (``draw_streams``), readable at any depth; Graphviz
+    draws the node-link graph of ``to_dot``, readable only for a few sublayers. backend "auto": Graphviz
+    ``dot`` when it is on PATH and no stream has more than ``GRAPHVIZ_MAX_SUBLAYERS`` sublayers,
+    otherwise matplotlib. If ``dot`` is tried but fails, the failure is warned about, written to
+    ``Picture.notes``, and matplotlib draws instead. "graphviz" / "matplotlib" force one (forcing
+    graphviz without ``dot`` raises).
     """
     import shutil
     import subprocess
@@ -194,7 +254,9 @@ def render_streams(report_or_module, format: str = "svg", *, backend: str = "aut
     dot = shutil.which("dot")
     if backend == "graphviz" and dot is None:
         raise RuntimeError("backend='graphviz' needs Graphviz's `dot` on PATH (not found)")
-    if backend != "matplotlib" and dot is not None:
+    deep = max(sum(1 for _, d in g.nodes(data=True) if d["kind"] == "sublayer" and d["stream"] == st)
+               for st in {d["stream"] for _, d in g.nodes(data=True)}) > GRAPHVIZ_MAX_SUBLAYERS
+    if backend == "graphviz" or (backend == "auto" and dot is not None and not deep):
         proc = subprocess.run([dot, f"-T{fmt}"], input=to_dot(g).encode(), capture_output=True, timeout=120)
         if proc.returncode == 0 and proc.stdout:
             return Picture(proc.stdout, fmt, "graphviz")
