@@ -37,7 +37,7 @@ from .detect import build_plan, record_values
 from .modes import in_mode
 from .observe import ModuleCall
 from .plan import Plan, Site, Stream, split_blocks
-from .rewrite import LayerBoundary, apply_plan
+from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .streams import assign_parameter_names
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
@@ -364,7 +364,7 @@ def install(holder: Holder, config) -> None:
     module = holder.module
     if "attn_res" in module._modules or hasattr(module, "attn_res"):
         raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
-    module.attn_res = nn.ModuleDict()
+    module.attn_res = AttnResParameters()
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     first = (holder.bound.key, list(holder.bound.names), _compile(gm, module), gm)
     module.forward = LayerForward(module, holder.sites, holder.boundary, config, first)

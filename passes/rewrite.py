@@ -64,6 +64,31 @@ class LayerBoundary:
     ends_block: bool = False  # its last sublayer completes a block
 
 
+class AttnResParameters(nn.Module):
+    """The queries and gains of one layer's aggregations (``<layer>.attn_res.<site>``), in place.
+
+    A plain module rather than a ModuleDict, so that PEFT can train and save it
+    (``LoraConfig(modules_to_save=["attn_res"])`` refuses containers); indexing works as on a dict."""
+
+    def __getitem__(self, key: str) -> AttnResQuery:
+        return self._modules[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._modules
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
+
+    def values(self):
+        return self._modules.values()
+
+    def items(self):
+        return self._modules.items()
+
+
 def apply_plan(
     gm: fx.GraphModule,
     plan: Plan,
@@ -104,8 +129,10 @@ def _rewrite_stream(
 
     def aggregate(after: fx.Node, sources: list[fx.Node], prefix: str) -> fx.Node:
         key = prefix.split(".", 1)[1]
-        if key not in gm.attn_res:  # several graphs of one model (one per call signature) share them
-            gm.attn_res[key] = AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device)
+        # several graphs of one model (one per call signature) share them. hasattr, not `in`: under
+        # PEFT's modules_to_save the container is a wrapper that forwards attribute lookups only
+        if not hasattr(gm.attn_res, key):
+            gm.attn_res.add_module(key, AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device))
         scale = float(len(sources)) if mixing == "sum" else 1.0
         with graph.inserting_after(after):
             q = graph.get_attr(f"{prefix}.query")

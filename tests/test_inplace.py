@@ -329,3 +329,35 @@ def test_output_hidden_states_are_tensors_of_the_original_shapes(name):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert isinstance(g, torch.Tensor) and g.shape == w.shape and rel_err(g, w) <= 1e-10
+
+
+def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
+    """Convert, then LoRA with modules_to_save=["attn_res"]: the AttnRes parameters train beside the
+    adapters, are saved in the adapter, and load back onto a freshly converted base model."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = make_architecture("llama").float()
+    fresh_base = copy.deepcopy(base)
+    rr.convert_(base, num_blocks=2)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["attn_res"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".attn_res." in n and n.endswith(".query") for n in trainable) and any("lora_A" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 128, (2, 8))
+    for _ in range(3):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum(".attn_res." in k for k in saved) == 2 * len(base.attn_res_report.sites)  # query + gain each
+    rr.convert_(fresh_base, num_blocks=2)
+    reloaded = peft.PeftModel.from_pretrained(fresh_base, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, trained)
