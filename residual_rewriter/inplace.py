@@ -62,14 +62,56 @@ def convert_(
     calls, reference = observe_calls(model, args, kwargs)
     try:
         found = layerwise.find_holders(model, calls, filter_fn)
-        if not found.streams:
-            raise ConversionError(_nothing_found(model, found))
-        return _convert_layerwise(model, found, config, args, kwargs, reference, verify)
+        if found.streams:
+            return _convert_layerwise(model, found, config, args, kwargs, reference, verify)
+        why = _nothing_found(model, found)
     except layerwise.StreamTransformed as exc:
+        why = str(exc)
+    if filter_fn is not None:
+        raise ConversionError(f"cannot convert {type(model).__name__} layer by layer: {why}")
+    return _convert_whole_graph(model, config, args, kwargs, reference, verify, why)
+
+
+class WholeGraphForward:
+    """``model.forward`` when the model is converted as one graph: the converted graph, which shares the
+    model's submodules, run with the model's train/eval flag."""
+
+    def __init__(self, model: nn.Module, graph: nn.Module):
+        self.model, self.graph = model, graph
+
+    def __call__(self, *args, **kwargs):
+        self.graph.training = self.model.training  # mode_value() nodes read the graph's own flag
+        return self.graph(*args, **kwargs)
+
+
+def _convert_whole_graph(model, config, args, kwargs, reference, verify, why: str) -> nn.Module:
+    """The fallback: the whole model as one converted graph, installed as its forward."""
+    from residual_rewriter.api import convert_graph
+    from residual_rewriter.hf_class import convert_keeping_class
+
+    try:
+        if hf.is_hf_model(model):
+            convert_keeping_class(model, None, config, inplace=True)
+            report = model.attn_res_report
+        else:
+            if kwargs:
+                raise ConversionError("the whole-graph conversion needs example inputs as positional arguments")
+            graph = convert_graph(model, args, config, model_name=type(model).__name__)
+            model.attn_res = graph.attn_res
+            model.forward = WholeGraphForward(model, graph)
+            report = graph.report
+        if verify:
+            _verify(model, args, kwargs, reference, exact=config.mixing == "sum")
+    except ConversionError as exc:
+        model.__dict__.pop("forward", None)
+        model._modules.pop("attn_res", None)
+        model.__dict__.pop("attn_res_report", None)
         raise ConversionError(
-            f"cannot convert {type(model).__name__} in place: {exc}. Convert it as one graph instead: "
-            "residual_rewriter.convert(model)"
+            f"cannot convert {type(model).__name__} layer by layer: {why}\nnor as one graph: {exc}"
         ) from exc
+    report.mode, report.mode_reason = WHOLE_GRAPH, why
+    model.attn_res_report = report
+    return model
 
 
 def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:

@@ -25,6 +25,7 @@ class ConversionReport:
     hooks_not_called: list[str] = field(default_factory=list)  # inlined modules whose hooks no longer run
     # "whole graph" (convert: one traced graph) or "in place, layer by layer" (convert_), with why
     mode: str = "whole graph"
+    mode_reason: str = ""  # convert_ fell back to the whole graph: why the layers could not be rewritten
 
     @property
     def sites(self) -> list[Site]:
@@ -74,6 +75,8 @@ class ConversionReport:
         return {
             "model": self.model,
             "converted": self.converted,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
             "config": asdict(self.config),
             "streams": [
                 {
@@ -116,6 +119,8 @@ class ConversionReport:
             f"AttnRes {verb}: {self.model} — {n_sites} residual sublayers in {len(self.streams)} stream(s), "
             f"mixing={self.config.mixing}" + (" (exact at init)" if self.config.mixing == "sum" else " (paper's average)")
         )
+        if self.converted:
+            lines.append(f"mode: {self.mode}" + (f" (not layer by layer: {self.mode_reason.splitlines()[0]})" if self.mode_reason else ""))
         for st in self.streams:
             kind = "Full AttnRes" if st.block_size == 1 else "Block AttnRes"
             lines.append(

@@ -29,7 +29,7 @@ def _randomize(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if ".attn_res." in name:
+            if ".attn_res." in f".{name}":
                 scale = 2 / p.numel() ** 0.5 if name.endswith("query") else 0.5
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale
                 p.copy_(noise if name.endswith("query") else 1 + noise.abs())
@@ -209,29 +209,57 @@ def test_compile_backend_batches_the_in_place_model_as_the_whole_graph(name, blo
     assert logs[0] == logs[1]
 
 
+class _Scaled(torch.nn.Module):
+    """Its own code transforms the stream between two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_gpt()
+
+    def forward(self, idx):
+        x = self.inner.transformer.wte(idx)
+        for block in self.inner.transformer.h:
+            x = block(x) * 1.0
+        return self.inner.transformer.ln_f(x)
+
+
 def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_untouched():
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = make_gpt()
-
-        def forward(self, idx):
-            x = self.inner.transformer.wte(idx)
-            for block in self.inner.transformer.h:
-                x = block(x) * 1.0  # the model's own code transforms the stream
-            return self.inner.transformer.ln_f(x)
-
-    model = Scaled()
+    """Neither layer by layer (the stream is transformed between layers) nor as one graph (the stream
+    is read by a multiplication): refused with both reasons, and the model left as it was."""
+    model = _Scaled()
     (x,) = model.inner.example_inputs()
     with torch.no_grad():
         before = model(x)
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(rr.ConversionError, match="transforms it between them"):
+    with pytest.raises(rr.ConversionError, match="(?s)transforms it between them.*nor as one graph"):
         rr.convert_(model, example_inputs=(x,))
     assert model.state_dict().keys() == state.keys() and not hasattr(model, "attn_res_report")
     assert all("forward" not in vars(m) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def test_residual_adds_in_the_models_own_forward_fall_back_to_one_graph():
+    """The adds sit in the root's forward (no layer to rewrite): convert_ converts the model as one
+    graph, installed as its forward; the report says so and why. Same object, same children."""
+    from test_detect import FlattenedMLPBlockLM
+
+    torch.manual_seed(0)
+    model = FlattenedMLPBlockLM().double()
+    original = copy.deepcopy(model)
+    children = dict(model.named_children())
+    x = torch.randint(0, 50, (2, 5))
+    assert rr.convert_(model, example_inputs=(x,), block_size=1) is model
+    report = model.attn_res_report
+    assert report.mode == "whole graph" and "no module" in report.mode_reason and len(report.sites) == 4
+    assert all(dict(model.named_children())[n] is m for n, m in children.items())
+    _randomize(model)
+    y = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        assert rel_err(model(y), original(y)) > 1e-3  # the queries act
+    model.train()
+    model(y).pow(2).mean().backward()
+    assert all(q.query.grad is not None for q in model.attn_res.values())
 
 
 def test_hugging_face_gradient_checkpointing_is_kept():
