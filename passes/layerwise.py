@@ -192,10 +192,10 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
             found.not_holders.setdefault(call.path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
             continue
         if calls_per_module[id(call.module)] > 1:
-            raise ConversionError(
+            raise NotLayerwise(
                 f"{call.path} ({type(call.module).__name__}) holds residual adds and is called "
                 f"{calls_per_module[id(call.module)]} times in one forward (a shared layer): its sublayers would "
-                "need a query per call. Convert it with residual_rewriter.convert(model) (whole graph)."
+                "need a query per call"
             )
         holders.append(Holder(call.path, call.module, call, bound, traced))
         done.append(call.path)
@@ -217,7 +217,7 @@ def _chains(holders: list[Holder]) -> list[list[Holder]]:
             chain.append(holder)
             continue
         if chains and _common_path(chains[-1][-1].path, holder.path):
-            raise StreamTransformed(
+            raise NotLayerwise(
                 f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
                 f"code (in {_common_path(chains[-1][-1].path, holder.path)} or its parents) transforms it between them"
             )
@@ -225,8 +225,9 @@ def _chains(holders: list[Holder]) -> list[list[Holder]]:
     return chains
 
 
-class StreamTransformed(ConversionError):
-    """The model's own code does something with the stream between two rewritten layers."""
+class NotLayerwise(ConversionError):
+    """The layers cannot be rewritten one by one (the model transforms the stream between them, or
+    calls one layer twice): ``convert_`` converts the model as one graph instead."""
 
 
 def _common_path(a: str, b: str) -> str:

@@ -65,7 +65,7 @@ def convert_(
         if found.streams:
             return _convert_layerwise(model, found, config, args, kwargs, reference, verify)
         why = _nothing_found(model, found)
-    except layerwise.StreamTransformed as exc:
+    except layerwise.NotLayerwise as exc:
         why = str(exc)
     if filter_fn is not None:
         raise ConversionError(f"cannot convert {type(model).__name__} layer by layer: {why}")
@@ -199,7 +199,7 @@ def _verify(model, args, kwargs, reference, exact: bool) -> None:
                 out = model(*copy.deepcopy(args), **copy.deepcopy(kwargs))
     except Exception as exc:  # noqa: BLE001
         if "AttnResState" in f"{type(exc).__name__}: {exc}":
-            raise layerwise.StreamTransformed(f"the model's own code uses the stream between layers ({first_line(exc)})") from exc
+            raise layerwise.NotLayerwise(f"the model's own code uses the stream between layers ({first_line(exc)})") from exc
         raise ConversionError(f"the converted {type(model).__name__} fails on the example inputs: {first_line(exc)}") from exc
     got, want = _first_tensor(out), _first_tensor(reference)
     if not exact:
