@@ -165,25 +165,31 @@ def convert_keeping_class(model: nn.Module, example_inputs: Any, config: AttnRes
 def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after ``convert_(model)`` or ``convert(..., keep_class=True)``.
 
+    After ``convert_`` the checkpoint's ``model_type`` reads ``residual_rewriter-<type>``, so that
+    transformers' own Auto* loaders refuse it rather than drop the AttnRes weights.
+
     Builds the model with its class's ``from_pretrained`` (which skips the ``attn_res.*`` weights it
     does not know), converts it again with the options stored in its config (``residual_rewriter``),
     then loads the saved AttnRes parameters. ``model_class`` defaults to ``AutoModelForCausalLM``.
     """
+    import json
     import os
 
     import transformers
     from safetensors.torch import load_file
 
+    from residual_rewriter.inplace import MODEL_TYPE_PREFIX, load_in_place, saved_config
+
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
-    config = transformers.AutoConfig.from_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        in_place = json.load(f).get("model_type", "").startswith(MODEL_TYPE_PREFIX)
+    config = saved_config(path) if in_place else transformers.AutoConfig.from_pretrained(path)
     options = getattr(config, "residual_rewriter", None)
     if not options:
         raise ConversionError(f"{path} holds no residual_rewriter options in its config: it was not saved from a converted model")
-    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
-    if options.get("mode") == "in_place":  # saved after convert_
-        from residual_rewriter.inplace import load_in_place
-
+    model = model_class.from_pretrained(path, config=config, **from_pretrained_kwargs)
+    if in_place:  # saved after convert_
         return load_in_place(model, path, options)
     converted = convert_keeping_class(model, None, AttnResConfig(**options), inplace=True)
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]

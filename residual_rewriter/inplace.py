@@ -155,7 +155,49 @@ def _convert_layerwise(model, found, config, args, kwargs, reference, verify) ->
     model.attn_res_report = report
     if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
         model.config.residual_rewriter = {**dataclasses.asdict(config), "mode": "in_place"}
+        model.save_pretrained = SavePretrained(model)
     return model
+
+
+# A checkpoint of a converted model names this model type, which transformers does not know: its Auto*
+# loaders refuse it loudly instead of building the model without AttnRes. residual_rewriter.from_pretrained
+# reads the original type back from the config's residual_rewriter entry.
+MODEL_TYPE_PREFIX = "residual_rewriter-"
+
+
+class SavePretrained:
+    """``model.save_pretrained`` of a model converted in place: the model's own, then its config.json
+    marked with ``model_type = "residual_rewriter-<type>"``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        import json
+        import os
+
+        result = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["residual_rewriter"]["model_type"] = config["model_type"]
+        config["model_type"] = MODEL_TYPE_PREFIX + config["model_type"]
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        return result
+
+
+def saved_config(path: str):
+    """The transformers config of a checkpoint saved after ``convert_``, under its original model type."""
+    import json
+    import os
+
+    import transformers
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["model_type"] = config["residual_rewriter"]["model_type"]
+    return transformers.AutoConfig.for_model(**config)
 
 
 def load_in_place(model: nn.Module, path: str, options: dict) -> nn.Module:
@@ -165,7 +207,7 @@ def load_in_place(model: nn.Module, path: str, options: dict) -> nn.Module:
 
     from safetensors.torch import load_file
 
-    options = {k: v for k, v in options.items() if k != "mode"}
+    options = {k: v for k, v in options.items() if k not in ("mode", "model_type")}
     del model.config.residual_rewriter  # recorded by the save: not a sign of a converted model here
     convert_(model, AttnResConfig(**options))
     saved = {}
