@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -34,7 +35,7 @@ from residual_rewriter.errors import ConversionError
 
 from .capture import Captured, capture, is_opaque_by_class
 from .detect import build_plan, record_values
-from .modes import in_mode
+from .modes import buffers_restored, in_mode
 from .observe import ModuleCall
 from .plan import Plan, Site, Stream, split_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
@@ -112,10 +113,12 @@ def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
     finally:
         if checkpointing:
             module.gradient_checkpointing = checkpointing
-    with in_mode(module, False):  # on a copy: running it must not append to a KV cache passed in
+    # running the layer must not change it: a KV cache passed in is copied, one held in its buffers
+    # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
+    with in_mode(module, False), buffers_restored(module):
         values = record_values(captured.graph_module, _detached_copy(bound.values))
-    plan = build_plan(captured.graph_module, values, num_blocks=None, block_size=1, ends_at_output=True,
-                      opaque_modules=captured.opaque_modules)
+        plan = build_plan(captured.graph_module, values, num_blocks=None, block_size=1, ends_at_output=True,
+                          opaque_modules=captured.opaque_modules)
     if len(plan.streams) != 1:
         raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
     stream = plan.streams[0]
@@ -299,6 +302,13 @@ class LayerForward:
         names, fn = entry
         values = dict(zip(bound.names, bound.values))
         inputs = [values[n] for n in names]
+        if self.module.training and not torch.is_grad_enabled() and _any_requires_grad(inputs):
+            warnings.warn(
+                f"{type(self.module).__name__} runs without grad on inputs that require it: a reentrant activation "
+                "checkpoint (use_reentrant=True) around it does not see the tensors inside an AttnResState, and "
+                "their gradients are lost. Use use_reentrant=False.",
+                UserWarning, stacklevel=2,
+            )
         if self._checkpointing():
             return self._checkpointed(fn, inputs)
         return fn(self.module, *inputs)
@@ -351,6 +361,10 @@ class LayerForward:
         twin.module = memo.get(id(self.module), self.module)
         twin.graphs = dict(self.graphs)  # the code is the same; it runs on whichever module is self
         return twin
+
+
+def _any_requires_grad(inputs: list) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(inputs)[0])
 
 
 def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, config) -> fx.GraphModule:

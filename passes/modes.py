@@ -12,6 +12,7 @@ import contextlib
 import warnings
 from typing import Any, Iterator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -110,3 +111,16 @@ def merge_train_eval(gm_eval: fx.GraphModule, gm_train: fx.GraphModule) -> bool:
     graph.lint()
     gm_eval.recompile()
     return True
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` for our own purposes (observing, tracing, verifying) without changing its state:
+    buffers such as a KV cache position (torchtune) get their values back afterwards."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)

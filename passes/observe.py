@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .modes import in_mode
+from .modes import buffers_restored, in_mode
 
 
 @dataclass
@@ -76,7 +76,7 @@ def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
-        with in_mode(model, False), torch.no_grad():
+        with in_mode(model, False), buffers_restored(model), torch.no_grad():
             output = model(*inputs, **(kwargs or {}))
     finally:
         for handle in handles:

@@ -26,7 +26,7 @@ from residual_rewriter.passes import layerwise
 from residual_rewriter.passes.observe import observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.report import ConversionReport
-from residual_rewriter.state import states_to_tensors
+from residual_rewriter.state import states_in_output_to_tensors, states_to_tensors
 
 IN_PLACE = "in place, layer by layer"
 WHOLE_GRAPH = "whole graph"
@@ -147,6 +147,8 @@ def _convert_layerwise(model, found, config, args, kwargs, reference, verify) ->
     for path in _ancestors([h.path for h in holders]):  # output_hidden_states: tensors, not states
         if hf.is_hf_model(model.get_submodule(path)):
             model.get_submodule(path).register_forward_hook(states_to_tensors)
+    if not hf.is_hf_model(model):  # on the model only: a parent such as T5Block hands states on
+        model.register_forward_hook(states_in_output_to_tensors)
     report = ConversionReport(
         model=type(model).__name__, config=config, plan=_global_plan(found), converted=True,
         new_parameters={n: p.numel() for n, p in model.named_parameters() if ".attn_res." in f".{n}"},
@@ -235,9 +237,9 @@ def _verify(model, args, kwargs, reference, exact: bool) -> None:
     output must equal the original's up to the dtype's rounding."""
     try:
         with torch.no_grad():
-            from residual_rewriter.passes.modes import in_mode
+            from residual_rewriter.passes.modes import buffers_restored, in_mode
 
-            with in_mode(model, False):
+            with in_mode(model, False), buffers_restored(model):
                 out = model(*copy.deepcopy(args), **copy.deepcopy(kwargs))
     except Exception as exc:  # noqa: BLE001
         if "AttnResState" in f"{type(exc).__name__}: {exc}":

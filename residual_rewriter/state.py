@@ -65,3 +65,11 @@ def states_to_tensors(module, args, output: Any) -> Any:
         else:
             output.hidden_states = tensors
     return output
+
+
+def states_in_output_to_tensors(module, args, output: Any) -> Any:
+    """Forward hook on a model that is not a Hugging Face one: states anywhere in its output (torchtune
+    returns ``[*hidden_states, logits]`` with ``output_hidden_states``) become their residual sums."""
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(AttnResState, AttnResState.residual_sum, output, is_leaf=lambda v: isinstance(v, AttnResState))

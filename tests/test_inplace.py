@@ -393,3 +393,95 @@ def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(fresh_base, tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=x).logits, trained)
+
+
+class _CachedLM(torch.nn.Module):
+    """torchtune's layout in miniature: the KV cache lives in the attention's buffers (a position
+    counter that advances on every call); decoding passes ``input_pos`` (a new call signature); the
+    model can return the hidden states it collected with its output."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self, d, max_len=32):
+            super().__init__()
+            self.proj = torch.nn.Linear(d, d)
+            self.register_buffer("k_cache", torch.zeros(1, max_len, d, dtype=torch.float64))
+            self.register_buffer("pos", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x, input_pos=None):  # [1, T, D]; reads everything cached so far
+            t, start = x.shape[1], int(self.pos)
+            self.k_cache[:, start : start + t] = self.proj(x).detach()
+            self.pos += t
+            return self.k_cache[:, : start + t].sum(1, keepdim=True).expand_as(x) * 0.01 + self.proj(x)
+
+    class Block(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.sa_norm, self.attn = torch.nn.RMSNorm(d), _CachedLM.Attention(d)
+            self.mlp_norm, self.mlp = torch.nn.RMSNorm(d), torch.nn.Linear(d, d)
+
+        def forward(self, x, input_pos=None):
+            h = x + self.attn(self.sa_norm(x), input_pos)
+            return h + self.mlp(self.mlp_norm(h))
+
+    def __init__(self, d=16, layers=3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, d)
+        self.layers = torch.nn.ModuleList(_CachedLM.Block(d) for _ in range(layers))
+        self.norm = torch.nn.RMSNorm(d)
+        self.output_hidden_states = False
+
+    def forward(self, ids, input_pos=None):
+        h, hidden = self.emb(ids), []
+        for layer in self.layers:
+            h = layer(h, input_pos=input_pos)
+            hidden.append(h)
+        out = self.norm(h)
+        return [*hidden[:-1], out] if self.output_hidden_states else out
+
+    def positions(self):
+        return [int(layer.attn.pos) for layer in self.layers]
+
+
+def test_our_runs_leave_a_cache_held_in_buffers_alone_and_hidden_states_are_tensors():
+    """convert_ runs the model (observe, verify) and, for a new call signature, each layer once more
+    (tracing): a cache kept in buffers must not move on (torchtune's cache_pos did, and decoding came
+    out 10-17% off). A model returning the hidden states it collected gets tensors, not states."""
+    torch.manual_seed(0)
+    model = _CachedLM().double()
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, 50, (1, 5))
+    rr.convert_(model, example_inputs=(ids,), num_blocks=2)
+    assert model.positions() == [0, 0, 0]  # convert_ ran the model and left its cache as it was
+    model.output_hidden_states = original.output_hidden_states = True
+    with torch.no_grad():
+        got, want = model(ids), original(ids)  # exact at init, hidden states included
+        assert all(isinstance(g, torch.Tensor) and rel_err(g, w) <= 1e-10 for g, w in zip(got, want))
+        for step in range(2):  # decoding passes input_pos: a new signature, traced in the live call
+            pos = torch.tensor([5 + step])
+            got, want = model(ids[:, :1], input_pos=pos), original(ids[:, :1], input_pos=pos)
+            assert rel_err(got[-1], want[-1]) <= 1e-10
+    assert model.positions() == original.positions() == [7, 7, 7]
+
+
+def test_a_reentrant_checkpoint_around_a_layer_warns_that_gradients_are_lost():
+    """torch.utils.checkpoint(use_reentrant=True) sees only tensors passed directly, not those inside
+    an AttnResState: the layer runs without grad on inputs that need it. Said, not silent."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_gpt()
+
+        def forward(self, idx):
+            x = self.inner.transformer.wte(idx)
+            for block in self.inner.transformer.h:
+                x = checkpoint(block, x, use_reentrant=self.training) if self.training else block(x)
+            return self.inner.transformer.ln_f(x)
+
+    model = Checkpointed()
+    (x,) = model.inner.example_inputs()
+    rr.convert_(model, example_inputs=(x,), num_blocks=2)
+    model.train()
+    with pytest.warns(UserWarning, match="use_reentrant=False"):
+        model(x).sum().backward()
