@@ -1,0 +1,3 @@
+from examples.reproduce.run import main
+
+main()
