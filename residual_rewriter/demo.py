@@ -4,6 +4,7 @@ for a few steps on a tiny built-in text (byte-level tokens)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -40,18 +41,19 @@ def run_demo(argv=None) -> int:
     print(f"built-in GPT: {args.layers} layers, hidden {model.config.n_embd}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters\n")
 
+    original = copy.deepcopy(model)
     t0 = time.perf_counter()
-    converted = rr.convert(model, num_blocks=args.blocks)
-    print(converted.report)
+    converted = rr.convert_(model, num_blocks=args.blocks)  # in place: the same GPT object, layers rewritten
+    print(converted.attn_res_report)
     print(f"\nconverted in {time.perf_counter() - t0:.2f} s")
 
     # Exact at init: same function as the original (float64 shows it at rounding level).
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        m64, c64 = model.double(), rr.convert(model.double(), num_blocks=args.blocks)
+        m64 = copy.deepcopy(original).double()
+        c64 = rr.convert_(copy.deepcopy(original).double(), num_blocks=args.blocks)
         err64 = ((c64(x) - m64(x)).abs().max() / m64(x).abs().max()).item()
-        model.float()
-        err32 = ((converted(x) - model(x)).abs().max() / model(x).abs().max()).item()
+        err32 = ((converted(x) - original(x)).abs().max() / original(x).abs().max()).item()
     print(f"init equality, max |converted - original| / max |original|: float64 {err64:.1e}, float32 {err32:.1e}")
 
     # A few training steps of the converted model.
@@ -68,7 +70,7 @@ def run_demo(argv=None) -> int:
         opt.step()
         if step == 1 or step % 10 == 0 or step == args.steps:
             print(f"  step {step:4d}  loss {loss.item():.3f}")
-    moved = max(m.query.abs().max().item() for m in converted.attn_res.values())
+    moved = max(p.abs().max().item() for n, p in converted.named_parameters() if n.endswith(".query"))
     print(f"largest |pseudo-query| entry after training: {moved:.3f} (all started at 0)")
     return 0
 
