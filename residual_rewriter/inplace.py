@@ -57,6 +57,12 @@ def convert_(
     ``model.attn_res_report`` says what was rewritten and in which mode.
     """
     _check_model(model)
+    if type(model).__module__.startswith("peft."):
+        raise ConversionError(
+            f"{type(model).__name__} is a PEFT model: its adapter would be saved without the AttnRes parameters. "
+            "Convert the base model first, then apply PEFT with them trainable and saved: "
+            "get_peft_model(residual_rewriter.convert_(base), LoraConfig(..., modules_to_save=['attn_res']))"
+        )
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing)
     args, kwargs = _example_call(model, example_inputs)
     calls, reference = observe_calls(model, args, kwargs)

@@ -393,6 +393,31 @@ def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(fresh_base, tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=x).logits, trained)
+    # LoRA first, then convert: the adapter would silently lack AttnRes; refused with the order to use
+    lora_first = peft.get_peft_model(make_architecture("llama").float(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(rr.ConversionError, match="Convert the base model first"):
+        rr.convert_(lora_first)
+
+
+def test_hugging_face_trainer_trains_and_checkpoints(tmp_path):
+    """The Trainer loop (its own loss, optimizer, checkpoint saving) on a model converted in place."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = make_architecture("llama").float()
+    rr.convert_(model, num_blocks=2)
+    ids = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, save_steps=3, report_to=[], use_cpu=True,
+                                          logging_steps=1, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".query")}
+    result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.global_step == 3
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith(".query"))
+    loaded = rr.from_pretrained(str(tmp_path / "checkpoint-3"))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:2]).logits, model.eval()(ids[:2]).logits)
 
 
 class _CachedLM(torch.nn.Module):
