@@ -112,6 +112,8 @@ def _convert_whole_graph(model, config, args, kwargs, reference, verify, why: st
         model.__dict__.pop("forward", None)
         model._modules.pop("attn_res", None)
         model.__dict__.pop("attn_res_report", None)
+        if hf.is_hf_model(model):
+            model.config.__dict__.pop("residual_rewriter", None)
         raise ConversionError(
             f"cannot convert {type(model).__name__} layer by layer: {why}\nnor as one graph: {exc}"
         ) from exc
@@ -122,8 +124,8 @@ def _convert_whole_graph(model, config, args, kwargs, reference, verify, why: st
 
 def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
     lines = [f"no module of {type(model).__name__} holds a pre-norm residual add `x + f(norm(x))` in its own forward, "
-             "taking the stream as an argument and returning it. If the adds are in the model's own forward, "
-             "convert it as one graph: residual_rewriter.convert(model). Modules tried:"]
+             "taking the stream as an argument and returning it (are the adds in the model's own forward?). "
+             "Modules tried:"]
     lines += [f"  {path}: {why}" for path, why in list(found.not_holders.items())[:8]]
     return "\n".join(lines)
 
