@@ -37,7 +37,7 @@ from .capture import Captured, capture, is_opaque_by_class
 from .detect import build_plan, record_values
 from .modes import buffers_restored, in_mode
 from .observe import ModuleCall
-from .plan import Plan, Site, Stream, split_blocks
+from .plan import Plan, Site, split_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .streams import assign_parameter_names
 

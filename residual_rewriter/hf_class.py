@@ -12,7 +12,6 @@ convert the same sites as the first one.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any
 
