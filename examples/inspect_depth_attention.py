@@ -8,7 +8,7 @@ rate, so the queries visibly move) and then writes, with ``residual_rewriter.ins
   * depth_weights.png - heatmap of the mean depth-attention weights (like the paper's Figure 8):
                         rows = the input of each sublayer (and the final norm), columns = sources
                         b0 (embedding), b1.. (completed blocks), last one read = the partial block sum
-  * streams.png       - the residual streams: which sublayer reads which block
+  * streams.png       - the residual streams: which sources (blocks) each sublayer reads, blocks labelled
   * report.txt        - the conversion report
 
 The same from the command line: ``residual-rewriter inspect --view weights -o depth_weights.png``.
@@ -74,7 +74,7 @@ uniform = torch.tensor([1.0 / n for n in dw.num_sources])
 print(f"largest departure from the uniform init weights: {(dw.weights.nan_to_num(0).amax(1) - uniform).abs().max():.3f}")
 
 weights_png = rri.plot_depth_weights(dw, out / "depth_weights.png")
-streams = rri.render_streams(converted, "png")  # Graphviz `dot` if installed, else matplotlib
+streams = rri.render_streams(converted, "png")  # the source-by-sublayer matrix (Graphviz only for <= 8 sublayers)
 streams_png = streams.save(out / "streams.png")
 report_txt = out / "report.txt"
 report_txt.write_text(str(converted.report) + "\n")
