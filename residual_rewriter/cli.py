@@ -44,7 +44,8 @@ views (--view):
            inputs (a heatmap like the paper's Figure 8 with svg/png; uniform for a fresh conversion)
 
 formats (--format): text and json show any view; dot shows streams; svg and png draw streams or
-weights (Graphviz `dot` when installed, otherwise matplotlib). Without --format, the suffix of -o
+weights (streams: Graphviz `dot` when installed and up to 8 sublayers, otherwise matplotlib's
+source-by-sublayer matrix; weights: matplotlib). Without --format, the suffix of -o
 picks it (.txt .json .dot .svg .png), else text. The default view is report, or streams for dot/svg/png.
 
 examples:

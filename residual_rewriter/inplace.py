@@ -275,7 +275,7 @@ def _first_tensor(output: Any) -> Optional[torch.Tensor]:
 
 def _global_plan(found: layerwise.Layerwise) -> Plan:
     """One Plan over the whole model, paths made absolute, for the report."""
-    plan = Plan(opaque_modules=dict(found.not_holders))
+    plan = Plan()  # found.not_holders are the modules tried and not rewritten: no residual hides there
     for i, chain in enumerate(found.streams):
         first = chain[0].traced.plan.streams[0]
         stream = Stream(index=i, source=f"input of {chain[0].path}", source_node="", hidden_size=first.hidden_size,

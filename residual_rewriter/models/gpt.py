@@ -112,6 +112,7 @@ class GPT(nn.Module):
         return self.lm_head(x)  # (B, T, vocab_size)
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 16):
-        """A batch of random token ids to trace or run the model with."""
+        """A batch of random token ids to trace or run the model with (at most its context length)."""
         g = torch.Generator().manual_seed(0)
+        seq_len = min(seq_len, self.config.block_size)
         return (torch.randint(0, self.config.vocab_size, (batch_size, seq_len), generator=g),)
