@@ -1,7 +1,8 @@
 """residual_rewriter: give any PyTorch model Block Attention Residuals without touching its source.
 
-    converted = residual_rewriter.convert(model)          # exact at init, trains as Block AttnRes
-    print(converted.report)                                # what was rewritten
+    residual_rewriter.convert_(model)                      # in place, layer by layer; exact at init
+    print(model.attn_res_report)                           # what was rewritten, and how
+    converted = residual_rewriter.convert(model)          # or: a converted copy, one traced graph
     report = residual_rewriter.detect(model)               # look before converting
     fast = torch.compile(converted, backend="attnres")     # Triton / inductor fast path
 """
