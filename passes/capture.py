@@ -66,6 +66,7 @@ class ResidualTracer(fx.Tracer):
         autowrap_functions: Sequence[Callable] = (),
         search_modules: Sequence[Any] = (),
         opaque_if_reads_training: bool = False,
+        opaque_children: bool = False,
     ):
         import math
 
@@ -73,7 +74,7 @@ class ResidualTracer(fx.Tracer):
         self._autowrap_search.extend(search_modules)
         self.example_inputs: tuple = ()
         self.opaque_if_reads_training = opaque_if_reads_training
-        self.opaque_children = False  # in-place conversion: the root's own children stay whole
+        self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.opaque_modules: dict[str, str] = {}
         self.opaque_with_norms: list[str] = []
         self.checkpoint_calls: list[str] = []
@@ -346,8 +347,8 @@ def _trace(model, input_names, call, opaque_if_reads_training, example_inputs, o
         autowrap_functions=_autowrap_candidates(modules),
         search_modules=modules,
         opaque_if_reads_training=opaque_if_reads_training,
+        opaque_children=opaque_children,
     )
-    tracer.opaque_children = opaque_children
     tracer.example_inputs = example_inputs
     root = _make_root(model, input_names, call)
     with _traceable_size_varargs(), _recording_checkpoints(tracer):

@@ -37,9 +37,9 @@ from .capture import Captured, capture, is_opaque_by_class
 from .detect import build_plan, record_values
 from .modes import buffers_restored, in_mode
 from .observe import ModuleCall
-from .plan import Plan, Site, split_blocks
+from .plan import Plan, Site
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
-from .streams import assign_parameter_names
+from .streams import assign_parameter_names, place_in_blocks
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
 
@@ -47,7 +47,8 @@ _CONSTANT_TYPES = (bool, int, float, str, type(None))
 # ---------------------------------------------------------------------------------------------------
 # Binding a call to the forward's parameters
 # ---------------------------------------------------------------------------------------------------
-def _is_constant(value: Any) -> bool:
+def is_constant(value: Any) -> bool:
+    """Specialised into a traced graph (a new value means a new graph): plain Python constants."""
     if isinstance(value, _CONSTANT_TYPES):
         return True
     return isinstance(value, (tuple, list)) and all(isinstance(v, _CONSTANT_TYPES) for v in value)
@@ -79,7 +80,7 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
             continue
         items = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
         for n, v in items:
-            if _is_constant(v):
+            if is_constant(v):
                 constants[n] = v
             else:
                 names.append(n)
@@ -246,12 +247,9 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
     """Blocks over the chain's sublayers in depth order, as ``streams.assign_blocks`` does for a whole
     graph; then each holder's boundary and parameter names."""
     sites = [s for h in chain for s in h.sites]
-    blocks = split_blocks(len(sites), num_blocks, block_size)
-    position = 0
-    for i, (site, block) in enumerate(zip(sites, blocks)):
-        position = 0 if i == 0 or blocks[i - 1] != block else position + 1
-        site.block, site.position, site.stream = block, position, stream_index
-        site.num_sources = block + (1 if position > 0 else 0)
+    blocks = place_in_blocks(sites, num_blocks, block_size)
+    for site in sites:
+        site.stream = stream_index
     start = 0
     for k, holder in enumerate(chain):
         n = len(holder.sites)

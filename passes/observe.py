@@ -31,13 +31,13 @@ class ModuleCall:
         return [t for t in tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
 
     def tensor_outputs(self) -> list[torch.Tensor]:
-        return [t for t in _leaves(self.output) if isinstance(t, torch.Tensor)]
+        return [t for t in leaves(self.output) if isinstance(t, torch.Tensor)]
 
 
-def _leaves(value: Any) -> list:
+def leaves(value: Any) -> list:
     """Leaves of nested containers, Hugging Face ModelOutputs (dataclasses) included."""
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, torch.Tensor):
-        return [leaf for f in value.__dataclass_fields__ for leaf in _leaves(getattr(value, f, None))]
+        return [leaf for f in value.__dataclass_fields__ for leaf in leaves(getattr(value, f, None))]
     return tree_leaves(value)
 
 

@@ -61,7 +61,7 @@ class LayerBoundary:
     first: bool
     last: bool
     blocks_in: int = 1
-    ends_block: bool = False  # its last sublayer completes a block
+    ends_block: bool = False
 
 
 class AttnResParameters(nn.Module):

@@ -94,14 +94,21 @@ def _check_stream_ends_at_output(stream: Stream, last: fx.Node, finder) -> None:
 
 
 def assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:
-    blocks = split_blocks(len(stream.sites), num_blocks, block_size)
+    blocks = place_in_blocks(stream.sites, num_blocks, block_size)
     stream.num_blocks = max(blocks)
     stream.block_size = blocks.count(1)
+
+
+def place_in_blocks(sites: list, num_blocks, block_size) -> list[int]:
+    """Set each site's block, position in it and source count (sites in depth order); returns the
+    blocks (also for a stream spread over several layers, ``layerwise.assign_global_blocks``)."""
+    blocks = split_blocks(len(sites), num_blocks, block_size)
     position = 0
-    for i, (site, block) in enumerate(zip(stream.sites, blocks)):
+    for i, (site, block) in enumerate(zip(sites, blocks)):
         position = 0 if i == 0 or blocks[i - 1] != block else position + 1
         site.block, site.position = block, position
         site.num_sources = block + (1 if position > 0 else 0)  # b_0..b_{n-1} + partial
+    return blocks
 
 
 def assign_parameter_names(plan: Plan) -> None:

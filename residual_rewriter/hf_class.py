@@ -21,9 +21,7 @@ from torch import nn
 from residual_rewriter import hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.errors import ConversionError
-
-_CONSTANT_TYPES = (bool, int, float, str, type(None))
-
+from residual_rewriter.passes.layerwise import is_constant
 
 class SignatureDispatch:
     """Stands in for ``model.forward``: runs the converted graph for the call's signature."""
@@ -43,10 +41,8 @@ class SignatureDispatch:
         for name, value in arguments.items():
             if isinstance(value, torch.Tensor):
                 key.append((name, "tensor"))
-            elif isinstance(value, _CONSTANT_TYPES):
-                key.append((name, "constant", value))
-            elif isinstance(value, (tuple, list)) and all(isinstance(v, _CONSTANT_TYPES) for v in value):
-                key.append((name, "constant", tuple(value)))
+            elif is_constant(value):
+                key.append((name, "constant", tuple(value) if isinstance(value, list) else value))
             else:
                 key.append((name, "object", type(value).__name__))  # e.g. a DynamicCache, passed through
         return tuple(key)
@@ -175,9 +171,8 @@ def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn
     import os
 
     import transformers
-    from safetensors.torch import load_file
 
-    from residual_rewriter.inplace import MODEL_TYPE_PREFIX, load_in_place, saved_config
+    from residual_rewriter.inplace import MODEL_TYPE_PREFIX, convert_again, saved_config
 
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
@@ -189,14 +184,27 @@ def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn
         raise ConversionError(f"{path} holds no residual_rewriter options in its config: it was not saved from a converted model")
     model = model_class.from_pretrained(path, config=config, **from_pretrained_kwargs)
     if in_place:  # saved after convert_
-        return load_in_place(model, path, options)
-    converted = convert_keeping_class(model, None, AttnResConfig(**options), inplace=True)
-    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
-    saved = {}
-    for f in files:
-        saved.update({k[len("attn_res."):]: v for k, v in load_file(os.path.join(path, f)).items() if k.startswith("attn_res.")})
-    missing = set(converted.attn_res.state_dict()) - set(saved)
-    if missing:
-        raise ConversionError(f"{path} lacks AttnRes parameters {sorted(missing)[:4]}...: saved from a different conversion?")
-    converted.attn_res.load_state_dict(saved)
+        converted = convert_again(model, options)
+    else:
+        converted = convert_keeping_class(model, None, AttnResConfig(**options), inplace=True)
+    _load_attn_res(converted, path)
     return converted
+
+
+def _load_attn_res(model: nn.Module, path: str) -> None:
+    """Load the AttnRes tensors a checkpoint holds (transformers skipped them) into ``model``."""
+    import os
+
+    from safetensors.torch import load_file
+
+    def is_attn_res(key: str) -> bool:
+        return ".attn_res." in f".{key}"
+
+    saved = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            saved.update({k: v for k, v in load_file(os.path.join(path, name)).items() if is_attn_res(k)})
+    missing = {k for k in model.state_dict() if is_attn_res(k)} - set(saved)
+    if missing:
+        raise ConversionError(f"{path} lacks AttnRes parameters {sorted(missing)[:4]}: saved from another conversion?")
+    model.load_state_dict(saved, strict=False)

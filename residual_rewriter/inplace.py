@@ -23,7 +23,8 @@ from residual_rewriter.api import _check_model, _make_config, _normalize_inputs
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.errors import ConversionError, first_line
 from residual_rewriter.passes import layerwise
-from residual_rewriter.passes.observe import observe_calls
+from residual_rewriter.passes.modes import buffers_restored, in_mode
+from residual_rewriter.passes.observe import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.report import ConversionReport
 from residual_rewriter.state import states_in_output_to_tensors, states_to_tensors
@@ -210,25 +211,12 @@ def saved_config(path: str):
     return transformers.AutoConfig.for_model(**config)
 
 
-def load_in_place(model: nn.Module, path: str, options: dict) -> nn.Module:
-    """``from_pretrained`` for a checkpoint saved after ``convert_``: ``model`` was built by transformers
-    from it (the AttnRes weights skipped); convert it again and load those weights."""
-    import os
-
-    from safetensors.torch import load_file
-
+def convert_again(model: nn.Module, options: dict) -> nn.Module:
+    """``from_pretrained`` of a checkpoint saved after ``convert_``: ``model`` was built by transformers
+    from it (the AttnRes weights skipped); convert it as it was (the caller loads those weights)."""
     options = {k: v for k, v in options.items() if k not in ("mode", "model_type")}
     del model.config.residual_rewriter  # recorded by the save: not a sign of a converted model here
-    convert_(model, AttnResConfig(**options))
-    saved = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            saved.update({k: v for k, v in load_file(os.path.join(path, name)).items() if ".attn_res." in f".{k}"})
-    expected = {k for k in model.state_dict() if ".attn_res." in f".{k}"}
-    if expected - set(saved):
-        raise ConversionError(f"{path} lacks AttnRes parameters {sorted(expected - set(saved))[:4]}: saved from another conversion?")
-    model.load_state_dict(saved, strict=False)
-    return model
+    return convert_(model, AttnResConfig(**options))
 
 
 def _ancestors(paths: list[str]) -> list[str]:
@@ -245,8 +233,6 @@ def _verify(model, args, kwargs, reference, exact: bool) -> None:
     output must equal the original's up to the dtype's rounding."""
     try:
         with torch.no_grad():
-            from residual_rewriter.passes.modes import buffers_restored, in_mode
-
             with in_mode(model, False), buffers_restored(model):
                 out = model(*copy.deepcopy(args), **copy.deepcopy(kwargs))
     except Exception as exc:  # noqa: BLE001
@@ -268,9 +254,7 @@ def _verify(model, args, kwargs, reference, exact: bool) -> None:
 
 
 def _first_tensor(output: Any) -> Optional[torch.Tensor]:
-    from residual_rewriter.passes.observe import _leaves
-
-    return next((t for t in _leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    return next((t for t in leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
 def _global_plan(found: layerwise.Layerwise) -> Plan:

@@ -34,9 +34,9 @@ def _batch(rank: int, world: int):
     return ids[rank * 2 : (rank + 1) * 2]
 
 
-def _train(model, rank: int, world: int) -> list[float]:
+def _train(model, x, world: int) -> list[float]:
+    """Losses of STEPS SGD steps on batch ``x`` (averaged over the ``world`` processes)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = _batch(rank, world)
     losses = []
     for _ in range(STEPS):
         loss = model(x, labels=x, use_cache=False).loss
@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
             fully_shard(model, mesh=mesh)
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
-        losses = _train(model, rank, world)
+        losses = _train(model, _batch(rank, world), world)
         if rank == 0:
             queue.put(losses)
     finally:
@@ -87,16 +87,7 @@ def test_trains_sharded_per_layer_like_on_one_process(how):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     # the single-process reference: the whole batch on one process
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.cat([_batch(r, 2) for r in range(2)])
-    reference = []
-    for _ in range(STEPS):
-        loss = model(x, labels=x, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        reference.append(loss.item())
+    reference = _train(_model(), torch.cat([_batch(r, 2) for r in range(2)]), world=1)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(2, _free_port(), how, queue), nprocs=2, start_method="spawn", join=True)

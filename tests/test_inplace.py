@@ -209,24 +209,24 @@ def test_compile_backend_batches_the_in_place_model_as_the_whole_graph(name, blo
     assert logs[0] == logs[1]
 
 
-class _Scaled(torch.nn.Module):
-    """Its own code transforms the stream between two layers."""
+class _OwnLoop(torch.nn.Module):
+    """The built-in GPT's layers, called by a loop of the model's own: ``x = call(block, x, training)``."""
 
-    def __init__(self):
+    def __init__(self, call):
         super().__init__()
-        self.inner = make_gpt()
+        self.inner, self.call = make_gpt(), call
 
     def forward(self, idx):
         x = self.inner.transformer.wte(idx)
         for block in self.inner.transformer.h:
-            x = block(x) * 1.0
+            x = self.call(block, x, self.training)
         return self.inner.transformer.ln_f(x)
 
 
 def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_untouched():
     """Neither layer by layer (the stream is transformed between layers) nor as one graph (the stream
     is read by a multiplication): refused with both reasons, and the model left as it was."""
-    model = _Scaled()
+    model = _OwnLoop(lambda block, x, training: block(x) * 1.0)  # transforms the stream between layers
     (x,) = model.inner.example_inputs()
     with torch.no_grad():
         before = model(x)
@@ -493,18 +493,7 @@ def test_a_reentrant_checkpoint_around_a_layer_warns_that_gradients_are_lost():
     an AttnResState: the layer runs without grad on inputs that need it. Said, not silent."""
     from torch.utils.checkpoint import checkpoint
 
-    class Checkpointed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = make_gpt()
-
-        def forward(self, idx):
-            x = self.inner.transformer.wte(idx)
-            for block in self.inner.transformer.h:
-                x = checkpoint(block, x, use_reentrant=self.training) if self.training else block(x)
-            return self.inner.transformer.ln_f(x)
-
-    model = Checkpointed()
+    model = _OwnLoop(lambda block, x, training: checkpoint(block, x, use_reentrant=True) if training else block(x))
     (x,) = model.inner.example_inputs()
     rr.convert_(model, example_inputs=(x,), num_blocks=2)
     model.train()
