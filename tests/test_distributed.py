@@ -3,6 +3,7 @@ decoder layer then on the root (the standard recipe), and DDP. Two CPU processes
 losses of three SGD steps equal a single-process run's."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -55,7 +56,8 @@ def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
 
     sys.path.insert(0, os.path.dirname(__file__))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a worker that dies must not leave the other waiting forever in a collective
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         model = _model()
         if how == "fsdp2":
