@@ -50,15 +50,15 @@ def _check_against_float64(converted, x, backend):
 
 @pytest.mark.parametrize("block_size,phase1_calls", [(2, 3), (4, 2)])
 def test_block_attnres_gpt_training_runs_the_triton_kernels(monkeypatch, block_size, phase1_calls):
-    from residual_rewriter.kernels.attn_res import fused, two_phase
+    from residual_rewriter.kernels.attn_res import two_phase
 
     model = make_gpt()  # 4 layers: 8 sublayers
     conv = rr.convert(model, block_size=block_size).train()
     perturb_attn_res(conv, seed=2, scale=0.3)
     backend = make_attnres_backend(lower="triton")
     # phase 1 + the phase-2 merges, forward and backward: each must launch (checked on leaving)
-    with spy_on(monkeypatch, fused, "_fwd_kernel"), \
-            spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel", "_phase1_bwd_kernel", "_phase2_bwd_kernel") as spies:
+    with spy_on(monkeypatch, two_phase, "_phase1_fwd_kernel", "_phase2_fwd_kernel", "_phase1_bwd_kernel",
+                "_phase2_bwd_kernel") as spies:
         _check_against_float64(conv, model.example_inputs()[0], backend)
     assert backend.last_log["lower"]["triton.attn_res_phase1"] == phase1_calls
     fused_adds = backend.last_log["fuse_add"].get("fused_partial_add", 0)

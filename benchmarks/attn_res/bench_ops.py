@@ -46,15 +46,15 @@ def op_cases(T: int, D: int, m: int, S: int, dtype, device) -> dict:
 
     blocks = [act(T, D) for _ in range(m)]
     Q, G = par(S, D, scale=D ** -0.5), 1 + par(S, D, scale=0.1)
-    out, lse = dispatch.phase1_cuda(blocks, Q, G, EPS)
-    dout, dlse = act(S, T, D), par(S, T)
-    o, l1, q, w, wo = out[1], lse[1], Q[1], G[1], 1 + par(D, scale=0.1)
+    outs, lse = dispatch.phase1_cuda(blocks, Q, G, EPS)
+    douts, dlse = [act(T, D) for _ in range(S)], par(S, T)
+    o, l1, q, w, wo = outs[1], lse[1], Q[1], G[1], 1 + par(D, scale=0.1)
     partial, delta, dnormed, dpartial = act(T, D), act(T, D), act(T, D), act(T, D)
     sources, dy, n = blocks + [partial], act(T, D), m + 1
     scale = float(n)
     return {
         "phase1 fwd": (lambda: dispatch.phase1_cuda(blocks, Q, G, EPS), m + S),
-        "phase1 bwd": (lambda: dispatch.phase1_backward_cuda(dout, dlse, blocks, Q, G, EPS, out, lse), 2 * m + S),
+        "phase1 bwd": (lambda: dispatch.phase1_backward_cuda(douts, dlse, blocks, Q, G, EPS, lse), 2 * m + S),
         "phase2+norm fwd": (lambda: dispatch.phase2_normed_cuda(o, l1, partial, q, w, EPS, scale, wo, EPS,
                                                                  return_mix=False), 3),
         "phase2+norm bwd": (lambda: dispatch.phase2_normed_backward_cuda(None, dnormed, o, l1, partial, q, w, EPS,

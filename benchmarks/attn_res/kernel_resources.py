@@ -26,7 +26,7 @@ from residual_rewriter.kernels.attn_res import _launch as L  # noqa: E402
 from residual_rewriter.kernels.attn_res import dispatch, fused, resources, two_phase  # noqa: E402
 
 KERNELS = {fused: ("_fwd_kernel", "_bwd_kernel"),
-           two_phase: ("_phase1_delta_kernel", "_phase1_bwd_kernel", "_phase2_fwd_kernel", "_phase2_bwd_kernel")}
+           two_phase: ("_phase1_fwd_kernel", "_phase1_bwd_kernel", "_phase2_fwd_kernel", "_phase2_bwd_kernel")}
 
 # (name, tokens, hidden, sources of the single-query ops, completed blocks and queries of phase 1)
 SHAPES = {
@@ -74,7 +74,7 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
         "attn_res bwd": lambda: dispatch.backward_cuda(dy, srcs, q, w, 1e-6, float(n)),
         "phase1 fwd": lambda: dispatch.phase1_cuda(blocks, Q, G, 1e-6),
         "phase1 bwd": lambda: dispatch.phase1_backward_cuda(
-            e(S, T, D), e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, D), e(S, T, dt=torch.float32)),
+            [e(T, D) for _ in range(S)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, dt=torch.float32)),
         # as the compile backend calls them: only the normed form is read (return_mix=False)
         "phase2+norm fwd": lambda: dispatch.phase2_normed_cuda(o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5,
                                                                 return_mix=False),

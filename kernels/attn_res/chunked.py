@@ -37,10 +37,10 @@ def _chunks(sources: Sequence[Tensor]):
 
 
 class _Merged(NamedTuple):
-    parts: list  # per chunk: (o_c [S, ..., D] input dtype, l_c [S, ...] fp32)
+    parts: list  # per chunk: (o_c — S tensors [..., D] in the input dtype —, l_c [S, ...] fp32)
     weights: Tensor  # w_c [C, S, ...]
     lse: Tensor  # [S, ...]
-    out: Tensor  # [S, ..., D] fp32
+    out: list  # S tensors [..., D] fp32
 
 
 def _forward(sources, queries, norm_weights, eps) -> _Merged:
@@ -50,20 +50,23 @@ def _forward(sources, queries, norm_weights, eps) -> _Merged:
     lses = torch.stack([lse for _, lse in parts])  # [C, S, ...] fp32
     lse = torch.logsumexp(lses, 0)  # [S, ...]
     weights = torch.exp(lses - lse)  # [C, S, ...]
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
+    out = [sum(w[j][..., None] * o[j].float() for w, (o, _) in zip(weights, parts)) for j in range(len(queries))]
     return _Merged(parts, weights, lse, out)
 
 
-def _backward(fw: _Merged, G: Tensor, GL: Optional[Tensor], sources, queries, norm_weights, eps):
-    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None) from G = dL/d out (fp32)
-    and GL = dL/d lse (or None), through the merge and each chunk's phase-1 backward kernel."""
+def _backward(fw: _Merged, G: Sequence[Tensor], GL: Optional[Tensor], sources, queries, norm_weights, eps):
+    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None) from G = dL/d out (S fp32
+    tensors) and GL = dL/d lse (or None), through the merge and each chunk's phase-1 backward kernel."""
     from .two_phase import phase1_bwd as chunk_bwd
 
-    g_dot_out = (G * fw.out).sum(-1)  # [S, ...]
+    def dots(outs):  # [S, ...]: G_j . outs_j per token
+        return torch.stack([(g * o.float()).sum(-1) for g, o in zip(G, outs)])
+
+    g_dot_out = dots(fw.out)
     grad_sources, grad_q, grad_w = [], 0, 0
     for chunk, w, (o, l) in zip(_chunks(sources), fw.weights, fw.parts):
-        d_l = w * ((G * o.float()).sum(-1) - g_dot_out + (GL.float() if GL is not None else 0))
-        gs, gq, gw = chunk_bwd(w[..., None] * G, d_l, chunk, queries, norm_weights, eps, o, l)
+        d_l = w * (dots(o) - g_dot_out + (GL.float() if GL is not None else 0))
+        gs, gq, gw = chunk_bwd([w_j[..., None] * g for w_j, g in zip(w, G)], d_l, chunk, queries, norm_weights, eps, l)
         grad_sources += gs
         grad_q = grad_q + gq.float()
         grad_w = grad_w + gw.float() if gw is not None else None
@@ -73,15 +76,15 @@ def _backward(fw: _Merged, G: Tensor, GL: Optional[Tensor], sources, queries, no
 
 
 def phase1_fwd(sources, queries: Tensor, norm_weights: Optional[Tensor], eps: float):
-    """(out [S, ..., D] fp32, lse [S, ...] fp32) over any number of sources."""
+    """(outs — S tensors [..., D] in the sources' dtype —, lse [S, ...] fp32) over any number of sources."""
     fw = _forward(sources, queries, norm_weights, eps)
-    return fw.out, fw.lse
+    return [o.to(sources[0].dtype, copy=True) for o in fw.out], fw.lse
 
 
-def phase1_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], sources, queries, norm_weights, eps):
+def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources, queries, norm_weights, eps):
     """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None); recomputes the forward."""
     fw = _forward(sources, queries, norm_weights, eps)
-    return _backward(fw, grad_out.float(), grad_lse, sources, queries, norm_weights, eps)
+    return _backward(fw, [g.float() for g in grad_outs], grad_lse, sources, queries, norm_weights, eps)
 
 
 def _one_query(query, norm_weight):
@@ -89,13 +92,13 @@ def _one_query(query, norm_weight):
 
 
 def _single_query_backward(fw, G, sources, query, norm_weight, eps):
-    gs, gq, gw = _backward(fw, G[None], None, sources, *_one_query(query, norm_weight), eps)
+    gs, gq, gw = _backward(fw, [G], None, sources, *_one_query(query, norm_weight), eps)
     return gs, gq[0], (gw[0] if gw is not None else None)
 
 
 def attn_res_fwd(sources, query, norm_weight, eps, scale) -> Tensor:
-    out, _ = phase1_fwd(sources, *_one_query(query, norm_weight), eps)
-    return (scale * out[0]).to(sources[0].dtype)
+    out = _forward(sources, *_one_query(query, norm_weight), eps).out[0]  # fp32
+    return (scale * out).to(sources[0].dtype)
 
 
 def attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale):
@@ -104,8 +107,8 @@ def attn_res_bwd(grad_out, sources, query, norm_weight, eps, scale):
 
 
 def attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
-    out, _ = phase1_fwd(sources, *_one_query(query, norm_weight), eps)
-    return _with_out_norm(scale * out[0], out_norm_weight, out_eps, sources[0].dtype)
+    out = _forward(sources, *_one_query(query, norm_weight), eps).out[0]  # fp32
+    return _with_out_norm(scale * out, out_norm_weight, out_eps, sources[0].dtype)
 
 
 def attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):

@@ -43,19 +43,18 @@ def phase1_cuda(sources, queries, norm_weights, eps):
     from .two_phase import phase1_fwd
 
     if chunked.needs_chunks(sources):
-        out, lse = chunked.phase1_fwd(sources, queries, norm_weights, eps)
-        return out.to(sources[0].dtype), lse
+        return chunked.phase1_fwd(sources, queries, norm_weights, eps)
     return phase1_fwd(sources, queries, norm_weights, eps)
 
 
-def phase1_backward_cuda(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse):
+def phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse):
     if _f64(sources[0]):
-        return RG.attn_res_phase1_backward_reference(grad_out, grad_lse, sources, queries, norm_weights, eps)
+        return RG.attn_res_phase1_backward_reference(grad_outs, grad_lse, sources, queries, norm_weights, eps)
     from .two_phase import phase1_bwd
 
     if chunked.needs_chunks(sources):
-        return chunked.phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps)
-    return phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse)
+        return chunked.phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps)
+    return phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse)
 
 
 def phase2_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):

@@ -6,8 +6,8 @@ Spec: ``reference.attn_res_reference``. Per token (row of D values), with n sour
 Forward (``_fwd_kernel``): one program per BLOCK_T tokens (times S queries for phase 1). Each source
 tile [BLOCK_T, BLOCK_D] is read ONCE: its RMS, its score and an online-softmax update of a fp32
 accumulator happen on the tile in registers. The op is memory bound, so the score is a row reduction
-(elementwise multiply + tl.sum), not tl.dot. Optional epilogues: the log-sum-exp (phase 1) and the
-sublayer's own RMSNorm of the mixture (``attn_res_normed``).
+(elementwise multiply + tl.sum), not tl.dot. Optional epilogue: the
+sublayer's own RMSNorm of the mixture (``attn_res_normed``). Phase 1 has kernels of its own (``two_phase.py``).
 
 Backward (``_bwd_kernel``): pass 1 recomputes the softmax statistics and the fp32 mixture from the
 sources (the op saves only its inputs); pass 2 reads every source again and writes its gradient:
@@ -112,10 +112,9 @@ def _fwd_kernel(
     srcs, strides,  # N pointers to [T, D] rows (row stride strides[i], unit column stride)
     q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
     out_ptr,  # [S, T, D] contiguous, input dtype (STORE_MIX)
-    lse_ptr,  # [S, T] fp32 (STORE_LSE)
     normed_ptr, wo_ptr,  # [T, D] RMSNorm(out) * wo (NORMED; wo if HAS_WO)
     T, D, S, eps, scale, out_eps,
-    N: tl.constexpr, HAS_W: tl.constexpr, STORE_MIX: tl.constexpr, STORE_LSE: tl.constexpr, NORMED: tl.constexpr,
+    N: tl.constexpr, HAS_W: tl.constexpr, STORE_MIX: tl.constexpr, NORMED: tl.constexpr,
     HAS_WO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1-D grid over (token tile, query), query fastest: the S programs of one tile run side by side
@@ -136,8 +135,6 @@ def _fwd_kernel(
     offs = rows64[:, None] * D + cols[None, :]
     if STORE_MIX:  # off when only the normed form is read (the compile backend's usual case)
         tl.store(out_ptr + obase + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    if STORE_LSE:
-        tl.store(lse_ptr + pid_q.to(tl.int64) * T + rows64, m + tl.log(l), mask=rmask)
     if NORMED:
         _store_rms_normed(normed_ptr, wo_ptr, offs, out, cols, cmask, mask, D, out_eps, HAS_WO)
 
@@ -226,14 +223,13 @@ def forward_launch(
     eps: float,
     scale: float,
     *,
-    store_lse: bool = False,
     out_norm_weight: Optional[Tensor] = None,
     out_eps: Optional[float] = None,
     store_mix: bool = True,
     what: str = "attn_res_triton",
 ):
-    """Launch ``_fwd_kernel``. Returns (out [S, T, D] or None without ``store_mix``, lse [S, T] fp32 or
-    None, normed [T, D] or None), flat over tokens; callers reshape."""
+    """Launch ``_fwd_kernel``. Returns (out [S, T, D] or None without ``store_mix``, normed [T, D] or
+    None), flat over tokens; callers reshape."""
     rows, strides, T, D = _prepare(sources, queries[0], what, queries, norm_weights, out_norm_weight)
     S = queries.shape[0]
     if norm_weights is not None and norm_weights.shape != queries.shape:
@@ -245,10 +241,9 @@ def forward_launch(
     if not (store_mix or normed):
         raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
     out = L.empty((S, T, D), dt, dev) if store_mix else None
-    lse = L.empty((S, T), torch.float32, dev) if store_lse else None
     y = L.empty((T, D), dt, dev) if normed else None
     if T == 0:
-        return out, lse, y
+        return out, y
     q = queries.contiguous()
     w = norm_weights.contiguous() if norm_weights is not None else None
     wo = out_norm_weight.contiguous() if out_norm_weight is not None else None
@@ -257,13 +252,13 @@ def forward_launch(
     # Absent optional buffers get a placeholder pointer: their constexpr flag compiles every access out.
     placeholder = out if out is not None else y
     _fwd_kernel[grid](
-        tuple(rows), strides, q, w if w is not None else q, placeholder, lse if lse is not None else placeholder,
-        y if y is not None else placeholder, wo if wo is not None else q,
+        tuple(rows), strides, q, w if w is not None else q, placeholder, y if y is not None else placeholder,
+        wo if wo is not None else q,
         T, D, S, float(eps), float(scale), float(out_eps if normed else 0.0),
-        N=len(rows), HAS_W=w is not None, STORE_MIX=store_mix, STORE_LSE=store_lse, NORMED=normed, HAS_WO=wo is not None,
+        N=len(rows), HAS_W=w is not None, STORE_MIX=store_mix, NORMED=normed, HAS_WO=wo is not None,
         BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
     )
-    return out, lse, y
+    return out, y
 
 
 def backward_launch(
@@ -321,7 +316,7 @@ def backward_launch(
 
 def attn_res_fwd(sources, query, norm_weight, eps, scale) -> Tensor:
     """Forward only (no autograd): ``[..., D]`` in the sources' dtype."""
-    out, _, _ = forward_launch(sources, query[None], norm_weight[None] if norm_weight is not None else None, eps, scale)
+    out, _ = forward_launch(sources, query[None], norm_weight[None] if norm_weight is not None else None, eps, scale)
     return out.view(sources[0].shape)
 
 
@@ -335,7 +330,7 @@ def attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight
     """(mix, RMSNorm(mix) * out_norm_weight), both ``[..., D]`` in the sources' dtype; without
     ``return_mix`` the mix is not written and comes back as None."""
     w = norm_weight[None] if norm_weight is not None else None
-    out, _, y = forward_launch(
+    out, y = forward_launch(
         sources, query[None], w, eps, scale, out_norm_weight=out_norm_weight, out_eps=out_eps,
         store_mix=return_mix, what="attn_res_normed",
     )

@@ -102,14 +102,16 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op(f"{LIB}::attn_res_phase1", mutates_args=())
 def attn_res_phase1(
     sources: List[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float
-) -> tuple[Tensor, Tensor]:
-    """sources: m x [..., D]; queries/norm_weights [S, D] -> (out [S, ..., D] input dtype, lse [S, ...] fp32)."""
+) -> tuple[List[Tensor], Tensor]:
+    """sources: m x [..., D]; queries/norm_weights [S, D] -> (outs: S x [..., D] in the input dtype, one
+    per query, lse [S, ...] fp32). One tensor per query, not one [S, ..., D]: each merge's gradient
+    then reaches the backward as it is, with no [S, ...] gradient assembled from select views."""
     if sources[0].is_cuda:
         from . import dispatch
 
         return dispatch.phase1_cuda(sources, queries, norm_weights, eps)
-    out, lse = reference.attn_res_phase1_reference(sources, queries, norm_weights, eps)
-    return out, lse.float() if sources[0].dtype != torch.float64 else lse
+    outs, lse = reference.attn_res_phase1_reference(sources, queries, norm_weights, eps)
+    return outs, lse.float() if sources[0].dtype != torch.float64 else lse
 
 
 @attn_res_phase1.register_fake
@@ -117,37 +119,36 @@ def _attn_res_phase1_fake(sources, queries, norm_weights, eps):
     reference._check_sources(sources, queries[0])
     S, lead = queries.shape[0], sources[0].shape[:-1]
     lse_dtype = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
-    out = sources[0].new_empty((S, *sources[0].shape))
-    return out, sources[0].new_empty((S, *lead), dtype=lse_dtype)
+    outs = [sources[0].new_empty(sources[0].shape) for _ in range(S)]
+    return outs, sources[0].new_empty((S, *lead), dtype=lse_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::attn_res_phase1_backward", mutates_args=())
 def attn_res_phase1_backward(
-    grad_out: Tensor,
+    grad_outs: List[Tensor],
     grad_lse: Tensor,
     sources: List[Tensor],
     queries: Tensor,
     norm_weights: Optional[Tensor],
     eps: float,
-    out: Tensor,
     lse: Tensor,
 ) -> List[Tensor]:
-    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty)]. ``out``/``lse`` are
-    the forward's outputs: the CUDA kernel takes the softmax weights from the saved lse (fp32) and
-    recomputes dout.out in fp32 (the saved ``out`` is rounded to the input dtype)."""
+    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty)]. ``lse`` is the forward's:
+    the CUDA kernel takes the softmax weights from it and recomputes each output in fp32 from the
+    sources (the forward saves no output)."""
     if sources[0].is_cuda:
         from . import dispatch
 
-        gs, gq, gw = dispatch.phase1_backward_cuda(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse)
+        gs, gq, gw = dispatch.phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse)
     else:
         from .reference_grads import attn_res_phase1_backward_reference
 
-        gs, gq, gw = attn_res_phase1_backward_reference(grad_out, grad_lse, sources, queries, norm_weights, eps)
+        gs, gq, gw = attn_res_phase1_backward_reference(grad_outs, grad_lse, sources, queries, norm_weights, eps)
     return gs + [gq, _or_empty(gw, queries)]
 
 
 @attn_res_phase1_backward.register_fake
-def _attn_res_phase1_backward_fake(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse):
+def _attn_res_phase1_backward_fake(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse):
     gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
     return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw]
 
@@ -156,18 +157,18 @@ def _phase1_setup_context(ctx, inputs, output):
     sources, queries, norm_weights, eps = inputs
     ctx.n, ctx.has_weight, ctx.eps = len(sources), norm_weights is not None, eps
     weights = [norm_weights] if norm_weights is not None else []
-    ctx.save_for_backward(*sources, queries, *weights, *output)
+    ctx.save_for_backward(*sources, queries, *weights, output[1])  # the lse, no output tensor
 
 
-def _phase1_backward(ctx, grad_out, grad_lse):
+def _phase1_backward(ctx, grad_outs, grad_lse):
     saved = ctx.saved_tensors
     sources, queries = list(saved[: ctx.n]), saved[ctx.n]
     norm_weights = saved[ctx.n + 1] if ctx.has_weight else None
-    out, lse = saved[-2], saved[-1]
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    lse = saved[-1]
+    grad_outs = [torch.zeros_like(sources[0]) if g is None else g for g in grad_outs]
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
     grads = torch.ops.residual_rewriter.attn_res_phase1_backward(
-        grad_out, grad_lse, sources, queries, norm_weights, ctx.eps, out, lse
+        grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, lse
     )
     return list(grads[: ctx.n]), grads[ctx.n], grads[ctx.n + 1] if ctx.has_weight else None, None
 

@@ -165,12 +165,12 @@ def attn_res_phase1_reference(
     queries: Tensor,
     norm_weights: Optional[Tensor] = None,
     eps: float = DEFAULT_EPS,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[list[Tensor], Tensor]:
     """Phase 1: every query of a block scores the completed blocks in one pass.
 
     sources: m tensors ``[..., D]``; queries ``[S, D]``; norm_weights ``[S, D]`` or None.
-    Returns ``(out [S, ..., D]`` in the sources' dtype — the softmax-normalised mixture over these
-    sources for each query — ``, lse [S, ...]`` float32/float64 — log-sum-exp of each query's scores).
+    Returns ``(outs`` — S tensors ``[..., D]`` in the sources' dtype, query j's softmax-normalised
+    mixture over these sources — ``, lse [S, ...]`` float32/float64 — log-sum-exp of each query's scores).
     """
     vs = _compute(sources)  # converted once for all queries
     outs, lses = [], []
@@ -180,7 +180,7 @@ def attn_res_phase1_reference(
         lse = torch.logsumexp(scores, dim=0)
         outs.append(_mix(vs, torch.exp(scores - lse)).to(sources[0].dtype))
         lses.append(lse)
-    return torch.stack(outs), torch.stack(lses)
+    return outs, torch.stack(lses)
 
 
 def attn_res_phase2_reference(

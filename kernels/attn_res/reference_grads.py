@@ -29,7 +29,7 @@ def _sum_tokens(x: Tensor) -> Tensor:
 
 
 def attn_res_phase1_backward_reference(
-    grad_out: Optional[Tensor],
+    grad_outs: Optional[Sequence[Tensor]],
     grad_lse: Optional[Tensor],
     sources: Sequence[Tensor],
     queries: Tensor,
@@ -37,6 +37,7 @@ def attn_res_phase1_backward_reference(
     eps: float,
 ) -> tuple[list[Tensor], Tensor, Optional[Tensor]]:
     """Gradients of ``attn_res_phase1_reference``: ``(grad_sources, grad_queries [S,D], grad_norm_weights)``.
+    ``grad_outs``: one gradient per query output (or None: zero).
 
     Per query j: ds_ji = a_ji (dout_j.v_i - dout_j.out_j + dlse_j) (softmax + log-sum-exp);
     dv_i = sum_j a_ji dout_j + r_i ds_ji (q'_j - n_i s_ji / D); dq'_j = sum_tokens sum_i ds_ji n_i.
@@ -54,7 +55,7 @@ def attn_res_phase1_backward_reference(
     for j in range(S):
         scores = torch.stack([(n * qg[j]).sum(-1) for _, n in parts])  # [m, ...]
         a = torch.softmax(scores, dim=0)  # [m, ...]
-        dout = grad_out[j].to(cd) if grad_out is not None else torch.zeros_like(vs[0])
+        dout = grad_outs[j].to(cd) if grad_outs is not None else torch.zeros_like(vs[0])
         out = sum(ai.unsqueeze(-1) * v for ai, v in zip(a, vs))  # [..., D]
         delta = (dout * out).sum(-1)  # [...]
         if grad_lse is not None:

@@ -1,17 +1,19 @@
 """Triton kernels for the paper's two-phase schedule (specs: ``attn_res_phase1_reference`` and
 ``attn_res_phase2_reference``; backward specs in ``reference_grads.py``).
 
-Phase 1, forward: the fused forward kernel of ``fused.py`` with S queries and the log-sum-exp
-epilogue. Its grid puts the S queries of one token tile next to each other, so the m completed-block
-sources of a tile are fetched from DRAM about once for all S queries (the rest hit L2).
+Phase 1, forward (``_phase1_fwd_kernel``): one program per token tile computes every query of the
+block, so the m completed-block sources of a tile are fetched from DRAM once for all S queries (the
+other queries re-read them from L1/L2). Each query's output is a tensor of its own (a tuple of
+output pointers): the merges' gradients come back as S tensors, and the backward assembles no
+[S, ..., D] gradient from ``select_backward``s.
 
-Phase 1, backward (``_phase1_bwd_kernel``): per token tile, every source tile is read once and its
-gradient accumulated in registers over the S queries:
-    ds_ji = a_ji (dout_j.v_i - delta_j),  delta_j = dout_j.out_j - dlse_j   (``_phase1_delta_kernel``)
-    dv_i  = sum_j a_ji dout_j + r_i ds_ji (q'_j - n_i s_ji / D)
-with a_ji = exp(s_ji - lse_j) from the SAVED lse (fp32, exact enough); delta_j is recomputed from the
-sources in fp32 by a pre-pass rather than taken from the saved output, which is rounded to the input dtype.
-dq'_j is reduced over tokens into a [programs, S, D] fp32 partial (one row per persistent program,
+Phase 1, backward (``_phase1_bwd_kernel``), one kernel, per token tile:
+  sweep 1 (DRAM): delta_j = dout_j.out_j - dlse_j = sum_i a_ji dout_j.v_i - dlse_j, with
+      a_ji = exp(s_ji - lse_j) from the SAVED lse (fp32) and the sources, into a per-token fp32 scratch;
+  sweep 2 (the same tile again, from L2): every source's gradient, accumulated over the S queries,
+      ds_ji = a_ji (dout_j.v_i - delta_j);  dv_i = sum_j a_ji dout_j + r_i ds_ji (q'_j - n_i s_ji / D).
+The forward saves only the sources and the lse (per-token fp32 scalars), no output or key tensors.
+dq'_j is reduced over tokens into a [programs, S, D] fp32 partial (one slab per persistent program,
 summed by torch in fixed order: deterministic).
 
 Phase 2 (``_phase2_fwd_kernel`` / ``_phase2_bwd_kernel``): a two-way online-softmax merge of the
@@ -30,36 +32,45 @@ import torch
 from torch import Tensor
 
 from . import _launch as L
-from .fused import _online_mix, _query_row, _rms_norm_backward, _store_rms_normed, forward_launch, triton, tl
+from .fused import _online_mix, _prepare, _query_row, _rms_norm_backward, _store_rms_normed, triton, tl
 
 
 @triton.jit
-def _phase1_delta_kernel(
+def _phase1_fwd_kernel(
     srcs, strides,  # m pointers to [T, D] rows
     q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
-    dout_ptr,  # [S, T, D] contiguous
-    dlse_ptr,  # [S, T] fp32
-    delta_ptr,  # [S, T] fp32 out: dout_j . out_j - dlse_j, with out_j recomputed in fp32
-    T, D, S, eps,
-    N: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    outs,  # S pointers to [T, D] contiguous outputs, one per query (input dtype)
+    lse_ptr,  # [S, T] fp32
+    T, D, eps,
+    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Why recompute instead of using the saved (rounded) output: with bf16 outputs, dout.out carries
-    # the output's rounding error into every ds_ji, and the query gradient sums it over all tokens
-    # (measured: 2.6% vs 2e-6 relative error of d queries). Same grid as the forward.
-    pid = tl.program_id(0)
-    pid_q = pid % S
-    rows = (pid // S) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # One program per token tile computes every query: the tile's sources come from DRAM for the
+    # first query and from L1/L2 for the others. Each query's output is a tensor of its own, so the
+    # merges' gradients come back as S tensors and the backward assembles no [S, T, D] gradient.
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < T
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
-    q64 = pid_q.to(tl.int64)
-    q = _query_row(q_ptr, w_ptr, q64 * D, cols, cmask, HAS_W)
-    m, l, acc = _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N, BLOCK_T, BLOCK_D)
-    dout = tl.load(dout_ptr + q64 * T * D + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dlse = tl.load(dlse_ptr + q64 * T + rows64, mask=rmask, other=0.0)
-    tl.store(delta_ptr + q64 * T + rows64, tl.sum(dout * acc, 1) / l - dlse, mask=rmask)
+    offs = rows64[:, None] * D + cols[None, :]
+    for j in tl.static_range(S):
+        q = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
+        m, l, acc = _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N, BLOCK_T, BLOCK_D)
+        tl.store(outs[j] + offs, (acc / l[:, None]).to(outs[j].dtype.element_ty), mask=mask)
+        tl.store(lse_ptr + j * T + rows64, m + tl.log(l), mask=rmask)
+
+
+@triton.jit
+def _pick(ptrs, strides, j, S: tl.constexpr):
+    """(ptrs[j], strides[j]) for a RUNTIME j: the loops over queries stay loops (unrolled, they
+    kept every query's rows live: 183 registers at D=2048 with 4 queries against 80 with one)."""
+    p = ptrs[0]
+    st = strides[0]
+    for k in tl.static_range(1, S):
+        p = tl.where(j == k, ptrs[k], p)
+        st = tl.where(j == k, strides[k], st)
+    return p, st
 
 
 @triton.jit
@@ -67,11 +78,12 @@ def _phase1_bwd_kernel(
     srcs, strides,  # m pointers to [T, D] rows
     dsrcs,  # m pointers to [T, D] contiguous gradients
     q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
-    dout_ptr,  # [S, T, D] contiguous
-    lse_ptr, delta_ptr,  # [S, T] fp32 each
+    douts, dout_strides,  # S pointers to [T, D] rows: each query's output gradient
+    dlse_ptr, lse_ptr,  # [S, T] fp32 each
+    delta_ptr,  # [S, T] fp32 scratch: delta_j of the current tile, written by sweep 1, read by sweep 2
     dqg_ptr,  # [programs, S, D] fp32, zero-initialised, one slab per program
-    T, D, S, eps, num_tiles,
-    N: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    T, D, eps, num_tiles,
+    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -83,25 +95,58 @@ def _phase1_bwd_kernel(
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)
         offs = rows64[:, None] * D + cols[None, :]
+        # Sweep 1 (sources and douts from DRAM): delta_j = dout_j . out_j - dlse_j with out_j
+        # recomputed in fp32 from the sources and the saved lse. Not from a saved output: rounded to
+        # bf16, dout.out carries its error into every ds_ji, and d query sums it over all tokens
+        # (measured: 2.6% vs 2e-6 relative error of d queries).
+        # Every tile load in the unrolled loops below is predicated on `gate >= -inf`, gate being the
+        # latest per-token result (always true, opaque to the compiler), so the loops cannot hoist
+        # the S x N tile loads to their top (see _online_mix): only a few tiles are live at a time.
+        gate = tl.zeros([BLOCK_T], tl.float32)
+        for j in range(S):
+            qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
+            lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
+            live = mask & (gate >= float("-inf"))[:, None]
+            dptr, dstride = _pick(douts, dout_strides, j, S)
+            dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0)
+            dout = dout.to(tl.float32)
+            dot = tl.zeros([BLOCK_T], tl.float32)
+            for i in tl.static_range(N):
+                live = mask & (gate >= float("-inf"))[:, None]
+                v = tl.load(srcs[i] + rows64[:, None] * strides[i] + cols[None, :], mask=live, other=0.0)
+                v = v.to(tl.float32)
+                s = tl.sum(v * qj[None, :], 1) * tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+                dot += tl.exp(s - lse) * tl.sum(dout * v, 1)
+                gate = dot
+            dlse = tl.load(dlse_ptr + j * T + rows64, mask=rmask, other=0.0)
+            tl.store(delta_ptr + j * T + rows64, dot - dlse, mask=rmask)
+        tl.debug_barrier()  # sweep 2 reads delta rows that other threads of this program wrote
+        # Sweep 2 (the tile again, from L2): every source's gradient, accumulated over the queries
+        #   ds_ji = a_ji (dout_j.v_i - delta_j);  dv_i = sum_j a_ji dout_j + r_i ds_ji (q'_j - n_i s_ji / D)
         for i in tl.static_range(N):
-            v = tl.load(srcs[i] + rows64[:, None] * strides[i] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            live = mask & (gate >= float("-inf"))[:, None]
+            v = tl.load(srcs[i] + rows64[:, None] * strides[i] + cols[None, :], mask=live, other=0.0).to(tl.float32)
             r = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
             n = v * r[:, None]
             dv = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
             for j in range(S):
-                j64 = tl.cast(j, tl.int64)
-                qj = _query_row(q_ptr, w_ptr, j64 * D, cols, cmask, HAS_W)
+                qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
                 s = tl.sum(n * qj[None, :], 1)
-                lse = tl.load(lse_ptr + j64 * T + rows64, mask=rmask, other=0.0)
-                delta = tl.load(delta_ptr + j64 * T + rows64, mask=rmask, other=0.0)
-                dout = tl.load(dout_ptr + j64 * T * D + offs, mask=mask, other=0.0).to(tl.float32)
+                lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
+                delta = tl.load(delta_ptr + j * T + rows64, mask=rmask, other=0.0)
+                live = mask & (gate >= float("-inf"))[:, None]
+                dptr, dstride = _pick(douts, dout_strides, j, S)
+                dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0)
+                dout = dout.to(tl.float32)
                 a = tl.exp(s - lse)
                 ds = a * (tl.sum(dout * v, 1) - delta)
+                gate = ds
                 dv += a[:, None] * dout + (r * ds)[:, None] * (qj[None, :] - n * (s / D)[:, None])
                 # read-modify-write of this program's own slab: no other program touches it
-                pp = dqg_ptr + (pid.to(tl.int64) * S + j64) * D + cols
+                pp = dqg_ptr + (pid.to(tl.int64) * S + j) * D + cols
                 tl.store(pp, tl.load(pp, mask=cmask, other=0.0) + tl.sum(ds[:, None] * n, 0), mask=cmask)
             tl.store(dsrcs[i] + offs, dv.to(dsrcs[i].dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # the next tile's sweep 1 overwrites delta rows this sweep just read
 
 
 @triton.jit
@@ -236,39 +281,53 @@ def _query_grads(d_qg: Tensor, query: Tensor, norm_weight: Optional[Tensor]):
 
 
 def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float):
-    """(out [S, ..., D] in the sources' dtype, lse [S, ...] fp32)."""
-    out, lse, _ = forward_launch(sources, queries, norm_weights, eps, 1.0, store_lse=True, what="attn_res_phase1")
-    S, lead = queries.shape[0], sources[0].shape[:-1]
-    return out.view(S, *sources[0].shape), lse.view(S, *lead)
+    """(outs: S tensors [..., D] in the sources' dtype, one per query; lse [S, ...] fp32)."""
+    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1", queries, norm_weights)
+    if norm_weights is not None and norm_weights.shape != queries.shape:
+        raise ValueError(f"attn_res_phase1: norm weights {tuple(norm_weights.shape)} must match queries "
+                         f"{tuple(queries.shape)}")
+    S, shape, dev = queries.shape[0], sources[0].shape, rows[0].device
+    outs = [L.empty(shape, rows[0].dtype, dev) for _ in range(S)]
+    lse = L.empty((S, T), torch.float32, dev)
+    if T > 0:
+        BT, BD, warps = L.tile(T, D, max_warps=32)  # as the single-query forward (_launch.py)
+        q = queries.contiguous()
+        w = norm_weights.contiguous() if norm_weights is not None else None
+        _phase1_fwd_kernel[(triton.cdiv(T, BT),)](
+            tuple(rows), strides, q, w if w is not None else q, tuple(o.view(-1, D) for o in outs), lse,
+            T, D, float(eps), N=len(rows), S=S, HAS_W=w is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+        )
+    return outs, lse.view(S, *shape[:-1])
 
 
-def phase1_bwd(grad_out, grad_lse, sources, queries, norm_weights, eps, out, lse):
-    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None)."""
-    from .fused import _prepare
-
-    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1 backward", grad_out, norm_weights, lse)
+def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources, queries, norm_weights, eps, lse):
+    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None). ``grad_outs``: one
+    gradient per query output (any row strides); ``lse``: the forward's."""
+    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1 backward", *grad_outs, norm_weights, lse)
     S = queries.shape[0]
+    if len(grad_outs) != S:
+        raise ValueError(f"attn_res_phase1 backward: {len(grad_outs)} output gradients for {S} queries")
     dev, dt = rows[0].device, rows[0].dtype
     gsrc = [L.empty(s.shape, dt, dev) for s in sources]
-    dout = grad_out.reshape(S, T, D).contiguous()
+    douts = [L.as_rows(g) for g in grad_outs]
     dlse = grad_lse.reshape(S, T).float().contiguous() if grad_lse is not None else torch.zeros((S, T), device=dev)
-    delta = L.empty((S, T), torch.float32, dev)  # dout_j . out_j - dlse_j, out_j in fp32
-    BT, BD, warps = L.tile(T, D)
+    delta = L.empty((S, T), torch.float32, dev)  # per-token scratch of the kernel's two sweeps
+    # One token per program on a GPU, 8 warps up to hidden 4096: with 16 warps (a 128-register cap)
+    # the two sweeps spilled 8-48 bytes; with 8 they take 88 (hidden 2048, 4 blocks, 4 queries) to 146
+    # registers (4096, 8 blocks), no spills (kernel_resources.py). Wider rows get 16 warps.
+    BD = L.next_pow2(D)
+    BT, BD, warps = L.tile(T, D, budget=None if L.interpreting() else BD, max_warps=8 if BD <= 4096 else 16)
     num_tiles = triton.cdiv(T, BT)
     P = L.num_programs(num_tiles, dev)
     dqg = torch.zeros((P, S, D), dtype=torch.float32, device=dev)  # accumulated in place: must start at 0
     if T > 0:
-        q = queries.contiguous()
-        w = norm_weights.contiguous() if norm_weights is not None else None
-        _phase1_delta_kernel[(num_tiles * S,)](
-            tuple(rows), strides, q, w if w is not None else q, dout, dlse, delta,
-            T, D, S, float(eps), N=len(rows), HAS_W=w is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
-        )
+        qg = queries.float() * norm_weights.float() if norm_weights is not None else queries.float()
+        qg = qg.contiguous()  # q' = q * g [S, D] fp32: one row load per query in the kernel
         _phase1_bwd_kernel[(P,)](
-            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), q, w if w is not None else q,
-            dout, lse.reshape(S, T).float().contiguous(), delta, dqg,
-            T, D, S, float(eps), num_tiles,
-            N=len(rows), HAS_W=w is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), qg, qg,
+            tuple(douts), tuple(int(d.stride(0)) for d in douts), dlse, lse.reshape(S, T).float().contiguous(),
+            delta, dqg, T, D, float(eps), num_tiles,
+            N=len(rows), S=S, HAS_W=False, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), queries, norm_weights)
     return gsrc, gq, gw

@@ -4,8 +4,8 @@ Inside block n every sublayer reads the same completed blocks ``C = [b_0 .. b_{n
 also reads the running partial block ``p_i``. Queries are parameters, not activations, so the scores
 of ALL the block's queries against C can be computed in one pass before the block runs:
 
-    out, lse = attn_res_phase1(C, stack([q_0 .. q_{S-1}]), stack([g_0 ..]), eps)   # reads C once
-    h_i = attn_res_phase2(out[i], lse[i], p_i or None, q_i, g_i, eps, scale_i)       # per sublayer
+    outs, lse = attn_res_phase1(C, stack([q_0 .. q_{S-1}]), stack([g_0 ..]), eps)  # reads C once
+    h_i = attn_res_phase2(outs[i], lse[i], p_i or None, q_i, g_i, eps, scale_i)      # per sublayer
 
 ``attn_res_phase2`` merges with the partial block by online softmax, so ``h_i`` equals the original
 ``attn_res(C + [p_i], q_i, g_i, eps, scale_i)`` (the library ops' spec; tested).
@@ -139,12 +139,12 @@ class BatchTwoPhase(CountingPass):
             q_stack = graph.call_function(torch.stack, (q_nodes,))  # [S, D]
             g_stack = graph.call_function(torch.stack, (g_nodes,)) if g_nodes is not None else None  # [S, D]
             p1 = graph.call_function(op(PHASE1), (list(group.shared), q_stack, g_stack, group.eps))
-            out = graph.call_function(operator.getitem, (p1, 0))  # [S, ..., D]
+            outs = graph.call_function(operator.getitem, (p1, 0))  # S x [..., D]
             lse = graph.call_function(operator.getitem, (p1, 1))  # [S, ...] fp32
-            new_nodes += [q_stack] + ([g_stack] if g_stack is not None else []) + [p1, out, lse]
+            new_nodes += [q_stack] + ([g_stack] if g_stack is not None else []) + [p1, outs, lse]
         for j, agg in enumerate(members):
             with graph.inserting_before(agg.node):
-                o_j = graph.call_function(torch.select, (out, 0, j))  # [..., D]
+                o_j = graph.call_function(operator.getitem, (outs, j))  # [..., D]
                 l_j = graph.call_function(torch.select, (lse, 0, j))  # [...]
                 h = graph.call_function(
                     op(PHASE2), (o_j, l_j, partial_of[agg.node], agg.query, agg.norm_weight, agg.eps, agg.scale)

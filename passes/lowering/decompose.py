@@ -81,7 +81,7 @@ def _with_out_norm(mix, out_norm_weight, out_eps, return_mix, dtype, cd):
 
 
 def attn_res_phase1(sources, queries, norm_weights: Optional[object], eps: float, *, dtype, num_queries: int):
-    """= attn_res_phase1_reference: (out [S, ..., D] in dtype, lse [S, ...] fp32/fp64).
+    """= attn_res_phase1_reference: (outs: S x [..., D] in dtype, lse [S, ...] fp32/fp64).
 
     The sources are RMS-normalised once and shared by every query (the reference recomputes them
     per query; the values are identical)."""
@@ -95,7 +95,7 @@ def attn_res_phase1(sources, queries, norm_weights: Optional[object], eps: float
         lse = torch.logsumexp(scores, dim=0)  # [...]
         outs.append(_to(_mix(xs, torch.exp(scores - lse)), dtype, cd))
         lses.append(lse)
-    return torch.stack(outs), torch.stack(lses)
+    return outs, torch.stack(lses)
 
 
 def _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, cd):

@@ -74,10 +74,18 @@ def decompose_node(gm: fx.GraphModule, node: fx.Node) -> None:
     infer_meta(new_nodes)
     if isinstance(result, tuple):  # phase1 / the normed ops: rewire each `node[i]` reader
         readers = getitem_users(node)
+        done = []
         for i, users in readers.items():
             for u in users:
-                u.replace_all_uses_with(result[i].node)
-        erase_unused([u for users in readers.values() for u in users] + [node])
+                if isinstance(result[i], list):  # phase 1's per-query outputs: rewire each `node[i][j]`
+                    for j, inner in getitem_users(u).items():
+                        for w in inner:
+                            w.replace_all_uses_with(result[i][j].node)
+                        done += inner
+                else:
+                    u.replace_all_uses_with(result[i].node)
+                done.append(u)
+        erase_unused(done + [node])
     else:
         node.replace_all_uses_with(result.node)
         erase_unused([node])

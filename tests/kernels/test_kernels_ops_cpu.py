@@ -146,14 +146,17 @@ def test_phase1_op(with_weight):
     G = [(1 + 0.5 * _leaf(3, D, seed=11)).detach().requires_grad_(True)] if with_weight else []
     ins = srcs + [Q] + G
 
-    def op(*t):
-        return OPS.attn_res_phase1(list(t[:3]), t[3], t[4] if with_weight else None, EPS)
+    def op(*t):  # flat: (out_0, .., out_{S-1}, lse)
+        outs, lse = OPS.attn_res_phase1(list(t[:3]), t[3], t[4] if with_weight else None, EPS)
+        return (*outs, lse)
 
     def formula(*t):
-        return f_phase1(list(t[:3]), t[3], t[4] if with_weight else None, EPS)
+        out, lse = f_phase1(list(t[:3]), t[3], t[4] if with_weight else None, EPS)
+        return (*out.unbind(0), lse)
 
-    out, lse = op(*ins)
-    assert out.shape == (3, *SHAPE) and lse.shape == (3, *SHAPE[:-1])
+    *outs, lse = op(*ins)
+    assert [o.shape for o in outs] == [SHAPE] * 3 and lse.shape == (3, *SHAPE[:-1])
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 3  # one tensor per query, no shared buffer
     _check(op, formula, ins, with_weight)
 
 

@@ -51,23 +51,26 @@ def _param_tier(dtype):
     ],
 )
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_phase1(monkeypatch, shape, m, S, dtype, with_weight):
+def test_phase1(monkeypatch, shape, m, S, dtype, with_weight, kernels=("_phase1_fwd_kernel", "_phase1_bwd_kernel")):
     sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(m)]
     D = shape[-1]
     Q = _rand(S, D, seed=100, shift=0.0) * 0.25
     G = (1 + 0.3 * _rand(S, D, seed=101, shift=0.0)) if with_weight else None
-    with spy_on(monkeypatch, fused, "_fwd_kernel"):
-        out, lse = dispatch.phase1_cuda(sources, Q, G, 1e-6)
+    with spy_on(monkeypatch, two_phase, kernels[0]):
+        outs, lse = dispatch.phase1_cuda(sources, Q, G, 1e-6)
     s64, Q64, G64 = [s.to(F64) for s in sources], Q.to(F64), (G.to(F64) if G is not None else None)
-    ro, rl = attn_res_phase1_reference(s64, Q64, G64, 1e-6)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_close_tier(out, ro, dtype, "out", "phase1 out")
+    ros, rl = attn_res_phase1_reference(s64, Q64, G64, 1e-6)
+    assert len(outs) == S and lse.dtype == torch.float32
+    for j, (o, ro) in enumerate(zip(outs, ros)):
+        assert o.dtype == dtype
+        assert_close_tier(o, ro, dtype, "out", f"phase1 out {j}")
     assert_close_tier(lse, rl, torch.float32, "out", "phase1 lse")
-    dout = _rand(*out.shape, dtype=dtype, seed=7, shift=0.0)
+    # one gradient per query, as the merges hand them back; every other one non-contiguous
+    douts = [_rand(*shape[:-1], D + 8 * (j % 2), dtype=dtype, seed=7 + j, shift=0.0)[..., :D] for j in range(S)]
     dlse = _rand(*lse.shape, seed=8, shift=0.0)
-    with spy_on(monkeypatch, two_phase, "_phase1_delta_kernel", "_phase1_bwd_kernel"):
-        gs, gq, gw = dispatch.phase1_backward_cuda(dout, dlse, sources, Q, G, 1e-6, out, lse)
-    rgs, rgq, rgw = attn_res_phase1_backward_reference(dout.to(F64), dlse.to(F64), s64, Q64, G64, 1e-6)
+    with spy_on(monkeypatch, two_phase, kernels[1]):
+        gs, gq, gw = dispatch.phase1_backward_cuda(douts, dlse, sources, Q, G, 1e-6, lse)
+    rgs, rgq, rgw = attn_res_phase1_backward_reference([d.to(F64) for d in douts], dlse.to(F64), s64, Q64, G64, 1e-6)
     for i, (a, b) in enumerate(zip(gs, rgs)):
         assert a.dtype == dtype
         assert_close_tier(a, b, dtype, "grad", f"grad source {i}")
@@ -89,23 +92,26 @@ def test_phase1_in_chunks(monkeypatch, dtype):
 @pytest.mark.parametrize("with_weights", [True, False])
 def test_normed_in_chunks(monkeypatch, with_weights):
     monkeypatch.setattr(_launch, "MAX_SOURCES", 2)
-    _check_normed(monkeypatch, (7, 200), 5, torch.float32, with_weights, bwd_kernel=(two_phase, "_phase1_bwd_kernel"))
+    _check_normed(monkeypatch, (7, 200), 5, torch.float32, with_weights, bwd_kernel=(two_phase, "_phase1_bwd_kernel"),
+                  fwd_kernel=(two_phase, "_phase1_fwd_kernel"))
 
 
 def test_phase1_non_contiguous_sources(monkeypatch):
     sources = [_rand(14, 100, seed=i)[::2, :96] for i in range(3)]  # token stride 200, row-padded
     Q = _rand(2, 96, seed=3, shift=0.0) * 0.3
-    with spy_on(monkeypatch, fused, "_fwd_kernel"):
-        out, lse = two_phase.phase1_fwd(sources, Q, None, 1e-6)
+    with spy_on(monkeypatch, two_phase, "_phase1_fwd_kernel"):
+        outs, lse = two_phase.phase1_fwd(sources, Q, None, 1e-6)
     s64 = [s.to(F64) for s in sources]
-    ro, rl = attn_res_phase1_reference(s64, Q.to(F64), None, 1e-6)
-    assert_close_tier(out, ro, torch.float32)
+    ros, rl = attn_res_phase1_reference(s64, Q.to(F64), None, 1e-6)
+    for o, ro in zip(outs, ros):
+        assert_close_tier(o, ro, torch.float32)
     assert_close_tier(lse, rl, torch.float32)
-    dout = _rand(2, 7, 104, seed=7, shift=0.0)[..., :96]  # non-contiguous upstream gradients too
+    douts = list(_rand(2, 7, 104, seed=7, shift=0.0)[..., :96])  # non-contiguous upstream gradients too
     dlse = _rand(2, 14, seed=8, shift=0.0)[:, ::2]
-    with spy_on(monkeypatch, two_phase, "_phase1_delta_kernel", "_phase1_bwd_kernel"):
-        gs, gq, gw = dispatch.phase1_backward_cuda(dout, dlse, sources, Q, None, 1e-6, out, lse)
-    rgs, rgq, _ = attn_res_phase1_backward_reference(dout.to(F64), dlse.to(F64), s64, Q.to(F64), None, 1e-6)
+    with spy_on(monkeypatch, two_phase, "_phase1_bwd_kernel"):
+        gs, gq, gw = dispatch.phase1_backward_cuda(douts, dlse, sources, Q, None, 1e-6, lse)
+    rgs, rgq, _ = attn_res_phase1_backward_reference([d.to(F64) for d in douts], dlse.to(F64), s64, Q.to(F64), None,
+                                                     1e-6)
     for i, (a, b) in enumerate(zip(gs, rgs)):
         assert_close_tier(a, b, torch.float32, "grad", f"grad source {i}")
     assert_close_tier(gq, rgq, torch.float32, "grad", "grad queries")
@@ -146,7 +152,7 @@ def test_two_phase_composes_to_the_single_pass(monkeypatch):
     blocks = [_rand(9, 96, seed=i) for i in range(4)]
     partial = _rand(9, 96, seed=10)
     Q = _rand(3, 96, seed=11, shift=0.0) * 0.3
-    with spy_on(monkeypatch, fused, "_fwd_kernel"):
+    with spy_on(monkeypatch, two_phase, "_phase1_fwd_kernel"):
         out, lse = two_phase.phase1_fwd(blocks, Q, None, 1e-6)
     for j in range(3):
         with spy_on(monkeypatch, two_phase, "_phase2_fwd_kernel"):
@@ -163,13 +169,13 @@ def test_normed(monkeypatch, shape, n, dtype, with_weights):
     _check_normed(monkeypatch, shape, n, dtype, with_weights, bwd_kernel=(fused, "_bwd_kernel"))
 
 
-def _check_normed(monkeypatch, shape, n, dtype, with_weights, bwd_kernel):
+def _check_normed(monkeypatch, shape, n, dtype, with_weights, bwd_kernel, fwd_kernel=(fused, "_fwd_kernel")):
     sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(n)]
     D = shape[-1]
     q = _rand(D, seed=20, shift=0.0) * 0.3
     w = (1 + 0.3 * _rand(D, seed=21, shift=0.0)) if with_weights else None
     wo = (1 + 0.3 * _rand(D, seed=22, shift=0.0)) if with_weights else None
-    with spy_on(monkeypatch, fused, "_fwd_kernel"):
+    with spy_on(monkeypatch, *fwd_kernel):
         mix, normed = dispatch.normed_cuda(sources, q, w, 1e-6, float(n), wo, 1e-5)
     s64 = [s.to(F64) for s in sources]
     w64, wo64 = (w.to(F64), wo.to(F64)) if with_weights else (None, None)
