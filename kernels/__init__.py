@@ -15,3 +15,4 @@ from .attn_res import (  # noqa: F401
     attn_res_triton,
     attn_res_weights_reference,
 )
+from . import partial_add  # noqa: F401,E402  (registers torch.ops.residual_rewriter.add_linear_)

@@ -13,7 +13,10 @@ What it does with each graph Dynamo captures (passes in ``passes/lowering/``, in
      followed by an RMSNorm -> ``attn_res_phase2_normed`` (so batched Block AttnRes sites are fused too;
      counted as ``fused`` / ``fused_phase2`` in the pass log); the mixture itself is not written when
      only the norm reads it (``mix_not_written``);
-  4. ``fuse_add``: the partial block's update ``prev + f`` and the phase-2 merge that reads it ->
+  4. ``accumulate_in_gemm`` (graphs compiled with grad disabled): ``p + linear(x, W)`` becomes
+     ``add_linear_(p, x, W)``, the partial block's add done in place by the output GEMM (cuBLAS
+     beta = 1; f never written); then
+     ``fuse_add``: the partial block's update ``prev + f`` and the phase-2 merge that reads it ->
      ``attn_res_phase2_add_normed`` (``fused_partial_add``): one [..., D] read fewer forward, the
      partial's gradient summed in the merge's backward kernel;
   5. ``lower``: on CUDA keep the ops (they run the Triton kernels); on CPU decompose them into torch
@@ -66,6 +69,8 @@ class AttnResBackendConfig:
         ``attn_res_phase2_normed`` for a phase-2 merge).
     fuse_add: fold the partial block's add into the fused merge that reads it
         (``attn_res_phase2_add_normed``; needs fuse_norm).
+    accumulate_in_gemm: in graphs compiled with grad disabled, do the partial block's add in place in
+        the sublayer's output GEMM (``add_linear_``, cuBLAS beta = 1); rounds the sum once, not twice.
     lower: "auto" (Triton ops on CUDA, decomposed torch math elsewhere), "triton" (raises unless
         every op can run the Triton kernels), "decompose", or None (keep the library ops as they are).
     compiler: "inductor", "aot_eager" or "eager" — what compiles the rewritten graph.
@@ -76,6 +81,7 @@ class AttnResBackendConfig:
     batch_two_phase: bool = True
     fuse_norm: bool = True
     fuse_add: bool = True
+    accumulate_in_gemm: bool = True
     lower: Optional[str] = "auto"
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
@@ -113,7 +119,8 @@ class AttnResBackend:
         # torch.compile(m, backend="attnres", options={...}) arrives here as `options`
         config = self.config.replace(**options) if options else self.config
         plog = run_passes(gm, batch_two_phase=config.batch_two_phase, fuse_norm=config.fuse_norm,
-                          fuse_add=config.fuse_add, lower=config.lower)
+                          fuse_add=config.fuse_add, accumulate_in_gemm=config.accumulate_in_gemm,
+                          lower=config.lower)
         self.logs.append(plog)
         if config.keep_graphs:
             self.graphs.append(copy.deepcopy(gm.graph))

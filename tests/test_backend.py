@@ -35,7 +35,10 @@ def _fresh_dynamo():
 def compile_with_passes(model, *inputs, **options):
     """Run ``model`` through the backend with ``compiler="eager"``: the passes' output graph runs as is
     (library ops with their own implementations, or the decomposed math). Returns (output, backend);
-    ``backend.graphs[-1]`` is the rewritten graph."""
+    ``backend.graphs[-1]`` is the rewritten graph. The ops counted here are the training graph's:
+    no_grad only saves work, so the no_grad-only ``accumulate_in_gemm`` is off unless asked for
+    (tests/test_gemm_accumulate.py)."""
+    options.setdefault("accumulate_in_gemm", False)
     backend = make_attnres_backend(compiler="eager", keep_graphs=True, **options)
     with torch.no_grad():
         out = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
@@ -442,6 +445,11 @@ def test_traffic_model_counts_what_each_pass_saves():
     assert full["ops"] == {"attn_res_phase1": 1, "attn_res_phase2_normed": 1, "attn_res_phase2_add_normed": 5}
     assert full["fwd"] < no_add["fwd"] < no_norm["fwd"]
     assert full["fwd"] + full["bwd"] < no_add["fwd"] + no_add["bwd"] < no_norm["fwd"] + no_norm["bwd"]
+    # under no_grad the 5 partial adds are done by their output GEMMs (which read p: 1 pass), and the
+    # 5 merges that fused them read (o, p) and write the normed form only (3 passes, not 5): -1 each
+    no_gemm = rows["-accumulate_in_gemm"]
+    assert full["nograd_gemm_adds"] == 5 and no_gemm["nograd_gemm_adds"] == 0
+    assert full["extra_nograd"] == no_gemm["extra_nograd"] - 5
 
 
 @pytest.mark.parametrize("lower", [None, "decompose"])

@@ -15,7 +15,8 @@ and the residual gradient's sum read (dnormed, x + f, the stream gradient) and w
     python benchmarks/backend/traffic_model.py                         # the H100 backend benchmark's model
     python benchmarks/backend/traffic_model.py --layers 32 --num-blocks 8 --hidden 4096
 
-Prints, per backend variant, the passes per forward and per training step, the floor in ms at the
+Prints, per backend variant, the passes per forward (training graph, and the graph compiled under
+``torch.no_grad``, which the forward benchmark runs) and per training step, the floor in ms at the
 given copy bandwidth, and that floor as a share of the original's measured times when given.
 """
 from __future__ import annotations
@@ -29,9 +30,11 @@ import torch
 import residual_rewriter as rr
 from residual_rewriter.backend import make_attnres_backend
 from residual_rewriter.passes.lowering.common import library_op, value
+from residual_rewriter.passes.op_names import op_name
 
 VARIANTS = {
     "all passes": {},
+    "-accumulate_in_gemm": {"accumulate_in_gemm": False},
     "-fuse_add": {"fuse_add": False},
     "-fuse_norm": {"fuse_norm": False},
     "-batch": {"batch_two_phase": False},
@@ -59,9 +62,10 @@ def op_passes(node) -> tuple[int, int]:
         return fwd + norm_fwd, bwd + norm_bwd
     if name == "attn_res_phase1":
         m, S = len(args[0]), int(value(args[1]).shape[0])
-        # bwd: delta pre-pass (m, S douts); main pass (m, S douts) -> m grads; and the [S, ...] dout
-        # itself, assembled from the S merges' gradients of their select views (S reads, S writes)
-        return m + S, (m + S) + (m + S) + m + 2 * S
+        # fwd: m sources -> S outputs. bwd: one kernel; its first sweep reads the m sources and the S
+        # douts (one tensor per query: nothing assembled), its second re-reads the tile from L2
+        # (not counted) and writes m gradients
+        return m + S, (m + S) + m
     has_p = args[2] is not None
     if name == "attn_res_phase2":
         return 1 + has_p + 1 + norm_fwd, 1 + 1 + has_p + 1 + has_p + norm_bwd  # (dy, o, p) -> (d o, d p)
@@ -77,39 +81,48 @@ def converted_passes(graph: torch.fx.Graph, stream_shape) -> dict:
     """Forward and backward passes of the AttnRes ops and the stream's adds in one rewritten graph."""
     ops = [n for n in graph.nodes if library_op(n)]
     adds = [n for n in graph.nodes if n.op == "call_function" and n.target in _ADDS and _is_stream(n, stream_shape)]
+    # the partial block's add done by the output GEMM in place (no_grad graphs): the GEMM reads the
+    # partial in its epilogue (1 pass); its write replaces the original's write of f
+    gemm_adds = [n for n in graph.nodes if n.op == "call_function" and op_name(n) == "residual_rewriter::add_linear_"]
     fwd = bwd = 0
     for n in ops:
         f, b = op_passes(n)
         fwd, bwd = fwd + f, bwd + b
-    fwd += 3 * len(adds)
+    fwd += 3 * len(adds) + len(gemm_adds)
     readers = Counter()  # stream tensors read by several ops/adds get several gradients, summed once
     for n in ops + adds:
         for a in n.all_input_nodes:
             if _is_stream(a, stream_shape):
                 readers[a] += 1
     bwd += sum(k + 1 for k in readers.values() if k > 1)
-    return {"ops": Counter(library_op(n).split("::")[1] for n in ops), "adds": len(adds), "fwd": fwd, "bwd": bwd}
+    return {"ops": Counter(library_op(n).split("::")[1] for n in ops), "adds": len(adds), "gemm_adds": len(gemm_adds),
+            "fwd": fwd, "bwd": bwd}
 
 
-def graphs_of(layers: int, num_blocks: int, options: dict):
+def graphs_of(layers: int, num_blocks: int, options: dict, grad: bool = True):
+    """The graph the backend emits for the benchmark's model in training (``grad``) or under no_grad."""
     from bench_backend import llama_like
 
     torch.manual_seed(0)
-    model = rr.convert(llama_like(layers, 64), num_blocks=num_blocks).train()
+    model = rr.convert(llama_like(layers, 64), num_blocks=num_blocks).train(grad)
     backend = make_attnres_backend(compiler="eager", lower=None, keep_graphs=True, **options)
     ids = torch.randint(0, 4096, (1, 8))
     torch._dynamo.reset()
-    torch.compile(model, backend=backend)(ids)
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend=backend)(ids)
     return backend.graphs[-1], (1, 8, 64), len(model.report.plan.sites)
 
 
 def extra_passes(layers: int, num_blocks: int, options: dict | None = None) -> dict:
     """What one backend variant (``options``) adds over the original, in passes: the converted graph's
-    counts (``converted_passes``) minus the original's 4 per sublayer forward and 4 backward."""
+    counts (``converted_passes``) minus the original's 4 per sublayer forward and 4 backward; the
+    training graph for the step, the no_grad graph (what the forward benchmark runs) for ``extra_nograd``."""
     graph, shape, sites = graphs_of(layers, num_blocks, options or {})
     c = converted_passes(graph, shape)
+    nograd = converted_passes(graphs_of(layers, num_blocks, options or {}, grad=False)[0], shape)
     orig_fwd, orig_bwd = 4 * sites, 4 * sites  # per sublayer: fused add + RMSNorm, and its backward
-    return dict(c, sites=sites, extra_fwd=c["fwd"] - orig_fwd, extra_train=c["fwd"] + c["bwd"] - orig_fwd - orig_bwd)
+    return dict(c, sites=sites, extra_fwd=c["fwd"] - orig_fwd, extra_train=c["fwd"] + c["bwd"] - orig_fwd - orig_bwd,
+                nograd_ops=dict(nograd["ops"]), nograd_gemm_adds=nograd["gemm_adds"], extra_nograd=nograd["fwd"] - orig_fwd)
 
 
 def _percent(ms: float, of_ms: float) -> str:
@@ -131,18 +144,24 @@ def main(argv=None):
     pass_ms = args.tokens * args.hidden * args.bytes / (args.copy_gbps * 1e9) * 1e3
     print(f"{args.layers} layers, {args.num_blocks} blocks, hidden {args.hidden}, {args.tokens} tokens: one pass "
           f"= {args.tokens * args.hidden * args.bytes / 2**20:.0f} MiB = {pass_ms * 1e3:.1f} us at {args.copy_gbps:.0f} GB/s\n")
-    print(f"{'variant':12} {'ops':64} {'fwd':>5} {'+fwd':>5} {'ms':>6} {'%fwd':>6} {'train':>6} {'+train':>6} {'ms':>6} {'%train':>6}")
+    print(f"{'variant':20} {'ops (training graph)':58} {'+fwd':>5} {'+nograd':>7} {'ms':>6} {'%fwd':>6} "
+          f"{'+train':>6} {'ms':>6} {'%train':>6}")
     rows = []
     for name, options in VARIANTS.items():
         c = extra_passes(args.layers, args.num_blocks, options)
-        sites, extra_fwd, extra_train = c["sites"], c["extra_fwd"], c["extra_train"]
-        row = dict(variant=name, ops=dict(c["ops"]), adds=c["adds"], fwd=c["fwd"], bwd=c["bwd"], extra_fwd=extra_fwd,
-                   extra_train=extra_train, extra_fwd_ms=extra_fwd * pass_ms, extra_train_ms=extra_train * pass_ms)
+        sites, extra_nograd, extra_train = c["sites"], c["extra_nograd"], c["extra_train"]
+        row = dict(variant=name, ops=dict(c["ops"]), adds=c["adds"], fwd=c["fwd"], bwd=c["bwd"], extra_fwd=c["extra_fwd"],
+                   extra_nograd=extra_nograd, nograd_ops=c["nograd_ops"], nograd_gemm_adds=c["nograd_gemm_adds"],
+                   extra_train=extra_train, extra_nograd_ms=extra_nograd * pass_ms, extra_train_ms=extra_train * pass_ms)
         rows.append(row)
         ops = ", ".join(f"{k.replace('attn_res_', '')} {v}" for k, v in sorted(c["ops"].items())) + f", adds {c['adds']}"
-        print(f"{name:12} {ops:64} {c['fwd']:5} {extra_fwd:5} {row['extra_fwd_ms']:6.2f} "
-              f"{_percent(row['extra_fwd_ms'], args.original_fwd_ms)} {c['fwd'] + c['bwd']:6} {extra_train:6} "
+        print(f"{name:20} {ops:58} {c['extra_fwd']:5} {extra_nograd:7} {row['extra_nograd_ms']:6.2f} "
+              f"{_percent(row['extra_nograd_ms'], args.original_fwd_ms)} {extra_train:6} "
               f"{row['extra_train_ms']:6.2f} {_percent(row['extra_train_ms'], args.original_train_ms)}")
+    print("\n+fwd: the training graph's forward; +nograd: the graph compiled under torch.no_grad (what the forward "
+          "benchmark runs; %fwd is of it); no_grad graph of 'all passes': "
+          + ", ".join(f"{k.replace('attn_res_', '')} {v}" for k, v in sorted(rows[0]["nograd_ops"].items()))
+          + f", GEMM-accumulated adds {rows[0]['nograd_gemm_adds']}")
     print(f"\noriginal: {4 * sites} passes forward, {8 * sites} per training step ({sites} sublayers)")
     return rows
 

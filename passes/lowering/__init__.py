@@ -4,7 +4,9 @@ find.py       pass 1: the ``attn_res`` aggregation ops (changes nothing)
 batch.py      pass 2: the two-phase schedule: one phase-1 multi-query call per block + phase-2 merges
 fuse_norm.py  pass 3: ``attn_res`` / ``attn_res_phase2`` followed by an RMSNorm -> ``attn_res_normed`` /
               ``attn_res_phase2_normed`` (the mix not written when only the norm reads it)
-fuse_add.py   pass 4: the partial block's ``prev + f`` folded into the merge that reads it ->
+gemm_accumulate.py  pass 4a (graphs without autograd): ``p + linear(x, W)`` -> ``add_linear_(p, x, W)``,
+              the partial block's add done in place by the sublayer's output GEMM (cuBLAS beta = 1)
+fuse_add.py   pass 4b: the partial block's ``prev + f`` folded into the merge that reads it ->
               ``attn_res_phase2_add_normed``
 lower.py      pass 5: keep the ops for Triton (CUDA) or decompose them into torch math (CPU)
 decompose.py  the ops' math as traceable torch code (used by pass 4)
@@ -19,19 +21,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from .batch import BatchTwoPhase, plan_groups
 from .common import LoweringError
 from .find import Aggregation, FindAggregations, find_aggregations
 from .fuse_add import FusePartialAdd
+from .gemm_accumulate import AccumulateInGemm
 from .fuse_norm import FuseRMSNorm, match_rms_norm
 from .lower import Lower, decompose_node
 
 log = logging.getLogger("residual_rewriter.backend")
 
 __all__ = [
-    "Aggregation", "BatchTwoPhase", "FindAggregations", "FusePartialAdd", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
+    "AccumulateInGemm", "Aggregation", "BatchTwoPhase", "FindAggregations", "FusePartialAdd", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
     "decompose_node", "find_aggregations", "match_rms_norm", "plan_groups", "run_passes",
 ]
 
@@ -52,10 +56,12 @@ class PassLog:
 
 def run_passes(
     gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, fuse_add: bool = True,
-    lower: str | None = "auto",
+    accumulate_in_gemm: bool = True, lower: str | None = "auto",
 ) -> PassLog:
     """Run the pipeline on ``gm`` in place. ``lower=None`` keeps the library ops as they are (for
-    inspecting the batched/fused graph, or running the ops' own implementations)."""
+    inspecting the batched/fused graph, or running the ops' own implementations).
+    ``accumulate_in_gemm`` applies only when grad is disabled now, i.e. the graph is compiled for
+    ``torch.no_grad`` / inference (Dynamo guards on grad mode)."""
     plog = PassLog()
     find = FindAggregations()
     find(gm)
@@ -67,6 +73,10 @@ def run_passes(
         passes.append(BatchTwoPhase())
     if fuse_norm:
         passes.append(FuseRMSNorm())
+    if accumulate_in_gemm and not torch.is_grad_enabled():
+        passes.append(AccumulateInGemm())
+    elif accumulate_in_gemm:
+        plog.record(AccumulateInGemm.name, False, {"skipped_grad_enabled": 1})
     if fuse_add and fuse_norm:  # it folds adds into fuse_norm's merges: nothing to do without them
         passes.append(FusePartialAdd())
     if lower is not None:
