@@ -6,6 +6,10 @@
 #   attn [GRID [OPTIONS]]  benchmarks/attn_res/bench_attn_res.py --grid GRID (default: quick) OPTIONS
 #   ops [PRESET]    benchmarks/attn_res/bench_ops.py --preset PRESET (default: backend): each op alone
 #   backend [ARGS]  benchmarks/backend/bench_backend.py --gpu-size ARGS
+#   floor [ARGS]    benchmarks/backend/project_floor.py ARGS: issue 13's question in one step (a few
+#                   minutes): each schedule op timed at T=8192, hidden 2048, bf16, phase 1 for m = 2..8,
+#                   as % of copy bandwidth; the step / no_grad-forward ratios projected from them and
+#                   the emitted graphs; inductor's mix_order_reduction
 # Usage:  bash benchmarks/run_on_gpu.sh setup tests "attn quick" "backend --only original+inductor"
 # Peers' wheels (pure Python) for the setup step, fetched where PyPI is reachable, carried as .whl:
 #   echo /.whl/ >> .git/info/exclude; cd .whl && for p in liger-kernel==0.8.5 fla-core==0.6.0 \
@@ -56,6 +60,10 @@ for spec in "$@"; do
         backend)
             # shellcheck disable=SC2086
             step backend python3 benchmarks/backend/bench_backend.py --gpu-size --out "$RESULTS" $args
+            ;;
+        floor)
+            # shellcheck disable=SC2086
+            step floor python3 benchmarks/backend/project_floor.py --out "$RESULTS" $args
             ;;
         *)
             echo "unknown step: $cmd"; exit 2

@@ -50,3 +50,26 @@ def test_bench_ops_smoke(tmp_path):
     assert ops == {"phase1 fwd", "phase1 bwd", "phase2+norm fwd", "phase2+norm bwd", "phase2+add+norm fwd",
                    "phase2+add+norm bwd", "attn_res fwd", "attn_res bwd"}
     assert all(r["ms"] > 0 and r["passes"] > 0 for r in data["rows"]) and result.with_suffix(".md").exists()
+
+
+def test_project_floor_smoke(tmp_path):
+    """benchmarks/backend/project_floor.py (run_on_gpu.sh's `floor` step): every op timed, the emitted
+    graphs priced in both modes, mix_order_reduction reported (interpreter here)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backend" / "project_floor.py"), "--smoke", "--layers", "4",
+         "--num-blocks", "2", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (result,) = list(tmp_path.glob("project_floor-smoke-*.json"))
+    data = json.loads(result.read_text())
+    ops = {r["op"] for r in data["ops"]}
+    assert {"phase1 fwd m=2", "phase1 bwd m=3", "merge+add bwd", "add_linear_"} <= ops
+    train, fwd = data["projection"]["training"], data["projection"]["no_grad forward"]
+    # 4 layers in 2 blocks: 2 phase-1 calls; under no_grad the 6 partial adds go into their GEMMs
+    assert train["priced"]["attn_res_phase1"] == 2 and "add_linear_" not in train["priced"]
+    assert fwd["priced"]["add_linear_"] == 6 and "gradient-sum passes" not in fwd["priced"]
+    assert train["ratio"] > 1 and fwd["ratio"] > 1 and data["mix_order_reduction"]
