@@ -13,6 +13,8 @@ What it does with each graph Dynamo captures (passes in ``passes/lowering/``, in
      followed by an RMSNorm -> ``attn_res_phase2_normed`` (so batched Block AttnRes sites are fused too;
      counted as ``fused`` / ``fused_phase2`` in the pass log); the mixture itself is not written when
      only the norm reads it (``mix_not_written``);
+     then ``fuse_head``: each block's first merge (no partial block) folded into its phase-1 call
+     (``attn_res_phase1_normed``: o_0 never written);
   4. ``accumulate_in_gemm`` (graphs compiled with grad disabled): ``p + linear(x, W)`` becomes
      ``add_linear_(p, x, W)``, the partial block's add done in place by the output GEMM (cuBLAS
      beta = 1; f never written); then
@@ -67,6 +69,8 @@ class AttnResBackendConfig:
     batch_two_phase: group each block's aggregations into one phase-1 call + phase-2 merges.
     fuse_norm: fuse an RMSNorm that reads an aggregation into it (``attn_res_normed``, or
         ``attn_res_phase2_normed`` for a phase-2 merge).
+    fuse_head: fold each block's first merge (no partial block: only its RMSNorm) into the block's
+        phase-1 call (``attn_res_phase1_normed``; needs batch_two_phase and fuse_norm).
     fuse_add: fold the partial block's add into the fused merge that reads it
         (``attn_res_phase2_add_normed``; needs fuse_norm).
     accumulate_in_gemm: in graphs compiled with grad disabled, do the partial block's add in place in
@@ -80,6 +84,7 @@ class AttnResBackendConfig:
 
     batch_two_phase: bool = True
     fuse_norm: bool = True
+    fuse_head: bool = True
     fuse_add: bool = True
     accumulate_in_gemm: bool = True
     lower: Optional[str] = "auto"
@@ -119,8 +124,8 @@ class AttnResBackend:
         # torch.compile(m, backend="attnres", options={...}) arrives here as `options`
         config = self.config.replace(**options) if options else self.config
         plog = run_passes(gm, batch_two_phase=config.batch_two_phase, fuse_norm=config.fuse_norm,
-                          fuse_add=config.fuse_add, accumulate_in_gemm=config.accumulate_in_gemm,
-                          lower=config.lower)
+                          fuse_head=config.fuse_head, fuse_add=config.fuse_add,
+                          accumulate_in_gemm=config.accumulate_in_gemm, lower=config.lower)
         self.logs.append(plog)
         if config.keep_graphs:
             self.graphs.append(copy.deepcopy(gm.graph))

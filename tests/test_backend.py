@@ -154,14 +154,15 @@ def test_fuse_norm_on_llama_full_attnres():
     out, backend = compile_with_passes(conv, x, lower=None)
     # Full AttnRes: the last site + final aggregation batch; every aggregation feeds a LlamaRMSNorm
     # (inlined pow/mean/rsqrt in fp32) and is fused with it, the two phase-2 merges included.
-    expected = {"attn_res_phase1": 1, "attn_res_phase2_normed": 2, "attn_res_normed": sites - 2}
+    # The last site's merge (no partial) then goes into phase 1 (fuse_head).
+    expected = {"attn_res_phase1_normed": 1, "attn_res_phase2_normed": 1, "attn_res_normed": sites - 2}
     assert op_counts(backend.graphs[-1]) == expected
     assert backend.last_log["fuse_norm"]["fused"] == sites - 2
     assert backend.last_log["fuse_norm"]["fused_phase2"] == 2
     # nothing but its norm reads a mixture: no fused op writes it (return_mix=False on every one)
     assert backend.last_log["fuse_norm"]["mix_not_written"] == sites
-    fused = [n for n in backend.graphs[-1].nodes if "normed" in str(n.target)]
-    assert len(fused) == sites and all(n.kwargs == {"return_mix": False} for n in fused)
+    fused = [n for n in backend.graphs[-1].nodes if "normed" in str(n.target) and "phase1" not in str(n.target)]
+    assert len(fused) == sites - 1 and all(n.kwargs == {"return_mix": False} for n in fused)
     with torch.no_grad():
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
 
@@ -176,11 +177,26 @@ def expected_partial_adds(num_sites: int, block_size: int) -> int:
     return sum(sum(k >= 2 for k in g) for g in groups if len(g) >= 2)
 
 
-def _fused_counts(num_sites: int, block_size: int, fuse_add: bool = True) -> dict[str, int]:
-    """``expected_counts`` once every aggregation is fused with the RMSNorm that reads it (and, with
-    ``fuse_add``, every merge with the add making its partial block)."""
+def expected_heads(num_sites: int, block_size: int) -> int:
+    """Batched groups whose first member reads no partial block (a block's first sublayer): every
+    batched block but the first, whose first sublayer reads b_0 directly (fuse_head folds these)."""
+    sizes = [len(range(b, min(b + block_size, num_sites))) for b in range(0, num_sites, block_size)]
+    sizes[0] -= 1
+    sizes[-1] += 1
+    return sum(s >= 2 for s in sizes[1:])
+
+
+def _fused_counts(num_sites: int, block_size: int, fuse_add: bool = True, fuse_head: bool = True) -> dict[str, int]:
+    """``expected_counts`` once every aggregation is fused with the RMSNorm that reads it (with
+    ``fuse_head``, each block's first merge with its phase 1; with ``fuse_add``, every merge with the
+    add making its partial block)."""
     names = {"attn_res": "attn_res_normed", "attn_res_phase2": "attn_res_phase2_normed", "attn_res_phase1": "attn_res_phase1"}
     counts = {names[k]: v for k, v in expected_counts(num_sites, block_size).items()}
+    if fuse_head:
+        heads = expected_heads(num_sites, block_size)
+        counts["attn_res_phase1"] -= heads
+        counts["attn_res_phase2_normed"] -= heads
+        counts["attn_res_phase1_normed"] = heads
     if fuse_add:
         adds = expected_partial_adds(num_sites, block_size)
         counts["attn_res_phase2_normed"] -= adds
@@ -196,8 +212,9 @@ def test_fuse_norm_on_llama_block_attnres(block_size):
     out, backend = compile_with_passes(conv, x, lower=None, fuse_add=False)
     expected = _fused_counts(sites, block_size, fuse_add=False)
     assert op_counts(backend.graphs[-1]) == expected
+    assert backend.last_log["fuse_head"]["fused_head"] == expected["attn_res_phase1_normed"] >= 1
     plog = backend.last_log["fuse_norm"]
-    assert plog.get("fused_phase2", 0) == expected["attn_res_phase2_normed"] >= 5
+    assert plog.get("fused_phase2", 0) == _fused_counts(sites, block_size, False, False)["attn_res_phase2_normed"] >= 5
     assert plog.get("fused", 0) == expected.get("attn_res_normed", 0)
     assert "not_followed_by_rms_norm" not in plog
     with torch.no_grad():
@@ -226,8 +243,9 @@ def test_block_attnres_fused_phase2_training_matches_eager(lower, block_size):
     conv, x, sites = _converted("llama", block_size)
     backend = make_attnres_backend(compiler="aot_eager", lower=lower)
     assert_matches_eager(conv, x, backend)
-    fused = _fused_counts(sites, block_size, fuse_add=False)["attn_res_phase2_normed"]
+    fused = _fused_counts(sites, block_size, fuse_add=False, fuse_head=False)["attn_res_phase2_normed"]
     assert backend.last_log["fuse_norm"]["fused_phase2"] == fused
+    assert backend.last_log["fuse_head"]["fused_head"] == expected_heads(sites, block_size) >= 1
     assert backend.last_log["fuse_add"]["fused_partial_add"] == expected_partial_adds(sites, block_size) >= 1
 
 

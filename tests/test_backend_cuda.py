@@ -60,7 +60,10 @@ def test_block_attnres_gpt_training_runs_the_triton_kernels(monkeypatch, block_s
     with spy_on(monkeypatch, two_phase, "_phase1_fwd_kernel", "_phase2_fwd_kernel", "_phase1_bwd_kernel",
                 "_phase2_bwd_kernel") as spies:
         _check_against_float64(conv, model.example_inputs()[0], backend)
-    assert backend.last_log["lower"]["triton.attn_res_phase1"] == phase1_calls
+    lowered = backend.last_log["lower"]
+    assert lowered.get("triton.attn_res_phase1", 0) + lowered.get("triton.attn_res_phase1_normed", 0) == phase1_calls
+    assert lowered.get("triton.attn_res_phase1_normed", 0) == phase1_calls - 1  # every block's but the first
+    assert any(c["HEAD_NORMED"] for c in spies["_phase1_bwd_kernel"].constexprs)
     fused_adds = backend.last_log["fuse_add"].get("fused_partial_add", 0)
     assert sum(c["ADD_DELTA"] for c in spies["_phase2_fwd_kernel"].constexprs) == fused_adds
     if block_size >= 3:  # a block's third sublayer on reads prev + f: the add runs inside the merge

@@ -75,6 +75,11 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
         "phase1 fwd": lambda: dispatch.phase1_cuda(blocks, Q, G, 1e-6),
         "phase1 bwd": lambda: dispatch.phase1_backward_cuda(
             [e(T, D) for _ in range(S)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, dt=torch.float32)),
+        # with the block's first merge fused in (what the backend emits for every block but the first)
+        "phase1+norm fwd": lambda: dispatch.phase1_normed_cuda(blocks, Q, G, 1e-6, float(m), w, 1e-5),
+        "phase1+norm bwd": lambda: dispatch.phase1_normed_backward_cuda(
+            e(T, D), [e(T, D) for _ in range(S - 1)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, float(m), w,
+            1e-5, e(S, T, dt=torch.float32)),
         # as the compile backend calls them: only the normed form is read (return_mix=False)
         "phase2+norm fwd": lambda: dispatch.phase2_normed_cuda(o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5,
                                                                 return_mix=False),

@@ -108,7 +108,7 @@ def graph_ms(graph, shape, times: dict, S_measured: int, pass_ms: float, grad: b
         if name:
             short = name.split("::")[1]
             priced[short] += 1
-            if short == "attn_res_phase1":
+            if short in ("attn_res_phase1", "attn_res_phase1_normed"):  # timed alike: same passes
                 m, S = len(n.args[0]), int(value(n.args[1]).shape[0])
                 fwd += _phase1_ms(times, "fwd", m, S, S_measured)
                 bwd += _phase1_ms(times, "bwd", m, S, S_measured)

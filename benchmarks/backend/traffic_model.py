@@ -34,6 +34,7 @@ from residual_rewriter.passes.op_names import op_name
 
 VARIANTS = {
     "all passes": {},
+    "-fuse_head": {"fuse_head": False},
     "-accumulate_in_gemm": {"accumulate_in_gemm": False},
     "-fuse_add": {"fuse_add": False},
     "-fuse_norm": {"fuse_norm": False},
@@ -60,7 +61,7 @@ def op_passes(node) -> tuple[int, int]:
         fwd = n + (1 + mix if normed else 1)
         bwd = n + (mix + 1 if normed else 1) + n
         return fwd + norm_fwd, bwd + norm_bwd
-    if name == "attn_res_phase1":
+    if name in ("attn_res_phase1", "attn_res_phase1_normed"):  # _normed: query 0's normed merge instead of out_0
         m, S = len(args[0]), int(value(args[1]).shape[0])
         # fwd: m sources -> S outputs. bwd: one kernel; its first sweep reads the m sources and the S
         # douts (one tensor per query: nothing assembled), its second re-reads the tile from L2

@@ -66,7 +66,8 @@ def _backward(fw: _Merged, G: Sequence[Tensor], GL: Optional[Tensor], sources, q
     grad_sources, grad_q, grad_w = [], 0, 0
     for chunk, w, (o, l) in zip(_chunks(sources), fw.weights, fw.parts):
         d_l = w * (dots(o) - g_dot_out + (GL.float() if GL is not None else 0))
-        gs, gq, gw = chunk_bwd([w_j[..., None] * g for w_j, g in zip(w, G)], d_l, chunk, queries, norm_weights, eps, l)
+        gs, gq, gw, _ = chunk_bwd([w_j[..., None] * g for w_j, g in zip(w, G)], d_l, chunk, queries, norm_weights,
+                                  eps, l)
         grad_sources += gs
         grad_q = grad_q + gq.float()
         grad_w = grad_w + gw.float() if gw is not None else None
@@ -85,6 +86,22 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
     """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None); recomputes the forward."""
     fw = _forward(sources, queries, norm_weights, eps)
     return _backward(fw, [g.float() for g in grad_outs], grad_lse, sources, queries, norm_weights, eps)
+
+
+def phase1_normed_fwd(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps):
+    """As ``attn_res_phase1_normed_reference`` over any number of sources: (normed_0, outs_1.., lse)."""
+    fw = _forward(sources, queries, norm_weights, eps)
+    normed0 = _with_out_norm(scale * fw.out[0], out_norm_weight, out_eps, sources[0].dtype)[1]
+    return normed0, [o.to(sources[0].dtype, copy=True) for o in fw.out[1:]], fw.lse
+
+
+def phase1_normed_bwd(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale, out_norm_weight,
+                      out_eps):
+    """(grad_sources, grad_queries, grad_norm_weights or None, grad_out_norm_weight or None)."""
+    fw = _forward(sources, queries, norm_weights, eps)
+    dmix0, grad_wo = _fold_out_norm(0.0, grad_normed0.float(), scale * fw.out[0], out_norm_weight, out_eps)
+    G = [scale * dmix0] + [g.float() for g in grad_outs]
+    return (*_backward(fw, G, grad_lse, sources, queries, norm_weights, eps), grad_wo)
 
 
 def _one_query(query, norm_weight):

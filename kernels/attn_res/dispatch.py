@@ -54,7 +54,32 @@ def phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, ep
 
     if chunked.needs_chunks(sources):
         return chunked.phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps)
-    return phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse)
+    return phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse)[:3]
+
+
+def phase1_normed_cuda(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps):
+    args = (sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
+    if _f64(sources[0]):
+        return reference.attn_res_phase1_normed_reference(*args)
+    if chunked.needs_chunks(sources):
+        return chunked.phase1_normed_fwd(*args)
+    from .two_phase import HeadNorm, phase1_fwd
+
+    outs, lse = phase1_fwd(sources, queries, norm_weights, eps, HeadNorm(scale, out_norm_weight, out_eps))
+    return outs[0], outs[1:], lse
+
+
+def phase1_normed_backward_cuda(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale,
+                                out_norm_weight, out_eps, lse):
+    args = (grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
+    if _f64(sources[0]):
+        return RG.attn_res_phase1_normed_backward_reference(*args)
+    if chunked.needs_chunks(sources):
+        return chunked.phase1_normed_bwd(*args)
+    from .two_phase import HeadNorm, phase1_bwd
+
+    return phase1_bwd([grad_normed0, *grad_outs], grad_lse, sources, queries, norm_weights, eps, lse,
+                      HeadNorm(scale, out_norm_weight, out_eps))
 
 
 def phase2_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):

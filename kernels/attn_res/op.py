@@ -176,6 +176,94 @@ def _phase1_backward(ctx, grad_outs, grad_lse):
 attn_res_phase1.register_autograd(_phase1_backward, setup_context=_phase1_setup_context)
 
 
+@torch.library.custom_op(f"{LIB}::attn_res_phase1_normed", mutates_args=())
+def attn_res_phase1_normed(
+    sources: List[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float, scale: float,
+    out_norm_weight: Optional[Tensor], out_eps: float,
+) -> tuple[Tensor, List[Tensor], Tensor]:
+    """``attn_res_phase1`` with query 0's merge fused in (query 0 reads no partial block, so its merge
+    is ``RMSNorm(scale * out_0) * out_norm_weight``, from the unrounded out_0): returns (normed_0,
+    outs_1..S-1, lse [S, ...]). out_0 itself is not written."""
+    args = (sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
+    if sources[0].is_cuda:
+        from . import dispatch
+
+        return dispatch.phase1_normed_cuda(*args)
+    normed0, outs, lse = reference.attn_res_phase1_normed_reference(*args)
+    return normed0, outs, lse.float() if sources[0].dtype != torch.float64 else lse
+
+
+@attn_res_phase1_normed.register_fake
+def _attn_res_phase1_normed_fake(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps):
+    outs, lse = _attn_res_phase1_fake(sources, queries, norm_weights, eps)
+    return outs[0], outs[1:], lse
+
+
+@torch.library.custom_op(f"{LIB}::attn_res_phase1_normed_backward", mutates_args=())
+def attn_res_phase1_normed_backward(
+    grad_normed0: Tensor,
+    grad_outs: List[Tensor],
+    grad_lse: Tensor,
+    sources: List[Tensor],
+    queries: Tensor,
+    norm_weights: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+    lse: Tensor,
+) -> List[Tensor]:
+    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty), grad_out_norm_weight (or empty)]."""
+    args = (grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
+    if sources[0].is_cuda:
+        from . import dispatch
+
+        gs, gq, gw, gwo = dispatch.phase1_normed_backward_cuda(*args, lse)
+    else:
+        from .reference_grads import attn_res_phase1_normed_backward_reference
+
+        gs, gq, gw, gwo = attn_res_phase1_normed_backward_reference(*args)
+    return gs + [gq, _or_empty(gw, queries), _or_empty(gwo, queries)]
+
+
+@attn_res_phase1_normed_backward.register_fake
+def _attn_res_phase1_normed_backward_fake(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps,
+                                          scale, out_norm_weight, out_eps, lse):
+    gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
+    gwo = torch.empty_like(out_norm_weight) if out_norm_weight is not None else queries.new_empty(0)
+    return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw, gwo]
+
+
+def _phase1_normed_setup_context(ctx, inputs, output):
+    sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps = inputs
+    ctx.n, ctx.eps, ctx.scale, ctx.out_eps = len(sources), eps, scale, out_eps
+    ctx.has_weight, ctx.has_wo = norm_weights is not None, out_norm_weight is not None
+    opt = [t for t in (norm_weights, out_norm_weight) if t is not None]
+    ctx.save_for_backward(*sources, queries, *opt, output[2])  # the lse, no output tensor
+
+
+def _phase1_normed_backward(ctx, grad_normed0, grad_outs, grad_lse):
+    saved = list(ctx.saved_tensors)
+    sources, queries, rest = saved[: ctx.n], saved[ctx.n], saved[ctx.n + 1:]
+    norm_weights = rest.pop(0) if ctx.has_weight else None
+    out_norm_weight = rest.pop(0) if ctx.has_wo else None
+    lse = rest.pop(0)
+    zeros = torch.zeros_like(sources[0])
+    grad_normed0 = zeros if grad_normed0 is None else grad_normed0.contiguous()
+    grad_outs = [zeros if g is None else g for g in grad_outs]
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+    grads = torch.ops.residual_rewriter.attn_res_phase1_normed_backward(
+        grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, ctx.scale, out_norm_weight,
+        ctx.out_eps, lse,
+    )
+    n = ctx.n
+    return (list(grads[:n]), grads[n], grads[n + 1] if ctx.has_weight else None, None, None,
+            grads[n + 2] if ctx.has_wo else None, None)
+
+
+attn_res_phase1_normed.register_autograd(_phase1_normed_backward, setup_context=_phase1_normed_setup_context)
+
+
 @torch.library.custom_op(f"{LIB}::attn_res_phase2", mutates_args=())
 def attn_res_phase2(
     phase1_out: Tensor,

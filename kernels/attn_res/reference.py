@@ -160,6 +160,19 @@ def attn_res_weights_reference(
 # ---- the paper's two-phase schedule -------------------------------------------------------------
 
 
+def _phase1_mixes(sources, queries, norm_weights, eps) -> tuple[list[Tensor], Tensor]:
+    """Every query's softmax mixture over the sources, unrounded (compute dtype), and the lse [S, ...]."""
+    vs = _compute(sources)  # converted once for all queries
+    mixes, lses = [], []
+    for j in range(queries.shape[0]):
+        g = None if norm_weights is None else norm_weights[j]
+        scores = _scores(vs, _folded_query(queries[j], g, vs[0].dtype), eps)[0]  # [m, ...]
+        lse = torch.logsumexp(scores, dim=0)
+        mixes.append(_mix(vs, torch.exp(scores - lse)))
+        lses.append(lse)
+    return mixes, torch.stack(lses)
+
+
 def attn_res_phase1_reference(
     sources: Sequence[Tensor],
     queries: Tensor,
@@ -172,15 +185,26 @@ def attn_res_phase1_reference(
     Returns ``(outs`` — S tensors ``[..., D]`` in the sources' dtype, query j's softmax-normalised
     mixture over these sources — ``, lse [S, ...]`` float32/float64 — log-sum-exp of each query's scores).
     """
-    vs = _compute(sources)  # converted once for all queries
-    outs, lses = [], []
-    for j in range(queries.shape[0]):
-        g = None if norm_weights is None else norm_weights[j]
-        scores = _scores(vs, _folded_query(queries[j], g, vs[0].dtype), eps)[0]  # [m, ...]
-        lse = torch.logsumexp(scores, dim=0)
-        outs.append(_mix(vs, torch.exp(scores - lse)).to(sources[0].dtype))
-        lses.append(lse)
-    return outs, torch.stack(lses)
+    mixes, lse = _phase1_mixes(sources, queries, norm_weights, eps)
+    return [m.to(sources[0].dtype) for m in mixes], lse
+
+
+def attn_res_phase1_normed_reference(
+    sources: Sequence[Tensor],
+    queries: Tensor,
+    norm_weights: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Phase 1 with its first query's merge fused in: that query reads no partial block (the first
+    sublayer of a block), so its merge is ``RMSNorm(scale * out_0) * out_norm_weight``, here taken from
+    the unrounded out_0. Returns ``(normed_0, outs_1..S-1, lse [S, ...])``: out_0 itself is not returned
+    (only its normed form is read)."""
+    mixes, lse = _phase1_mixes(sources, queries, norm_weights, eps)
+    normed0 = _with_out_norm(scale * mixes[0], out_norm_weight, out_eps, sources[0].dtype)[1]
+    return normed0, [m.to(sources[0].dtype) for m in mixes[1:]], lse
 
 
 def attn_res_phase2_reference(

@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import _check_sources, _compute_dtype, _phase2_mix, attn_res_backward_reference, attn_res_scores
+from .reference import (
+    _check_sources, _compute_dtype, _phase1_mixes, _phase2_mix, attn_res_backward_reference, attn_res_scores,
+)
 
 
 def _rms_parts(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -68,6 +70,29 @@ def attn_res_phase1_backward_reference(
     grad_queries = (dqg * gs if gs is not None else dqg).to(queries.dtype)
     grad_weights = (dqg * qs).to(norm_weights.dtype) if norm_weights is not None else None
     return grad_sources, grad_queries, grad_weights
+
+
+def attn_res_phase1_normed_backward_reference(
+    grad_normed0: Tensor,
+    grad_outs: Sequence[Tensor],
+    grad_lse: Optional[Tensor],
+    sources: Sequence[Tensor],
+    queries: Tensor,
+    norm_weights: Optional[Tensor],
+    eps: float,
+    scale: float,
+    out_norm_weight: Optional[Tensor],
+    out_eps: float,
+) -> tuple[list[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``attn_res_phase1_normed_reference``: ``(grad_sources, grad_queries, grad_norm_weights,
+    grad_out_norm_weight)``. The head's norm backward gives d out_0 = scale * d mix_0; the rest is
+    phase 1's backward with that gradient as query 0's."""
+    cd = _compute_dtype(sources[0].dtype)
+    mix0 = scale * _phase1_mixes(sources, queries[:1], norm_weights[:1] if norm_weights is not None else None, eps)[0][0]
+    dmix0, grad_wo = _fold_out_norm(0.0, grad_normed0.to(cd), mix0, out_norm_weight, out_eps)
+    gs, gq, gw = attn_res_phase1_backward_reference([scale * dmix0, *grad_outs], grad_lse, sources, queries,
+                                                    norm_weights, eps)
+    return gs, gq, gw, grad_wo
 
 
 def attn_res_phase2_backward_reference(

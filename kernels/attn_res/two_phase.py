@@ -26,7 +26,7 @@ block (first sublayer of a block) the backward kernel still runs when NORMED (``
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,14 +39,18 @@ from .fused import _online_mix, _prepare, _query_row, _rms_norm_backward, _store
 def _phase1_fwd_kernel(
     srcs, strides,  # m pointers to [T, D] rows
     q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
-    outs,  # S pointers to [T, D] contiguous outputs, one per query (input dtype)
+    outs,  # S pointers to [T, D] contiguous outputs, one per query (input dtype); outs[0] unused with HEAD_NORMED
     lse_ptr,  # [S, T] fp32
-    T, D, eps,
-    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    normed_ptr, wo_ptr,  # [T, D]: RMSNorm(scale * out_0) * wo (HEAD_NORMED; wo if HAS_WO)
+    T, D, eps, scale, out_eps,
+    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per token tile computes every query: the tile's sources come from DRAM for the
     # first query and from L1/L2 for the others. Each query's output is a tensor of its own, so the
     # merges' gradients come back as S tensors and the backward assembles no [S, T, D] gradient.
+    # HEAD_NORMED: query 0 reads no partial block (a block's first sublayer), so its merge is just its
+    # sublayer's RMSNorm: written here from the fp32 mixture, and out_0 is not written at all.
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < T
@@ -57,7 +61,11 @@ def _phase1_fwd_kernel(
     for j in tl.static_range(S):
         q = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
         m, l, acc = _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N, BLOCK_T, BLOCK_D)
-        tl.store(outs[j] + offs, (acc / l[:, None]).to(outs[j].dtype.element_ty), mask=mask)
+        if HEAD_NORMED and j == 0:
+            _store_rms_normed(normed_ptr, wo_ptr, offs, acc * (scale / l)[:, None], cols, cmask, mask, D, out_eps,
+                              HAS_WO)
+        else:
+            tl.store(outs[j] + offs, (acc / l[:, None]).to(outs[j].dtype.element_ty), mask=mask)
         tl.store(lse_ptr + j * T + rows64, m + tl.log(l), mask=rmask)
 
 
@@ -74,21 +82,46 @@ def _pick(ptrs, strides, j, S: tl.constexpr):
 
 
 @triton.jit
+def _source_grad_step(v, n, r, qj, lse, delta, dout, D):
+    """Query j's share of one source tile's gradient: (dv term [BLOCK_T, BLOCK_D], ds_ji [BLOCK_T])."""
+    s = tl.sum(n * qj[None, :], 1)
+    a = tl.exp(s - lse)
+    ds = a * (tl.sum(dout * v, 1) - delta)
+    return a[:, None] * dout + (r * ds)[:, None] * (qj[None, :] - n * (s / D)[:, None]), ds
+
+
+@triton.jit
+def _add_to_slab(dqg_ptr, row, D, cols, n, ds, cmask):
+    """dq'_j += sum over the tile's tokens of ds_ji n_i, in row ``row`` of the fp32 partial: this
+    program's own (no other program touches it). The row's pointers are made here, not kept live
+    across the sweep (a [BLOCK_D] int64 vector: 32 registers at hidden 4096, which spilled)."""
+    pp = dqg_ptr + row * D + cols
+    tl.store(pp, tl.load(pp, mask=cmask, other=0.0) + tl.sum(ds[:, None] * n, 0), mask=cmask)
+
+
+@triton.jit
 def _phase1_bwd_kernel(
     srcs, strides,  # m pointers to [T, D] rows
     dsrcs,  # m pointers to [T, D] contiguous gradients
     q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
-    douts, dout_strides,  # S pointers to [T, D] rows: each query's output gradient
+    douts, dout_strides,  # S pointers to [T, D] rows: each query's output gradient (douts[0] unused with HEAD_NORMED)
     dlse_ptr, lse_ptr,  # [S, T] fp32 each
     delta_ptr,  # [S, T] fp32 scratch: delta_j of the current tile, written by sweep 1, read by sweep 2
     dqg_ptr,  # [programs, S, D] fp32, zero-initialised, one slab per program
-    T, D, eps, num_tiles,
-    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    dn_ptr, wo_ptr, dwo_ptr,  # HEAD_NORMED: d normed_0 [T, D] contiguous, wo [D] (HAS_WO), d wo [programs, D] fp32
+    T, D, eps, num_tiles, scale, out_eps,
+    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    J0: tl.constexpr = 1 if HEAD_NORMED else 0  # the first query whose gradient comes from DRAM
+    dwo = tl.zeros([BLOCK_D], tl.float32)
+    wo = dwo  # a placeholder row unless HAS_WO
+    if HAS_WO:
+        wo = tl.load(wo_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for t in range(pid, num_tiles, nprog):
         rows = t * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
@@ -101,15 +134,32 @@ def _phase1_bwd_kernel(
         # (measured: 2.6% vs 2e-6 relative error of d queries).
         # Every tile load in the unrolled loops below is predicated on `gate >= -inf`, gate being the
         # latest per-token result (always true, opaque to the compiler), so the loops cannot hoist
-        # the S x N tile loads to their top (see _online_mix): only a few tiles are live at a time.
+        # the N tile loads to their top (see _online_mix): only a few tiles are live at a time.
         gate = tl.zeros([BLOCK_T], tl.float32)
-        for j in range(S):
+        dout0 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        if HEAD_NORMED:  # query 0: d out_0 from its norm's backward on the recomputed fp32 out_0; kept in registers
+            q0 = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
+            lse0 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
+            out0 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            for i in tl.static_range(N):
+                live = mask & (gate >= float("-inf"))[:, None]
+                v = tl.load(srcs[i] + rows64[:, None] * strides[i] + cols[None, :], mask=live, other=0.0)
+                v = v.to(tl.float32)
+                a = tl.exp(tl.sum(v * q0[None, :], 1) * tl.rsqrt(tl.sum(v * v, 1) / D + eps) - lse0)
+                out0 += a[:, None] * v
+                gate = a
+            dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d_mix, d_wo = _rms_norm_backward(out0 * scale, dn, wo, D, out_eps, HAS_WO)
+            dwo += d_wo
+            dout0 = d_mix * scale
+            dlse0 = tl.load(dlse_ptr + rows64, mask=rmask, other=0.0)
+            tl.store(delta_ptr + rows64, tl.sum(dout0 * out0, 1) - dlse0, mask=rmask)
+        for j in range(J0, S):
             qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
             lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
             live = mask & (gate >= float("-inf"))[:, None]
             dptr, dstride = _pick(douts, dout_strides, j, S)
-            dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0)
-            dout = dout.to(tl.float32)
+            dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0).to(tl.float32)
             dot = tl.zeros([BLOCK_T], tl.float32)
             for i in tl.static_range(N):
                 live = mask & (gate >= float("-inf"))[:, None]
@@ -129,24 +179,28 @@ def _phase1_bwd_kernel(
             r = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
             n = v * r[:, None]
             dv = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-            for j in range(S):
+            if HEAD_NORMED:
+                q0 = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
+                lse0 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
+                delta0 = tl.load(delta_ptr + rows64, mask=rmask, other=0.0)
+                ddv, ds = _source_grad_step(v, n, r, q0, lse0, delta0, dout0, D)
+                dv += ddv
+                _add_to_slab(dqg_ptr, pid.to(tl.int64) * S, D, cols, n, ds, cmask)
+            for j in range(J0, S):
                 qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
-                s = tl.sum(n * qj[None, :], 1)
                 lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
                 delta = tl.load(delta_ptr + j * T + rows64, mask=rmask, other=0.0)
                 live = mask & (gate >= float("-inf"))[:, None]
                 dptr, dstride = _pick(douts, dout_strides, j, S)
-                dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0)
-                dout = dout.to(tl.float32)
-                a = tl.exp(s - lse)
-                ds = a * (tl.sum(dout * v, 1) - delta)
+                dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0).to(tl.float32)
+                ddv, ds = _source_grad_step(v, n, r, qj, lse, delta, dout, D)
                 gate = ds
-                dv += a[:, None] * dout + (r * ds)[:, None] * (qj[None, :] - n * (s / D)[:, None])
-                # read-modify-write of this program's own slab: no other program touches it
-                pp = dqg_ptr + (pid.to(tl.int64) * S + j) * D + cols
-                tl.store(pp, tl.load(pp, mask=cmask, other=0.0) + tl.sum(ds[:, None] * n, 0), mask=cmask)
+                dv += ddv
+                _add_to_slab(dqg_ptr, pid.to(tl.int64) * S + j, D, cols, n, ds, cmask)
             tl.store(dsrcs[i] + offs, dv.to(dsrcs[i].dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the next tile's sweep 1 overwrites delta rows this sweep just read
+    if HAS_WO:
+        tl.store(dwo_ptr + pid.to(tl.int64) * D + cols, dwo, mask=cmask)
 
 
 @triton.jit
@@ -280,12 +334,22 @@ def _query_grads(d_qg: Tensor, query: Tensor, norm_weight: Optional[Tensor]):
     return gq.to(query.dtype), gw
 
 
-def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float):
-    """(outs: S tensors [..., D] in the sources' dtype, one per query; lse [S, ...] fp32)."""
-    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1", queries, norm_weights)
+class HeadNorm(NamedTuple):
+    """Query 0's merge fused into phase 1: ``RMSNorm(scale * out_0) * weight`` (weight may be None)."""
+
+    scale: float
+    weight: Optional[Tensor]
+    eps: float
+
+
+def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float,
+               head: Optional[HeadNorm] = None):
+    """(outs: S tensors [..., D] in the sources' dtype, one per query; lse [S, ...] fp32). With ``head``,
+    outs[0] is query 0's normed merge instead (out_0 itself is not written)."""
+    what = "attn_res_phase1" + ("_normed" if head else "")
+    rows, strides, T, D = _prepare(sources, queries[0], what, queries, norm_weights, head.weight if head else None)
     if norm_weights is not None and norm_weights.shape != queries.shape:
-        raise ValueError(f"attn_res_phase1: norm weights {tuple(norm_weights.shape)} must match queries "
-                         f"{tuple(queries.shape)}")
+        raise ValueError(f"{what}: norm weights {tuple(norm_weights.shape)} must match queries {tuple(queries.shape)}")
     S, shape, dev = queries.shape[0], sources[0].shape, rows[0].device
     outs = [L.empty(shape, rows[0].dtype, dev) for _ in range(S)]
     lse = L.empty((S, T), torch.float32, dev)
@@ -293,20 +357,28 @@ def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optiona
         BT, BD, warps = L.tile(T, D, max_warps=32)  # as the single-query forward (_launch.py)
         q = queries.contiguous()
         w = norm_weights.contiguous() if norm_weights is not None else None
+        wo = head.weight.contiguous() if head is not None and head.weight is not None else None
+        flat = tuple(o.view(-1, D) for o in outs)
         _phase1_fwd_kernel[(triton.cdiv(T, BT),)](
-            tuple(rows), strides, q, w if w is not None else q, tuple(o.view(-1, D) for o in outs), lse,
-            T, D, float(eps), N=len(rows), S=S, HAS_W=w is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            tuple(rows), strides, q, w if w is not None else q, flat, lse, flat[0], wo if wo is not None else q,
+            T, D, float(eps), float(head.scale if head else 1.0), float(head.eps if head else 0.0),
+            N=len(rows), S=S, HAS_W=w is not None, HEAD_NORMED=head is not None, HAS_WO=wo is not None,
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     return outs, lse.view(S, *shape[:-1])
 
 
-def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources, queries, norm_weights, eps, lse):
-    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None). ``grad_outs``: one
-    gradient per query output (any row strides); ``lse``: the forward's."""
-    rows, strides, T, D = _prepare(sources, queries[0], "attn_res_phase1 backward", *grad_outs, norm_weights, lse)
+def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources, queries, norm_weights, eps, lse,
+               head: Optional[HeadNorm] = None):
+    """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None, grad head weight or None).
+    ``grad_outs``: one gradient per query output (any row strides; with ``head``, grad_outs[0] is the
+    gradient of query 0's normed merge); ``lse``: the forward's."""
+    what = "attn_res_phase1" + ("_normed" if head else "") + " backward"
+    rows, strides, T, D = _prepare(sources, queries[0], what, *grad_outs, norm_weights, lse,
+                                   head.weight if head else None)
     S = queries.shape[0]
     if len(grad_outs) != S:
-        raise ValueError(f"attn_res_phase1 backward: {len(grad_outs)} output gradients for {S} queries")
+        raise ValueError(f"{what}: {len(grad_outs)} output gradients for {S} queries")
     dev, dt = rows[0].device, rows[0].dtype
     gsrc = [L.empty(s.shape, dt, dev) for s in sources]
     douts = [L.as_rows(g) for g in grad_outs]
@@ -320,17 +392,24 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
     num_tiles = triton.cdiv(T, BT)
     P = L.num_programs(num_tiles, dev)
     dqg = torch.zeros((P, S, D), dtype=torch.float32, device=dev)  # accumulated in place: must start at 0
-    if T > 0:
+    has_wo = head is not None and head.weight is not None
+    dwo = L.empty((P, D), torch.float32, dev) if has_wo else dqg
+    if T == 0:
+        dwo.zero_()
+    else:
         qg = queries.float() * norm_weights.float() if norm_weights is not None else queries.float()
         qg = qg.contiguous()  # q' = q * g [S, D] fp32: one row load per query in the kernel
+        dn = douts[0].contiguous() if head is not None else douts[0]
         _phase1_bwd_kernel[(P,)](
             tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), qg, qg,
             tuple(douts), tuple(int(d.stride(0)) for d in douts), dlse, lse.reshape(S, T).float().contiguous(),
-            delta, dqg, T, D, float(eps), num_tiles,
-            N=len(rows), S=S, HAS_W=False, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            delta, dqg, dn, head.weight.contiguous() if has_wo else qg, dwo,
+            T, D, float(eps), num_tiles, float(head.scale if head else 1.0), float(head.eps if head else 0.0),
+            N=len(rows), S=S, HAS_W=False, HEAD_NORMED=head is not None, HAS_WO=has_wo,
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), queries, norm_weights)
-    return gsrc, gq, gw
+    return gsrc, gq, gw, (dwo.sum(0).to(head.weight.dtype) if has_wo else None)
 
 
 def _phase2_inputs(phase1_out, phase1_lse, partial, query, norm_weight, what, *others):

@@ -4,6 +4,8 @@ find.py       pass 1: the ``attn_res`` aggregation ops (changes nothing)
 batch.py      pass 2: the two-phase schedule: one phase-1 multi-query call per block + phase-2 merges
 fuse_norm.py  pass 3: ``attn_res`` / ``attn_res_phase2`` followed by an RMSNorm -> ``attn_res_normed`` /
               ``attn_res_phase2_normed`` (the mix not written when only the norm reads it)
+fuse_head.py  pass 3b: each block's first merge (no partial: only its RMSNorm) folded into its phase-1
+              call -> ``attn_res_phase1_normed``
 gemm_accumulate.py  pass 4a (graphs without autograd): ``p + linear(x, W)`` -> ``add_linear_(p, x, W)``,
               the partial block's add done in place by the sublayer's output GEMM (cuBLAS beta = 1)
 fuse_add.py   pass 4b: the partial block's ``prev + f`` folded into the merge that reads it ->
@@ -28,6 +30,7 @@ from .batch import BatchTwoPhase, plan_groups
 from .common import LoweringError
 from .find import Aggregation, FindAggregations, find_aggregations
 from .fuse_add import FusePartialAdd
+from .fuse_head import FuseHeadMerge
 from .gemm_accumulate import AccumulateInGemm
 from .fuse_norm import FuseRMSNorm, match_rms_norm
 from .lower import Lower, decompose_node
@@ -35,7 +38,7 @@ from .lower import Lower, decompose_node
 log = logging.getLogger("residual_rewriter.backend")
 
 __all__ = [
-    "AccumulateInGemm", "Aggregation", "BatchTwoPhase", "FindAggregations", "FusePartialAdd", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
+    "AccumulateInGemm", "Aggregation", "FuseHeadMerge", "BatchTwoPhase", "FindAggregations", "FusePartialAdd", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
     "decompose_node", "find_aggregations", "match_rms_norm", "plan_groups", "run_passes",
 ]
 
@@ -55,8 +58,8 @@ class PassLog:
 
 
 def run_passes(
-    gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, fuse_add: bool = True,
-    accumulate_in_gemm: bool = True, lower: str | None = "auto",
+    gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, fuse_head: bool = True,
+    fuse_add: bool = True, accumulate_in_gemm: bool = True, lower: str | None = "auto",
 ) -> PassLog:
     """Run the pipeline on ``gm`` in place. ``lower=None`` keeps the library ops as they are (for
     inspecting the batched/fused graph, or running the ops' own implementations).
@@ -73,6 +76,8 @@ def run_passes(
         passes.append(BatchTwoPhase())
     if fuse_norm:
         passes.append(FuseRMSNorm())
+    if fuse_head and fuse_norm and batch_two_phase:  # it folds fuse_norm's head merges into batch's phase 1
+        passes.append(FuseHeadMerge())
     if accumulate_in_gemm and not torch.is_grad_enabled():
         passes.append(AccumulateInGemm())
     elif accumulate_in_gemm:

@@ -24,11 +24,12 @@ from residual_rewriter.passes.op_names import op_name
 # is a new object (see passes/op_names.py). New nodes get the op looked up at that time (``op()``).
 ATTN_RES = "residual_rewriter::attn_res"
 PHASE1 = "residual_rewriter::attn_res_phase1"
+PHASE1_NORMED = "residual_rewriter::attn_res_phase1_normed"
 PHASE2 = "residual_rewriter::attn_res_phase2"
 NORMED = "residual_rewriter::attn_res_normed"
 PHASE2_NORMED = "residual_rewriter::attn_res_phase2_normed"
 PHASE2_ADD_NORMED = "residual_rewriter::attn_res_phase2_add_normed"
-LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE2, NORMED, PHASE2_NORMED, PHASE2_ADD_NORMED)
+LIBRARY_OPS = (ATTN_RES, PHASE1, PHASE1_NORMED, PHASE2, NORMED, PHASE2_NORMED, PHASE2_ADD_NORMED)
 
 
 def op(name: str):

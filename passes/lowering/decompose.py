@@ -80,22 +80,37 @@ def _with_out_norm(mix, out_norm_weight, out_eps, return_mix, dtype, cd):
     return (_to(mix, dtype, cd) if return_mix else None), _to(normed, dtype, cd)
 
 
+def _phase1_mixes(sources, queries, norm_weights, eps: float, cd, num_queries: int):
+    """Every query's mixture in the compute dtype, unrounded, and the lse [S, ...]."""
+    xs = [_cast(s, cd) for s in sources]
+    ns = [_rms(x, eps) for x in xs]  # m x [..., D]
+    q = _gained_query(queries, norm_weights, cd)  # [S, D]
+    mixes, lses = [], []
+    for j in range(num_queries):
+        scores = torch.stack([(n * q[j]).sum(-1) for n in ns])  # [m, ...]
+        lse = torch.logsumexp(scores, dim=0)  # [...]
+        mixes.append(_mix(xs, torch.exp(scores - lse)))
+        lses.append(lse)
+    return mixes, torch.stack(lses)
+
+
 def attn_res_phase1(sources, queries, norm_weights: Optional[object], eps: float, *, dtype, num_queries: int):
     """= attn_res_phase1_reference: (outs: S x [..., D] in dtype, lse [S, ...] fp32/fp64).
 
     The sources are RMS-normalised once and shared by every query (the reference recomputes them
     per query; the values are identical)."""
     cd = compute_dtype(dtype)
-    xs = [_cast(s, cd) for s in sources]
-    ns = [_rms(x, eps) for x in xs]  # m x [..., D]
-    q = _gained_query(queries, norm_weights, cd)  # [S, D]
-    outs, lses = [], []
-    for j in range(num_queries):
-        scores = torch.stack([(n * q[j]).sum(-1) for n in ns])  # [m, ...]
-        lse = torch.logsumexp(scores, dim=0)  # [...]
-        outs.append(_to(_mix(xs, torch.exp(scores - lse)), dtype, cd))
-        lses.append(lse)
-    return outs, torch.stack(lses)
+    mixes, lse = _phase1_mixes(sources, queries, norm_weights, eps, cd, num_queries)
+    return [_to(m, dtype, cd) for m in mixes], lse
+
+
+def attn_res_phase1_normed(sources, queries, norm_weights, eps: float, scale: float, out_norm_weight, out_eps: float,
+                           *, dtype, num_queries: int):
+    """= attn_res_phase1_normed_reference: (RMSNorm(scale * out_0) * out_norm_weight, outs_1.., lse)."""
+    cd = compute_dtype(dtype)
+    mixes, lse = _phase1_mixes(sources, queries, norm_weights, eps, cd, num_queries)
+    normed0 = _with_out_norm(mixes[0] * scale, out_norm_weight, out_eps, False, dtype, cd)[1]
+    return normed0, [_to(m, dtype, cd) for m in mixes[1:]], lse
 
 
 def _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, cd):

@@ -23,7 +23,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from . import decompose as D
 from .common import (
-    ATTN_RES, NORMED, PHASE1, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, LoweringError, copy_location,
+    ATTN_RES, NORMED, PHASE1, PHASE1_NORMED, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, LoweringError, copy_location,
     erase_unused, getitem_users, infer_meta, library_op, node_device, value,
 )
 
@@ -56,6 +56,8 @@ def _decomposition(node: fx.Node):
         return D.attn_res_phase2_add_normed, {"dtype": dtype}
     if name == PHASE1:
         return D.attn_res_phase1, {"dtype": dtype, "num_queries": int(value(node.args[1]).shape[0])}
+    if name == PHASE1_NORMED:
+        return D.attn_res_phase1_normed, {"dtype": dtype, "num_queries": int(value(node.args[1]).shape[0])}
     raise AssertionError(node.target)
 
 

@@ -160,6 +160,37 @@ def test_phase1_op(with_weight):
     _check(op, formula, ins, with_weight)
 
 
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_phase1_normed_op(with_weight):
+    """Query 0's merge (no partial: RMSNorm(scale * out_0) * wo) fused into phase 1: the formula's
+    normed head, the other queries' outputs and every lse, and all their gradients."""
+    srcs = [_leaf(*SHAPE, seed=i) for i in range(3)]
+    Q = _leaf(3, D, seed=10)
+    extra = [(1 + 0.5 * _leaf(3, D, seed=11)).detach().requires_grad_(True), _gain(12)] if with_weight else []
+    ins = srcs + [Q] + extra
+
+    def op(*t):  # flat: (normed_0, out_1, out_2, lse)
+        G, wo = (t[4], t[5]) if with_weight else (None, None)
+        normed0, outs, lse = OPS.attn_res_phase1_normed(list(t[:3]), t[3], G, EPS, 3.0, wo, OUT_EPS)
+        return (normed0, *outs, lse)
+
+    def formula(*t):
+        G, wo = (t[4], t[5]) if with_weight else (None, None)
+        out, lse = f_phase1(list(t[:3]), t[3], G, EPS)
+        return (_rmsnorm(3.0 * out[0], OUT_EPS, wo), *out[1:].unbind(0), lse)
+
+    normed0, *outs, lse = op(*ins)
+    assert normed0.shape == SHAPE and [o.shape for o in outs] == [SHAPE] * 2 and lse.shape == (3, *SHAPE[:-1])
+    _check(op, formula, ins, with_weight)
+
+
+def test_opcheck_phase1_normed():
+    srcs = [_leaf(2, 3, 8, seed=i, dtype=torch.float32) for i in range(3)]
+    Q, G, wo = (_leaf(*s, seed=k, dtype=torch.float32) for k, s in ((7, (4, 8)), (8, (4, 8)), (9, (8,))))
+    _opcheck(OPS.attn_res_phase1_normed.default, (srcs, Q, G, 1e-6, 2.0, wo, 1e-5))
+    _opcheck(OPS.attn_res_phase1_normed.default, (srcs, Q, None, 1e-6, 1.0, None, 1e-6))
+
+
 def _phase2_ins(with_partial, with_weight, extra=()):
     o1, l1 = _leaf(*SHAPE, seed=1), _leaf(*SHAPE[:-1], seed=2)
     p = [_leaf(*SHAPE, seed=3)] if with_partial else []

@@ -97,10 +97,11 @@ def test_fused_backward(dtype, n, bt, bd, warps, normed):
 
 
 @pytest.mark.parametrize("dtype,n,bt,bd,warps", [CONFIGS[0], CONFIGS[3]])
-@pytest.mark.parametrize("S", [1, 5])
-def test_phase1(dtype, n, bt, bd, warps, S):
-    _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, N=n, S=S, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
-    _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, N=n, S=S, HAS_W=True, BLOCK_T=bt, BLOCK_D=bd)
+@pytest.mark.parametrize("S,head", [(1, False), (5, False), (1, True), (5, True)])
+def test_phase1(dtype, n, bt, bd, warps, S, head):
+    flags = dict(N=n, S=S, HAS_W=True, HEAD_NORMED=head, HAS_WO=head, BLOCK_T=bt, BLOCK_D=bd)
+    _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, **flags)
+    _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, **flags)
 
 
 @pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 8), ("fp32", 8, 128, 2)])
@@ -185,13 +186,14 @@ def test_kernel_resources_tool_captures_every_launch():
         kernels_by_op.setdefault(r["op"], set()).add(r["kernel"])
     assert kernels_by_op == {
         "attn_res fwd": {"_fwd_kernel"}, "attn_res bwd": {"_bwd_kernel"}, "phase1 fwd": {"_phase1_fwd_kernel"},
-        "phase1 bwd": {"_phase1_bwd_kernel"},
+        "phase1 bwd": {"_phase1_bwd_kernel"}, "phase1+norm fwd": {"_phase1_fwd_kernel"},
+        "phase1+norm bwd": {"_phase1_bwd_kernel"},
         "phase2+norm fwd": {"_phase2_fwd_kernel"}, "phase2+norm bwd": {"_phase2_bwd_kernel"},
         "phase2+add+norm fwd": {"_phase2_fwd_kernel"}, "phase2+add+norm bwd": {"_phase2_bwd_kernel"},
     }
     assert all(r["registers"] > 0 for r in table)
     # D=2048: 8 elements per thread; the phase-1 backward runs one token per program (two_phase.py)
-    assert all(r["num_warps"] == (8 if r["op"] == "phase1 bwd" else 16) for r in table)
+    assert all(r["num_warps"] == (8 if r["op"] in ("phase1 bwd", "phase1+norm bwd") else 16) for r in table)
 
 
 @pytest.mark.parametrize("shape", ["backend", "target"])
@@ -214,7 +216,7 @@ def test_phase1_keeps_to_registers(shape):
     T, D, n, m, S = tool.SHAPES[shape]
     with L.elements_per_thread(8):
         launches = tool.launches_of(T, D, n, m, S)
-    for op in ("phase1 fwd", "phase1 bwd"):
+    for op in ("phase1 fwd", "phase1 bwd", "phase1+norm fwd", "phase1+norm bwd"):
         (kernel, args, kw), = launches[op]
         kw = dict(kw)
         u = resources.usage(resources.compile_launch(kernel, args, kw.pop("num_warps"), **kw))

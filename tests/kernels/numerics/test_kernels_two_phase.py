@@ -13,6 +13,7 @@ from kernel_tiers import DEVICE, assert_close_tier, cpu_randn
 from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
 from residual_rewriter.kernels.attn_res import _launch, dispatch, fused, two_phase
 from residual_rewriter.kernels.attn_res.reference import (
+    attn_res_phase1_normed_reference,
     attn_res_phase1_reference,
     attn_res_phase2_add_normed_reference,
     attn_res_phase2_normed_reference,
@@ -21,6 +22,7 @@ from residual_rewriter.kernels.attn_res.reference import (
 from residual_rewriter.kernels.attn_res.reference_grads import (
     attn_res_normed_backward_reference,
     attn_res_phase1_backward_reference,
+    attn_res_phase1_normed_backward_reference,
     attn_res_phase2_add_normed_backward_reference,
     attn_res_phase2_backward_reference,
     attn_res_phase2_normed_backward_reference,
@@ -79,6 +81,59 @@ def test_phase1(monkeypatch, shape, m, S, dtype, with_weight, kernels=("_phase1_
         assert_close_tier(gw, rgw, _param_tier(dtype), "grad", "grad norm_weights")
     else:
         assert gw is None
+
+
+@pytest.mark.parametrize(
+    "shape,m,S,dtype",
+    [((7, 96), 3, 4, torch.float32), ((1, 200), 1, 1, torch.float32), ((33, 96), 4, 3, torch.bfloat16),
+     ((2, 5, 96), 2, 2, torch.float16)],
+)
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_phase1_normed(monkeypatch, shape, m, S, dtype, with_weights, chunks=False):
+    """Query 0's merge fused into phase 1 (its normed form written, out_0 not), forward and every
+    gradient, the other queries' outputs too; gradients of the later queries non-contiguous."""
+    sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(m)]
+    D = shape[-1]
+    Q = _rand(S, D, seed=100, shift=0.0) * 0.25
+    G = (1 + 0.3 * _rand(S, D, seed=101, shift=0.0)) if with_weights else None
+    wo = (1 + 0.3 * _rand(D, seed=102, shift=0.0)) if with_weights else None
+    scale = float(m + 1)
+    kernels = ("_phase1_fwd_kernel", "_phase1_bwd_kernel")
+    with spy_on(monkeypatch, two_phase, kernels[0]) as spy:
+        normed0, outs, lse = dispatch.phase1_normed_cuda(sources, Q, G, 1e-6, scale, wo, 1e-5)
+    assert chunks or all(c["HEAD_NORMED"] for c in spy[kernels[0]].constexprs)
+    s64, Q64 = [s.to(F64) for s in sources], Q.to(F64)
+    G64, wo64 = (G.to(F64), wo.to(F64)) if with_weights else (None, None)
+    rn, ros, rl = attn_res_phase1_normed_reference(s64, Q64, G64, 1e-6, scale, wo64, 1e-5)
+    assert normed0.dtype == dtype and len(outs) == S - 1
+    assert_close_tier(normed0, rn, dtype, "out", "normed_0")
+    for j, (o, ro) in enumerate(zip(outs, ros)):
+        assert_close_tier(o, ro, dtype, "out", f"phase1 out {j + 1}")
+    assert_close_tier(lse, rl, torch.float32, "out", "phase1 lse")
+    dn = _rand(*shape, dtype=dtype, seed=6, shift=0.0)
+    douts = [_rand(*shape[:-1], D + 8, dtype=dtype, seed=7 + j, shift=0.0)[..., :D] for j in range(S - 1)]
+    dlse = _rand(*lse.shape, seed=8, shift=0.0)
+    with spy_on(monkeypatch, two_phase, kernels[1]):
+        gs, gq, gw, gwo = dispatch.phase1_normed_backward_cuda(dn, douts, dlse, sources, Q, G, 1e-6, scale, wo, 1e-5,
+                                                                lse)
+    rgs, rgq, rgw, rgwo = attn_res_phase1_normed_backward_reference(
+        dn.to(F64), [d.to(F64) for d in douts], dlse.to(F64), s64, Q64, G64, 1e-6, scale, wo64, 1e-5)
+    for i, (a, b) in enumerate(zip(gs, rgs)):
+        assert a.dtype == dtype
+        assert_close_tier(a, b, dtype, "grad", f"grad source {i}")
+    if m > 1:  # one source: the query gradients are zero up to cancellation noise
+        assert_close_tier(gq, rgq, _param_tier(dtype), "grad", "grad queries")
+    if with_weights:
+        if m > 1:
+            assert_close_tier(gw, rgw, _param_tier(dtype), "grad", "grad norm_weights")
+        assert_close_tier(gwo, rgwo, _param_tier(dtype), "grad", "grad out_norm_weight")
+    else:
+        assert gw is None and gwo is None
+
+
+def test_phase1_normed_in_chunks(monkeypatch):
+    monkeypatch.setattr(_launch, "MAX_SOURCES", 2)
+    test_phase1_normed(monkeypatch, (7, 96), 5, 3, torch.float32, True, chunks=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
