@@ -13,7 +13,7 @@ import torch
 import residual_rewriter as rr
 from residual_rewriter.backend import make_attnres_backend
 
-from model_zoo import logits_of, make_gpt, perturb_attn_res, rel_err
+from model_zoo import logits_of, make_gpt, make_hf, perturb_attn_res, rel_err
 from spies import spy_on
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,26 +48,37 @@ def _check_against_float64(converted, x, backend):
         assert rel_err(grads[name].cpu().double(), ref_grads[name]) < GRAD_TOL, name
 
 
-@pytest.mark.parametrize("block_size,phase1_calls", [(2, 3), (4, 2)])
-def test_block_attnres_gpt_training_runs_the_triton_kernels(monkeypatch, block_size, phase1_calls):
+def _model(kind: str):
+    """(model, input): the built-in GPT (LayerNorm: its merges are not norm-fused) or a small HF Llama
+    (RMSNorm: every fusion applies)."""
+    if kind == "gpt":
+        model = make_gpt()  # 4 layers: 8 sublayers
+        return model, model.example_inputs()[0]
+    return make_hf("llama"), torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind,block_size", [("gpt", 2), ("gpt", 4), ("llama", 3)])
+def test_block_attnres_training_runs_the_triton_kernels(monkeypatch, kind, block_size):
     from residual_rewriter.kernels.attn_res import two_phase
 
-    model = make_gpt()  # 4 layers: 8 sublayers
+    model, x = _model(kind)
     conv = rr.convert(model, block_size=block_size).train()
     perturb_attn_res(conv, seed=2, scale=0.3)
     backend = make_attnres_backend(lower="triton")
     # phase 1 + the phase-2 merges, forward and backward: each must launch (checked on leaving)
     with spy_on(monkeypatch, two_phase, "_phase1_fwd_kernel", "_phase2_fwd_kernel", "_phase1_bwd_kernel",
                 "_phase2_bwd_kernel") as spies:
-        _check_against_float64(conv, model.example_inputs()[0], backend)
-    lowered = backend.last_log["lower"]
-    assert lowered.get("triton.attn_res_phase1", 0) + lowered.get("triton.attn_res_phase1_normed", 0) == phase1_calls
-    assert lowered.get("triton.attn_res_phase1_normed", 0) == phase1_calls - 1  # every block's but the first
-    assert any(c["HEAD_NORMED"] for c in spies["_phase1_bwd_kernel"].constexprs)
-    fused_adds = backend.last_log["fuse_add"].get("fused_partial_add", 0)
+        _check_against_float64(conv, x, backend)
+    log, lowered = backend.last_log, backend.last_log["lower"]
+    phase1 = log["batch_two_phase"].get("phase1", 0)
+    assert lowered.get("triton.attn_res_phase1", 0) + lowered.get("triton.attn_res_phase1_normed", 0) == phase1 >= 1
+    heads = log["fuse_head"].get("fused_head", 0)
+    assert lowered.get("triton.attn_res_phase1_normed", 0) == heads
+    assert sum(c["HEAD_NORMED"] for c in spies["_phase1_bwd_kernel"].constexprs) == heads
+    fused_adds = log["fuse_add"].get("fused_partial_add", 0)
     assert sum(c["ADD_DELTA"] for c in spies["_phase2_fwd_kernel"].constexprs) == fused_adds
-    if block_size >= 3:  # a block's third sublayer on reads prev + f: the add runs inside the merge
-        assert fused_adds >= 1
+    if kind == "llama":  # RMSNorm: the block's first merge goes into phase 1, later adds into the merges
+        assert heads >= 1 and fused_adds >= 1
 
 
 def test_full_attnres_past_one_launch_goes_in_chunks():
@@ -87,10 +98,10 @@ def test_bf16_autocast_training_runs_the_add_fused_merge(monkeypatch):
     matches the same graph through plain aot_eager (whose ops run the fused Triton kernel)."""
     from residual_rewriter.kernels.attn_res import two_phase
 
-    model = make_gpt()
-    conv = rr.convert(model, block_size=4).train().cuda()
+    model, x = _model("llama")  # RMSNorm: the merges are norm-fused, so the adds can go into them
+    conv = rr.convert(model, block_size=3).train().cuda()
     perturb_attn_res(conv, seed=4, scale=0.3)
-    x = model.example_inputs()[0].cuda()
+    x = x.cuda()
 
     def step(fn):
         conv.zero_grad(set_to_none=True)

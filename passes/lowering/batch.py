@@ -20,7 +20,10 @@ of its own group, so nothing batches except the last site together with the fina
 
 Matches: ``attn_res`` nodes; groups of two or more members with equal eps and the same presence of
 key-norm gains, whose shared sources and parameters are all defined before the group's first member.
-Leaves: singleton groups as plain ``attn_res`` (the fuse-norm pass may still take them); everything else.
+Leaves: singleton groups as plain ``attn_res`` (the fuse-norm pass may still take them); groups whose
+completed blocks are ONE tensor (the first block, which has only b_0): phase 1 over one source is a
+copy of it (o = b_0, written once per query and read back by the merges), so each aggregation reading
+b_0 and its partial itself moves less (counted as ``one_completed_block``); everything else.
 """
 from __future__ import annotations
 
@@ -90,6 +93,9 @@ class BatchTwoPhase(CountingPass):
         for group in plan_groups(find_aggregations(graph)):
             if len(group.members) < 2:
                 self.stats["singletons"] += 1
+                continue
+            if len(group.shared) == 1:  # the first block: see the module docstring
+                self.stats["one_completed_block"] += len(group.members)
                 continue
             if replaced:  # a group reading an aggregation rewritten earlier (not in convert's graphs)
                 _remap(group, replaced)
