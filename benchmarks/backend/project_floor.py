@@ -8,8 +8,8 @@ training-step and no_grad-forward ratios do they give at the H100 backend benchm
 2. Each op the backend emits, timed alone (median, CUDA events), as % of copy bandwidth for its IDEAL
    traffic (its [tokens, hidden] reads and writes, once each): phase 1 forward and backward for
    m = 2..8 completed blocks (S queries), the merges with and without the partial's add, forward and
-   backward, a stream add, and the partial's add done by the output GEMM (``add_linear_``) against
-   ``linear`` + add.
+   backward, the first block's unbatched two-source aggregation, a stream add, and the partial's add
+   done by the output GEMM (``add_linear_``) against ``linear`` + add.
 3. The projection: the graphs the backend emits for the benchmark's model (training, and under
    no_grad), every op node priced by its measured time (phase 1 by its m; other query counts scaled
    by ideal passes), stream adds and the gradient sums AOT adds (k + 1 passes at copy bandwidth),
@@ -77,6 +77,11 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
     out["merge+add fwd"] = (timed(lambda: dispatch.phase2_add_normed_cuda(o, l1, p, f, q, w, EPS, 3.0, wo, EPS)), 5)
     out["merge+add bwd"] = (timed(lambda: dispatch.phase2_add_normed_backward_cuda(dp, dn, o, l1, p, q, w, EPS, 3.0,
                                                                                    wo, EPS)), 6)
+    # the first block's aggregations, unbatched: b_0 and the partial -> the normed form
+    out["normed fwd (2 sources)"] = (timed(lambda: dispatch.normed_cuda([o, p], q, w, EPS, 2.0, wo, EPS,
+                                                                        return_mix=False)), 3)
+    out["normed bwd (2 sources)"] = (timed(lambda: dispatch.normed_backward_cuda(None, dn, [o, p], q, w, EPS, 2.0, wo,
+                                                                                 EPS)), 5)
     out["stream add"] = (timed(lambda: torch.add(p, f)), 3)
     x, W = act(T, D), act(D, D) / D ** 0.5
     acc = p.clone()
@@ -118,7 +123,9 @@ def graph_ms(graph, shape, times: dict, S_measured: int, pass_ms: float, grad: b
                 has_p = n.args[2] is not None  # without a partial: 2 of the 3 forward and 3 of the 5 backward passes
                 fwd += times["merge fwd"][0] * (1 if has_p else 2 / 3)
                 bwd += times["merge bwd"][0] * (1 if has_p else 3 / 5)
-            else:  # pragma: no cover - an op this schedule does not emit: price it by the traffic model
+            elif short == "attn_res_normed" and len(n.args[0]) == 2:
+                fwd, bwd = fwd + times["normed fwd (2 sources)"][0], bwd + times["normed bwd (2 sources)"][0]
+            else:  # an op not timed here (e.g. Full AttnRes's many-source aggregations): its ideal passes
                 f, b = TM.op_passes(n)
                 fwd, bwd = fwd + f * pass_ms, bwd + b * pass_ms
         elif op_name(n) == "residual_rewriter::add_linear_":

@@ -67,11 +67,11 @@ def test_project_floor_smoke(tmp_path):
     (result,) = list(tmp_path.glob("project_floor-smoke-*.json"))
     data = json.loads(result.read_text())
     ops = {r["op"] for r in data["ops"]}
-    assert {"phase1 fwd m=2", "phase1 bwd m=3", "merge+add bwd", "add_linear_"} <= ops
+    assert {"phase1 fwd m=2", "phase1 bwd m=3", "merge+add bwd", "normed bwd (2 sources)", "add_linear_"} <= ops
     train, fwd = data["projection"]["training"], data["projection"]["no_grad forward"]
-    # 4 layers in 2 blocks: 2 phase-1 calls, the second with its block's first merge fused in; under
-    # no_grad the 6 partial adds go into their GEMMs
-    assert train["priced"]["attn_res_phase1"] == train["priced"]["attn_res_phase1_normed"] == 1
-    assert "add_linear_" not in train["priced"]
+    # 4 layers in 2 blocks: the first block's 3 aggregations unbatched, one phase-1 call for the second
+    # with its first merge fused in; under no_grad the 6 partial adds go into their GEMMs
+    assert train["priced"]["attn_res_normed"] == 3 and train["priced"]["attn_res_phase1_normed"] == 1
+    assert "attn_res_phase1" not in train["priced"] and "add_linear_" not in train["priced"]
     assert fwd["priced"]["add_linear_"] == 6 and "gradient-sum passes" not in fwd["priced"]
     assert train["ratio"] > 1 and fwd["ratio"] > 1 and data["mix_order_reduction"]
