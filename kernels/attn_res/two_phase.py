@@ -13,6 +13,11 @@ Phase 1, backward (``_phase1_bwd_kernel``), one kernel, per token tile:
   sweep 2 (the same tile again, from L2): every source's gradient, accumulated over the S queries,
       ds_ji = a_ji (dout_j.v_i - delta_j);  dv_i = sum_j a_ji dout_j + r_i ds_ji (q'_j - n_i s_ji / D).
 The forward saves only the sources and the lse (per-token fp32 scalars), no output or key tensors.
+The loops over queries are runtime loops (the query's gradient pointer picked from the tuple by
+``_pick``): unrolled, they kept every query's rows live and spilled at 16 warps.
+``HEAD_NORMED`` (``attn_res_phase1_normed``): query 0 reads no partial block, so its merge is only its
+sublayer's RMSNorm; the forward writes that normed form instead of out_0, and the backward takes its
+gradient, recomputes out_0 in fp32 from the sources in sweep 1 and keeps d out_0 in registers.
 dq'_j is reduced over tokens into a [programs, S, D] fp32 partial (one slab per persistent program,
 summed by torch in fixed order: deterministic).
 
