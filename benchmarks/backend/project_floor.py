@@ -6,8 +6,8 @@ training-step and no_grad-forward ratios do they give at the H100 backend benchm
 
 1. The unit: the device's copy bandwidth.
 2. Each op the backend emits, timed alone (median, CUDA events), as % of copy bandwidth for its IDEAL
-   traffic (its [tokens, hidden] reads and writes, once each): phase 1 forward and backward for
-   m = 2..8 completed blocks (S queries), the merges with and without the partial's add, forward and
+   traffic (its [tokens, hidden] reads and writes, once each): phase 1 with the block's first merge
+   in it, forward and backward, for m = 2..8 completed blocks (S queries), plain phase 1 at m = 8, the merges with and without the partial's add, forward and
    backward, the first block's unbatched two-source aggregation, a stream add, and the partial's add
    done by the output GEMM (``add_linear_``) against ``linear`` + add.
 3. The projection: the graphs the backend emits for the benchmark's model (training, and under
@@ -60,15 +60,22 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
         return time_ms(fn, device, warmup=1 if device.type != "cuda" else 3, reps=reps)
 
     out = {}
-    Q, G = par(S, D, scale=D ** -0.5), 1 + par(S, D, scale=0.1)
-    for m in ms:
+    Q, G, wo = par(S, D, scale=D ** -0.5), 1 + par(S, D, scale=0.1), 1 + par(D, scale=0.1)
+    for m in ms:  # what the backend emits for every batched block: phase 1 with its first merge in it
         blocks = [act(T, D) for _ in range(m)]
-        outs, lse = dispatch.phase1_cuda(blocks, Q, G, EPS)
+        normed0, outs, lse = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
         douts, dlse = [act(T, D) for _ in range(S)], par(S, T)
-        out[f"phase1 fwd m={m}"] = (timed(lambda: dispatch.phase1_cuda(blocks, Q, G, EPS)), m + S)
-        out[f"phase1 bwd m={m}"] = (timed(lambda: dispatch.phase1_backward_cuda(douts, dlse, blocks, Q, G, EPS, lse)),
-                                    2 * m + S)
-    o, l1, q, w, wo = act(T, D), par(T), Q[0], G[0], 1 + par(D, scale=0.1)
+        out[f"phase1+norm fwd m={m}"] = (timed(lambda: dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)),
+                                         m + S)
+        out[f"phase1+norm bwd m={m}"] = (timed(lambda: dispatch.phase1_normed_backward_cuda(
+            douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse)), 2 * m + S)
+    m = max(ms)  # plain phase 1 at the largest m, for comparison (the backend emits it only without a head)
+    blocks = [act(T, D) for _ in range(m)]
+    outs, lse = dispatch.phase1_cuda(blocks, Q, G, EPS)
+    out[f"phase1 fwd m={m}"] = (timed(lambda: dispatch.phase1_cuda(blocks, Q, G, EPS)), m + S)
+    out[f"phase1 bwd m={m}"] = (timed(lambda: dispatch.phase1_backward_cuda(douts, dlse, blocks, Q, G, EPS, lse)),
+                                2 * m + S)
+    o, l1, q, w = act(T, D), par(T), Q[0], G[0]
     p, f, dn, dp = act(T, D), act(T, D), act(T, D), act(T, D)
     out["merge fwd"] = (timed(lambda: dispatch.phase2_normed_cuda(o, l1, p, q, w, EPS, 3.0, wo, EPS,
                                                                   return_mix=False)), 3)
@@ -91,16 +98,16 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
     return out
 
 
-def _phase1_ms(times: dict, kind: str, m: int, S: int, S_measured: int) -> float:
-    """Phase 1 of m sources and S queries: measured at S_measured queries, scaled by ideal passes."""
-    ms_at = sorted(int(k.split("m=")[1]) for k in times if k.startswith(f"phase1 {kind}"))
+def _phase1_ms(times: dict, op: str, kind: str, m: int, S: int) -> float:
+    """Phase 1 (``op``: "phase1" or "phase1+norm") of m sources and S queries: the measurement at the
+    nearest m, scaled by ideal passes (S and m differ from the measured ones)."""
+    ms_at = sorted(int(k.split("m=")[1]) for k in times if k.startswith(f"{op} {kind} m="))
     m_key = min(ms_at, key=lambda x: abs(x - m))
-    t, passes = times[f"phase1 {kind} m={m_key}"]
-    want = (m + S) if kind == "fwd" else (2 * m + S)
-    return t * want / passes * (m / m_key if m != m_key else 1.0)
+    t, passes = times[f"{op} {kind} m={m_key}"]
+    return t * ((m + S) if kind == "fwd" else (2 * m + S)) / passes
 
 
-def graph_ms(graph, shape, times: dict, S_measured: int, pass_ms: float, grad: bool) -> tuple[float, float, Counter]:
+def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[float, float, Counter]:
     """(forward ms, backward ms — 0 without ``grad`` —, what was priced) of the AttnRes work in one
     emitted graph."""
     fwd = bwd = 0.0
@@ -113,10 +120,11 @@ def graph_ms(graph, shape, times: dict, S_measured: int, pass_ms: float, grad: b
         if name:
             short = name.split("::")[1]
             priced[short] += 1
-            if short in ("attn_res_phase1", "attn_res_phase1_normed"):  # timed alike: same passes
+            if short in ("attn_res_phase1", "attn_res_phase1_normed"):
                 m, S = len(n.args[0]), int(value(n.args[1]).shape[0])
-                fwd += _phase1_ms(times, "fwd", m, S, S_measured)
-                bwd += _phase1_ms(times, "bwd", m, S, S_measured)
+                op = "phase1+norm" if short.endswith("normed") else "phase1"
+                fwd += _phase1_ms(times, op, "fwd", m, S)
+                bwd += _phase1_ms(times, op, "bwd", m, S)
             elif short == "attn_res_phase2_add_normed":
                 fwd, bwd = fwd + times["merge+add fwd"][0], bwd + times["merge+add bwd"][0]
             elif short == "attn_res_phase2_normed":
@@ -185,7 +193,7 @@ def main(argv=None) -> dict:
     projection = {}
     for mode, grad in (("training", True), ("no_grad forward", False)):
         graph, shape, sites = TM.graphs_of(args.layers, args.num_blocks, {}, grad=grad)
-        fwd, bwd, priced = graph_ms(graph, shape, times, S, pass_ms, grad)
+        fwd, bwd, priced = graph_ms(graph, shape, times, pass_ms, grad)
         original = (4 * sites + (4 * sites if grad else 0)) * pass_ms
         added = fwd + bwd - original
         base = args.original_train_ms if grad else args.original_fwd_ms

@@ -184,20 +184,15 @@ def _phase1_bwd_kernel(
             r = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
             n = v * r[:, None]
             dv = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-            if HEAD_NORMED:
-                q0 = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
-                lse0 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
-                delta0 = tl.load(delta_ptr + rows64, mask=rmask, other=0.0)
-                ddv, ds = _source_grad_step(v, n, r, q0, lse0, delta0, dout0, D)
-                dv += ddv
-                _add_to_slab(dqg_ptr, pid.to(tl.int64) * S, D, cols, n, ds, cmask)
-            for j in range(J0, S):
+            for j in range(S):  # with HEAD_NORMED, query 0's gradient is dout0, from registers
                 qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
                 lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
                 delta = tl.load(delta_ptr + j * T + rows64, mask=rmask, other=0.0)
-                live = mask & (gate >= float("-inf"))[:, None]
+                live = mask & (gate >= float("-inf"))[:, None] & (j >= J0)
                 dptr, dstride = _pick(douts, dout_strides, j, S)
                 dout = tl.load(dptr + rows64[:, None] * dstride + cols[None, :], mask=live, other=0.0).to(tl.float32)
+                if HEAD_NORMED:
+                    dout = tl.where(j == 0, dout0, dout)
                 ddv, ds = _source_grad_step(v, n, r, qj, lse, delta, dout, D)
                 gate = ds
                 dv += ddv

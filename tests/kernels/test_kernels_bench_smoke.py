@@ -67,7 +67,8 @@ def test_project_floor_smoke(tmp_path):
     (result,) = list(tmp_path.glob("project_floor-smoke-*.json"))
     data = json.loads(result.read_text())
     ops = {r["op"] for r in data["ops"]}
-    assert {"phase1 fwd m=2", "phase1 bwd m=3", "merge+add bwd", "normed bwd (2 sources)", "add_linear_"} <= ops
+    assert {"phase1+norm fwd m=2", "phase1+norm bwd m=3", "phase1 bwd m=3", "merge+add bwd", "normed bwd (2 sources)",
+            "add_linear_"} <= ops
     train, fwd = data["projection"]["training"], data["projection"]["no_grad forward"]
     # 4 layers in 2 blocks: the first block's 3 aggregations unbatched, one phase-1 call for the second
     # with its first merge fused in; under no_grad the 6 partial adds go into their GEMMs
