@@ -371,6 +371,7 @@ def test_training_matches_eager_aot_eager(kind, block_size):
     {"lower": None},  # the library ops themselves (their autograd registrations) under AOT autograd
     {"batch_two_phase": False},
     {"fuse_norm": False, "batch_two_phase": False},
+    {"fuse_head": False},
 ])
 def test_each_pass_can_be_switched_off(options):
     conv, x, _ = _converted("llama", 2)
@@ -379,7 +380,19 @@ def test_each_pass_can_be_switched_off(options):
     ran = set(backend.last_log.passes)
     assert ("batch_two_phase" in ran) == options.get("batch_two_phase", True)
     assert ("fuse_norm" in ran) == options.get("fuse_norm", True)
+    assert ("fuse_head" in ran) == all(options.get(k, True) for k in ("fuse_head", "fuse_norm", "batch_two_phase"))
     assert ("lower" in ran) == (options.get("lower", "auto") is not None)
+
+
+def test_accumulate_in_gemm_can_be_switched_off():
+    conv, x, _ = _converted("llama", 2)
+    for on in (True, False):
+        torch._dynamo.reset()
+        out, backend = compile_with_passes(conv, x, accumulate_in_gemm=on, lower=None)
+        # 3 blocks of 2 sublayers: each block sum adds its second output to its first
+        assert backend.last_log.passes.get("accumulate_in_gemm", {}).get("accumulated_in_gemm", 0) == (3 if on else 0)
+        with torch.no_grad():
+            torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_dynamic_sequence_length():
