@@ -8,6 +8,8 @@ the add, inductor keeps it in place (no copy), and its rounding is the documente
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ def _fresh_dynamo():
 
 
 def _compiled(model, x, grad=False, **options):
+    options.setdefault("accumulate_in_gemm", True)  # the default ("auto") applies it on CUDA only
     backend = make_attnres_backend(compiler="aot_eager", keep_graphs=True, **options)
     with torch.set_grad_enabled(grad):
         out = torch.compile(model, backend=backend, fullgraph=True)(x)
@@ -140,7 +143,7 @@ def test_inductor_keeps_it_in_place():
     model = make_gpt(bias=False, n_layer=2)
     x = model.example_inputs()[0]
     conv = rr.convert(model, block_size=4).eval()
-    backend = make_attnres_backend()  # inductor
+    backend = make_attnres_backend(accumulate_in_gemm=True)  # inductor
     with torch.no_grad():
         out, (code, *_) = run_and_get_code(torch.compile(conv, backend=backend), x)
         torch.testing.assert_close(logits_of(out), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
@@ -199,5 +202,7 @@ def test_run_passes_reports_it():
 
     with torch.no_grad():
         torch.compile(conv, backend=grab, fullgraph=True)(model.example_inputs()[0])
-        plog = run_passes(gm, lower=None)
+        auto = run_passes(copy.deepcopy(gm), lower=None)  # the default: CUDA tensors only
+        plog = run_passes(gm, lower=None, accumulate_in_gemm=True)
+    assert auto["accumulate_in_gemm"] == {"modified": False, "not_cuda": 4}
     assert plog["accumulate_in_gemm"]["accumulated_in_gemm"] == 4

@@ -10,6 +10,8 @@ interleaved in ONE run and reported as ratios to ``original + inductor``:
     attnres-batch          two-phase batching off
     attnres-fuse_norm      RMSNorm fusion off (and with it fuse_add)
     attnres-fuse_add       the partial block's add left out of the merge
+    attnres-fuse_head      each block's first merge left out of its phase-1 call
+    attnres-accumulate_in_gemm  (no_grad forward) the partial block's add not done by the output GEMM
     attnres-lower          CPU: library ops kept (their eager reference); CUDA: lower="decompose"
                            (inductor-generated code instead of the hand-written Triton kernels)
     attnres+ept16          the Triton kernels with 16 elements per thread (the launch
@@ -70,6 +72,8 @@ def variants(device: str) -> dict:
         "attnres-batch": ("converted", make_attnres_backend(batch_two_phase=False)),
         "attnres-fuse_norm": ("converted", make_attnres_backend(fuse_norm=False)),
         "attnres-fuse_add": ("converted", make_attnres_backend(fuse_add=False)),
+        "attnres-fuse_head": ("converted", make_attnres_backend(fuse_head=False)),
+        "attnres-accumulate_in_gemm": ("converted", make_attnres_backend(accumulate_in_gemm=False)),
         "attnres-lower": ("converted", make_attnres_backend(lower=alt_lower)),
         # the kernels' previous launch configuration (kernels/attn_res/_launch.py), for comparison
         "attnres+ept16": ("converted", make_attnres_backend(), 16),

@@ -106,6 +106,7 @@ def graphs_of(layers: int, num_blocks: int, options: dict, grad: bool = True):
 
     torch.manual_seed(0)
     model = rr.convert(llama_like(layers, 64), num_blocks=num_blocks).train(grad)
+    options = {"accumulate_in_gemm": True, **options}  # what the backend does on CUDA ("auto"), traced on CPU
     backend = make_attnres_backend(compiler="eager", lower=None, keep_graphs=True, **options)
     ids = torch.randint(0, 4096, (1, 8))
     torch._dynamo.reset()

@@ -59,12 +59,12 @@ class PassLog:
 
 def run_passes(
     gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, fuse_head: bool = True,
-    fuse_add: bool = True, accumulate_in_gemm: bool = True, lower: str | None = "auto",
+    fuse_add: bool = True, accumulate_in_gemm: bool | str = "auto", lower: str | None = "auto",
 ) -> PassLog:
     """Run the pipeline on ``gm`` in place. ``lower=None`` keeps the library ops as they are (for
     inspecting the batched/fused graph, or running the ops' own implementations).
     ``accumulate_in_gemm`` applies only when grad is disabled now, i.e. the graph is compiled for
-    ``torch.no_grad`` / inference (Dynamo guards on grad mode)."""
+    ``torch.no_grad`` / inference (Dynamo guards on grad mode); "auto" only to CUDA tensors."""
     plog = PassLog()
     find = FindAggregations()
     find(gm)
@@ -79,7 +79,7 @@ def run_passes(
     if fuse_head and fuse_norm and batch_two_phase:  # it folds fuse_norm's head merges into batch's phase 1
         passes.append(FuseHeadMerge())
     if accumulate_in_gemm and not torch.is_grad_enabled():
-        passes.append(AccumulateInGemm())
+        passes.append(AccumulateInGemm(cuda_only=accumulate_in_gemm == "auto"))
     elif accumulate_in_gemm:
         plog.record(AccumulateInGemm.name, False, {"skipped_grad_enabled": 1})
     if fuse_add and fuse_norm:  # it folds adds into fuse_norm's merges: nothing to do without them
