@@ -7,7 +7,9 @@ training-step and no_grad-forward ratios do they give at the H100 backend benchm
 1. The unit: the device's copy bandwidth.
 2. Each op the backend emits, timed alone (median, CUDA events), as % of copy bandwidth for its IDEAL
    traffic (its [tokens, hidden] reads and writes, once each): phase 1 with the block's first merge
-   in it, forward and backward, for m = 2..8 completed blocks (S queries), plain phase 1 at m = 8, the merges with and without the partial's add, forward and
+   in it, forward and backward, for m = 2..8 completed blocks (S queries), its backward with d q'
+   reduced through the fp32 slab instead of registers at m = 2 and 8 (an A/B of that choice), plain
+   phase 1 at m = 8, the merges with and without the partial's add, forward and
    backward, the first block's unbatched two-source aggregation, a stream add, and the partial's add
    done by the output GEMM (``add_linear_``) against ``linear`` + add.
 3. The projection: the graphs the backend emits for the benchmark's model (training, and under
@@ -24,6 +26,7 @@ Writes ``project_floor-<device>-<date>.json`` and ``.md`` to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import sys
@@ -69,6 +72,13 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
                                          m + S)
         out[f"phase1+norm bwd m={m}"] = (timed(lambda: dispatch.phase1_normed_backward_cuda(
             douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse)), 2 * m + S)
+    # d q' reduced through the per-program slab instead of registers (the fallback for wide rows), A/B
+    with _register_dq(0):
+        for m in (min(ms), max(ms)):
+            blocks = [act(T, D) for _ in range(m)]
+            normed0, outs, lse = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
+            out[f"phase1+norm bwd, dq' slab, m={m}"] = (timed(lambda: dispatch.phase1_normed_backward_cuda(
+                douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse)), 2 * m + S)
     m = max(ms)  # plain phase 1 at the largest m, for comparison (the backend emits it only without a head)
     blocks = [act(T, D) for _ in range(m)]
     outs, lse = dispatch.phase1_cuda(blocks, Q, G, EPS)
@@ -98,10 +108,21 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _register_dq(elements: int):
+    from residual_rewriter.kernels.attn_res import two_phase
+
+    old, two_phase.REGISTER_DQ_ELEMENTS = two_phase.REGISTER_DQ_ELEMENTS, elements
+    try:
+        yield
+    finally:
+        two_phase.REGISTER_DQ_ELEMENTS = old
+
+
 def _phase1_ms(times: dict, op: str, kind: str, m: int, S: int) -> float:
     """Phase 1 (``op``: "phase1" or "phase1+norm") of m sources and S queries: the measurement at the
     nearest m, scaled by ideal passes (S and m differ from the measured ones)."""
-    ms_at = sorted(int(k.split("m=")[1]) for k in times if k.startswith(f"{op} {kind} m="))
+    ms_at = sorted(int(k.split("m=")[1]) for k in times if k.startswith(f"{op} {kind} m="))  # not the A/B rows
     m_key = min(ms_at, key=lambda x: abs(x - m))
     t, passes = times[f"{op} {kind} m={m_key}"]
     return t * ((m + S) if kind == "fwd" else (2 * m + S)) / passes

@@ -116,13 +116,18 @@ def _phase1_bwd_kernel(
     dn_ptr, wo_ptr, dwo_ptr,  # HEAD_NORMED: d normed_0 [T, D] contiguous, wo [D] (HAS_WO), d wo [programs, D] fp32
     T, D, eps, num_tiles, scale, out_eps,
     N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    REG_DQ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     J0: tl.constexpr = 1 if HEAD_NORMED else 0  # the first query whose gradient comes from DRAM
+    # REG_DQ: dq' of every query accumulated in registers over all of this program's tiles, [BLOCK_S,
+    # BLOCK_D] fp32, written once at the end; else a read-modify-write of the program's fp32 slab row
+    # per (tile, source, query): two rows of L2 traffic each, many times the sources' bytes.
+    qidx = tl.arange(0, BLOCK_S)
+    dq_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     dwo = tl.zeros([BLOCK_D], tl.float32)
     wo = dwo  # a placeholder row unless HAS_WO
     if HAS_WO:
@@ -196,9 +201,15 @@ def _phase1_bwd_kernel(
                 ddv, ds = _source_grad_step(v, n, r, qj, lse, delta, dout, D)
                 gate = ds
                 dv += ddv
-                _add_to_slab(dqg_ptr, pid.to(tl.int64) * S + j, D, cols, n, ds, cmask)
+                if REG_DQ:
+                    dq_acc += tl.where(qidx[:, None] == j, tl.sum(ds[:, None] * n, 0)[None, :], 0.0)
+                else:
+                    _add_to_slab(dqg_ptr, pid.to(tl.int64) * S + j, D, cols, n, ds, cmask)
             tl.store(dsrcs[i] + offs, dv.to(dsrcs[i].dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the next tile's sweep 1 overwrites delta rows this sweep just read
+    if REG_DQ:
+        slab = dqg_ptr + (pid.to(tl.int64) * S + qidx[:, None]) * D + cols[None, :]
+        tl.store(slab, dq_acc, mask=(qidx[:, None] < S) & cmask[None, :])
     if HAS_WO:
         tl.store(dwo_ptr + pid.to(tl.int64) * D + cols, dwo, mask=cmask)
 
@@ -334,6 +345,12 @@ def _query_grads(d_qg: Tensor, query: Tensor, norm_weight: Optional[Tensor]):
     return gq.to(query.dtype), gw
 
 
+# The phase-1 backward keeps d q' of every query in registers when that costs at most this many fp32
+# registers per thread (BLOCK_S x BLOCK_D over the program's threads): 32 at hidden 2048 with 4 queries
+# on 8 warps. Wider accumulators spill (measured with kernel_resources.py); they fall back to the slab.
+REGISTER_DQ_ELEMENTS = 32
+
+
 class HeadNorm(NamedTuple):
     """Query 0's merge fused into phase 1: ``RMSNorm(scale * out_0) * weight`` (weight may be None)."""
 
@@ -392,6 +409,8 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
     num_tiles = triton.cdiv(T, BT)
     P = L.num_programs(num_tiles, dev)
     dqg = torch.zeros((P, S, D), dtype=torch.float32, device=dev)  # accumulated in place: must start at 0
+    block_s = L.next_pow2(S)
+    reg_dq = block_s * BD <= REGISTER_DQ_ELEMENTS * 32 * warps  # the accumulator's registers per thread
     has_wo = head is not None and head.weight is not None
     dwo = L.empty((P, D), torch.float32, dev) if has_wo else dqg
     if T == 0:
@@ -406,7 +425,7 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
             delta, dqg, dn, head.weight.contiguous() if has_wo else qg, dwo,
             T, D, float(eps), num_tiles, float(head.scale if head else 1.0), float(head.eps if head else 0.0),
             N=len(rows), S=S, HAS_W=False, HEAD_NORMED=head is not None, HAS_WO=has_wo,
-            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            REG_DQ=reg_dq, BLOCK_S=block_s, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), queries, norm_weights)
     return gsrc, gq, gw, (dwo.sum(0).to(head.weight.dtype) if has_wo else None)

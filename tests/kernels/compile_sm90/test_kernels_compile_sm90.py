@@ -101,7 +101,8 @@ def test_fused_backward(dtype, n, bt, bd, warps, normed):
 def test_phase1(dtype, n, bt, bd, warps, S, head):
     flags = dict(N=n, S=S, HAS_W=True, HEAD_NORMED=head, HAS_WO=head, BLOCK_T=bt, BLOCK_D=bd)
     _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, **flags)
-    _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, **flags)
+    for reg_dq in (False, True):  # d q' in the slab, or in registers
+        _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, REG_DQ=reg_dq, BLOCK_S=8, **flags)
 
 
 @pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 8), ("fp32", 8, 128, 2)])

@@ -136,6 +136,27 @@ def test_phase1_normed_in_chunks(monkeypatch):
     test_phase1_normed(monkeypatch, (7, 96), 5, 3, torch.float32, True, chunks=True)
 
 
+@pytest.mark.parametrize("reg_dq", [True, False])
+def test_phase1_query_gradient_in_registers_or_slab(monkeypatch, reg_dq):
+    """The phase-1 backward's two ways of reducing d q' over tokens: a register accumulator written
+    once per program, or the per-program fp32 slab (when the accumulator would not fit)."""
+    monkeypatch.setattr(two_phase, "REGISTER_DQ_ELEMENTS", 32 if reg_dq else 0)
+    seen = []
+    real = two_phase._phase1_bwd_kernel
+
+    class Record:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["REG_DQ"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(two_phase, "_phase1_bwd_kernel", Record())
+    test_phase1(monkeypatch, (7, 96), 3, 4, torch.float32, True, kernels=("_phase1_fwd_kernel", "_phase1_bwd_kernel"))
+    test_phase1_normed(monkeypatch, (33, 96), 4, 3, torch.bfloat16, True)
+    assert seen == [reg_dq, reg_dq]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_phase1_in_chunks(monkeypatch, dtype):
     """5 sources with a launch limit of 2: three chunks merged by log-sum-exp (chunked.py), with an
