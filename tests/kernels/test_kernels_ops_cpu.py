@@ -363,6 +363,29 @@ def test_opcheck_phase1():
     _opcheck(OPS.attn_res_phase1.default, (srcs, Q, None, 1e-6))
 
 
+def test_opcheck_phase1_backward_ops():
+    """The backward ops themselves (schema, fake kernel, dispatch), one gradient per query."""
+    f = torch.float32
+    srcs = [_leaf(2, 3, 8, seed=i, dtype=f).detach() for i in range(3)]
+    Q, G, wo = (_leaf(*s, seed=k, dtype=f).detach() for k, s in ((7, (4, 8)), (8, (4, 8)), (9, (8,))))
+    douts = [_leaf(2, 3, 8, seed=20 + j, dtype=f).detach() for j in range(4)]
+    _, lse = OPS.attn_res_phase1(srcs, Q, G, 1e-6)
+    dlse = _leaf(4, 2, 3, seed=30, dtype=f).detach()
+    _opcheck(OPS.attn_res_phase1_backward.default, (douts, dlse, srcs, Q, G, 1e-6, lse))
+    _opcheck(OPS.attn_res_phase1_normed_backward.default,
+             (douts[0], douts[1:], dlse, srcs, Q, G, 1e-6, 2.0, wo, 1e-5, lse))
+    _opcheck(OPS.attn_res_phase1_normed_backward.default,
+             (douts[0], douts[1:], dlse, srcs, Q, None, 1e-6, 1.0, None, 1e-6, lse))
+
+
+def test_opcheck_add_linear_():
+    """The in-place GEMM accumulate (a mutating op: opcheck checks the declared mutation too)."""
+    f = torch.float32
+    p = _leaf(2, 3, 8, seed=1, dtype=f).detach()
+    x, w = _leaf(2, 3, 5, seed=2, dtype=f).detach(), _leaf(8, 5, seed=3, dtype=f).detach()
+    _opcheck(OPS.add_linear_.default, (p, x, w))
+
+
 def test_opcheck_phase2():
     f = torch.float32
     o1, l1, p = _leaf(2, 3, 8, seed=1, dtype=f), _leaf(2, 3, seed=2, dtype=f), _leaf(2, 3, 8, seed=3, dtype=f)
