@@ -119,3 +119,19 @@ def test_bf16_autocast_training_runs_the_add_fused_merge(monkeypatch):
     assert rel_err(out, ref_out) < 1e-2
     for name in ref_grads:
         assert rel_err(grads[name].float(), ref_grads[name].float()) < 5e-2, name
+
+
+def test_no_grad_forward_accumulates_partial_adds_in_the_gemm():
+    """Under no_grad on CUDA the partial blocks' adds run in place in cuBLAS (``add_linear_``,
+    beta = 1) and the first merge of each block inside phase 1; the output against float64 on CPU."""
+    model, x = _model("llama")
+    conv = rr.convert(model, block_size=3).eval()
+    perturb_attn_res(conv, seed=5, scale=0.3)
+    ref = logits_of(copy.deepcopy(conv).double()(x))
+    backend = make_attnres_backend(lower="triton")
+    with torch.no_grad():
+        out = logits_of(torch.compile(conv.cuda(), backend=backend)(x.cuda()))
+    log = backend.last_log
+    assert log["accumulate_in_gemm"].get("accumulated_in_gemm", 0) >= 2  # "auto": applied on CUDA
+    assert log["fuse_head"].get("fused_head", 0) >= 1
+    assert rel_err(out.cpu().double(), ref) < FWD_TOL
