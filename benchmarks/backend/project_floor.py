@@ -42,7 +42,7 @@ from bench_timing import copy_bandwidth_gbs, time_ms  # noqa: E402
 
 import traffic_model as TM  # noqa: E402
 from residual_rewriter.kernels.attn_res import dispatch  # noqa: E402
-from residual_rewriter.passes.lowering.common import library_op, value  # noqa: E402
+from residual_rewriter.passes.lowering.common import ADDS, library_op, value  # noqa: E402
 from residual_rewriter.passes.op_names import op_name  # noqa: E402
 
 EPS = 1e-6
@@ -160,7 +160,7 @@ def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[flo
         elif op_name(n) == "residual_rewriter::add_linear_":
             priced["add_linear_"] += 1
             fwd += times["add_linear_"][0]
-        elif n.target in TM._ADDS and TM._is_stream(n, shape):
+        elif n.target in ADDS and TM._is_stream(n, shape):
             priced["stream add"] += 1
             fwd += times["stream add"][0]
         else:

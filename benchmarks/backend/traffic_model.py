@@ -22,14 +22,13 @@ given copy bandwidth, and that floor as a share of the original's measured times
 from __future__ import annotations
 
 import argparse
-import operator
 from collections import Counter
 
 import torch
 
 import residual_rewriter as rr
 from residual_rewriter.backend import make_attnres_backend
-from residual_rewriter.passes.lowering.common import library_op, value
+from residual_rewriter.passes.lowering.common import ADDS, library_op, value
 from residual_rewriter.passes.op_names import op_name
 
 VARIANTS = {
@@ -40,7 +39,6 @@ VARIANTS = {
     "-fuse_norm": {"fuse_norm": False},
     "-batch": {"batch_two_phase": False},
 }
-_ADDS = {operator.add, torch.add}
 
 
 def _is_stream(node, shape) -> bool:
@@ -81,7 +79,7 @@ def op_passes(node) -> tuple[int, int]:
 def converted_passes(graph: torch.fx.Graph, stream_shape) -> dict:
     """Forward and backward passes of the AttnRes ops and the stream's adds in one rewritten graph."""
     ops = [n for n in graph.nodes if library_op(n)]
-    adds = [n for n in graph.nodes if n.op == "call_function" and n.target in _ADDS and _is_stream(n, stream_shape)]
+    adds = [n for n in graph.nodes if n.op == "call_function" and n.target in ADDS and _is_stream(n, stream_shape)]
     # the partial block's add done by the output GEMM in place (no_grad graphs): the GEMM reads the
     # partial in its epilogue (1 pass); its write replaces the original's write of f
     gemm_adds = [n for n in graph.nodes if n.op == "call_function" and op_name(n) == "residual_rewriter::add_linear_"]

@@ -108,15 +108,14 @@ def _add_to_slab(dqg_ptr, row, D, cols, n, ds, cmask):
 def _phase1_bwd_kernel(
     srcs, strides,  # m pointers to [T, D] rows
     dsrcs,  # m pointers to [T, D] contiguous gradients
-    q_ptr, w_ptr,  # queries [S, D], gains [S, D] (HAS_W)
+    qg_ptr,  # q' = queries * gains [S, D] fp32 (one row load per query)
     douts, dout_strides,  # S pointers to [T, D] rows: each query's output gradient (douts[0] unused with HEAD_NORMED)
     dlse_ptr, lse_ptr,  # [S, T] fp32 each
     delta_ptr,  # [S, T] fp32 scratch: delta_j of the current tile, written by sweep 1, read by sweep 2
     dqg_ptr,  # [programs, S, D] fp32, zero-initialised, one slab per program
     dn_ptr, wo_ptr, dwo_ptr,  # HEAD_NORMED: d normed_0 [T, D] contiguous, wo [D] (HAS_WO), d wo [programs, D] fp32
     T, D, eps, num_tiles, scale, out_eps,
-    N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr,
-    REG_DQ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    N: tl.constexpr, S: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr, REG_DQ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -148,7 +147,7 @@ def _phase1_bwd_kernel(
         gate = tl.zeros([BLOCK_T], tl.float32)
         dout0 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         if HEAD_NORMED:  # query 0: d out_0 from its norm's backward on the recomputed fp32 out_0; kept in registers
-            q0 = _query_row(q_ptr, w_ptr, 0, cols, cmask, HAS_W)
+            q0 = _query_row(qg_ptr, qg_ptr, 0, cols, cmask, False)
             lse0 = tl.load(lse_ptr + rows64, mask=rmask, other=0.0)
             out0 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
             for i in tl.static_range(N):
@@ -165,7 +164,7 @@ def _phase1_bwd_kernel(
             dlse0 = tl.load(dlse_ptr + rows64, mask=rmask, other=0.0)
             tl.store(delta_ptr + rows64, tl.sum(dout0 * out0, 1) - dlse0, mask=rmask)
         for j in range(J0, S):
-            qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
+            qj = _query_row(qg_ptr, qg_ptr, j * D, cols, cmask, False)
             lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
             live = mask & (gate >= float("-inf"))[:, None]
             dptr, dstride = _pick(douts, dout_strides, j, S)
@@ -190,7 +189,7 @@ def _phase1_bwd_kernel(
             n = v * r[:, None]
             dv = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
             for j in range(S):  # with HEAD_NORMED, query 0's gradient is dout0, from registers
-                qj = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
+                qj = _query_row(qg_ptr, qg_ptr, j * D, cols, cmask, False)
                 lse = tl.load(lse_ptr + j * T + rows64, mask=rmask, other=0.0)
                 delta = tl.load(delta_ptr + j * T + rows64, mask=rmask, other=0.0)
                 live = mask & (gate >= float("-inf"))[:, None] & (j >= J0)
@@ -402,10 +401,10 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
     dlse = grad_lse.reshape(S, T).float().contiguous() if grad_lse is not None else torch.zeros((S, T), device=dev)
     delta = L.empty((S, T), torch.float32, dev)  # per-token scratch of the kernel's two sweeps
     # One token per program on a GPU, 8 warps up to hidden 4096: with 16 warps (a 128-register cap)
-    # the two sweeps spilled 8-48 bytes; with 8 they take 88 (hidden 2048, 4 blocks, 4 queries) to 146
-    # registers (4096, 8 blocks), no spills (kernel_resources.py). Wider rows get 16 warps.
-    BD = L.next_pow2(D)
-    BT, BD, warps = L.tile(T, D, budget=None if L.interpreting() else BD, max_warps=8 if BD <= 4096 else 16)
+    # the two sweeps spilled 8-48 bytes; with 8 there are no spills (the register table in
+    # benchmarks/results, from kernel_resources.py). Wider rows get 16 warps.
+    one_token = None if L.interpreting() else L.next_pow2(D)
+    BT, BD, warps = L.tile(T, D, budget=one_token, max_warps=8 if D <= 4096 else 16)
     num_tiles = triton.cdiv(T, BT)
     P = L.num_programs(num_tiles, dev)
     dqg = torch.zeros((P, S, D), dtype=torch.float32, device=dev)  # accumulated in place: must start at 0
@@ -417,15 +416,14 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
         dwo.zero_()
     else:
         qg = queries.float() * norm_weights.float() if norm_weights is not None else queries.float()
-        qg = qg.contiguous()  # q' = q * g [S, D] fp32: one row load per query in the kernel
+        qg = qg.contiguous()  # q' = q * g [S, D] fp32
         dn = douts[0].contiguous() if head is not None else douts[0]
         _phase1_bwd_kernel[(P,)](
-            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), qg, qg,
+            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), qg,
             tuple(douts), tuple(int(d.stride(0)) for d in douts), dlse, lse.reshape(S, T).float().contiguous(),
             delta, dqg, dn, head.weight.contiguous() if has_wo else qg, dwo,
             T, D, float(eps), num_tiles, float(head.scale if head else 1.0), float(head.eps if head else 0.0),
-            N=len(rows), S=S, HAS_W=False, HEAD_NORMED=head is not None, HAS_WO=has_wo,
-            REG_DQ=reg_dq, BLOCK_S=block_s, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            N=len(rows), S=S, HEAD_NORMED=head is not None, HAS_WO=has_wo, REG_DQ=reg_dq, BLOCK_S=block_s, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), queries, norm_weights)
     return gsrc, gq, gw, (dwo.sum(0).to(head.weight.dtype) if has_wo else None)

@@ -58,6 +58,15 @@ def value(node: Any) -> Any:
     return node.meta.get(META, node.meta.get("val"))
 
 
+ADDS = {operator.add, torch.add}  # the targets of a torch-level add in Dynamo's graphs
+
+
+def tensor_value(node: Any) -> Optional[torch.Tensor]:
+    """The recorded value of ``node`` when it is a tensor, else None."""
+    v = value(node) if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
 def getitem_users(node: fx.Node) -> dict[int, list[fx.Node]]:
     """For a node returning a tuple: output index -> the ``operator.getitem`` nodes reading it."""
     out: dict[int, list[fx.Node]] = {}

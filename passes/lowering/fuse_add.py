@@ -30,16 +30,9 @@ import torch
 import torch.fx as fx
 
 from .common import (
-    PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, copy_location, erase_unused, getitem_users, infer_meta, library_op,
-    node_order, op, value,
+    ADDS, PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, copy_location, erase_unused, getitem_users, infer_meta,
+    library_op, node_order, op, tensor_value,
 )
-
-_ADDS = {operator.add, torch.add}
-
-
-def _tensor(node) -> Optional[torch.Tensor]:
-    v = value(node) if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _as_fusable_add(node, like: torch.Tensor) -> Optional[tuple[fx.Node, fx.Node]]:
@@ -48,11 +41,11 @@ def _as_fusable_add(node, like: torch.Tensor) -> Optional[tuple[fx.Node, fx.Node
     output added to an fp32 partial sum under autocast)."""
     if not isinstance(node, fx.Node) or node.kwargs:
         return None
-    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+    is_add = (node.op == "call_function" and node.target in ADDS) or (
         node.op == "call_method" and node.target == "add")
     if not is_add or len(node.args) != 2:
         return None
-    total, a, b = (_tensor(x) for x in (node, *node.args))
+    total, a, b = (tensor_value(x) for x in (node, *node.args))
     if any(v is None or v.shape != like.shape for v in (total, a, b)) or total.dtype != like.dtype:
         return None
     for prev, delta in ((0, 1), (1, 0)):  # the operand already in the sum's dtype is the partial
@@ -76,7 +69,7 @@ class FusePartialAdd(CountingPass):
                 self.stats["mix_returned"] += 1
                 continue
             o, lse, partial, *rest = merge.args  # (o, lse, partial, q, g, eps, scale, wo, out_eps)
-            like = _tensor(o)
+            like = tensor_value(o)
             add = _as_fusable_add(partial, like) if like is not None else None
             if add is None:
                 self.stats["partial_not_an_add"] += 1

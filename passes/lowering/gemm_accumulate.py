@@ -18,23 +18,17 @@ otherwise fold the add into the next merge. Rounding: one rounding of the sum in
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import CountingPass, copy_location, erase_unused, node_order, value
+from .common import ADDS, CountingPass, copy_location, erase_unused, node_order, tensor_value
 
-_ADDS = {operator.add, torch.add}
 _LINEARS = {torch._C._nn.linear, F.linear}
 _ALIASING_METHODS = {"to", "view", "reshape", "contiguous", "type_as", "view_as", "reshape_as"}
 
-
-def _tensor(node) -> Optional[torch.Tensor]:
-    v = value(node) if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _identity_dropout_input(node) -> Optional[fx.Node]:
@@ -95,7 +89,7 @@ class AccumulateInGemm(CountingPass):
     def rewrite(self, gm: fx.GraphModule) -> bool:
         graph = gm.graph
         modified = False
-        for add in [n for n in graph.nodes if n.op == "call_function" and n.target in _ADDS]:
+        for add in [n for n in graph.nodes if n.op == "call_function" and n.target in ADDS]:
             match = self._match(graph, add)
             if match is None:
                 continue
@@ -113,7 +107,7 @@ class AccumulateInGemm(CountingPass):
     def _match(self, graph: fx.Graph, add: fx.Node):
         if len(add.args) != 2 or add.kwargs:
             return None
-        total = _tensor(add)
+        total = tensor_value(add)
         if total is None:
             return None
         order = node_order(graph)
@@ -125,7 +119,7 @@ class AccumulateInGemm(CountingPass):
             xw = _linear_without_bias(dead[-1] if dead else None)
             if xw is None or any(len(n.users) != 1 for n in dead) or not isinstance(p, fx.Node):
                 continue
-            pv, fv, xv, wv = (_tensor(n) for n in (p, f, *xw))
+            pv, fv, xv, wv = (tensor_value(n) for n in (p, f, *xw))
             if any(v is None for v in (pv, fv, xv, wv)):
                 continue
             if not (pv.shape == fv.shape == total.shape and pv.dtype == fv.dtype == total.dtype == xv.dtype == wv.dtype):

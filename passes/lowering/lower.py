@@ -23,7 +23,8 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from . import decompose as D
 from .common import (
-    ATTN_RES, NORMED, PHASE1, PHASE1_NORMED, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, LoweringError, copy_location,
+    ATTN_RES, NORMED, PHASE1, PHASE1_NORMED, PHASE2, PHASE2_ADD_NORMED, PHASE2_NORMED, CountingPass, LoweringError,
+    copy_location,
     erase_unused, getitem_users, infer_meta, library_op, node_device, value,
 )
 

@@ -15,7 +15,7 @@ from residual_rewriter.kernels.attn_res import fused, two_phase
 TARGET = GPUTarget("cuda", 90, 32)
 INT_ARGS = {"T", "D", "S", "num_tiles"}
 FLOAT_ARGS = {"eps", "scale", "out_eps"}
-FP32_BUFFERS = {"lse_ptr", "dlse_ptr", "delta_ptr", "dqg_ptr", "dwo_ptr", "q_ptr", "w_ptr", "wo_ptr"}
+FP32_BUFFERS = {"lse_ptr", "dlse_ptr", "delta_ptr", "dqg_ptr", "dwo_ptr", "q_ptr", "w_ptr", "qg_ptr", "wo_ptr"}
 
 
 def _signature(kernel, dtype: str, n: int, constexprs: dict) -> dict:
@@ -99,8 +99,8 @@ def test_fused_backward(dtype, n, bt, bd, warps, normed):
 @pytest.mark.parametrize("dtype,n,bt,bd,warps", [CONFIGS[0], CONFIGS[3]])
 @pytest.mark.parametrize("S,head", [(1, False), (5, False), (1, True), (5, True)])
 def test_phase1(dtype, n, bt, bd, warps, S, head):
-    flags = dict(N=n, S=S, HAS_W=True, HEAD_NORMED=head, HAS_WO=head, BLOCK_T=bt, BLOCK_D=bd)
-    _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, **flags)
+    flags = dict(N=n, S=S, HEAD_NORMED=head, HAS_WO=head, BLOCK_T=bt, BLOCK_D=bd)
+    _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, HAS_W=True, **flags)
     for reg_dq in (False, True):  # d q' in the slab, or in registers
         _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, REG_DQ=reg_dq, BLOCK_S=8, **flags)
 
@@ -167,20 +167,26 @@ def test_forward_keeps_to_registers(dtype, T, D, n, max_regs):
     assert u["registers"] <= max_regs, u
 
 
-def test_kernel_resources_tool_captures_every_launch():
-    """benchmarks/attn_res/kernel_resources.py: each CUDA entry point's launches are captured (not
-    run) and compiled; the table it prints cannot silently lose a kernel."""
+def _resources_tool():
+    """benchmarks/attn_res/kernel_resources.py, loaded as a module (it is a script, not a package)."""
     import importlib.util
     from pathlib import Path
 
-    from residual_rewriter.kernels.attn_res import resources
-
-    if not resources.cuobjdump().exists():
-        pytest.skip("triton ships no cuobjdump here")
     path = Path(__file__).resolve().parents[3] / "benchmarks" / "attn_res" / "kernel_resources.py"
     spec = importlib.util.spec_from_file_location("kernel_resources", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_kernel_resources_tool_captures_every_launch():
+    """benchmarks/attn_res/kernel_resources.py: each CUDA entry point's launches are captured (not
+    run) and compiled; the table it prints cannot silently lose a kernel."""
+    from residual_rewriter.kernels.attn_res import resources
+
+    if not resources.cuobjdump().exists():
+        pytest.skip("triton ships no cuobjdump here")
+    tool = _resources_tool()
     table = tool.main(["--shapes", "backend", "--elements-per-thread", "8"])
     kernels_by_op = {}
     for r in table:
@@ -202,18 +208,12 @@ def test_phase1_keeps_to_registers(shape):
     """The phase-1 kernels as the backend launches them (hidden 2048, 4 blocks, 4 queries; hidden 4096,
     8 blocks): no register spills. The backward's loops over queries must stay loops: unrolled, they
     kept every query's rows live and spilled (200-300 bytes at 16 warps)."""
-    import importlib.util
-    from pathlib import Path
-
     from residual_rewriter.kernels.attn_res import _launch as L
     from residual_rewriter.kernels.attn_res import resources
 
     if not resources.cuobjdump().exists():
         pytest.skip("triton ships no cuobjdump here")
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "attn_res" / "kernel_resources.py"
-    spec = importlib.util.spec_from_file_location("kernel_resources", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _resources_tool()
     T, D, n, m, S = tool.SHAPES[shape]
     with L.elements_per_thread(8):
         launches = tool.launches_of(T, D, n, m, S)
