@@ -1,11 +1,17 @@
 """A model converted in place trains as users train it on many devices: FSDP2 ``fully_shard`` on every
 decoder layer then on the root (the standard recipe), and DDP. Two CPU processes over gloo; the
-losses of three SGD steps equal a single-process run's."""
+losses of three SGD steps equal a single-process run's.
+
+No hang can outlive its deadline: a worker stuck anywhere (rendezvous, a collective, teardown) prints
+its stack and exits after WORKER_DEADLINE_S, and the test kills what is left after TEST_DEADLINE_S.
+(CI once ran past its 90 minutes inside these tests; the 120 s gloo timeout covers collectives only.)"""
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -15,6 +21,8 @@ import torch.multiprocessing as mp
 import residual_rewriter as rr
 
 STEPS = 3
+WORKER_DEADLINE_S = 150  # a run takes ~10 s on 2 busy cores
+TEST_DEADLINE_S = 180
 
 
 def _model():
@@ -54,33 +62,53 @@ def _train(model, x, world: int) -> list[float]:
 def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
     import sys
 
+    faulthandler.dump_traceback_later(WORKER_DEADLINE_S, exit=True)  # stack to stderr, then exit(1)
+    torch.set_num_threads(1)  # two workers on two cores: no oversubscription
     sys.path.insert(0, os.path.dirname(__file__))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a worker that dies must not leave the other waiting forever in a collective
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        model = _model()
-        if how == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+    model = _model()
+    if how == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        losses = _train(model, _batch(rank, world), world)
-        if rank == 0:
-            queue.put(losses)
-    finally:
-        dist.destroy_process_group()
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    losses = _train(model, _batch(rank, world), world)
+    if rank == 0:
+        queue.put(losses)  # written to the pipe before put returns
+    dist.barrier()
+    # What is tested ends here; the worker exits without tearing down. Teardown can deadlock on
+    # torch 2.13 CPU (seen with gdb in this test): DDP's Reducer destructor, holding the GIL, joins
+    # gloo's work thread, which waits for the GIL to free a tensor of its last all-reduce.
+    os._exit(0)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_two_workers(how: str) -> list[float]:
+    """Rank 0's losses. A worker that fails raises here (with its traceback); one that hangs past the
+    deadlines fails the test instead of hanging the suite."""
+    queue = mp.get_context("spawn").SimpleQueue()
+    workers = mp.start_processes(_worker, args=(2, _free_port(), how, queue), nprocs=2, start_method="spawn",
+                                 join=False)
+    deadline = time.monotonic() + TEST_DEADLINE_S
+    while not workers.join(timeout=1):  # raises if a worker exited non-zero
+        if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(workers.processes) if p.is_alive()]
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"{how}: ranks {alive} still running after {TEST_DEADLINE_S} s; killed")
+    return queue.get()
 
 
 @pytest.mark.parametrize("how", ["fsdp2", "ddp"])
@@ -90,10 +118,7 @@ def test_trains_sharded_per_layer_like_on_one_process(how):
         pytest.skip("torch.distributed with gloo is not available")
     # the single-process reference: the whole batch on one process
     reference = _train(_model(), torch.cat([_batch(r, 2) for r in range(2)]), world=1)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, _free_port(), how, queue), nprocs=2, start_method="spawn", join=True)
-    losses = queue.get()
+    losses = _run_two_workers(how)
     assert losses[-1] < losses[0]
     # the mean of two half-batch losses is the full-batch loss (equal token counts per half)
     assert torch.allclose(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6), (losses, reference)
