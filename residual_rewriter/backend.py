@@ -25,6 +25,9 @@ What it does with each graph Dynamo captures (passes in ``passes/lowering/``, in
      math that inductor fuses ("auto"); or force "triton" / "decompose"; None keeps the ops as they are.
 then ``compiler``: "inductor" (default: ``torch._inductor.compile_fx.compile_fx``, i.e. AOT autograd +
 inductor for forward and backward), "aot_eager" or "eager" (for debugging the passes cheaply).
+  6. ``fold_grad_sums``, on the backward graph AOT autograd derives (inductor's
+     ``post_grad_custom_pre_pass``, or the ``aot_eager`` backward): a stream tensor's gradient sums
+     folded into the ``accumulate`` inputs of our backward ops (no separate sum kernel).
 
 Why the passes run BEFORE AOT autograd, on Dynamo's torch-level graph: there the aggregation is one
 node per site and the training graph does not exist yet, so rewriting it is a forward-only graph
@@ -52,6 +55,8 @@ import torch
 import torch.fx as fx
 
 from residual_rewriter.passes.lowering import LoweringError, PassLog, run_passes
+from residual_rewriter.passes.lowering.common import library_op
+from residual_rewriter.passes.lowering.fold_grad_sums import fold_grad_sums_in, inductor_pass
 
 log = logging.getLogger("residual_rewriter.backend")
 
@@ -76,6 +81,8 @@ class AttnResBackendConfig:
     accumulate_in_gemm: in graphs compiled with grad disabled, do the partial block's add in place in
         the sublayer's output GEMM (``add_linear_``, cuBLAS beta = 1); rounds the sum once, not twice.
         "auto": on CUDA tensors only (on CPU inductor fuses the add itself, and measured faster).
+    fold_grad_sums: in the backward graph, sum a stream tensor's gradients inside our backward kernels
+        (their ``accumulate`` inputs) instead of a separate kernel (compilers "inductor", "aot_eager").
     lower: "auto" (Triton ops on CUDA, decomposed torch math elsewhere), "triton" (raises unless
         every op can run the Triton kernels), "decompose", or None (keep the library ops as they are).
     compiler: "inductor", "aot_eager" or "eager" — what compiles the rewritten graph.
@@ -88,6 +95,7 @@ class AttnResBackendConfig:
     fuse_head: bool = True
     fuse_add: bool = True
     accumulate_in_gemm: Union[bool, str] = "auto"
+    fold_grad_sums: bool = True
     lower: Optional[str] = "auto"
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
@@ -130,7 +138,7 @@ class AttnResBackend:
         self.logs.append(plog)
         if config.keep_graphs:
             self.graphs.append(copy.deepcopy(gm.graph))
-        return _compile(gm, example_inputs, config, mode)
+        return _compile(gm, example_inputs, config, mode, plog)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()`` through torch.compile's wrapper: forget the history."""
@@ -145,18 +153,34 @@ class AttnResBackend:
         return f"AttnResBackend({self.config})"
 
 
-def _compile(gm: fx.GraphModule, example_inputs, config: AttnResBackendConfig, mode: Optional[str]) -> Callable:
+def _compile(gm: fx.GraphModule, example_inputs, config: AttnResBackendConfig, mode: Optional[str],
+             plog: PassLog) -> Callable:
+    def record_folds(counts: dict) -> None:  # called when AOT autograd compiles the backward graph
+        if any(counts.values()):
+            plog.record("fold_grad_sums", bool(counts["folded"]), counts)
+
+    # only graphs that still call our ops can have our backward ops to fold into (not the decomposed ones)
+    fold = config.fold_grad_sums and any(library_op(n) for n in gm.graph.nodes)
     if config.compiler == "eager":
         return gm.forward
     if config.compiler == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
+        from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 
-        return aot_eager(gm, example_inputs)
+        def backward(bw_gm, bw_inputs):
+            if fold:
+                record_folds(fold_grad_sums_in(bw_gm))
+            return boxed_nop(bw_gm, bw_inputs)
+
+        return aot_eager(gm, example_inputs, bw_compiler=backward)
     from torch._inductor.compile_fx import compile_fx  # imported late: heavy, and only inductor needs it
 
     patches = dict(config.inductor_config)
     if mode not in (None, "default"):
         patches = {**torch._inductor.list_mode_options(mode), **patches}
+    if fold:  # before any custom pre-pass of the user's
+        theirs = patches.get("post_grad_custom_pre_pass")
+        theirs = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs] if theirs is not None else []
+        patches["post_grad_custom_pre_pass"] = [inductor_pass(record_folds), *theirs]
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

@@ -481,6 +481,10 @@ def test_traffic_model_counts_what_each_pass_saves():
     assert full["fwd"] < no_add["fwd"] < no_norm["fwd"] and full["fwd"] < no_head["fwd"]
     train = {k: r["fwd"] + r["bwd"] for k, r in rows.items()}
     assert train["all passes"] < train["-fuse_add"] < train["-fuse_norm"] and train["all passes"] < train["-fuse_head"]
+    # the gradient sums folded into the backward kernels: b_0's 3 gradients (2 folded), block 1's two
+    # partials' 2 each (1 each) and block 2's first partial's 2 (1). Each of those 4 tensors' sum kernel
+    # (k reads + 1 write) becomes k - 1 reads in the backward ops: 2 passes fewer per tensor
+    assert full["folded"] == 2 + 2 + 1 and train["all passes"] == train["-fold_grad_sums"] - 2 * 4
     # under no_grad the 4 partial adds (block 1: f0 + f1, + f2; block 2: f3 + f4, + f5) are done by
     # their output GEMMs (which read p: 1 pass): the 2 that were adds of their own save 2 passes each,
     # the 2 that were fused into merges 1 each (the merge reads (o, p), not (o, prev, f), writes no p)

@@ -73,18 +73,21 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
         "attn_res fwd": lambda: dispatch.forward_cuda(srcs, q, w, 1e-6, float(n)),
         "attn_res bwd": lambda: dispatch.backward_cuda(dy, srcs, q, w, 1e-6, float(n)),
         "phase1 fwd": lambda: dispatch.phase1_cuda(blocks, Q, G, 1e-6),
+        # the backward ops as the backend emits them (fold_grad_sums): every source's gradient from its
+        # other readers accumulated in the kernel (the most any launch reads)
         "phase1 bwd": lambda: dispatch.phase1_backward_cuda(
-            [e(T, D) for _ in range(S)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, dt=torch.float32)),
+            [e(T, D) for _ in range(S)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, dt=torch.float32),
+            [e(T, D) for _ in range(m)]),
         # with the block's first merge fused in (what the backend emits for every block but the first)
         "phase1+norm fwd": lambda: dispatch.phase1_normed_cuda(blocks, Q, G, 1e-6, float(m), w, 1e-5),
         "phase1+norm bwd": lambda: dispatch.phase1_normed_backward_cuda(
             e(T, D), [e(T, D) for _ in range(S - 1)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, float(m), w,
-            1e-5, e(S, T, dt=torch.float32)),
+            1e-5, e(S, T, dt=torch.float32), [e(T, D) for _ in range(m)]),
         # as the compile backend calls them: only the normed form is read (return_mix=False)
         "phase2+norm fwd": lambda: dispatch.phase2_normed_cuda(o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5,
                                                                 return_mix=False),
         "phase2+norm bwd": lambda: dispatch.phase2_normed_backward_cuda(
-            None, dy, o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5),
+            None, dy, o1, l1, part, q, w, 1e-6, float(m + 1), w, 1e-5, e(T, D)),
         # and with the partial block's update fused in (a block's third sublayer on)
         "phase2+add+norm fwd": lambda: dispatch.phase2_add_normed_cuda(
             o1, l1, part, dy, q, w, 1e-6, float(m + 1), w, 1e-5),

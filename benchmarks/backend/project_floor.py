@@ -14,7 +14,8 @@ training-step and no_grad-forward ratios do they give at the H100 backend benchm
    done by the output GEMM (``add_linear_``) against ``linear`` + add.
 3. The projection: the graphs the backend emits for the benchmark's model (training, and under
    no_grad), every op node priced by its measured time (phase 1 by its m; other query counts scaled
-   by ideal passes), stream adds and the gradient sums AOT adds (k + 1 passes at copy bandwidth),
+   by ideal passes), stream adds and the gradient sums that ``fold_grad_sums`` leaves (k + 1 passes
+   at copy bandwidth; the backward ops are timed with every source's other gradients accumulated),
    minus the original's 4 + 4 passes per sublayer at copy bandwidth (its fused add + RMSNorm, an
    optimistic price: the projection errs high). Divided by the original's measured times (H100,
    session 2, unless given): the ratio the converted model would have if only these ops changed.
@@ -70,27 +71,32 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
         douts, dlse = [act(T, D) for _ in range(S)], par(S, T)
         out[f"phase1+norm fwd m={m}"] = (timed(lambda: dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)),
                                          m + S)
+        # backward ops as fold_grad_sums leaves them: every source's other gradients accumulated (all but
+        # the last block's phase 1 do): m reads more
+        accs = [act(T, D) for _ in range(m)]
         out[f"phase1+norm bwd m={m}"] = (timed(lambda: dispatch.phase1_normed_backward_cuda(
-            douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse)), 2 * m + S)
+            douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse, accs)), 3 * m + S)
     # d q' reduced through the per-program slab instead of registers (the fallback for wide rows), A/B
     with _register_dq(0):
         for m in (min(ms), max(ms)):
             blocks = [act(T, D) for _ in range(m)]
             normed0, outs, lse = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
+            accs = [act(T, D) for _ in range(m)]
             out[f"phase1+norm bwd, dq' slab, m={m}"] = (timed(lambda: dispatch.phase1_normed_backward_cuda(
-                douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse)), 2 * m + S)
+                douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse, accs)), 3 * m + S)
     m = max(ms)  # plain phase 1 at the largest m, for comparison (the backend emits it only without a head)
     blocks = [act(T, D) for _ in range(m)]
     outs, lse = dispatch.phase1_cuda(blocks, Q, G, EPS)
     out[f"phase1 fwd m={m}"] = (timed(lambda: dispatch.phase1_cuda(blocks, Q, G, EPS)), m + S)
-    out[f"phase1 bwd m={m}"] = (timed(lambda: dispatch.phase1_backward_cuda(douts, dlse, blocks, Q, G, EPS, lse)),
-                                2 * m + S)
+    accs = [act(T, D) for _ in range(m)]
+    out[f"phase1 bwd m={m}"] = (timed(lambda: dispatch.phase1_backward_cuda(douts, dlse, blocks, Q, G, EPS, lse, accs)),
+                                3 * m + S)
     o, l1, q, w = act(T, D), par(T), Q[0], G[0]
     p, f, dn, dp = act(T, D), act(T, D), act(T, D), act(T, D)
     out["merge fwd"] = (timed(lambda: dispatch.phase2_normed_cuda(o, l1, p, q, w, EPS, 3.0, wo, EPS,
                                                                   return_mix=False)), 3)
     out["merge bwd"] = (timed(lambda: dispatch.phase2_normed_backward_cuda(None, dn, o, l1, p, q, w, EPS, 3.0, wo,
-                                                                           EPS)), 5)
+                                                                           EPS, dp)), 6)  # + the partial's other grad
     out["merge+add fwd"] = (timed(lambda: dispatch.phase2_add_normed_cuda(o, l1, p, f, q, w, EPS, 3.0, wo, EPS)), 5)
     out["merge+add bwd"] = (timed(lambda: dispatch.phase2_add_normed_backward_cuda(dp, dn, o, l1, p, q, w, EPS, 3.0,
                                                                                    wo, EPS)), 6)
@@ -98,7 +104,7 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
     out["normed fwd (2 sources)"] = (timed(lambda: dispatch.normed_cuda([o, p], q, w, EPS, 2.0, wo, EPS,
                                                                         return_mix=False)), 3)
     out["normed bwd (2 sources)"] = (timed(lambda: dispatch.normed_backward_cuda(None, dn, [o, p], q, w, EPS, 2.0, wo,
-                                                                                 EPS)), 5)
+                                                                                 EPS, [dp, dn])), 7)
     out["stream add"] = (timed(lambda: torch.add(p, f)), 3)
     x, W = act(T, D), act(D, D) / D ** 0.5
     acc = p.clone()
@@ -125,7 +131,7 @@ def _phase1_ms(times: dict, op: str, kind: str, m: int, S: int) -> float:
     ms_at = sorted(int(k.split("m=")[1]) for k in times if k.startswith(f"{op} {kind} m="))  # not the A/B rows
     m_key = min(ms_at, key=lambda x: abs(x - m))
     t, passes = times[f"{op} {kind} m={m_key}"]
-    return t * ((m + S) if kind == "fwd" else (2 * m + S)) / passes
+    return t * ((m + S) if kind == "fwd" else (3 * m + S)) / passes
 
 
 def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[float, float, Counter]:
@@ -133,7 +139,7 @@ def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[flo
     emitted graph."""
     fwd = bwd = 0.0
     priced = Counter()
-    readers = Counter()
+    readers = {}
     for n in graph.nodes:
         if n.op != "call_function":
             continue
@@ -149,9 +155,9 @@ def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[flo
             elif short == "attn_res_phase2_add_normed":
                 fwd, bwd = fwd + times["merge+add fwd"][0], bwd + times["merge+add bwd"][0]
             elif short == "attn_res_phase2_normed":
-                has_p = n.args[2] is not None  # without a partial: 2 of the 3 forward and 3 of the 5 backward passes
+                has_p = n.args[2] is not None  # without a partial: 2 of the 3 forward and 3 of the 6 backward passes
                 fwd += times["merge fwd"][0] * (1 if has_p else 2 / 3)
-                bwd += times["merge bwd"][0] * (1 if has_p else 3 / 5)
+                bwd += times["merge bwd"][0] * (1 if has_p else 3 / 6)
             elif short == "attn_res_normed" and len(n.args[0]) == 2:
                 fwd, bwd = fwd + times["normed fwd (2 sources)"][0], bwd + times["normed bwd (2 sources)"][0]
             else:  # an op not timed here (e.g. Full AttnRes's many-source aggregations): its ideal passes
@@ -167,10 +173,11 @@ def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[flo
             continue
         for a in n.all_input_nodes:
             if TM._is_stream(a, shape):
-                readers[a] += 1
+                readers.setdefault(a, []).append(n)
     if not grad:
         return fwd, 0.0, priced
-    grad_sums = sum(k + 1 for k in readers.values() if k > 1)
+    # the sums fold_grad_sums leaves (the folded gradients' reads are in the timed backward kernels)
+    grad_sums = sum(TM.folds(r, t)[0] for t, r in readers.items())
     priced["gradient-sum passes"] = grad_sums
     return fwd, bwd + grad_sums * pass_ms, priced
 

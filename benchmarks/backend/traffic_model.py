@@ -8,7 +8,9 @@ own I/O (``kernels/attn_res``): every activation input read once from DRAM and e
 once; re-reads a kernel makes of its own tile (L1/L2) are not counted, nor [tokens]-sized statistics
 (lse, their gradients). The stream's adds (the partial
 blocks) read 2 and write 1; a stream tensor read by k > 1 ops gets k gradients, summed in one
-kernel (k reads, 1 write). The ORIGINAL model, per sublayer, as inductor fuses it: the residual add
+kernel (k reads, 1 write), except those that ``fold_grad_sums`` folds into a backward kernel's
+``accumulate`` input: 1 read each in that kernel (``folds`` below; the test suite checks its count
+against the pass run on the AOT backward graph). The ORIGINAL model, per sublayer, as inductor fuses it: the residual add
 + the next RMSNorm read (x, f) and write (x + f, normed) — 4 passes; backward, the norm's backward
 and the residual gradient's sum read (dnormed, x + f, the stream gradient) and write one — 4 passes.
 
@@ -29,10 +31,12 @@ import torch
 import residual_rewriter as rr
 from residual_rewriter.backend import make_attnres_backend
 from residual_rewriter.passes.lowering.common import ADDS, library_op, value
+from residual_rewriter.passes.lowering.fold_grad_sums import FOLDABLE
 from residual_rewriter.passes.op_names import op_name
 
 VARIANTS = {
     "all passes": {},
+    "-fold_grad_sums": {"fold_grad_sums": False},
     "-fuse_head": {"fuse_head": False},
     "-accumulate_in_gemm": {"accumulate_in_gemm": False},
     "-fuse_add": {"fuse_add": False},
@@ -76,7 +80,27 @@ def op_passes(node) -> tuple[int, int]:
     raise AssertionError(name)
 
 
-def converted_passes(graph: torch.fx.Graph, stream_shape) -> dict:
+def _accumulates(reader, tensor) -> bool:
+    """Whether ``reader``'s backward op takes ``tensor``'s other gradients as an ``accumulate`` input."""
+    what = FOLDABLE.get(f"{library_op(reader)}_backward") if library_op(reader) else None
+    if what == "sources":  # phase 1 (+ head merge), the unbatched merge: args[0] is the source list
+        return tensor in reader.args[0]
+    return what == "partial" and reader.args[2] is tensor  # phase-2 merge: (phase1_out, lse, partial, ...)
+
+
+def folds(readers: list, tensor, fold: bool = True) -> tuple[int, int]:
+    """(passes of the gradient-sum kernel, gradients folded) of a stream tensor read by ``readers`` (in
+    graph order). Backward runs in reverse: the last reader's gradient comes first, and each earlier
+    reader whose backward op can accumulate adds the running sum in its kernel (1 read there, not
+    counted here); the other k gradients are summed by one kernel (k reads + 1 write)."""
+    if len(readers) < 2:
+        return 0, 0
+    folded = sum(_accumulates(r, tensor) for r in readers[:-1]) if fold else 0
+    summed = len(readers) - folded
+    return (summed + 1 if summed > 1 else 0), folded
+
+
+def converted_passes(graph: torch.fx.Graph, stream_shape, fold: bool = True) -> dict:
     """Forward and backward passes of the AttnRes ops and the stream's adds in one rewritten graph."""
     ops = [n for n in graph.nodes if library_op(n)]
     adds = [n for n in graph.nodes if n.op == "call_function" and n.target in ADDS and _is_stream(n, stream_shape)]
@@ -88,14 +112,16 @@ def converted_passes(graph: torch.fx.Graph, stream_shape) -> dict:
         f, b = op_passes(n)
         fwd, bwd = fwd + f, bwd + b
     fwd += 3 * len(adds) + len(gemm_adds)
-    readers = Counter()  # stream tensors read by several ops/adds get several gradients, summed once
-    for n in ops + adds:
-        for a in n.all_input_nodes:
-            if _is_stream(a, stream_shape):
-                readers[a] += 1
-    bwd += sum(k + 1 for k in readers.values() if k > 1)
+    readers, counted = {}, set(ops) | set(adds)  # stream tensors read by several ops/adds get several gradients
+    for n in graph.nodes:
+        if n in counted:
+            for a in n.all_input_nodes:
+                if _is_stream(a, stream_shape):
+                    readers.setdefault(a, []).append(n)
+    sums = [folds(r, t, fold) for t, r in readers.items()]
+    bwd += sum(p + f for p, f in sums)  # the sum kernels, and each folded gradient's read in its op's kernel
     return {"ops": Counter(library_op(n).split("::")[1] for n in ops), "adds": len(adds), "gemm_adds": len(gemm_adds),
-            "fwd": fwd, "bwd": bwd}
+            "fwd": fwd, "bwd": bwd, "folded": sum(f for _, f in sums)}
 
 
 def graphs_of(layers: int, num_blocks: int, options: dict, grad: bool = True):
@@ -118,7 +144,7 @@ def extra_passes(layers: int, num_blocks: int, options: dict | None = None) -> d
     counts (``converted_passes``) minus the original's 4 per sublayer forward and 4 backward; the
     training graph for the step, the no_grad graph (what the forward benchmark runs) for ``extra_nograd``."""
     graph, shape, sites = graphs_of(layers, num_blocks, options or {})
-    c = converted_passes(graph, shape)
+    c = converted_passes(graph, shape, fold=(options or {}).get("fold_grad_sums", True))
     nograd = converted_passes(graphs_of(layers, num_blocks, options or {}, grad=False)[0], shape)
     orig_fwd, orig_bwd = 4 * sites, 4 * sites  # per sublayer: fused add + RMSNorm, and its backward
     return dict(c, sites=sites, extra_fwd=c["fwd"] - orig_fwd, extra_train=c["fwd"] + c["bwd"] - orig_fwd - orig_bwd,
@@ -150,7 +176,8 @@ def main(argv=None):
     for name, options in VARIANTS.items():
         c = extra_passes(args.layers, args.num_blocks, options)
         sites, extra_nograd, extra_train = c["sites"], c["extra_nograd"], c["extra_train"]
-        row = dict(variant=name, ops=dict(c["ops"]), adds=c["adds"], fwd=c["fwd"], bwd=c["bwd"], extra_fwd=c["extra_fwd"],
+        row = dict(variant=name, ops=dict(c["ops"]), adds=c["adds"], fwd=c["fwd"], bwd=c["bwd"], folded=c["folded"],
+                   extra_fwd=c["extra_fwd"],
                    extra_nograd=extra_nograd, nograd_ops=c["nograd_ops"], nograd_gemm_adds=c["nograd_gemm_adds"],
                    extra_train=extra_train, extra_nograd_ms=extra_nograd * pass_ms, extra_train_ms=extra_train * pass_ms)
         rows.append(row)

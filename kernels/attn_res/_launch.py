@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -101,6 +101,26 @@ def as_rows(x: Tensor) -> Tensor:
         return x.view(-1, D)
     except RuntimeError:  # leading dims not collapsible into one stride
         return x.reshape(-1, D)
+
+
+def accumulate_rows(accumulate: Optional[Sequence[Optional[Tensor]]], grads: Sequence[Tensor], what: str):
+    """A backward kernel's ``accumulate`` inputs, one per gradient buffer in ``grads``: (row views, their
+    row strides, a bit mask of the entries given). An absent entry's pointer is its gradient buffer, a
+    placeholder the kernel never reads (its bit is 0)."""
+    accumulate = [None] * len(grads) if accumulate is None else list(accumulate)
+    if len(accumulate) != len(grads):
+        raise ValueError(f"{what}: {len(accumulate)} gradients to accumulate for {len(grads)} sources")
+    rows, mask = [], 0
+    for i, (acc, g) in enumerate(zip(accumulate, grads)):
+        if acc is None:
+            rows.append(g.view(-1, g.shape[-1]))
+            continue
+        if acc.shape != g.shape:
+            raise ValueError(f"{what}: accumulate[{i}] has shape {tuple(acc.shape)}, source {i} {tuple(g.shape)}")
+        rows.append(as_rows(acc))
+        mask |= 1 << i
+    check_device([*grads, *rows], what)
+    return tuple(rows), tuple(int(r.stride(0)) for r in rows), mask
 
 
 def empty(shape, dtype, device) -> Tensor:

@@ -47,14 +47,20 @@ def phase1_cuda(sources, queries, norm_weights, eps):
     return phase1_fwd(sources, queries, norm_weights, eps)
 
 
-def phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse):
+def _accumulated(result, accumulate):
+    """A (grad_sources, ...) result of a path that does not accumulate in its kernel, accumulated."""
+    return result if accumulate is None else (RG.accumulated(result[0], accumulate), *result[1:])
+
+
+def phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse, accumulate=None):
     if _f64(sources[0]):
-        return RG.attn_res_phase1_backward_reference(grad_outs, grad_lse, sources, queries, norm_weights, eps)
+        return _accumulated(RG.attn_res_phase1_backward_reference(
+            grad_outs, grad_lse, sources, queries, norm_weights, eps), accumulate)
     from .two_phase import phase1_bwd
 
     if chunked.needs_chunks(sources):
-        return chunked.phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps)
-    return phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse)[:3]
+        return _accumulated(chunked.phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps), accumulate)
+    return phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse, accumulate=accumulate)[:3]
 
 
 def phase1_normed_cuda(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps):
@@ -70,16 +76,16 @@ def phase1_normed_cuda(sources, queries, norm_weights, eps, scale, out_norm_weig
 
 
 def phase1_normed_backward_cuda(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale,
-                                out_norm_weight, out_eps, lse):
+                                out_norm_weight, out_eps, lse, accumulate=None):
     args = (grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
     if _f64(sources[0]):
-        return RG.attn_res_phase1_normed_backward_reference(*args)
+        return _accumulated(RG.attn_res_phase1_normed_backward_reference(*args), accumulate)
     if chunked.needs_chunks(sources):
-        return chunked.phase1_normed_bwd(*args)
+        return _accumulated(chunked.phase1_normed_bwd(*args), accumulate)
     from .two_phase import HeadNorm, phase1_bwd
 
     return phase1_bwd([grad_normed0, *grad_outs], grad_lse, sources, queries, norm_weights, eps, lse,
-                      HeadNorm(scale, out_norm_weight, out_eps))
+                      HeadNorm(scale, out_norm_weight, out_eps), accumulate=accumulate)
 
 
 def phase2_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
@@ -118,18 +124,16 @@ def normed_cuda(sources, query, norm_weight, eps, scale, out_norm_weight, out_ep
     return attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, return_mix)
 
 
-def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+def normed_backward_cuda(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+                         accumulate=None):
+    args = (grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     if _f64(sources[0]):
-        return RG.attn_res_normed_backward_reference(
-            grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps
-        )
+        return _accumulated(RG.attn_res_normed_backward_reference(*args), accumulate)
     from .fused import attn_res_normed_bwd
 
     if chunked.needs_chunks(sources):
-        return chunked.attn_res_normed_bwd(
-            grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps
-        )
-    return attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
+        return _accumulated(chunked.attn_res_normed_bwd(*args), accumulate)
+    return attn_res_normed_bwd(*args, accumulate=accumulate)
 
 
 def phase2_normed_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
@@ -146,14 +150,17 @@ def phase2_normed_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps,
 
 
 def phase2_normed_backward_cuda(
-    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+    grad_partial=None,
 ):
+    """``grad_partial``: the partial's gradient from its other readers, added to its gradient."""
     args = (grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     if _f64(phase1_out):
-        return RG.attn_res_phase2_normed_backward_reference(*args)
+        go, gl, gp, *rest = RG.attn_res_phase2_normed_backward_reference(*args)
+        return (go, gl, RG.accumulated([gp], [grad_partial])[0] if gp is not None else None, *rest)
     from .two_phase import phase2_normed_bwd
 
-    return phase2_normed_bwd(*args)
+    return phase2_normed_bwd(*args, grad_partial=grad_partial)
 
 
 def phase2_add_normed_cuda(phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight,

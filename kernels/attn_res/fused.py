@@ -55,6 +55,15 @@ def _query_row(q_ptr, w_ptr, qoff, cols, cmask, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _store_source_grad(dsrc_ptr, offs, dv, acc_ptr, acc_stride, rows64, cols, mask, ACCUMULATE: tl.constexpr):
+    """Store a source's gradient dv [BLOCK_T, BLOCK_D] fp32; with ACCUMULATE, plus the gradient the
+    source gets from its other readers (read here, so no separate kernel sums them), rounded once."""
+    if ACCUMULATE:
+        dv += tl.load(acc_ptr + rows64[:, None] * acc_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(dsrc_ptr + offs, dv.to(dsrc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_rms_normed(normed_ptr, wo_ptr, offs, mix, cols, cmask, mask, D, out_eps, HAS_WO: tl.constexpr):
     """Store RMSNorm(mix) * wo, the sublayer's own pre-norm, from the fp32 mixture (before rounding)."""
     rm = tl.rsqrt(tl.sum(mix * mix, 1) / D + out_eps)
@@ -143,6 +152,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     srcs, strides,  # N pointers to [T, D] rows
     dsrcs,  # N pointers to [T, D] contiguous gradient buffers (input dtype)
+    accs, acc_strides,  # N pointers to [T, D] rows: added to source i's gradient if bit i of ACC_MASK is set
     q_ptr, w_ptr,  # query [D], gain [D] (HAS_W)
     dy_ptr,  # [T, D] contiguous: gradient of the mixture (HAS_DY; none when the mix was not returned)
     dnormed_ptr, wo_ptr,  # [T, D] gradient of the normed output, out gain [D] (NORMED / HAS_WO)
@@ -150,7 +160,7 @@ def _bwd_kernel(
     dwo_ptr,  # [programs, D] fp32 partial of d wo (NORMED and HAS_WO)
     T, D, eps, scale, out_eps, num_tiles,
     N: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, NORMED: tl.constexpr, HAS_WO: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -191,7 +201,7 @@ def _bwd_kernel(
             a = tl.exp(s - lse)
             ds = a * (scale * tl.sum(dy * v, 1) - abar)  # [BLOCK_T]
             dv = (scale * a)[:, None] * dy + (r * ds)[:, None] * (q[None, :] - n * (s / D)[:, None])
-            tl.store(dsrcs[i] + offs, dv.to(dsrcs[i].dtype.element_ty), mask=mask)
+            _store_source_grad(dsrcs[i], offs, dv, accs[i], acc_strides[i], rows64, cols, mask, (ACC_MASK >> i) & 1)
             dqg += tl.sum(ds[:, None] * n, 0)
     prow = pid.to(tl.int64) * D
     tl.store(dqg_ptr + prow + cols, dqg, mask=cmask)
@@ -273,9 +283,11 @@ def backward_launch(
     out_norm_weight: Optional[Tensor] = None,
     out_eps: Optional[float] = None,
     what: str = "attn_res_triton backward",
+    accumulate: Optional[Sequence[Optional[Tensor]]] = None,
 ):
     """Launch ``_bwd_kernel``. Returns (grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight).
-    ``grad_out`` None: no gradient reaches the mixture (normed variant with the mix not returned)."""
+    ``grad_out`` None: no gradient reaches the mixture (normed variant with the mix not returned).
+    ``accumulate[i]``, when given, is added to source i's gradient in the kernel."""
     rows, strides, T, D = _prepare(sources, query, what, grad_out, norm_weight, grad_normed, out_norm_weight)
     dev, dt = rows[0].device, rows[0].dtype
     normed = out_eps is not None
@@ -296,12 +308,13 @@ def backward_launch(
         q = query.contiguous()
         w = norm_weight.contiguous() if norm_weight is not None else None
         wo = out_norm_weight.contiguous() if has_wo else q
+        accs, acc_strides, acc_mask = L.accumulate_rows(accumulate, gsrc, what)
         _bwd_kernel[(P,)](
-            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), q, w if w is not None else q,
+            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), accs, acc_strides, q, w if w is not None else q,
             dy if dy is not None else dn, dn if dn is not None else dy, wo, dqg, dwo,
             T, D, float(eps), float(scale), float(out_eps if normed else 0.0), num_tiles,
             N=len(rows), HAS_W=w is not None, HAS_DY=dy is not None, NORMED=normed, HAS_WO=has_wo,
-            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            ACC_MASK=acc_mask, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     d_qg = dqg.sum(0)  # [D] fp32, fixed-order reduction over programs
     qf = query.float()
@@ -338,12 +351,14 @@ def attn_res_normed_fwd(sources, query, norm_weight, eps, scale, out_norm_weight
     return (out.view(shape) if out is not None else None), y.view(shape)
 
 
-def attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+def attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+                        accumulate=None):
     """(grad_sources, grad_query, grad_norm_weight, grad_out_norm_weight), as the reference (either
-    upstream gradient may be None: zero)."""
+    upstream gradient may be None: zero); ``accumulate[i]``, when given, added to source i's gradient."""
     return backward_launch(
         grad_mix, sources, query, norm_weight, eps, scale,
         grad_normed=grad_normed, out_norm_weight=out_norm_weight, out_eps=out_eps, what="attn_res_normed backward",
+        accumulate=accumulate,
     )
 
 

@@ -95,6 +95,11 @@ attn_res.register_autograd(_backward, setup_context=_setup_context)
 # Optional grads are returned as empty tensors (a custom op cannot return None in a list).
 
 
+def _listed(grad_sources: List[Tensor], *grads: Optional[Tensor], like: Tensor) -> List[Tensor]:
+    """A backward op's flat output list: the sources' gradients, then the others (None -> empty)."""
+    return list(grad_sources) + [_or_empty(g, like) for g in grads]
+
+
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
@@ -132,23 +137,25 @@ def attn_res_phase1_backward(
     norm_weights: Optional[Tensor],
     eps: float,
     lse: Tensor,
+    accumulate: List[Optional[Tensor]],
 ) -> List[Tensor]:
     """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty)]. ``lse`` is the forward's:
     the CUDA kernel takes the softmax weights from it and recomputes each output in fp32 from the
-    sources (the forward saves no output)."""
+    sources (the forward saves no output). ``accumulate[i]``, when not None, is added to source i's
+    gradient (the gradient it gets from its other readers: ``passes/lowering/fold_grad_sums.py``)."""
     if sources[0].is_cuda:
         from . import dispatch
 
-        gs, gq, gw = dispatch.phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse)
-    else:
-        from .reference_grads import attn_res_phase1_backward_reference
+        return _listed(*dispatch.phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse,
+                                                      accumulate), like=queries)
+    from .reference_grads import attn_res_phase1_backward_reference, accumulated
 
-        gs, gq, gw = attn_res_phase1_backward_reference(grad_outs, grad_lse, sources, queries, norm_weights, eps)
-    return gs + [gq, _or_empty(gw, queries)]
+    gs, gq, gw = attn_res_phase1_backward_reference(grad_outs, grad_lse, sources, queries, norm_weights, eps)
+    return _listed(accumulated(gs, accumulate), gq, gw, like=queries)
 
 
 @attn_res_phase1_backward.register_fake
-def _attn_res_phase1_backward_fake(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse):
+def _attn_res_phase1_backward_fake(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse, accumulate):
     gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
     return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw]
 
@@ -168,7 +175,7 @@ def _phase1_backward(ctx, grad_outs, grad_lse):
     grad_outs = [torch.zeros_like(sources[0]) if g is None else g for g in grad_outs]
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
     grads = torch.ops.residual_rewriter.attn_res_phase1_backward(
-        grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, lse
+        grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, lse, [None] * ctx.n
     )
     return list(grads[: ctx.n]), grads[ctx.n], grads[ctx.n + 1] if ctx.has_weight else None, None
 
@@ -212,23 +219,24 @@ def attn_res_phase1_normed_backward(
     out_norm_weight: Optional[Tensor],
     out_eps: float,
     lse: Tensor,
+    accumulate: List[Optional[Tensor]],
 ) -> List[Tensor]:
-    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty), grad_out_norm_weight (or empty)]."""
+    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty), grad_out_norm_weight (or
+    empty)]; ``accumulate`` as in ``attn_res_phase1_backward``."""
     args = (grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
     if sources[0].is_cuda:
         from . import dispatch
 
-        gs, gq, gw, gwo = dispatch.phase1_normed_backward_cuda(*args, lse)
-    else:
-        from .reference_grads import attn_res_phase1_normed_backward_reference
+        return _listed(*dispatch.phase1_normed_backward_cuda(*args, lse, accumulate), like=queries)
+    from .reference_grads import attn_res_phase1_normed_backward_reference, accumulated
 
-        gs, gq, gw, gwo = attn_res_phase1_normed_backward_reference(*args)
-    return gs + [gq, _or_empty(gw, queries), _or_empty(gwo, queries)]
+    gs, gq, gw, gwo = attn_res_phase1_normed_backward_reference(*args)
+    return _listed(accumulated(gs, accumulate), gq, gw, gwo, like=queries)
 
 
 @attn_res_phase1_normed_backward.register_fake
 def _attn_res_phase1_normed_backward_fake(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps,
-                                          scale, out_norm_weight, out_eps, lse):
+                                          scale, out_norm_weight, out_eps, lse, accumulate):
     gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
     gwo = torch.empty_like(out_norm_weight) if out_norm_weight is not None else queries.new_empty(0)
     return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw, gwo]
@@ -254,7 +262,7 @@ def _phase1_normed_backward(ctx, grad_normed0, grad_outs, grad_lse):
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
     grads = torch.ops.residual_rewriter.attn_res_phase1_normed_backward(
         grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, ctx.scale, out_norm_weight,
-        ctx.out_eps, lse,
+        ctx.out_eps, lse, [None] * ctx.n,
     )
     n = ctx.n
     return (list(grads[:n]), grads[n], grads[n + 1] if ctx.has_weight else None, None, None,
@@ -391,21 +399,25 @@ def attn_res_normed_backward(
     scale: float,
     out_norm_weight: Optional[Tensor],
     out_eps: float,
+    accumulate: List[Optional[Tensor]],
 ) -> List[Tensor]:
     """Returns [grad_src_0..n-1, grad_query, grad_norm_weight (or empty), grad_out_norm_weight (or empty)].
-    ``grad_mix`` None: no gradient reaches the mix (it was not returned)."""
+    ``grad_mix`` None: no gradient reaches the mix (it was not returned). ``accumulate`` as in
+    ``attn_res_phase1_backward``."""
+    args = (grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
     if sources[0].is_cuda:
         from . import dispatch
 
-        fn = dispatch.normed_backward_cuda
-    else:
-        from .reference_grads import attn_res_normed_backward_reference as fn
-    gs, gq, gw, gwo = fn(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    return gs + [gq, _or_empty(gw, query), _or_empty(gwo, query)]
+        return _listed(*dispatch.normed_backward_cuda(*args, accumulate), like=query)
+    from .reference_grads import attn_res_normed_backward_reference, accumulated
+
+    gs, gq, gw, gwo = attn_res_normed_backward_reference(*args)
+    return _listed(accumulated(gs, accumulate), gq, gw, gwo, like=query)
 
 
 @attn_res_normed_backward.register_fake
-def _attn_res_normed_backward_fake(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps):
+def _attn_res_normed_backward_fake(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight,
+                                   out_eps, accumulate):
     gw = torch.empty_like(norm_weight) if norm_weight is not None else query.new_empty(0)
     gwo = torch.empty_like(out_norm_weight) if out_norm_weight is not None else query.new_empty(0)
     return [torch.empty_like(s) for s in sources] + [torch.empty_like(query), gw, gwo]
@@ -428,7 +440,8 @@ def _normed_backward(ctx, grad_mix, grad_normed):
     grad_mix = grad_mix.contiguous() if ctx.return_mix and grad_mix is not None else None
     grad_normed = torch.zeros_like(sources[0]) if grad_normed is None else grad_normed.contiguous()
     grads = torch.ops.residual_rewriter.attn_res_normed_backward(
-        grad_mix, grad_normed, sources, query, norm_weight, ctx.eps, ctx.scale, out_norm_weight, ctx.out_eps
+        grad_mix, grad_normed, sources, query, norm_weight, ctx.eps, ctx.scale, out_norm_weight, ctx.out_eps,
+        [None] * ctx.n,
     )
     n = ctx.n
     return (
@@ -495,25 +508,33 @@ def attn_res_phase2_normed_backward(
     scale: float,
     out_norm_weight: Optional[Tensor],
     out_eps: float,
+    accumulate: List[Optional[Tensor]],
 ) -> List[Tensor]:
     """Returns [grad_phase1_out, grad_phase1_lse, grad_partial (or empty), grad_query,
     grad_norm_weight (or empty), grad_out_norm_weight (or empty)]. ``grad_mix`` None: no gradient
-    reaches the mix (it was not returned)."""
+    reaches the mix (it was not returned). ``accumulate``: [the partial's gradient from its other
+    readers, added to grad_partial, or None]."""
+    args = (grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight,
+            out_eps)
+    (acc,) = accumulate
+    if acc is not None and partial is None:
+        raise ValueError("attn_res_phase2_normed_backward: a gradient to accumulate, but no partial block")
     if phase1_out.is_cuda:
         from . import dispatch
 
-        fn = dispatch.phase2_normed_backward_cuda
+        go, gl, gp, gq, gw, gwo = dispatch.phase2_normed_backward_cuda(*args, acc)
     else:
-        from .reference_grads import attn_res_phase2_normed_backward_reference as fn
-    go, gl, gp, gq, gw, gwo = fn(
-        grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
-    )
+        from .reference_grads import attn_res_phase2_normed_backward_reference, accumulated
+
+        go, gl, gp, gq, gw, gwo = attn_res_phase2_normed_backward_reference(*args)
+        gp = accumulated([gp], [acc])[0] if gp is not None else None
     return [go, gl, _or_empty(gp, query), gq, _or_empty(gw, query), _or_empty(gwo, query)]
 
 
 @attn_res_phase2_normed_backward.register_fake
 def _attn_res_phase2_normed_backward_fake(
-    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
+    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
+    accumulate,
 ):
     def like(t):
         return torch.empty_like(t) if t is not None else query.new_empty(0)
@@ -538,7 +559,7 @@ def _phase2_normed_backward(ctx, grad_mix, grad_normed):
     grad_normed = torch.zeros_like(phase1_out) if grad_normed is None else grad_normed.contiguous()
     go, gl, gp, gq, gw, gwo = torch.ops.residual_rewriter.attn_res_phase2_normed_backward(
         grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale,
-        out_norm_weight, ctx.out_eps,
+        out_norm_weight, ctx.out_eps, [None],
     )
     has_p, has_w, has_wo = ctx.has
     return (go, gl, gp if has_p else None, gq, gw if has_w else None, None, None, gwo if has_wo else None, None)

@@ -19,6 +19,23 @@ from .reference import (
 )
 
 
+def accumulated(grads: Sequence[Tensor], accumulate: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """``grads[i] + accumulate[i]`` where an accumulate entry is given (in the compute dtype, rounded to
+    the gradient's dtype), as a backward op with an ``accumulate`` argument returns them. Here ``grads``
+    are already rounded, so this sum is rounded twice; the Triton kernels round it once."""
+    if len(accumulate) != len(grads):
+        raise ValueError(f"accumulate has {len(accumulate)} entries for {len(grads)} gradients")
+    out = []
+    for g, acc in zip(grads, accumulate):
+        if acc is not None:
+            if acc.shape != g.shape:
+                raise ValueError(f"accumulate: a gradient of shape {tuple(acc.shape)} for one of {tuple(g.shape)}")
+            cd = _compute_dtype(g.dtype)
+            g = (g.to(cd) + acc.to(cd)).to(g.dtype)
+        out.append(g)
+    return out
+
+
 def _rms_parts(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """r = rsqrt(mean(v^2) + eps) ``[..., 1]`` and n = v r ``[..., D]``."""
     r = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)

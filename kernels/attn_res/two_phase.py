@@ -37,7 +37,9 @@ import torch
 from torch import Tensor
 
 from . import _launch as L
-from .fused import _online_mix, _prepare, _query_row, _rms_norm_backward, _store_rms_normed, triton, tl
+from .fused import (
+    _online_mix, _prepare, _query_row, _rms_norm_backward, _store_rms_normed, _store_source_grad, triton, tl,
+)
 
 
 @triton.jit
@@ -108,6 +110,7 @@ def _add_to_slab(dqg_ptr, row, D, cols, n, ds, cmask):
 def _phase1_bwd_kernel(
     srcs, strides,  # m pointers to [T, D] rows
     dsrcs,  # m pointers to [T, D] contiguous gradients
+    accs, acc_strides,  # m pointers to [T, D] rows: added to source i's gradient if bit i of ACC_MASK is set
     qg_ptr,  # q' = queries * gains [S, D] fp32 (one row load per query)
     douts, dout_strides,  # S pointers to [T, D] rows: each query's output gradient (douts[0] unused with HEAD_NORMED)
     dlse_ptr, lse_ptr,  # [S, T] fp32 each
@@ -115,7 +118,8 @@ def _phase1_bwd_kernel(
     dqg_ptr,  # [programs, S, D] fp32, zero-initialised, one slab per program
     dn_ptr, wo_ptr, dwo_ptr,  # HEAD_NORMED: d normed_0 [T, D] contiguous, wo [D] (HAS_WO), d wo [programs, D] fp32
     T, D, eps, num_tiles, scale, out_eps,
-    N: tl.constexpr, S: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr, REG_DQ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    N: tl.constexpr, S: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr, REG_DQ: tl.constexpr,
+    ACC_MASK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -204,7 +208,7 @@ def _phase1_bwd_kernel(
                     dq_acc += tl.where(qidx[:, None] == j, tl.sum(ds[:, None] * n, 0)[None, :], 0.0)
                 else:
                     _add_to_slab(dqg_ptr, pid.to(tl.int64) * S + j, D, cols, n, ds, cmask)
-            tl.store(dsrcs[i] + offs, dv.to(dsrcs[i].dtype.element_ty), mask=mask)
+            _store_source_grad(dsrcs[i], offs, dv, accs[i], acc_strides[i], rows64, cols, mask, (ACC_MASK >> i) & 1)
         tl.debug_barrier()  # the next tile's sweep 1 overwrites delta rows this sweep just read
     if REG_DQ:
         slab = dqg_ptr + (pid.to(tl.int64) * S + qidx[:, None]) * D + cols[None, :]
@@ -385,10 +389,11 @@ def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optiona
 
 
 def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources, queries, norm_weights, eps, lse,
-               head: Optional[HeadNorm] = None):
+               head: Optional[HeadNorm] = None, accumulate: Optional[Sequence[Optional[Tensor]]] = None):
     """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None, grad head weight or None).
     ``grad_outs``: one gradient per query output (any row strides; with ``head``, grad_outs[0] is the
-    gradient of query 0's normed merge); ``lse``: the forward's."""
+    gradient of query 0's normed merge); ``lse``: the forward's; ``accumulate[i]``, when given, is
+    added to source i's gradient in the kernel."""
     what = "attn_res_phase1" + ("_normed" if head else "") + " backward"
     rows, strides, T, D = _prepare(sources, queries[0], what, *grad_outs, norm_weights, lse,
                                    head.weight if head else None)
@@ -418,12 +423,14 @@ def phase1_bwd(grad_outs: Sequence[Tensor], grad_lse: Optional[Tensor], sources,
         qg = queries.float() * norm_weights.float() if norm_weights is not None else queries.float()
         qg = qg.contiguous()  # q' = q * g [S, D] fp32
         dn = douts[0].contiguous() if head is not None else douts[0]
+        accs, acc_strides, acc_mask = L.accumulate_rows(accumulate, gsrc, what)
         _phase1_bwd_kernel[(P,)](
-            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), qg,
+            tuple(rows), strides, tuple(g.view(-1, D) for g in gsrc), accs, acc_strides, qg,
             tuple(douts), tuple(int(d.stride(0)) for d in douts), dlse, lse.reshape(S, T).float().contiguous(),
             delta, dqg, dn, head.weight.contiguous() if has_wo else qg, dwo,
             T, D, float(eps), num_tiles, float(head.scale if head else 1.0), float(head.eps if head else 0.0),
-            N=len(rows), S=S, HEAD_NORMED=head is not None, HAS_WO=has_wo, REG_DQ=reg_dq, BLOCK_S=block_s, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            N=len(rows), S=S, HEAD_NORMED=head is not None, HAS_WO=has_wo, REG_DQ=reg_dq, ACC_MASK=acc_mask,
+            BLOCK_S=block_s, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     gq, gw = _query_grads(dqg.sum(0), queries, norm_weights)
     return gsrc, gq, gw, (dwo.sum(0).to(head.weight.dtype) if has_wo else None)
@@ -533,8 +540,9 @@ def _phase2_bwd_launch(grad_out, grad_normed, phase1_out, phase1_lse, partial, q
             raise ValueError(f"{what}: neither a gradient of the mixture nor of its normed form")
         wo = out_norm_weight.contiguous() if has_wo else q
         gp = L.as_rows(grad_partial).contiguous() if grad_partial is not None else None
-        if gp is not None and partial is None:
-            raise ValueError(f"{what}: a partial gradient without a partial")
+        if gp is not None and (partial is None or grad_partial.shape != partial.shape):
+            raise ValueError(f"{what}: a partial gradient of shape {tuple(grad_partial.shape)} for the partial "
+                             f"{None if partial is None else tuple(partial.shape)}")
         _phase2_bwd_kernel[(P,)](
             dy if dy is not None else dn, o, o.stride(0), lse, p, p.stride(0), q, w if w is not None else q,
             dn if dn is not None else dy, wo,
@@ -562,12 +570,13 @@ def phase2_bwd(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, ep
 
 
 def phase2_normed_bwd(grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,
-                      out_norm_weight, out_eps):
+                      out_norm_weight, out_eps, grad_partial=None):
     """As ``attn_res_phase2_normed_backward_reference``: (d phase1_out, d lse, d partial or None,
     d query, d gain or None, d out gain or None). Without a partial the kernel still runs: the norm's
-    backward needs the mixture."""
+    backward needs the mixture. ``grad_partial``: the partial's gradient from its other readers, added
+    to d partial in the kernel."""
     return _phase2_bwd_launch(grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps,
-                              scale, out_norm_weight, out_eps, "attn_res_phase2_normed backward")
+                              scale, out_norm_weight, out_eps, "attn_res_phase2_normed backward", grad_partial)
 
 
 def phase2_add_normed_bwd(grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale,

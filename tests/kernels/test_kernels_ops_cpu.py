@@ -371,11 +371,13 @@ def test_opcheck_phase1_backward_ops():
     douts = [_leaf(2, 3, 8, seed=20 + j, dtype=f).detach() for j in range(4)]
     _, lse = OPS.attn_res_phase1(srcs, Q, G, 1e-6)
     dlse = _leaf(4, 2, 3, seed=30, dtype=f).detach()
-    _opcheck(OPS.attn_res_phase1_backward.default, (douts, dlse, srcs, Q, G, 1e-6, lse))
+    acc = [None, _leaf(2, 3, 8, seed=40, dtype=f).detach(), None]  # accumulated into source 1's gradient
+    _opcheck(OPS.attn_res_phase1_backward.default, (douts, dlse, srcs, Q, G, 1e-6, lse, [None] * 3))
+    _opcheck(OPS.attn_res_phase1_backward.default, (douts, dlse, srcs, Q, G, 1e-6, lse, acc))
     _opcheck(OPS.attn_res_phase1_normed_backward.default,
-             (douts[0], douts[1:], dlse, srcs, Q, G, 1e-6, 2.0, wo, 1e-5, lse))
+             (douts[0], douts[1:], dlse, srcs, Q, G, 1e-6, 2.0, wo, 1e-5, lse, acc))
     _opcheck(OPS.attn_res_phase1_normed_backward.default,
-             (douts[0], douts[1:], dlse, srcs, Q, None, 1e-6, 1.0, None, 1e-6, lse))
+             (douts[0], douts[1:], dlse, srcs, Q, None, 1e-6, 1.0, None, 1e-6, lse, [None] * 3))
 
 
 def test_opcheck_add_linear_():
@@ -408,6 +410,19 @@ def test_opcheck_phase2_normed():
     q, g, wo = _leaf(8, seed=4, dtype=f), _leaf(8, seed=5, dtype=f), _leaf(8, seed=6, dtype=f)
     _opcheck(OPS.attn_res_phase2_normed.default, (o1, l1, p, q, g, 1e-6, 2.0, wo, 1e-5))
     _opcheck(OPS.attn_res_phase2_normed.default, (o1, l1, None, q, None, 1e-6, 1.0, None, 1e-6))
+
+
+def test_opcheck_merge_backward_ops_with_accumulate():
+    """The merges' backward ops with a gradient to accumulate (what fold_grad_sums gives them)."""
+    f = torch.float32
+    srcs = [_leaf(2, 3, 8, seed=i, dtype=f).detach() for i in range(2)]
+    q, g, wo = (_leaf(8, seed=k, dtype=f).detach() for k in (4, 5, 6))
+    gn, acc = _leaf(2, 3, 8, seed=7, dtype=f).detach(), _leaf(2, 3, 8, seed=8, dtype=f).detach()
+    _opcheck(OPS.attn_res_normed_backward.default, (None, gn, srcs, q, g, 1e-6, 3.0, wo, 1e-5, [acc, None]))
+    _opcheck(OPS.attn_res_normed_backward.default, (gn, gn, srcs, q, None, 1e-6, 1.0, None, 1e-6, [None, acc]))
+    o1, l1, p = srcs[0], _leaf(2, 3, seed=2, dtype=f).detach(), srcs[1]
+    _opcheck(OPS.attn_res_phase2_normed_backward.default, (None, gn, o1, l1, p, q, g, 1e-6, 2.0, wo, 1e-5, [acc]))
+    _opcheck(OPS.attn_res_phase2_normed_backward.default, (gn, gn, o1, l1, None, q, None, 1e-6, 1.0, None, 1e-6, [None]))
 
 
 def test_ops_compile_fullgraph_with_backward():

@@ -26,9 +26,9 @@ def _signature(kernel, dtype: str, n: int, constexprs: dict) -> dict:
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
-        elif name in ("srcs", "dsrcs"):
+        elif name in ("srcs", "dsrcs", "accs"):
             sig[name] = tuple(f"*{dtype}" for _ in range(n))
-        elif name == "strides":
+        elif name in ("strides", "acc_strides"):
             sig[name] = tuple("i64" for _ in range(n))
         elif name in ("outs", "douts"):  # one pointer per query (phase 1)
             sig[name] = tuple(f"*{dtype}" for _ in range(constexprs["S"]))
@@ -86,14 +86,15 @@ def test_fused_normed_without_the_mix():
     _compile(fused._fwd_kernel, "bf16", 9, 16, N=9, HAS_W=True, STORE_MIX=False,
              NORMED=True, HAS_WO=True, BLOCK_T=1, BLOCK_D=4096)
     _compile(fused._bwd_kernel, "bf16", 9, 16, N=9, HAS_W=True, HAS_DY=False, NORMED=True, HAS_WO=True,
-             BLOCK_T=1, BLOCK_D=4096)
+             ACC_MASK=0b110, BLOCK_T=1, BLOCK_D=4096)
 
 
 @pytest.mark.parametrize("dtype,n,bt,bd,warps", CONFIGS[:2] + CONFIGS[3:])
 @pytest.mark.parametrize("normed", [False, True])
 def test_fused_backward(dtype, n, bt, bd, warps, normed):
+    # the normed backward with every source's other gradient accumulated (fold_grad_sums)
     _compile(fused._bwd_kernel, dtype, n, warps, N=n, HAS_W=True, HAS_DY=True, NORMED=normed, HAS_WO=normed,
-             BLOCK_T=bt, BLOCK_D=bd)
+             ACC_MASK=(1 << n) - 1 if normed else 0, BLOCK_T=bt, BLOCK_D=bd)
 
 
 @pytest.mark.parametrize("dtype,n,bt,bd,warps", [CONFIGS[0], CONFIGS[3]])
@@ -101,8 +102,9 @@ def test_fused_backward(dtype, n, bt, bd, warps, normed):
 def test_phase1(dtype, n, bt, bd, warps, S, head):
     flags = dict(N=n, S=S, HEAD_NORMED=head, HAS_WO=head, BLOCK_T=bt, BLOCK_D=bd)
     _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, HAS_W=True, **flags)
-    for reg_dq in (False, True):  # d q' in the slab, or in registers
-        _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, REG_DQ=reg_dq, BLOCK_S=8, **flags)
+    for reg_dq in (False, True):  # d q' in the slab, or in registers; every source's other gradient accumulated
+        _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, REG_DQ=reg_dq, BLOCK_S=8, ACC_MASK=(1 << n) - 1,
+                 **flags)
 
 
 @pytest.mark.parametrize("dtype,bt,bd,warps", [("bf16", 1, 4096, 8), ("fp32", 8, 128, 2)])
