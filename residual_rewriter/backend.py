@@ -20,7 +20,9 @@ What it does with each graph Dynamo captures (passes in ``passes/lowering/``, in
      beta = 1; f never written); then
      ``fuse_add``: the partial block's update ``prev + f`` and the phase-2 merge that reads it ->
      ``attn_res_phase2_add_normed`` (``fused_partial_add``): one [..., D] read fewer forward, the
-     partial's gradient summed in the merge's backward kernel;
+     partial's gradient summed in the merge's backward kernel; then
+     ``fuse_block_end``: each block's last add ``p + f`` done by the next block's phase-1 call, which
+     writes the block sum and reads it back from L2;
   5. ``lower``: on CUDA keep the ops (they run the Triton kernels); on CPU decompose them into torch
      math that inductor fuses ("auto"); or force "triton" / "decompose"; None keeps the ops as they are.
 then ``compiler``: "inductor" (default: ``torch._inductor.compile_fx.compile_fx``, i.e. AOT autograd +
@@ -78,6 +80,7 @@ class AttnResBackendConfig:
         phase-1 call (``attn_res_phase1_normed``; needs batch_two_phase and fuse_norm).
     fuse_add: fold the partial block's add into the fused merge that reads it
         (``attn_res_phase2_add_normed``; needs fuse_norm).
+    fuse_block_end: do each block's last add in the next block's phase-1 call (needs fuse_head).
     accumulate_in_gemm: in graphs compiled with grad disabled, do the partial block's add in place in
         the sublayer's output GEMM (``add_linear_``, cuBLAS beta = 1); rounds the sum once, not twice.
         "auto": on CUDA tensors only (on CPU inductor fuses the add itself, and measured faster).
@@ -94,6 +97,7 @@ class AttnResBackendConfig:
     fuse_norm: bool = True
     fuse_head: bool = True
     fuse_add: bool = True
+    fuse_block_end: bool = True
     accumulate_in_gemm: Union[bool, str] = "auto"
     fold_grad_sums: bool = True
     lower: Optional[str] = "auto"
@@ -133,7 +137,7 @@ class AttnResBackend:
         # torch.compile(m, backend="attnres", options={...}) arrives here as `options`
         config = self.config.replace(**options) if options else self.config
         plog = run_passes(gm, batch_two_phase=config.batch_two_phase, fuse_norm=config.fuse_norm,
-                          fuse_head=config.fuse_head, fuse_add=config.fuse_add,
+                          fuse_head=config.fuse_head, fuse_add=config.fuse_add, fuse_block_end=config.fuse_block_end,
                           accumulate_in_gemm=config.accumulate_in_gemm, lower=config.lower)
         self.logs.append(plog)
         if config.keep_graphs:

@@ -249,6 +249,8 @@ def test_block_attnres_fused_phase2_training_matches_eager(lower, block_size):
     assert backend.last_log["fuse_norm"]["fused_phase2"] == fused
     assert backend.last_log["fuse_head"]["fused_head"] == expected_heads(sites, block_size) >= 1
     assert backend.last_log["fuse_add"]["fused_partial_add"] == expected_partial_adds(sites, block_size) >= 1
+    # every batched block's phase 1 also does the previous block's last add
+    assert backend.last_log["fuse_block_end"]["fused_block_end"] == expected_heads(sites, block_size)
 
 
 class _NormAfterPhase2(nn.Module):
@@ -372,6 +374,7 @@ def test_training_matches_eager_aot_eager(kind, block_size):
     {"batch_two_phase": False},
     {"fuse_norm": False, "batch_two_phase": False},
     {"fuse_head": False},
+    {"fuse_block_end": False},
 ])
 def test_each_pass_can_be_switched_off(options):
     conv, x, _ = _converted("llama", 2)
@@ -381,6 +384,8 @@ def test_each_pass_can_be_switched_off(options):
     assert ("batch_two_phase" in ran) == options.get("batch_two_phase", True)
     assert ("fuse_norm" in ran) == options.get("fuse_norm", True)
     assert ("fuse_head" in ran) == all(options.get(k, True) for k in ("fuse_head", "fuse_norm", "batch_two_phase"))
+    assert ("fuse_block_end" in ran) == all(options.get(k, True) for k in
+                                            ("fuse_block_end", "fuse_head", "fuse_norm", "batch_two_phase"))
     assert ("lower" in ran) == (options.get("lower", "auto") is not None)
 
 
@@ -485,12 +490,16 @@ def test_traffic_model_counts_what_each_pass_saves():
     # partials' 2 each (1 each) and block 2's first partial's 2 (1). Each of those 4 tensors' sum kernel
     # (k reads + 1 write) becomes k - 1 reads in the backward ops: 2 passes fewer per tensor
     assert full["folded"] == 2 + 2 + 1 and train["all passes"] == train["-fold_grad_sums"] - 2 * 4
+    # block 1's last add done by block 2's phase 1: it reads p and f and writes b (3) for the add's 3 and
+    # its read of b (1); the backward is the same (b's gradient summed in the phase-1 kernel either way)
+    assert full["fwd"] == rows["-fuse_block_end"]["fwd"] - 1 and full["bwd"] == rows["-fuse_block_end"]["bwd"]
     # under no_grad the 4 partial adds (block 1: f0 + f1, + f2; block 2: f3 + f4, + f5) are done by
-    # their output GEMMs (which read p: 1 pass): the 2 that were adds of their own save 2 passes each,
-    # the 2 that were fused into merges 1 each (the merge reads (o, p), not (o, prev, f), writes no p)
+    # their output GEMMs (which read p: 1 pass): the add of its own saves 2 passes, the block end
+    # (else done by block 2's phase 1: 3 passes there, 1 fewer than an add) 1, the 2 that were fused
+    # into merges 1 each (the merge reads (o, p), not (o, prev, f), writes no p)
     no_gemm = rows["-accumulate_in_gemm"]
     assert full["nograd_gemm_adds"] == 4 and no_gemm["nograd_gemm_adds"] == 0
-    assert full["extra_nograd"] == no_gemm["extra_nograd"] - 2 * 2 - 2
+    assert full["extra_nograd"] == no_gemm["extra_nograd"] - 2 - 1 - 2
 
 
 @pytest.mark.parametrize("lower", [None, "decompose"])

@@ -77,8 +77,13 @@ def test_block_attnres_training_runs_the_triton_kernels(monkeypatch, kind, block
     assert sum(c["HEAD_NORMED"] for c in spies["_phase1_bwd_kernel"].constexprs) == heads
     fused_adds = log["fuse_add"].get("fused_partial_add", 0)
     assert sum(c["ADD_DELTA"] for c in spies["_phase2_fwd_kernel"].constexprs) == fused_adds
-    if kind == "llama":  # RMSNorm: the block's first merge goes into phase 1, later adds into the merges
-        assert heads >= 1 and fused_adds >= 1
+    ends = log.passes.get("fuse_block_end", {}).get("fused_block_end", 0)
+    assert sum(c["BLOCK_END"] for c in spies["_phase1_fwd_kernel"].constexprs) == ends
+    if kind == "llama":  # RMSNorm: the block's first merge and the previous block's last add go into
+        # phase 1, later adds into the merges; stream gradient sums into the backward kernels (inductor's
+        # post-grad pass; the CPU twin of this graph under aot_eager: 1 block end, 5 sums folded)
+        assert heads >= 1 and fused_adds >= 1 and ends >= 1
+        assert log["fold_grad_sums"]["folded"] >= 1
 
 
 def test_full_attnres_past_one_launch_goes_in_chunks():

@@ -79,7 +79,9 @@ def launches_of(T, D, n, m, S, dtype=torch.bfloat16):
             [e(T, D) for _ in range(S)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, e(S, T, dt=torch.float32),
             [e(T, D) for _ in range(m)]),
         # with the block's first merge fused in (what the backend emits for every block but the first)
-        "phase1+norm fwd": lambda: dispatch.phase1_normed_cuda(blocks, Q, G, 1e-6, float(m), w, 1e-5),
+        # ... and with the previous block's last add in it (fuse_block_end): m - 1 blocks + p + f
+        "phase1+norm fwd": lambda: dispatch.phase1_normed_cuda(blocks[:-1], Q, G, 1e-6, float(m), w, 1e-5,
+                                                               block_end=(e(T, D), e(T, D))),
         "phase1+norm bwd": lambda: dispatch.phase1_normed_backward_cuda(
             e(T, D), [e(T, D) for _ in range(S - 1)], e(S, T, dt=torch.float32), blocks, Q, G, 1e-6, float(m), w,
             1e-5, e(S, T, dt=torch.float32), [e(T, D) for _ in range(m)]),

@@ -7,7 +7,8 @@ training-step and no_grad-forward ratios do they give at the H100 backend benchm
 1. The unit: the device's copy bandwidth.
 2. Each op the backend emits, timed alone (median, CUDA events), as % of copy bandwidth for its IDEAL
    traffic (its [tokens, hidden] reads and writes, once each): phase 1 with the block's first merge
-   in it, forward and backward, for m = 2..8 completed blocks (S queries), its backward with d q'
+   and the previous block's last add in it, forward and backward (every source's other gradients
+   accumulated), for m = 2..8 completed blocks (S queries), its backward with d q'
    reduced through the fp32 slab instead of registers at m = 2 and 8 (an A/B of that choice), plain
    phase 1 at m = 8, the merges with and without the partial's add, forward and
    backward, the first block's unbatched two-source aggregation, a stream add, and the partial's add
@@ -67,10 +68,12 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
     Q, G, wo = par(S, D, scale=D ** -0.5), 1 + par(S, D, scale=0.1), 1 + par(D, scale=0.1)
     for m in ms:  # what the backend emits for every batched block: phase 1 with its first merge in it
         blocks = [act(T, D) for _ in range(m)]
-        normed0, outs, lse = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
+        normed0, outs, lse, _ = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
         douts, dlse = [act(T, D) for _ in range(S)], par(S, T)
-        out[f"phase1+norm fwd m={m}"] = (timed(lambda: dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)),
-                                         m + S)
+        # ... and the previous block's last add (fuse_block_end): m - 1 blocks + (p, f) -> b, the m-th
+        end = (act(T, D), act(T, D))
+        out[f"phase1+norm fwd m={m}"] = (timed(lambda: dispatch.phase1_normed_cuda(
+            blocks[:-1], Q, G, EPS, float(m), wo, EPS, block_end=end)), m + 2 + S)
         # backward ops as fold_grad_sums leaves them: every source's other gradients accumulated (all but
         # the last block's phase 1 do): m reads more
         accs = [act(T, D) for _ in range(m)]
@@ -80,7 +83,7 @@ def measure(T: int, D: int, ms, S: int, dtype, device, reps: int) -> dict:
     with _register_dq(0):
         for m in (min(ms), max(ms)):
             blocks = [act(T, D) for _ in range(m)]
-            normed0, outs, lse = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
+            normed0, outs, lse, _ = dispatch.phase1_normed_cuda(blocks, Q, G, EPS, float(m), wo, EPS)
             accs = [act(T, D) for _ in range(m)]
             out[f"phase1+norm bwd, dq' slab, m={m}"] = (timed(lambda: dispatch.phase1_normed_backward_cuda(
                 douts[0], douts[1:], dlse, blocks, Q, G, EPS, float(m), wo, EPS, lse, accs)), 3 * m + S)
@@ -125,13 +128,15 @@ def _register_dq(elements: int):
         two_phase.REGISTER_DQ_ELEMENTS = old
 
 
-def _phase1_ms(times: dict, op: str, kind: str, m: int, S: int) -> float:
-    """Phase 1 (``op``: "phase1" or "phase1+norm") of m sources and S queries: the measurement at the
-    nearest m, scaled by ideal passes (S and m differ from the measured ones)."""
+def _phase1_ms(times: dict, op: str, kind: str, m: int, S: int, end: bool) -> float:
+    """Phase 1 (``op``: "phase1" or "phase1+norm") of m sources (``end``: the last one the previous
+    block's add, done in phase 1) and S queries: the measurement at the nearest m, scaled by ideal
+    passes (S and m differ from the measured ones). Backward as timed: every source's gradient
+    accumulated (the last block's phase 1 accumulates none: errs high)."""
     ms_at = sorted(int(k.split("m=")[1]) for k in times if k.startswith(f"{op} {kind} m="))  # not the A/B rows
     m_key = min(ms_at, key=lambda x: abs(x - m))
     t, passes = times[f"{op} {kind} m={m_key}"]
-    return t * ((m + S) if kind == "fwd" else (3 * m + S)) / passes
+    return t * ((m + S + 2 * end) if kind == "fwd" else (3 * m + S)) / passes
 
 
 def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[float, float, Counter]:
@@ -148,10 +153,11 @@ def graph_ms(graph, shape, times: dict, pass_ms: float, grad: bool) -> tuple[flo
             short = name.split("::")[1]
             priced[short] += 1
             if short in ("attn_res_phase1", "attn_res_phase1_normed"):
-                m, S = len(n.args[0]), int(value(n.args[1]).shape[0])
+                end = n.kwargs.get("end_partial") is not None
+                m, S = len(n.args[0]) + end, int(value(n.args[1]).shape[0])
                 op = "phase1+norm" if short.endswith("normed") else "phase1"
-                fwd += _phase1_ms(times, op, "fwd", m, S)
-                bwd += _phase1_ms(times, op, "bwd", m, S)
+                fwd += _phase1_ms(times, op, "fwd", m, S, end)
+                bwd += _phase1_ms(times, op, "bwd", m, S, end)
             elif short == "attn_res_phase2_add_normed":
                 fwd, bwd = fwd + times["merge+add fwd"][0], bwd + times["merge+add bwd"][0]
             elif short == "attn_res_phase2_normed":

@@ -37,6 +37,7 @@ from residual_rewriter.passes.op_names import op_name
 VARIANTS = {
     "all passes": {},
     "-fold_grad_sums": {"fold_grad_sums": False},
+    "-fuse_block_end": {"fuse_block_end": False},
     "-fuse_head": {"fuse_head": False},
     "-accumulate_in_gemm": {"accumulate_in_gemm": False},
     "-fuse_add": {"fuse_add": False},
@@ -68,7 +69,13 @@ def op_passes(node) -> tuple[int, int]:
         # fwd: m sources -> S outputs. bwd: one kernel; its first sweep reads the m sources and the S
         # douts (one tensor per query: nothing assembled), its second re-reads the tile from L2
         # (not counted) and writes m gradients
-        return m + S, (m + S) + m
+        if node.kwargs.get("end_partial") is None:
+            return m + S, (m + S) + m
+        # with the previous block's last add (fuse_block_end): fwd reads p and f and writes their sum
+        # b (read back from L2); bwd as above with b one more source, and b's gradient from its later
+        # readers read once to be summed into it (when it has any)
+        later = int(any(u.args[1] == 3 and u.users for u in node.users))
+        return m + 3 + S, (m + 1 + S) + (m + 1) + later
     has_p = args[2] is not None
     if name == "attn_res_phase2":
         return 1 + has_p + 1 + norm_fwd, 1 + 1 + has_p + 1 + has_p + norm_bwd  # (dy, o, p) -> (d o, d p)
@@ -152,7 +159,7 @@ def extra_passes(layers: int, num_blocks: int, options: dict | None = None) -> d
 
 
 def _percent(ms: float, of_ms: float) -> str:
-    return f"{100 * ms / of_ms:6.1f}" if of_ms > 0 else f"{'-':>6}"
+    return f"{100 * ms / of_ms:6.2f}" if of_ms > 0 else f"{'-':>6}"
 
 
 def main(argv=None):

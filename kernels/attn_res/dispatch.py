@@ -63,16 +63,20 @@ def phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, ep
     return phase1_bwd(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse, accumulate=accumulate)[:3]
 
 
-def phase1_normed_cuda(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps):
-    args = (sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
-    if _f64(sources[0]):
-        return reference.attn_res_phase1_normed_reference(*args)
-    if chunked.needs_chunks(sources):
-        return chunked.phase1_normed_fwd(*args)
-    from .two_phase import HeadNorm, phase1_fwd
+def phase1_normed_cuda(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps, block_end=None):
+    """(normed_0, outs_1.., lse, block end or None). ``block_end``: (partial, delta) whose sum is the
+    last source (written by the kernel; added by torch on the paths without one)."""
+    args = (queries, norm_weights, eps, scale, out_norm_weight, out_eps)
+    if _f64(sources[0]) or chunked.needs_chunks([*sources, *(block_end or ())[:1]]):
+        end = torch.add(*block_end) if block_end is not None else None
+        sources = [*sources, end] if end is not None else sources
+        fn = reference.attn_res_phase1_normed_reference if _f64(sources[0]) else chunked.phase1_normed_fwd
+        return (*fn(sources, *args), end)
+    from .two_phase import HeadNorm, new_block_end, phase1_fwd
 
-    outs, lse = phase1_fwd(sources, queries, norm_weights, eps, HeadNorm(scale, out_norm_weight, out_eps))
-    return outs[0], outs[1:], lse
+    end = new_block_end(*block_end, sources[0], "attn_res_phase1_normed") if block_end is not None else None
+    outs, lse = phase1_fwd(sources, queries, norm_weights, eps, HeadNorm(scale, out_norm_weight, out_eps), end)
+    return outs[0], outs[1:], lse, end.out if end is not None else None
 
 
 def phase1_normed_backward_cuda(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale,

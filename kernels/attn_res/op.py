@@ -186,24 +186,41 @@ attn_res_phase1.register_autograd(_phase1_backward, setup_context=_phase1_setup_
 @torch.library.custom_op(f"{LIB}::attn_res_phase1_normed", mutates_args=())
 def attn_res_phase1_normed(
     sources: List[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float, scale: float,
-    out_norm_weight: Optional[Tensor], out_eps: float,
-) -> tuple[Tensor, List[Tensor], Tensor]:
+    out_norm_weight: Optional[Tensor], out_eps: float, end_partial: Optional[Tensor] = None,
+    end_delta: Optional[Tensor] = None,
+) -> tuple[Tensor, List[Tensor], Tensor, Tensor]:
     """``attn_res_phase1`` with query 0's merge fused in (query 0 reads no partial block, so its merge
     is ``RMSNorm(scale * out_0) * out_norm_weight``, from the unrounded out_0): returns (normed_0,
-    outs_1..S-1, lse [S, ...]). out_0 itself is not written."""
+    outs_1..S-1, lse [S, ...], block_end). out_0 itself is not written.
+
+    With ``end_partial``/``end_delta``, the previous block's last add is done here: its sum
+    ``block_end = end_partial + end_delta`` (rounded once to end_partial's dtype, as torch's add) is
+    the last source, and returned (else an empty tensor)."""
+    if (end_partial is None) != (end_delta is None):
+        raise ValueError("attn_res_phase1_normed: end_partial and end_delta come together")
     args = (sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
     if sources[0].is_cuda:
         from . import dispatch
 
-        return dispatch.phase1_normed_cuda(*args)
-    normed0, outs, lse = reference.attn_res_phase1_normed_reference(*args)
-    return normed0, outs, lse.float() if sources[0].dtype != torch.float64 else lse
+        normed0, outs, lse, end = dispatch.phase1_normed_cuda(*args, block_end=_pair(end_partial, end_delta))
+    else:
+        end = torch.add(end_partial, end_delta) if end_partial is not None else None
+        normed0, outs, lse = reference.attn_res_phase1_normed_reference(
+            [*sources, end] if end is not None else sources, *args[1:])
+        lse = lse.float() if sources[0].dtype != torch.float64 else lse
+    return normed0, outs, lse, end if end is not None else queries.new_empty(0)
+
+
+def _pair(a: Optional[Tensor], b: Optional[Tensor]):
+    return (a, b) if a is not None else None
 
 
 @attn_res_phase1_normed.register_fake
-def _attn_res_phase1_normed_fake(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps):
+def _attn_res_phase1_normed_fake(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps,
+                                 end_partial=None, end_delta=None):
     outs, lse = _attn_res_phase1_fake(sources, queries, norm_weights, eps)
-    return outs[0], outs[1:], lse
+    end = torch.empty_like(end_partial) if end_partial is not None else queries.new_empty(0)
+    return outs[0], outs[1:], lse, end
 
 
 @torch.library.custom_op(f"{LIB}::attn_res_phase1_normed_backward", mutates_args=())
@@ -243,14 +260,17 @@ def _attn_res_phase1_normed_backward_fake(grad_normed0, grad_outs, grad_lse, sou
 
 
 def _phase1_normed_setup_context(ctx, inputs, output):
-    sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps = inputs
+    sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps, end_partial, end_delta = (*inputs, None, None)[:9]
+    ctx.has_end = end_partial is not None
+    sources = [*sources, output[3]] if ctx.has_end else sources  # the block end: a source like the others
+    ctx.delta_dtype = end_delta.dtype if ctx.has_end else None
     ctx.n, ctx.eps, ctx.scale, ctx.out_eps = len(sources), eps, scale, out_eps
     ctx.has_weight, ctx.has_wo = norm_weights is not None, out_norm_weight is not None
     opt = [t for t in (norm_weights, out_norm_weight) if t is not None]
     ctx.save_for_backward(*sources, queries, *opt, output[2])  # the lse, no output tensor
 
 
-def _phase1_normed_backward(ctx, grad_normed0, grad_outs, grad_lse):
+def _phase1_normed_backward(ctx, grad_normed0, grad_outs, grad_lse, grad_end):
     saved = list(ctx.saved_tensors)
     sources, queries, rest = saved[: ctx.n], saved[ctx.n], saved[ctx.n + 1:]
     norm_weights = rest.pop(0) if ctx.has_weight else None
@@ -260,13 +280,20 @@ def _phase1_normed_backward(ctx, grad_normed0, grad_outs, grad_lse):
     grad_normed0 = zeros if grad_normed0 is None else grad_normed0.contiguous()
     grad_outs = [zeros if g is None else g for g in grad_outs]
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+    # the block end's gradient from its later readers is summed into its source gradient in the kernel
+    accumulate = [None] * (ctx.n - 1) + [grad_end if ctx.has_end else None]
     grads = torch.ops.residual_rewriter.attn_res_phase1_normed_backward(
         grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, ctx.scale, out_norm_weight,
-        ctx.out_eps, lse, [None] * ctx.n,
+        ctx.out_eps, lse, accumulate,
     )
     n = ctx.n
-    return (list(grads[:n]), grads[n], grads[n + 1] if ctx.has_weight else None, None, None,
-            grads[n + 2] if ctx.has_wo else None, None)
+    if ctx.has_end:  # block_end = end_partial + end_delta: both get its whole gradient
+        d_end = grads[n - 1]
+        ends, n = (d_end, d_end.to(ctx.delta_dtype)), n - 1
+    else:
+        ends = (None, None)
+    return (list(grads[:n]), grads[ctx.n], grads[ctx.n + 1] if ctx.has_weight else None, None, None,
+            grads[ctx.n + 2] if ctx.has_wo else None, None, *ends)[: len(ctx.needs_input_grad)]  # as called
 
 
 attn_res_phase1_normed.register_autograd(_phase1_normed_backward, setup_context=_phase1_normed_setup_context)

@@ -49,9 +49,10 @@ def _phase1_fwd_kernel(
     outs,  # S pointers to [T, D] contiguous outputs, one per query (input dtype); outs[0] unused with HEAD_NORMED
     lse_ptr,  # [S, T] fp32
     normed_ptr, wo_ptr,  # [T, D]: RMSNorm(scale * out_0) * wo (HEAD_NORMED; wo if HAS_WO)
+    endp_ptr, endp_stride, endd_ptr, endd_stride,  # [T, D] rows: the previous block's last add (BLOCK_END)
     T, D, eps, scale, out_eps,
     N: tl.constexpr, S: tl.constexpr, HAS_W: tl.constexpr, HEAD_NORMED: tl.constexpr, HAS_WO: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_END: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per token tile computes every query: the tile's sources come from DRAM for the
     # first query and from L1/L2 for the others. Each query's output is a tensor of its own, so the
@@ -65,6 +66,12 @@ def _phase1_fwd_kernel(
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     offs = rows64[:, None] * D + cols[None, :]
+    if BLOCK_END:  # the last source is the previous block's sum p + d (rounded once, as torch's add):
+        # written here into its buffer srcs[N - 1] (contiguous), then read back like the others (from L2)
+        p = tl.load(endp_ptr + rows64[:, None] * endp_stride + cols[None, :], mask=mask, other=0.0)
+        d = tl.load(endd_ptr + rows64[:, None] * endd_stride + cols[None, :], mask=mask, other=0.0)
+        tl.store(srcs[N - 1] + offs, (p.to(tl.float32) + d.to(tl.float32)).to(srcs[N - 1].dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # the loads below may be made by other threads of this program
     for j in tl.static_range(S):
         q = _query_row(q_ptr, w_ptr, j * D, cols, cmask, HAS_W)
         m, l, acc = _online_mix(srcs, strides, rows64, cols, mask, q, D, eps, N, BLOCK_T, BLOCK_D)
@@ -362,12 +369,31 @@ class HeadNorm(NamedTuple):
     eps: float
 
 
+class BlockEnd(NamedTuple):
+    """The previous block's last add, done by phase 1: ``out = partial + delta`` is its last source."""
+
+    partial: Tensor
+    delta: Tensor
+    out: Tensor  # [..., D] in the partial's dtype (the sources'), written by the kernel
+
+
+def new_block_end(partial: Tensor, delta: Tensor, like: Tensor, what: str) -> BlockEnd:
+    from .reference import check_partial_update
+
+    check_partial_update(like, partial, delta, what)
+    return BlockEnd(partial, delta, L.empty(partial.shape, partial.dtype, partial.device))
+
+
 def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float,
-               head: Optional[HeadNorm] = None):
+               head: Optional[HeadNorm] = None, block_end: Optional[BlockEnd] = None):
     """(outs: S tensors [..., D] in the sources' dtype, one per query; lse [S, ...] fp32). With ``head``,
-    outs[0] is query 0's normed merge instead (out_0 itself is not written)."""
+    outs[0] is query 0's normed merge instead (out_0 itself is not written). With ``block_end``, the
+    kernel writes ``block_end.out`` and reads it as the last source, after ``sources``."""
     what = "attn_res_phase1" + ("_normed" if head else "")
-    rows, strides, T, D = _prepare(sources, queries[0], what, queries, norm_weights, head.weight if head else None)
+    if block_end is not None:
+        sources = [*sources, block_end.out]
+    rows, strides, T, D = _prepare(sources, queries[0], what, queries, norm_weights, head.weight if head else None,
+                                   *(block_end or ()))
     if norm_weights is not None and norm_weights.shape != queries.shape:
         raise ValueError(f"{what}: norm weights {tuple(norm_weights.shape)} must match queries {tuple(queries.shape)}")
     S, shape, dev = queries.shape[0], sources[0].shape, rows[0].device
@@ -379,11 +405,13 @@ def phase1_fwd(sources: Sequence[Tensor], queries: Tensor, norm_weights: Optiona
         w = norm_weights.contiguous() if norm_weights is not None else None
         wo = head.weight.contiguous() if head is not None and head.weight is not None else None
         flat = tuple(o.view(-1, D) for o in outs)
+        endp, endd = (L.as_rows(t) for t in block_end[:2]) if block_end is not None else (flat[0], flat[0])
         _phase1_fwd_kernel[(triton.cdiv(T, BT),)](
             tuple(rows), strides, q, w if w is not None else q, flat, lse, flat[0], wo if wo is not None else q,
+            endp, endp.stride(0), endd, endd.stride(0),
             T, D, float(eps), float(head.scale if head else 1.0), float(head.eps if head else 0.0),
             N=len(rows), S=S, HAS_W=w is not None, HEAD_NORMED=head is not None, HAS_WO=wo is not None,
-            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
+            BLOCK_END=block_end is not None, BLOCK_T=BT, BLOCK_D=BD, num_warps=warps,
         )
     return outs, lse.view(S, *shape[:-1])
 

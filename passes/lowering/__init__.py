@@ -10,7 +10,11 @@ gemm_accumulate.py  pass 4a (graphs without autograd): ``p + linear(x, W)`` -> `
               the partial block's add done in place by the sublayer's output GEMM (cuBLAS beta = 1)
 fuse_add.py   pass 4b: the partial block's ``prev + f`` folded into the merge that reads it ->
               ``attn_res_phase2_add_normed``
+fuse_block_end.py  pass 4c: each block's last add ``p + f`` done by the next block's phase-1 call
+              (``attn_res_phase1_normed(..., end_partial=p, end_delta=f)``)
 lower.py      pass 5: keep the ops for Triton (CUDA) or decompose them into torch math (CPU)
+fold_grad_sums.py  pass 6, on the BACKWARD graph AOT autograd derives (run by the backend's compiler
+              step, not by ``run_passes``): gradient sums folded into our backward ops' ``accumulate``
 decompose.py  the ops' math as traceable torch code (used by pass 4)
 common.py     op targets, fake-value metadata, ``CountingPass`` (the passes' base: counts, lint + recompile)
 
@@ -30,6 +34,7 @@ from .batch import BatchTwoPhase, plan_groups
 from .common import LoweringError
 from .find import Aggregation, FindAggregations, find_aggregations
 from .fuse_add import FusePartialAdd
+from .fuse_block_end import FuseBlockEnd
 from .fuse_head import FuseHeadMerge
 from .gemm_accumulate import AccumulateInGemm
 from .fuse_norm import FuseRMSNorm, match_rms_norm
@@ -38,7 +43,7 @@ from .lower import Lower, decompose_node
 log = logging.getLogger("residual_rewriter.backend")
 
 __all__ = [
-    "AccumulateInGemm", "Aggregation", "FuseHeadMerge", "BatchTwoPhase", "FindAggregations", "FusePartialAdd", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
+    "AccumulateInGemm", "Aggregation", "FuseBlockEnd", "FuseHeadMerge", "BatchTwoPhase", "FindAggregations", "FusePartialAdd", "FuseRMSNorm", "Lower", "LoweringError", "PassLog",
     "decompose_node", "find_aggregations", "match_rms_norm", "plan_groups", "run_passes",
 ]
 
@@ -59,7 +64,8 @@ class PassLog:
 
 def run_passes(
     gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, fuse_head: bool = True,
-    fuse_add: bool = True, accumulate_in_gemm: bool | str = "auto", lower: str | None = "auto",
+    fuse_add: bool = True, fuse_block_end: bool = True, accumulate_in_gemm: bool | str = "auto",
+    lower: str | None = "auto",
 ) -> PassLog:
     """Run the pipeline on ``gm`` in place. ``lower=None`` keeps the library ops as they are (for
     inspecting the batched/fused graph, or running the ops' own implementations).
@@ -84,6 +90,8 @@ def run_passes(
         plog.record(AccumulateInGemm.name, False, {"skipped_grad_enabled": 1})
     if fuse_add and fuse_norm:  # it folds adds into fuse_norm's merges: nothing to do without them
         passes.append(FusePartialAdd())
+    if fuse_block_end and fuse_head and fuse_norm and batch_two_phase:  # into fuse_head's phase-1 calls
+        passes.append(FuseBlockEnd())
     if lower is not None:
         passes.append(Lower(lower))
     for p in passes:

@@ -105,12 +105,15 @@ def attn_res_phase1(sources, queries, norm_weights: Optional[object], eps: float
 
 
 def attn_res_phase1_normed(sources, queries, norm_weights, eps: float, scale: float, out_norm_weight, out_eps: float,
-                           *, dtype, num_queries: int):
-    """= attn_res_phase1_normed_reference: (RMSNorm(scale * out_0) * out_norm_weight, outs_1.., lse)."""
+                           end_partial=None, end_delta=None, *, dtype, num_queries: int):
+    """= attn_res_phase1_normed_reference: (RMSNorm(scale * out_0) * out_norm_weight, outs_1.., lse, block
+    end), the block end ``end_partial + end_delta`` (the graph's own add) as the last source, or None."""
     cd = compute_dtype(dtype)
+    end = torch.add(end_partial, end_delta) if end_partial is not None else None
+    sources = [*sources, end] if end is not None else sources
     mixes, lse = _phase1_mixes(sources, queries, norm_weights, eps, cd, num_queries)
     normed0 = _with_out_norm(mixes[0] * scale, out_norm_weight, out_eps, False, dtype, cd)[1]
-    return normed0, [_to(m, dtype, cd) for m in mixes[1:]], lse
+    return normed0, [_to(m, dtype, cd) for m in mixes[1:]], lse, end
 
 
 def _phase2_mix(phase1_out, phase1_lse, partial, query, norm_weight, eps: float, scale: float, cd):

@@ -171,7 +171,8 @@ def test_phase1_normed_op(with_weight):
 
     def op(*t):  # flat: (normed_0, out_1, out_2, lse)
         G, wo = (t[4], t[5]) if with_weight else (None, None)
-        normed0, outs, lse = OPS.attn_res_phase1_normed(list(t[:3]), t[3], G, EPS, 3.0, wo, OUT_EPS)
+        normed0, outs, lse, end = OPS.attn_res_phase1_normed(list(t[:3]), t[3], G, EPS, 3.0, wo, OUT_EPS)
+        assert end.numel() == 0  # no block end given: an empty output
         return (normed0, *outs, lse)
 
     def formula(*t):
@@ -184,11 +185,36 @@ def test_phase1_normed_op(with_weight):
     _check(op, formula, ins, with_weight)
 
 
+@pytest.mark.parametrize("later_readers", [True, False])
+def test_phase1_normed_op_with_the_block_end(later_readers):
+    """The previous block's last add done by phase 1 (fuse_block_end): b = p + f is the last source and
+    the fourth output; p and f get b's whole gradient, from this op and (``later_readers``: b read
+    after the op too) from b's other readers, summed in the backward op."""
+    srcs = [_leaf(*SHAPE, seed=i) for i in range(2)]
+    p, f = _leaf(*SHAPE, seed=5), _leaf(*SHAPE, seed=6)
+    Q, G, wo = _leaf(3, D, seed=10), (1 + 0.5 * _leaf(3, D, seed=11)).detach().requires_grad_(True), _gain(12)
+    ins = srcs + [p, f, Q, G, wo]
+
+    def op(*t):
+        normed0, outs, lse, end = OPS.attn_res_phase1_normed(list(t[:2]), t[4], t[5], EPS, 3.0, t[6], OUT_EPS,
+                                                             end_partial=t[2], end_delta=t[3])
+        return (normed0, *outs, lse) + ((end,) if later_readers else ())
+
+    def formula(*t):
+        end = t[2] + t[3]
+        out, lse = f_phase1([t[0], t[1], end], t[4], t[5], EPS)
+        return (_rmsnorm(3.0 * out[0], OUT_EPS, t[6]), *out[1:].unbind(0), lse) + ((end,) if later_readers else ())
+
+    _check(op, formula, ins, True)
+
+
 def test_opcheck_phase1_normed():
     srcs = [_leaf(2, 3, 8, seed=i, dtype=torch.float32) for i in range(3)]
     Q, G, wo = (_leaf(*s, seed=k, dtype=torch.float32) for k, s in ((7, (4, 8)), (8, (4, 8)), (9, (8,))))
     _opcheck(OPS.attn_res_phase1_normed.default, (srcs, Q, G, 1e-6, 2.0, wo, 1e-5))
     _opcheck(OPS.attn_res_phase1_normed.default, (srcs, Q, None, 1e-6, 1.0, None, 1e-6))
+    p, f = _leaf(2, 3, 8, seed=20, dtype=torch.float32), _leaf(2, 3, 8, seed=21, dtype=torch.bfloat16)
+    _opcheck(OPS.attn_res_phase1_normed.default, (srcs[:2], Q, G, 1e-6, 2.0, wo, 1e-5), {"end_partial": p, "end_delta": f})
 
 
 def _phase2_ins(with_partial, with_weight, extra=()):
@@ -346,8 +372,8 @@ def test_phase2_add_normed_op(other_reader):
     _opcheck(OPS.attn_res_phase2_add_normed.default, args)
 
 
-def _opcheck(op, args):
-    torch.library.opcheck(op, args)  # schema, autograd registration, fake tensor, aot dispatch (dynamic)
+def _opcheck(op, args, kwargs=None):
+    torch.library.opcheck(op, args, kwargs)  # schema, autograd registration, fake tensor, aot dispatch (dynamic)
 
 
 def test_opcheck_attn_res():

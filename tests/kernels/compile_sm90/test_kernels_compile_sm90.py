@@ -101,7 +101,8 @@ def test_fused_backward(dtype, n, bt, bd, warps, normed):
 @pytest.mark.parametrize("S,head", [(1, False), (5, False), (1, True), (5, True)])
 def test_phase1(dtype, n, bt, bd, warps, S, head):
     flags = dict(N=n, S=S, HEAD_NORMED=head, HAS_WO=head, BLOCK_T=bt, BLOCK_D=bd)
-    _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, HAS_W=True, **flags)
+    # with the head merge, as the backend emits it: with the previous block's last add (BLOCK_END)
+    _compile(two_phase._phase1_fwd_kernel, dtype, n, warps, HAS_W=True, BLOCK_END=head, **flags)
     for reg_dq in (False, True):  # d q' in the slab, or in registers; every source's other gradient accumulated
         _compile(two_phase._phase1_bwd_kernel, dtype, n, warps, REG_DQ=reg_dq, BLOCK_S=8, ACC_MASK=(1 << n) - 1,
                  **flags)

@@ -60,7 +60,7 @@ def test_phase1_backward_accumulates(monkeypatch, shape, m, S, dtype, head):
     dlse = _rand(S, *shape[:-1], seed=8)
     if head:
         wo = 1 + 0.3 * _rand(D, seed=102)
-        _, _, lse = dispatch.phase1_normed_cuda(sources, Q, G, 1e-6, 2.0, wo, 1e-5)
+        _, _, lse, _ = dispatch.phase1_normed_cuda(sources, Q, G, 1e-6, 2.0, wo, 1e-5)
         with spy_on(monkeypatch, two_phase, "_phase1_bwd_kernel") as spy:
             gs, *_ = dispatch.phase1_normed_backward_cuda(douts[0], douts[1:], dlse, sources, Q, G, 1e-6, 2.0, wo, 1e-5,
                                                           lse, accumulate)

@@ -100,7 +100,7 @@ def test_phase1_normed(monkeypatch, shape, m, S, dtype, with_weights, chunks=Fal
     scale = float(m + 1)
     kernels = ("_phase1_fwd_kernel", "_phase1_bwd_kernel")
     with spy_on(monkeypatch, two_phase, kernels[0]) as spy:
-        normed0, outs, lse = dispatch.phase1_normed_cuda(sources, Q, G, 1e-6, scale, wo, 1e-5)
+        normed0, outs, lse, _ = dispatch.phase1_normed_cuda(sources, Q, G, 1e-6, scale, wo, 1e-5)
     assert chunks or all(c["HEAD_NORMED"] for c in spy[kernels[0]].constexprs)
     s64, Q64 = [s.to(F64) for s in sources], Q.to(F64)
     G64, wo64 = (G.to(F64), wo.to(F64)) if with_weights else (None, None)
@@ -129,6 +129,38 @@ def test_phase1_normed(monkeypatch, shape, m, S, dtype, with_weights, chunks=Fal
         assert_close_tier(gwo, rgwo, _param_tier(dtype), "grad", "grad out_norm_weight")
     else:
         assert gw is None and gwo is None
+
+
+@pytest.mark.parametrize("shape,dtype,delta_dtype", [
+    ((7, 96), torch.float32, torch.float32), ((33, 96), torch.bfloat16, torch.bfloat16),
+    ((2, 5, 200), torch.float32, torch.bfloat16),  # an fp32 stream, a bf16 branch (autocast)
+])
+@pytest.mark.parametrize("chunks", [False, True])
+def test_phase1_normed_with_the_block_end(monkeypatch, shape, dtype, delta_dtype, chunks):
+    """The previous block's last add done by phase 1 (fuse_block_end): its sum equals torch's add bit
+    for bit and is the last source of every output; the delta non-contiguous. ``chunks``: more sources
+    than one launch takes (torch adds, the chunked path mixes)."""
+    if chunks:
+        monkeypatch.setattr(_launch, "MAX_SOURCES", 2)
+    sources = [_rand(*shape, dtype=dtype, seed=i) for i in range(2)]
+    D = shape[-1]
+    p = _rand(*shape, dtype=dtype, seed=5)
+    f = _rand(*shape[:-1], D + 8, dtype=delta_dtype, seed=6)[..., :D]
+    Q, G, wo = _rand(3, D, seed=100, shift=0.0) * 0.25, 1 + 0.3 * _rand(3, D, seed=101), 1 + 0.3 * _rand(D, seed=102)
+    with spy_on(monkeypatch, two_phase, "_phase1_fwd_kernel") as spy:
+        normed0, outs, lse, end = dispatch.phase1_normed_cuda(sources, Q, G, 1e-6, 3.0, wo, 1e-5, block_end=(p, f))
+    assert chunks or all(c["BLOCK_END"] for c in spy["_phase1_fwd_kernel"].constexprs)
+    assert end.dtype == dtype
+    if dtype == torch.bfloat16 and DEVICE != "cuda" and not chunks:  # the interpreter truncates (kernel_tiers.py)
+        torch.testing.assert_close(end, torch.add(p, f), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(end, torch.add(p, f))
+    s64 = [s.to(F64) for s in sources] + [end.to(F64)]  # the outputs are those of the sum as written
+    rn, ros, rl = attn_res_phase1_normed_reference(s64, Q.to(F64), G.to(F64), 1e-6, 3.0, wo.to(F64), 1e-5)
+    assert_close_tier(normed0, rn, dtype, "out", "normed_0")
+    for j, (o, ro) in enumerate(zip(outs, ros)):
+        assert_close_tier(o, ro, dtype, "out", f"phase1 out {j + 1}")
+    assert_close_tier(lse, rl, torch.float32, "out", "phase1 lse")
 
 
 def test_phase1_normed_in_chunks(monkeypatch):
