@@ -31,12 +31,14 @@ inductor for forward and backward), "aot_eager" or "eager" (for debugging the pa
      ``post_grad_custom_pre_pass``, or the ``aot_eager`` backward): a stream tensor's gradient sums
      folded into the ``accumulate`` inputs of our backward ops (no separate sum kernel).
 
-Why the passes run BEFORE AOT autograd, on Dynamo's torch-level graph: there the aggregation is one
+Why passes 1-5 run BEFORE AOT autograd, on Dynamo's torch-level graph: there the aggregation is one
 node per site and the training graph does not exist yet, so rewriting it is a forward-only graph
 edit; AOT autograd then derives the backward from the new ops' autograd registrations (their Triton
 backward kernels) or from the decomposed math. Rewriting the joint graph instead would mean
-rewriting the backward ops by hand. Inductor's FX-graph cache keys on the graph it receives, i.e.
-the rewritten one, so cached artefacts cannot be stale with respect to the passes.
+rewriting the backward ops by hand. Only the gradient sums, which autograd itself adds, need the
+backward graph (pass 6: one local rewrite of ``add`` nodes). Inductor's FX-graph cache keys on the
+graph it receives, i.e. the rewritten one, and on pass 6's source (its ``uuid``), so cached
+artefacts cannot be stale with respect to the passes.
 
 A graph with no aggregation is handed to the compiler untouched (plain inductor). What each pass did
 is logged (INFO) to ``logging.getLogger("residual_rewriter.backend")`` and kept in ``backend.logs``.

@@ -95,6 +95,7 @@ def assert_matches_eager(converted, x, backend, fwd_tol=1e-5, grad_tol=5e-4):
 
 
 def _converted(kind: str, block_size: int):
+    torch.manual_seed(0)  # the same weights whichever tests ran before (the tolerances are tight in bf16)
     if kind == "gpt":
         model = make_gpt()  # 4 layers -> 8 sites
         x, sites = model.example_inputs()[0], 8
@@ -462,21 +463,25 @@ def test_inductor_graph_without_aggregation_passes_through():
     assert backend.last_log.passes == {"find": {"modified": False, "aggregations": 0}}
 
 
-def test_traffic_model_counts_what_each_pass_saves():
-    """benchmarks/backend/traffic_model.py runs on the graphs the passes emit: each pass it switches
-    off shows up as more memory traffic, and it counts the fused ops the passes made."""
+def load_traffic_model():
+    """benchmarks/backend/traffic_model.py as a module. It is a script that imports its folder's
+    bench_backend when it builds a graph, so that folder stays on sys.path."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "backend" / "traffic_model.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("traffic_model", path)
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
-        rows = {r["variant"]: r for r in tool.main(["--layers", "3", "--num-blocks", "2", "--tokens", "64"])}
-    finally:
-        sys.path.remove(str(path.parent))
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    spec = importlib.util.spec_from_file_location("traffic_model", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_traffic_model_counts_what_each_pass_saves():
+    """benchmarks/backend/traffic_model.py runs on the graphs the passes emit: each pass it switches
+    off shows up as more memory traffic, and it counts the fused ops the passes made."""
+    rows = {r["variant"]: r for r in load_traffic_model().main(["--layers", "3", "--num-blocks", "2", "--tokens", "64"])}
     full, no_add, no_norm, no_head = rows["all passes"], rows["-fuse_add"], rows["-fuse_norm"], rows["-fuse_head"]
     # two blocks of 3 sublayers. Block 1: sites 1, 2 read b_0 and their partial, unbatched. Block 2:
     # one phase-1 call with site 3's merge in it; sites 4, 5 and the final aggregation merge, and those

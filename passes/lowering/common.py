@@ -166,6 +166,11 @@ class CountingPass(PassBase):
     def rewrite(self, gm: fx.GraphModule) -> bool:
         raise NotImplementedError
 
+    def tally(self, reason: Optional[str], done: str) -> bool:
+        """Count one candidate under the reason it was left alone, or ``done``; True if it was rewritten."""
+        self.stats[reason or done] += 1
+        return reason is None
+
     def summary(self) -> dict:
         return dict(self.stats)
 

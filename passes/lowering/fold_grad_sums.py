@@ -9,8 +9,10 @@ rounding, and the ``add`` goes: k + 1 passes become k - 1 extra reads.
 
     add(g_a, getitem(bwd, i))   ->   getitem(bwd', i)   with bwd' = bwd(..., accumulate[slot] = g_a)
 
-Only when g_a exists before ``bwd`` runs (graph order; so the new edge makes no cycle), the getitem
-has no other reader, and both summands have the add's shape and dtype. The passes before this one
+Only when g_a does not depend on ``bwd`` (the new edge makes no cycle; when g_a comes later in the
+graph, ``bwd`` and what depends on it move after it: a stable topological sort), the getitem has no
+other reader, and both summands have the add's shape and dtype. (AOT autograd orders the summands
+differently with symbolic shapes, so graph order alone would miss most folds under dynamic=True.) The passes before this one
 run on Dynamo's graph, before autograd; this one sees the backward graph: the compile backend runs it
 as inductor's ``post_grad_custom_pre_pass`` (``InductorFoldGradSums``) or in the ``aot_eager``
 compiler's backward. Each backward op's ``accumulate`` argument and what it adds to are in
@@ -65,14 +67,32 @@ def _val(node) -> Optional[torch.Tensor]:
 
 def _same_tensor_type(*nodes) -> bool:
     vals = [_val(n) for n in nodes]
-    return all(v is not None for v in vals) and len({(tuple(v.shape), v.dtype) for v in vals}) == 1
+    if any(v is None for v in vals):
+        return False
+    first = vals[0]  # shapes compared, not hashed: they may be symbolic (dynamic=True)
+    return all(v.dtype == first.dtype and tuple(v.shape) == tuple(first.shape) for v in vals[1:])
+
+
+def _depends_on(node: fx.Node, target: fx.Node, position: dict) -> bool:
+    """Whether ``node`` is computed from ``target`` (nodes before ``target`` in the graph cannot be)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen or position[n] < position[target]:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def fold_grad_sums(graph: fx.Graph) -> dict:
-    """Fold in place; returns counts: ``folded`` adds, and ``candidates`` (adds with a summand from a
-    foldable op) left alone."""
+    """Fold in place; returns counts: ``folded`` adds, and ``candidates_left`` (adds with a summand
+    from a foldable op) left alone."""
     position = {n: i for i, n in enumerate(graph.nodes)}
     folded = left = 0
+    reorder = False
     for add in list(graph.nodes):
         if add.op != "call_function" or add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
             continue
@@ -85,8 +105,9 @@ def fold_grad_sums(graph: fx.Graph) -> dict:
                 continue
             bwd = grad.args[0]
             acc_index, accumulate = _argument(bwd, "accumulate")
-            if (len(grad.users) == 1 and accumulate[slot] is None and position[other] < position[bwd]
-                    and _same_tensor_type(add, grad, other)):
+            if (len(grad.users) == 1 and accumulate[slot] is None and _same_tensor_type(add, grad, other)
+                    and not _depends_on(other, bwd, position)):
+                reorder |= position[other] > position[bwd]
                 accumulate = list(accumulate)
                 accumulate[slot] = other
                 bwd.update_arg(acc_index, accumulate)
@@ -96,6 +117,10 @@ def fold_grad_sums(graph: fx.Graph) -> dict:
                 break
         else:
             left += any(_slot(x) is not None for x in (a, b))
+    if reorder:  # some bwd now reads a value computed after it: move it (and its readers) down
+        from torch._inductor.pattern_matcher import stable_topological_sort
+
+        stable_topological_sort(graph)
     return {"folded": folded, "candidates_left": left}
 
 

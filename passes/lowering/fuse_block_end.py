@@ -50,9 +50,7 @@ class FuseBlockEnd(CountingPass):
         graph = gm.graph
         modified = False
         for p1 in [n for n in graph.nodes if library_op(n) == PHASE1_NORMED]:
-            reason = self._fuse(graph, p1)
-            self.stats[reason or "fused_block_end"] += 1
-            modified |= reason is None
+            modified |= self.tally(self._fuse(graph, p1), "fused_block_end")
         return modified
 
     def _fuse(self, graph: fx.Graph, p1: fx.Node):

@@ -44,12 +44,7 @@ class FuseHeadMerge(CountingPass):
         graph = gm.graph
         modified = False
         for p1 in [n for n in graph.nodes if library_op(n) == PHASE1]:
-            reason = self._fuse(graph, p1)
-            if reason:
-                self.stats[reason] += 1
-            else:
-                self.stats["fused_head"] += 1
-                modified = True
+            modified |= self.tally(self._fuse(graph, p1), "fused_head")
         return modified
 
     def _fuse(self, graph: fx.Graph, p1: fx.Node):
