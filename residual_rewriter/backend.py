@@ -82,7 +82,8 @@ class AttnResBackendConfig:
         phase-1 call (``attn_res_phase1_normed``; needs batch_two_phase and fuse_norm).
     fuse_add: fold the partial block's add into the fused merge that reads it
         (``attn_res_phase2_add_normed``; needs fuse_norm).
-    fuse_block_end: do each block's last add in the next block's phase-1 call (needs fuse_head).
+    fuse_block_end: do each block's last add in the next block's phase-1 call (needs fuse_head; only
+        where the ops run as kernels, not where they are decomposed into torch math).
     accumulate_in_gemm: in graphs compiled with grad disabled, do the partial block's add in place in
         the sublayer's output GEMM (``add_linear_``, cuBLAS beta = 1); rounds the sum once, not twice.
         "auto": on CUDA tensors only (on CPU inductor fuses the add itself, and measured faster).

@@ -73,6 +73,8 @@ def variants(device: str) -> dict:
         "attnres-fuse_norm": ("converted", make_attnres_backend(fuse_norm=False)),
         "attnres-fuse_add": ("converted", make_attnres_backend(fuse_add=False)),
         "attnres-fuse_head": ("converted", make_attnres_backend(fuse_head=False)),
+        "attnres-fuse_block_end": ("converted", make_attnres_backend(fuse_block_end=False)),
+        "attnres-fold_grad_sums": ("converted", make_attnres_backend(fold_grad_sums=False)),
         "attnres-accumulate_in_gemm": ("converted", make_attnres_backend(accumulate_in_gemm=False)),
         "attnres-lower": ("converted", make_attnres_backend(lower=alt_lower)),
         # the kernels' previous launch configuration (kernels/attn_res/_launch.py), for comparison

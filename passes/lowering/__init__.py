@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .batch import BatchTwoPhase, plan_groups
-from .common import LoweringError
+from .common import LoweringError, library_op, node_device
 from .find import Aggregation, FindAggregations, find_aggregations
 from .fuse_add import FusePartialAdd
 from .fuse_block_end import FuseBlockEnd
@@ -60,6 +60,14 @@ class PassLog:
 
     def __getitem__(self, name: str) -> dict:
         return self.passes[name]
+
+
+def _runs_decomposed(gm: fx.GraphModule, lower: str | None) -> bool:
+    """Whether ``lower`` will replace the library ops by torch math (CPU tensors under "auto")."""
+    if lower != "auto":
+        return lower == "decompose"
+    devices = {node_device(n) for n in gm.graph.nodes if library_op(n)}
+    return not any(d is not None and d.type == "cuda" for d in devices)
 
 
 def run_passes(
@@ -91,7 +99,10 @@ def run_passes(
     if fuse_add and fuse_norm:  # it folds adds into fuse_norm's merges: nothing to do without them
         passes.append(FusePartialAdd())
     if fuse_block_end and fuse_head and fuse_norm and batch_two_phase:  # into fuse_head's phase-1 calls
-        passes.append(FuseBlockEnd())
+        if _runs_decomposed(gm, lower):  # the add would come back as torch math: nothing gained
+            plog.record(FuseBlockEnd.name, False, {"skipped_decomposed": 1})
+        else:
+            passes.append(FuseBlockEnd())
     if lower is not None:
         passes.append(Lower(lower))
     for p in passes:

@@ -14,7 +14,9 @@ gradient inside the phase-1 backward kernel (its ``accumulate`` input); p and f 
 Matches: an ``attn_res_phase1_normed`` whose last source is a torch-level add of two tensors of that
 source's shape, its dtype being the sources' and the first (or second) operand's, read by nothing
 before that phase-1 call. In graphs compiled under no_grad ``accumulate_in_gemm`` has made that add an
-in-place GEMM already (better: f is never written); nothing is left here to fuse.
+in-place GEMM already (better: f is never written); nothing is left here to fuse. Not run where the
+ops will be decomposed into torch math (CPU under lower="auto", or "decompose": ``run_passes``): the
+add would come back as it was, only moved, and inductor's CPU schedule measured no better for it.
 """
 from __future__ import annotations
 
