@@ -116,3 +116,31 @@ def test_rule_leaves_what_it_cannot_fold(case):
                                other_dtype=torch.float64 if case == "dtypes differ" else torch.float32)
     assert fold_grad_sums(gm.graph) == {"folded": 0, "candidates_left": 1}
     assert _accumulate_of(gm) == [None, None]
+
+
+def test_inductor_gets_the_pass_before_the_users_own(monkeypatch):
+    """The backend hands inductor its post-grad pass first and keeps a user's own after it; a graph
+    without our ops gets none (it goes to inductor untouched)."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.append(config_patches or {})
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+
+    def users_pass(graph):
+        return None
+
+    conv, x, _ = _converted("llama", 2)
+    backend = make_attnres_backend(lower=None, inductor_config={"post_grad_custom_pre_pass": users_pass})
+    torch.compile(conv, backend=backend)(x)
+    (patches,) = seen
+    ours, theirs = patches["post_grad_custom_pre_pass"]
+    assert type(ours).__name__ == "InductorFoldGradSums" and ours.uuid() and theirs is users_pass
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(torch.nn.Linear(4, 4), backend=make_attnres_backend())(torch.randn(2, 4))
+    assert seen == [{}]
