@@ -90,9 +90,8 @@ def _depends_on(node: fx.Node, target: fx.Node, position: dict) -> bool:
 def fold_grad_sums(graph: fx.Graph) -> dict:
     """Fold in place; returns counts: ``folded`` adds, and ``candidates_left`` (adds with a summand
     from a foldable op) left alone."""
-    position = {n: i for i, n in enumerate(graph.nodes)}
+    position = {n: i for i, n in enumerate(graph.nodes)}  # kept exact: _depends_on prunes by it
     folded = left = 0
-    reorder = False
     for add in list(graph.nodes):
         if add.op != "call_function" or add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
             continue
@@ -107,20 +106,20 @@ def fold_grad_sums(graph: fx.Graph) -> dict:
             acc_index, accumulate = _argument(bwd, "accumulate")
             if (len(grad.users) == 1 and accumulate[slot] is None and _same_tensor_type(add, grad, other)
                     and not _depends_on(other, bwd, position)):
-                reorder |= position[other] > position[bwd]
                 accumulate = list(accumulate)
                 accumulate[slot] = other
                 bwd.update_arg(acc_index, accumulate)
                 add.replace_all_uses_with(grad)
                 graph.erase_node(add)
+                if position[other] > position[bwd]:  # bwd now reads a later value: move it (and its readers) down
+                    from torch._inductor.pattern_matcher import stable_topological_sort
+
+                    stable_topological_sort(graph)
+                position = {n: i for i, n in enumerate(graph.nodes)}
                 folded += 1
                 break
         else:
             left += any(_slot(x) is not None for x in (a, b))
-    if reorder:  # some bwd now reads a value computed after it: move it (and its readers) down
-        from torch._inductor.pattern_matcher import stable_topological_sort
-
-        stable_topological_sort(graph)
     return {"folded": folded, "candidates_left": left}
 
 
