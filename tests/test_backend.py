@@ -414,6 +414,23 @@ def test_dynamic_sequence_length():
     assert backend.last_log["batch_two_phase"]["phase1"] == 2
 
 
+def test_dynamic_true_fuses_the_norms_and_guards_their_eps():
+    """dynamic=True makes float attributes graph inputs (RMSNorm's eps an ``item()``); the norms are
+    still fused, eps specialised (``float()`` of the symbolic float). Another eps recompiles and is
+    used (Dynamo guards the specialised value; checked here as the user sees it)."""
+    conv, x, _ = _converted("llama", 2)
+    backend = make_attnres_backend(compiler="aot_eager")
+    compiled = torch.compile(conv, backend=backend, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(compiled(x)), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+        assert backend.last_log["fuse_norm"]["fused_phase2"] >= 1 and "not_followed_by_rms_norm" not in \
+            backend.last_log["fuse_norm"]
+        for m in conv.modules():
+            if hasattr(m, "variance_epsilon"):
+                m.variance_epsilon = 0.5
+        torch.testing.assert_close(logits_of(compiled(x)), logits_of(conv(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_triton_lowering_on_cpu_raises():
     conv, x, _ = _converted("gpt", 2)
     with pytest.raises(Exception, match="Triton kernels need CUDA") as info:

@@ -85,6 +85,15 @@ class RMSNormMatch:
     chain: list[fx.Node]  # nodes to erase once output is replaced (the norm's intermediates)
 
 
+def _eps_value(eps) -> Optional[float]:
+    """The norm's epsilon: a constant, or (``dynamic=True``: Dynamo makes float attributes inputs) a
+    symbolic float, specialised here — ``float()`` installs a guard, so another value recompiles."""
+    if isinstance(eps, (int, float)):
+        return eps
+    v = value(eps) if isinstance(eps, fx.Node) else None
+    return float(v) if isinstance(v, torch.SymFloat) else None
+
+
 def match_rms_norm(h: fx.Node) -> Optional[RMSNormMatch]:
     hv = value(h)
     if not isinstance(hv, torch.Tensor):
@@ -123,8 +132,8 @@ def match_rms_norm(h: fx.Node) -> Optional[RMSNormMatch]:
     add = _only_user(mean)
     if add is None or _kind(add) != "add" or len(add.args) != 2 or add.kwargs:
         return None
-    eps = _other(add, mean)
-    if not isinstance(eps, (int, float)):
+    eps = _eps_value(_other(add, mean))
+    if eps is None:
         return None
     rsqrt = _only_user(add)
     if rsqrt is None or _kind(rsqrt) != "rsqrt" or _only_user(rsqrt) is not ymul or _other(ymul, rsqrt) is not x:
