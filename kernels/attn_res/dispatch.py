@@ -67,7 +67,8 @@ def phase1_normed_cuda(sources, queries, norm_weights, eps, scale, out_norm_weig
     """(normed_0, outs_1.., lse, block end or None). ``block_end``: (partial, delta) whose sum is the
     last source (written by the kernel; added by torch on the paths without one)."""
     args = (queries, norm_weights, eps, scale, out_norm_weight, out_eps)
-    if _f64(sources[0]) or chunked.needs_chunks([*sources, *(block_end or ())[:1]]):
+    counted = [*sources, block_end[0]] if block_end is not None else sources  # the block end is a source too
+    if _f64(sources[0]) or chunked.needs_chunks(counted):
         end = torch.add(*block_end) if block_end is not None else None
         sources = [*sources, end] if end is not None else sources
         fn = reference.attn_res_phase1_normed_reference if _f64(sources[0]) else chunked.phase1_normed_fwd

@@ -202,17 +202,14 @@ def attn_res_phase1_normed(
     if sources[0].is_cuda:
         from . import dispatch
 
-        normed0, outs, lse, end = dispatch.phase1_normed_cuda(*args, block_end=_pair(end_partial, end_delta))
+        block_end = (end_partial, end_delta) if end_partial is not None else None
+        normed0, outs, lse, end = dispatch.phase1_normed_cuda(*args, block_end=block_end)
     else:
         end = torch.add(end_partial, end_delta) if end_partial is not None else None
         normed0, outs, lse = reference.attn_res_phase1_normed_reference(
             [*sources, end] if end is not None else sources, *args[1:])
         lse = lse.float() if sources[0].dtype != torch.float64 else lse
     return normed0, outs, lse, end if end is not None else queries.new_empty(0)
-
-
-def _pair(a: Optional[Tensor], b: Optional[Tensor]):
-    return (a, b) if a is not None else None
 
 
 @attn_res_phase1_normed.register_fake

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .batch import BatchTwoPhase, plan_groups
-from .common import LoweringError, library_op, node_device
+from .common import LoweringError, library_op
 from .find import Aggregation, FindAggregations, find_aggregations
 from .fuse_add import FusePartialAdd
 from .fuse_block_end import FuseBlockEnd
@@ -62,14 +62,6 @@ class PassLog:
         return self.passes[name]
 
 
-def _runs_decomposed(gm: fx.GraphModule, lower: str | None) -> bool:
-    """Whether ``lower`` will replace the library ops by torch math (CPU tensors under "auto")."""
-    if lower != "auto":
-        return lower == "decompose"
-    devices = {node_device(n) for n in gm.graph.nodes if library_op(n)}
-    return not any(d is not None and d.type == "cuda" for d in devices)
-
-
 def run_passes(
     gm: fx.GraphModule, *, batch_two_phase: bool = True, fuse_norm: bool = True, fuse_head: bool = True,
     fuse_add: bool = True, fuse_block_end: bool = True, accumulate_in_gemm: bool | str = "auto",
@@ -86,6 +78,7 @@ def run_passes(
     if not find.found and not find.counts:
         return plog  # nothing of ours: the graph is left exactly as it came
     passes = []
+    lowering = Lower(lower) if lower is not None else None
     if batch_two_phase:
         passes.append(BatchTwoPhase())
     if fuse_norm:
@@ -99,12 +92,14 @@ def run_passes(
     if fuse_add and fuse_norm:  # it folds adds into fuse_norm's merges: nothing to do without them
         passes.append(FusePartialAdd())
     if fuse_block_end and fuse_head and fuse_norm and batch_two_phase:  # into fuse_head's phase-1 calls
-        if _runs_decomposed(gm, lower):  # the add would come back as torch math: nothing gained
+        ops = [n for n in gm.graph.nodes if library_op(n)]
+        if lowering is not None and all(lowering.choice(n) == "decompose" for n in ops):  # the add would come
+            # back as torch math, only moved: nothing gained
             plog.record(FuseBlockEnd.name, False, {"skipped_decomposed": 1})
         else:
             passes.append(FuseBlockEnd())
-    if lower is not None:
-        passes.append(Lower(lower))
+    if lowering is not None:
+        passes.append(lowering)
     for p in passes:
         result = p(gm)  # PassBase.__call__: requires -> call -> ensures
         gm.graph.lint()

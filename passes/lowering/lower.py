@@ -118,7 +118,8 @@ class Lower(CountingPass):
             raise ValueError(f"lower target must be one of {TARGETS}, got {target!r}")
         self.target = target
 
-    def _choice(self, node: fx.Node) -> str:
+    def choice(self, node: fx.Node) -> str:
+        """"triton" (the op stays, its kernels run) or "decompose" (torch math) for one library-op node."""
         if self.target != "auto":
             return self.target
         dev = node_device(node)
@@ -128,7 +129,7 @@ class Lower(CountingPass):
         modified = False
         for node in [n for n in gm.graph.nodes if library_op(n)]:
             name = library_op(node).split("::")[1]
-            if self._choice(node) == "triton":
+            if self.choice(node) == "triton":
                 _check_triton(node)
                 self.stats[f"triton.{name}"] += 1
             else:
