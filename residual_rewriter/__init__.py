@@ -6,7 +6,10 @@
     report = residual_rewriter.detect(model)               # look before converting
     fast = torch.compile(converted, backend="attnres")     # Triton / inductor fast path
 """
-from . import kernels  # noqa: F401  registers torch.ops.residual_rewriter.*
+from ._layout import mount_checkout_subpackages
+
+mount_checkout_subpackages()
+from .kernels import attn_res, partial_add  # noqa: E402,F401  registers torch.ops.residual_rewriter.*
 from . import backend  # noqa: F401  registers the torch.compile backend "attnres"
 from .api import convert, detect
 from .config import AttnResConfig

@@ -5,7 +5,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
-from residual_rewriter.kernels import DEFAULT_EPS
+from residual_rewriter.kernels.attn_res import DEFAULT_EPS
 
 
 @dataclass(frozen=True)

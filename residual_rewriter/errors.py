@@ -32,12 +32,13 @@ class GraphRunError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def _our_dirs() -> tuple[str, ...]:
-    # residual_rewriter.passes and .kernels may live outside the package folder (package-dir)
+    # residual_rewriter.passes and .kernels may live outside the package folder (package-dir); they
+    # are namespace packages (no __file__): their folder is their __path__
     import residual_rewriter.kernels
     import residual_rewriter.passes
 
     pkgs = (__import__("residual_rewriter"), residual_rewriter.passes, residual_rewriter.kernels)
-    return tuple(os.path.dirname(p.__file__) + os.sep for p in pkgs)
+    return tuple(os.path.join(list(p.__path__)[0], "") for p in pkgs)
 
 
 def is_user_code(filename: str) -> bool:

@@ -3,6 +3,8 @@ for the MoE models), and one query per aggregation (a site whose sublayer path i
 DINOv2's LayerScale or Gemma2's post-norms, used to share its layer's query)."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -32,8 +34,14 @@ def test_exact_at_init_with_one_query_per_aggregation(name):
     assert aggregations == len(report.sites) == queries
     assert len(dict(converted.attn_res.named_children())) == queries
     inputs = hf.example_inputs(model, batch_size=3, seq_len=7)
+    # The converted graph has no KV cache (hf.traced_call): compare with the original called without
+    # one too. They are not the same computation: GPT-J/CodeGen on transformers 5.18 (eager attention
+    # only) compute Q K^T in fp32, where the cache's torch.cat (a contiguous key, not a permuted view)
+    # changes MKL's rounding: the original's own cached and uncached logits differ by ~1e-9.
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():  # T5: (input_ids, decoder_input_ids), by name for the original
-        ref, out = model(**dict(zip(hf.input_names(model, len(inputs)), inputs))), converted(*inputs)
+        ref = model(**dict(zip(hf.input_names(model, len(inputs)), inputs)), **no_cache)
+        out = converted(*inputs)
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
     tolerance = 1e-6 if name in FP32_ONLY else 1e-10
     assert rel_err(getattr(out, key), getattr(ref, key)) <= tolerance

@@ -88,7 +88,7 @@ def test_block_attnres_training_runs_the_triton_kernels(monkeypatch, kind, block
 
 def test_full_attnres_past_one_launch_goes_in_chunks():
     """10 layers, Full AttnRes: the last aggregations read 20+ sources, more than one launch takes."""
-    from residual_rewriter.kernels import MAX_SOURCES
+    from residual_rewriter.kernels.attn_res import MAX_SOURCES
 
     model = make_gpt(n_layer=10)
     conv = rr.convert(model, block_size=1).train()

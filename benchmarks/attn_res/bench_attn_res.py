@@ -43,7 +43,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_timing import copy_bandwidth_gbs, time_ms  # noqa: E402
-from residual_rewriter.kernels import attn_res_reference, attn_res_triton  # noqa: E402
+from residual_rewriter.kernels.attn_res import attn_res_reference, attn_res_triton  # noqa: E402
 from residual_rewriter.kernels.attn_res.reference import attn_res_backward_reference  # noqa: E402
 
 EPS = 1e-6

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-import residual_rewriter.kernels  # noqa: F401  (registers torch.ops.residual_rewriter.*)
+import residual_rewriter.kernels.attn_res  # noqa: F401  (registers torch.ops.residual_rewriter.*)
 
 from residual_rewriter.passes.op_names import op_name
 

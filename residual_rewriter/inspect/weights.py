@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from residual_rewriter.kernels import attn_res_weights_reference
+from residual_rewriter.kernels.attn_res import attn_res_weights_reference
 
 from .graphs import is_aggregation
 

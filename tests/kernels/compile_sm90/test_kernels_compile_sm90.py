@@ -75,7 +75,7 @@ def test_fused_forward(dtype, n, bt, bd, warps):
 
 
 def test_fused_forward_all_epilogues_and_max_sources():
-    from residual_rewriter.kernels import MAX_SOURCES
+    from residual_rewriter.kernels.attn_res import MAX_SOURCES
 
     _compile(fused._fwd_kernel, "bf16", MAX_SOURCES, 8, N=MAX_SOURCES, HAS_W=False, STORE_MIX=True,
              NORMED=True, HAS_WO=True, BLOCK_T=1, BLOCK_D=2048)
@@ -151,7 +151,7 @@ def test_phase2_add_normed(dtype, bt, bd, warps, has_gp):
     ],
 )
 def test_forward_keeps_to_registers(dtype, T, D, n, max_regs):
-    from residual_rewriter.kernels import MAX_SOURCES
+    from residual_rewriter.kernels.attn_res import MAX_SOURCES
     from residual_rewriter.kernels.attn_res import _launch as L
     from residual_rewriter.kernels.attn_res import resources
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernel_tiers import assert_close_tier, cpu_randn
-from residual_rewriter.kernels import MAX_SOURCES, attn_res_reference, attn_res_triton
+from residual_rewriter.kernels.attn_res import MAX_SOURCES, attn_res_reference, attn_res_triton
 from residual_rewriter.kernels.attn_res import dispatch, fused
 from residual_rewriter.kernels.attn_res.reference import attn_res_backward_reference
 from spies import spy_on

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernel_tiers import DEVICE, assert_close_tier, cpu_randn
-from residual_rewriter.kernels import attn_res_reference, attn_res_triton
+from residual_rewriter.kernels.attn_res import attn_res_reference, attn_res_triton
 from residual_rewriter.kernels.attn_res import dispatch, fused, two_phase
 from residual_rewriter.kernels.attn_res.reference import attn_res_backward_reference, attn_res_phase1_reference
 from spies import spy_on

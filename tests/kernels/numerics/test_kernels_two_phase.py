@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_tiers import DEVICE, assert_close_tier, cpu_randn
-from residual_rewriter.kernels import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
+from residual_rewriter.kernels.attn_res import MAX_SOURCES, attn_res_normed_reference, attn_res_reference
 from residual_rewriter.kernels.attn_res import _launch, dispatch, fused, two_phase
 from residual_rewriter.kernels.attn_res.reference import (
     attn_res_phase1_normed_reference,
