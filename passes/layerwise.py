@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -301,11 +300,14 @@ class LayerForward:
         values = dict(zip(bound.names, bound.values))
         inputs = [values[n] for n in names]
         if self.module.training and not torch.is_grad_enabled() and _any_requires_grad(inputs):
-            warnings.warn(
-                f"{type(self.module).__name__} runs without grad on inputs that require it: a reentrant activation "
-                "checkpoint (use_reentrant=True) around it does not see the tensors inside an AttnResState, and "
-                "their gradients are lost. Use use_reentrant=False.",
-                UserWarning, stacklevel=2,
+            # a reentrant checkpoint AROUND the layer (torch.utils.checkpoint(layer, state, use_reentrant=True),
+            # Hugging Face < 5.24's __call__) sees neither the tensors inside the AttnResState it passes nor
+            # those in the state returned: every gradient before it would be lost. Refused, not warned.
+            raise ConversionError(
+                f"{type(self.module).__name__} runs without grad in training on inputs that require it: a reentrant "
+                "activation checkpoint (use_reentrant=True) around a converted layer does not see the tensors inside "
+                "the AttnResState, and their gradients would be lost. Use use_reentrant=False (Hugging Face: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))."
             )
         if self._checkpointing():
             return self._checkpointed(fn, inputs)
@@ -325,14 +327,17 @@ class LayerForward:
         )
 
     def _checkpointed(self, fn: Callable, inputs: list):
-        # every tensor as a positional argument (the AttnResState's included), so that a reentrant
-        # checkpoint sees each input that needs a gradient
+        # every tensor in and out as a flat tuple (the AttnResStates' included): a reentrant checkpoint
+        # (use_reentrant=True) tracks only tensors it is given and returns directly
         flat, spec = tree_flatten(inputs)
+        output_spec = {}
 
-        def run(*flat_inputs):
-            return fn(self.module, *tree_unflatten(list(flat_inputs), spec))
+        def run(*flat_inputs):  # runs again in the backward: same structure
+            leaves, output_spec["spec"] = tree_flatten(fn(self.module, *tree_unflatten(list(flat_inputs), spec)))
+            return tuple(leaves)
 
-        return self.module._gradient_checkpointing_func(run, *flat)
+        flat_outputs = self.module._gradient_checkpointing_func(run, *flat)
+        return tree_unflatten(list(flat_outputs), output_spec["spec"])
 
     def _rebuild(self, bound: BoundCall):
         stream_values = list(bound.values)
