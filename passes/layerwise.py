@@ -64,6 +64,14 @@ class BoundCall:
         kinds = tuple((n, type(v).__name__ if not isinstance(v, torch.Tensor) else "tensor") for n, v in zip(self.names, self.values))
         return kinds + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
 
+    def installed_key(self, stream_argument: str, first: bool) -> tuple:
+        """The key of this call once the model is converted: every holder but the first receives the
+        stream as an ``AttnResState``, not the tensor the original passed."""
+        key = list(self.key)
+        if not first:
+            key[self.names.index(stream_argument)] = (stream_argument, "AttnResState")
+        return tuple(key)
+
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
     """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included."""
@@ -295,6 +303,8 @@ class LayerForward:
         bound = bind_call(self.module, args, kwargs)
         entry = self.graphs.get(bound.key)
         if entry is None:
+            if _under_a_tracer(bound.values):
+                raise ConversionError(self._unseen_signature_message(bound))
             entry = self.graphs[bound.key] = self._rebuild(bound)
         names, fn = entry
         values = dict(zip(bound.names, bound.values))
@@ -339,6 +349,23 @@ class LayerForward:
         flat_outputs = self.module._gradient_checkpointing_func(run, *flat)
         return tree_unflatten(list(flat_outputs), output_spec["spec"])
 
+    def _unseen_signature_message(self, bound: BoundCall) -> str:
+        seen = [dict(k) for k in self.graphs]
+        now = dict(bound.key)
+        differ = sorted({n for s in seen for n in set(s) | set(now) if s.get(n) != now.get(n)})
+        return (
+            f"{type(self.module).__name__} is called under a tracer (torch.compile, torch.export, pipeline()) with a "
+            f"signature its conversion did not prepare (differs in {differ}: now {[(n, now.get(n)) for n in differ]}). "
+            "A converted layer never runs the model to build a graph under a tracer. Convert with example inputs "
+            "called this way (convert_(model, example_inputs={...}))."
+        )
+
+    def add_signature(self, bound: BoundCall, key: tuple) -> None:
+        """At conversion: the graph for another way the model calls this layer (an attention mask,
+        no cache), traced on that call's own values."""
+        if key not in self.graphs:
+            self.graphs[key] = self._rebuild(bound)
+
     def _rebuild(self, bound: BoundCall):
         stream_values = list(bound.values)
         from residual_rewriter.state import AttnResState
@@ -366,6 +393,15 @@ class LayerForward:
         return twin
 
 
+def _under_a_tracer(values: list) -> bool:
+    """Dynamo, export or FX is tracing this call: its tensors are not data, and nothing may run eagerly."""
+    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(t, fx.Proxy) or (isinstance(t, torch.Tensor) and is_fake(t)) for t in tree_flatten(values)[0])
+
+
 def _any_requires_grad(inputs: list) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(inputs)[0])
 
@@ -384,7 +420,8 @@ def install(holder: Holder, config) -> None:
         raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
     module.attn_res = AttnResParameters()
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
-    first = (holder.bound.key, list(holder.bound.names), _compile(gm, module), gm)
+    key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary.first)
+    first = (key, list(holder.bound.names), _compile(gm, module), gm)
     module.forward = LayerForward(module, holder.sites, holder.boundary, config, first)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -140,13 +141,49 @@ def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     return _normalize_inputs(model, example_inputs), {}
 
 
+def _other_calls(model: nn.Module, kwargs: dict) -> list[dict]:
+    """Other ways a Hugging Face model is commonly called, which reach its layers with other kinds of
+    arguments: with an attention mask (padding; always a tensor under torch.export or pipeline()), and
+    without a KV cache (training with checkpointing, Trainer's evaluation). Their graphs are traced at
+    conversion, so that no tracer ever meets a layer signature it would have to run the model for."""
+    accepted = inspect.signature(model.forward).parameters
+    main = kwargs.get(getattr(model, "main_input_name", None))
+    options = []
+    if "attention_mask" in accepted and "attention_mask" not in kwargs and isinstance(main, torch.Tensor) and main.dim() == 2:
+        mask = torch.ones_like(main)
+        mask[0, 0] = 0  # left padding on the first row: the model must build a mask tensor
+        options.append({"attention_mask": mask})
+    if "use_cache" in accepted and "use_cache" not in kwargs:
+        options.append({"use_cache": False})
+    variants = [{}]
+    for option in options:
+        variants += [{**v, **option} for v in variants]
+    return [{**kwargs, **v} for v in variants[1:]]
+
+
+def _prepare_other_signatures(model: nn.Module, holders: list, kwargs: dict) -> None:
+    """Each holder's graph for ``_other_calls`` (observed on the original model, before install)."""
+    by_module = {id(h.module): h for h in holders}
+    prepared = []
+    for other in _other_calls(model, kwargs):
+        calls, _ = observe_calls(model, (), other)
+        for call in calls:
+            holder = by_module.get(id(call.module))
+            if holder is not None:
+                prepared.append((holder, layerwise.bind_call(call.module, call.args, call.kwargs)))
+    return prepared
+
+
 def _convert_layerwise(model, found, config, args, kwargs, reference, verify) -> nn.Module:
     holders = [h for chain in found.streams for h in chain]
     for i, chain in enumerate(found.streams):
         layerwise.assign_global_blocks(chain, i, num_blocks=config.num_blocks, block_size=config.block_size)
+    other_signatures = _prepare_other_signatures(model, holders, kwargs) if hf.is_hf_model(model) and not args else []
     try:
         for holder in holders:
             layerwise.install(holder, config)
+        for holder, bound in other_signatures:
+            holder.module.forward.add_signature(bound, bound.installed_key(holder.traced.stream_argument, holder.boundary.first))
         if verify:
             _verify(model, args, kwargs, reference, exact=config.mixing == "sum")
     except Exception:

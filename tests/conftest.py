@@ -19,6 +19,7 @@ HF_FACING_MODULES = {
     "test_hf_class.py",  # keep_class: generate, KV cache, save/from_pretrained
     "test_inplace.py",  # convert_: layer by layer on HF models
     "test_oracle.py",  # the non-zero-query oracle on HF families
+    "test_traced_once.py",  # export, fullgraph compile and pipeline() of a freshly converted HF model
 }
 
 

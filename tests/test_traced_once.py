@@ -1,0 +1,118 @@
+"""A converted model is traced at conversion, never at run time by running it: PyTorch's tracers
+(torch.export, torch.compile with fullgraph, pipelining's pipeline()) work on a freshly converted
+Hugging Face model with no warm-up call, and compile it into as many graphs as the original.
+
+Before: every layer but the first was keyed as receiving a tensor (what the original passed), so the
+verify call rebuilt it by running it; a padded attention mask (always a tensor under export) was a
+new signature, rebuilt under the tracer on fake tensors: export failed ("Cannot access data pointer"),
+compile made 11 graphs of a 2-layer Llama where the original makes 1."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import residual_rewriter as rr
+from model_zoo import make_architecture, rel_err
+from residual_rewriter.passes import layerwise
+from test_inplace import _randomize
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+PADDED = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # left padding in the first row
+
+
+@pytest.fixture
+def no_tracing_after_conversion(monkeypatch):
+    """Converts; from then on, any trace of a layer (a rebuild by running) fails the test."""
+
+    def convert(model):
+        rr.convert_(model, num_blocks=2)
+        _randomize(model)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a layer was traced after conversion")
+
+        monkeypatch.setattr(layerwise, "trace_alone", refuse)
+        return model
+
+    return convert
+
+
+@pytest.mark.parametrize("mask", [None, PADDED], ids=["ids", "padded"])
+def test_export_of_a_freshly_converted_llama_equals_eager(mask, no_tracing_after_conversion):
+    model = no_tracing_after_conversion(make_architecture("llama"))
+    kwargs = {"use_cache": False, **({"attention_mask": mask} if mask is not None else {})}
+    program = torch.export.export(model, (IDS,), kwargs)
+    with torch.no_grad():
+        assert rel_err(program.module()(IDS, **kwargs).logits, model(IDS, **kwargs).logits) <= 1e-12
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_compile_makes_as_many_graphs_as_the_original(training, no_tracing_after_conversion):
+    original = make_architecture("llama").train(training)
+    model = no_tracing_after_conversion(make_architecture("llama").train(training))
+    counts = []
+    for m in (original, model):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(m, backend=counter)
+        for kwargs in ({}, {"attention_mask": PADDED}, {"use_cache": False}):
+            compiled(IDS, **kwargs)
+        counts.append(counter.frame_count)
+    assert counts[1] == counts[0], counts
+
+
+def test_fullgraph_attnres_backend_on_a_freshly_converted_llama(no_tracing_after_conversion):
+    model = no_tracing_after_conversion(make_architecture("llama"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="attnres", fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(IDS, attention_mask=PADDED).logits, model(IDS, attention_mask=PADDED).logits
+    assert rel_err(got, want) <= 1e-6  # inductor moves the ORIGINAL by ~1.4e-7 here too (float64, CPU)
+
+
+def test_pipeline_splits_a_freshly_converted_llama(no_tracing_after_conversion):
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    model = no_tracing_after_conversion(make_architecture("llama"))
+    pipe = pipeline(model, mb_args=(IDS,), mb_kwargs={"use_cache": False}, split_spec={"model.layers.1": SplitPoint.BEGINNING})
+    assert pipe.num_stages == 2
+    handed_over = pipe.get_stage_module(0)(IDS)
+    assert all(isinstance(t, torch.Tensor) for t in handed_over)  # the state crosses as tensors
+    with torch.no_grad():
+        (logits,) = [pipe.get_stage_module(1)(*handed_over)]
+        assert rel_err(logits, model(IDS, use_cache=False).logits) <= 1e-12
+
+
+class _MaskedLayer(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn, self.mlp = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, x, mask=None):
+        h = self.attn(self.norm1(x))
+        x = x + (h if mask is None else h * mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_MaskedLayer() for _ in range(2))
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x)
+
+
+def test_a_signature_not_prepared_is_refused_under_a_tracer_not_run():
+    """The layer was converted with mask=None; under torch.export a mask tensor is a signature with no
+    graph: refused with what differs and what to do, nothing run on the tracer's fake tensors."""
+    torch.manual_seed(0)
+    model, x = _Masked(), torch.randn(2, 5, 16)
+    rr.convert_(model, example_inputs=(x,), num_blocks=2)
+    with pytest.raises(rr.ConversionError, match=r"(?s)did not prepare.*mask.*example inputs"):
+        torch.export.export(model, (x, torch.ones(2, 5, 1)))
