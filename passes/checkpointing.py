@@ -49,7 +49,21 @@ def within(path: str, module_path: str) -> bool:
     return path == module_path or path.startswith(module_path + ".")
 
 
+try:  # Dynamo's hook for side effects inside a checkpoint region (meant for out-of-tree checkpointing)
+    from torch._dynamo.utils import _disable_side_effect_safety_checks_for_current_subtracer as _ALLOW_SIDE_EFFECTS
+except ImportError:
+    _ALLOW_SIDE_EFFECTS = None
+
+
 def call_module(module: nn.Module, *args, **kwargs):
+    # Why: transformers >= 5.25 requires `kernels`, whose `use_kernelized_func` wraps e.g. LlamaAttention's
+    # forward to set and then reset a module-global context var (`_ACTIVE_KERNEL_FUNCS`, the per-instance
+    # kernel routing). Under torch.compile that store happens inside the checkpoint higher-order op, which
+    # Dynamo refuses ("HOP: Unsafe side effect"): a graph break at every checkpointed attention, so the
+    # backend saw 4 graphs of <= 2 aggregations instead of one with all 6. The set/reset pair is net-zero
+    # (no need to replay it in the recompute), so only for such modules let Dynamo keep it in the region.
+    if _ALLOW_SIDE_EFFECTS is not None and torch.compiler.is_compiling() and hasattr(module, "_kernel_funcs"):
+        return _ALLOW_SIDE_EFFECTS(module, *args, **kwargs)
     return module(*args, **kwargs)
 
 
