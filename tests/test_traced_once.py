@@ -74,8 +74,13 @@ def test_fullgraph_attnres_backend_on_a_freshly_converted_llama(no_tracing_after
 def test_pipeline_splits_a_freshly_converted_llama(no_tracing_after_conversion):
     from torch.distributed.pipelining import SplitPoint, pipeline
 
+    split = {"model.layers.1": SplitPoint.BEGINNING}
+    try:  # transformers 5.18: the ORIGINAL's stage 0 fails (its rotary_emb is called with no arguments)
+        pipeline(make_architecture("llama"), mb_args=(IDS,), mb_kwargs={"use_cache": False}, split_spec=split).get_stage_module(0)(IDS)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"pipeline() cannot split the original model on this transformers: {type(exc).__name__}")
     model = no_tracing_after_conversion(make_architecture("llama"))
-    pipe = pipeline(model, mb_args=(IDS,), mb_kwargs={"use_cache": False}, split_spec={"model.layers.1": SplitPoint.BEGINNING})
+    pipe = pipeline(model, mb_args=(IDS,), mb_kwargs={"use_cache": False}, split_spec=split)
     assert pipe.num_stages == 2
     handed_over = pipe.get_stage_module(0)(IDS)
     assert all(isinstance(t, torch.Tensor) for t in handed_over)  # the state crosses as tensors
