@@ -161,8 +161,8 @@ def _other_calls(model: nn.Module, kwargs: dict) -> list[dict]:
     return [{**kwargs, **v} for v in variants[1:]]
 
 
-def _prepare_other_signatures(model: nn.Module, holders: list, kwargs: dict) -> None:
-    """Each holder's graph for ``_other_calls`` (observed on the original model, before install)."""
+def _prepare_other_signatures(model: nn.Module, holders: list, kwargs: dict) -> list[tuple]:
+    """(holder, bound call) for each of ``_other_calls``, observed on the original model before install."""
     by_module = {id(h.module): h for h in holders}
     prepared = []
     for other in _other_calls(model, kwargs):
