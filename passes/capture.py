@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from residual_rewriter.errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
+from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
 
 from .canonicalize import regroup_residual_sums, sink_residual_reshapes
 from .modes import in_mode, merge_train_eval

@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from residual_rewriter.errors import ConversionError, GraphRunError
+from .errors import ConversionError, GraphRunError
 
 from . import norms
 from .capture import SOURCE_LOCATION

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from residual_rewriter.errors import ConversionError
+from .errors import ConversionError
 
 from .capture import Captured, capture, is_opaque_by_class
 from .detect import build_plan, record_values
@@ -38,6 +38,7 @@ from .modes import buffers_restored, in_mode
 from .observe import ModuleCall
 from .plan import Plan, Site
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
+from .state import AttnResState
 from .streams import assign_parameter_names, place_in_blocks
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
@@ -68,7 +69,7 @@ class BoundCall:
         """The key of this call once the model is converted: every holder but the first receives the
         stream as an ``AttnResState``, not the tensor the original passed."""
         key = list(self.key)
-        if not first:
+        if stream_argument and not first:
             key[self.names.index(stream_argument)] = (stream_argument, "AttnResState")
         return tuple(key)
 
@@ -136,6 +137,25 @@ def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
     return Traced(captured, values, plan, source.target)
 
 
+def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
+    """The model itself as its single holder (its adds sit in its own forward): traced whole, its
+    children inlined down to norms, attention and other leaves; each stream runs from where it
+    starts inside the forward to the norm that reads its end. Blocks are placed here: no other
+    holder shares its streams."""
+    forward = type(model).forward
+    names, constants = bound.names, bound.constants
+
+    def call(*values):
+        return forward(model, **dict(zip(names, values)), **constants)
+
+    captured = capture(model, tuple(bound.values), call=call, input_names=list(names))
+    with in_mode(model, False), buffers_restored(model):
+        values = record_values(captured.graph_module, _detached_copy(bound.values))
+        plan = build_plan(captured.graph_module, values, num_blocks=num_blocks, block_size=block_size,
+                          opaque_modules=captured.opaque_modules, opaque_with_norms=captured.opaque_with_norms)
+    return Traced(captured, values, plan, stream_argument="")
+
+
 def _detached_copy(values: list) -> tuple:
     """A deep copy in which tensors computed under autograd are detached: a KV cache filled during a
     training forward holds such tensors, which ``copy.deepcopy`` refuses to copy."""
@@ -164,11 +184,15 @@ class Holder:
     call: ModuleCall
     bound: BoundCall
     traced: Traced
-    boundary: Optional[LayerBoundary] = None
+    boundary: Optional[LayerBoundary] = None  # None: the model itself, its streams wholly inside it
 
     @property
     def sites(self) -> list[Site]:
-        return self.traced.plan.streams[0].sites
+        return self.traced.plan.sites
+
+    @property
+    def whole(self) -> bool:
+        return self.traced.stream_argument == ""
 
     def stream_input(self) -> torch.Tensor:
         return self.bound.values[self.bound.names.index(self.traced.stream_argument)]
@@ -277,11 +301,38 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
 # ---------------------------------------------------------------------------------------------------
 def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
     """The rewritten graph's code as a function of ``self`` = the holder (its submodules, parameters
-    and training flag); constants the trace stored on its root are copied onto the holder."""
+    and training flag). Constants the trace stored on its own root (configs, tensor constants) are
+    copied onto the holder under names of their own, so that each graph keeps its own."""
+    renamed = False
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target.startswith("_rr_constant_"):
-            holder.__dict__[node.target] = getattr(gm, node.target)
+        if node.op == "get_attr" and not _reachable(holder, gm, node.target):
+            taken = set(holder.__dict__) | set(holder._buffers)
+            name = next(f"_rr_constant_{k}" for k in range(len(taken) + 1) if f"_rr_constant_{k}" not in taken)
+            value = getattr(gm, node.target)
+            if isinstance(value, torch.Tensor):  # moves with .to(); not saved
+                holder.register_buffer(name, value, persistent=False)
+            else:
+                holder.__dict__[name] = value
+            node.target, renamed = name, True
+    if renamed:
+        gm.recompile()
     return type(gm).forward
+
+
+def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
+    """``target`` names the same object on ``module`` as on the graph module (which holds the
+    module's own submodules and parameters; anything else is the trace's)."""
+    try:
+        return _resolve(module, target) is _resolve(gm, target)
+    except AttributeError:
+        return False
+
+
+def _resolve(root: nn.Module, target: str):
+    value = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
 
 
 class LayerForward:
@@ -298,6 +349,7 @@ class LayerForward:
         key, names, fn, gm = first
         self.graphs[key] = (names, fn)
         self.graph_module = gm  # the first graph, for inspection (print(layer.forward.graph_module.code))
+        self.original_graph: Optional[fx.Graph] = None  # the same call's graph before the rewrite
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
@@ -367,22 +419,22 @@ class LayerForward:
             self.graphs[key] = self._rebuild(bound)
 
     def _rebuild(self, bound: BoundCall):
-        stream_values = list(bound.values)
-        from residual_rewriter.state import AttnResState
-
-        for i, v in enumerate(stream_values):  # trace on the tensor the stream would be
-            if isinstance(v, AttnResState):
-                stream_values[i] = v.residual_sum().detach()
-        traced = trace_alone(self.module, BoundCall(bound.names, stream_values, bound.constants))
-        sites = traced.plan.streams[0].sites
+        if self.boundary is None:  # the model itself as holder
+            traced = trace_model(self.module, bound, num_blocks=self.config.num_blocks, block_size=self.config.block_size)
+            sites = traced.plan.sites
+        else:
+            stream_values = [v.residual_sum().detach() if isinstance(v, AttnResState) else v for v in bound.values]
+            traced = trace_alone(self.module, BoundCall(bound.names, stream_values, bound.constants))
+            sites = traced.plan.streams[0].sites
         if [(s.norm, s.sublayer) for s in sites] != [(s.norm, s.sublayer) for s in self.sites]:
             raise ConversionError(
                 f"calling {type(self.module).__name__} with {sorted(bound.constants)} traces to other residual sites "
                 f"than the first call: {[s.norm for s in sites]} vs {[s.norm for s in self.sites]}"
             )
-        for new, old in zip(sites, self.sites):
-            new.block, new.position, new.num_sources, new.param_prefix = old.block, old.position, old.num_sources, old.param_prefix
-        traced.plan.streams[0].final_param_prefix = "attn_res.final"
+        if self.boundary is not None:  # the layer's place in the model's blocks, as the first call found it
+            for new, old in zip(sites, self.sites):
+                new.block, new.position, new.num_sources, new.param_prefix = old.block, old.position, old.num_sources, old.param_prefix
+            traced.plan.streams[0].final_param_prefix = "attn_res.final"
         gm = rewrite_holder(self.module, traced, self.boundary, self.config)
         return list(bound.names), _compile(gm, self.module)
 
@@ -419,10 +471,17 @@ def install(holder: Holder, config) -> None:
     if "attn_res" in module._modules or hasattr(module, "attn_res"):
         raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
     module.attn_res = AttnResParameters()
+    original = copy.deepcopy(holder.traced.captured.graph_module.graph)  # for before/after views
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
-    key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary.first)
+    key = holder.bound.installed_key(holder.traced.stream_argument, holder.whole or holder.boundary.first)
     first = (key, list(holder.bound.names), _compile(gm, module), gm)
     module.forward = LayerForward(module, holder.sites, holder.boundary, config, first)
+    module.forward.original_graph = original
+
+
+def installed_forwards(model: nn.Module) -> list[tuple[str, "LayerForward"]]:
+    """``(path, forward)`` of every rewritten module of a converted model, in module order."""
+    return [(path, m.__dict__["forward"]) for path, m in model.named_modules() if isinstance(m.__dict__.get("forward"), LayerForward)]
 
 
 def uninstall(module: nn.Module) -> None:
@@ -432,3 +491,5 @@ def uninstall(module: nn.Module) -> None:
         del module._modules["attn_res"]
     for name in [k for k in module.__dict__ if k.startswith("_rr_constant_")]:
         del module.__dict__[name]
+    for name in [k for k in module._buffers if k.startswith("_rr_constant_")]:
+        del module._buffers[name]

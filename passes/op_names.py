@@ -12,7 +12,10 @@ ATTN_RES = "residual_rewriter::attn_res"
 
 
 def op_name(node: fx.Node) -> str | None:
-    target = node.target
+    return target_name(node.target)
+
+
+def target_name(target) -> str | None:
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.name
     if isinstance(target, torch._ops.OpOverloadPacket):
@@ -22,6 +25,11 @@ def op_name(node: fx.Node) -> str | None:
 
 def is_attn_res(node: fx.Node) -> bool:
     return node.op == "call_function" and op_name(node) == ATTN_RES
+
+
+def is_attn_res_op(target) -> bool:
+    """``target`` (an op being called) is the aggregation op."""
+    return target_name(target) == ATTN_RES
 
 
 def attn_res_op():

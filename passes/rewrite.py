@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from residual_rewriter.errors import ConversionError
-from residual_rewriter.state import make_state
+from .errors import ConversionError
+from .state import make_state
 
 from .op_names import attn_res_op
 from .plan import Plan, Stream

@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-from residual_rewriter.errors import CONTROL_FLOW_HINT, ConversionError, is_control_flow
+from .errors import CONTROL_FLOW_HINT, ConversionError, is_control_flow
 
 from . import norms
 from .canonicalize import RESHAPE_METHODS

@@ -34,10 +34,11 @@ SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".gv": "dot", 
 
 INSPECT_EPILOG = """\
 views (--view):
-  report   the conversion report: every residual site (index, block, norm and sublayer module
-           paths, sources it reads), what was left out and why, totals; plus a count of graph changes
-  diff     the graph before -> after the rewrite, only the lines that changed (unified diff)
-  graph    the whole graph before and after, one module-level call per line
+  report   the conversion report: the mode and the modules whose forward is rewritten (holders),
+           every residual site (index, block, norm and sublayer module paths, sources it reads),
+           what was left out and why, totals; plus a count of graph changes
+  diff     each holder's graph before -> after the rewrite, only the lines that changed (unified diff)
+  graph    each holder's graph before and after, one module-level call per line
   streams  the residual streams: sublayers in depth order, grouped into blocks, and the sources each
            aggregation reads (text listing, JSON node-link graph, DOT, or a picture)
   weights  mean depth-attention weight of every sublayer over its sources on the model's example
@@ -176,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _describe(e: Exception) -> str:
-    from residual_rewriter.errors import ConversionError
+    from residual_rewriter.passes.errors import ConversionError
     from residual_rewriter.inspect.targets import TargetError
 
     if isinstance(e, (TargetError, CliError)):
@@ -215,33 +216,31 @@ def _resolve_format_and_view(parser: argparse.ArgumentParser, args) -> tuple[str
 def _inspect(args, fmt: str, view: str, progress: Progress):
     """Build, convert and render. Returns str (text formats) or bytes (pictures)."""
     from residual_rewriter import convert
-    from residual_rewriter.converted import ConvertedModule
     from residual_rewriter.inspect.targets import example_inputs_for, load_target
 
     what = args.target or "the built-in GPT"
     progress(f"building {what}")
     model = load_target(args.target)
-    if isinstance(model, ConvertedModule):
+    inputs = example_inputs_for(model)  # a TargetError that says what the model lacks, in CLI terms
+    if hasattr(model, "attn_res_report"):
         # already converted (e.g. a trained one): inspect it as it is
         if args.blocks or args.block_size:
-            raise CliError("TARGET returned an already converted module: --blocks/--block-size do not apply")
+            raise CliError("TARGET returned an already converted model: --blocks/--block-size do not apply")
         progress(f"{type(model).__name__} is already converted; inspecting it as is")
-        converted, inputs = model, None
+        converted = model
     else:
-        inputs = example_inputs_for(model)  # a TargetError that says what the model lacks, in CLI terms
         n_params = sum(p.numel() for p in model.parameters())
         progress(f"converting {type(model).__name__} ({n_params:,} parameters): tracing, detecting, rewriting")
-        converted = convert(model, inputs, num_blocks=args.blocks, block_size=args.block_size)
-    report = converted.report
-    progress(f"converted: {len(report.sites)} sites in {report.totals()['blocks']} blocks")
+        converted = convert(model, dict(inputs), num_blocks=args.blocks, block_size=args.block_size)
+    report = converted.attn_res_report
+    progress(f"converted ({report.mode}): {len(report.sites)} sites in {report.totals()['blocks']} blocks, "
+             f"{len(report.holders)} modules rewritten")
 
     if view == "weights":
-        if inputs is None:
-            raise CliError("--view weights needs example inputs; the TARGET returned a converted module without them")
         progress("running the converted model on its example inputs to measure depth-attention weights")
         from residual_rewriter.inspect.weights import depth_attention_weights, render_depth_weights
 
-        dw = depth_attention_weights(converted, *inputs)
+        dw = depth_attention_weights(converted, **inputs)
         if fmt in ("svg", "png"):
             progress(f"drawing the heatmap ({fmt})")
             return render_depth_weights(dw, fmt, title=f"{report.model}: depth-attention weights "
@@ -274,7 +273,7 @@ def _inspect(args, fmt: str, view: str, progress: Progress):
         before, after = graphs_before_after(converted)
         if fmt == "json":
             return _as_json(args, view, {"before": before.splitlines(), "after": after.splitlines()})
-        return f"# before (captured)\n{before}\n\n# after (AttnRes)\n{after}"
+        return f"## before (captured)\n{before}\n\n## after (AttnRes)\n{after}"
     # report
     changes = graph_changes(converted)
     if fmt == "json":

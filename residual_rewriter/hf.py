@@ -61,3 +61,44 @@ def traced_call(model: nn.Module, input_names: list[str]) -> Callable:
         return model.forward(**dict(zip(input_names, args)), **fixed)
 
     return call
+
+
+# A checkpoint of a converted model names this model type, which transformers does not know: its Auto*
+# loaders refuse it loudly instead of building the model without AttnRes. residual_rewriter.from_pretrained
+# reads the original type back from the config's residual_rewriter entry.
+MODEL_TYPE_PREFIX = "residual_rewriter-"
+
+
+class SavePretrained:
+    """``model.save_pretrained`` of a model converted in place: the model's own, then its config.json
+    marked with ``model_type = "residual_rewriter-<type>"``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        import json
+        import os
+
+        result = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["residual_rewriter"]["model_type"] = config["model_type"]
+        config["model_type"] = MODEL_TYPE_PREFIX + config["model_type"]
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        return result
+
+
+def saved_config(path: str):
+    """The transformers config of a checkpoint saved after ``convert_``, under its original model type."""
+    import json
+    import os
+
+    import transformers
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["model_type"] = config["residual_rewriter"]["model_type"]
+    return transformers.AutoConfig.for_model(**config)

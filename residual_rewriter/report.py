@@ -20,12 +20,12 @@ class ConversionReport:
     plan: Plan
     converted: bool = False  # False for detect(), True once convert() rewrote the graph
     new_parameters: dict[str, int] = field(default_factory=dict)  # name -> numel
-    checkpointed: list[str] = field(default_factory=list)  # sublayers run under activation checkpointing
     checkpoint_dropped: list[str] = field(default_factory=list)  # modules whose own checkpoint calls tracing lost
     hooks_not_called: list[str] = field(default_factory=list)  # inlined modules whose hooks no longer run
-    # "whole graph" (convert: one traced graph) or "in place, layer by layer" (convert_), with why
-    mode: str = "whole graph"
-    mode_reason: str = ""  # convert_ fell back to the whole graph: why the layers could not be rewritten
+    # "in place, layer by layer", or "in place, the model as one holder" with why not layer by layer
+    mode: str = "in place, layer by layer"
+    mode_reason: str = ""
+    holders: list[str] = field(default_factory=list)  # modules whose forward is rewritten ("" = the model)
 
     @property
     def sites(self) -> list[Site]:
@@ -105,7 +105,7 @@ class ConversionReport:
             "left_out": [asdict(lo) for lo in self.plan.left_out],
             "opaque_modules": dict(self.plan.opaque_modules),
             "new_parameters": dict(self.new_parameters),
-            "checkpointed": list(self.checkpointed),
+            "holders": list(self.holders),
             "checkpoint_dropped": list(self.checkpoint_dropped),
             "hooks_not_called": list(self.hooks_not_called),
             "totals": self.totals(),
@@ -119,8 +119,10 @@ class ConversionReport:
             f"AttnRes {verb}: {self.model} — {n_sites} residual sublayers in {len(self.streams)} stream(s), "
             f"mixing={self.config.mixing}" + (" (exact at init)" if self.config.mixing == "sum" else " (paper's average)")
         )
-        if self.converted:
+        if self.holders:
             lines.append(f"mode: {self.mode}" + (f" (not layer by layer: {self.mode_reason.splitlines()[0]})" if self.mode_reason else ""))
+            lines.append(f"holders ({len(self.holders)}, forward {'rewritten' if self.converted else 'to rewrite'}): "
+                         f"{_holder_summary(self.holders)}")
         for st in self.streams:
             kind = "Full AttnRes" if st.block_size == 1 else "Block AttnRes"
             lines.append(
@@ -148,9 +150,6 @@ class ConversionReport:
                 for n, c in _sources_by_block(st).items()
             ]
             lines.append(f"  stream {st.index}: " + "; ".join(per_block))
-        if self.checkpointed:
-            lines.append(f"activation checkpointing kept (the layers had it on): {len(self.checkpointed)} sublayers, "
-                         "each checkpointed on its own while training")
         if self.checkpoint_dropped:
             lines.append("activation checkpointing NOT kept (torch.utils.checkpoint called in the forward of): "
                          + ", ".join(map(module_label, self.checkpoint_dropped)))
@@ -173,3 +172,8 @@ def _sources_by_block(stream: Stream) -> dict[int, list[int]]:
     for site in stream.sites:
         by_block.setdefault(site.block, []).append(site.num_sources)
     return by_block
+
+
+def _holder_summary(paths: list[str]) -> str:
+    shown = [module_label(p) for p in paths]
+    return ", ".join(shown if len(shown) <= 4 else shown[:2] + ["...", shown[-1]])

@@ -1,9 +1,11 @@
-"""The graph before and after the rewrite, one readable line per node, and a diff of what changed.
+"""Each rewritten module's graph before and after the rewrite, one readable line per node, and a
+diff of what changed.
 
-The captured graphs are already module level (``call_module`` nodes for norms, attention, MLPs), so a
-readable view only has to drop FX's bookkeeping (``num_users``, ``get_attr`` nodes that only feed an
-aggregation) and print each node as ``name = callee(inputs)``. Node names are shared between
-``converted.original_graph`` and ``converted.graph``, so a line-based diff of the two listings shows
+A converted model's holders (its decoder layers, or the model itself) each run a rewritten graph
+(``layer.forward.graph_module``; the graph before it is ``layer.forward.original_graph``). The
+graphs are module level (``call_module`` nodes for norms, attention, MLPs), so a readable view only
+has to drop FX's bookkeeping (``get_attr`` nodes that only feed an aggregation) and print each node as
+``name = callee(inputs)``. Node names are shared before and after, so a line-based diff shows
 exactly the nodes the rewrite added, erased or rewired, and nothing else.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from residual_rewriter.passes.layerwise import installed_forwards
 from residual_rewriter.passes.op_names import is_attn_res
 from residual_rewriter.report import ConversionReport
 
@@ -88,38 +91,47 @@ def readable_graph(graph: Union[fx.Graph, fx.GraphModule]) -> str:
     return "\n".join(node_line(n) for n in graph.nodes if not _folded(n))
 
 
-def graphs_before_after(module: Union[nn.Module, ConversionReport]) -> tuple[str, str]:
-    """``(before, after)`` readable listings. A GraphModule that was never rewritten gives two equal listings."""
-    if isinstance(module, ConversionReport):
+def holder_graphs(model: Union[nn.Module, ConversionReport]) -> list[tuple[str, fx.Graph, fx.Graph]]:
+    """``(holder path, graph before, graph after)`` for every module whose forward was rewritten."""
+    if isinstance(model, ConversionReport):
         raise TypeError(
-            "a ConversionReport holds no graph: pass the module convert() returned "
+            "a ConversionReport holds no graph: pass the converted model "
             "(a detect() report changes nothing, so there is nothing to show)"
         )
-    if not isinstance(module, fx.GraphModule):
-        raise TypeError(f"expected the module convert() returned (an fx.GraphModule), got {type(module).__name__}")
-    after = readable_graph(module.graph)
-    original = module.meta.get("residual_rewriter_original_graph")
-    before = after if original is None else readable_graph(original)
-    return before, after
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a converted model (an nn.Module), got {type(model).__name__}")
+    return [(path, f.original_graph, f.graph_module.graph) for path, f in installed_forwards(model)]
 
 
-def graph_diff(module: Union[nn.Module, ConversionReport], *, context: int = 1) -> str:
-    """A unified diff of the readable graph before -> after the rewrite: only what changed.
+def _header(path: str) -> str:
+    return f"# {path or '(the model itself)'}"
 
-    Empty when nothing was rewritten: a ``detect()`` report, a GraphModule ``convert`` never touched,
-    or any other unconverted ``nn.Module``.
+
+def graphs_before_after(model: Union[nn.Module, ConversionReport]) -> tuple[str, str]:
+    """``(before, after)`` readable listings, one section per rewritten module. A model that was never
+    converted gives two empty listings."""
+    before, after = [], []
+    for path, original, rewritten in holder_graphs(model):
+        before += [_header(path), readable_graph(original)]
+        after += [_header(path), readable_graph(rewritten)]
+    return "\n".join(before), "\n".join(after)
+
+
+def graph_diff(model: Union[nn.Module, ConversionReport], *, context: int = 1) -> str:
+    """A unified diff of each rewritten module's readable graph, before -> after: only what changed.
+
+    Empty when nothing was rewritten: a ``detect()`` report, or any unconverted ``nn.Module``.
     """
-    if isinstance(module, ConversionReport):
-        if module.converted:
-            raise TypeError("a ConversionReport holds no graph: pass the converted module to diff it")
+    if isinstance(model, ConversionReport):
+        if model.converted:
+            raise TypeError("a ConversionReport holds no graph: pass the converted model to diff it")
         return ""
-    if not isinstance(module, fx.GraphModule):
-        return ""  # a plain module has not been rewritten
-    before, after = graphs_before_after(module)
-    lines = difflib.unified_diff(
-        before.splitlines(), after.splitlines(), "before (captured)", "after (AttnRes)", n=context, lineterm=""
-    )
-    return "\n".join(lines)
+    sections = []
+    for path, original, rewritten in holder_graphs(model):
+        lines = difflib.unified_diff(readable_graph(original).splitlines(), readable_graph(rewritten).splitlines(),
+                                     f"{path or 'model'} before", f"{path or 'model'} after (AttnRes)", n=context, lineterm="")
+        sections.append("\n".join([_header(path), *lines]))
+    return "\n".join(sections)
 
 
 @dataclass
@@ -141,19 +153,24 @@ class GraphChanges:
         )
 
 
-def graph_changes(module: fx.GraphModule) -> GraphChanges:
-    before, after = graphs_before_after(module)
+def graph_changes(model: nn.Module) -> GraphChanges:
+    """What the rewrite did, summed over the rewritten modules (node names prefixed by their module)."""
+    b, a, aggregations = {}, {}, 0
 
-    def by_name(text: str) -> dict[str, str]:
+    def by_name(path: str, graph: fx.Graph) -> dict[str, str]:
         # "name = ..." lines; inputs and the return line are keyed by themselves
-        return {line.split(" = ", 1)[0]: line for line in text.splitlines()}
+        lines = readable_graph(graph).splitlines()
+        return {f"{path}:{line.split(' = ', 1)[0]}": line for line in lines}
 
-    b, a = by_name(before), by_name(after)
+    for path, original, rewritten in holder_graphs(model):
+        b.update(by_name(path, original))
+        a.update(by_name(path, rewritten))
+        aggregations += sum(1 for n in rewritten.nodes if is_aggregation(n))
     return GraphChanges(
         nodes_before=len(b),
         nodes_after=len(a),
         added=[k for k in a if k not in b],
         removed=[k for k in b if k not in a],
         rewired=[k for k in a if k in b and a[k] != b[k]],
-        aggregations=sum(1 for n in module.graph.nodes if is_aggregation(n)),
+        aggregations=aggregations,
     )

@@ -85,19 +85,24 @@ def _from_hf_config(path: Path) -> nn.Module:
     raise TargetError(f"cannot build a model from {str(config_file)!r}: " + "; ".join(errors))
 
 
-def example_inputs_for(model: nn.Module) -> tuple:
-    """Inputs to run ``model`` (and its converted module) with: what ``convert`` traces with by default."""
+def example_inputs_for(model: nn.Module) -> dict:
+    """The keyword arguments to call ``model`` (and the converted model) with: what ``convert``
+    traces with by default."""
+    import inspect
+
     from residual_rewriter import hf
 
     if hf.is_hf_model(model):
         try:
-            return hf.example_inputs(model)
+            inputs = hf.example_inputs(model)
         except TypeError as e:  # a main input (e.g. audio) it cannot make up
             raise TargetError(str(e)) from e
+        return dict(zip(hf.input_names(model, len(inputs)), inputs))
     make = getattr(model, "example_inputs", None)
     if callable(make):
         inputs = make()
-        return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return inspect.signature(model.forward).bind(*inputs).arguments
     raise TargetError(
         f"{type(model).__name__} has no example_inputs() method and is not a Hugging Face model: "
         "give it one to inspect it from the command line"

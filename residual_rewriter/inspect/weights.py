@@ -1,10 +1,10 @@
 """Learned depth-attention weights of a converted model: which earlier blocks each sublayer reads.
 
-The converted module is run once with an ``fx.Interpreter`` that, at every aggregation node, also
-computes the softmax weights over its sources with the plain-PyTorch reference
+The converted model is run once under a ``TorchFunctionMode`` that, at every aggregation op it calls,
+also computes the softmax weights over its sources with the plain-PyTorch reference
 (``attn_res_weights_reference``) and averages them over every token of the inputs (each batch row
-and position counts equally; padding is not masked out). The op itself still runs, so what is
-recorded is what the model computes.
+and position counts equally, unless a ``token_mask`` says which count). The op itself still runs, so
+what is recorded is what the model computes; each aggregation is named by its query parameter.
 
 Layout of ``DepthWeights.weights`` ([rows, columns], float32):
 
@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-import torch.fx as fx
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from residual_rewriter.kernels.attn_res import attn_res_weights_reference
-
-from .graphs import is_aggregation
+from residual_rewriter.passes.op_names import is_attn_res_op
 
 
 @dataclass
@@ -66,38 +65,38 @@ class DepthWeights:
         return "\n".join(lines)
 
 
-class _WeightRecorder(fx.Interpreter):
-    """Runs the graph; at each aggregation records the token-mean softmax weights over its sources."""
+class _WeightRecorder(TorchFunctionMode):
+    """Lets every op run; at each aggregation records the token-mean softmax weights over its sources,
+    keyed by the aggregation's parameter prefix (its query's name without ``.query``)."""
 
-    def __init__(self, module: fx.GraphModule, token_mask: Optional[Tensor] = None):
-        super().__init__(module)
-        self.records: list[tuple[fx.Node, Tensor]] = []
-        self._node: Optional[fx.Node] = None
+    def __init__(self, prefixes: dict[int, str], token_mask: Optional[Tensor] = None):
+        super().__init__()
+        self.prefixes = prefixes  # id(query parameter) -> prefix
+        self.records: dict[str, Tensor] = {}
         self.num_tokens = 0
         self.token_mask = token_mask
 
-    def run_node(self, n: fx.Node) -> Any:
-        self._node = n
-        return super().run_node(n)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if is_attn_res_op(func):
+            self._record(*args[:4])
+        return func(*args, **(kwargs or {}))
 
-    def call_function(self, target, args, kwargs):
-        if is_aggregation(self._node):
-            sources, query, norm_weight, eps = args[:4]
-            w = attn_res_weights_reference(sources, query, norm_weight, eps)  # [n_sources, *token dims]
-            if self.token_mask is None:
-                self.records.append((self._node, w.reshape(w.shape[0], -1).float().mean(1)))  # [n_sources]
-                self.num_tokens = w[0].numel()
-            else:  # the mean over the tokens the mask keeps (e.g. not padding)
-                if self.token_mask.shape != w.shape[1:]:
-                    raise ValueError(
-                        f"token_mask has shape {tuple(self.token_mask.shape)}, but {self._node.name} mixes tokens "
-                        f"of shape {tuple(w.shape[1:])} (the sources' shape without the hidden dim): pass one "
-                        "flag per token, e.g. the attention_mask [batch, seq]"
-                    )
-                keep = self.token_mask.to(device=w.device, dtype=torch.float32).reshape(-1)
-                self.records.append((self._node, (w.reshape(w.shape[0], -1).float() * keep).sum(1) / keep.sum()))
-                self.num_tokens = int(keep.sum().item())
-        return super().call_function(target, args, kwargs)
+    def _record(self, sources, query, norm_weight, eps) -> None:
+        w = attn_res_weights_reference(sources, query, norm_weight, eps)  # [n_sources, *token dims]
+        prefix = self.prefixes.get(id(query), f"aggregation {len(self.records)}")
+        if self.token_mask is None:
+            self.records[prefix] = w.reshape(w.shape[0], -1).float().mean(1)  # [n_sources]
+            self.num_tokens = w[0].numel()
+            return
+        if self.token_mask.shape != w.shape[1:]:  # the mean over the tokens the mask keeps (not padding)
+            raise ValueError(
+                f"token_mask has shape {tuple(self.token_mask.shape)}, but {prefix} mixes tokens "
+                f"of shape {tuple(w.shape[1:])} (the sources' shape without the hidden dim): pass one "
+                "flag per token, e.g. the attention_mask [batch, seq]"
+            )
+        keep = self.token_mask.to(device=w.device, dtype=torch.float32).reshape(-1)
+        self.records[prefix] = (w.reshape(w.shape[0], -1).float() * keep).sum(1) / keep.sum()
+        self.num_tokens = int(keep.sum().item())
 
 
 @contextlib.contextmanager
@@ -112,12 +111,8 @@ def _eval(module: torch.nn.Module):
             m.training = mode
 
 
-def _rows_from_report(module: fx.GraphModule) -> list[tuple[str, str, int]]:
-    """(prefix, label, num_sources) of every sublayer and final aggregation, in depth order, from the
-    report the converted module carries; [] without one."""
-    report = getattr(module, "meta", {}).get("residual_rewriter_report")
-    if report is None:
-        return []
+def _rows_from_report(report) -> list[tuple[str, str, int]]:
+    """(prefix, label, num_sources) of every sublayer and final aggregation, in depth order."""
     many = len(report.streams) > 1
     rows = []
     for st in report.streams:
@@ -127,38 +122,37 @@ def _rows_from_report(module: fx.GraphModule) -> list[tuple[str, str, int]]:
     return rows
 
 
-def depth_attention_weights(module: fx.GraphModule, *inputs: Any, token_mask: Optional[Tensor] = None) -> DepthWeights:
-    """The mean depth-attention weight of every aggregation of ``module`` over ``inputs``.
+def depth_attention_weights(model: torch.nn.Module, *inputs: Any, token_mask: Optional[Tensor] = None, **kwargs: Any) -> DepthWeights:
+    """The mean depth-attention weight of every aggregation of a converted ``model`` over one call.
 
-    ``module`` is what ``convert`` returned (trained or not); ``inputs`` are its forward's positional
-    arguments (for example ``model.example_inputs()`` of the original model). At init (zero queries)
-    every row is uniform, 1 / its number of sources. ``token_mask`` (one flag per token, e.g. an
-    attention mask ``[batch, seq]``) averages over the kept tokens only, so padding does not count.
+    ``model`` is what ``convert``/``convert_`` returned (trained or not), called as
+    ``model(*inputs, **kwargs)``. At init (zero queries) every row is uniform, 1 / its number of
+    sources. ``token_mask`` (one flag per token, e.g. an attention mask ``[batch, seq]``) averages over
+    the kept tokens only, so padding does not count.
 
     Rows follow the report (every sublayer, then the final aggregation, per stream). A sublayer that
-    reads a single source (the first one, b_0) may have no aggregation node in the graph (a softmax
-    over one source is the identity); its row is then exactly [1].
+    reads a single source (the first one, b_0) has no aggregation (a softmax over one source is the
+    identity); its row is exactly [1].
     """
-    if not isinstance(module, fx.GraphModule):
-        raise TypeError(f"expected the module convert() returned (an fx.GraphModule), got {type(module).__name__}")
-    if not any(is_aggregation(n) for n in module.graph.nodes):
-        raise ValueError("this module has no AttnRes aggregations: pass the module convert() returned")
+    report = getattr(model, "attn_res_report", None)
+    if not isinstance(model, torch.nn.Module) or report is None:
+        raise TypeError(f"expected a model converted by residual_rewriter (with .attn_res_report), got {type(model).__name__}")
     if token_mask is not None and not token_mask.any():
         raise ValueError("token_mask keeps no token: there is nothing to average")
-    recorder = _WeightRecorder(module, token_mask)
-    with torch.no_grad(), _eval(module):
-        recorder.run(*inputs)
-    measured = {node.meta.get("residual_rewriter", {}).get("prefix", node.name): w for node, w in recorder.records}
-    rows = _rows_from_report(module) or [(p, p, int(w.shape[0])) for p, w in measured.items()]
+    prefixes = {id(p): name[: -len(".query")] for name, p in model.named_parameters(remove_duplicate=False) if name.endswith(".query")}
+    recorder = _WeightRecorder(prefixes, token_mask)
+    with torch.no_grad(), _eval(model), recorder:
+        model(*inputs, **kwargs)
+    rows = _rows_from_report(report)
     per_row = []
     for prefix, _label, n_sources in rows:
-        w = measured.get(prefix)
+        w = recorder.records.get(prefix)
         if w is None:
             if n_sources != 1:
-                raise ValueError(f"no aggregation node for {prefix} (reads {n_sources} sources) ran in the graph")
+                raise ValueError(f"no aggregation for {prefix} (reads {n_sources} sources) ran in the model")
             w = torch.ones(1)  # a single source has softmax weight 1
         elif w.shape[0] != n_sources:
-            raise ValueError(f"{prefix}: the graph aggregates {w.shape[0]} sources, the report says {n_sources}")
+            raise ValueError(f"{prefix}: the model aggregates {w.shape[0]} sources, the report says {n_sources}")
         per_row.append(w)
     weights = torch.full((len(rows), max(w.shape[0] for w in per_row)), float("nan"))
     for i, w in enumerate(per_row):

@@ -32,13 +32,14 @@ class GraphRunError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def _our_dirs() -> tuple[str, ...]:
-    # residual_rewriter.passes and .kernels may live outside the package folder (package-dir); they
-    # are namespace packages (no __file__): their folder is their __path__
-    import residual_rewriter.kernels
-    import residual_rewriter.passes
-
-    pkgs = (__import__("residual_rewriter"), residual_rewriter.passes, residual_rewriter.kernels)
-    return tuple(os.path.join(list(p.__path__)[0], "") for p in pkgs)
+    # this file is in passes/: beside residual_rewriter/ and kernels/ in a checkout, inside
+    # residual_rewriter/ once installed from a wheel
+    here = os.path.dirname(os.path.abspath(__file__))
+    parent = os.path.dirname(here)
+    dirs = [here, os.path.join(parent, "kernels"), os.path.join(parent, "residual_rewriter")]
+    if os.path.basename(parent) == "residual_rewriter":
+        dirs.append(parent)
+    return tuple(os.path.join(d, "") for d in dirs)
 
 
 def is_user_code(filename: str) -> bool:

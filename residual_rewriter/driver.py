@@ -1,0 +1,325 @@
+"""The conversion driver: the steps ``convert_`` runs, in order, and the rollback when one fails.
+
+    observe ─▶ find holders ─▶ place blocks ─▶ other signatures ─▶ rewrite + install ─▶ verify ─▶ finish
+
+Each step reads and extends one ``Conversion``; ``detect`` runs the steps up to "place blocks" and
+reports without rewriting, so it names exactly the sites ``convert_`` rewrites. A step that fails
+leaves the model as it was: ``run`` undoes every install before the error reaches the user.
+
+* **observe** (``passes/observe.py``): run the model once on the example call, recording every module
+  call's arguments and outputs.
+* **find holders** (``passes/layerwise.py``): the modules whose own forward holds pre-norm residual
+  adds (decoder layers), each traced alone (``capture``, ``canonicalize``) and detected
+  (``detect``), chained into streams. When no layer holds them, or the model's own code transforms
+  the stream between layers, the model itself is the single holder (traced whole).
+* **place blocks**: the paper's blocks over each stream's sublayers in depth order.
+* **rewrite + install**: each holder's graph passes an ``AttnResState`` instead of the stream tensor
+  (``passes/rewrite.py``) and becomes the holder's ``forward``; the new parameters live in the holder.
+* **other signatures**: a Hugging Face model's other common calls (a padded mask, no KV cache) are
+  traced now, so that no tracer meets a layer signature it would have to run the model for.
+* **verify**: the converted model on the example call equals the original's output ("sum" mixing).
+* **finish**: hooks that turn states back into tensors where a model returns hidden states, the report.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from residual_rewriter import hf
+from residual_rewriter.config import AttnResConfig
+from residual_rewriter.passes import layerwise
+from residual_rewriter.passes.errors import ConversionError, conversion_boundary, first_line
+from residual_rewriter.passes.modes import buffers_restored, in_mode
+from residual_rewriter.passes.observe import leaves, observe_calls
+from residual_rewriter.passes.plan import Plan, Stream
+from residual_rewriter.passes.state import states_in_output_to_tensors, states_to_tensors
+from residual_rewriter.report import ConversionReport, module_label
+
+IN_PLACE = "in place, layer by layer"
+WHOLE_MODEL = "in place, the model as one holder"
+
+
+@dataclass
+class Conversion:
+    """What the steps know about one conversion, filled in as they run."""
+
+    model: nn.Module
+    config: AttnResConfig
+    args: tuple
+    kwargs: dict
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
+    calls: list = field(default_factory=list)  # observe: every module call, in start order
+    reference: Any = None  # observe: the original model's output
+    streams: list[list[layerwise.Holder]] = field(default_factory=list)  # holders chained per stream
+    mode: str = IN_PLACE
+    mode_reason: str = ""  # why the layers could not be the holders
+    other_calls: list = field(default_factory=list)  # (holder, BoundCall): HF calls prepared at conversion
+    installed: list[layerwise.Holder] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+
+    @property
+    def holders(self) -> list[layerwise.Holder]:
+        return [h for chain in self.streams for h in chain]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------------
+def observe(c: Conversion) -> None:
+    """-> ``c.calls``, ``c.reference``. Runs the model once (eval, no grad; buffers restored)."""
+    c.calls, c.reference = observe_calls(c.model, c.args, c.kwargs)
+
+
+def find_holders(c: Conversion) -> None:
+    """-> ``c.streams`` (non-empty) and ``c.mode``, or ``ConversionError`` naming why not."""
+    try:
+        found = layerwise.find_holders(c.model, c.calls, c.filter_fn)
+        if found.streams:
+            c.streams, c.mode = found.streams, IN_PLACE
+            return
+        why = _nothing_found(c.model, found)
+    except layerwise.NotLayerwise as exc:
+        why = str(exc)
+    _model_as_holder(c, why)
+
+
+def _model_as_holder(c: Conversion, why: str) -> None:
+    if c.filter_fn is not None:
+        raise ConversionError(f"cannot convert {type(c.model).__name__} layer by layer: {why}")
+    try:
+        bound = layerwise.bind_call(c.model, c.args, c.kwargs)
+        traced = layerwise.trace_model(c.model, bound, num_blocks=c.config.num_blocks, block_size=c.config.block_size)
+    except ConversionError as exc:
+        raise ConversionError(f"cannot convert {type(c.model).__name__} layer by layer: {why}\nnor as one graph: {exc}") from exc
+    root_call = next((call for call in c.calls if call.path == ""), None)
+    c.streams = [[layerwise.Holder("", c.model, root_call, bound, traced)]]
+    c.mode, c.mode_reason = WHOLE_MODEL, why
+
+
+def place_blocks(c: Conversion) -> None:
+    """Each stream's sublayers split into blocks in depth order; each holder learns where it joins."""
+    if c.mode == WHOLE_MODEL:
+        return  # blocks were placed when the model was traced: its streams are wholly inside it
+    for i, chain in enumerate(c.streams):
+        layerwise.assign_global_blocks(chain, i, num_blocks=c.config.num_blocks, block_size=c.config.block_size)
+
+
+def prepare_other_signatures(c: Conversion) -> None:
+    """Hugging Face models: observe the model's other common calls (see ``_other_calls``) before
+    install, so that ``install`` traces the layers for them too: no tracer ever meets a layer
+    signature it would have to run the model for. -> ``c.other_calls``: (holder, bound call)."""
+    if not hf.is_hf_model(c.model) or c.args or c.mode != IN_PLACE:
+        return
+    holders = {id(h.module): h for h in c.holders}
+    for other in _other_calls(c.model, c.kwargs):
+        try:
+            calls, _ = observe_calls(c.model, (), other)
+        except Exception as exc:  # noqa: BLE001 - the model itself refuses this call: nothing to prepare
+            warnings.warn(f"residual_rewriter: {type(c.model).__name__} fails when called with "
+                          f"{sorted(set(other) - set(c.kwargs))} ({first_line(exc)}): the converted model is not "
+                          "prepared for that call under torch.compile/export")
+            continue
+        for call in calls:
+            holder = holders.get(id(call.module))
+            if holder is not None:
+                c.other_calls.append((holder, layerwise.bind_call(call.module, call.args, call.kwargs)))
+
+
+def install(c: Conversion) -> None:
+    """Each holder's rewritten graph becomes its forward (``c.installed`` lists them for rollback),
+    with a graph for each of its other prepared calls."""
+    for holder in c.holders:
+        c.installed.append(holder)
+        layerwise.install(holder, c.config)
+    for holder, bound in c.other_calls:
+        key = bound.installed_key(holder.traced.stream_argument, holder.boundary.first)
+        holder.module.forward.add_signature(bound, key)
+
+
+def verify(c: Conversion) -> None:
+    """Run the converted model on the example call; with "sum" mixing its output must equal the
+    original's up to the dtype's rounding."""
+    model = c.model
+    try:
+        with torch.no_grad(), in_mode(model, False), buffers_restored(model):
+            out = model(*copy.deepcopy(c.args), **copy.deepcopy(c.kwargs))
+    except Exception as exc:  # noqa: BLE001
+        if "AttnResState" in f"{type(exc).__name__}: {exc}":
+            raise layerwise.NotLayerwise(f"the model's own code uses the stream between layers ({first_line(exc)})") from exc
+        raise ConversionError(f"the converted {type(model).__name__} fails on the example inputs: {first_line(exc)}") from exc
+    if c.config.mixing != "sum":
+        return
+    got, want = _first_tensor(out), _first_tensor(c.reference)
+    if got is None or got.shape != want.shape:
+        raise ConversionError(f"the converted {type(model).__name__} returns {type(out).__name__}, not what the original returned")
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}.get(want.dtype, 3e-2)
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    if not err <= tolerance:
+        raise ConversionError(
+            f"the converted {type(model).__name__} does not compute what the original computed at initialisation "
+            f"(relative error {err:.2e} > {tolerance:g} in {want.dtype}); the model is restored. Please report it."
+        )
+
+
+def finish(c: Conversion) -> ConversionReport:
+    """Hooks that hand tensors, not states, to whoever reads the hidden states; the report."""
+    model = c.model
+    if c.mode == IN_PLACE:
+        for path in _ancestors([h.path for h in c.holders]):  # output_hidden_states: tensors, not states
+            if hf.is_hf_model(model.get_submodule(path)):
+                c.hooks.append(model.get_submodule(path).register_forward_hook(states_to_tensors))
+        if not hf.is_hf_model(model):  # on the model only: a parent such as T5Block hands states on
+            c.hooks.append(model.register_forward_hook(states_in_output_to_tensors))
+    report = make_report(c, converted=True)
+    _warn_lost_in_tracing(report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------
+FIND_STEPS = (observe, find_holders, place_blocks)
+CONVERT_STEPS = (prepare_other_signatures, install, verify)
+
+
+def run(c: Conversion, *, rewrite: bool) -> ConversionReport:
+    """Run the steps on ``c``. ``rewrite=False`` (``detect``) stops after placing blocks. Any failure
+    becomes a ``ConversionError`` and leaves the model as it was."""
+    with conversion_boundary(c.model, lambda: _run_original(c)):
+        for step in FIND_STEPS:
+            step(c)
+        if not rewrite:
+            return make_report(c, converted=False)
+        try:
+            _convert(c)
+        except layerwise.NotLayerwise as exc:  # the model's own code reads the stream between layers
+            rollback(c)
+            _model_as_holder(c, str(exc))
+            _convert(c)
+        return finish(c)
+
+
+def _convert(c: Conversion) -> None:
+    try:
+        for step in CONVERT_STEPS:
+            step(c)
+    except BaseException:
+        rollback(c)
+        raise
+
+
+def rollback(c: Conversion) -> None:
+    """Undo every install and hook: the model's forwards and attributes are its own again."""
+    for holder in reversed(c.installed):
+        layerwise.uninstall(holder.module)
+    for handle in c.hooks:
+        handle.remove()
+    c.installed, c.hooks, c.other_calls = [], [], []
+
+
+def _run_original(c: Conversion) -> None:
+    """The model on the example call, as observed: if this fails too, the model itself is at fault."""
+    with in_mode(c.model, False), torch.no_grad(), buffers_restored(c.model):
+        c.model(*copy.deepcopy(c.args), **copy.deepcopy(c.kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
+    lines = [f"no module of {type(model).__name__} holds a pre-norm residual add `x + f(norm(x))` in its own forward, "
+             "taking the stream as an argument and returning it (are the adds in the model's own forward?)"
+             + (". Modules tried:" if found.not_holders else "")]
+    lines += [f"  {path}: {why}" for path, why in list(found.not_holders.items())[:8]]
+    return "\n".join(lines)
+
+
+def _other_calls(model: nn.Module, kwargs: dict) -> list[dict]:
+    """Other ways a Hugging Face model is commonly called, which reach its layers with other kinds of
+    arguments: with an attention mask (padding; always a tensor under torch.export or pipeline()), and
+    without a KV cache (training with checkpointing, Trainer's evaluation)."""
+    accepted = inspect.signature(model.forward).parameters
+    main = kwargs.get(getattr(model, "main_input_name", None))
+    options = []
+    if "attention_mask" in accepted and "attention_mask" not in kwargs and isinstance(main, torch.Tensor) and main.dim() == 2:
+        mask = torch.ones_like(main)
+        mask[0, 0] = 0  # left padding on the first row: the model must build a mask tensor
+        options.append({"attention_mask": mask})
+    if "use_cache" in accepted and "use_cache" not in kwargs:
+        options.append({"use_cache": False})
+    variants = [{}]
+    for option in options:
+        variants += [{**v, **option} for v in variants]
+    return [{**kwargs, **v} for v in variants[1:]]
+
+
+def _ancestors(paths: list[str]) -> list[str]:
+    """The modules whose forward calls the rewritten ones: "" (the model) and every path above them."""
+    found = {""}
+    for path in paths:
+        parts = path.split(".")
+        found.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return sorted(found)
+
+
+def _first_tensor(output: Any) -> Optional[torch.Tensor]:
+    return next((t for t in leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
+def make_report(c: Conversion, *, converted: bool) -> ConversionReport:
+    captured = [h.traced.captured for h in c.holders]
+    whole = c.mode == WHOLE_MODEL
+    return ConversionReport(
+        model=type(c.model).__name__, config=c.config, plan=_global_plan(c), converted=converted,
+        new_parameters={n: p.numel() for n, p in c.model.named_parameters() if ".attn_res." in f".{n}"} if converted else {},
+        mode=c.mode, mode_reason=c.mode_reason,
+        holders=[h.path for h in c.holders],
+        # the model as holder runs its children inline: checkpoint calls and hooks inside them are lost
+        checkpoint_dropped=[p for cap in captured for p in cap.checkpoint_calls] if whole else [],
+        hooks_not_called=[p for cap in captured for p in cap.hooked_inlined if p] if whole else [],
+    )
+
+
+def _warn_lost_in_tracing(report: ConversionReport) -> None:
+    if report.checkpoint_dropped:
+        warnings.warn(
+            f"residual_rewriter: {', '.join(map(module_label, report.checkpoint_dropped))} call torch.utils.checkpoint "
+            f"in their forward, which the converted {report.model} runs inline (converted as one holder: "
+            f"{report.mode_reason.splitlines()[0]}): it does NOT checkpoint there (more activation memory).",
+            UserWarning, stacklevel=4,
+        )
+    if report.hooks_not_called:
+        warnings.warn(
+            f"residual_rewriter: forward/backward hooks on {', '.join(map(module_label, report.hooks_not_called))} "
+            f"are NOT called by the converted {report.model}: converted as one holder, it runs those modules' "
+            "forward inline. Hook the sublayers or norms instead (attention, MLP projections and norms keep theirs).",
+            UserWarning, stacklevel=4,
+        )
+
+
+def _global_plan(c: Conversion) -> Plan:
+    """One Plan over the whole model, paths made absolute, for the report."""
+    if c.mode == WHOLE_MODEL:
+        return c.streams[0][0].traced.plan
+    plan = Plan()
+    for i, chain in enumerate(c.streams):
+        first = chain[0].traced.plan.streams[0]
+        stream = Stream(index=i, source=f"input of {chain[0].path}", source_node="", hidden_size=first.hidden_size,
+                        consumers=[f"output of {chain[-1].path}"], num_blocks=first.num_blocks, block_size=first.block_size,
+                        final_param_prefix=f"{chain[-1].path}.attn_res.final")
+        for holder in chain:
+            for site in holder.sites:
+                stream.sites.append(dataclasses.replace(
+                    site, stream=i, index=len(stream.sites), norm=f"{holder.path}.{site.norm}",
+                    sublayer=f"{holder.path}.{site.sublayer}".rstrip("."),
+                    param_prefix=f"{holder.path}.{site.param_prefix}" if site.param_prefix else "",
+                ))
+        plan.streams.append(stream)
+    return plan
