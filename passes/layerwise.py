@@ -313,6 +313,7 @@ def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
                 holder.register_buffer(name, value, persistent=False)
             else:
                 holder.__dict__[name] = value
+            setattr(gm, name, value)  # the graph module stays runnable on its own (an fx.Interpreter)
             node.target, renamed = name, True
     if renamed:
         gm.recompile()
@@ -438,8 +439,16 @@ class LayerForward:
         gm = rewrite_holder(self.module, traced, self.boundary, self.config)
         return list(bound.names), _compile(gm, self.module)
 
+    def __reduce__(self):
+        raise TypeError(
+            f"the converted {type(self.module).__name__}'s forward runs generated code, which pickle cannot store "
+            "(torch.save of the whole model). Save model.state_dict(); to load it, convert the original model "
+            "again and load_state_dict (Hugging Face: save_pretrained, then residual_rewriter.from_pretrained)."
+        )
+
     def __deepcopy__(self, memo):
-        twin = copy.copy(self)
+        twin = object.__new__(LayerForward)
+        twin.__dict__.update(self.__dict__)
         twin.module = memo.get(id(self.module), self.module)
         twin.graphs = dict(self.graphs)  # the code is the same; it runs on whichever module is self
         return twin

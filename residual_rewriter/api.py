@@ -57,12 +57,10 @@ def convert_(
         )
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
     args, kwargs = _example_call(model, example_inputs)
-    if hf.is_hf_model(model):  # its config may be shared with other models: record the options in a copy
-        model.config = copy.copy(model.config)
-    conversion = driver.Conversion(model, config, args, kwargs, filter_fn)
-    report = driver.run(conversion, rewrite=True)
+    report = driver.run(driver.Conversion(model, config, args, kwargs, filter_fn))
     model.attn_res_report = report
     if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
+        model.config = copy.copy(model.config)  # in a copy: other models may share the config object
         model.config.residual_rewriter = {**dataclasses.asdict(config), "mode": "in_place"}
         model.save_pretrained = hf.SavePretrained(model)
     return model
@@ -97,7 +95,8 @@ def detect(
     block_size: Optional[int] = None,
     mixing: Optional[str] = None,
 ) -> ConversionReport:
-    """Find the residual sites ``convert_`` would rewrite, without changing ``model``.
+    """Find the residual sites ``convert_`` would rewrite, without changing ``model`` (it is converted,
+    checked and restored: the report is what ``convert_`` would do).
 
     Returns a report whose ``.sites`` lists one entry per residual sublayer in depth order (norm and
     sublayer module paths, block), and ``.holders`` the modules whose forward would be rewritten;
@@ -106,7 +105,7 @@ def detect(
     _check_model(model)
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing)
     args, kwargs = _example_call(model, example_inputs)
-    return driver.run(driver.Conversion(model, config, args, kwargs, filter_fn), rewrite=False)
+    return driver.run(driver.Conversion(model, config, args, kwargs, filter_fn), keep=False)
 
 
 def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:

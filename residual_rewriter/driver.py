@@ -2,9 +2,9 @@
 
     observe ─▶ find holders ─▶ place blocks ─▶ other signatures ─▶ rewrite + install ─▶ verify ─▶ finish
 
-Each step reads and extends one ``Conversion``; ``detect`` runs the steps up to "place blocks" and
-reports without rewriting, so it names exactly the sites ``convert_`` rewrites. A step that fails
-leaves the model as it was: ``run`` undoes every install before the error reaches the user.
+Each step reads and extends one ``Conversion``. ``detect`` runs them all and rolls back, so it
+names exactly the sites ``convert_`` rewrites, in the same mode. A step that fails leaves the model
+as it was: ``run`` undoes every install before the error reaches the user.
 
 * **observe** (``passes/observe.py``): run the model once on the example call, recording every module
   call's arguments and outputs.
@@ -63,6 +63,7 @@ class Conversion:
     other_calls: list = field(default_factory=list)  # (holder, BoundCall): HF calls prepared at conversion
     installed: list[layerwise.Holder] = field(default_factory=list)
     hooks: list = field(default_factory=list)
+    detect_only: bool = False  # detect(): converted, verified and rolled back
 
     @property
     def holders(self) -> list[layerwise.Holder]:
@@ -93,6 +94,9 @@ def find_holders(c: Conversion) -> None:
 def _model_as_holder(c: Conversion, why: str) -> None:
     if c.filter_fn is not None:
         raise ConversionError(f"cannot convert {type(c.model).__name__} layer by layer: {why}")
+    if hf.is_hf_model(c.model) and "use_cache" in inspect.signature(c.model.forward).parameters:
+        # one graph cannot create the KV cache object inside it: traced, verified and run without one
+        c.kwargs = {"use_cache": False, **c.kwargs}
     try:
         bound = layerwise.bind_call(c.model, c.args, c.kwargs)
         traced = layerwise.trace_model(c.model, bound, num_blocks=c.config.num_blocks, block_size=c.config.block_size)
@@ -115,7 +119,7 @@ def prepare_other_signatures(c: Conversion) -> None:
     """Hugging Face models: observe the model's other common calls (see ``_other_calls``) before
     install, so that ``install`` traces the layers for them too: no tracer ever meets a layer
     signature it would have to run the model for. -> ``c.other_calls``: (holder, bound call)."""
-    if not hf.is_hf_model(c.model) or c.args or c.mode != IN_PLACE:
+    if not hf.is_hf_model(c.model) or c.args or c.mode != IN_PLACE or c.detect_only:
         return
     holders = {id(h.module): h for h in c.holders}
     for other in _other_calls(c.model, c.kwargs):
@@ -189,20 +193,22 @@ FIND_STEPS = (observe, find_holders, place_blocks)
 CONVERT_STEPS = (prepare_other_signatures, install, verify)
 
 
-def run(c: Conversion, *, rewrite: bool) -> ConversionReport:
-    """Run the steps on ``c``. ``rewrite=False`` (``detect``) stops after placing blocks. Any failure
-    becomes a ``ConversionError`` and leaves the model as it was."""
+def run(c: Conversion, *, keep: bool = True) -> ConversionReport:
+    """Run the steps on ``c``. Any failure becomes a ``ConversionError`` and leaves the model as it
+    was. ``keep=False`` (``detect``) converts, verifies and rolls back: what it reports is exactly
+    what ``convert_`` would do, fallbacks included."""
+    c.detect_only = not keep
     with conversion_boundary(c.model, lambda: _run_original(c)):
         for step in FIND_STEPS:
             step(c)
-        if not rewrite:
-            return make_report(c, converted=False)
         try:
             _convert(c)
         except layerwise.NotLayerwise as exc:  # the model's own code reads the stream between layers
-            rollback(c)
             _model_as_holder(c, str(exc))
             _convert(c)
+        if not keep:
+            rollback(c)
+            return make_report(c, converted=False)
         return finish(c)
 
 
@@ -309,10 +315,15 @@ def _global_plan(c: Conversion) -> Plan:
     if c.mode == WHOLE_MODEL:
         return c.streams[0][0].traced.plan
     plan = Plan()
+    for holder in c.holders:  # what each holder's trace kept opaque or left out, with absolute paths
+        inner = holder.traced.plan
+        plan.opaque_modules.update({_join(holder.path, k): why for k, why in inner.opaque_modules.items()})
+        plan.opaque_with_norms += [_join(holder.path, k) for k in inner.opaque_with_norms]
+        plan.left_out += [dataclasses.replace(lo, module=_join(holder.path, lo.module)) for lo in inner.left_out]
     for i, chain in enumerate(c.streams):
         first = chain[0].traced.plan.streams[0]
-        stream = Stream(index=i, source=f"input of {chain[0].path}", source_node="", hidden_size=first.hidden_size,
-                        consumers=[f"output of {chain[-1].path}"], num_blocks=first.num_blocks, block_size=first.block_size,
+        stream = Stream(index=i, source=_producer(c, chain[0]), source_node="", hidden_size=first.hidden_size,
+                        consumers=_readers(c, chain[-1]), num_blocks=first.num_blocks, block_size=first.block_size,
                         final_param_prefix=f"{chain[-1].path}.attn_res.final")
         for holder in chain:
             for site in holder.sites:
@@ -323,3 +334,22 @@ def _global_plan(c: Conversion) -> Plan:
                 ))
         plan.streams.append(stream)
     return plan
+
+
+def _producer(c: Conversion, first: layerwise.Holder) -> str:
+    """The module whose output the first holder receives as the stream (innermost), as observed."""
+    x = first.stream_input()
+    made = [call.path for call in c.calls if call.order < first.call.order and any(t is x for t in call.tensor_outputs())]
+    return made[-1] if made else f"input of {module_label(first.path)}"
+
+
+def _readers(c: Conversion, last: layerwise.Holder) -> list[str]:
+    """The modules that read what the last holder returns (the final norm), as observed."""
+    outputs = last.call.tensor_outputs()[:1]
+    readers = [call.path for call in c.calls
+               if call.order > last.call.order and any(t is o for t in call.tensor_inputs() for o in outputs)]
+    return readers or [f"output of {module_label(last.path)}"]
+
+
+def _join(path: str, inner: str) -> str:
+    return ".".join(p for p in (path, inner) if p)

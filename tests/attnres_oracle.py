@@ -6,11 +6,12 @@ module recomputes, from the paper's definition and nothing else, what each subla
 stream's final norm must read, given the branch outputs the converted model actually produced.
 
 Nothing here imports ``residual_rewriter.kernels`` or ``residual_rewriter.passes``. From the
-converted model it reads only: its parameters (``converted.attn_res``), its report (which sites
-exist, in which order, which module paths and graph nodes they are, which parameter key the report
-says each uses) and its graph (to run it under an ``fx.Interpreter`` and record values). The block
-partition, the source sets, the aggregation and the rule saying which key belongs to which site are
-all the oracle's own.
+converted model it reads only: its parameters (``<module>.attn_res.<key>.query``), its report (which
+sites exist, in which order, which module paths and graph nodes they are, which parameter prefix the
+report says each uses) and the graphs its rewritten modules run (``module.forward.graph_module``,
+run under an ``fx.Interpreter`` to record values; ``module.forward.original_graph``). The block
+partition, the source sets, the aggregation and the rule saying which prefix belongs to which site
+are all the oracle's own.
 
 The definition (``/work/shared/notes/attnres-math.md``), for one stream with L sublayers in depth
 order and b_0 = the stream's source (the embedding output):
@@ -128,23 +129,31 @@ def site_paths(site) -> list[str]:
     return [site.sublayer] + [p.strip() for p in site.norm.split(" + ")]
 
 
-def owner_by_name(report, key: str):
-    """Which aggregation ``key`` (a key of ``converted.attn_res``) names, by module path alone:
-    (stream index, site index) for a site, (stream index, "final") for a stream's end, or None when
-    no single aggregation is named. The most specific path wins: ``layers.1.self_attn`` names the
-    attention site even though it also starts with the whole layer ``layers.1``."""
-    k = _words(key)
+def owner_by_name(report, prefix: str):
+    """Which aggregation the parameter prefix ``prefix`` (``<module>.attn_res.<key>``) names, by
+    module path alone: (stream index, site index) for a site, (stream index, "final") for a stream's
+    end, or None when no single aggregation is named. The module path named is ``<module>.<key>``
+    (``__`` read as ``.``);
+    the most specific path wins: ``layers.1.self_attn`` names the attention site even though it also
+    starts with the whole layer ``layers.1``. A key ``final`` names the end of the stream whose last
+    sublayer sits in ``<module>``; ``final__<path>`` the end read by the module at ``<path>``."""
+    holder, _, key = prefix.rpartition("attn_res.")
+    holder = holder.rstrip(".")
     candidates: dict = {}
-    for st in report.streams:
-        for consumer in st.consumers or ["output"]:
-            p = "final_" + _words(consumer)
-            if _names(k, p):
-                candidates.setdefault(len(p), set()).add((st.index, "final"))
-        for site in st.sites:
-            for path in site_paths(site):
-                p = _words(path)
-                if p and _names(k, p):
-                    candidates.setdefault(len(p), set()).add((st.index, site.index))
+    if key == "final" or key.startswith("final__"):
+        for st in report.streams:
+            ends_here = key == "final" and st.sites and site_paths(st.sites[-1])[1].startswith(holder + ".")
+            read_by = key != "final" and any(_words(key) == "final_" + _words(c) for c in st.consumers or ["output"])
+            if ends_here or read_by:
+                candidates.setdefault(0, set()).add((st.index, "final"))
+    else:
+        k = _words(".".join(p for p in (holder, key) if p))
+        for st in report.streams:
+            for site in st.sites:
+                for path in site_paths(site):
+                    p = _words(path)
+                    if p and _names(k, p):
+                        candidates.setdefault(len(p), set()).add((st.index, site.index))
     if not candidates:
         return None
     best = candidates[max(candidates)]
@@ -186,21 +195,36 @@ def _read_slot(node: fx.Node, slot):
     return node.args[slot] if isinstance(slot, int) else node.kwargs[slot]
 
 
-def record(converted, inputs: tuple, branch_modules=None) -> Recording:
-    """Run ``converted`` on ``inputs`` under an ``fx.Interpreter`` with hooks on its leaf modules.
+def _rewritten_modules(converted) -> dict:
+    """path -> the forward installed on each rewritten module (an object with ``graph_module``)."""
+    return {path: m.__dict__["forward"] for path, m in converted.named_modules()
+            if hasattr(m.__dict__.get("forward"), "graph_module")}
+
+
+def _holder_of(site, holders) -> str:
+    """The rewritten module a site's norm sits in (the longest matching path)."""
+    norm = site_paths(site)[1]
+    inside = [h for h in holders if h == "" or norm.startswith(h + ".")]
+    return max(inside, key=len)
+
+
+def record(converted, inputs: dict, branch_modules=None) -> Recording:
+    """Run ``converted(**inputs)`` with every rewritten module's graph under an ``fx.Interpreter``
+    and hooks on the norms and sublayers it calls.
 
     ``branch_modules(site)``: module paths whose (first) outputs sum to the site's branch output, for
-    a hook witness of v; by default the site's sublayer when it is a leaf module called once.
+    a hook witness of v; by default the site's sublayer when it is a module called once.
     """
-    report = converted.report
-    original = {n.name: n for n in converted.original_graph.nodes}
-    now = {n.name: n for n in converted.graph.nodes}
-    calls = Counter(n.target for n in converted.graph.nodes if n.op == "call_module")
+    report = converted.attn_res_report
+    forwards = _rewritten_modules(converted)
+    assert forwards and sorted(forwards) == sorted(report.holders), (sorted(forwards), report.holders)
+    calls = Counter(".".join(p for p in (path, n.target) if p)
+                    for path, f in forwards.items() for n in f.graph_module.graph.nodes if n.op == "call_module")
     rec = Recording()
     hooked_in, hooked_out, handles = {}, {}, []
 
     def hookable(path: str) -> bool:
-        return calls[path] == 1  # a leaf module (its own node), called once
+        return calls[path] == 1  # a module its holder's graph calls once
 
     def pre_hook(path):
         def hook(module, args, kwargs=None):
@@ -218,50 +242,75 @@ def record(converted, inputs: tuple, branch_modules=None) -> Recording:
             wanted_in.update(p for p in site_paths(site)[1:] if hookable(p))
             mods = branch_modules(site) if branch_modules else ([site.sublayer] if hookable(site.sublayer) else [])
             for p in mods:
-                assert hookable(p), f"{p} is not a leaf module called once in the converted graph"
+                assert hookable(p), f"{p} is not a module called once by a rewritten graph"
             wanted_out.update(mods)
-        wanted_in.update(c for c in st.consumers if hookable(c))
+        wanted_in.update(c for c in st.consumers if c in dict(converted.named_modules()))
     for p in wanted_in:
         handles.append(converted.get_submodule(p).register_forward_pre_hook(pre_hook(p), with_kwargs=True))
     for p in wanted_out:
         handles.append(converted.get_submodule(p).register_forward_hook(post_hook(p)))
 
-    class Run(fx.Interpreter):
-        def run_node(self, n):
-            rec.order[n.name] = len(rec.order)
-            return super().run_node(n)
+    envs, order, outputs, saved = {}, {}, {}, {}
 
-    interp = Run(converted, garbage_collect_values=False)
+    def interpreting(path, gm):
+        def run(module, *args):
+            class Run(fx.Interpreter):
+                def run_node(self, n):
+                    order[(path, n.name)] = len(order)
+                    return super().run_node(n)
+
+            interp = Run(gm, garbage_collect_values=False)
+            out = interp.run(*args)
+            assert path not in envs, f"{path} ran twice in one forward"
+            envs[path] = {n.name: v for n, v in interp.env.items()}
+            outputs[path] = out
+            return out
+        return run
+
+    for path, f in forwards.items():  # the graph of the call being made: the first one traced
+        key = next(k for k, (_, fn) in f.graphs.items() if fn is type(f.graph_module).forward)
+        saved[path] = (key, f.graphs[key])
+        f.graphs[key] = (f.graphs[key][0], interpreting(path, f.graph_module))
     try:
         with torch.no_grad():
-            interp.run(*inputs)
+            converted(**inputs)
     finally:
         for h in handles:
             h.remove()
-    env = {n.name: v for n, v in interp.env.items()}
+        for path, (key, entry) in saved.items():
+            forwards[path].graphs[key] = entry
 
-    def graph_witnesses(entry_nodes: list[str], stream_value: str) -> dict:
+    def graph_witnesses(path: str, entry_nodes: list[str], stream_value: str) -> dict:
         """What each entry node reads, now, where it read ``stream_value`` before the rewrite."""
+        original = {n.name: n for n in forwards[path].original_graph.nodes}
+        now = {n.name: n for n in forwards[path].graph_module.graph.nodes}
         out = {}
         for name in entry_nodes:
             slots = _arg_slots(original[name], original[stream_value])
             assert slots, f"{name} did not read {stream_value} in the original graph"
             for slot in slots:
-                out[f"graph {name}[{slot}]"] = env[_read_slot(now[name], slot).name]
+                out[f"graph {path}:{name}[{slot}]"] = envs[path][_read_slot(now[name], slot).name]
         return out
 
     for st in report.streams:
-        rec.b0[st.index] = env[st.source_node]
+        first = _holder_of(st.sites[0], forwards)
+        last = _holder_of(st.sites[-1], forwards)
+        rec.b0[st.index] = envs[first][st.source_node or st.sites[0].skip_node]
         for site in st.sites:
             key = (st.index, site.index)
-            rec.branch[key] = env[site.branch_node]
+            holder = _holder_of(site, forwards)
+            rec.branch[key] = envs[holder][site.branch_node]
+            rec.order[key] = order[(holder, site.branch_node)]
             mods = branch_modules(site) if branch_modules else ([site.sublayer] if hookable(site.sublayer) else [])
             if mods:
                 rec.branch_hooked[key] = sum(hooked_out[p] for p in mods)
-            fed = graph_witnesses(site.norm_entry_nodes, site.skip_node)
+            fed = graph_witnesses(holder, site.norm_entry_nodes, site.skip_node)
             fed.update({f"hook {p}": hooked_in[p] for p in site_paths(site)[1:] if p in hooked_in})
             rec.fed[key] = fed
-        final = graph_witnesses(st.consumer_nodes, st.sites[-1].add_node)
+        if st.consumer_nodes:  # the final norm is in the holder's graph (the model itself as holder)
+            final = graph_witnesses(last, st.consumer_nodes, st.sites[-1].add_node)
+        else:  # the last rewritten layer returns the final aggregation: what the model hands its norm
+            final = {f"output of {last}": _first_tensor(outputs[last])}
         final.update({f"hook {c}": hooked_in[c] for c in st.consumers if c in hooked_in})
         rec.final_fed[st.index] = final
     return rec
@@ -270,23 +319,28 @@ def record(converted, inputs: tuple, branch_modules=None) -> Recording:
 # --------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------
+def attn_res_prefixes(converted) -> list[str]:
+    """Every ``<module>.attn_res.<key>`` holding a query, sorted."""
+    return sorted(n[: -len(".query")] for n, _ in converted.named_parameters()
+                  if n.endswith(".query") and (n.startswith("attn_res.") or ".attn_res." in n))
+
+
 def randomize(converted, seed: int) -> None:
     """Non-zero queries and non-unit gains, drawn so that the logits spread over a few units
     (q ~ N(0, 1) * 2 / sqrt(D): softmax far from uniform but every source weighs in)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in sorted(converted.attn_res.keys()):
-            mod = converted.attn_res[name]
-            d = mod.query.numel()
-            mod.query.copy_(torch.randn(d, generator=gen, dtype=torch.float64) * 2 / math.sqrt(d))
-            mod.key_norm_weight.copy_(1 + 0.5 * torch.rand(d, generator=gen, dtype=torch.float64))
+        for prefix in attn_res_prefixes(converted):
+            query, gain = converted.get_parameter(prefix + ".query"), converted.get_parameter(prefix + ".key_norm_weight")
+            d = query.numel()
+            query.copy_(torch.randn(d, generator=gen, dtype=torch.float64) * 2 / math.sqrt(d))
+            gain.copy_(1 + 0.5 * torch.rand(d, generator=gen, dtype=torch.float64))
 
 
 def params_at(converted, prefix: str):
-    """(query, gain) stored under a report prefix ``attn_res.<key>``."""
-    assert prefix.startswith("attn_res."), prefix
-    mod = converted.attn_res[prefix.split(".", 1)[1]]
-    return mod.query.detach(), mod.key_norm_weight.detach()
+    """(query, gain) stored under a report prefix ``<module>.attn_res.<key>``."""
+    assert prefix.startswith("attn_res.") or ".attn_res." in prefix, prefix
+    return converted.get_parameter(prefix + ".query").detach(), converted.get_parameter(prefix + ".key_norm_weight").detach()
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

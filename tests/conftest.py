@@ -13,10 +13,10 @@ HF_FACING_MODULES = {
     "test_architectures.py",  # every architecture the README lists
     "test_checkpointing.py",  # HF layers' activation checkpointing
     "test_convert_exact.py",
-    "test_converted_module.py",
+    "test_convert.py",
     "test_detect.py",
     "test_export.py",
-    "test_hf_class.py",  # keep_class: generate, KV cache, save/from_pretrained
+    "test_hf_generate.py",  # convert: generate, KV cache, save/from_pretrained
     "test_inplace.py",  # convert_: layer by layer on HF models
     "test_oracle.py",  # the non-zero-query oracle on HF families
     "test_traced_once.py",  # export, fullgraph compile and pipeline() of a freshly converted HF model

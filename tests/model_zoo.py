@@ -86,6 +86,23 @@ def perturb_attn_res(converted, seed: int = 0, scale: float = 1.0) -> None:
     """Random queries and gains, so the mixture is far from uniform (it is really AttnRes)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for mod in converted.attn_res.values():
-            mod.query.copy_(torch.randn(mod.query.shape, generator=g, dtype=torch.float64) * scale)
-            mod.key_norm_weight.copy_(1 + 0.5 * torch.rand(mod.key_norm_weight.shape, generator=g, dtype=torch.float64))
+        for name, p in converted.named_parameters():
+            if ".attn_res." not in f".{name}":
+                continue
+            if name.endswith(".query"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+            elif name.endswith(".key_norm_weight"):
+                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64))
+
+
+def aggregations(converted) -> list[tuple[str, "torch.fx.Node"]]:
+    """``(holder path, node)`` of every aggregation in the converted model's rewritten graphs."""
+    from residual_rewriter.passes.layerwise import installed_forwards
+    from residual_rewriter.passes.op_names import is_attn_res
+
+    return [(path, n) for path, f in installed_forwards(converted) for n in f.graph_module.graph.nodes if is_attn_res(n)]
+
+
+def query_of(path: str, node) -> str:
+    """The model-level name of the query parameter an aggregation node reads."""
+    return ".".join(p for p in (path, node.args[1].target) if p)

@@ -9,39 +9,37 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from model_zoo import DECODERS, FP32_ONLY, VISION, make_architecture, make_gpt, rel_err
+from model_zoo import DECODERS, FP32_ONLY, VISION, aggregations, make_architecture, make_gpt, query_of, rel_err
 from residual_rewriter import hf
-from residual_rewriter.passes.op_names import is_attn_res
 
 ARCHITECTURES = sorted(DECODERS) + VISION + ["t5"]
 
 
 def queries_per_aggregation(converted) -> tuple[int, int]:
-    """(aggregations in the graph, distinct query parameters they read)."""
-    aggregations = [n for n in converted.graph.nodes if is_attn_res(n)]
-    return len(aggregations), len({n.args[1].target for n in aggregations})
+    """(aggregations in the rewritten graphs, distinct query parameters they read)."""
+    found = aggregations(converted)
+    return len(found), len({query_of(path, n) for path, n in found})
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_exact_at_init_with_one_query_per_aggregation(name):
     model = make_architecture(name)
     converted = rr.convert(model, block_size=1)
-    report = converted.report
+    report = converted.attn_res_report
     # the MoE models' experts stay opaque (data-dependent routing); nothing else may
     assert all(name in FP32_ONLY and path.endswith(".experts") for path in report.plan.opaque_modules)
     aggregations, queries = queries_per_aggregation(converted)
     # every site but each stream's first (one source: no query) + one final aggregation per stream
     assert aggregations == len(report.sites) == queries
-    assert len(dict(converted.attn_res.named_children())) == queries
+    assert len([n for n, _ in converted.named_parameters() if ".attn_res." in n and n.endswith(".query")]) == queries
     inputs = hf.example_inputs(model, batch_size=3, seq_len=7)
-    # The converted graph has no KV cache (hf.traced_call): compare with the original called without
-    # one too. They are not the same computation: GPT-J/CodeGen on transformers 5.18 (eager attention
-    # only) compute Q K^T in fp32, where the cache's torch.cat (a contiguous key, not a permuted view)
-    # changes MKL's rounding: the original's own cached and uncached logits differ by ~1e-9.
+    # Both without the KV cache. Not the same computation with it: GPT-J/CodeGen on transformers 5.18
+    # (eager attention only) compute Q K^T in fp32, where the cache's torch.cat (a contiguous key, not a
+    # permuted view) changes MKL's rounding: the original's own cached and uncached logits differ by ~1e-9.
     no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    with torch.no_grad():  # T5: (input_ids, decoder_input_ids), by name for the original
-        ref = model(**dict(zip(hf.input_names(model, len(inputs)), inputs)), **no_cache)
-        out = converted(*inputs)
+    kwargs = dict(zip(hf.input_names(model, len(inputs)), inputs), **no_cache)  # T5: input_ids, decoder_input_ids
+    with torch.no_grad():
+        ref, out = model(**kwargs), converted(**kwargs)
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
     tolerance = 1e-6 if name in FP32_ONLY else 1e-10
     assert rel_err(getattr(out, key), getattr(ref, key)) <= tolerance
@@ -52,7 +50,7 @@ def test_sites_sharing_a_layer_path_get_their_own_parameters(name):
     """Both sublayers of a DINOv2 / Gemma2 layer are named after the layer (their branch ends in a
     LayerScale / post-norm); their parameters are named after their own norms."""
     converted = rr.convert(make_architecture(name), num_blocks=2)
-    sites = converted.report.sites
+    sites = converted.attn_res_report.sites
     assert sites[1].sublayer == sites[0].sublayer  # the case this test is about
     prefixes = [s.param_prefix for s in sites if s.param_prefix]
     assert len(set(prefixes)) == len(prefixes) == len(sites) - 1
@@ -71,6 +69,7 @@ def test_a_shared_parameter_key_is_refused(monkeypatch):
             stream.final_param_prefix = "attn_res.final"
 
     monkeypatch.setattr("residual_rewriter.passes.detect.assign_parameter_names", same_name_for_all)
+    monkeypatch.setattr("residual_rewriter.passes.layerwise.assign_parameter_names", same_name_for_all)
     with pytest.raises(rr.ConversionError, match="share the parameters.*attn_res.shared"):
         rr.convert(make_gpt(), num_blocks=2)
     assert streams.assign_parameter_names is not same_name_for_all

@@ -52,7 +52,7 @@ def test_matches_hand_written_block_attnres(block_size, mixing):
     gpt = make_gpt().double()
     converted = rr.convert(gpt, block_size=block_size, mixing=mixing)
     perturb_attn_res(converted, seed=block_size)
-    report = converted.report
+    report = converted.attn_res_report
     # the first sublayer reads b_0 alone: no query (softmax over one source is 1)
     assert report.sites[0].num_sources == 1 and report.sites[0].param_prefix == ""
     params = [(torch.zeros(96, dtype=torch.float64), torch.ones(96, dtype=torch.float64))] + [
@@ -71,7 +71,7 @@ def test_matches_hand_written_block_attnres(block_size, mixing):
 
 
 def test_block_bookkeeping_in_report():
-    report = rr.convert(make_gpt(), num_blocks=3).report
+    report = rr.convert(make_gpt(), num_blocks=3).attn_res_report
     # 8 sublayers, N=3 -> S=3: blocks of 3, 3, 2 (the last takes the remainder)
     assert [s.block for s in report.sites] == [1, 1, 1, 2, 2, 2, 3, 3]
     assert [s.num_sources for s in report.sites] == [1, 2, 2, 2, 3, 3, 3, 4]

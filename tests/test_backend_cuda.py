@@ -92,7 +92,7 @@ def test_full_attnres_past_one_launch_goes_in_chunks():
 
     model = make_gpt(n_layer=10)
     conv = rr.convert(model, block_size=1).train()
-    assert max(s.num_sources for s in conv.report.plan.sites) > MAX_SOURCES
+    assert max(s.num_sources for s in conv.attn_res_report.plan.sites) > MAX_SOURCES
     perturb_attn_res(conv, seed=3, scale=0.3)
     _check_against_float64(conv, model.example_inputs()[0], make_attnres_backend(lower="triton"))
 

@@ -129,8 +129,8 @@ def test_a_hand_written_checkpoint_that_tracing_drops_is_reported_loudly():
 
     with pytest.warns(UserWarning, match="does NOT checkpoint"):
         conv = rr.convert(CheckpointedToy())
-    assert conv.report.checkpoint_dropped == [""]  # called from the model's own forward (the root)
-    assert "NOT kept" in str(conv.report)
+    assert conv.attn_res_report.checkpoint_dropped == [""]  # called from the model's own forward (the root)
+    assert "NOT kept" in str(conv.attn_res_report)
     plain = ToyLM()
     import warnings
 
@@ -159,7 +159,7 @@ def test_other_architectures_keep_checkpointing(name):
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     conv = rr.convert(model, num_blocks=2)
-    assert conv.report.checkpointed and conv.report.checkpoint_dropped == []
+    assert conv.attn_res_report.checkpointed and conv.attn_res_report.checkpoint_dropped == []
     (x,) = hf.example_inputs(model, batch_size=2, seq_len=7)
     calls = []
     attn = [m for m in conv.modules() if type(m).__name__.endswith("Attention")]

@@ -8,7 +8,8 @@ import torch
 
 import residual_rewriter as rr
 from residual_rewriter.passes.op_names import is_attn_res
-from model_zoo import logits_of, make_gpt, make_hf, rel_err
+from model_zoo import aggregations, logits_of, make_gpt, make_hf, rel_err
+from residual_rewriter.passes.layerwise import installed_forwards
 
 MODELS = ["gpt", "llama", "mistral", "qwen2", "gpt2"]
 # float64: rounding level; float32: the issue's bound. Half precision: the original rounds the
@@ -55,22 +56,24 @@ def _residual_adds(graph, norms) -> list[str]:
 
 
 def test_really_rewritten():
-    """Guard against a test that cannot fail: the graph calls the op once per site plus one final, and
-    none of the original residual adds survives (every norm reads an aggregation, or b_0)."""
+    """Guard against a test that cannot fail: the rewritten layers call the op once per site plus one
+    final, and none of the original residual adds survives (every norm reads an aggregation, or b_0)."""
     converted = rr.convert(make_gpt(), num_blocks=2)
-    report = converted.report
-    ops = [n for n in converted.graph.nodes if is_attn_res(n)]
-    assert len(ops) == len(report.sites)  # every site but the first (one source) + the final
-    norms = {s.norm for s in report.sites} | {c for st in report.streams for c in st.consumers}
-    assert "transformer.ln_f" in norms and len(norms) == len(report.sites) + 1
-    # the criterion finds every residual add of the captured graph (else the check below proves nothing)
-    assert sorted(_residual_adds(converted.original_graph, norms)) == sorted(s.add_node for s in report.sites)
-    assert _residual_adds(converted.graph, norms) == []
-    b0 = {st.source_node for st in report.streams}
-    for n in converted.graph.nodes:
-        if n.op == "call_module" and n.target in norms:
-            (x,) = n.all_input_nodes
-            assert is_attn_res(x) or x.name in b0, (n.target, x.name)
+    report = converted.attn_res_report
+    assert len(aggregations(converted)) == len(report.sites)  # every site but the first (one source) + the final
+    holders = installed_forwards(converted)
+    assert [path for path, _ in holders] == report.holders == [f"transformer.h.{i}" for i in range(4)]
+    for path, forward in holders:
+        sites = [s for s in report.sites if s.norm.startswith(path + ".")]
+        norms = {s.norm[len(path) + 1:] for s in sites}
+        assert len(sites) == 2 and len(norms) == 2
+        # the criterion finds every residual add of the captured graph (else the check below proves nothing)
+        assert sorted(_residual_adds(forward.original_graph, norms)) == sorted(s.add_node for s in sites)
+        assert _residual_adds(forward.graph_module.graph, norms) == []
+        for n in forward.graph_module.graph.nodes:
+            if n.op == "call_module" and n.target in norms:
+                (x,) = n.all_input_nodes
+                assert is_attn_res(x) or (path == "transformer.h.0" and x.op == "placeholder"), (path, n.target, x.name)
 
 
 def test_mean_mixing_is_the_papers_average():
@@ -80,7 +83,7 @@ def test_mean_mixing_is_the_papers_average():
     # under pre-norm consumers the plain average is close to the sum but not exact (eps)
     err = rel_err(converted(x), model(x))
     assert 1e-10 < err < 0.5
-    scales = {n.args[4] for n in converted.graph.nodes if is_attn_res(n)}
+    scales = {n.args[4] for _, n in aggregations(converted)}
     assert scales == {1.0}
 
 
@@ -96,7 +99,7 @@ def test_vision_transformer_exact(dtype):
     """A Hugging Face ViT: example inputs derived from its config; its dtype check is traced through."""
     model = make_hf("vit").to(dtype)
     converted = rr.convert(model, block_size=1)
-    assert [s.sublayer for s in converted.report.sites] == [
+    assert [s.sublayer for s in converted.attn_res_report.sites] == [
         "vit.layers.0.attention", "vit.layers.0.mlp", "vit.layers.1.attention", "vit.layers.1.mlp"
     ]
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)

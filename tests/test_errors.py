@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import residual_rewriter as rr
+from model_zoo import rel_err
 from model_zoo import make_hf
 from toy_models import ReadsMidStreamLM
 
@@ -53,6 +54,18 @@ class BranchingNet(Net):
         return self.norm(x)
 
 
+class BranchingFlatNet(Net):
+    """The adds in the model's own forward, which also branches on data: the model itself would be
+    the holder, and it cannot be traced."""
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b.fc(b.norm(x))
+        if x.mean() > 0:
+            x = -x
+        return self.norm(x)
+
+
 def line_of(fn, text: str) -> str:
     """``test_errors.py:N`` of the line of ``fn``'s source holding ``text``."""
     lines, first = inspect.getsourcelines(fn)
@@ -84,8 +97,8 @@ def test_converting_a_converted_module_again():
             entry(converted, x())
 
 
-def test_converting_a_keep_class_model_again():
-    model = rr.convert(make_hf("llama"), keep_class=True)
+def test_converting_a_converted_hf_model_again():
+    model = rr.convert(make_hf("llama"))
     with pytest.raises(rr.ConversionError, match="already converted"):
         rr.convert(model)
     # a model reloaded by its own class from a converted checkpoint carries the options in its config
@@ -111,10 +124,19 @@ def test_data_dependent_control_flow_names_module_and_line():
     assert "torch.where" in message  # what to do
 
 
-def test_data_dependent_control_flow_in_the_models_own_forward():
+def test_data_dependent_control_flow_in_the_models_own_forward_is_no_obstacle_to_its_layers():
+    """The layers hold the adds: the model's own forward is never traced, so it may branch on data."""
+    model = BranchingNet().double()
+    inputs = x().double()
+    converted = rr.convert(model, inputs)
+    assert converted.attn_res_report.mode == "in place, layer by layer"
+    assert rel_err(converted(inputs), model(inputs)) <= 1e-12
+
+
+def test_data_dependent_control_flow_in_the_model_that_holds_the_adds():
     with pytest.raises(rr.ConversionError, match=r"the model itself") as info:
-        rr.convert(BranchingNet(), x())
-    assert line_of(BranchingNet.forward, "if x.mean() > 0") in str(info.value)
+        rr.convert(BranchingFlatNet(), x())
+    assert line_of(BranchingFlatNet.forward, "if x.mean() > 0") in str(info.value)
     assert isinstance(info.value.__cause__, torch.fx.proxy.TraceError)
 
 
@@ -148,7 +170,7 @@ def test_unexpected_failure_inside_the_pipeline_is_wrapped(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("residual_rewriter.api.apply_plan", broken)
+    monkeypatch.setattr("residual_rewriter.passes.layerwise.apply_plan", broken)
     with pytest.raises(rr.ConversionError, match="boom") as info:
         rr.convert(Net(), x())
     assert "please report" in str(info.value)
@@ -160,9 +182,9 @@ def test_model_that_cannot_be_deep_copied():
 
     model = Net()
     model.lock = threading.Lock()  # a module holding something copy.deepcopy refuses
-    with pytest.raises(rr.ConversionError, match=r"(?s)deep copy of Net.*cannot pickle.*inplace=True"):
+    with pytest.raises(rr.ConversionError, match=r"(?s)deep copy of Net.*cannot pickle.*convert_\(model\)"):
         rr.convert(model, x())
-    assert isinstance(rr.convert(model, x(), inplace=True), rr.ConvertedModule)
+    assert rr.convert_(model, example_inputs=x()) is model
 
 
 def test_failed_inplace_convert_leaves_the_model_working():
@@ -171,7 +193,8 @@ def test_failed_inplace_convert_leaves_the_model_working():
     reference = copy.deepcopy(model).eval()
     (idx,) = model.example_inputs()
     with pytest.raises(rr.ConversionError, match="read by"):
-        rr.convert(model, inplace=True)
+        rr.convert_(model)
+    assert not any("forward" in m.__dict__ or hasattr(m, "attn_res") for m in model.modules())
     assert model.training and all(m.training for m in model.modules())
     model.eval()
     for got, want in zip(model(idx), reference(idx)):

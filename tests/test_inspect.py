@@ -50,12 +50,12 @@ def test_diff_of_converted_shows_only_the_rewrite(converted):
     # every aggregation is added, every residual add is erased, every norm is rewired
     n_agg = sum(rri.is_aggregation(n) for n in converted.graph.nodes)
     assert sum("AttnRes[attn_res." in l for l in added) == n_agg
-    assert sum(l.startswith("-add_") for l in removed) >= len(converted.report.sites)
-    for site in converted.report.sites:
+    assert sum(l.startswith("-add_") for l in removed) >= len(converted.attn_res_report.sites)
+    for site in converted.attn_res_report.sites:
         if site.num_sources > 1:  # (a single-source "aggregation" is the identity and may be left out)
             assert any(f"= {site.norm}(attn_res" in l for l in added), site.norm
     # nodes the rewrite did not touch (the sublayers themselves) are not in the diff
-    assert not any(l[1:].startswith(f"{s.sublayer.replace('.', '_')} =") for s in converted.report.sites for l in changed)
+    assert not any(l[1:].startswith(f"{s.sublayer.replace('.', '_')} =") for s in converted.attn_res_report.sites for l in changed)
 
 
 def test_readable_graph_is_module_level(converted):
@@ -71,7 +71,7 @@ def test_readable_graph_is_module_level(converted):
 
 def test_graph_changes_counts(converted):
     c = rri.graph_changes(converted)
-    n_sites = len(converted.report.sites)
+    n_sites = len(converted.attn_res_report.sites)
     assert len(c.removed) == n_sites  # the residual adds
     assert c.aggregations == sum(rri.is_aggregation(n) for n in converted.graph.nodes)
     assert n_sites <= c.aggregations + 1 <= n_sites + 1  # the first site's single-source one may be elided
@@ -84,7 +84,7 @@ def test_graph_changes_counts(converted):
 def test_stream_graph_matches_the_plan(converted):
     g = rri.stream_graph(converted)
     assert nx.is_directed_acyclic_graph(g)
-    (st,) = converted.report.streams
+    (st,) = converted.attn_res_report.streams
     for site in st.sites:
         node = f"s0:site{site.index}"
         assert g.nodes[node]["block"] == site.block and g.nodes[node]["sublayer"] == site.sublayer
@@ -108,7 +108,7 @@ def test_stream_graph_from_detect_report(model):
 def test_dot_text(converted):
     dot = rri.to_dot(rri.stream_graph(converted))
     assert dot.startswith("digraph attnres {") and dot.rstrip().endswith("}")
-    assert dot.count("subgraph cluster_") == converted.report.streams[0].num_blocks
+    assert dot.count("subgraph cluster_") == converted.attn_res_report.streams[0].num_blocks
     assert dot.count('" -> "') == rri.stream_graph(converted).number_of_edges()
 
 
@@ -222,7 +222,7 @@ def test_weights_rows_sum_to_one_and_are_learned(model):
     _perturb_queries(converted)
     inputs = model.example_inputs()
     dw = rri.depth_attention_weights(converted, *inputs)
-    report = converted.report
+    report = converted.attn_res_report
     st = report.streams[0]
     # one row per sublayer plus the final aggregation, columns b_0 .. b_N
     assert dw.weights.shape == (len(report.sites) + 1, st.num_blocks + 1)

@@ -2,8 +2,8 @@
 
 Exact-at-init tests run with zero queries, where every aggregation is the plain sum of its sources:
 they cannot see a wrong source set, a wrong block partition or a query bound to the wrong site.
-Here every query and key-norm gain is random. The converted model runs once under an
-``fx.Interpreter`` with hooks on its norms and sublayers; the oracle takes the recorded embedding
+Here every query and key-norm gain is random. The converted model runs once, its rewritten modules'
+graphs under an ``fx.Interpreter``, with hooks on its norms and sublayers; the oracle takes the recorded embedding
 output b_0 and branch outputs v, computes from the paper's definition what every sublayer's norm and
 every final norm must read, and compares that with what the converted model fed them (float64,
 relative error <= 1e-10). Which parameter key belongs to which site is decided by the key's name
@@ -24,6 +24,7 @@ names do not), or only in the graph (the report is right); the configured key_no
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 
@@ -31,7 +32,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from attnres_oracle import expected_stream, owner_by_name, params_at, randomize, record, rel_err
+from attnres_oracle import attn_res_prefixes, expected_stream, owner_by_name, params_at, randomize, record, rel_err
 
 EPS = 1e-4  # not the default key_norm_eps: the one the user passes must be the one used
 TOL = 1e-10
@@ -66,9 +67,9 @@ def _build(name: str):
         return transformers.GPT2LMHeadModel(cfg), (_ids(2, 9),), None
     if name == "gpt_neox":  # parallel block: 5 layers = 5 sites, each read through two norms
         cfg = transformers.GPTNeoXConfig(**decoder, num_hidden_layers=5)
-        # the branch is attention + MLP (the MLP is traced into: hook its output projection); their
-        # outputs must sum to the recorded v
-        parts = lambda site: [f"{site.sublayer}.attention", f"{site.sublayer}.mlp.dense_4h_to_h"]  # noqa: E731
+        # the branch is attention + MLP (modules the rewritten layer calls); their outputs must sum to
+        # the recorded v
+        parts = lambda site: [f"{site.sublayer}.attention", f"{site.sublayer}.mlp"]  # noqa: E731
         return transformers.GPTNeoXForCausalLM(cfg), (_ids(2, 9),), parts
     if name == "t5":  # two streams: encoder 4 sublayers, decoder 6 (SelfAttention, EncDecAttention, DenseReluDense)
         cfg = transformers.T5Config(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12,
@@ -87,6 +88,8 @@ def _converted(name: str, options: tuple):
     model = model.double().eval()
     example = None if name not in ("inline",) else inputs
     converted = rr.convert(model, example, key_norm_eps=EPS, **dict(options))
+    inputs = inspect.signature(model.forward).bind(*inputs).arguments if name in ("gpt", "inline") else dict(
+        zip(["input_ids", "decoder_input_ids"], inputs))
     randomize(converted, seed=len(options) + sum(map(ord, name)))
     return converted, inputs, branch_modules
 
@@ -126,13 +129,13 @@ def _setup(name, options):
 def test_every_norm_reads_what_block_attnres_says(case):
     name, options = case
     converted, inputs, branch_modules = _setup(name, options)
-    report = converted.report
+    report = converted.attn_res_report
     rec = record(converted, inputs, branch_modules)
     mixing = options.get("mixing", "sum")
     failures = []
     for st in report.streams:
         # sublayers in depth order: their branch outputs are computed in that order
-        order = [rec.order[s.branch_node] for s in st.sites]
+        order = [rec.order[(st.index, s.index)] for s in st.sites]
         assert order == sorted(order), f"stream {st.index}: sites not in execution order"
         # the branch outputs the oracle uses are the modules' own outputs where a module gives them
         for site in st.sites:
@@ -173,16 +176,16 @@ def test_every_norm_reads_what_block_attnres_says(case):
         # every key the report binds names its own site (the oracle's rule: by module path)
         for site in st.sites:
             if site.param_prefix:
-                owner = owner_by_name(report, site.param_prefix.split(".", 1)[1])
+                owner = owner_by_name(report, site.param_prefix)
                 assert owner == (st.index, site.index), (
                     f"{site.param_prefix} is used by site {site.index} ({site.sublayer}) but names {owner}")
             else:
                 assert want.num_sources[site.index] == 1, f"site {site.index} ({site.sublayer}) mixes without a query"
-        owner = owner_by_name(report, st.final_param_prefix.split(".", 1)[1])
+        owner = owner_by_name(report, st.final_param_prefix)
         assert owner == (st.index, "final"), f"{st.final_param_prefix} is the final query of stream {st.index} but names {owner}"
     # one query per aggregation: every key is used by exactly one site or stream end
     used = [s.param_prefix for s in report.sites if s.param_prefix] + [st.final_param_prefix for st in report.streams]
-    assert sorted(used) == sorted(f"attn_res.{k}" for k in converted.attn_res.keys())
+    assert sorted(used) == attn_res_prefixes(converted)
 
 
 PERTURB = [("llama", dict(num_blocks=4)), ("gpt_neox", dict(num_blocks=2)), ("t5", dict(num_blocks=4)),
@@ -196,13 +199,13 @@ def test_a_query_moves_the_site_it_names_first(case):
     whose input changes (earlier sites bit-identical), and a final query moves no site at all."""
     name, options = case
     converted, inputs, branch_modules = _setup(name, options)
-    report = converted.report
+    report = converted.attn_res_report
     base = record(converted, inputs, branch_modules)
-    for key in sorted(converted.attn_res.keys()):
+    for key in attn_res_prefixes(converted):
         owner = owner_by_name(report, key)
-        assert owner is not None, f"attn_res.{key} names no single site by module path"
+        assert owner is not None, f"{key} names no single site by module path"
         stream, which = owner
-        query = converted.attn_res[key].query
+        query = converted.get_parameter(key + ".query")
         saved = query.detach().clone()
         try:
             with torch.no_grad():
@@ -218,8 +221,8 @@ def test_a_query_moves_the_site_it_names_first(case):
         sites = report.streams[stream].sites
         first = next((s.index for s in sites if moved(rec.fed[(stream, s.index)], base.fed[(stream, s.index)])), "final")
         if first == "final":
-            assert moved(rec.final_fed[stream], base.final_fed[stream]), f"attn_res.{key} moves nothing in stream {stream}"
-        assert first == which, f"attn_res.{key} names {owner}, but the first input it moves is stream {stream} site {first}"
+            assert moved(rec.final_fed[stream], base.final_fed[stream]), f"{key} moves nothing in stream {stream}"
+        assert first == which, f"{key} names {owner}, but the first input it moves is stream {stream} site {first}"
 
 
 if __name__ == "__main__":

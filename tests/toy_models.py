@@ -118,7 +118,7 @@ class ParallelLM(ToyLM):
 
 
 class ReadsMidStreamLM(ToyLM):
-    """Returns a hidden state taken out in the middle of the stream: refused."""
+    """Computes with a hidden state taken out in the middle of the stream (a probe): refused."""
 
     def forward(self, idx):
         x = self.emb(idx)
@@ -126,7 +126,7 @@ class ReadsMidStreamLM(ToyLM):
         for blk in self.blocks:
             x = blk(x)
             mids.append(x)
-        return self.head(self.norm_f(x)), mids[1]
+        return self.head(self.norm_f(x)), mids[1].mean(-1)
 
 
 class PlainMLP(nn.Module):

@@ -1,8 +1,9 @@
-"""convert(hf_model, keep_class=True): the model keeps its class — generate with the KV cache,
-save_pretrained / from_pretrained, output types — and runs converted graphs."""
+"""convert(hf_model): a converted copy of the model's own class — generate with the KV cache,
+save_pretrained / from_pretrained, output types, training with labels."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def pair():
     model = make_hf("llama").double()
-    converted = rr.convert(model, keep_class=True, num_blocks=2)
+    converted = rr.convert(model, num_blocks=2)
     return model, converted
 
 
@@ -25,10 +26,9 @@ def test_class_and_report(pair):
     model, converted = pair
     assert type(converted) is type(model) and converted is not model
     assert len(converted.attn_res_report.sites) == 6
-    assert {n for n, _ in converted.named_parameters() if n.startswith("attn_res.")} == {
-        f"attn_res.{k}" for k in converted.attn_res.state_dict()
-    }
-    assert not hasattr(model, "attn_res")  # the original is untouched
+    new = {n for n, _ in converted.named_parameters()} - {n for n, _ in model.named_parameters()}
+    assert new and all(".attn_res." in n for n in new)
+    assert not any(hasattr(m, "attn_res") for m in model.modules())  # the original is untouched
 
 
 def test_exact_at_init_and_output_type(pair):
@@ -45,13 +45,12 @@ def test_generate_with_kv_cache_matches_the_original_at_init(pair):
     mask = torch.ones_like(x)
     kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask, pad_token_id=0)
     assert torch.equal(converted.generate(x, **kw), model.generate(x, **kw))
-    assert any((name, "object", "DynamicCache") in k for k in converted.forward.graphs for name in hf.CACHE_ARGUMENT_NAMES)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mistral"])
 def test_generate_other_decoders(name):
     model = make_hf(name).double()
-    converted = rr.convert(model, keep_class=True, num_blocks=2)
+    converted = rr.convert(model, num_blocks=2)
     x = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
     assert torch.equal(converted.generate(x, **kw), model.generate(x, **kw))
@@ -60,7 +59,7 @@ def test_generate_other_decoders(name):
 def test_kv_cache_is_exact_for_attnres():
     """With random queries (really AttnRes), decoding with the cache equals recomputing everything:
     the depth mixture is per token, so cached keys/values stay valid."""
-    converted = rr.convert(make_hf("llama").double(), keep_class=True, block_size=1)
+    converted = rr.convert(make_hf("llama").double(), block_size=1)
     perturb_attn_res(converted, scale=3.0)
     x = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
@@ -71,52 +70,45 @@ def test_kv_cache_is_exact_for_attnres():
     full = converted(cached, use_cache=False).logits
     with torch.no_grad():
         out = converted(cached[:, :6], use_cache=True)
-        name = next(n for n in hf.CACHE_ARGUMENT_NAMES if n in converted.forward.signature.parameters)
+        name = next(n for n in hf.CACHE_ARGUMENT_NAMES if n in inspect.signature(converted.forward).parameters)
         past = out.get("cache", out.get("past_key_values"))  # the output field follows the argument's name
         step = converted(cached[:, 6:7], **{name: past}, use_cache=True)
     assert rel_err(step.logits[:, -1], full[:, 6]) <= 1e-10
 
 
 def test_save_pretrained_and_from_pretrained(tmp_path):
-    converted = rr.convert(make_hf("llama"), keep_class=True, num_blocks=2, mixing="mean")
+    converted = rr.convert(make_hf("llama"), num_blocks=2, mixing="mean")
     perturb_attn_res(converted)
     converted.save_pretrained(tmp_path)
     loaded = rr.from_pretrained(tmp_path)
     assert type(loaded) is type(converted) and loaded.attn_res_report.config.mixing == "mean"
     x = torch.randint(0, 128, (2, 7))
     assert torch.equal(loaded(x).logits, converted(x).logits)
-    for k, v in converted.attn_res.state_dict().items():
-        assert torch.equal(loaded.attn_res.state_dict()[k], v)
+    saved = {k: v for k, v in converted.state_dict().items() if ".attn_res." in k}
+    assert saved and all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
 
 
 def test_training_keeps_class_and_trains():
-    converted = rr.convert(make_hf("qwen2"), keep_class=True)
+    converted = rr.convert(make_hf("qwen2"))
     opt = torch.optim.AdamW(converted.parameters(), lr=1e-2)
     x = torch.randint(0, 128, (4, 12))
     converted.train()
     losses = []
     for _ in range(5):
-        loss = converted(x, labels=x).loss  # HF computes the loss; labels is a new signature
+        loss = converted(x, labels=x).loss  # HF computes the loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert all(m.query.abs().sum() > 0 for m in converted.attn_res.values())
+    assert all(p.abs().sum() > 0 for n, p in converted.named_parameters() if n.endswith(".query"))
 
 
-def test_deepcopy_rebuilds_graphs_on_the_copy(pair):
+def test_deepcopy_runs_the_copys_own_parameters(pair):
     _, converted = pair
     twin = copy.deepcopy(converted)
     x = torch.randint(0, 128, (2, 5))
     with torch.no_grad():
-        twin.attn_res[next(iter(twin.attn_res))].query.add_(1.0)
-    assert twin.forward.model is twin and not twin.forward.graphs
+        twin.get_parameter("model.layers.1.attn_res.mlp.query").add_(1.0)
+    assert twin.model.layers[1].forward.module is twin.model.layers[1]
     assert not torch.equal(twin(x).logits, converted(x).logits)
-
-
-def test_keep_class_refuses_plain_modules():
-    from model_zoo import make_gpt
-
-    with pytest.raises(rr.ConversionError, match="Hugging Face"):
-        rr.convert(make_gpt(), keep_class=True)
