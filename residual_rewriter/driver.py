@@ -100,8 +100,8 @@ def _model_as_holder(c: Conversion, why: str) -> None:
     try:
         bound = layerwise.bind_call(c.model, c.args, c.kwargs)
         traced = layerwise.trace_model(c.model, bound, num_blocks=c.config.num_blocks, block_size=c.config.block_size)
-    except ConversionError as exc:
-        raise ConversionError(f"cannot convert {type(c.model).__name__} layer by layer: {why}\nnor as one graph: {exc}") from exc
+    except ConversionError as exc:  # the model's own reason first: it says the most about the model
+        raise ConversionError(f"{exc}\n(Not layer by layer either: {why})") from exc
     root_call = next((call for call in c.calls if call.path == ""), None)
     c.streams = [[layerwise.Holder("", c.model, root_call, bound, traced)]]
     c.mode, c.mode_reason = WHOLE_MODEL, why

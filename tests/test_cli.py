@@ -110,18 +110,18 @@ def test_llama_config_folder_and_file(capsys, llama_config_dir):
         "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp"]
     assert report["streams"][0]["consumers"] == ["model.norm"]
     code, out, _ = run(capsys, "inspect", str(llama_config_dir / "config.json"), "--view", "diff", "-q")
-    assert code == 0 and "AttnRes[attn_res.model__layers__" in out and "post_attention_layernorm" in out
+    assert code == 0 and "# model.layers.1\n" in out and "AttnRes[attn_res.mlp]" in out and "post_attention_layernorm" in out
 
 
 def test_diff_view(capsys, targets):
     code, out, _ = run(capsys, "inspect", SMALL_GPT, "--view", "diff", "-q")
     assert code == 0
-    assert out.startswith("--- before (captured)") and "+attn_res_default" in out and "-add_" in out
+    assert out.startswith("# transformer.h.0\n--- transformer.h.0 before") and "+attn_res_default" in out and "-add_" in out
 
 
 def test_graph_and_streams_text_views(capsys, targets):
     code, out, _ = run(capsys, "inspect", SMALL_GPT, "--view", "graph", "-q")
-    assert code == 0 and "# before (captured)" in out and "# after (AttnRes)" in out
+    assert code == 0 and "## before (captured)\n# transformer.h.0\n" in out and "## after (AttnRes)" in out
     code, out, _ = run(capsys, "inspect", SMALL_GPT, "--view", "streams", "--block-size", "2", "-q")
     assert code == 0
     assert "transformer.h.0.mlp <- b0, partial b1 (transformer.h.0.attn)" in out

@@ -12,6 +12,9 @@ import torch.fx as fx
 import residual_rewriter as rr
 from residual_rewriter import inspect as rri
 from residual_rewriter.models import GPT, GPTConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model_zoo import aggregations
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,19 +46,20 @@ def test_diff_of_unconverted_is_empty(model):
 
 def test_diff_of_converted_shows_only_the_rewrite(converted):
     diff = rri.graph_diff(converted)
-    assert diff.startswith("--- before (captured)\n+++ after (AttnRes)")
-    changed = [l for l in diff.splitlines()[2:] if l[:1] in "+-"]
+    report = converted.attn_res_report
+    assert diff.startswith("# transformer.h.0\n--- transformer.h.0 before\n+++ transformer.h.0 after (AttnRes)")
+    assert [l[2:] for l in diff.splitlines() if l.startswith("# ")] == report.holders
+    changed = [l for l in diff.splitlines() if l[:1] in "+-" and not l.startswith(("---", "+++"))]
     added = [l for l in changed if l.startswith("+")]
     removed = [l for l in changed if l.startswith("-")]
     # every aggregation is added, every residual add is erased, every norm is rewired
-    n_agg = sum(rri.is_aggregation(n) for n in converted.graph.nodes)
-    assert sum("AttnRes[attn_res." in l for l in added) == n_agg
-    assert sum(l.startswith("-add_") for l in removed) >= len(converted.attn_res_report.sites)
-    for site in converted.attn_res_report.sites:
+    assert sum("AttnRes[attn_res." in l for l in added) == len(aggregations(converted))
+    assert sum(l.startswith(("-add =", "-add_")) for l in removed) >= len(report.sites)
+    for site in report.sites:
         if site.num_sources > 1:  # (a single-source "aggregation" is the identity and may be left out)
-            assert any(f"= {site.norm}(attn_res" in l for l in added), site.norm
+            assert any(f"= {site.norm.rsplit('.', 1)[1]}(attn_res" in l for l in added), site.norm
     # nodes the rewrite did not touch (the sublayers themselves) are not in the diff
-    assert not any(l[1:].startswith(f"{s.sublayer.replace('.', '_')} =") for s in converted.attn_res_report.sites for l in changed)
+    assert not any(l[1:].startswith(f"{s.sublayer.rsplit('.', 1)[1]} =") for s in report.sites for l in changed)
 
 
 def test_readable_graph_is_module_level(converted):
@@ -64,16 +68,18 @@ def test_readable_graph_is_module_level(converted):
         assert "num_users" not in text and "get_attr" not in text
         assert "attn_res.default" not in text  # aggregations print as AttnRes[prefix](...)
     assert "AttnRes[" not in before and "AttnRes[" in after
-    # one line per node, except the query/gain get_attrs folded into their aggregation line
-    folded = sum(n.op == "get_attr" and all(rri.is_aggregation(u) for u in n.users) for n in converted.graph.nodes)
-    assert len(after.splitlines()) == len(converted.graph.nodes) - folded
+    # one line per node and a header per rewritten module, except the query/gain get_attrs folded
+    # into their aggregation line
+    graphs = [g for _, _, g in rri.holder_graphs(converted)]
+    folded = sum(n.op == "get_attr" and all(rri.is_aggregation(u) for u in n.users) for g in graphs for n in g.nodes)
+    assert len(after.splitlines()) == sum(len(g.nodes) for g in graphs) + len(graphs) - folded
 
 
 def test_graph_changes_counts(converted):
     c = rri.graph_changes(converted)
     n_sites = len(converted.attn_res_report.sites)
     assert len(c.removed) == n_sites  # the residual adds
-    assert c.aggregations == sum(rri.is_aggregation(n) for n in converted.graph.nodes)
+    assert c.aggregations == len(aggregations(converted))
     assert n_sites <= c.aggregations + 1 <= n_sites + 1  # the first site's single-source one may be elided
     assert "added" in str(c)
 
@@ -207,8 +213,9 @@ def test_bad_picture_format(converted):
 def _perturb_queries(converted, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in converted.attn_res.values():
-            m.query.copy_(torch.randn(m.query.shape, generator=g) * 2.0)
+        for name, p in converted.named_parameters():
+            if name.endswith(".query"):
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
 
 
 def test_weights_uniform_at_init(converted, model):
@@ -267,22 +274,21 @@ def test_weights_match_the_reference_directly(model):
     _perturb_queries(converted, seed=1)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # gains away from ones, so a formula that drops or misplaces them shows
-        for m in converted.attn_res.values():
-            m.key_norm_weight.copy_(1 + 0.5 * torch.randn(m.key_norm_weight.shape, generator=g))
+        for name, p in converted.named_parameters():
+            if name.endswith(".key_norm_weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
     (x,) = model.example_inputs()
     dw = rri.depth_attention_weights(converted, x)
-    final = [n for n in converted.graph.nodes if rri.is_aggregation(n)][-1]
     captured = {}
 
-    class Grab(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n is final:
-                captured["args"] = [self.env[s] for s in n.args[0]], self.env[n.args[1]], self.env[n.args[2]], n.args[3]
-            return out
+    class Grab(TorchDispatchMode):  # the last aggregation's arguments, seen at the dispatcher
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "residual_rewriter" in str(func) and "attn_res" in str(func):
+                captured["args"] = args[:4]
+            return func(*args, **(kwargs or {}))
 
-    with torch.no_grad():
-        Grab(converted.eval()).run(x)
+    with torch.no_grad(), Grab():
+        converted.eval()(x)
     sources, q, g, eps = captured["args"]
     # by hand, in float64, independently of the library: RMS-normalise each source over the hidden
     # dim, apply the gain, dot with the query, softmax over sources per token, average over tokens
@@ -313,9 +319,9 @@ def test_heatmap_files(model, fmt, tmp_path):
     _assert_valid_picture(path.read_bytes(), fmt)
 
 
-def test_weights_need_a_converted_module(model):
-    with pytest.raises(ValueError, match="no AttnRes aggregations"):
-        rri.depth_attention_weights(fx.symbolic_trace(model), *model.example_inputs())
+def test_weights_need_a_converted_model(model):
+    with pytest.raises(TypeError, match="converted by residual_rewriter"):
+        rri.depth_attention_weights(model, *model.example_inputs())
 
 
 # ---- targets -----------------------------------------------------------------------------------

@@ -158,9 +158,10 @@ def graph_changes(model: nn.Module) -> GraphChanges:
     b, a, aggregations = {}, {}, 0
 
     def by_name(path: str, graph: fx.Graph) -> dict[str, str]:
-        # "name = ..." lines; inputs and the return line are keyed by themselves
+        # "name = ..." lines by name; inputs by themselves; the return line as "return" (rewired when
+        # the layer now returns the AttnRes state)
         lines = readable_graph(graph).splitlines()
-        return {f"{path}:{line.split(' = ', 1)[0]}": line for line in lines}
+        return {f"{path}:{'return' if line.startswith('return ') else line.split(' = ', 1)[0]}": line for line in lines}
 
     for path, original, rewritten in holder_graphs(model):
         b.update(by_name(path, original))

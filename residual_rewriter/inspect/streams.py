@@ -29,10 +29,10 @@ from residual_rewriter.report import ConversionReport
 def _report_of(obj) -> ConversionReport:
     if isinstance(obj, ConversionReport):
         return obj
-    report = getattr(obj, "report", None)
+    report = getattr(obj, "attn_res_report", None)
     if isinstance(report, ConversionReport):
         return report
-    raise TypeError(f"expected a ConversionReport or the module convert() returned, got {type(obj).__name__}")
+    raise TypeError(f"expected a ConversionReport or a converted model, got {type(obj).__name__}")
 
 
 def stream_graph(report_or_module: Union[ConversionReport, object]) -> nx.DiGraph:
