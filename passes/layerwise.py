@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -362,7 +363,7 @@ class LayerForward:
         names, fn = entry
         values = dict(zip(bound.names, bound.values))
         inputs = [values[n] for n in names]
-        if self.module.training and not torch.is_grad_enabled() and _any_requires_grad(inputs):
+        if not torch.is_grad_enabled() and _inside_a_reentrant_checkpoint():
             # a reentrant checkpoint AROUND the layer (torch.utils.checkpoint(layer, state, use_reentrant=True),
             # Hugging Face < 5.24's __call__) sees neither the tensors inside the AttnResState it passes nor
             # those in the state returned: every gradient before it would be lost. Refused, not warned.
@@ -463,8 +464,19 @@ def _under_a_tracer(values: list) -> bool:
     return any(isinstance(t, fx.Proxy) or (isinstance(t, torch.Tensor) and is_fake(t)) for t in tree_flatten(values)[0])
 
 
-def _any_requires_grad(inputs: list) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(inputs)[0])
+def _inside_a_reentrant_checkpoint(depth: int = 12) -> bool:
+    """Called (a few frames up) from ``torch.utils.checkpoint``'s reentrant ``CheckpointFunction``."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    target = CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is target:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, config) -> fx.GraphModule:
