@@ -49,7 +49,7 @@ torch.manual_seed(0)
 model = GPT(GPTConfig(n_layer=args.layers))
 eager = rr.convert(model, num_blocks=args.blocks)
 with torch.no_grad():
-    for p in eager.attn_res_parameters():
+    for p in rr.attn_res_parameters(eager):
         p.add_(0.5 * torch.randn_like(p))
 
 # Two identical copies: one runs eagerly, one is compiled.
@@ -68,7 +68,7 @@ def train_step(model, fn):
     loss = F.cross_entropy(fn(x).reshape(-1, 256), y.reshape(-1))
     opt.zero_grad()
     loss.backward()
-    grads = [p.grad.clone() for p in model.attn_res_parameters()]
+    grads = [p.grad.clone() for p in rr.attn_res_parameters(model)]
     opt.step()
     return loss.item(), grads
 

@@ -62,6 +62,6 @@ added = [(n, tuple(p.shape)) for n, p in converted.named_parameters() if n not i
 print(f"\nadded modules: {len(converted.attn_res)} (converted.attn_res)")
 for name, shape in added:
     print(f"  {name:52s} {shape}")
-n_new = sum(p.numel() for p in converted.attn_res_parameters())
+n_new = sum(p.numel() for p in rr.attn_res_parameters(converted))
 n_old = sum(p.numel() for p in model.parameters())
 print(f"new parameters: {n_new:,} ({100 * n_new / n_old:.2f}% of the original {n_old:,})")

@@ -3,7 +3,7 @@
 Both models start from the same weights and see the same batches (same seed), so step 1 has the
 same loss (the conversion is exact at init); after that the converted model can learn which
 earlier blocks each sublayer reads. The new AttnRes parameters (pseudo-queries and key-norm gains,
-``converted.attn_res_parameters()``) get their own optimizer group with a higher learning rate,
+``rr.attn_res_parameters(converted)``) get their own optimizer group with a higher learning rate,
 as you would do in practice: they start at zero and there are few of them.
 
 Random weights, a tiny built-in text, byte-level tokens: nothing is downloaded.
@@ -54,7 +54,7 @@ if args.checkpointing:
 baseline = copy.deepcopy(original)                        # what we fine-tune for comparison
 
 # Optimizers: the baseline as usual; the converted model with a second group for the AttnRes params.
-attn_res_params = converted.attn_res_parameters()
+attn_res_params = rr.attn_res_parameters(converted)
 new_ids = {id(p) for p in attn_res_params}
 base_params = [p for p in converted.parameters() if id(p) not in new_ids]
 opt_base = torch.optim.AdamW(baseline.parameters(), lr=args.lr)

@@ -46,7 +46,7 @@ model = GPT(GPTConfig(n_layer=args.layers))
 converted = rr.convert(model, block_size=args.block_size)
 
 # Train: model weights at a normal lr, the (few) AttnRes parameters at a much higher one.
-attn_res = converted.attn_res_parameters()
+attn_res = rr.attn_res_parameters(converted)
 ids_new = {id(p) for p in attn_res}
 opt = torch.optim.AdamW([
     {"params": [p for p in converted.parameters() if id(p) not in ids_new], "lr": 2e-3},

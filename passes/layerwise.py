@@ -363,7 +363,8 @@ class LayerForward:
         names, fn = entry
         values = dict(zip(bound.names, bound.values))
         inputs = [values[n] for n in names]
-        if not torch.is_grad_enabled() and _inside_a_reentrant_checkpoint():
+        # (Dynamo cannot trace a reentrant checkpoint: it runs one eagerly, where this check applies)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _inside_a_reentrant_checkpoint():
             # a reentrant checkpoint AROUND the layer (torch.utils.checkpoint(layer, state, use_reentrant=True),
             # Hugging Face < 5.24's __call__) sees neither the tensors inside the AttnResState it passes nor
             # those in the state returned: every gradient before it would be lost. Refused, not warned.

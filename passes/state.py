@@ -70,6 +70,11 @@ def states_to_tensors(module, args, output: Any) -> Any:
 def states_in_output_to_tensors(module, args, output: Any) -> Any:
     """Forward hook on a model that is not a Hugging Face one: states anywhere in its output (torchtune
     returns ``[*hidden_states, logits]`` with ``output_hidden_states``) become their residual sums."""
-    from torch.utils._pytree import tree_map_only
+    from torch.utils._pytree import tree_flatten, tree_map_only
 
-    return tree_map_only(AttnResState, AttnResState.residual_sum, output, is_leaf=lambda v: isinstance(v, AttnResState))
+    def is_state(v: Any) -> bool:
+        return isinstance(v, AttnResState)
+
+    if not any(is_state(v) for v in tree_flatten(output, is_leaf=is_state)[0]):
+        return None  # the output as it is: no tensor op, so torch.compile makes no graph of this hook
+    return tree_map_only(AttnResState, AttnResState.residual_sum, output, is_leaf=is_state)

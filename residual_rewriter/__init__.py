@@ -11,7 +11,7 @@ from ._layout import mount_checkout_subpackages
 mount_checkout_subpackages()
 from .kernels import attn_res, partial_add  # noqa: E402,F401  registers torch.ops.residual_rewriter.*
 from . import backend  # noqa: F401  registers the torch.compile backend "attnres"
-from .api import convert, convert_, detect
+from .api import attn_res_parameters, convert, convert_, detect
 from .config import AttnResConfig
 from .passes.errors import ConversionError
 from .passes.state import AttnResState
@@ -20,4 +20,4 @@ from .report import ConversionReport
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "convert_", "AttnResState", "detect", "from_pretrained", "AttnResConfig", "ConversionError", "ConversionReport"]
+__all__ = ["convert", "convert_", "attn_res_parameters", "AttnResState", "detect", "from_pretrained", "AttnResConfig", "ConversionError", "ConversionReport"]

@@ -24,6 +24,7 @@ def convert_(
     *,
     example_inputs: Any = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    verify: bool = True,
     num_blocks: Optional[int] = None,
     block_size: Optional[int] = None,
     mixing: Optional[str] = None,
@@ -45,6 +46,8 @@ def convert_(
             keyword arguments. Optional for Hugging Face models and models with ``example_inputs()``.
         filter_fn: ``filter_fn(module, path) -> bool``: only modules it accepts may be rewritten
             (their sublayers must still form one stream).
+        verify: run the converted model on the example inputs and compare with the original's output
+            (on by default; a mismatch restores the model and raises).
 
     ``model.attn_res_report`` says what was rewritten and in which mode.
     """
@@ -57,7 +60,7 @@ def convert_(
         )
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
     args, kwargs = _example_call(model, example_inputs)
-    report = driver.run(driver.Conversion(model, config, args, kwargs, filter_fn))
+    report = driver.run(driver.Conversion(model, config, args, kwargs, filter_fn, verify=verify))
     model.attn_res_report = report
     if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
         model.config = copy.copy(model.config)  # in a copy: other models may share the config object
@@ -72,6 +75,7 @@ def convert(
     *,
     config: Optional[AttnResConfig] = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    verify: bool = True,
     num_blocks: Optional[int] = None,
     block_size: Optional[int] = None,
     mixing: Optional[str] = None,
@@ -81,7 +85,7 @@ def convert(
     (a Hugging Face model keeps ``generate``, ``save_pretrained``, ``config``); ``model`` is untouched.
     Arguments as for ``convert_``."""
     _check_model(model)
-    return convert_(copy_to_convert(model), config, example_inputs=example_inputs, filter_fn=filter_fn,
+    return convert_(copy_to_convert(model), config, example_inputs=example_inputs, filter_fn=filter_fn, verify=verify,
                     num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
 
 
@@ -106,6 +110,12 @@ def detect(
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing)
     args, kwargs = _example_call(model, example_inputs)
     return driver.run(driver.Conversion(model, config, args, kwargs, filter_fn), keep=False)
+
+
+def attn_res_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters conversion added (each aggregation's query and key-norm gain), e.g. for their own
+    optimizer group: ``torch.optim.AdamW([{"params": rr.attn_res_parameters(model), "lr": 1e-3}, ...])``."""
+    return [p for name, p in model.named_parameters() if ".attn_res." in f".{name}"]
 
 
 def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:

@@ -55,6 +55,7 @@ class Conversion:
     args: tuple
     kwargs: dict
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
+    verify: bool = True  # run the converted model once and compare (verify); detect always does
     calls: list = field(default_factory=list)  # observe: every module call, in start order
     reference: Any = None  # observe: the original model's output
     streams: list[list[layerwise.Holder]] = field(default_factory=list)  # holders chained per stream
@@ -150,6 +151,8 @@ def install(c: Conversion) -> None:
 def verify(c: Conversion) -> None:
     """Run the converted model on the example call; with "sum" mixing its output must equal the
     original's up to the dtype's rounding."""
+    if not c.verify and not c.detect_only:
+        return
     model = c.model
     try:
         with torch.no_grad(), in_mode(model, False), buffers_restored(model):

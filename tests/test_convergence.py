@@ -82,7 +82,7 @@ def curves():
     baseline = copy.deepcopy(original)
     data = batches()
     base = train(baseline, data)
-    conv = train(converted, data, converted.attn_res_parameters())
+    conv = train(converted, data, rr.attn_res_parameters(converted))
     return base, conv, converted
 
 
@@ -103,7 +103,7 @@ def test_both_curves_go_down(curves):
 
 def test_queries_moved(curves):
     _, _, converted = curves
-    queries = [p for n, p in converted.attn_res.named_parameters() if n.endswith("query")]
+    queries = [p for n, p in converted.named_parameters() if ".attn_res." in n and n.endswith("query")]
     assert queries
     assert all(q.abs().max().item() > 1e-3 for q in queries), [q.abs().max().item() for q in queries]
 

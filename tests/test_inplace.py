@@ -123,30 +123,6 @@ def test_non_zero_queries_follow_the_oracle(options):
     assert oracle_err(rec["final"], want.uniform[-1]) > 1e-3  # the queries do matter
 
 
-def test_same_function_as_the_whole_graph_conversion_with_the_same_queries():
-    """Two routes to one model: convert (one traced graph) and convert_ (layer by layer) compute the
-    same function once each aggregation's query is copied across by the site it belongs to."""
-    model = make_gpt().double()
-    whole = rr.convert(model, num_blocks=3)
-    inplace = rr.convert_(copy.deepcopy(model), num_blocks=3)
-    perturb_attn_res(whole, seed=3)
-    layerwise_sites = inplace.attn_res_report.sites
-    assert [s.block for s in whole.report.sites] == [s.block for s in layerwise_sites]
-    with torch.no_grad():
-        for a, b in zip(whole.report.sites[1:], layerwise_sites[1:]):
-            holder, key = b.param_prefix.split(".attn_res.")
-            target = inplace.get_submodule(holder).attn_res[key]
-            source = whole.attn_res[a.param_prefix.split(".", 1)[1]]
-            target.load_state_dict(source.state_dict())
-        last = inplace.attn_res_report.streams[0].final_param_prefix.split(".attn_res.")[0]
-        inplace.get_submodule(last).attn_res["final"].load_state_dict(
-            whole.attn_res[whole.report.streams[0].final_param_prefix.split(".", 1)[1]].state_dict())
-    (x,) = model.example_inputs()
-    with torch.no_grad():
-        assert rel_err(inplace(x), whole(x)) <= 1e-12
-        assert rel_err(inplace(x), model(x)) > 1e-3
-
-
 def test_generate_with_the_kv_cache():
     """Greedy decoding with the cache equals the original at init, and with random queries equals
     decoding without the cache (the depth mixture is per token)."""
@@ -188,25 +164,26 @@ def test_trains_deepcopies_and_round_trips_its_state_dict():
 
 
 @pytest.mark.parametrize("name, block_size", [("gpt", 1), ("gpt", 2), ("llama", 2)])
-def test_compile_backend_batches_the_in_place_model_as_the_whole_graph(name, block_size):
-    """Dynamo traces the model's Python and each rewritten layer into one graph: the backend's pass
-    log counts are the same as for the whole-graph conversion of the same model."""
-    logs = []
-    for convert in (rr.convert, rr.convert_):
-        torch._dynamo.reset()
-        model = make_gpt() if name == "gpt" else make_architecture("llama").float()
-        x = model.example_inputs()[0] if name == "gpt" else torch.randint(0, 128, (2, 8))
-        model = convert(model, block_size=block_size)
-        backend = make_attnres_backend(compiler="eager", keep_graphs=True, lower=None)
-        with torch.no_grad():
-            torch.compile(model, backend=backend, fullgraph=True)(x)
-        # every aggregation in one graph (a Hugging Face model's output hook may compile a second,
-        # aggregation-free one)
-        assert [log["find"]["aggregations"] for log in backend.logs if log["find"]["aggregations"]] == [
-            len(model.attn_res_report.sites) if convert is rr.convert_ else len(model.report.sites)]
-        logs.append(next(log for log in backend.logs if log["find"]["aggregations"]))
+def test_compile_backend_batches_the_in_place_model_in_one_graph(name, block_size):
+    """Dynamo traces the model's Python and each rewritten layer into one graph (fullgraph): the
+    backend finds every aggregation there and batches each block as the whole-graph conversion did
+    (the counts ``test_backend.expected_counts`` derives from the block layout)."""
+    from test_backend import expected_counts
+
     torch._dynamo.reset()
-    assert logs[0] == logs[1]
+    model = make_gpt() if name == "gpt" else make_architecture("llama").float()
+    x = model.example_inputs()[0] if name == "gpt" else torch.randint(0, 128, (2, 8))
+    rr.convert_(model, block_size=block_size)
+    backend = make_attnres_backend(compiler="eager", keep_graphs=True, lower=None, fuse_norm=False,
+                                   accumulate_in_gemm=False)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(x)
+    sites = len(model.attn_res_report.sites)
+    logs = list(backend.logs)
+    torch._dynamo.reset()
+    assert [log["find"]["aggregations"] for log in logs] == [sites]  # one graph, all of them
+    expected = expected_counts(sites, block_size)
+    assert logs[0]["batch_two_phase"].get("phase1", 0) == expected["attn_res_phase1"]
 
 
 class _OwnLoop(torch.nn.Module):
@@ -231,7 +208,7 @@ def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_unto
     with torch.no_grad():
         before = model(x)
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(rr.ConversionError, match="(?s)transforms it between them.*nor as one graph"):
+    with pytest.raises(rr.ConversionError, match="(?s)not a normalization.*Not layer by layer either.*transforms it between them"):
         rr.convert_(model, example_inputs=(x,))
     assert model.state_dict().keys() == state.keys() and not hasattr(model, "attn_res_report")
     assert all("forward" not in vars(m) for m in model.modules())
@@ -239,9 +216,10 @@ def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_unto
         assert torch.equal(model(x), before)
 
 
-def test_residual_adds_in_the_models_own_forward_fall_back_to_one_graph():
-    """The adds sit in the root's forward (no layer to rewrite): convert_ converts the model as one
-    graph, installed as its forward; the report says so and why. Same object, same children."""
+def test_residual_adds_in_the_models_own_forward_make_the_model_the_holder():
+    """The adds sit in the root's forward (no layer to rewrite): convert_ rewrites the model's own
+    forward, by the same mechanism as a layer's; the report says so and why. Same object, same
+    children, new parameters in ``model.attn_res``."""
     from test_detect import FlattenedMLPBlockLM
 
     torch.manual_seed(0)
@@ -251,7 +229,8 @@ def test_residual_adds_in_the_models_own_forward_fall_back_to_one_graph():
     x = torch.randint(0, 50, (2, 5))
     assert rr.convert_(model, example_inputs=(x,), block_size=1) is model
     report = model.attn_res_report
-    assert report.mode == "whole graph" and "no module" in report.mode_reason and len(report.sites) == 4
+    assert report.mode == "in place, the model as one holder" and "no module" in report.mode_reason and len(report.sites) == 4
+    assert report.holders == [""] and type(model.forward).__name__ == "LayerForward"
     assert all(dict(model.named_children())[n] is m for n, m in children.items())
     _randomize(model)
     y = torch.randint(0, 50, (3, 7))
@@ -259,7 +238,7 @@ def test_residual_adds_in_the_models_own_forward_fall_back_to_one_graph():
         assert rel_err(model(y), original(y)) > 1e-3  # the queries act
     model.train()
     model(y).pow(2).mean().backward()
-    assert all(q.query.grad is not None for q in model.attn_res.values())
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("attn_res.") and n.endswith(".query"))
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

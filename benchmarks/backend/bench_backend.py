@@ -198,7 +198,7 @@ def main(argv=None):
             row["train_ratio"], row["forward_ratio"] = train[name] / train[base], fwd[name] / fwd[base]
         rows.append(row)
 
-    print(f"\nLlama-like {size}: {len(converted.report.plan.sites)} sublayers")
+    print(f"\nLlama-like {size}: {len(converted.attn_res_report.plan.sites)} sublayers")
     print(f"{'variant':24} {'train ms':>10} {'ratio':>7} {'fwd ms':>10} {'ratio':>7} {'compile s':>10}")
     for r in rows:
         print(f"{r['variant']:24} {r['train_ms']:10.2f} {r.get('train_ratio', float('nan')):7.3f} "

@@ -143,7 +143,7 @@ def graphs_of(layers: int, num_blocks: int, options: dict, grad: bool = True):
     torch._dynamo.reset()
     with torch.set_grad_enabled(grad):
         torch.compile(model, backend=backend)(ids)
-    return backend.graphs[-1], (1, 8, 64), len(model.report.plan.sites)
+    return backend.graphs[-1], (1, 8, 64), len(model.attn_res_report.plan.sites)
 
 
 def extra_passes(layers: int, num_blocks: int, options: dict | None = None) -> dict:

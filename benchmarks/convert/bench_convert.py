@@ -70,7 +70,7 @@ def main(argv=None):
         rows.append(
             {
                 "blocks": "Full (S=1)" if blocks.get("block_size") == 1 else f"N={blocks['num_blocks']}",
-                "sublayers": len(converted.report.sites),
+                "sublayers": len(converted.attn_res_report.sites),
                 "convert_s": round(convert_s, 3),
                 "original_ms": round(ms["original"], 2),
                 "converted_ms": round(ms["converted"], 2),
