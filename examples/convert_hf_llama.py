@@ -40,7 +40,7 @@ print(f"detect: {len(found.sites)} residual sublayers found")
 
 # 3. Convert. The original `model` is untouched (convert works on a deep copy).
 converted = rr.convert(model, num_blocks=args.blocks)
-print(converted.report)
+print(converted.attn_res_report)
 
 # 4. Exact at init: with zero pseudo-queries (and mixing="sum", the default) every aggregation
 #    returns the plain residual sum. Check it in float64 so only rounding can differ.
@@ -59,7 +59,7 @@ print(f"init equality, max |converted - original| / max |original|: float64 {err
 #    and a key-norm gain (ones). Everything else is the original model's own parameters.
 old_names = {n for n, _ in model.named_parameters()}
 added = [(n, tuple(p.shape)) for n, p in converted.named_parameters() if n not in old_names]
-print(f"\nadded modules: {len(converted.attn_res)} (converted.attn_res)")
+print(f"\nadded: {len(added) // 2} aggregations, each in the layer that uses it (<layer>.attn_res.<site>)")
 for name, shape in added:
     print(f"  {name:52s} {shape}")
 n_new = sum(p.numel() for p in rr.attn_res_parameters(converted))

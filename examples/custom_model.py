@@ -68,7 +68,7 @@ ids = torch.randint(0, 100, (2, 10))
 # A model of your own has no example inputs the library could guess: pass them (a lone tensor is fine).
 model = MyPreNormNet().eval()
 converted = rr.convert(model, ids, num_blocks=2)
-print(converted.report)
+print(converted.attn_res_report)
 with torch.no_grad():
     ref, out = model(ids), converted(ids)
 print(f"init equality (float32): max relative error {((out - ref).abs().max() / ref.abs().max()).item():.1e}")

@@ -50,7 +50,7 @@ if args.checkpointing:  # (transformers v5 name first, the v4 one otherwise)
     (getattr(original, "activation_checkpointing_enable", None) or original.gradient_checkpointing_enable)()
 converted = rr.convert(original, num_blocks=args.blocks)  # a converted deep copy: same starting weights
 if args.checkpointing:
-    print(f"activation checkpointing kept on {len(converted.report.checkpointed)} sublayers")
+    print(f"activation checkpointing kept: each of the {len(converted.attn_res_report.holders)} rewritten layers checkpoints")
 baseline = copy.deepcopy(original)                        # what we fine-tune for comparison
 
 # Optimizers: the baseline as usual; the converted model with a second group for the AttnRes params.
@@ -94,5 +94,5 @@ for i, ids in zip(range(1, args.steps + 1), batches(seed=1)):  # the SAME batch 
     if i == 1 or i % 5 == 0 or i == args.steps:
         print(f"{i:4d}  {a:9.4f}  {b:9.4f}")
 
-moved = max(p.abs().max().item() for n, p in converted.attn_res.named_parameters() if n.endswith("query"))
+moved = max(p.abs().max().item() for n, p in converted.named_parameters() if ".attn_res." in n and n.endswith("query"))
 print(f"\nlargest |pseudo-query| entry after fine-tuning: {moved:.3f} (all started at 0)")

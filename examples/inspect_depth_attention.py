@@ -77,7 +77,7 @@ weights_png = rri.plot_depth_weights(dw, out / "depth_weights.png")
 streams = rri.render_streams(converted, "png")  # the source-by-sublayer matrix (Graphviz only for <= 8 sublayers)
 streams_png = streams.save(out / "streams.png")
 report_txt = out / "report.txt"
-report_txt.write_text(str(converted.report) + "\n")
+report_txt.write_text(str(converted.attn_res_report) + "\n")
 
 print(f"\nwrote depth-attention heatmap: {weights_png}")
 print(f"wrote residual-stream picture ({streams.backend}): {streams_png}")

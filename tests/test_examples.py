@@ -40,7 +40,7 @@ def test_convert_hf_llama():
     m = re.search(r"float64 (\S+), float32 (\S+)", out)
     assert m, out
     assert float(m.group(1)) < 1e-12 and float(m.group(2)) < 1e-4
-    assert "attn_res.final__model__norm.query" in out
+    assert "model.layers.1.attn_res.final.query" in out
 
 
 def test_finetune_gpt2():
@@ -57,7 +57,7 @@ def test_finetune_gpt2():
 def test_finetune_gpt2_with_autocast_and_checkpointing():
     pytest.importorskip("transformers")
     out = run_example("finetune_gpt2.py", "--steps", "2", "--layers", "2", "--autocast", "--checkpointing")
-    assert "activation checkpointing kept on 4 sublayers" in out
+    assert "activation checkpointing kept: each of the 2 rewritten layers checkpoints" in out
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\.\d+\s+\d+\.\d+$", line)]
     assert rows and abs(float(rows[0][1]) - float(rows[0][2])) <= 1e-3  # exact at init under autocast too
 
