@@ -157,6 +157,62 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
     return Traced(captured, values, plan, stream_argument="")
 
 
+def retrace(module: nn.Module, bound: BoundCall, template: Plan, *, whole: bool) -> Traced:
+    """Another call signature of a converted holder: captured symbolically (FX; nothing runs the
+    module), its residual sites taken from ``template`` (the first trace's plan, blocks and parameter
+    names assigned) after checking that this graph has them, node for node. Detection is not run
+    again: it would execute the module on the call's values, which under a tracer are not data."""
+    values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
+    forward, names, constants = type(module).forward, bound.names, bound.constants
+
+    def call(*args):
+        return forward(module, **dict(zip(names, args)), **constants)
+
+    checkpointing = getattr(module, "gradient_checkpointing", None)
+    if checkpointing:  # Hugging Face layers checkpoint their forward: trace the computation itself
+        module.gradient_checkpointing = False
+    try:
+        captured = capture(module, tuple(values), call=call, input_names=list(names), opaque_children=not whole)
+    finally:
+        if checkpointing:
+            module.gradient_checkpointing = checkpointing
+    plan = copy.deepcopy(template)
+    nodes = {n.name: n for n in captured.graph_module.graph.nodes}
+    problems = _unmapped(plan, nodes)
+    if problems:
+        raise ConversionError(
+            f"{type(module).__name__} called with {sorted(constants)} and {names} traces to a graph whose residual "
+            f"sites are not those found at conversion ({'; '.join(problems[:3])}). Convert with example inputs "
+            "called this way (convert_(model, example_inputs={...}))."
+        )
+    source = nodes[plan.streams[0].source_node]
+    example = next(v for n, v in zip(names, values) if n == source.target) if source.op == "placeholder" else None
+    return Traced(captured, {source: example}, plan, "" if whole else source.target)
+
+
+def _unmapped(plan: Plan, nodes: dict) -> list[str]:
+    """What of ``plan`` the graph ``nodes`` lacks: each site's add must add its skip and its branch,
+    each norm entry must read the skip, module norms must be the same modules."""
+    problems = []
+    for stream in plan.streams:
+        for name in [stream.source_node, *stream.consumer_nodes]:
+            if name not in nodes:
+                problems.append(f"no node {name}")
+        for site in stream.sites:
+            add, skip, branch = (nodes.get(n) for n in (site.add_node, site.skip_node, site.branch_node))
+            if add is None or skip is None or branch is None or {skip, branch} - set(add.all_input_nodes):
+                problems.append(f"{site.add_node} is not {site.skip_node} + {site.branch_node}")
+                continue
+            for entry in site.norm_entry_nodes:
+                if entry not in nodes or skip not in nodes[entry].all_input_nodes:
+                    problems.append(f"{entry} does not read {site.skip_node}")
+            norm = nodes.get(site.norm_node)
+            if norm is None or (norm.op == "call_module" and norm.target not in [n.strip() for n in site.norm.split(" + ")]):
+                problems.append(f"{site.norm_node} is not {site.norm}")
+            site.metadata_readers = [n for n in site.metadata_readers if n in nodes]
+    return problems
+
+
 def _detached_copy(values: list) -> tuple:
     """A deep copy in which tensors computed under autograd are detached: a KV cache filled during a
     training forward holds such tensors, which ``copy.deepcopy`` refuses to copy."""
@@ -338,13 +394,13 @@ def _resolve(root: nn.Module, target: str):
 
 
 class LayerForward:
-    """A holder's ``forward``: binds the call, picks the graph for its constants, runs it on the
-    holder. A call signature not seen before is traced, detected and rewritten the same way the
-    first was, and must find the same sites."""
+    """A holder's ``forward``: binds the call, picks the graph for its signature (which arguments are
+    tensors or objects; the values of constants), runs it on the holder. A signature not seen before
+    is traced symbolically and mapped onto the first trace's sites (``retrace``): nothing runs."""
 
-    def __init__(self, module: nn.Module, sites: list[Site], boundary: LayerBoundary, config, first: tuple):
+    def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, first: tuple):
         self.module = module
-        self.sites = sites  # global block assignment, parameter names
+        self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
         self.config = config
         self.graphs: dict[tuple, tuple[list[str], Callable]] = {}
@@ -422,22 +478,9 @@ class LayerForward:
             self.graphs[key] = self._rebuild(bound)
 
     def _rebuild(self, bound: BoundCall):
-        if self.boundary is None:  # the model itself as holder
-            traced = trace_model(self.module, bound, num_blocks=self.config.num_blocks, block_size=self.config.block_size)
-            sites = traced.plan.sites
-        else:
-            stream_values = [v.residual_sum().detach() if isinstance(v, AttnResState) else v for v in bound.values]
-            traced = trace_alone(self.module, BoundCall(bound.names, stream_values, bound.constants))
-            sites = traced.plan.streams[0].sites
-        if [(s.norm, s.sublayer) for s in sites] != [(s.norm, s.sublayer) for s in self.sites]:
-            raise ConversionError(
-                f"calling {type(self.module).__name__} with {sorted(bound.constants)} traces to other residual sites "
-                f"than the first call: {[s.norm for s in sites]} vs {[s.norm for s in self.sites]}"
-            )
-        if self.boundary is not None:  # the layer's place in the model's blocks, as the first call found it
-            for new, old in zip(sites, self.sites):
-                new.block, new.position, new.num_sources, new.param_prefix = old.block, old.position, old.num_sources, old.param_prefix
-            traced.plan.streams[0].final_param_prefix = "attn_res.final"
+        """The graph for a call signature not seen before: traced symbolically (nothing runs) and
+        mapped onto the sites the first trace found, which it must still have."""
+        traced = retrace(self.module, bound, self.plan, whole=self.boundary is None)
         gm = rewrite_holder(self.module, traced, self.boundary, self.config)
         return list(bound.names), _compile(gm, self.module)
 
@@ -497,7 +540,7 @@ def install(holder: Holder, config) -> None:
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.whole or holder.boundary.first)
     first = (key, list(holder.bound.names), _compile(gm, module), gm)
-    module.forward = LayerForward(module, holder.sites, holder.boundary, config, first)
+    module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, first)
     module.forward.original_graph = original
 
 

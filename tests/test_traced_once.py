@@ -121,3 +121,60 @@ def test_a_signature_not_prepared_is_refused_under_a_tracer_not_run():
     rr.convert_(model, example_inputs=(x,), num_blocks=2)
     with pytest.raises(rr.ConversionError, match=r"(?s)did not prepare.*mask.*example inputs"):
         torch.export.export(model, (x, torch.ones(2, 5, 1)))
+
+
+class _ScaledBlock(torch.nn.Module):
+    """A layer with an optional argument: called without it at conversion, with it later."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm, self.ff = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x, scale=None):
+        h = self.norm(x)
+        if scale is not None:
+            h = h * scale
+        return x + self.ff(h)
+
+
+class _ScaledLM(torch.nn.Module):
+    def __init__(self, d=16, layers=3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, d)
+        self.layers = torch.nn.ModuleList(_ScaledBlock(d) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, ids, scale=None):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x, scale=scale)
+        return self.norm(x)
+
+
+def test_a_new_signature_in_eager_code_is_traced_without_running_the_model(monkeypatch):
+    """A call signature first seen after conversion (a tensor where the conversion saw None) gets its
+    graph by a symbolic trace mapped onto the known sites: no layer runs for it (each sublayer runs
+    once, in the call itself; detection's value recording is never reached), and the new graph
+    computes the same function (scale = ones equals no scale, with random queries)."""
+    torch.manual_seed(0)
+    model = _ScaledLM().double()
+    ids = torch.randint(0, 50, (2, 5))
+    rr.convert_(model, example_inputs=(ids,), block_size=1)
+    _randomize(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a graph was run to detect sites after conversion")
+
+    monkeypatch.setattr(layerwise, "record_values", refuse)
+    calls = []
+    hooks = [layer.ff.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in model.layers]
+    ones = torch.ones(16, dtype=torch.float64)
+    with torch.no_grad():
+        scaled = model(ids, scale=ones)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == len(model.layers)  # each layer ran once: in the call, not to rebuild
+    assert all(len(layer.forward.graphs) == 2 for layer in model.layers)
+    with torch.no_grad():
+        assert rel_err(scaled, model(ids)) <= 1e-12
+        assert rel_err(model(ids, scale=2 * ones), model(ids)) > 1e-3  # the new argument is live
