@@ -1,12 +1,10 @@
-"""Hugging Face transformers support: example inputs and the call used for tracing.
+"""Hugging Face transformers support: example inputs, and ``save_pretrained`` of a converted model.
 
 Nothing here imports transformers at module import time; a model is recognised as a Hugging Face
 model by duck typing (``config`` + ``main_input_name``), so the library works without transformers.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Callable
 
 import torch
 from torch import nn
@@ -50,17 +48,6 @@ def input_names(model: nn.Module, n: int) -> list[str]:
     if getattr(model.config, "is_encoder_decoder", False):
         names.append("decoder_input_ids")
     return names[:n]
-
-
-def traced_call(model: nn.Module, input_names: list[str]) -> Callable:
-    """``model(**inputs)`` with the KV cache switched off (a graph cannot carry a cache object out)."""
-    accepted = inspect.signature(model.forward).parameters
-    fixed = {"use_cache": False} if "use_cache" in accepted else {}
-
-    def call(*args):
-        return model.forward(**dict(zip(input_names, args)), **fixed)
-
-    return call
 
 
 # A checkpoint of a converted model names this model type, which transformers does not know: its Auto*

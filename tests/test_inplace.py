@@ -10,7 +10,7 @@ import torch
 
 import residual_rewriter as rr
 from attnres_oracle import expected_stream, rel_err as oracle_err
-from model_zoo import make_architecture, make_gpt, perturb_attn_res, rel_err
+from model_zoo import make_architecture, make_gpt, rel_err
 from residual_rewriter import hf
 from residual_rewriter.backend import make_attnres_backend
 
