@@ -17,6 +17,7 @@ HF_FACING_MODULES = {
     "test_detect.py",
     "test_export.py",
     "test_hf_generate.py",  # convert: generate, KV cache, save/from_pretrained
+    "test_hf_checkpoints.py",  # save_pretrained -> from_pretrained for every listed architecture
     "test_inplace.py",  # convert_: layer by layer on HF models
     "test_oracle.py",  # the non-zero-query oracle on HF families
     "test_traced_once.py",  # export, fullgraph compile and pipeline() of a freshly converted HF model

@@ -25,6 +25,7 @@ from torch import Tensor
 from . import _launch as L
 from .reference import _with_out_norm
 from .reference_grads import _fold_out_norm
+from .two_phase import phase1_bwd as chunk_bwd, phase1_fwd as chunk_fwd
 
 
 def needs_chunks(sources: Sequence[Tensor]) -> bool:
@@ -44,8 +45,6 @@ class _Merged(NamedTuple):
 
 
 def _forward(sources, queries, norm_weights, eps) -> _Merged:
-    from .two_phase import phase1_fwd as chunk_fwd
-
     parts = [chunk_fwd(chunk, queries, norm_weights, eps) for chunk in _chunks(sources)]
     lses = torch.stack([lse for _, lse in parts])  # [C, S, ...] fp32
     lse = torch.logsumexp(lses, 0)  # [S, ...]
@@ -57,8 +56,6 @@ def _forward(sources, queries, norm_weights, eps) -> _Merged:
 def _backward(fw: _Merged, G: Sequence[Tensor], GL: Optional[Tensor], sources, queries, norm_weights, eps):
     """(grad_sources, grad_queries [S, D], grad_norm_weights [S, D] or None) from G = dL/d out (S fp32
     tensors) and GL = dL/d lse (or None), through the merge and each chunk's phase-1 backward kernel."""
-    from .two_phase import phase1_bwd as chunk_bwd
-
     def dots(outs):  # [S, ...]: G_j . outs_j per token
         return torch.stack([(g * o.float()).sum(-1) for g, o in zip(G, outs)])
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the AttnRes aggregation: fused forward and backward, and the autograd glue.
+"""Triton kernels for the AttnRes aggregation: fused forward and backward (autograd: ``dispatch.py``).
 
 Spec: ``reference.attn_res_reference``. Per token (row of D values), with n sources v_i:
     r_i = rsqrt(mean(v_i^2) + eps);  s_i = (q * g) . v_i * r_i;  a = softmax(s);  out = scale * sum_i a_i v_i
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _launch as L
-from . import chunked
+from .reference import _check_sources
 
 try:
     import triton
@@ -216,8 +216,6 @@ def _prepare(sources: Sequence[Tensor], query: Tensor, what: str, *others: Optio
     """Checks (count, shapes, dtype, one device for sources, query and ``others``), then
     (rows [T, D] views, row strides tuple, T, D)."""
     L.check_num_sources(len(sources), what)
-    from .reference import _check_sources
-
     _check_sources(sources, query)
     L.check_dtype(sources[0].dtype, what)
     L.check_device(list(sources) + [query] + [t for t in others if t is not None], what)
@@ -360,33 +358,3 @@ def attn_res_normed_bwd(grad_mix, grad_normed, sources, query, norm_weight, eps,
         grad_normed=grad_normed, out_norm_weight=out_norm_weight, out_eps=out_eps, what="attn_res_normed backward",
         accumulate=accumulate,
     )
-
-
-class _AttnResTriton(torch.autograd.Function):
-    """Autograd for ``attn_res_triton``. Saves only the inputs; the backward recomputes the softmax."""
-
-    @staticmethod
-    def forward(ctx, query, norm_weight, eps, scale, *sources):
-        ctx.eps, ctx.scale, ctx.has_weight = eps, scale, norm_weight is not None
-        ctx.save_for_backward(query, norm_weight, *sources)
-        if chunked.needs_chunks(sources):
-            return chunked.attn_res_fwd(list(sources), query, norm_weight, eps, scale)
-        return attn_res_fwd(list(sources), query, norm_weight, eps, scale)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, norm_weight, *sources = ctx.saved_tensors
-        bwd = chunked.attn_res_bwd if chunked.needs_chunks(sources) else attn_res_bwd
-        gs, gq, gw = bwd(grad_out, sources, query, norm_weight, ctx.eps, ctx.scale)
-        return (gq, gw, None, None, *gs)
-
-
-def attn_res_triton(
-    sources: Sequence[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor] = None,
-    eps: float = 1e-6,
-    scale: float = 1.0,
-) -> Tensor:
-    """Triton ``attn_res_reference``: same signature, same result, autograd-capable."""
-    return _AttnResTriton.apply(query, norm_weight, eps, scale, *sources)

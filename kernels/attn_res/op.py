@@ -1,695 +1,404 @@
-"""The aggregation as ONE library op, ``torch.ops.residual_rewriter.attn_res``.
+"""The library ops, ``torch.ops.residual_rewriter.<name>``: declared once, in ``OPS``, registered from it.
 
-``convert`` emits one call of this op per residual site, so the compile backend can find every
-aggregation in a Dynamo graph by its target. Registrations:
+``convert`` emits ``attn_res`` at every residual site (the compile backend finds them by name); the
+lowering passes (``passes/lowering``) turn those into the two-phase and fused ops. An entry (``Op``) holds
 
-* implementation: the plain PyTorch reference (``reference.py``) on CPU; the Triton kernel on CUDA
-  (``fused.py``, wired in by ``_impl_for``);
-* fake (meta) kernel, so FakeTensor tracing (torch.compile, export) sees the output's shape;
-* autograd: the backward is a second opaque op, ``attn_res_backward`` (closed-form reference on
-  CPU, Triton on CUDA); only the inputs are saved, the softmax is recomputed.
+* ``schema``: name, arguments and outputs, in torch.library's syntax (what graphs and passes see);
+* ``cpu``: the plain PyTorch reference (``reference.py``, ``reference_grads.py``), the kernel on every
+  device but CUDA; ``cuda``: its function in ``dispatch.py`` (Triton), imported on the first CUDA call,
+  so importing this module does not import triton. Both take the same arguments, return the same;
+* ``args`` / ``out``: where those differ from the op's arguments / outputs; ``fake``: the outputs'
+  shapes and dtypes for FakeTensor tracing (torch.compile, export);
+* autograd, for a forward op, through its ``backward`` op (an entry of its own): ``save`` picks what the
+  backward reads (the inputs, the lse; never an output the kernels recompute), ``grad_args`` turns the
+  outputs' gradients into the backward op's ``grad_*`` and ``accumulate`` arguments.
+
+Conventions. Tensors are [..., D] in the sources' dtype, ``lse`` [S, ...] fp32 (float64 for float64
+sources). A custom op's outputs are fixed: an absent (None) output or gradient is an EMPTY tensor. A
+backward op returns the gradients of its tensor arguments other than ``grad_*``, ``lse`` and
+``accumulate``, in order, a list's one by one (that is also its fake, and how they reach the inputs).
+``accumulate[i]``, when not None, is added in the kernel to the gradient of source i (of the partial
+for ``attn_res_phase2_normed_backward``): its other summands, folded in by
+``passes/lowering/fold_grad_sums.py``.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference as R
+from . import reference_grads as RG
 
 LIB = "residual_rewriter"
 
 
-def _forward_impl(sources, query, norm_weight, eps, scale):
-    if sources[0].is_cuda:
+@dataclass(frozen=True)
+class Op:
+    """One op. ``a``: its arguments by name; ``s``: what ``save`` kept, by name."""
+
+    schema: str
+    cpu: Callable
+    cuda: Callable
+    args: Optional[Callable] = None  # (a, argument values in order) -> cpu's / cuda's arguments
+    out: Optional[Callable] = None  # (cpu's / cuda's result, a) -> the op's outputs
+    fake: Optional[Callable] = None  # a -> outputs (a backward op's: the rule in the module docstring)
+    backward: Optional[Op] = None
+    save: Callable = lambda a, out: vars(a)  # (a, outputs) -> {name: value} for the backward; default: the inputs
+    grad_args: Optional[Callable] = None  # (s, *output gradients) -> {the backward op's grad_*, accumulate: value}
+    input_grads: Optional[Callable] = None  # (s, {input: gradient}) -> None: what the backward's rule misses
+
+
+def _dispatch(name: str) -> Callable:
+    """``dispatch.<name>``, imported on the first call: dispatch.py imports triton."""
+
+    def cuda(*args, **kwargs):
         from . import dispatch
 
-        return dispatch.forward_cuda(sources, query, norm_weight, eps, scale)
-    return reference.attn_res_reference(sources, query, norm_weight, eps, scale)
+        return getattr(dispatch, name)(*args, **kwargs)
+
+    return cuda
 
 
-@torch.library.custom_op(f"{LIB}::attn_res", mutates_args=())
-def attn_res(
-    sources: List[Tensor], query: Tensor, norm_weight: Optional[Tensor], eps: float, scale: float
-) -> Tensor:
-    """out[..., D] = scale * sum_i softmax_i(query . RMSNorm(sources[i]) * norm_weight) sources[i]."""
-    return _forward_impl(sources, query, norm_weight, eps, scale)
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
 
 
-@attn_res.register_fake
-def _attn_res_fake(sources, query, norm_weight, eps, scale):
-    reference._check_sources(sources, query)
-    return torch.empty_like(sources[0])
+def _dense(grad: Optional[Tensor], zeros_like: Tensor) -> Tensor:
+    """An upstream gradient, contiguous; zeros when none reached the output."""
+    return torch.zeros_like(zeros_like) if grad is None else grad.contiguous()
 
 
-@torch.library.custom_op(f"{LIB}::attn_res_backward", mutates_args=())
-def attn_res_backward(
-    grad_out: Tensor,
-    sources: List[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-) -> List[Tensor]:
-    """Returns [grad_source_0, ..., grad_source_{n-1}, grad_query, grad_norm_weight (or empty)]."""
-    if grad_out.is_cuda:
-        from . import dispatch
-
-        gs, gq, gw = dispatch.backward_cuda(grad_out, sources, query, norm_weight, eps, scale)
-    else:
-        gs, gq, gw = reference.attn_res_backward_reference(grad_out, sources, query, norm_weight, eps, scale)
-    return gs + [gq, gw if gw is not None else query.new_empty(0)]
+def _contiguous(grad: Optional[Tensor]) -> Optional[Tensor]:
+    return None if grad is None else grad.contiguous()
 
 
-@attn_res_backward.register_fake
-def _attn_res_backward_fake(grad_out, sources, query, norm_weight, eps, scale):
-    gw = torch.empty_like(norm_weight) if norm_weight is not None else query.new_empty(0)
-    return [torch.empty_like(s) for s in sources] + [torch.empty_like(query), gw]
+def _query(a) -> Tensor:
+    return a.query if hasattr(a, "query") else a.queries
 
 
-def _setup_context(ctx, inputs, output):
-    sources, query, norm_weight, eps, scale = inputs
-    ctx.n = len(sources)
-    ctx.has_weight = norm_weight is not None
-    ctx.eps, ctx.scale = eps, scale
-    ctx.save_for_backward(*sources, query, *([norm_weight] if norm_weight is not None else []))
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
-def _backward(ctx, grad_out):
-    saved = ctx.saved_tensors
-    sources, query = list(saved[: ctx.n]), saved[ctx.n]
-    norm_weight = saved[ctx.n + 1] if ctx.has_weight else None
-    grads = torch.ops.residual_rewriter.attn_res_backward(
-        grad_out.contiguous(), sources, query, norm_weight, ctx.eps, ctx.scale
-    )
-    grad_weight = grads[ctx.n + 1] if ctx.has_weight else None
-    return list(grads[: ctx.n]), grads[ctx.n], grad_weight, None, None
+# ---- CPU implementations beyond the plain reference: dispatch.py's float64 paths, same arguments -------
 
 
-attn_res.register_autograd(_backward, setup_context=_setup_context)
+def _accumulating(reference: Callable, n_args: int) -> Callable:
+    """A backward reference on (its n_args..., [lse,] accumulate): accumulate added to the sources' grads."""
+
+    def cpu(*args):
+        gs, *rest = reference(*args[:n_args])
+        return RG.accumulated(gs, args[-1]), *rest
+
+    return cpu
 
 
-# ---- two-phase schedule: phase 1 (multi-query over completed blocks) and phase 2 (merge) --------
-# Same style as attn_res: an opaque forward op, an opaque backward op, autograd glue between them.
-# Optional grads are returned as empty tensors (a custom op cannot return None in a list).
+def _phase1_normed_cpu(*args):  # (..., block_end) -> (normed_0, outs_1.., lse, block end or None)
+    *args, block_end = args
+    end = torch.add(*block_end) if block_end is not None else None
+    sources = [*args[0], end] if end is not None else args[0]
+    return (*R.attn_res_phase1_normed_reference(sources, *args[1:]), end)
 
 
-def _listed(grad_sources: List[Tensor], *grads: Optional[Tensor], like: Tensor) -> List[Tensor]:
-    """A backward op's flat output list: the sources' gradients, then the others (None -> empty)."""
-    return list(grad_sources) + [_or_empty(g, like) for g in grads]
+def _phase2_normed_backward_cpu(*args):  # (..., grad_partial): added to the partial's gradient
+    *args, grad_partial = args
+    go, gl, gp, *rest = RG.attn_res_phase2_normed_backward_reference(*args)
+    return go, gl, RG.accumulated([gp], [grad_partial])[0] if gp is not None else None, *rest
 
 
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return t if t is not None else like.new_empty(0)
+def _with_mix(reference: Callable) -> Callable:
+    return lambda *args, return_mix=True: reference(*args)  # computes the mix anyway; ``_mix_out`` drops it
 
 
-@torch.library.custom_op(f"{LIB}::attn_res_phase1", mutates_args=())
-def attn_res_phase1(
-    sources: List[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float
-) -> tuple[List[Tensor], Tensor]:
-    """sources: m x [..., D]; queries/norm_weights [S, D] -> (outs: S x [..., D] in the input dtype, one
-    per query, lse [S, ...] fp32). One tensor per query, not one [S, ..., D]: each merge's gradient
-    then reaches the backward as it is, with no [S, ...] gradient assembled from select views."""
-    if sources[0].is_cuda:
-        from . import dispatch
-
-        return dispatch.phase1_cuda(sources, queries, norm_weights, eps)
-    outs, lse = reference.attn_res_phase1_reference(sources, queries, norm_weights, eps)
-    return outs, lse.float() if sources[0].dtype != torch.float64 else lse
+# ---- op arguments -> cpu / cuda arguments; results -> op outputs; fakes ---------------------------------
 
 
-@attn_res_phase1.register_fake
-def _attn_res_phase1_fake(sources, queries, norm_weights, eps):
-    reference._check_sources(sources, queries[0])
-    S, lead = queries.shape[0], sources[0].shape[:-1]
-    lse_dtype = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
-    outs = [sources[0].new_empty(sources[0].shape) for _ in range(S)]
-    return outs, sources[0].new_empty((S, *lead), dtype=lse_dtype)
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase1_backward", mutates_args=())
-def attn_res_phase1_backward(
-    grad_outs: List[Tensor],
-    grad_lse: Tensor,
-    sources: List[Tensor],
-    queries: Tensor,
-    norm_weights: Optional[Tensor],
-    eps: float,
-    lse: Tensor,
-    accumulate: List[Optional[Tensor]],
-) -> List[Tensor]:
-    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty)]. ``lse`` is the forward's:
-    the CUDA kernel takes the softmax weights from it and recomputes each output in fp32 from the
-    sources (the forward saves no output). ``accumulate[i]``, when not None, is added to source i's
-    gradient (the gradient it gets from its other readers: ``passes/lowering/fold_grad_sums.py``)."""
-    if sources[0].is_cuda:
-        from . import dispatch
-
-        return _listed(*dispatch.phase1_backward_cuda(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse,
-                                                      accumulate), like=queries)
-    from .reference_grads import attn_res_phase1_backward_reference, accumulated
-
-    gs, gq, gw = attn_res_phase1_backward_reference(grad_outs, grad_lse, sources, queries, norm_weights, eps)
-    return _listed(accumulated(gs, accumulate), gq, gw, like=queries)
-
-
-@attn_res_phase1_backward.register_fake
-def _attn_res_phase1_backward_fake(grad_outs, grad_lse, sources, queries, norm_weights, eps, lse, accumulate):
-    gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
-    return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw]
-
-
-def _phase1_setup_context(ctx, inputs, output):
-    sources, queries, norm_weights, eps = inputs
-    ctx.n, ctx.has_weight, ctx.eps = len(sources), norm_weights is not None, eps
-    weights = [norm_weights] if norm_weights is not None else []
-    ctx.save_for_backward(*sources, queries, *weights, output[1])  # the lse, no output tensor
-
-
-def _phase1_backward(ctx, grad_outs, grad_lse):
-    saved = ctx.saved_tensors
-    sources, queries = list(saved[: ctx.n]), saved[ctx.n]
-    norm_weights = saved[ctx.n + 1] if ctx.has_weight else None
-    lse = saved[-1]
-    grad_outs = [torch.zeros_like(sources[0]) if g is None else g for g in grad_outs]
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
-    grads = torch.ops.residual_rewriter.attn_res_phase1_backward(
-        grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, lse, [None] * ctx.n
-    )
-    return list(grads[: ctx.n]), grads[ctx.n], grads[ctx.n + 1] if ctx.has_weight else None, None
-
-
-attn_res_phase1.register_autograd(_phase1_backward, setup_context=_phase1_setup_context)
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase1_normed", mutates_args=())
-def attn_res_phase1_normed(
-    sources: List[Tensor], queries: Tensor, norm_weights: Optional[Tensor], eps: float, scale: float,
-    out_norm_weight: Optional[Tensor], out_eps: float, end_partial: Optional[Tensor] = None,
-    end_delta: Optional[Tensor] = None,
-) -> tuple[Tensor, List[Tensor], Tensor, Tensor]:
-    """``attn_res_phase1`` with query 0's merge fused in (query 0 reads no partial block, so its merge
-    is ``RMSNorm(scale * out_0) * out_norm_weight``, from the unrounded out_0): returns (normed_0,
-    outs_1..S-1, lse [S, ...], block_end). out_0 itself is not written.
-
-    With ``end_partial``/``end_delta``, the previous block's last add is done here: its sum
-    ``block_end = end_partial + end_delta`` (rounded once to end_partial's dtype, as torch's add) is
-    the last source, and returned (else an empty tensor)."""
-    if (end_partial is None) != (end_delta is None):
+def _block_end_args(a, values):  # (..., end_partial, end_delta) -> (..., block_end)
+    if (a.end_partial is None) != (a.end_delta is None):
         raise ValueError("attn_res_phase1_normed: end_partial and end_delta come together")
-    args = (sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
-    if sources[0].is_cuda:
-        from . import dispatch
-
-        block_end = (end_partial, end_delta) if end_partial is not None else None
-        normed0, outs, lse, end = dispatch.phase1_normed_cuda(*args, block_end=block_end)
-    else:
-        end = torch.add(end_partial, end_delta) if end_partial is not None else None
-        normed0, outs, lse = reference.attn_res_phase1_normed_reference(
-            [*sources, end] if end is not None else sources, *args[1:])
-        lse = lse.float() if sources[0].dtype != torch.float64 else lse
-    return normed0, outs, lse, end if end is not None else queries.new_empty(0)
+    return (*values[:-2], (a.end_partial, a.end_delta) if a.end_partial is not None else None)
 
 
-@attn_res_phase1_normed.register_fake
-def _attn_res_phase1_normed_fake(sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps,
-                                 end_partial=None, end_delta=None):
-    outs, lse = _attn_res_phase1_fake(sources, queries, norm_weights, eps)
-    end = torch.empty_like(end_partial) if end_partial is not None else queries.new_empty(0)
-    return outs[0], outs[1:], lse, end
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase1_normed_backward", mutates_args=())
-def attn_res_phase1_normed_backward(
-    grad_normed0: Tensor,
-    grad_outs: List[Tensor],
-    grad_lse: Tensor,
-    sources: List[Tensor],
-    queries: Tensor,
-    norm_weights: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-    lse: Tensor,
-    accumulate: List[Optional[Tensor]],
-) -> List[Tensor]:
-    """Returns [grad_source_0..m-1, grad_queries, grad_norm_weights (or empty), grad_out_norm_weight (or
-    empty)]; ``accumulate`` as in ``attn_res_phase1_backward``."""
-    args = (grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps)
-    if sources[0].is_cuda:
-        from . import dispatch
-
-        return _listed(*dispatch.phase1_normed_backward_cuda(*args, lse, accumulate), like=queries)
-    from .reference_grads import attn_res_phase1_normed_backward_reference, accumulated
-
-    gs, gq, gw, gwo = attn_res_phase1_normed_backward_reference(*args)
-    return _listed(accumulated(gs, accumulate), gq, gw, gwo, like=queries)
-
-
-@attn_res_phase1_normed_backward.register_fake
-def _attn_res_phase1_normed_backward_fake(grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, eps,
-                                          scale, out_norm_weight, out_eps, lse, accumulate):
-    gw = torch.empty_like(norm_weights) if norm_weights is not None else queries.new_empty(0)
-    gwo = torch.empty_like(out_norm_weight) if out_norm_weight is not None else queries.new_empty(0)
-    return [torch.empty_like(s) for s in sources] + [torch.empty_like(queries), gw, gwo]
-
-
-def _phase1_normed_setup_context(ctx, inputs, output):
-    sources, queries, norm_weights, eps, scale, out_norm_weight, out_eps, end_partial, end_delta = (*inputs, None, None)[:9]
-    ctx.has_end = end_partial is not None
-    sources = [*sources, output[3]] if ctx.has_end else sources  # the block end: a source like the others
-    ctx.delta_dtype = end_delta.dtype if ctx.has_end else None
-    ctx.n, ctx.eps, ctx.scale, ctx.out_eps = len(sources), eps, scale, out_eps
-    ctx.has_weight, ctx.has_wo = norm_weights is not None, out_norm_weight is not None
-    opt = [t for t in (norm_weights, out_norm_weight) if t is not None]
-    ctx.save_for_backward(*sources, queries, *opt, output[2])  # the lse, no output tensor
-
-
-def _phase1_normed_backward(ctx, grad_normed0, grad_outs, grad_lse, grad_end):
-    saved = list(ctx.saved_tensors)
-    sources, queries, rest = saved[: ctx.n], saved[ctx.n], saved[ctx.n + 1:]
-    norm_weights = rest.pop(0) if ctx.has_weight else None
-    out_norm_weight = rest.pop(0) if ctx.has_wo else None
-    lse = rest.pop(0)
-    zeros = torch.zeros_like(sources[0])
-    grad_normed0 = zeros if grad_normed0 is None else grad_normed0.contiguous()
-    grad_outs = [zeros if g is None else g for g in grad_outs]
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
-    # the block end's gradient from its later readers is summed into its source gradient in the kernel
-    accumulate = [None] * (ctx.n - 1) + [grad_end if ctx.has_end else None]
-    grads = torch.ops.residual_rewriter.attn_res_phase1_normed_backward(
-        grad_normed0, grad_outs, grad_lse, sources, queries, norm_weights, ctx.eps, ctx.scale, out_norm_weight,
-        ctx.out_eps, lse, accumulate,
-    )
-    n = ctx.n
-    if ctx.has_end:  # block_end = end_partial + end_delta: both get its whole gradient
-        d_end = grads[n - 1]
-        ends, n = (d_end, d_end.to(ctx.delta_dtype)), n - 1
-    else:
-        ends = (None, None)
-    return (list(grads[:n]), grads[ctx.n], grads[ctx.n + 1] if ctx.has_weight else None, None, None,
-            grads[ctx.n + 2] if ctx.has_wo else None, None, *ends)[: len(ctx.needs_input_grad)]  # as called
-
-
-attn_res_phase1_normed.register_autograd(_phase1_normed_backward, setup_context=_phase1_normed_setup_context)
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase2", mutates_args=())
-def attn_res_phase2(
-    phase1_out: Tensor,
-    phase1_lse: Tensor,
-    partial: Optional[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-) -> Tensor:
-    """Merge one sublayer's phase-1 result [..., D] / lse [...] with the partial block [..., D] (or None)."""
-    if phase1_out.is_cuda:
-        from . import dispatch
-
-        return dispatch.phase2_cuda(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
-    return reference.attn_res_phase2_reference(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
-
-
-@attn_res_phase2.register_fake
-def _attn_res_phase2_fake(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
-    return torch.empty_like(phase1_out)
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase2_backward", mutates_args=())
-def attn_res_phase2_backward(
-    grad_out: Tensor,
-    phase1_out: Tensor,
-    phase1_lse: Tensor,
-    partial: Optional[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-) -> List[Tensor]:
-    """Returns [grad_phase1_out, grad_phase1_lse, grad_partial (or empty), grad_query, grad_norm_weight (or empty)]."""
-    if grad_out.is_cuda:
-        from . import dispatch
-
-        fn = dispatch.phase2_backward_cuda
-    else:
-        from .reference_grads import attn_res_phase2_backward_reference as fn
-    go, gl, gp, gq, gw = fn(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale)
-    return [go, gl, _or_empty(gp, query), gq, _or_empty(gw, query)]
-
-
-@attn_res_phase2_backward.register_fake
-def _attn_res_phase2_backward_fake(grad_out, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale):
-    gp = torch.empty_like(partial) if partial is not None else query.new_empty(0)
-    gw = torch.empty_like(norm_weight) if norm_weight is not None else query.new_empty(0)
-    return [torch.empty_like(phase1_out), torch.empty_like(phase1_lse), gp, torch.empty_like(query), gw]
-
-
-def _phase2_setup_context(ctx, inputs, output):
-    phase1_out, phase1_lse, partial, query, norm_weight, eps, scale = inputs
-    ctx.has_partial, ctx.has_weight = partial is not None, norm_weight is not None
-    ctx.eps, ctx.scale = eps, scale
-    opt = [t for t in (partial, norm_weight) if t is not None]
-    ctx.save_for_backward(phase1_out, phase1_lse, query, *opt)
-
-
-def _phase2_backward(ctx, grad_out):
-    phase1_out, phase1_lse, query, *opt = ctx.saved_tensors
-    partial = opt.pop(0) if ctx.has_partial else None
-    norm_weight = opt.pop(0) if ctx.has_weight else None
-    go, gl, gp, gq, gw = torch.ops.residual_rewriter.attn_res_phase2_backward(
-        grad_out.contiguous(), phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale
-    )
-    return go, gl, gp if ctx.has_partial else None, gq, gw if ctx.has_weight else None, None, None
-
-
-attn_res_phase2.register_autograd(_phase2_backward, setup_context=_phase2_setup_context)
-
-
-# ---- aggregation + the sublayer's own RMSNorm, fused --------------------------------------------
-# Both fused ops return (mix, normed). In a converted model only `normed` is read (the mixture feeds
-# nothing but its norm), so the compile backend passes return_mix=False: the kernel then skips the
-# [..., D] store of the mix, the op returns an EMPTY tensor in its place (a custom op's outputs are
-# fixed), and the backward gets no mix gradient (None) instead of a materialised zero [..., D] tensor.
-# return_mix is keyword-only: autograd then expects gradients for the positional inputs only.
-
-
-def _mix_or_empty(mix: Optional[Tensor], normed: Tensor, return_mix: bool) -> Tensor:
-    return mix if return_mix else normed.new_empty(0)
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_normed", mutates_args=())
-def attn_res_normed(
-    sources: List[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-    *,
-    return_mix: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """(mix [..., D], RMSNorm(mix) * out_norm_weight [..., D]), both in the sources' dtype; the mix is
-    an empty tensor, not computed into memory, when ``return_mix`` is False."""
-    if sources[0].is_cuda:
-        from . import dispatch
-
-        mix, normed = dispatch.normed_cuda(
-            sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, return_mix=return_mix)
-    else:
-        mix, normed = reference.attn_res_normed_reference(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    return _mix_or_empty(mix, normed, return_mix), normed
-
-
-@attn_res_normed.register_fake
-def _attn_res_normed_fake(sources, query, norm_weight, eps, scale, out_norm_weight, out_eps, *, return_mix=True):
-    reference._check_sources(sources, query)
-    normed = torch.empty_like(sources[0])
-    return _mix_or_empty(torch.empty_like(sources[0]), normed, return_mix), normed
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_normed_backward", mutates_args=())
-def attn_res_normed_backward(
-    grad_mix: Optional[Tensor],
-    grad_normed: Tensor,
-    sources: List[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-    accumulate: List[Optional[Tensor]],
-) -> List[Tensor]:
-    """Returns [grad_src_0..n-1, grad_query, grad_norm_weight (or empty), grad_out_norm_weight (or empty)].
-    ``grad_mix`` None: no gradient reaches the mix (it was not returned). ``accumulate`` as in
-    ``attn_res_phase1_backward``."""
-    args = (grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    if sources[0].is_cuda:
-        from . import dispatch
-
-        return _listed(*dispatch.normed_backward_cuda(*args, accumulate), like=query)
-    from .reference_grads import attn_res_normed_backward_reference, accumulated
-
-    gs, gq, gw, gwo = attn_res_normed_backward_reference(*args)
-    return _listed(accumulated(gs, accumulate), gq, gw, gwo, like=query)
-
-
-@attn_res_normed_backward.register_fake
-def _attn_res_normed_backward_fake(grad_mix, grad_normed, sources, query, norm_weight, eps, scale, out_norm_weight,
-                                   out_eps, accumulate):
-    gw = torch.empty_like(norm_weight) if norm_weight is not None else query.new_empty(0)
-    gwo = torch.empty_like(out_norm_weight) if out_norm_weight is not None else query.new_empty(0)
-    return [torch.empty_like(s) for s in sources] + [torch.empty_like(query), gw, gwo]
-
-
-def _normed_setup_context(ctx, inputs, keyword_only_inputs, output):
-    sources, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
-    ctx.n, ctx.has_weight, ctx.has_out_weight = len(sources), norm_weight is not None, out_norm_weight is not None
-    ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
-    ctx.return_mix = keyword_only_inputs.get("return_mix", True)
-    opt = [t for t in (norm_weight, out_norm_weight) if t is not None]
-    ctx.save_for_backward(*sources, query, *opt)
-
-
-def _normed_backward(ctx, grad_mix, grad_normed):
-    saved = ctx.saved_tensors
-    sources, query, opt = list(saved[: ctx.n]), saved[ctx.n], list(saved[ctx.n + 1 :])
-    norm_weight = opt.pop(0) if ctx.has_weight else None
-    out_norm_weight = opt.pop(0) if ctx.has_out_weight else None
-    grad_mix = grad_mix.contiguous() if ctx.return_mix and grad_mix is not None else None
-    grad_normed = torch.zeros_like(sources[0]) if grad_normed is None else grad_normed.contiguous()
-    grads = torch.ops.residual_rewriter.attn_res_normed_backward(
-        grad_mix, grad_normed, sources, query, norm_weight, ctx.eps, ctx.scale, out_norm_weight, ctx.out_eps,
-        [None] * ctx.n,
-    )
-    n = ctx.n
-    return (
-        list(grads[:n]),
-        grads[n],
-        grads[n + 1] if ctx.has_weight else None,
-        None,
-        None,
-        grads[n + 2] if ctx.has_out_weight else None,
-        None,
-    )
-
-
-attn_res_normed.register_autograd(_normed_backward, setup_context=_normed_setup_context)
-
-
-# ---- phase-2 merge + the sublayer's own RMSNorm, fused ------------------------------------------
-# What the compile backend emits when an RMSNorm reads a phase-2 merge (Block AttnRes: most sites).
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase2_normed", mutates_args=())
-def attn_res_phase2_normed(
-    phase1_out: Tensor,
-    phase1_lse: Tensor,
-    partial: Optional[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-    *,
-    return_mix: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """(mix = attn_res_phase2(...), RMSNorm(mix) * out_norm_weight), both [..., D] in phase1_out's dtype;
-    the mix is an empty tensor, not computed into memory, when ``return_mix`` is False."""
-    args = (phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    if phase1_out.is_cuda:
-        from . import dispatch
-
-        mix, normed = dispatch.phase2_normed_cuda(*args, return_mix=return_mix)
-    else:
-        mix, normed = reference.attn_res_phase2_normed_reference(*args)
-    return _mix_or_empty(mix, normed, return_mix), normed
-
-
-@attn_res_phase2_normed.register_fake
-def _attn_res_phase2_normed_fake(phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
-                                 *, return_mix=True):
-    normed = torch.empty_like(phase1_out)
-    return _mix_or_empty(torch.empty_like(phase1_out), normed, return_mix), normed
-
-
-@torch.library.custom_op(f"{LIB}::attn_res_phase2_normed_backward", mutates_args=())
-def attn_res_phase2_normed_backward(
-    grad_mix: Optional[Tensor],
-    grad_normed: Tensor,
-    phase1_out: Tensor,
-    phase1_lse: Tensor,
-    partial: Optional[Tensor],
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-    accumulate: List[Optional[Tensor]],
-) -> List[Tensor]:
-    """Returns [grad_phase1_out, grad_phase1_lse, grad_partial (or empty), grad_query,
-    grad_norm_weight (or empty), grad_out_norm_weight (or empty)]. ``grad_mix`` None: no gradient
-    reaches the mix (it was not returned). ``accumulate``: [the partial's gradient from its other
-    readers, added to grad_partial, or None]."""
-    args = (grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight,
-            out_eps)
-    (acc,) = accumulate
-    if acc is not None and partial is None:
+def _grad_partial_args(a, values):  # (..., accumulate: [the partial's]) -> (..., grad_partial)
+    (acc,) = a.accumulate
+    if acc is not None and a.partial is None:
         raise ValueError("attn_res_phase2_normed_backward: a gradient to accumulate, but no partial block")
-    if phase1_out.is_cuda:
-        from . import dispatch
-
-        go, gl, gp, gq, gw, gwo = dispatch.phase2_normed_backward_cuda(*args, acc)
-    else:
-        from .reference_grads import attn_res_phase2_normed_backward_reference, accumulated
-
-        go, gl, gp, gq, gw, gwo = attn_res_phase2_normed_backward_reference(*args)
-        gp = accumulated([gp], [acc])[0] if gp is not None else None
-    return [go, gl, _or_empty(gp, query), gq, _or_empty(gw, query), _or_empty(gwo, query)]
+    return (*values[:-1], acc)
 
 
-@attn_res_phase2_normed_backward.register_fake
-def _attn_res_phase2_normed_backward_fake(
-    grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps,
-    accumulate,
-):
-    def like(t):
-        return torch.empty_like(t) if t is not None else query.new_empty(0)
-
-    return [torch.empty_like(phase1_out), torch.empty_like(phase1_lse), like(partial), torch.empty_like(query),
-            like(norm_weight), like(out_norm_weight)]
+def _mix_out(result, a):  # (mix, normed): the mix EMPTY without return_mix (the kernel then skips its store)
+    mix, normed = result
+    return mix if a.return_mix else _empty(normed), normed
 
 
-def _phase2_normed_setup_context(ctx, inputs, keyword_only_inputs, output):
-    phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
-    ctx.has = tuple(t is not None for t in (partial, norm_weight, out_norm_weight))
-    ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
-    ctx.return_mix = keyword_only_inputs.get("return_mix", True)
-    opt = [t for t in (partial, norm_weight, out_norm_weight) if t is not None]
-    ctx.save_for_backward(phase1_out, phase1_lse, query, *opt)
+def _source(a) -> Tensor:
+    """sources[0], once the sources are checked against each other and the query."""
+    R._check_sources(a.sources, a.query if hasattr(a, "query") else a.queries[0])
+    return a.sources[0]
 
 
-def _phase2_normed_backward(ctx, grad_mix, grad_normed):
-    phase1_out, phase1_lse, query, *opt = ctx.saved_tensors
-    partial, norm_weight, out_norm_weight = (opt.pop(0) if has else None for has in ctx.has)
-    grad_mix = grad_mix.contiguous() if ctx.return_mix and grad_mix is not None else None
-    grad_normed = torch.zeros_like(phase1_out) if grad_normed is None else grad_normed.contiguous()
-    go, gl, gp, gq, gw, gwo = torch.ops.residual_rewriter.attn_res_phase2_normed_backward(
-        grad_mix, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale,
-        out_norm_weight, ctx.out_eps, [None],
-    )
-    has_p, has_w, has_wo = ctx.has
-    return (go, gl, gp if has_p else None, gq, gw if has_w else None, None, None, gwo if has_wo else None, None)
+def _phase1_fake(a):  # (outs: S x [..., D], lse [S, ...])
+    src, S = _source(a), a.queries.shape[0]
+    lse_dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
+    return [src.new_empty(src.shape) for _ in range(S)], src.new_empty((S, *src.shape[:-1]), dtype=lse_dtype)
 
 
-attn_res_phase2_normed.register_autograd(_phase2_normed_backward, setup_context=_phase2_normed_setup_context)
+def _phase1_normed_fake(a):  # (normed_0, outs_1.., lse, block end or EMPTY)
+    outs, lse = _phase1_fake(a)
+    return outs[0], outs[1:], lse, torch.empty_like(a.end_partial) if a.end_partial is not None else _empty(a.queries)
 
 
-# ---- the partial block's update + phase-2 merge + the sublayer's RMSNorm, fused -----------------
-# What the compile backend emits when a phase-2 merge (mix not returned) reads a partial block that an
-# add just produced, `partial = prev + delta` (Block AttnRes: every sublayer after a block's second).
-# The update is written once and not read back; its gradient and the merge's are summed in the kernel.
+def _normed_fake(like: Tensor, a):  # (mix or EMPTY, normed)
+    normed = torch.empty_like(like)
+    return _mix_out((torch.empty_like(like), normed), a)
 
 
-@torch.library.custom_op(f"{LIB}::attn_res_phase2_add_normed", mutates_args=())
-def attn_res_phase2_add_normed(
-    phase1_out: Tensor,
-    phase1_lse: Tensor,
-    partial: Tensor,
-    delta: Tensor,
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-) -> tuple[Tensor, Tensor]:
-    """(new partial = partial + delta, RMSNorm(attn_res_phase2(..., new partial, ...)) * out_norm_weight),
-    both [..., D] in phase1_out's dtype (= the partial's; delta's may be one that promotes to it)."""
-    args = (phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps)
-    if phase1_out.is_cuda:
-        from . import dispatch
-
-        return dispatch.phase2_add_normed_cuda(*args)
-    return reference.attn_res_phase2_add_normed_reference(*args)
+# ---- autograd: what the forwards save, the backward ops' gradient arguments --------------------------
 
 
-@attn_res_phase2_add_normed.register_fake
-def _attn_res_phase2_add_normed_fake(phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale,
-                                     out_norm_weight, out_eps):
-    return torch.empty_like(partial), torch.empty_like(phase1_out)
+def _phase1_normed_save(a, out):
+    # the block end (output 3) = end_partial + end_delta is the last source; those two are not kept
+    has_end = a.end_partial is not None
+    return dict(vars(a), sources=[*a.sources, out[3]] if has_end else a.sources, lse=out[2], end_partial=None,
+                end_delta=None, has_end=has_end, delta_dtype=a.end_delta.dtype if has_end else None)
 
 
-@torch.library.custom_op(f"{LIB}::attn_res_phase2_add_normed_backward", mutates_args=())
-def attn_res_phase2_add_normed_backward(
-    grad_partial: Optional[Tensor],
-    grad_normed: Tensor,
-    phase1_out: Tensor,
-    phase1_lse: Tensor,
-    partial: Tensor,
-    query: Tensor,
-    norm_weight: Optional[Tensor],
-    eps: float,
-    scale: float,
-    out_norm_weight: Optional[Tensor],
-    out_eps: float,
-) -> List[Tensor]:
-    """Returns [grad_phase1_out, grad_phase1_lse, grad of the old partial = grad of delta, grad_query,
-    grad_norm_weight (or empty), grad_out_norm_weight (or empty)]. ``partial`` is the UPDATED partial;
-    ``grad_partial`` its gradient from its other readers (None: it has none)."""
-    if phase1_out.is_cuda:
-        from . import dispatch
-
-        fn = dispatch.phase2_add_normed_backward_cuda
-    else:
-        from .reference_grads import attn_res_phase2_add_normed_backward_reference as fn
-    go, gl, gp, gq, gw, gwo = fn(
-        grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight,
-        out_eps,
-    )
-    return [go, gl, gp, gq, _or_empty(gw, query), _or_empty(gwo, query)]
+def _phase1_normed_grad_args(s, grad_normed0, grad_outs, grad_lse, grad_end):
+    zeros = torch.zeros_like(s.sources[0])
+    return dict(grad_normed0=zeros if grad_normed0 is None else grad_normed0.contiguous(),
+                grad_outs=[zeros if g is None else g for g in grad_outs], grad_lse=_dense(grad_lse, s.lse),
+                # the block end's gradient from its later readers is summed into its source gradient in the kernel
+                accumulate=[None] * (len(s.sources) - 1) + [grad_end if s.has_end else None])
 
 
-@attn_res_phase2_add_normed_backward.register_fake
-def _attn_res_phase2_add_normed_backward_fake(
-    grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, eps, scale, out_norm_weight, out_eps
-):
-    def like(t):
-        return torch.empty_like(t) if t is not None else query.new_empty(0)
-
-    return [torch.empty_like(phase1_out), torch.empty_like(phase1_lse), torch.empty_like(partial),
-            torch.empty_like(query), like(norm_weight), like(out_norm_weight)]
+def _phase1_normed_input_grads(s, grads):  # block end = end_partial + end_delta: both get its whole gradient
+    if s.has_end:
+        d_end = grads["sources"].pop()
+        grads["end_partial"], grads["end_delta"] = d_end, d_end.to(s.delta_dtype)
 
 
-def _phase2_add_normed_setup_context(ctx, inputs, output):
-    phase1_out, phase1_lse, partial, delta, query, norm_weight, eps, scale, out_norm_weight, out_eps = inputs
-    ctx.has = tuple(t is not None for t in (norm_weight, out_norm_weight))
-    ctx.eps, ctx.scale, ctx.out_eps = eps, scale, out_eps
-    ctx.delta_dtype = delta.dtype  # may be narrower than the partial's (a bf16 branch under autocast)
-    opt = [t for t in (norm_weight, out_norm_weight) if t is not None]
-    ctx.save_for_backward(phase1_out, phase1_lse, query, output[0], *opt)  # output[0]: the updated partial
+def _normed_grad_args(s, grad_mix, grad_normed, zeros_like: Tensor, n_accumulate: int):
+    """The two normed ops: without return_mix the mix was not returned, and its backward gets no gradient."""
+    return dict(grad_mix=_contiguous(grad_mix) if s.return_mix else None, grad_normed=_dense(grad_normed, zeros_like),
+                accumulate=[None] * n_accumulate)
 
 
-def _phase2_add_normed_backward(ctx, grad_partial, grad_normed):
-    phase1_out, phase1_lse, query, partial, *opt = ctx.saved_tensors
-    norm_weight, out_norm_weight = (opt.pop(0) if has else None for has in ctx.has)
-    grad_partial = grad_partial.contiguous() if grad_partial is not None else None
-    grad_normed = torch.zeros_like(phase1_out) if grad_normed is None else grad_normed.contiguous()
-    go, gl, gp, gq, gw, gwo = torch.ops.residual_rewriter.attn_res_phase2_add_normed_backward(
-        grad_partial, grad_normed, phase1_out, phase1_lse, partial, query, norm_weight, ctx.eps, ctx.scale,
-        out_norm_weight, ctx.out_eps,
-    )
-    has_w, has_wo = ctx.has
-    return (go, gl, gp, gp.to(ctx.delta_dtype), gq, gw if has_w else None, None, None, gwo if has_wo else None, None)
+# ---- the table ---------------------------------------------------------------------------------------------
+# Shapes: sources m x [..., D]; query / weights [D]; queries / their weights [S, D]; phase1_out, partial [..., D];
+# phase1_lse [...]. Outputs in the sources' (phase1_out's) dtype.
+
+OPS = [
+    Op(  # out [..., D] = scale * sum_i softmax_i(query . RMSNorm(sources[i]) * norm_weight) sources[i]
+        "attn_res(Tensor[] sources, Tensor query, Tensor? norm_weight, float eps, float scale) -> Tensor",
+        cpu=R.attn_res_reference,
+        cuda=_dispatch("forward_cuda"),
+        fake=lambda a: torch.empty_like(_source(a)),
+        grad_args=lambda s, grad_out: dict(grad_out=grad_out.contiguous()),
+        backward=Op(
+            "attn_res_backward(Tensor grad_out, Tensor[] sources, Tensor query, Tensor? norm_weight, float eps, "
+            "float scale) -> Tensor[]",
+            cpu=R.attn_res_backward_reference,
+            cuda=_dispatch("backward_cuda"),
+        ),
+    ),
+    Op(  # two-phase schedule, phase 1: every query over the completed blocks -> (outs: S x [..., D], lse [S, ...]).
+        # One tensor per query, not one [S, ..., D]: each merge's gradient reaches the backward as it is.
+        "attn_res_phase1(Tensor[] sources, Tensor queries, Tensor? norm_weights, float eps) -> (Tensor[], Tensor)",
+        cpu=R.attn_res_phase1_reference,
+        cuda=_dispatch("phase1_cuda"),
+        fake=_phase1_fake,
+        save=lambda a, out: dict(vars(a), lse=out[1]),  # the backward kernel takes the softmax from the lse
+        grad_args=lambda s, grad_outs, grad_lse: dict(
+            grad_outs=[torch.zeros_like(s.sources[0]) if g is None else g for g in grad_outs],
+            grad_lse=_dense(grad_lse, s.lse), accumulate=[None] * len(s.sources)),
+        backward=Op(
+            "attn_res_phase1_backward(Tensor[] grad_outs, Tensor grad_lse, Tensor[] sources, Tensor queries, "
+            "Tensor? norm_weights, float eps, Tensor lse, Tensor?[] accumulate) -> Tensor[]",
+            cpu=_accumulating(RG.attn_res_phase1_backward_reference, 6),
+            cuda=_dispatch("phase1_backward_cuda"),
+        ),
+    ),
+    Op(  # phase 1 with query 0's merge fused in (it reads no partial block) -> (normed_0 = RMSNorm(scale * out_0) *
+        # out_norm_weight, outs_1..S-1, lse, block end). With end_partial / end_delta the previous block's last add
+        # is done here: block end = end_partial + end_delta (rounded as torch's add) is the last source.
+        "attn_res_phase1_normed(Tensor[] sources, Tensor queries, Tensor? norm_weights, float eps, float scale, "
+        "Tensor? out_norm_weight, float out_eps, Tensor? end_partial=None, Tensor? end_delta=None) "
+        "-> (Tensor, Tensor[], Tensor, Tensor)",
+        cpu=_phase1_normed_cpu,
+        cuda=_dispatch("phase1_normed_cuda"),
+        args=_block_end_args,
+        out=lambda r, a: (*r[:3], r[3] if r[3] is not None else _empty(a.queries)),
+        fake=_phase1_normed_fake,
+        save=_phase1_normed_save,
+        grad_args=_phase1_normed_grad_args,
+        input_grads=_phase1_normed_input_grads,
+        backward=Op(
+            "attn_res_phase1_normed_backward(Tensor grad_normed0, Tensor[] grad_outs, Tensor grad_lse, "
+            "Tensor[] sources, Tensor queries, Tensor? norm_weights, float eps, float scale, "
+            "Tensor? out_norm_weight, float out_eps, Tensor lse, Tensor?[] accumulate) -> Tensor[]",
+            cpu=_accumulating(RG.attn_res_phase1_normed_backward_reference, 10),
+            cuda=_dispatch("phase1_normed_backward_cuda"),
+        ),
+    ),
+    Op(  # phase 2: a sublayer's phase-1 result merged with the partial block (None: the block's first sublayer)
+        "attn_res_phase2(Tensor phase1_out, Tensor phase1_lse, Tensor? partial, Tensor query, Tensor? norm_weight, "
+        "float eps, float scale) -> Tensor",
+        cpu=R.attn_res_phase2_reference,
+        cuda=_dispatch("phase2_cuda"),
+        fake=lambda a: torch.empty_like(a.phase1_out),
+        grad_args=lambda s, grad_out: dict(grad_out=grad_out.contiguous()),
+        backward=Op(
+            "attn_res_phase2_backward(Tensor grad_out, Tensor phase1_out, Tensor phase1_lse, Tensor? partial, "
+            "Tensor query, Tensor? norm_weight, float eps, float scale) -> Tensor[]",
+            cpu=RG.attn_res_phase2_backward_reference,
+            cuda=_dispatch("phase2_backward_cuda"),
+        ),
+    ),
+    Op(  # attn_res + the sublayer's own RMSNorm -> (mix, RMSNorm(mix) * out_norm_weight). A converted model reads
+        # only the normed form: the backend passes return_mix=False, and the mix is neither stored nor differentiated.
+        "attn_res_normed(Tensor[] sources, Tensor query, Tensor? norm_weight, float eps, float scale, "
+        "Tensor? out_norm_weight, float out_eps, *, bool return_mix=True) -> (Tensor, Tensor)",
+        cpu=_with_mix(R.attn_res_normed_reference),
+        cuda=_dispatch("normed_cuda"),
+        out=_mix_out,
+        fake=lambda a: _normed_fake(_source(a), a),
+        grad_args=lambda s, grad_mix, grad_normed: _normed_grad_args(
+            s, grad_mix, grad_normed, zeros_like=s.sources[0], n_accumulate=len(s.sources)),
+        backward=Op(
+            "attn_res_normed_backward(Tensor? grad_mix, Tensor grad_normed, Tensor[] sources, Tensor query, "
+            "Tensor? norm_weight, float eps, float scale, Tensor? out_norm_weight, float out_eps, "
+            "Tensor?[] accumulate) -> Tensor[]",
+            cpu=_accumulating(RG.attn_res_normed_backward_reference, 9),
+            cuda=_dispatch("normed_backward_cuda"),
+        ),
+    ),
+    Op(  # phase 2 + the sublayer's RMSNorm (the backend's merge at most Block AttnRes sites): as attn_res_normed
+        "attn_res_phase2_normed(Tensor phase1_out, Tensor phase1_lse, Tensor? partial, Tensor query, "
+        "Tensor? norm_weight, float eps, float scale, Tensor? out_norm_weight, float out_eps, *, "
+        "bool return_mix=True) -> (Tensor, Tensor)",
+        cpu=_with_mix(R.attn_res_phase2_normed_reference),
+        cuda=_dispatch("phase2_normed_cuda"),
+        out=_mix_out,
+        fake=lambda a: _normed_fake(a.phase1_out, a),
+        grad_args=lambda s, grad_mix, grad_normed: _normed_grad_args(
+            s, grad_mix, grad_normed, zeros_like=s.phase1_out, n_accumulate=1),
+        backward=Op(  # accumulate: [the partial's gradient from its other readers, or None]
+            "attn_res_phase2_normed_backward(Tensor? grad_mix, Tensor grad_normed, Tensor phase1_out, "
+            "Tensor phase1_lse, Tensor? partial, Tensor query, Tensor? norm_weight, float eps, float scale, "
+            "Tensor? out_norm_weight, float out_eps, Tensor?[] accumulate) -> Tensor[]",
+            cpu=_phase2_normed_backward_cpu,
+            cuda=_dispatch("phase2_normed_backward_cuda"),
+            args=_grad_partial_args,
+        ),
+    ),
+    Op(  # the partial block's update + phase 2 + RMSNorm -> (new partial = partial + delta, RMSNorm(phase 2 with
+        # the new partial) * out_norm_weight); the mix is not written. delta's dtype may promote to the partial's.
+        "attn_res_phase2_add_normed(Tensor phase1_out, Tensor phase1_lse, Tensor partial, Tensor delta, Tensor query, "
+        "Tensor? norm_weight, float eps, float scale, Tensor? out_norm_weight, float out_eps) -> (Tensor, Tensor)",
+        cpu=R.attn_res_phase2_add_normed_reference,
+        cuda=_dispatch("phase2_add_normed_cuda"),
+        fake=lambda a: (torch.empty_like(a.partial), torch.empty_like(a.phase1_out)),
+        # the backward reads the NEW partial (output 0), not partial and delta; delta's dtype for its gradient
+        save=lambda a, out: dict(vars(a), partial=out[0], delta=None, delta_dtype=a.delta.dtype),
+        grad_args=lambda s, grad_partial, grad_normed: dict(
+            grad_partial=_contiguous(grad_partial), grad_normed=_dense(grad_normed, s.phase1_out)),
+        input_grads=lambda s, grads: grads.update(delta=grads["partial"].to(s.delta_dtype)),
+        backward=Op(  # partial: the NEW one; grad_partial: its gradient from its other readers (None: none). The
+            # partial's gradient returned is that of the old partial and of delta.
+            "attn_res_phase2_add_normed_backward(Tensor? grad_partial, Tensor grad_normed, Tensor phase1_out, "
+            "Tensor phase1_lse, Tensor partial, Tensor query, Tensor? norm_weight, float eps, float scale, "
+            "Tensor? out_norm_weight, float out_eps) -> Tensor[]",
+            cpu=RG.attn_res_phase2_add_normed_backward_reference,
+            cuda=_dispatch("phase2_add_normed_backward_cuda"),
+        ),
+    ),
+]
 
 
-attn_res_phase2_add_normed.register_autograd(
-    _phase2_add_normed_backward, setup_context=_phase2_add_normed_setup_context
-)
+# ---- registration ------------------------------------------------------------------------------------------
+
+
+class _Registered:
+    """One op of the table, registered: its argument names, and the functions torch.library calls."""
+
+    def __init__(self, op: Op, is_backward: bool = False):
+        self.op, self.is_backward = op, is_backward
+        self.name, arguments = op.schema.split("(", 1)
+        schema = torch._C.parse_schema(f"{LIB}::{op.schema}")
+        self.positional = [a.name for a in schema.arguments if not a.kwarg_only]
+        self.defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+        # a backward op's outputs: the gradients of these arguments (module docstring)
+        self.grads_of = [a.name for a in schema.arguments if "Tensor" in str(a.type)
+                         and not a.name.startswith("grad_") and a.name not in ("lse", "accumulate")]
+        self.backward = _Registered(op.backward, is_backward=True) if op.backward is not None else None
+        custom = torch.library.custom_op(f"{LIB}::{self.name}", self.kernel(op.cpu), mutates_args=(),
+                                         schema="(" + arguments)
+        custom.register_kernel("cuda", self.kernel(op.cuda))
+        custom.register_fake(lambda *args, **kwargs: self.fake(self.named(args, kwargs)))
+        if self.backward is not None:
+            custom.register_autograd(self.autograd_backward, setup_context=self.setup_context)
+
+    def named(self, args, kwargs) -> SimpleNamespace:
+        """The op's arguments by name, defaults filled in."""
+        named = {**dict(zip(self.positional, args)), **kwargs}
+        return SimpleNamespace(**named, **{k: v for k, v in self.defaults.items() if k not in named})
+
+    def kernel(self, impl: Callable) -> Callable:
+        """The op's kernel on ``impl`` (cpu or cuda): ``args`` before it, ``out`` after."""
+        op, out = self.op, self.grads_out if self.is_backward else self.op.out
+        if op.args is None and out is None:
+            return impl
+
+        def run(*args, **kwargs):
+            a = self.named(args, kwargs)
+            if op.args is not None:
+                args, kwargs = op.args(a, [getattr(a, n) for n in self.positional]), {}
+            result = impl(*args, **kwargs)
+            return out(result, a) if out is not None else result
+
+        return run
+
+    def grads_out(self, result, a) -> list[Tensor]:
+        """A backward implementation's (gradients, lists of them, Nones) -> the op's flat list."""
+        flat = [g for r in result for g in (r if isinstance(r, (list, tuple)) else [r])]
+        return [g if g is not None else _empty(_query(a)) for g in flat]
+
+    def fake(self, a):
+        if not self.is_backward:
+            return self.op.fake(a)
+        inputs = [t for n in self.grads_of for t in _as_list(getattr(a, n))]
+        return [torch.empty_like(t) if t is not None else _empty(_query(a)) for t in inputs]
+
+    def setup_context(self, ctx, inputs, output, keyword_only_inputs=None):
+        """Keeps ``save``'s values: tensors (lists of them too) by save_for_backward, the rest on ctx."""
+        saved = self.op.save(self.named(inputs, keyword_only_inputs or {}), output)
+        lists = {k: len(v) for k, v in saved.items() if isinstance(v, list)}
+        values = {k: v for k, v in saved.items() if not isinstance(v, (Tensor, list))}
+        names = [k for k in saved if k not in values]
+        ctx.attn_res_saved = names, lists, values
+        ctx.save_for_backward(*(t for k in names for t in _as_list(saved[k])))
+
+    def autograd_backward(self, ctx, *grads):
+        names, lists, values = ctx.attn_res_saved
+        tensors, s = iter(ctx.saved_tensors), SimpleNamespace(**values)
+        for k in names:
+            setattr(s, k, [next(tensors) for _ in range(lists[k])] if k in lists else next(tensors))
+        given, bw = self.op.grad_args(s, *grads), self.backward
+        flat = iter(getattr(torch.ops.residual_rewriter, bw.name)(
+            *[given[n] if n in given else getattr(s, n) for n in bw.positional]))
+        input_grads = {}  # the backward op's outputs, by the forward input they belong to
+        for n in bw.grads_of:
+            value = getattr(s, n)
+            got = [next(flat) for _ in value] if isinstance(value, list) else next(flat)
+            input_grads[n] = got if value is not None else None
+        if self.op.input_grads is not None:
+            self.op.input_grads(s, input_grads)
+        # one per positional input as called (an argument left at its default is not passed)
+        return tuple(input_grads.get(n) for n in self.positional)[: len(ctx.needs_input_grad)]
+
+
+REGISTERED = {r.name: r for r in map(_Registered, OPS)}

@@ -40,6 +40,7 @@ from . import _launch as L
 from .fused import (
     _online_mix, _prepare, _query_row, _rms_norm_backward, _store_rms_normed, _store_source_grad, triton, tl,
 )
+from .reference import check_partial_update
 
 
 @triton.jit
@@ -378,8 +379,6 @@ class BlockEnd(NamedTuple):
 
 
 def new_block_end(partial: Tensor, delta: Tensor, like: Tensor, what: str) -> BlockEnd:
-    from .reference import check_partial_update
-
     check_partial_update(like, partial, delta, what)
     return BlockEnd(partial, delta, L.empty(partial.shape, partial.dtype, partial.device))
 
@@ -486,8 +485,6 @@ def _phase2_fwd_launch(phase1_out, phase1_lse, partial, query, norm_weight, eps,
     if not (store_mix or normed):
         raise ValueError(f"{what}: store_mix=False leaves nothing to return without the normed epilogue")
     if delta is not None:
-        from .reference import check_partial_update
-
         check_partial_update(phase1_out, partial, delta, what)
     out = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if store_mix else None
     y = L.empty(phase1_out.shape, phase1_out.dtype, phase1_out.device) if normed else None
