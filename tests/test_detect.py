@@ -325,3 +325,16 @@ def test_residual_first_parallel_block_keeps_its_fp32_adds_under_autocast():
     (x,) = hf.example_inputs(model, batch_size=2, seq_len=7)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(converted(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_an_image_classifier_without_image_size_gets_clear_errors():
+    """ResNet's config has no image_size: without example inputs the error says what to pass (it was
+    a raw AttributeError from the Hugging Face fallback); with them, it is refused as having no
+    pre-norm residual, as a plain ConversionError."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AutoConfig.for_model("resnet", embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1])
+    model = transformers.AutoModel.from_config(cfg)
+    with pytest.raises(TypeError, match=r"no image_size.*example_inputs="):
+        rr.convert(model)
+    with pytest.raises(rr.ConversionError, match="no pre-norm residual"):
+        rr.convert(model, {"pixel_values": torch.randn(1, 3, 32, 32)})
