@@ -338,3 +338,37 @@ def test_an_image_classifier_without_image_size_gets_clear_errors():
         rr.convert(model)
     with pytest.raises(rr.ConversionError, match="no pre-norm residual"):
         rr.convert(model, {"pixel_values": torch.randn(1, 3, 32, 32)})
+
+
+def _agreement_cases():
+    from toy_models import InlineFinalNormLM
+
+    x24 = torch.randn(2, 5, 24, dtype=torch.float64)
+    return {
+        "gpt": (make_gpt, None),
+        "toy-rmsnorm": (lambda: ToyLM("rmsnorm").double(), None),
+        "inline-norms": (lambda: InlineFinalNormLM().double(), (x24,)),
+        "adds-in-the-model": (lambda: FlattenedMLPBlockLM().double(), (torch.randint(0, 50, (2, 5)),)),
+        "llama": (lambda: make_hf("llama"), None),
+        "t5": (lambda: __import__("model_zoo").make_architecture("t5"), None),
+        "mid-stream-probe": (lambda: ReadsMidStreamLM(), None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_agreement_cases()))
+def test_detect_reports_exactly_what_convert_does(case):
+    """``detect`` runs the conversion's own steps and rolls back: the same mode, holders, sites and
+    blocks as ``convert_``, or the same refusal."""
+    build, inputs = _agreement_cases()[case]
+    try:
+        converted = rr.convert(build(), inputs, num_blocks=2).attn_res_report
+    except rr.ConversionError as exc:
+        with pytest.raises(rr.ConversionError) as info:
+            rr.detect(build(), inputs, num_blocks=2)
+        assert str(info.value) == str(exc)
+        return
+    detected = rr.detect(build(), inputs, num_blocks=2)
+    assert not detected.converted and detected.holders == converted.holders and detected.mode == converted.mode
+    assert [(s.norm, s.sublayer, s.block, s.num_sources, s.param_prefix) for s in detected.sites] == [
+        (s.norm, s.sublayer, s.block, s.num_sources, s.param_prefix) for s in converted.sites]
+    assert detected.totals() == converted.totals()
