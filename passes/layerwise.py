@@ -291,8 +291,24 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
             )
         holders.append(Holder(call.path, call.module, call, bound, traced))
         done.append(call.path)
+    _refuse_a_partial_stack(holders, calls, found.not_holders)
     found.streams = _chains(holders)
     return found
+
+
+def _refuse_a_partial_stack(holders: list[Holder], calls: list[ModuleCall], not_holders: dict[str, str]) -> None:
+    """A layer of the same class in the same container as a holder (a layer of one stack) that could
+    not be traced: rewriting the others would convert the model partly, and quietly."""
+    holder_paths = {h.path for h in holders}
+    stacks = {(h.path.rpartition(".")[0], type(h.module)) for h in holders}
+    for call in calls:
+        if call.path in not_holders and call.path not in holder_paths and (call.path.rpartition(".")[0], type(call.module)) in stacks:
+            raise NotLayerwise(
+                f"{call.path} ({type(call.module).__name__}) is a layer of the same stack as "
+                f"{next(h.path for h in holders if type(h.module) is type(call.module))} and cannot be rewritten: "
+                f"{not_holders[call.path]}. Converting the other layers only would leave the model partly converted "
+                "(exclude such layers with filter_fn to convert the rest)"
+            )
 
 
 def _chains(holders: list[Holder]) -> list[list[Holder]]:

@@ -201,3 +201,31 @@ def test_failed_inplace_convert_leaves_the_model_working():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
     torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+class _WindowedBlock(nn.Module):
+    """A layer that pads to a multiple of its window when it has one: a Python branch on a shape,
+    which FX cannot trace (only the windowed layers)."""
+
+    def __init__(self, window=None):
+        super().__init__()
+        self.window = window
+        self.norm, self.fc = nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        if self.window:
+            pad = (self.window - x.shape[1] % self.window) % self.window
+            if pad > 0:
+                x = nn.functional.pad(x, (0, 0, 0, pad))[:, : x.shape[1]]
+        return x + self.fc(self.norm(x))
+
+
+def test_a_stack_with_a_layer_that_cannot_be_rewritten_is_refused_not_converted_in_part():
+    """Before, the other two layers were converted and convert_ returned: 2 of 3 sites, exact at init
+    and quiet. Now it names the layer and why; filter_fn excluding it converts the rest."""
+    model = Net()
+    model.blocks = nn.ModuleList(_WindowedBlock(w) for w in (None, None, 4))
+    with pytest.raises(rr.ConversionError, match=r"(?s)blocks\.2 \(_WindowedBlock\) is a layer of the same stack as blocks\.0 and cannot be rewritten: TraceError"):
+        rr.convert(model, x())
+    partial = rr.convert(model, x(), filter_fn=lambda module, path: path != "blocks.2")  # the user's choice
+    assert partial.attn_res_report.holders == ["blocks.0", "blocks.1"]
