@@ -489,3 +489,42 @@ def test_a_reentrant_checkpoint_around_a_layer_is_refused_before_any_gradient_is
     model.train()
     with pytest.raises(rr.ConversionError, match="use_reentrant=False"):
         model(x)
+
+
+class _AuxBlock(torch.nn.Module):
+    """Returns a constant tensor beside the stream (an aux loss that is zero for a dense layer)."""
+
+    def __init__(self, d=12):
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x)), torch.zeros(())
+
+
+class _AuxLM(torch.nn.Module):
+    def __init__(self, d=12, layers=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_AuxBlock(d) for _ in range(layers))
+        self.out = torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        aux = 0
+        for layer in self.layers:
+            x, a = layer(x)
+            aux = aux + a
+        return self.out(x), aux
+
+
+def test_a_constant_tensor_in_a_layers_output_is_carried_into_the_rewritten_forward():
+    """The trace stores ``torch.zeros(())`` as a constant of its own root; the rewritten forward runs on
+    the layer, which gets it as a non-persistent buffer (it moves with ``.to()``, is not saved). Before:
+    refused after the rewrite (``_tensor_constant0`` missing on the layer)."""
+    model = _AuxLM().double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    converted = rr.convert(model, x)
+    assert converted.attn_res_report.mode == "in place, layer by layer"
+    out, aux = converted(x)
+    assert rel_err(out, model(x)[0]) <= 1e-12 and aux.item() == 0.0
+    assert not any("_rr_constant" in k for k in converted.state_dict())  # not saved
+    assert converted.to(torch.float32)(x.float())[1].dtype == torch.float32
