@@ -8,15 +8,18 @@
   (``build_plan(ends_at_output=True)``). A module with sites is a holder: its own forward holds the
   adds (a decoder layer, T5's ``T5LayerSelfAttention``); its MLP, attention and norms stay modules.
   A module without (T5's ``T5Block``, whose children hold them) is skipped and its children tried.
+  When no module holds them, the model itself is the one holder (``trace_model``: traced whole, its
+  streams starting and ending inside it). A layer of a holder's stack that cannot be traced is refused.
 * **Chains.** Holders that hand the stream on form a stream: the tensor one returns is the very
   tensor the next receives (checked on the observed call). Sublayers are split into blocks over the
-  whole chain, as in the whole-graph conversion.
+  whole chain.
 * **Rewrite.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
   tensor (``rewrite.apply_plan(layer=...)``); the first takes the plain tensor (b_0), the last
   returns the final aggregation. Its parameters live in the holder: ``<holder>.attn_res.<site>``.
 * **Install.** ``LayerForward`` becomes the holder's ``forward``: it runs the rewritten graph's code
   with the holder itself as ``self`` (its submodules, its parameters, its train/eval flag), one
-  graph per call signature (constants such as ``use_cache`` are specialised, as tracing does).
+  graph per call signature (constants such as ``use_cache`` are specialised, as tracing does). A
+  signature first seen later is traced symbolically and mapped onto the known sites (``retrace``).
 """
 from __future__ import annotations
 
