@@ -111,21 +111,25 @@ class Traced:
     stream_argument: str
 
 
-def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
-    forward = type(module).forward
-    names, constants = bound.names, bound.constants
+def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool) -> Captured:
+    """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised)."""
+    forward, names, constants = type(module).forward, bound.names, bound.constants
 
-    def call(*values):
-        return forward(module, **dict(zip(names, values)), **constants)
+    def call(*args):
+        return forward(module, **dict(zip(names, args)), **constants)
 
     checkpointing = getattr(module, "gradient_checkpointing", None)
     if checkpointing:  # Hugging Face layers checkpoint their forward: trace the computation itself
         module.gradient_checkpointing = False
     try:
-        captured = capture(module, tuple(bound.values), call=call, input_names=list(names), opaque_children=True)
+        return capture(module, tuple(values), call=call, input_names=list(names), opaque_children=opaque_children)
     finally:
         if checkpointing:
             module.gradient_checkpointing = checkpointing
+
+
+def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
+    captured = _capture_call(module, bound, bound.values, opaque_children=True)
     # running the layer must not change it: a KV cache passed in is copied, one held in its buffers
     # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
     with in_mode(module, False), buffers_restored(module):
@@ -146,13 +150,7 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
     children inlined down to norms, attention and other leaves; each stream runs from where it
     starts inside the forward to the norm that reads its end. Blocks are placed here: no other
     holder shares its streams."""
-    forward = type(model).forward
-    names, constants = bound.names, bound.constants
-
-    def call(*values):
-        return forward(model, **dict(zip(names, values)), **constants)
-
-    captured = capture(model, tuple(bound.values), call=call, input_names=list(names))
+    captured = _capture_call(model, bound, bound.values, opaque_children=False)
     with in_mode(model, False), buffers_restored(model):
         values = record_values(captured.graph_module, _detached_copy(bound.values))
         plan = build_plan(captured.graph_module, values, num_blocks=num_blocks, block_size=block_size,
@@ -166,19 +164,8 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, *, whole: bool)
     names assigned) after checking that this graph has them, node for node. Detection is not run
     again: it would execute the module on the call's values, which under a tracer are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
-    forward, names, constants = type(module).forward, bound.names, bound.constants
-
-    def call(*args):
-        return forward(module, **dict(zip(names, args)), **constants)
-
-    checkpointing = getattr(module, "gradient_checkpointing", None)
-    if checkpointing:  # Hugging Face layers checkpoint their forward: trace the computation itself
-        module.gradient_checkpointing = False
-    try:
-        captured = capture(module, tuple(values), call=call, input_names=list(names), opaque_children=not whole)
-    finally:
-        if checkpointing:
-            module.gradient_checkpointing = checkpointing
+    names, constants = bound.names, bound.constants
+    captured = _capture_call(module, bound, values, opaque_children=not whole)
     plan = copy.deepcopy(template)
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
     problems = _unmapped(plan, nodes)

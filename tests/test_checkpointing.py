@@ -165,13 +165,9 @@ def test_a_checkpoint_inside_a_model_converted_as_one_holder_is_reported_loudly(
     holder and runs them inline, so the checkpoint is gone; convert says so (warning + report)."""
     from torch.utils.checkpoint import checkpoint
 
-    class Flat(torch.nn.Module):
-        def __init__(self, d=12, n=3):
-            super().__init__()
-            self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(n))
-            self.mlps = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU()) for _ in range(n))
-            self.out = torch.nn.LayerNorm(d)
+    from test_convert import AddsInItsOwnForward
 
+    class Flat(AddsInItsOwnForward):
         def forward(self, x):
             for norm, mlp in zip(self.norms, self.mlps):
                 x = x + checkpoint(mlp, norm(x), use_reentrant=False)
