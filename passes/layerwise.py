@@ -158,17 +158,18 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
     return Traced(captured, values, plan, stream_argument="")
 
 
-def retrace(module: nn.Module, bound: BoundCall, template: Plan, *, whole: bool) -> Traced:
+def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Graph, *, whole: bool) -> Traced:
     """Another call signature of a converted holder: captured symbolically (FX; nothing runs the
     module), its residual sites taken from ``template`` (the first trace's plan, blocks and parameter
-    names assigned) after checking that this graph has them, node for node. Detection is not run
+    names assigned) after checking that this graph has them, node for node, and that the stream's
+    values have the same readers as in ``original`` (the first call's graph). Detection is not run
     again: it would execute the module on the call's values, which under a tracer are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
     captured = _capture_call(module, bound, values, opaque_children=not whole)
     plan = copy.deepcopy(template)
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
-    problems = _unmapped(plan, nodes)
+    problems = _unmapped(plan, nodes, {n.name: n for n in original.nodes})
     if problems:
         raise ConversionError(
             f"{type(module).__name__} called with {sorted(constants)} and {names} traces to a graph whose residual "
@@ -180,11 +181,16 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, *, whole: bool)
     return Traced(captured, {source: example}, plan, "" if whole else source.target)
 
 
-def _unmapped(plan: Plan, nodes: dict) -> list[str]:
+def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
     """What of ``plan`` the graph ``nodes`` lacks: each site's add must add its skip and its branch,
-    each norm entry must read the skip, module norms must be the same modules."""
+    each norm entry must read the skip, module norms must be the same modules, and the stream's
+    values (the source, each add) must have the readers they had in ``original``."""
     problems = []
     for stream in plan.streams:
+        for name in [stream.source_node, *(site.add_node for site in stream.sites)]:
+            readers = sorted(u.name for u in nodes[name].users) if name in nodes else None
+            if readers is not None and readers != sorted(u.name for u in original[name].users):
+                problems.append(f"{name} is read by {readers}, not by {sorted(u.name for u in original[name].users)}")
         for name in [stream.source_node, *stream.consumer_nodes]:
             if name not in nodes:
                 problems.append(f"no node {name}")
@@ -486,8 +492,15 @@ class LayerForward:
     def _rebuild(self, bound: BoundCall):
         """The graph for a call signature not seen before: traced symbolically (nothing runs) and
         mapped onto the sites the first trace found, which it must still have."""
-        traced = retrace(self.module, bound, self.plan, whole=self.boundary is None)
-        gm = rewrite_holder(self.module, traced, self.boundary, self.config)
+        traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None)
+        try:
+            gm = rewrite_holder(self.module, traced, self.boundary, self.config)
+        except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere
+            raise ConversionError(
+                f"{type(self.module).__name__} called with {sorted(bound.constants)} and {bound.names} cannot be "
+                f"rewritten like the call it was converted with ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
+            ) from exc
         return list(bound.names), _compile(gm, self.module)
 
     def __reduce__(self):

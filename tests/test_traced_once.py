@@ -178,3 +178,26 @@ def test_a_new_signature_in_eager_code_is_traced_without_running_the_model(monke
     with torch.no_grad():
         assert rel_err(scaled, model(ids)) <= 1e-12
         assert rel_err(model(ids, scale=2 * ones), model(ids)) > 1e-3  # the new argument is live
+
+
+class _AdapterBlock(_ScaledBlock):
+    """A signature that turns on one more residual branch, reading the stream after the first add."""
+
+    def __init__(self, d=16):
+        super().__init__(d)
+        self.adapter_norm, self.adapter = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x, scale=None):
+        x = x + self.ff(self.norm(x))
+        if scale is not None:
+            x = x + self.adapter(self.adapter_norm(x)) * scale
+        return x
+
+
+def test_a_new_signature_that_changes_the_residual_structure_is_refused_clearly():
+    model = _ScaledLM()
+    model.layers = torch.nn.ModuleList(_AdapterBlock() for _ in range(3))
+    ids = torch.randint(0, 50, (2, 5))
+    rr.convert_(model, example_inputs=(ids,), block_size=1)
+    with pytest.raises(rr.ConversionError, match=r"_AdapterBlock called with .*scale.*Convert with example inputs"):
+        model(ids, scale=torch.ones(16))
