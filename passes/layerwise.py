@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -393,16 +394,9 @@ def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
     """``target`` names the same object on ``module`` as on the graph module (which holds the
     module's own submodules and parameters; anything else is the trace's)."""
     try:
-        return _resolve(module, target) is _resolve(gm, target)
+        return operator.attrgetter(target)(module) is operator.attrgetter(target)(gm)
     except AttributeError:
         return False
-
-
-def _resolve(root: nn.Module, target: str):
-    value = root
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
 
 
 class LayerForward:
@@ -410,16 +404,15 @@ class LayerForward:
     tensors or objects; the values of constants), runs it on the holder. A signature not seen before
     is traced symbolically and mapped onto the first trace's sites (``retrace``): nothing runs."""
 
-    def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, first: tuple):
+    def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
+                 names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph):
         self.module = module
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
         self.config = config
-        self.graphs: dict[tuple, tuple[list[str], Callable]] = {}
-        key, names, fn, gm = first
-        self.graphs[key] = (names, fn)
-        self.graph_module = gm  # the first graph, for inspection (print(layer.forward.graph_module.code))
-        self.original_graph: Optional[fx.Graph] = None  # the same call's graph before the rewrite
+        self.graphs: dict[tuple, tuple[list[str], Callable]] = {key: (names, _compile(graph_module, module))}
+        self.graph_module = graph_module  # the first graph, for inspection (print(layer.forward.graph_module.code))
+        self.original_graph = original_graph  # the same call's graph before the rewrite
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
@@ -558,9 +551,8 @@ def install(holder: Holder, config) -> None:
     original = copy.deepcopy(holder.traced.captured.graph_module.graph)  # for before/after views
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.whole or holder.boundary.first)
-    first = (key, list(holder.bound.names), _compile(gm, module), gm)
-    module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, first)
-    module.forward.original_graph = original
+    module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
+                                  list(holder.bound.names), gm, original)
 
 
 def installed_forwards(model: nn.Module) -> list[tuple[str, "LayerForward"]]:

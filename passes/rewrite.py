@@ -64,6 +64,11 @@ class LayerBoundary:
     ends_block: bool = False
 
 
+def is_attn_res_parameter(name: str) -> bool:
+    """A parameter name conversion added: ``<holder>.attn_res.<site>.query`` / ``.key_norm_weight``."""
+    return ".attn_res." in f".{name}"
+
+
 class AttnResParameters(nn.Module):
     """The queries and gains of one layer's aggregations (``<layer>.attn_res.<site>``), in place.
 

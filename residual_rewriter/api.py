@@ -15,6 +15,7 @@ from torch import nn
 from residual_rewriter import driver, hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes.errors import ConversionError, first_line
+from residual_rewriter.passes.rewrite import is_attn_res_parameter
 from residual_rewriter.report import ConversionReport
 
 
@@ -115,7 +116,7 @@ def detect(
 def attn_res_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters conversion added (each aggregation's query and key-norm gain), e.g. for their own
     optimizer group: ``torch.optim.AdamW([{"params": rr.attn_res_parameters(model), "lr": 1e-3}, ...])``."""
-    return [p for name, p in model.named_parameters() if ".attn_res." in f".{name}"]
+    return [p for name, p in model.named_parameters() if is_attn_res_parameter(name)]
 
 
 def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:

@@ -39,6 +39,7 @@ from residual_rewriter.passes.errors import ConversionError, conversion_boundary
 from residual_rewriter.passes.modes import buffers_restored, in_mode
 from residual_rewriter.passes.observe import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
+from residual_rewriter.passes.rewrite import is_attn_res_parameter
 from residual_rewriter.passes.state import states_in_output_to_tensors, states_to_tensors
 from residual_rewriter.report import ConversionReport, module_label
 
@@ -287,7 +288,7 @@ def make_report(c: Conversion, *, converted: bool) -> ConversionReport:
     whole = c.mode == WHOLE_MODEL
     return ConversionReport(
         model=type(c.model).__name__, config=c.config, plan=_global_plan(c), converted=converted,
-        new_parameters={n: p.numel() for n, p in c.model.named_parameters() if ".attn_res." in f".{n}"} if converted else {},
+        new_parameters={n: p.numel() for n, p in c.model.named_parameters() if is_attn_res_parameter(n)} if converted else {},
         mode=c.mode, mode_reason=c.mode_reason,
         holders=[h.path for h in c.holders],
         # the model as holder runs its children inline: checkpoint calls and hooks inside them are lost

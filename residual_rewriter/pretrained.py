@@ -7,6 +7,7 @@ from residual_rewriter import hf
 from residual_rewriter.api import convert_
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes.errors import ConversionError
+from residual_rewriter.passes.rewrite import is_attn_res_parameter
 
 
 def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn.Module:
@@ -44,10 +45,6 @@ def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn
     return converted
 
 
-def _is_attn_res(key: str) -> bool:
-    return ".attn_res." in f".{key}"
-
-
 def _safetensors(path: str) -> dict:
     import os
 
@@ -69,9 +66,9 @@ def _names_on_disk(model: nn.Module) -> dict[str, str]:
 
     import torch
 
-    keys = [k for k in model.state_dict() if _is_attn_res(k)]
-    marked = {k: torch.full_like(v, float(i), device="cpu") for i, (k, v) in enumerate(
-        (k, model.state_dict()[k]) for k in keys)}
+    state = {k: v for k, v in model.state_dict().items() if is_attn_res_parameter(k)}
+    keys = list(state)
+    marked = {k: torch.full_like(v, float(i), device="cpu") for i, (k, v) in enumerate(state.items())}
     with tempfile.TemporaryDirectory() as directory:
         type(model).save_pretrained(model, directory, state_dict=marked)  # the class's own: not the marking wrapper
         written = _safetensors(directory)
