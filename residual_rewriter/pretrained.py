@@ -1,6 +1,10 @@
 """Hugging Face checkpoints of converted models: ``residual_rewriter.from_pretrained(path)``."""
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
+
 from torch import nn
 
 from residual_rewriter import hf
@@ -10,16 +14,19 @@ from residual_rewriter.passes.errors import ConversionError
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
 
 
-def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn.Module:
+def from_pretrained(path: str, model_class=None, example_inputs=None, **from_pretrained_kwargs) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after ``convert_(model)`` or ``convert(model)``.
 
-    After ``convert_`` the checkpoint's ``model_type`` reads ``residual_rewriter-<type>``, so that
-    transformers' own Auto* loaders refuse it rather than drop the AttnRes weights.
+    ``save_pretrained`` marks the checkpoint so that transformers never loads it without its AttnRes
+    weights (``hf.MODEL_TYPE_PREFIX``): its Auto classes load it through this function when given
+    ``trust_remote_code=True`` and refuse it otherwise, and the saved class refuses it.
 
     Builds the model with its class's ``from_pretrained`` (which skips the ``attn_res.*`` weights it
     does not know), converts it again with the options stored in its config (``residual_rewriter``),
     then loads the saved AttnRes parameters. ``model_class`` defaults to the class the checkpoint
-    records (``config.architectures``).
+    records (``config.architectures``); ``example_inputs`` are ``convert_``'s (for a model whose inputs
+    cannot be derived from its config). Other keyword arguments go to the class's ``from_pretrained``
+    (``dtype``, ``device_map``, ...).
     """
     import json
     import os
@@ -37,12 +44,35 @@ def from_pretrained(path: str, model_class=None, **from_pretrained_kwargs) -> nn
     if not saved.get("model_type", "").startswith(hf.MODEL_TYPE_PREFIX) or not saved.get("residual_rewriter"):
         raise ConversionError(f"{path} holds no residual_rewriter options in its config: it was not saved from a converted model")
     config = hf.saved_config(path)
-    options = {k: v for k, v in config.residual_rewriter.items() if k not in ("mode", "model_type")}
+    options = {k: v for k, v in config.residual_rewriter.items() if k != "mode"}
     del config.residual_rewriter  # recorded by the save: not a sign of a converted model here
-    model = model_class.from_pretrained(path, config=config, **from_pretrained_kwargs)
-    converted = convert_(model, AttnResConfig(**options))
+    model = _load_without_attn_res(model_class, path, config, from_pretrained_kwargs)
+    converted = convert_(model, AttnResConfig(**options), example_inputs=example_inputs)
     _load_attn_res(converted, path)
     return converted
+
+
+class _WithoutLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _load_without_attn_res(model_class, path: str, config, kwargs: dict) -> nn.Module:
+    """The class's own ``from_pretrained``, which skips the AttnRes keys it does not know (loaded after the
+    conversion). Its load report would list them as unexpected keys: it is replaced by a warning that
+    names only the other keys, if any."""
+    report = logging.getLogger("transformers.modeling_utils")
+    quiet = _WithoutLoadReport()
+    report.addFilter(quiet)
+    try:
+        model, info = model_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    finally:
+        report.removeFilter(quiet)
+    unexpected = [k for k in info["unexpected_keys"] if not is_attn_res_parameter(k)]
+    if unexpected or info["missing_keys"] or info["mismatched_keys"]:
+        warnings.warn(f"{model_class.__name__}.from_pretrained({path!r}): missing keys {sorted(info['missing_keys'])}, "
+                      f"unexpected keys {sorted(unexpected)}, mismatched {info['mismatched_keys']}")
+    return model
 
 
 def _safetensors(path: str) -> dict:
@@ -83,3 +113,72 @@ def _load_attn_res(model: nn.Module, path: str) -> None:
     if missing:
         raise ConversionError(f"{path} lacks AttnRes parameters {missing[:4]}: saved from another conversion?")
     model.load_state_dict({k: saved[disk] for k, disk in on_disk.items()}, strict=False)
+
+
+class AttnResCheckpointConfig:
+    """What ``AutoConfig.from_pretrained(path, trust_remote_code=True)`` returns for a converted checkpoint
+    (through ``hf.CHECKPOINT_CODE``). Deliberately no transformers config class: an Auto class that the
+    checkpoint's ``auto_map`` does not name then finds no model for it and refuses, rather than building
+    the model without AttnRes. ``original`` is the saved model's own config."""
+
+    sub_configs: dict = {}  # read by the Auto classes' refusal of a config they have no model for
+
+    def __init__(self, path: str, auto_map: dict, original):
+        self.path, self.auto_map, self.original = path, auto_map, original
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        pass  # transformers asks; nothing to record
+
+    @classmethod
+    def from_pretrained(cls, path, return_unused_kwargs: bool = False, **kwargs):
+        import json
+        import os
+
+        with open(os.path.join(path, "config.json")) as f:
+            auto_map = json.load(f)["auto_map"]
+        config = cls(str(path), auto_map, hf.saved_config(path))
+        # what transformers' own configs consume from the Auto class's keyword arguments
+        for used in ("_from_auto", "_from_pipeline", "name_or_path", "cache_dir", "force_download", "local_files_only",
+                     "proxies", "token", "revision", "subfolder", "trust_remote_code", "code_revision"):
+            kwargs.pop(used, None)
+        return (config, kwargs) if return_unused_kwargs else config
+
+
+class AttnResCheckpointModel:
+    """What an Auto model class loads a converted checkpoint with (``auto_map``; one subclass per Auto class,
+    made by ``checkpoint_loader``): the saved class, through ``residual_rewriter.from_pretrained``, when the
+    Auto class would build that class; a refusal otherwise."""
+
+    auto_class_name = ""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class) -> None:
+        pass  # transformers asks; nothing to record
+
+    @classmethod
+    def from_pretrained(cls, path, *model_args, config=None, **kwargs):
+        import transformers
+
+        if model_args:
+            raise ConversionError(f"positional model arguments {model_args} cannot be passed on: use keywords")
+        saved = getattr(transformers, config.original.architectures[0])
+        if not hf.builds(getattr(transformers, cls.auto_class_name), config.original, saved):
+            right = [name for name in hf.auto_model_classes() if hf.builds(getattr(transformers, name), config.original, saved)]
+            raise ConversionError(
+                f"{path} holds a {saved.__name__} converted by residual_rewriter; {cls.auto_class_name} builds "
+                f"another class from its config, without the AttnRes weights. Load it with "
+                f"residual_rewriter.from_pretrained(path)" + (f" or {' / '.join(right)}" if right else ""))
+        for hub_only in ("trust_remote_code", "adapter_kwargs", "_from_auto", "code_revision"):
+            kwargs.pop(hub_only, None)
+        return from_pretrained(str(path), **kwargs)
+
+
+@functools.cache
+def checkpoint_loader(auto_class_name: str) -> type:
+    """``AttnResCheckpointModel`` for one Auto class: the ``__getattr__`` of ``hf.CHECKPOINT_CODE``, so
+    that ``auto_map``'s ``residual_rewriter_checkpoint.AutoModelForCausalLM`` names it. One class per
+    Auto class, because transformers registers the class it loaded in that Auto class's mapping."""
+    if not auto_class_name.startswith("AutoModel"):
+        raise AttributeError(auto_class_name)
+    return type(f"AttnResCheckpointFor{auto_class_name}", (AttnResCheckpointModel,), {"auto_class_name": auto_class_name})

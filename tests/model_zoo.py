@@ -54,13 +54,16 @@ FP32_ONLY = {"mixtral", "qwen2_moe"}
 
 
 def make_architecture(name: str):
-    """A tiny random-weight model of one of ``DECODERS`` / ``VISION`` (or T5), in eval mode, in float64
+    """A tiny random-weight model of one of ``DECODERS`` / ``VISION`` (or T5, MPT), in eval mode, in float64
     unless it is in ``FP32_ONLY``."""
     transformers = pytest.importorskip("transformers")
     warnings.filterwarnings("ignore", message=".*token_id.*")
     if name == "t5":
         cfg = transformers.T5Config(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12, decoder_start_token_id=0)
         model = transformers.T5ForConditionalGeneration(cfg)
+    elif name == "mpt":  # its blocks' adds convert with the model as the one holder
+        cfg = transformers.MptConfig(vocab_size=128, d_model=48, n_heads=4, n_layers=2, max_seq_len=32)
+        model = transformers.MptForCausalLM(cfg)
     elif name in VISION:
         model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name, **_TINY_VISION))
     else:
