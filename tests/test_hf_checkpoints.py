@@ -116,9 +116,10 @@ def test_auto_classes_load_the_attnres_model_with_trust_remote_code_and_refuse_w
         other.from_pretrained(tmp_path, trust_remote_code=True)
 
 
-def test_loads_in_bf16_with_a_device_map_and_a_bf16_checkpoint_round_trips(tmp_path):
+@pytest.mark.parametrize("name", ["llama", "mixtral", "t5"])
+def test_loads_in_bf16_with_a_device_map_and_a_bf16_checkpoint_round_trips(name, tmp_path):
     pytest.importorskip("accelerate")
-    model, kwargs = _saved("llama", tmp_path / "fp32")
+    model, kwargs = _saved(name, tmp_path / "fp32")
     loaded = rr.from_pretrained(str(tmp_path / "fp32"), dtype=torch.bfloat16, device_map="cpu").eval()
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     cast = {k: v.to(torch.bfloat16) for k, v in _attn_res_state(model).items()}
