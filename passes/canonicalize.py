@@ -11,14 +11,23 @@ A sublayer written on a reshaped stream, ``(R(x) + g(n(R(x)))).view(x.shape)`` (
 tokens around its MLP: ``R = reshape(-1, D)``), hides the stream ``x``. ``sink_residual_reshapes``
 rewrites it to ``x + g(n(R(x))).reshape(x.shape)`` when the sum is read only by that view back to
 ``x``'s own shape. Reshapes keep the elements' logical order, so this is exact.
+
+A layer that routes the stream through identity modules (``x = self.tap_mid(x)``: taps that inspection
+tools insert to read or patch activations) hides its adds from each other. ``look_through_identities``
+erases the calls of ``nn.Identity`` modules that have no hooks, which is exact. The converted forward
+does not call them (their hooks, if added later, do not fire); a hooked one is kept, and detection then
+says where the stream is read.
 """
 from __future__ import annotations
 
 import operator
 
+from typing import Callable
+
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .rewrite import in_stream_dtype
 
@@ -111,3 +120,20 @@ def sink_residual_reshapes(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def look_through_identities(gm: fx.GraphModule, hooked: Callable[[nn.Module], bool]) -> list[str]:
+    """Erase the calls of hook-free ``nn.Identity`` modules from ``gm``; returns their module paths."""
+    erased = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        module = gm.get_submodule(node.target)
+        if type(module) is nn.Identity and not hooked(module):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            erased.append(node.target)
+    if erased:
+        gm.graph.lint()
+        gm.recompile()
+    return erased

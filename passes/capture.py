@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
 
-from .canonicalize import regroup_residual_sums, sink_residual_reshapes
+from .canonicalize import look_through_identities, regroup_residual_sums, sink_residual_reshapes
 from .modes import in_mode, merge_train_eval
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
@@ -387,6 +387,7 @@ def capture(
     gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs, opaque_children=opaque_children)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
         gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs, opaque_children=opaque_children)
+    look_through_identities(gm, _has_hooks)
     sink_residual_reshapes(gm)
     regroup_residual_sums(gm)
     gm.train(model.training)
