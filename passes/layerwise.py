@@ -40,6 +40,7 @@ from .errors import ConversionError
 from .capture import Captured, capture, is_opaque_by_class
 from .detect import build_plan, record_values
 from .modes import buffers_restored, in_mode
+from .norms import is_norm_module
 from .observe import ModuleCall
 from .plan import Plan, Site
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
@@ -289,7 +290,7 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
         holders.append(Holder(call.path, call.module, call, bound, traced))
         done.append(call.path)
     _refuse_a_partial_stack(holders, calls, found.not_holders)
-    found.streams = _chains(holders)
+    found.streams = _chains(holders, calls)
     return found
 
 
@@ -308,12 +309,14 @@ def _refuse_a_partial_stack(holders: list[Holder], calls: list[ModuleCall], not_
             )
 
 
-def _chains(holders: list[Holder]) -> list[list[Holder]]:
+def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]]:
     """Holders in call order, linked where one's output tensor is the next one's stream input.
 
-    Consecutive holders that do not link start a new stream only when they share no module path
-    (T5's ``encoder`` and ``decoder``); under a common module (``h.0``, ``h.1``) it means the model's
-    own code did something to the stream between them, which in-place conversion cannot follow."""
+    A holder that does not link starts a new stream where the previous one ENDED: its last output went
+    into a norm module (an encoder's final norm, before the decoder's layers start on their own
+    embeddings: mBART, Pegasus), or the two share no module path (T5's ``encoder`` and ``decoder``).
+    Otherwise the model's own code did something to the stream between them (``h = layer(h) * 2``),
+    which in-place conversion cannot follow."""
     chains: list[list[Holder]] = []
     for holder in holders:
         x = holder.stream_input()
@@ -321,13 +324,18 @@ def _chains(holders: list[Holder]) -> list[list[Holder]]:
         if chain is not None:
             chain.append(holder)
             continue
-        if chains and _common_path(chains[-1][-1].path, holder.path):
+        if chains and _common_path(chains[-1][-1].path, holder.path) and not _ends_in_a_norm(chains[-1], calls):
             raise NotLayerwise(
                 f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
                 f"code (in {_common_path(chains[-1][-1].path, holder.path)} or its parents) transforms it between them"
             )
         chains.append([holder])
     return chains
+
+
+def _ends_in_a_norm(chain: list[Holder], calls: list[ModuleCall]) -> bool:
+    ends = chain[-1].call.tensor_outputs()
+    return any(is_norm_module(c.module) and any(t is e for t in c.tensor_inputs() for e in ends) for c in calls)
 
 
 class NotLayerwise(ConversionError):

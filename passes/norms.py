@@ -19,11 +19,13 @@ NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, F.rms_norm, getattr(torch, "rm
 NORM_MODULE_TYPES = (nn.LayerNorm, nn.RMSNorm)
 
 
+def is_norm_module(m: nn.Module) -> bool:
+    return isinstance(m, NORM_MODULE_TYPES) or type(m).__name__.endswith(("RMSNorm", "LayerNorm", "RmsNorm"))
+
+
 def is_known_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        name = type(m).__name__
-        return isinstance(m, NORM_MODULE_TYPES) or name.endswith(("RMSNorm", "LayerNorm", "RmsNorm"))
+        return is_norm_module(gm.get_submodule(node.target))
     return node.op == "call_function" and node.target in NORM_FUNCTIONS
 
 

@@ -50,12 +50,17 @@ DECODERS = {
     "glm": {**_GQA, **_PAD0}, "gpt_bigcode": {}, "cohere": {}, "gpt2": {}, "opt": {},
 }
 VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
+# encoder-decoders whose encoder and decoder stacks sit under one module (model.encoder, model.decoder)
+ENCODER_DECODERS = ["mbart", "pegasus", "m2m_100", "blenderbot", "bigbird_pegasus"]
+_TINY_SEQ2SEQ = dict(vocab_size=128, d_model=48, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=80, decoder_ffn_dim=80, max_position_embeddings=64,
+                     pad_token_id=1, decoder_start_token_id=2)
 FP32_ONLY = {"mixtral", "qwen2_moe"}
 
 
 def make_architecture(name: str):
-    """A tiny random-weight model of one of ``DECODERS`` / ``VISION`` (or T5, MPT), in eval mode, in float64
-    unless it is in ``FP32_ONLY``."""
+    """A tiny random-weight model of one of ``DECODERS`` / ``VISION`` / ``ENCODER_DECODERS`` (or T5, MPT), in
+    eval mode, in float64 unless it is in ``FP32_ONLY``."""
     transformers = pytest.importorskip("transformers")
     warnings.filterwarnings("ignore", message=".*token_id.*")
     if name == "t5":
@@ -66,6 +71,10 @@ def make_architecture(name: str):
         model = transformers.MptForCausalLM(cfg)
     elif name in VISION:
         model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name, **_TINY_VISION))
+    elif name in ENCODER_DECODERS:
+        extra = dict(attention_type="original_full") if name == "bigbird_pegasus" else {}
+        cfg = transformers.AutoConfig.for_model(name, **_TINY_SEQ2SEQ, **extra)
+        model = transformers.AutoModelForSeq2SeqLM.from_config(cfg)
     else:
         cfg = transformers.AutoConfig.for_model(name, **_TINY_DECODER, **DECODERS[name])
         model = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from model_zoo import DECODERS, FP32_ONLY, VISION, aggregations, make_architecture, make_gpt, query_of, rel_err
+from model_zoo import (DECODERS, ENCODER_DECODERS, FP32_ONLY, VISION, aggregations, make_architecture, make_gpt, query_of,
+                        rel_err)
 from residual_rewriter import hf
 
-ARCHITECTURES = sorted(DECODERS) + VISION + ["t5"]
+ARCHITECTURES = sorted(DECODERS) + VISION + ["t5"] + ENCODER_DECODERS
 
 
 def queries_per_aggregation(converted) -> tuple[int, int]:
