@@ -334,8 +334,16 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
 
 
 def _ends_in_a_norm(chain: list[Holder], calls: list[ModuleCall]) -> bool:
+    """Whether the chain's last output goes into a norm module that is the stream's final norm: one whose
+    parent did not receive that output (a norm inside a module that did is that module's sublayer norm,
+    e.g. of a sublayer that could not be made a holder)."""
     ends = chain[-1].call.tensor_outputs()
-    return any(is_norm_module(c.module) and any(t is e for t in c.tensor_inputs() for e in ends) for c in calls)
+
+    def reads_end(call: ModuleCall) -> bool:
+        return any(t is e for t in call.tensor_inputs() for e in ends)
+
+    return any(is_norm_module(c.module) and reads_end(c) and not any(
+        reads_end(p) for p in calls if p.path == c.path.rpartition(".")[0]) for c in calls)
 
 
 class NotLayerwise(ConversionError):

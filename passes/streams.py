@@ -6,6 +6,8 @@ blocks and parameter names; raises ``ConversionError`` for streams that cannot b
 """
 from __future__ import annotations
 
+import operator
+
 import re
 from collections import Counter
 
@@ -81,8 +83,9 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
 
 def _check_stream_ends_at_output(stream: Stream, last: fx.Node, finder) -> None:
     metadata = finder.drop_metadata_edges(last)
-    # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments
-    others = [u for u in last.users if u not in metadata and u.op != "output"]
+    # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments; a tuple
+    # built by concatenation, ``(hidden_states,) + attention_output[1:]`` (T5-style), is an add node
+    others = [u for u in last.users if u not in metadata and u.op != "output" and not _returned_tuple_concat(u, last)]
     if others:
         user = others[0]
         raise ConversionError(
@@ -91,6 +94,12 @@ def _check_stream_ends_at_output(stream: Stream, last: fx.Node, finder) -> None:
             "inside the module that holds it, besides being returned"
         )
     stream.consumer_nodes, stream.consumers = [], ["output"]
+
+
+def _returned_tuple_concat(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` is ``(..., value, ...) + rest``, a tuple only the output reads."""
+    return (user.op == "call_function" and user.target is operator.add and isinstance(user.args[0], tuple)
+            and value in user.args[0] and all(u.op == "output" for u in user.users))
 
 
 def assign_blocks(stream: Stream, num_blocks, block_size, mixing) -> None:

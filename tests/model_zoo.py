@@ -50,6 +50,8 @@ DECODERS = {
     "glm": {**_GQA, **_PAD0}, "gpt_bigcode": {}, "cohere": {}, "gpt2": {}, "opt": {},
 }
 VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
+T5_LIKE = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),
+           "longt5": ("LongT5Config", "LongT5ForConditionalGeneration")}
 # encoder-decoders whose encoder and decoder stacks sit under one module (model.encoder, model.decoder)
 ENCODER_DECODERS = ["mbart", "pegasus", "m2m_100", "blenderbot", "bigbird_pegasus"]
 _TINY_SEQ2SEQ = dict(vocab_size=128, d_model=48, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -63,9 +65,11 @@ def make_architecture(name: str):
     eval mode, in float64 unless it is in ``FP32_ONLY``."""
     transformers = pytest.importorskip("transformers")
     warnings.filterwarnings("ignore", message=".*token_id.*")
-    if name == "t5":
-        cfg = transformers.T5Config(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12, decoder_start_token_id=0)
-        model = transformers.T5ForConditionalGeneration(cfg)
+    if name in T5_LIKE:  # the sublayers are the holders (T5LayerSelfAttention, T5LayerFF, ...)
+        config_class, model_class = T5_LIKE[name]
+        cfg = getattr(transformers, config_class)(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12,
+                                                  decoder_start_token_id=0)
+        model = getattr(transformers, model_class)(cfg)
     elif name == "mpt":  # its blocks' adds convert with the model as the one holder
         cfg = transformers.MptConfig(vocab_size=128, d_model=48, n_heads=4, n_layers=2, max_seq_len=32)
         model = transformers.MptForCausalLM(cfg)

@@ -13,7 +13,7 @@ from model_zoo import (DECODERS, ENCODER_DECODERS, FP32_ONLY, VISION, aggregatio
                         rel_err)
 from residual_rewriter import hf
 
-ARCHITECTURES = sorted(DECODERS) + VISION + ["t5"] + ENCODER_DECODERS
+ARCHITECTURES = sorted(DECODERS) + VISION + ["t5", "umt5", "longt5"] + ENCODER_DECODERS
 
 
 def queries_per_aggregation(converted) -> tuple[int, int]:

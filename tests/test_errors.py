@@ -229,3 +229,24 @@ def test_a_stack_with_a_layer_that_cannot_be_rewritten_is_refused_not_converted_
         rr.convert(model, x())
     partial = rr.convert(model, x(), filter_fn=lambda module, path: path != "blocks.2")  # the user's choice
     assert partial.attn_res_report.holders == ["blocks.0", "blocks.1"]
+
+
+class _UntraceableSublayer(Block):
+    """A sublayer module that cannot be traced alone (a branch on the stream's values)."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x + self.fc(self.norm(x))
+        return x - self.fc(self.norm(x))
+
+
+def test_holders_that_do_not_link_are_not_split_at_a_sublayers_norm():
+    """T5-style sublayer modules, of which one kind cannot be rewritten: the other kind's holders do not
+    link (the untraceable sublayer sits between them) and their outputs go into that sublayer's norm.
+    That norm is no stream end: splitting there made one stream per sublayer, exact at init and wrong
+    (no mixing across them). Refused instead."""
+    model = Net()
+    model.blocks = nn.ModuleList(m for _ in range(2) for m in (_UntraceableSublayer(), Block()))
+    with pytest.raises(rr.ConversionError):
+        rr.convert_(model, example_inputs=(x().abs(),))
+    assert not rr.attn_res_parameters(model)

@@ -75,6 +75,10 @@ def _build(name: str):
         cfg = transformers.T5Config(vocab_size=128, d_model=48, d_ff=80, num_layers=2, num_heads=4, d_kv=12,
                                     decoder_start_token_id=0)
         return transformers.T5ForConditionalGeneration(cfg), (_ids(2, 9), _ids(2, 5, seed=2)), None
+    if name == "umt5":  # T5 whose sublayers return `(hidden_states,) + attention_output[1:]`: two streams, 4 + 6
+        from model_zoo import make_architecture
+
+        return make_architecture("umt5"), (_ids(2, 9), _ids(2, 5, seed=2)), None
     if name == "mbart":  # encoder and decoder under one module (model.encoder, model.decoder): two streams, 4 + 6
         from model_zoo import make_architecture
 
@@ -114,6 +118,7 @@ CASES = [
     ("t5", dict(num_blocks=4)),  # encoder 1+1+1+1; decoder 2+2+2 (floor: 6 blocks)
     ("t5", dict(block_size=4)),  # encoder 4; decoder 4+2
     ("mbart", dict(num_blocks=2)),  # encoder L=4: 2+2; decoder L=6: 3+3
+    ("umt5", dict(num_blocks=4)),  # encoder 1+1+1+1; decoder 2+2+2
     ("inline", dict(num_blocks=2)),  # L=5: 3+2
     ("inline", dict(block_size=1)),
     ("opt", dict(num_blocks=4)),  # L=6: 2+2+2
