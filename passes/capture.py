@@ -142,7 +142,7 @@ class ResidualTracer(fx.Tracer):
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         # Trace into the module; if its Python cannot be traced, undo what it recorded and keep it opaque.
-        if _has_hooks(m):
+        if has_hooks(m):
             self.hooked_inlined.append(qualname)
         last_node = self.graph._root.prev
         saved_stack = self.module_stack.copy()
@@ -205,7 +205,7 @@ def is_opaque_by_class(m: nn.Module) -> bool:
     return False
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
@@ -387,11 +387,14 @@ def capture(
     gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs, opaque_children=opaque_children)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
         gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs, opaque_children=opaque_children)
-    look_through_identities(gm, _has_hooks)
+    for node in gm.graph.nodes:  # a child named `self` (Megatron-BERT's attention) would shadow the code's `self`
+        if node.name == "self":
+            node._rename("self_")
+    look_through_identities(gm, has_hooks)
     sink_residual_reshapes(gm)
     regroup_residual_sums(gm)
     gm.train(model.training)
-    hooked = ([""] if _has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
+    hooked = ([""] if has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
     return Captured(
         gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
         sorted(set(train_tracer.checkpoint_calls)), sorted(set(hooked)),

@@ -43,6 +43,7 @@ from .modes import buffers_restored, in_mode
 from .norms import is_norm_module
 from .observe import ModuleCall
 from .plan import Plan, Site
+from .residual_children import split_residual_children
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .state import AttnResState
 from .streams import assign_parameter_names, place_in_blocks
@@ -135,9 +136,11 @@ def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
     # running the layer must not change it: a KV cache passed in is copied, one held in its buffers
     # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
     with in_mode(module, False), buffers_restored(module):
+        splits = split_residual_children(captured.graph_module, _detached_copy(bound.values))
         values = record_values(captured.graph_module, _detached_copy(bound.values))
         plan = build_plan(captured.graph_module, values, num_blocks=None, block_size=1, ends_at_output=True,
                           opaque_modules=captured.opaque_modules)
+        plan.residual_children = splits
     if len(plan.streams) != 1:
         raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
     stream = plan.streams[0]
@@ -154,9 +157,11 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
     holder shares its streams."""
     captured = _capture_call(model, bound, bound.values, opaque_children=False)
     with in_mode(model, False), buffers_restored(model):
+        splits = split_residual_children(captured.graph_module, _detached_copy(bound.values))
         values = record_values(captured.graph_module, _detached_copy(bound.values))
         plan = build_plan(captured.graph_module, values, num_blocks=num_blocks, block_size=block_size,
                           opaque_modules=captured.opaque_modules, opaque_with_norms=captured.opaque_with_norms)
+        plan.residual_children = splits
     return Traced(captured, values, plan, stream_argument="")
 
 
@@ -169,6 +174,7 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
     captured = _capture_call(module, bound, values, opaque_children=not whole)
+    split_residual_children(captured.graph_module, None, known=template.residual_children)
     plan = copy.deepcopy(template)
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
     problems = _unmapped(plan, nodes, {n.name: n for n in original.nodes})
@@ -334,15 +340,17 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
 
 
 def _ends_in_a_norm(chain: list[Holder], calls: list[ModuleCall]) -> bool:
-    """Whether the chain's last output goes into a norm module that is the stream's final norm: one whose
-    parent did not receive that output (a norm inside a module that did is that module's sublayer norm,
-    e.g. of a sublayer that could not be made a holder)."""
+    """Whether the chain's last output goes into a norm module that is the stream's final norm: outside
+    the module that holds the last holder (a norm inside it belongs to the rest of that layer: Megatron-
+    BERT's MLP after its attention holder), and not inside a module that received that output (a sublayer
+    norm of a sublayer that could not be made a holder)."""
     ends = chain[-1].call.tensor_outputs()
+    layer = chain[-1].path.rpartition(".")[0]
 
     def reads_end(call: ModuleCall) -> bool:
         return any(t is e for t in call.tensor_inputs() for e in ends)
 
-    return any(is_norm_module(c.module) and reads_end(c) and not any(
+    return any(is_norm_module(c.module) and reads_end(c) and not c.path.startswith(layer + ".") and not any(
         reads_end(p) for p in calls if p.path == c.path.rpartition(".")[0]) for c in calls)
 
 

@@ -36,6 +36,7 @@ class Spec:
     container: str = "modulelist"
     tap: bool = False  # identity modules on the stream, before and between the adds
     norm_inside: bool = False  # the norm is the first module of the sublayer: x = x + self.mlp(x)
+    residual_in_child: bool = False  # the sublayer adds the residual itself: x = self.mlp(norm(x), x) (BLOOM)
     reader: str = "norm"
     refuse: str = "none"
 
@@ -111,6 +112,17 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+class AddsTheResidual(nn.Module):
+    """A sublayer that takes the residual and adds it itself (BLOOM's ``dropout_add(out, residual)``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h, residual):
+        return residual + self.inner(h)
+
+
 class Layer(nn.Module):
     def __init__(self, spec: Spec):
         super().__init__()
@@ -135,6 +147,8 @@ class Layer(nn.Module):
             self.other = MLP(d)
         if spec.tap:
             self.tap_in, self.tap_mid = nn.Identity(), nn.Identity()
+        if spec.residual_in_child:  # the same branch modules, wrapped
+            self.residual_branches = nn.ModuleDict({name: AddsTheResidual(b) for name, b in self.branches.items()})
 
     def _norm(self, name: str, x):
         if self.spec.norm_inside:
@@ -164,6 +178,11 @@ class Layer(nn.Module):
         for i, name in enumerate(spec.sublayers):
             if spec.refuse == "post_norm_block":
                 x = self._norm(name, x + self._branch(name, x))
+                continue
+            if spec.residual_in_child and spec.refuse == "none" and spec.extra == "none":
+                x = self.residual_branches[name](self._norm(name, x), x)
+                if spec.tap and i == 0:
+                    x = self.tap_mid(x)
                 continue
             f = self._branch(name, self._norm(name, x))
             if spec.refuse == "parallel" and i == 0:
@@ -257,6 +276,7 @@ def specs():
             container=container,
             tap=draw_(st.booleans()),
             norm_inside=False if norm == "inline_rms" else draw_(st.booleans()),
+            residual_in_child=draw_(st.booleans()),
             reader=draw_(st.sampled_from(READERS)),
             refuse=draw_(st.sampled_from(REFUSE)) if draw_(st.integers(0, 3)) == 0 else "none",
         )

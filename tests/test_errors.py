@@ -250,3 +250,33 @@ def test_holders_that_do_not_link_are_not_split_at_a_sublayers_norm():
     with pytest.raises(rr.ConversionError):
         rr.convert_(model, example_inputs=(x().abs(),))
     assert not rr.attn_res_parameters(model)
+
+
+class _AttentionHolder(Block):
+    """A sublayer module holding its own residual add: ``x + fc(norm(x))``."""
+
+
+class _LayerWithAnUntraceableMLP(nn.Module):
+    """Megatron-BERT's shape: the attention child holds its add, the layer's own forward adds the MLP and
+    cannot be traced (a branch on values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.ln, self.mlp = _AttentionHolder(), nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.attention(x)
+        if h.sum() > 0:
+            return h + self.mlp(self.ln(h))
+        return h - self.mlp(self.ln(h))
+
+
+def test_a_norm_inside_the_last_holders_layer_is_no_stream_end():
+    """The attention holders do not link (the layer's MLP sits between them); the attention's output goes
+    into the layer's MLP norm, which is no final norm. Splitting there made one stream per attention
+    sublayer, exact at init and wrong. Refused instead."""
+    model = Net()
+    model.blocks = nn.ModuleList(_LayerWithAnUntraceableMLP() for _ in range(2))
+    with pytest.raises(rr.ConversionError):
+        rr.convert_(model, example_inputs=(x().abs(),))
+    assert not rr.attn_res_parameters(model)
