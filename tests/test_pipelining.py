@@ -1,0 +1,277 @@
+"""Pipeline parallelism of converted models (issue 21): the state's layout across a stage boundary,
+stages built for a split (``rr.build_stages``) and ``pipeline()`` with split points, on
+``torch.distributed.pipelining``'s schedules (GPipe, 1F1B, Interleaved1F1B), with and without
+cross-stage caching. CPU processes over gloo, float64.
+
+Each distributed case compares with the unsplit model on the same batch: the loss, and the gradient
+of EVERY parameter (the AttnRes queries and key-norm gains included, perturbed away from zero),
+summed over ranks (parameters outside the layers get their gradient on the first and the last stage),
+to |err| <= 1e-10 * max|grad| (float64). Bytes per transition are counted from the tensors handed
+to ``dist.isend`` (a spy on it) and checked against the paper's formula.
+
+One process group runs many cases (a spawn costs seconds on 2 busy cores). A worker stuck anywhere
+exits after WORKER_DEADLINE_S with its stack; the test kills what is left after TEST_DEADLINE_S; the
+workers leave with os._exit after a barrier (gloo teardown deadlock, see test_distributed.py).
+"""
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import functools
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import residual_rewriter as rr
+from residual_rewriter import pipelining as rp
+
+WORKER_DEADLINE_S = 240
+TEST_DEADLINE_S = 300
+GRAD_RTOL = 1e-10  # float64: |pipeline - unsplit| <= GRAD_RTOL * max|unsplit| per parameter
+LOSS_RTOL = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".query"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+            elif name.endswith(".key_norm_weight"):
+                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=g, dtype=p.dtype))
+
+
+def make_model(kind: str, layers: int, **convert):
+    """(converted model, name of its input keyword, kwargs added to every call), float64."""
+    if kind == "gpt":
+        from residual_rewriter.models import GPT, GPTConfig
+
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=layers, n_embd=32, n_head=4, vocab_size=64, block_size=32)).double().eval()
+        rr.convert_(model, **convert)
+        key, extra = "idx", {}
+    else:
+        import warnings
+
+        import transformers
+
+        warnings.filterwarnings("ignore", message=".*token_id.*")
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(cfg).double().eval()
+        rr.convert_(model, **convert)
+        key, extra = "input_ids", {"use_cache": False}
+    _perturb(model)
+    return model, key, extra
+
+
+def _batch(n=8, t=8, vocab=64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (n, t), generator=g), torch.randint(0, vocab, (n, t), generator=g)
+
+
+def loss_fn(logits, target):
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def reference(case):
+    """Loss and gradients of the unsplit model on the whole batch."""
+    model, key, extra = make_model(case["model"], case["layers"], **case["convert"])
+    x, y = _batch()
+    out = rp._model_output(model(**{key: x}, **extra))
+    loss = loss_fn(out, y)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unit tests (one process)
+# ---------------------------------------------------------------------------------------------------
+def test_layout_round_trip_and_read_from_the_tensors():
+    """pack_state/unpack_state: the state comes back from the two tensors alone (how many blocks, and
+    whether a partial sum exists, are their first sizes); with ``cached``, the receiver's kept block
+    sums go in front."""
+    h = torch.randn(5, 2, 3, 4)
+    for n, has_partial in [(1, True), (3, False), (2, True)]:
+        state = rr.AttnResState(tuple(h[:n]), h[4] if has_partial else None)
+        blocks, partial = rp.pack_state(state)
+        assert blocks.shape == (n, 2, 3, 4) and partial.shape == (int(has_partial), 2, 3, 4)
+        back = rp.unpack_state(blocks, partial)
+        assert len(back.blocks) == n and all(torch.equal(a, b) for a, b in zip(back.blocks, state.blocks))
+        assert (back.partial is None) == (not has_partial)
+        if has_partial:
+            assert torch.equal(back.partial, state.partial)
+        # caching: the receiver holds the first block sum; only the rest are sent
+        sent, partial = rp.pack_state(state, cached=1)
+        assert sent.shape[0] == n - 1
+        again = rp.unpack_state(sent, partial, cached=state.blocks[:1])
+        assert all(torch.equal(a, b) for a, b in zip(again.blocks, state.blocks)) and len(again.blocks) == n
+    with pytest.raises(ValueError, match="not the state layout"):
+        rp.unpack_state(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="between two rewritten layers"):
+        rp.pack_state(torch.zeros(3))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_state_layout_from_the_plan_is_the_state_a_layer_receives(kind):
+    """state_layout(model, i), read from the conversion plan, is what layer i really receives, mid-block
+    and at a block boundary."""
+    if kind == "llama":
+        pytest.importorskip("transformers")
+    model, key, extra = make_model(kind, 4, num_blocks=3)
+    layers = [model.get_submodule(p) for p in rp.layers_of(model)]
+    seen = {}
+    handles = [layer.register_forward_pre_hook(functools.partial(lambda i, m, a: seen.__setitem__(i, a[0]), i))
+               for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(**{key: _batch()[0]}, **extra)
+    for h in handles:
+        h.remove()
+    kinds = set()
+    for i in range(1, 4):
+        layout = rp.state_layout(model, i)
+        assert (layout.num_blocks, layout.has_partial) == (len(seen[i].blocks), seen[i].partial is not None)
+        kinds.add(layout.has_partial)
+    assert kinds == {True, False}  # both a mid-block and a block-boundary split were checked
+
+
+def test_bad_split_points_are_refused_with_what_is_allowed():
+    model, _, _ = make_model("gpt", 4, num_blocks=2)
+    for bad, match in [([0], "not between two rewritten layers"), ([4], "1 <= i <= 3"), ([2, 1], "increasing"),
+                       ([2, 2], "increasing"), (["transformer.h.1"], "layer indices")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            rp.split_spec(model, bad)
+    with pytest.raises(ValueError, match="do not divide over 2 ranks"):
+        rp.plan_chunks(model, [1, 2], num_ranks=2)
+    from residual_rewriter.models import GPT, GPTConfig
+
+    with pytest.raises(rr.ConversionError, match="not converted"):
+        rp.split_spec(GPT(GPTConfig(n_layer=2)), [1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed cases
+# ---------------------------------------------------------------------------------------------------
+def _spy_isend(record: list):
+    """Count the bytes of every tensor handed to dist.isend (P2POp and batch_isend_irecv included)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    original = c10d.isend
+
+    @functools.wraps(original)
+    def isend(tensor, *args, **kwargs):
+        if tensor.is_floating_point():  # the state and its gradients (not the schedule's int32 votes)
+            record.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    c10d.isend = isend
+    dist.isend = isend
+
+
+def _run_case(case, rank, world, sent_record):
+    from torch.distributed import pipelining as tp
+
+    model, key, extra = make_model(case["model"], case["layers"], **case["convert"])
+    x, y = _batch()
+    mbs = case.get("microbatches", 4)
+    schedule_cls = getattr(tp, case["schedule"])
+    losses: list = []
+    del sent_record[:]
+    if case.get("tracer"):  # pipeline() + split_spec: the state crosses flattened (no caching)
+        pipe = tp.pipeline(model, mb_args=(x[: len(x) // mbs],), mb_kwargs=extra or None,
+                           split_spec=rp.split_spec(model, case["splits"]))
+        stage = tp.build_stage(pipe.get_stage_module(rank), rank, pipe.info(), torch.device("cpu"))
+        sched = schedule_cls(stage, n_microbatches=mbs, loss_fn=loss_fn)
+        sched.step(x if rank == 0 else None, target=y, losses=losses, **(extra or {})) if rank == 0 else \
+            sched.step(target=y, losses=losses, **(extra or {}))
+        named = pipe.get_stage_module(rank).named_parameters()
+        grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        sent = {}
+    else:
+        stages = rp.build_stages(model, case["splits"], rank=rank, num_ranks=world, example_kwargs={key: x},
+                                 num_microbatches=mbs, cache=case["cache"], model_kwargs=extra)
+        multi = len(stages) > 1 or case["schedule"] in ("ScheduleInterleaved1F1B", "ScheduleLoopedBFS")
+        sched = schedule_cls(stages if multi else stages[0], n_microbatches=mbs, loss_fn=loss_fn)
+        sched.step(**{key: x}, target=y, losses=losses)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sent = dict(rp.transition_bytes(stages))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (grads, [l.item() for l in losses], sent, sum(sent_record)))
+    if rank != 0:
+        return None
+    all_grads: dict = {}
+    for g, _, _, _ in gathered:
+        for n, t in g.items():
+            all_grads[n] = all_grads[n] + t if n in all_grads else t
+    losses = [l for _, ls, _, _ in gathered for l in ls]
+    sent = {k: v for _, _, s, _ in gathered for k, v in s.items()}
+    return dict(compare(case, all_grads, losses), sent=sent, isend_bytes=sum(b for _, _, _, b in gathered))
+
+
+def compare(case, grads, losses):
+    """The pipeline's loss and gradients against the unsplit model's: plain numbers (to cross processes)."""
+    ref_loss, ref_grads = reference(case)
+    if case.get("tracer"):  # pipeline()'s stage modules may spell the parameter paths with "_"
+        grads = {n.replace("_", "."): g for n, g in grads.items()}
+        ref_grads = {n.replace("_", "."): g for n, g in ref_grads.items()}
+    worst = max((((grads[n] - g).abs().max() / g.abs().max()).item(), n) for n, g in ref_grads.items() if n in grads)
+    return dict(loss=sum(losses) / len(losses), ref_loss=ref_loss, num_grads=len(ref_grads),
+                num_attn_res=sum(".attn_res." in n for n in ref_grads), worst=worst,
+                missing=sorted(set(ref_grads) - set(grads)), extra=sorted(set(grads) - set(ref_grads)))
+
+
+def _worker(rank, world, port, cases, queue):
+    import sys
+
+    faulthandler.dump_traceback_later(WORKER_DEADLINE_S, exit=True)
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(__file__))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    record: list = []
+    _spy_isend(record)
+    results = []
+    for case in cases:  # a case that raises fails the worker: start_processes re-raises its traceback
+        results.append(_run_case(case, rank, world, record))
+        dist.barrier()
+    if rank == 0:
+        queue.put(results)
+    dist.barrier()
+    os._exit(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cases(cases, world):
+    queue = mp.get_context("spawn").SimpleQueue()
+    workers = mp.start_processes(_worker, args=(world, _free_port(), cases, queue), nprocs=world,
+                                 start_method="spawn", join=False)
+    deadline = time.monotonic() + TEST_DEADLINE_S
+    while not workers.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"ranks still running after {TEST_DEADLINE_S} s; killed")
+    return queue.get()
+
+
+def check(result):
+    """The assertions every distributed case makes."""
+    assert not result["missing"] and not result["extra"], (result["missing"], result["extra"])
+    assert result["num_attn_res"] > 0
+    assert abs(result["loss"] - result["ref_loss"]) <= LOSS_RTOL * abs(result["ref_loss"]), result
+    assert result["worst"][0] <= GRAD_RTOL, result["worst"]
