@@ -192,10 +192,15 @@ def _run_case(case, rank, world, sent_record):
                            split_spec=rp.split_spec(model, case["splits"]))
         stage = tp.build_stage(pipe.get_stage_module(rank), rank, pipe.info(), torch.device("cpu"))
         sched = schedule_cls(stage, n_microbatches=mbs, loss_fn=loss_fn)
-        sched.step(x if rank == 0 else None, target=y, losses=losses, **(extra or {})) if rank == 0 else \
-            sched.step(target=y, losses=losses, **(extra or {}))
+        sched.step(*([x] if rank == 0 else []), target=y, losses=losses)  # constants were traced in
+        # pipeline()'s stage modules spell paths with "_" and hold a tied weight once per stage using it:
+        # each name maps to the reference's (first) name of its parameter; the ranks' parts are summed
+        first: dict = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), n)
+        alias = {n.replace(".", "_"): first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         named = pipe.get_stage_module(rank).named_parameters()
-        grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        grads = {alias[n.replace(".", "_")]: p.grad.clone() for n, p in named if p.grad is not None}
         sent = {}
     else:
         stages = rp.build_stages(model, case["splits"], rank=rank, num_ranks=world, example_kwargs={key: x},
@@ -205,25 +210,28 @@ def _run_case(case, rank, world, sent_record):
         sched.step(**{key: x}, target=y, losses=losses)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         sent = dict(rp.transition_bytes(stages))
+    holders = rp.layers_of(model)
+    layers_here = sorted({i for n in grads for i, h in enumerate(holders) if n.startswith(h + ".")})
     gathered = [None] * world
-    dist.all_gather_object(gathered, (grads, [l.item() for l in losses], sent, sum(sent_record)))
+    dist.all_gather_object(gathered, (grads, [l.item() for l in losses], sent, sum(sent_record), layers_here))
     if rank != 0:
         return None
+    layers_by_rank = [g[4] for g in gathered]
+    gathered = [g[:4] for g in gathered]
     all_grads: dict = {}
     for g, _, _, _ in gathered:
         for n, t in g.items():
             all_grads[n] = all_grads[n] + t if n in all_grads else t
     losses = [l for _, ls, _, _ in gathered for l in ls]
     sent = {k: v for _, _, s, _ in gathered for k, v in s.items()}
-    return dict(compare(case, all_grads, losses), sent=sent, isend_bytes=sum(b for _, _, _, b in gathered))
+    return dict(compare(case, all_grads, losses), sent=sent, isend_bytes=sum(b for _, _, _, b in gathered),
+                layers_by_rank=layers_by_rank, num_layers=len(holders), hidden_bytes=x[: len(x) // mbs].numel() * 32 * 8,
+                num_blocks=model.attn_res_report.streams[0].num_blocks)
 
 
 def compare(case, grads, losses):
     """The pipeline's loss and gradients against the unsplit model's: plain numbers (to cross processes)."""
     ref_loss, ref_grads = reference(case)
-    if case.get("tracer"):  # pipeline()'s stage modules may spell the parameter paths with "_"
-        grads = {n.replace("_", "."): g for n, g in grads.items()}
-        ref_grads = {n.replace("_", "."): g for n, g in ref_grads.items()}
     worst = max((((grads[n] - g).abs().max() / g.abs().max()).item(), n) for n, g in ref_grads.items() if n in grads)
     return dict(loss=sum(losses) / len(losses), ref_loss=ref_loss, num_grads=len(ref_grads),
                 num_attn_res=sum(".attn_res." in n for n in ref_grads), worst=worst,
@@ -269,9 +277,95 @@ def run_cases(cases, world):
     return queue.get()
 
 
-def check(result):
-    """The assertions every distributed case makes."""
+def check(case, result, world):
+    """The assertions every distributed case makes: loss and every gradient equal to the unsplit
+    model's, and each rank computed exactly the layers of its chunks."""
     assert not result["missing"] and not result["extra"], (result["missing"], result["extra"])
     assert result["num_attn_res"] > 0
     assert abs(result["loss"] - result["ref_loss"]) <= LOSS_RTOL * abs(result["ref_loss"]), result
     assert result["worst"][0] <= GRAD_RTOL, result["worst"]
+    bounds = [0, *case["splits"], result["num_layers"]]
+    chunks = [range(bounds[c], bounds[c + 1]) for c in range(len(bounds) - 1)]
+    expected = [sorted(i for c in chunks[r::world] for i in c) for r in range(world)]
+    assert result["layers_by_rank"] == expected, (result["layers_by_rank"], expected)
+
+
+G4 = dict(model="gpt", layers=4, convert=dict(num_blocks=3))  # 8 sublayers in blocks of 3: 3,3,2
+L4 = dict(model="llama", layers=4, convert=dict(num_blocks=2))  # 8 sublayers in blocks of 4: 4,4
+G8 = dict(model="gpt", layers=8, convert=dict(block_size=2))  # one block per layer: chunks end at block ends
+G8_MID = dict(model="gpt", layers=8, convert=dict(num_blocks=3))  # blocks of 6 sublayers: chunks end mid-block
+INTERLEAVED = "ScheduleInterleaved1F1B"
+# name -> case; "mid": a stage boundary inside a block, "end": at a block's end
+TWO = {
+    "gpt-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", cache=True),
+    "gpt-end-1f1b": dict(G4, splits=[3], schedule="Schedule1F1B", cache=True),
+    "gpt-mid-1f1b-naive": dict(G4, splits=[2], schedule="Schedule1F1B", cache=False),
+    "llama-mid-gpipe": dict(L4, splits=[1], schedule="ScheduleGPipe", cache=True),
+    "llama-end-1f1b": dict(L4, splits=[2], schedule="Schedule1F1B", cache=True),
+    "gpt-P2V2-cached": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
+    "gpt-P2V2-naive": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=False),
+    "gpt-P2V2-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
+    "llama-P2V2-mid-cached": dict(L4, splits=[1, 2, 3], schedule=INTERLEAVED, cache=True),
+    "gpt-tracer-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", tracer=True),
+    "llama-tracer-end-1f1b": dict(L4, splits=[2], schedule="Schedule1F1B", tracer=True),
+}
+FOUR = {
+    "gpt-P4V2-cached": dict(G8, splits=list(range(1, 8)), schedule=INTERLEAVED, cache=True),
+    "gpt-P4V2-naive": dict(G8, splits=list(range(1, 8)), schedule=INTERLEAVED, cache=False),
+    "gpt-P4V2-mid-cached": dict(G8_MID, splits=list(range(1, 8)), schedule=INTERLEAVED, cache=True),
+    "gpt-P4-1f1b-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule="Schedule1F1B", cache=True),
+}
+GROUPS = {2: TWO, 4: FOUR}
+
+
+@functools.lru_cache(maxsize=None)
+def results(world: int) -> dict:
+    """Every case of a group, run in ONE process group of ``world`` processes."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    pytest.importorskip("transformers")
+    names = list(GROUPS[world])
+    return dict(zip(names, run_cases([GROUPS[world][n] for n in names], world)))
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for w, group in GROUPS.items() for n in group])
+def test_loss_and_every_gradient_equal_the_unsplit_model(world, name):
+    check(GROUPS[world][name], results(world)[name], world)
+
+
+def _paper_bytes(P: int, V: int, Np: int, d: int) -> tuple[int, int]:
+    """The paper's bytes per microbatch over all transitions: naive C(C-1)/2 Np d, cached
+    P(P-1)/2 Np d + (V-1) P^2 Np d (C = P V chunks, Np block sums per chunk)."""
+    C = P * V
+    return C * (C - 1) // 2 * Np * d, (P * (P - 1) // 2 + (V - 1) * P * P) * Np * d
+
+
+@pytest.mark.parametrize("world,V", [(2, 2), (4, 2)])
+def test_bytes_per_transition_follow_the_papers_formula(world, V):
+    """Chunks that end at block ends (Np block sums each), interleaved: the bytes each transition hands
+    to dist.isend, naive and cached, against the paper's formula. The formula counts the block sums
+    b_1.. that chunks produce; the embedding output b_0 is a source too and rides along: in every
+    naive transition, and in the first one into each rank that receives (P - 1, plus rank 0 when V > 1)
+    with caching. No partial sum crosses (p = 0). The backward sends the same bytes back."""
+    res = results(world)
+    naive, cached = res[f"gpt-P{world}V{V}-naive"], res[f"gpt-P{world}V{V}-cached"]
+    P, C = world, world * V
+    Np, rem = divmod(naive["num_blocks"], C)
+    assert rem == 0 and Np >= 1
+    d = naive["hidden_bytes"]  # one block sum of one microbatch, float64
+    paper_naive, paper_cached = _paper_bytes(P, V, Np, d)
+    b0_naive, b0_cached = (C - 1) * d, ((P - 1) + (1 if V > 1 else 0)) * d
+    for r in (naive, cached):  # the stages' own count is what reached dist.isend, both directions
+        assert r["isend_bytes"] == sum(r["sent"].values())
+    mbs = {mb for (_, _, mb) in naive["sent"]}
+    for mb in mbs:
+        fwd = {name: {dst: n for (way, dst, m), n in r["sent"].items() if way == "forward" and m == mb}
+               for name, r in (("naive", naive), ("cached", cached))}
+        bwd = {name: {dst + 1: n for (way, dst, m), n in r["sent"].items() if way == "backward" and m == mb}
+               for name, r in (("naive", naive), ("cached", cached))}
+        assert fwd == bwd  # each transition's gradients mirror its activations
+        assert sum(fwd["naive"].values()) == paper_naive + b0_naive, (fwd["naive"], paper_naive)
+        assert sum(fwd["cached"].values()) == paper_cached + b0_cached, (fwd["cached"], paper_cached)
+        # the peak: O(C) block sums naive (the last transition), O(P) cached
+        assert max(fwd["naive"].values()) == ((C - 1) * Np + 1) * d
+        assert max(fwd["cached"].values()) == (min(P, C - 1) * Np + 1) * d
