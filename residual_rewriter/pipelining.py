@@ -401,6 +401,8 @@ def _stage_class():
             self._count("backward", bwd_chunk_id, ops)
             return ops
 
+    AttnResPipelineStage.__qualname__ = "AttnResPipelineStage"
+    AttnResPipelineStage.__module__ = __name__
     return AttnResPipelineStage
 
 

@@ -162,6 +162,32 @@ def test_bad_split_points_are_refused_with_what_is_allowed():
 # ---------------------------------------------------------------------------------------------------
 # Distributed cases
 # ---------------------------------------------------------------------------------------------------
+class HandFirst(torch.nn.Module):
+    """Stage 0 of the GPT written by hand, as a user would: returns the state in the layout."""
+
+    def __init__(self, gpt, split):
+        super().__init__()
+        self.gpt, self.split = gpt, split
+
+    def forward(self, idx):
+        t = self.gpt.transformer
+        x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1]))
+        for layer in t.h[: self.split]:
+            x = layer(x)
+        return rp.pack_state(x)
+
+
+class HandLast(HandFirst):
+    """The rest, from the two layout tensors alone (no plan needed to rebuild the state)."""
+
+    def forward(self, blocks, partial):
+        t = self.gpt.transformer
+        state = rp.unpack_state(blocks, partial)
+        for layer in t.h[self.split:]:
+            state = layer(state)
+        return self.gpt.lm_head(t.ln_f(state))
+
+
 def _spy_isend(record: list):
     """Count the bytes of every tensor handed to dist.isend (P2POp and batch_isend_irecv included)."""
     import torch.distributed.distributed_c10d as c10d
@@ -187,7 +213,14 @@ def _run_case(case, rank, world, sent_record):
     schedule_cls = getattr(tp, case["schedule"])
     losses: list = []
     del sent_record[:]
-    if case.get("tracer"):  # pipeline() + split_spec: the state crosses flattened (no caching)
+    if case.get("hand"):  # a user's own stage modules, the state packed and unpacked by the helpers
+        stage_module = (HandFirst if rank == 0 else HandLast)(model, case["splits"][0])
+        stage = tp.PipelineStage(stage_module, rank, 2, torch.device("cpu"))  # shapes inferred by pipelining
+        sched = schedule_cls(stage, n_microbatches=mbs, loss_fn=loss_fn)
+        sched.step(*([x] if rank == 0 else []), target=y, losses=losses)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sent = {}
+    elif case.get("tracer"):  # pipeline() + split_spec: the state crosses flattened (no caching)
         pipe = tp.pipeline(model, mb_args=(x[: len(x) // mbs],), mb_kwargs=extra or None,
                            split_spec=rp.split_spec(model, case["splits"]))
         stage = tp.build_stage(pipe.get_stage_module(rank), rank, pipe.info(), torch.device("cpu"))
@@ -306,6 +339,8 @@ TWO = {
     "gpt-P2V2-naive": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=False),
     "gpt-P2V2-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
     "llama-P2V2-mid-cached": dict(L4, splits=[1, 2, 3], schedule=INTERLEAVED, cache=True),
+    "gpt-hand-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", hand=True),
+    "gpt-hand-end-1f1b": dict(G4, splits=[3], schedule="Schedule1F1B", hand=True),
     "gpt-tracer-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", tracer=True),
     "llama-tracer-end-1f1b": dict(L4, splits=[2], schedule="Schedule1F1B", tracer=True),
 }
