@@ -454,6 +454,7 @@ def build_stages(
     group=None,
     model_kwargs: Optional[dict] = None,
     output_fn: Callable = _model_output,
+    free_other_layers: bool = False,
 ) -> list:
     """The ``PipelineStage`` objects of ``rank`` for a converted ``model`` split before the rewritten
     layers ``split_points`` (indices into ``layers_of(model)``): chunk ``c`` on rank ``c % num_ranks``.
@@ -467,7 +468,9 @@ def build_stages(
     ``model_kwargs`` are added to every call (``{"use_cache": False}`` for Hugging Face models);
     ``output_fn`` takes the tensor the loss reads from the model's output (default: the tensor, or
     ``.logits``). Parameters outside the layers belong to the first and the last chunk's stage module
-    (sum their gradients over ranks, as for tied weights in any pipeline).
+    (sum their gradients over ranks, as for tied weights in any pipeline). ``free_other_layers=True``
+    moves the layers of the other ranks' chunks to the meta device (after the one run that takes the
+    shapes): their memory is freed; the model's embedding and head stay on every rank.
     """
     from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
@@ -517,10 +520,19 @@ def build_stages(
     other = [p for p in model.parameters() if id(p) not in layer_params]
     rank_cache = _RankCache(enabled=cache)
     stage_cls = __getattr__("AttnResPipelineStage")
+    mine = chunks[rank::num_ranks]
+    if free_other_layers:
+        own = {i for c in mine for i in range(c.lo, c.hi)}
+        for i, layer in enumerate(layers):
+            if i not in own:
+                layer.to("meta")
+    # the parameters outside the layers go to ONE stage module per rank (the schedule scales each
+    # stage module's gradients once): the first chunk's, else the last chunk's
+    holds_first = mine[0].layout_in is None
     stages = []
-    for chunk in chunks[rank::num_ranks]:
-        first_or_last = chunk.layout_in is None or chunk.layout_out is None
-        module = _StageModule(model, layers, chunk, rank_cache, other if first_or_last else [], model_kwargs, output_fn)
+    for chunk in mine:
+        owns_outside = chunk.layout_in is None or (chunk.layout_out is None and not holds_first)
+        module = _StageModule(model, layers, chunk, rank_cache, other if owns_outside else [], model_kwargs, output_fn)
         stages.append(stage_cls(module, chunk.index, len(chunks), device,
                                 input_args=example(chunk, "in"), output_args=example(chunk, "out"),
                                 group=group))

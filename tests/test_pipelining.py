@@ -237,7 +237,8 @@ def _run_case(case, rank, world, sent_record):
         sent = {}
     else:
         stages = rp.build_stages(model, case["splits"], rank=rank, num_ranks=world, example_kwargs={key: x},
-                                 num_microbatches=mbs, cache=case["cache"], model_kwargs=extra)
+                                 num_microbatches=mbs, cache=case["cache"], model_kwargs=extra,
+                                 free_other_layers=case.get("free", False))
         multi = len(stages) > 1 or case["schedule"] in ("ScheduleInterleaved1F1B", "ScheduleLoopedBFS")
         sched = schedule_cls(stages if multi else stages[0], n_microbatches=mbs, loss_fn=loss_fn)
         sched.step(**{key: x}, target=y, losses=losses)
@@ -245,11 +246,13 @@ def _run_case(case, rank, world, sent_record):
         sent = dict(rp.transition_bytes(stages))
     holders = rp.layers_of(model)
     layers_here = sorted({i for n in grads for i, h in enumerate(holders) if n.startswith(h + ".")})
+    freed = sorted(i for i, h in enumerate(holders) if all(p.is_meta for p in model.get_submodule(h).parameters()))
     gathered = [None] * world
-    dist.all_gather_object(gathered, (grads, [l.item() for l in losses], sent, sum(sent_record), layers_here))
+    dist.all_gather_object(gathered, (grads, [l.item() for l in losses], sent, sum(sent_record), layers_here, freed))
     if rank != 0:
         return None
     layers_by_rank = [g[4] for g in gathered]
+    freed_by_rank = [g[5] for g in gathered]
     gathered = [g[:4] for g in gathered]
     all_grads: dict = {}
     for g, _, _, _ in gathered:
@@ -258,7 +261,7 @@ def _run_case(case, rank, world, sent_record):
     losses = [l for _, ls, _, _ in gathered for l in ls]
     sent = {k: v for _, _, s, _ in gathered for k, v in s.items()}
     return dict(compare(case, all_grads, losses), sent=sent, isend_bytes=sum(b for _, _, _, b in gathered),
-                layers_by_rank=layers_by_rank, num_layers=len(holders), hidden_bytes=x[: len(x) // mbs].numel() * 32 * 8,
+                layers_by_rank=layers_by_rank, freed_by_rank=freed_by_rank, num_layers=len(holders), hidden_bytes=x[: len(x) // mbs].numel() * 32 * 8,
                 num_blocks=model.attn_res_report.streams[0].num_blocks)
 
 
@@ -321,6 +324,11 @@ def check(case, result, world):
     chunks = [range(bounds[c], bounds[c + 1]) for c in range(len(bounds) - 1)]
     expected = [sorted(i for c in chunks[r::world] for i in c) for r in range(world)]
     assert result["layers_by_rank"] == expected, (result["layers_by_rank"], expected)
+    if case.get("free"):  # the other ranks' layers are on the meta device: their memory is freed
+        others = [sorted(set(range(result["num_layers"])) - set(e)) for e in expected]
+        assert result["freed_by_rank"] == others, (result["freed_by_rank"], others)
+    else:
+        assert result["freed_by_rank"] == [[]] * world
 
 
 G4 = dict(model="gpt", layers=4, convert=dict(num_blocks=3))  # 8 sublayers in blocks of 3: 3,3,2
@@ -338,7 +346,8 @@ TWO = {
     "gpt-P2V2-cached": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
     "gpt-P2V2-naive": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=False),
     "gpt-P2V2-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
-    "llama-P2V2-mid-cached": dict(L4, splits=[1, 2, 3], schedule=INTERLEAVED, cache=True),
+    "llama-P2V2-mid-cached-freed": dict(L4, splits=[1, 2, 3], schedule=INTERLEAVED, cache=True, free=True),
+    "gpt-P2V2-mid-loopedbfs-cached": dict(G8_MID, splits=[2, 4, 6], schedule="ScheduleLoopedBFS", cache=True),
     "gpt-hand-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", hand=True),
     "gpt-hand-end-1f1b": dict(G4, splits=[3], schedule="Schedule1F1B", hand=True),
     "gpt-tracer-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", tracer=True),
