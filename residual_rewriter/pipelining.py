@@ -60,6 +60,8 @@ __all__ = [
     "build_stages",
     "AttnResPipelineStage",
     "transition_bytes",
+    "reduce_outside_grads",
+    "layers_of",
 ]
 
 
@@ -416,6 +418,22 @@ def __getattr__(name: str):
             _STAGE_CLASS = _stage_class()
         return _STAGE_CLASS
     raise AttributeError(name)
+
+
+def reduce_outside_grads(model: nn.Module, group=None) -> None:
+    """Sum, over the pipeline ``group``, the gradients of the parameters outside the rewritten layers
+    (embedding, final norm, head: the first and the last stage compute parts of them, tied weights
+    included), so that every rank holds the whole gradient before its optimizer step. Collective:
+    call it on every rank of the group, after ``schedule.step``."""
+    import torch.distributed as dist
+
+    layer_params = {id(p) for h in layers_of(model) for p in model.get_submodule(h).parameters()}
+    for p in model.parameters():
+        if id(p) in layer_params or p.is_meta:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
 
 
 def plan_chunks(model: nn.Module, split_points: Sequence[int], num_ranks: int, cache: bool = True) -> list[_Chunk]:
