@@ -213,6 +213,7 @@ def _run_case(case, rank, world, sent_record):
     schedule_cls = getattr(tp, case["schedule"])
     losses: list = []
     del sent_record[:]
+    reduced_equal = None
     if case.get("hand"):  # a user's own stage modules, the state packed and unpacked by the helpers
         stage_module = (HandFirst if rank == 0 else HandLast)(model, case["splits"][0])
         stage = tp.PipelineStage(stage_module, rank, 2, torch.device("cpu"))  # shapes inferred by pipelining
@@ -249,7 +250,8 @@ def _run_case(case, rank, world, sent_record):
                      if p.grad is not None and not any(n.startswith(h + ".") for h in outside)}
             check_equal = [None] * world
             dist.all_gather_object(check_equal, grads)
-            assert all(set(g) == set(grads) and all(torch.equal(g[n], grads[n]) for n in grads) for g in check_equal)
+            reduced_equal = all(set(g) == set(grads) and all(torch.equal(g[n], grads[n]) for n in grads)
+                                for g in check_equal)
             # count them once (rank 0's copy), to compare with the unsplit model as the other cases do
             if rank:
                 for n in grads:
@@ -273,7 +275,7 @@ def _run_case(case, rank, world, sent_record):
     losses = [l for _, ls, _, _ in gathered for l in ls]
     sent = {k: v for _, _, s, _ in gathered for k, v in s.items()}
     return dict(compare(case, all_grads, losses), sent=sent, isend_bytes=sum(b for _, _, _, b in gathered),
-                layers_by_rank=layers_by_rank, freed_by_rank=freed_by_rank, num_layers=len(holders), hidden_bytes=x[: len(x) // mbs].numel() * 32 * 8,
+                reduced_equal=reduced_equal, layers_by_rank=layers_by_rank, freed_by_rank=freed_by_rank, num_layers=len(holders), hidden_bytes=x[: len(x) // mbs].numel() * 32 * 8,
                 num_blocks=model.attn_res_report.streams[0].num_blocks)
 
 
@@ -336,6 +338,8 @@ def check(case, result, world):
     chunks = [range(bounds[c], bounds[c + 1]) for c in range(len(bounds) - 1)]
     expected = [sorted(i for c in chunks[r::world] for i in c) for r in range(world)]
     assert result["layers_by_rank"] == expected, (result["layers_by_rank"], expected)
+    if case.get("reduce"):  # after reduce_outside_grads every rank holds the same, whole gradients
+        assert result["reduced_equal"] is True
     if case.get("free"):  # the other ranks' layers are on the meta device: their memory is freed
         others = [sorted(set(range(result["num_layers"])) - set(e)) for e in expected]
         assert result["freed_by_rank"] == others, (result["freed_by_rank"], others)
@@ -377,14 +381,24 @@ FOUR = {
 GROUPS = {2: TWO, 4: FOUR}
 
 
-@functools.lru_cache(maxsize=None)
+_RESULTS: dict = {}
+
+
 def results(world: int) -> dict:
-    """Every case of a group, run in ONE process group of ``world`` processes."""
+    """Every case of a group, run in ONE process group of ``world`` processes, once per session (a
+    failure too: the group is not run again for each of its tests)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     pytest.importorskip("transformers")
-    names = list(GROUPS[world])
-    return dict(zip(names, run_cases([GROUPS[world][n] for n in names], world)))
+    if world not in _RESULTS:
+        names = list(GROUPS[world])
+        try:
+            _RESULTS[world] = dict(zip(names, run_cases([GROUPS[world][n] for n in names], world)))
+        except BaseException as exc:  # noqa: BLE001 - pytest.fail's exception included
+            _RESULTS[world] = exc
+    if isinstance(_RESULTS[world], BaseException):
+        raise _RESULTS[world]
+    return _RESULTS[world]
 
 
 @pytest.mark.parametrize("world,name", [(w, n) for w, group in GROUPS.items() for n in group])
