@@ -177,7 +177,7 @@ def split_spec(model: nn.Module, split_points: Sequence[int]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Running a range of layers through the model's own forward
 # ---------------------------------------------------------------------------------------------------
-class _Stop(Exception):
+class _Stop(BaseException):  # not an Exception: a model's own `except Exception` must not swallow it
     def __init__(self, value: Any):
         super().__init__("stage output")
         self.value = value
@@ -282,7 +282,8 @@ class _StageModule(nn.Module):
         self._model = [model]  # not a submodule: parameters() is this chunk's own
         self._layers = layers
         self.layers = nn.ModuleList(layers[chunk.lo:chunk.hi])
-        # the parameters outside the layers (embedding, final norm, head) belong to the first and last chunk
+        # the parameters outside the layers (embedding, final norm, head): given to one stage module per
+        # rank, the first chunk's or the last chunk's (build_stages)
         self.outside = nn.ParameterList(other_parameters)
         self.chunk, self.cache = chunk, cache
         self.model_kwargs, self.output_fn = model_kwargs, output_fn
