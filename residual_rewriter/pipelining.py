@@ -94,7 +94,8 @@ def pack_state(state: AttnResState, cached: int = 0) -> tuple[torch.Tensor, torc
     ref = state.blocks[0]
     new = state.blocks[cached:]
     blocks = torch.stack(new) if new else ref.new_zeros((0, *ref.shape))
-    partial = state.partial.unsqueeze(0) if state.partial is not None else ref.new_zeros((0, *ref.shape))
+    # a new tensor, not a view (the zero-bubble backward detaches stage outputs in place)
+    partial = torch.stack([state.partial]) if state.partial is not None else ref.new_zeros((0, *ref.shape))
     return blocks, partial
 
 
@@ -344,27 +345,41 @@ def _stage_class():
             self.chunk: _Chunk = submodule.chunk
             self.rank_cache: _RankCache = submodule.cache
             self.sent: dict = defaultdict(int)
+            self._bwd_chunk: Optional[int] = None
 
         def forward_one_chunk(self, fwd_chunk_id, *args, **kwargs):
             self.rank_cache.current_mb = fwd_chunk_id
             try:
-                return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+                out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
             finally:
                 self.rank_cache.current_mb = None
+            # the kept block sums this chunk read (fresh leaves) become inputs of its backward: their
+            # gradients come back with the inputs' (both the full and the input-only backward)
+            leaves = self.rank_cache.leaves.get((self.chunk.index, fwd_chunk_id), [])
+            if leaves and fwd_chunk_id in self.fwd_cache:
+                outputs, inputs = self.fwd_cache[fwd_chunk_id]
+                self.fwd_cache[fwd_chunk_id] = (outputs, [*inputs, *(leaf for leaf, _ in leaves)])
+            return out
 
-        def backward_one_chunk(self, bwd_chunk_id, *args, full_backward: bool = True, **kwargs):
-            if not full_backward:
-                raise NotImplementedError(
-                    "cross-stage caching needs the full backward per chunk (GPipe, 1F1B, Interleaved1F1B, "
-                    "LoopedBFS); the zero-bubble schedules split it"
-                )
-            super().backward_one_chunk(bwd_chunk_id, *args, full_backward=full_backward, **kwargs)
+        def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
+            grads, param_groups = super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+            if backward_type in ("full", "input") and self._bwd_chunk is not None:
+                leaves = self.rank_cache.leaves.pop((self.chunk.index, self._bwd_chunk), [])
+                if leaves:  # the gradients this chunk produced for the kept block sums: into the tap
+                    taps = self.rank_cache.taps[self._bwd_chunk]
+                    for (_, origin), g in zip(leaves, grads[-len(leaves):]):
+                        if g is not None:
+                            taps[origin] = taps[origin] + g if origin in taps else g
+                    grads = tuple(grads[: -len(leaves)])
+            return grads, param_groups
+
+        def backward_one_chunk(self, bwd_chunk_id, *args, **kwargs):
+            self._bwd_chunk = bwd_chunk_id
+            try:
+                super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+            finally:
+                self._bwd_chunk = None
             cache, ch = self.rank_cache, self.chunk
-            # the gradients this chunk produced for the kept block sums it read: into the tap
-            for leaf, origin in cache.leaves.pop((ch.index, bwd_chunk_id), []):
-                if leaf.grad is not None:
-                    taps = cache.taps[bwd_chunk_id]
-                    taps[origin] = taps[origin] + leaf.grad if origin in taps else leaf.grad
             # the tap of the block sums this chunk received: added once to the gradient it sends back
             if ch.layout_in is not None and bwd_chunk_id in self.bwd_cache:
                 taps = cache.taps.get(bwd_chunk_id, {})

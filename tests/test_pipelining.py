@@ -1,6 +1,7 @@
 """Pipeline parallelism of converted models (issue 21): the state's layout across a stage boundary,
 stages built for a split (``rr.build_stages``) and ``pipeline()`` with split points, on
-``torch.distributed.pipelining``'s schedules (GPipe, 1F1B, Interleaved1F1B), with and without
+``torch.distributed.pipelining``'s schedules (GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
+InterleavedZeroBubble), with and without
 cross-stage caching. CPU processes over gloo, float64.
 
 Each distributed case compares with the unsplit model on the same batch: the loss, and the gradient
@@ -240,7 +241,7 @@ def _run_case(case, rank, world, sent_record):
         stages = rp.build_stages(model, case["splits"], rank=rank, num_ranks=world, example_kwargs={key: x},
                                  num_microbatches=mbs, cache=case["cache"], model_kwargs=extra,
                                  free_other_layers=case.get("free", False))
-        multi = len(stages) > 1 or case["schedule"] in ("ScheduleInterleaved1F1B", "ScheduleLoopedBFS")
+        multi = len(stages) > 1
         sched = schedule_cls(stages if multi else stages[0], n_microbatches=mbs, loss_fn=loss_fn)
         sched.step(**{key: x}, target=y, losses=losses)
         if case.get("reduce"):  # every rank then holds the outside parameters' whole gradient
@@ -362,6 +363,8 @@ TWO = {
     "gpt-P2V2-cached": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
     "gpt-P2V2-naive": dict(G8, splits=[2, 4, 6], schedule=INTERLEAVED, cache=False),
     "gpt-P2V2-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule=INTERLEAVED, cache=True),
+    "gpt-P2V2-mid-zerobubble-cached": dict(G8_MID, splits=[2, 4, 6], schedule="ScheduleInterleavedZeroBubble",
+                                           cache=True),
     "llama-P2V2-mid-cached-freed": dict(L4, splits=[1, 2, 3], schedule=INTERLEAVED, cache=True, free=True),
     "gpt-P2V2-mid-loopedbfs-cached": dict(G8_MID, splits=[2, 4, 6], schedule="ScheduleLoopedBFS", cache=True,
                                           reduce=True),
@@ -376,6 +379,8 @@ FOUR = {
     "gpt-P4V2-mid-cached": dict(G8_MID, splits=list(range(1, 8)), schedule=INTERLEAVED, cache=True),
     "llama-P4V2-mid-cached": dict(model="llama", layers=8, convert=dict(num_blocks=3), splits=list(range(1, 8)),
                                   schedule=INTERLEAVED, cache=True),
+    "gpt-P4V2-mid-zerobubble-cached": dict(G8_MID, splits=list(range(1, 8)), schedule="ScheduleInterleavedZeroBubble",
+                                           cache=True),
     "gpt-P4-1f1b-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule="Schedule1F1B", cache=True),
 }
 GROUPS = {2: TWO, 4: FOUR}
