@@ -154,10 +154,32 @@ def test_bad_split_points_are_refused_with_what_is_allowed():
             rp.split_spec(model, bad)
     with pytest.raises(ValueError, match="do not divide over 2 ranks"):
         rp.plan_chunks(model, [1, 2], num_ranks=2)
+    with pytest.raises(ValueError, match="rank 2 is not in 0 .. 1"):
+        rp.build_stages(model, [2], rank=2, num_ranks=2, example_kwargs={}, num_microbatches=1)
     from residual_rewriter.models import GPT, GPTConfig
 
     with pytest.raises(rr.ConversionError, match="not converted"):
         rp.split_spec(GPT(GPTConfig(n_layer=2)), [1])
+    flat = rr.convert_(_Flat(), example_inputs=(torch.randint(0, 16, (2, 5)),), num_blocks=2)
+    assert flat.attn_res_report.holders == [""]
+    with pytest.raises(rr.ConversionError, match="one holder.*no rewritten layers to split between"):
+        rp.split_spec(flat, [1])
+
+
+class _Flat(torch.nn.Module):
+    """The adds in the model's own forward: converted as one holder, no layers to split between."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, d)
+        self.n1, self.n2, self.norm = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.f1, self.f2 = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.f1(self.n1(x))
+        x = x + self.f2(self.n2(x))
+        return self.norm(x)
 
 
 # ---------------------------------------------------------------------------------------------------
