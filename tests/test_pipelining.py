@@ -146,6 +146,38 @@ def test_state_layout_from_the_plan_is_the_state_a_layer_receives(kind):
     assert kinds == {True, False}  # both a mid-block and a block-boundary split were checked
 
 
+def test_stage_modules_chained_in_one_process_compute_the_model():
+    """The chunks' modules of a P=2, V=2 split with caching, run in turn in one process: each sends
+    only the block sums its receiver's rank does not hold, and the last returns the model's logits."""
+    model, key, extra = make_model("gpt", 8, num_blocks=3)
+    x = _batch()[0]
+    chunks = rp.plan_chunks(model, [2, 4, 6], num_ranks=2, cache=True)
+    layers = [model.get_submodule(h) for h in rp.layers_of(model)]
+    caches = [rp._RankCache(True), rp._RankCache(True)]
+    modules = [rp._StageModule(model, layers, c, caches[c.index % 2], [], extra, rp._model_output) for c in chunks]
+    for cache in caches:
+        cache.current_mb = 0
+    sent, held = [], [0, 0]  # block sums each rank has received so far
+    with torch.no_grad():
+        out = ()
+        for c, module in zip(chunks, modules):
+            out = module(*out, **{key: x})
+            if c.layout_out is not None:
+                receiver = (c.index + 1) % 2
+                sent.append(out[0].shape[0])
+                assert out[0].shape[0] + held[receiver] == c.layout_out.num_blocks  # the rest are kept there
+                assert out[1].shape[0] == int(c.layout_out.has_partial)
+                held[receiver] = c.layout_out.num_blocks
+        assert rel_err(out, model(**{key: x}, **extra)) <= 1e-12
+    assert sent[-1] < chunks[-1].layout_in.num_blocks  # the last transition really sent fewer
+    with pytest.raises(TypeError, match="keyword arguments on every rank"):
+        modules[0](x)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 def test_bad_split_points_are_refused_with_what_is_allowed():
     model, _, _ = make_model("gpt", 4, num_blocks=2)
     for bad, match in [([0], "not between two rewritten layers"), ([4], "1 <= i <= 3"), ([2, 1], "increasing"),
@@ -154,6 +186,8 @@ def test_bad_split_points_are_refused_with_what_is_allowed():
             rp.split_spec(model, bad)
     with pytest.raises(ValueError, match="do not divide over 2 ranks"):
         rp.plan_chunks(model, [1, 2], num_ranks=2)
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        rp.plan_chunks(model, [2], num_ranks=1)
     with pytest.raises(ValueError, match="rank 2 is not in 0 .. 1"):
         rp.build_stages(model, [2], rank=2, num_ranks=2, example_kwargs={}, num_microbatches=1)
     from residual_rewriter.models import GPT, GPTConfig
