@@ -293,6 +293,11 @@ class _StageModule(nn.Module):
         ch, cache = self.chunk, self.cache
         mb = cache.current_mb
         state = None
+        if ch.layout_in is None and packed:
+            raise TypeError(
+                "the stages run the model's own forward and every one of them needs the model's inputs: pass them "
+                "as keyword arguments on every rank (schedule.step(input_ids=x, target=y)), not positionally"
+            )
         if ch.layout_in is not None:
             if len(packed) != 2:
                 raise TypeError(f"chunk {ch.index} takes the two layout tensors (blocks, partial), got {len(packed)}")
@@ -460,7 +465,9 @@ def plan_chunks(model: nn.Module, split_points: Sequence[int], num_ranks: int, c
     points = _check_split_points(holders, split_points)
     bounds = [0, *points, len(holders)]
     num_chunks = len(bounds) - 1
-    if num_ranks < 1 or num_chunks % num_ranks:
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 2:
+        raise ValueError(f"a pipeline needs at least 2 ranks, got num_ranks={num_ranks!r}")
+    if num_chunks % num_ranks:
         raise ValueError(f"{num_chunks} chunks ({len(points)} split points) do not divide over {num_ranks} ranks: "
                          "give num_ranks x V - 1 split points (V chunks per rank)")
     layouts = [None] + [state_layout(model, p) for p in points] + [None]
