@@ -342,7 +342,7 @@ def _stage_class():
     class AttnResPipelineStage(PipelineStage):
         """A ``PipelineStage`` of a converted model: sets the rank's cache for the microbatch it runs,
         adds the summed gradients of the block sums this chunk received and its rank kept (the tap), and
-        counts the bytes its P2P sends hand to the transport in ``self.sent``:
+        counts the bytes its P2P sends hand to the transport in ``self.sent`` (the last step's):
         ``{("forward" | "backward", destination stage, microbatch): bytes}``."""
 
         def __init__(self, submodule: _StageModule, *args, **kwargs):
@@ -404,9 +404,10 @@ def _stage_class():
         def _retrieve_recv_blocks(self, chunk_id):
             return self.args_recv_info[chunk_id][0].buffer
 
-        def clear_runtime_states(self) -> None:
+        def clear_runtime_states(self) -> None:  # at the start of each schedule step
             super().clear_runtime_states()
             self.rank_cache.clear()
+            self.sent.clear()
 
         def _count(self, direction: str, chunk_id: int, ops) -> None:
             for op in ops:

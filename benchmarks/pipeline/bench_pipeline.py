@@ -79,8 +79,6 @@ def _worker(rank, P, V, args, port, queue):
     for step in range(args.warmup + args.steps):
         for cache in (False, True):
             model, stages, sched = runs[cache]
-            for s in stages:
-                s.sent.clear()
             model.zero_grad(set_to_none=True)
             dist.barrier()
             t0 = time.perf_counter()
