@@ -27,7 +27,6 @@ from torch import nn
 from .errors import ConversionError
 from .state import make_state
 
-from .op_names import attn_res_op
 from .plan import Plan, Stream
 
 
@@ -144,7 +143,8 @@ def _rewrite_stream(
         with graph.inserting_after(q):
             g = graph.get_attr(f"{prefix}.key_norm_weight")
         with graph.inserting_after(g):
-            h = graph.call_function(attn_res_op(), (list(sources), q, g, eps, scale))
+            # looked up now, not at import: building some models refreshes torch.ops (passes/op_names.py)
+            h = graph.call_function(torch.ops.residual_rewriter.attn_res.default, (list(sources), q, g, eps, scale))
         h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
         return h
 
