@@ -11,6 +11,15 @@
 * Hugging Face v5 models wrap ``forward`` in decorators and build masks with Python control flow:
   every public callable of each model's own modeling module (mask builders, output classes) is
   autowrapped, i.e. recorded as one call instead of being traced into.
+
+Two passes after tracing make the graph one detection can read:
+* **train/eval.** Symbolic tracing evaluates ``self.training`` in Python, so a forward that writes
+  ``F.dropout(x, p, training=self.training)`` yields a graph frozen in one mode. ``capture`` traces
+  in both modes; where the graphs differ only in constants, ``merge_train_eval`` turns each into
+  ``mode_value(self.training, train, eval)``, read at run time.
+* **canonical residual sums.** ``(x + f(n(x))) + g(n(x))`` (Cohere's parallel block) is regrouped to
+  ``x + (f + g)`` and OPT's ``(R(x) + g(n(R(x)))).view(x.shape)`` to ``x + g(...).reshape(x.shape)``,
+  so that the pattern ``x + branch(x)`` shows.
 """
 from __future__ import annotations
 
@@ -21,17 +30,17 @@ import inspect
 import operator
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
-
-from .canonicalize import regroup_residual_sums, sink_residual_reshapes
-from .modes import in_mode, merge_train_eval
+from .rewrite import in_stream_dtype
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
 # Matched at the END of the class name: `LlamaRMSNorm`, `CausalSelfAttention`, `LlamaRotaryEmbedding`
@@ -374,7 +383,7 @@ def capture(
     Returns a GraphModule whose ``call_module`` targets are ``model``'s own module paths. The model
     is traced in train and in eval mode. Where the graphs differ only in constants (e.g.
     ``F.dropout(x, p, training=self.training)``), those constants follow ``self.training`` at run
-    time (``modes.py``); where they differ in structure, the modules that read ``self.training`` are
+    time (``merge_train_eval``); where they differ in structure, the modules that read ``self.training`` are
     kept opaque, so that train/eval keep working either way.
 
     ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
@@ -395,3 +404,203 @@ def capture(
         gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
         sorted(set(train_tracer.checkpoint_calls)), sorted(set(hooked)),
     )
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module.train(training)`` for the block, then every submodule's own flag back as it was."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@fx.wrap
+def mode_value(training: bool, if_training: Any, if_eval: Any) -> Any:
+    """The value the original code computed in the current mode."""
+    return if_training if training else if_eval
+
+
+class _Structural(Exception):
+    """The two traces differ in structure, not just in constants."""
+
+
+def _merge(a: Any, b: Any, diffs: list) -> Any:
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name):
+            raise _Structural
+        return a
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and type(a) is type(b):
+        if len(a) != len(b):
+            raise _Structural
+        return type(a)(_merge(x, y, diffs) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            raise _Structural
+        return {k: _merge(a[k], b[k], diffs) for k in a}
+    if type(a) is type(b) and a == b:
+        return a
+    if type(a) in (bool, int, float, type(None)) and type(b) in (bool, int, float, type(None)):
+        marker = _Differs(if_eval=a, if_training=b)
+        diffs.append(marker)
+        return marker
+    raise _Structural
+
+
+class _Differs:
+    def __init__(self, if_eval, if_training):
+        self.if_eval, self.if_training = if_eval, if_training
+
+
+def merge_train_eval(gm_eval: fx.GraphModule, gm_train: fx.GraphModule) -> bool:
+    """Make ``gm_eval`` follow ``self.training`` where it differs from ``gm_train`` in constants.
+
+    Returns False (and leaves ``gm_eval`` unchanged) when the graphs differ in structure.
+    """
+    nodes_e, nodes_t = list(gm_eval.graph.nodes), list(gm_train.graph.nodes)
+    if len(nodes_e) != len(nodes_t):
+        return False
+    merged = []
+    try:
+        for e, t in zip(nodes_e, nodes_t):
+            if (e.op, e.target, e.name) != (t.op, t.target, t.name):
+                return False
+            diffs: list = []
+            args = _merge(e.args, t.args, diffs)
+            kwargs = _merge(dict(e.kwargs), dict(t.kwargs), diffs)
+            if diffs:
+                merged.append((e, args, kwargs))
+    except _Structural:
+        return False
+    if not merged:
+        return True
+    graph = gm_eval.graph
+    first = next(iter(graph.nodes))
+    with graph.inserting_before(first), warnings.catch_warnings():
+        # `training` is a plain attribute of every module, not a parameter/buffer/submodule: FX warns
+        warnings.simplefilter("ignore", UserWarning)
+        training = graph.get_attr("training")
+
+    def realise(value, node):
+        if isinstance(value, _Differs):
+            with graph.inserting_before(node):
+                return graph.call_function(mode_value, (training, value.if_training, value.if_eval))
+        if isinstance(value, (tuple, list)):
+            return type(value)(realise(v, node) for v in value)
+        if isinstance(value, dict):
+            return {k: realise(v, node) for k, v in value.items()}
+        return value
+
+    for node, args, kwargs in merged:
+        node.args = realise(args, node)
+        node.kwargs = realise(kwargs, node)
+    graph.lint()
+    gm_eval.recompile()
+    return True
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` for our own purposes (observing, tracing, verifying) without changing its state:
+    buffers such as a KV cache position (torchtune) get their values back afterwards."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+_ADDS = {operator.add, torch.add}
+
+
+def _is_add(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs
+
+
+def regroup_residual_sums(gm: fx.GraphModule) -> int:
+    """Rewrite ``gm`` in place; returns how many adds were regrouped."""
+    changed = 0
+    progress = True
+    while progress:
+        progress = False
+        dag = nx.DiGraph((i, n) for n in gm.graph.nodes for i in n.all_input_nodes)
+        for outer in list(gm.graph.nodes):
+            if not _is_add(outer):
+                continue
+            for inner, g in ((outer.args[0], outer.args[1]), (outer.args[1], outer.args[0])):
+                if not (_is_add(inner) and isinstance(g, fx.Node) and len(inner.users) == 1):
+                    continue
+                for x, f in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
+                    if not (isinstance(x, fx.Node) and isinstance(f, fx.Node)):
+                        continue
+                    anc_f, anc_g = nx.ancestors(dag, f), nx.ancestors(dag, g)
+                    if x in anc_f and x in anc_g and f not in anc_g and g not in anc_f:
+                        with gm.graph.inserting_before(outer):
+                            # f in the stream's dtype first: ``(x + f) + g`` added f and g to an fp32
+                            # stream under autocast; ``f + g`` alone would round their sum to bf16
+                            f32 = gm.graph.call_function(in_stream_dtype, (f, x))
+                            branch = gm.graph.call_function(operator.add, (f32, g))
+                        outer.args = (x, branch)
+                        gm.graph.erase_node(inner)
+                        changed += 1
+                        progress = True
+                        break
+                if progress:
+                    break
+            if progress:
+                break
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+# Tensor methods that re-lay out elements without changing them (also named in detect.py's messages).
+RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten"}
+
+
+def _is_reshape_of(n, x=None) -> bool:
+    return (isinstance(n, fx.Node) and n.op == "call_method" and n.target in RESHAPE_METHODS
+            and (x is None or n.args[0] is x))
+
+
+def _is_shape_of(n) -> fx.Node | None:
+    """``x.shape`` / ``x.size()`` -> x."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return n.args[0]
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 1:
+        return n.args[0]
+    return None
+
+
+def sink_residual_reshapes(gm: fx.GraphModule) -> int:
+    """Rewrite ``gm`` in place; returns how many reshaped residual adds were moved back onto the stream."""
+    changed = 0
+    for back in list(gm.graph.nodes):
+        # back = (R(x) + g).view(x.shape)
+        if not (_is_reshape_of(back) and back.target in ("view", "reshape") and len(back.args) == 2 and not back.kwargs):
+            continue
+        add, x = back.args[0], _is_shape_of(back.args[1])
+        if x is None or not _is_add(add) or set(add.users) != {back}:
+            continue
+        for r, g in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            if _is_reshape_of(r, x) and isinstance(g, fx.Node):
+                with gm.graph.inserting_before(back):
+                    g_back = gm.graph.call_method("reshape", (g, back.args[1]))
+                    new_add = gm.graph.call_function(operator.add, (x, g_back))
+                back.replace_all_uses_with(new_add)
+                gm.graph.erase_node(back)
+                gm.graph.erase_node(add)
+                changed += 1
+                break
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed

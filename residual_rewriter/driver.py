@@ -6,10 +6,10 @@ Each step reads and extends one ``Conversion``. ``detect`` runs them all and rol
 names exactly the sites ``convert_`` rewrites, in the same mode. A step that fails leaves the model
 as it was: ``run`` undoes every install before the error reaches the user.
 
-* **observe** (``passes/observe.py``): run the model once on the example call, recording every module
+* **observe** (``passes/layerwise.py``): run the model once on the example call, recording every module
   call's arguments and outputs.
 * **find holders** (``passes/layerwise.py``): the modules whose own forward holds pre-norm residual
-  adds (decoder layers), each traced alone (``capture``, ``canonicalize``) and detected
+  adds (decoder layers), each traced alone (``capture``) and detected
   (``detect``), chained into streams. When no layer holds them, or the model's own code transforms
   the stream between layers, the model itself is the single holder (traced whole).
 * **place blocks**: the paper's blocks over each stream's sublayers in depth order.
@@ -36,8 +36,8 @@ from residual_rewriter import hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes import layerwise
 from residual_rewriter.passes.errors import ConversionError, conversion_boundary, first_line
-from residual_rewriter.passes.modes import buffers_restored, in_mode
-from residual_rewriter.passes.observe import leaves, observe_calls
+from residual_rewriter.passes.capture import buffers_restored, in_mode
+from residual_rewriter.passes.layerwise import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
 from residual_rewriter.passes.state import states_in_output_to_tensors, states_to_tensors
