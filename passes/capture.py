@@ -17,8 +17,7 @@ Two passes after tracing make the graph one detection can read:
   ``F.dropout(x, p, training=self.training)`` yields a graph frozen in one mode. ``capture`` traces
   in both modes; where the graphs differ only in constants, ``merge_train_eval`` turns each into
   ``mode_value(self.training, train, eval)``, read at run time.
-* **canonical residual sums.** ``(x + f(n(x))) + g(n(x))`` (Cohere's parallel block) is regrouped to
-  ``x + (f + g)`` and OPT's ``(R(x) + g(n(R(x)))).view(x.shape)`` to ``x + g(...).reshape(x.shape)``,
+* **canonical residual sums** (``canonicalize``): ``(x + f(n(x))) + g(n(x))`` becomes ``x + (f + g)``,
   so that the pattern ``x + branch(x)`` shows.
 """
 from __future__ import annotations
@@ -52,36 +51,27 @@ _ATTENTION_CLASS_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 @dataclass
 class Captured:
     graph_module: fx.GraphModule
-    example_inputs: tuple
-    input_names: list[str]
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why it was kept opaque
     # kept opaque by class name although they hold a norm: where a residual could hide if none is found
     opaque_with_norms: list[str] = field(default_factory=list)
-    # module paths whose forward called torch.utils.checkpoint (in the train-mode trace): tracing runs
-    # the function inline, so the checkpoint is gone from the graph unless something puts it back
+    # modules whose forward called torch.utils.checkpoint (train-mode trace): the graph runs it inline
     checkpoint_calls: list[str] = field(default_factory=list)
-    # traced-through modules (and the model itself, "") with forward/backward hooks: the graph runs
-    # their forward inline, so those hooks are never called by the converted model
+    # traced-through modules (and the model itself, "") with hooks: the graph never calls those hooks
     hooked_inlined: list[str] = field(default_factory=list)
 
 
 class ResidualTracer(fx.Tracer):
-    """``search_modules``: Python modules whose globals get the autowrapped functions patched in
-    (FX only looks at the globals of the forwards it traces; a decorated forward's globals are the
-    decorator's module, not the model's)."""
+    """The model's own modeling modules are searched for autowrapped functions too (FX only looks at
+    the globals of the forwards it traces; a decorated forward's globals are the decorator's module)."""
 
-    def __init__(
-        self,
-        autowrap_functions: Sequence[Callable] = (),
-        search_modules: Sequence[Any] = (),
-        opaque_if_reads_training: bool = False,
-        opaque_children: bool = False,
-    ):
+    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_if_reads_training: bool, opaque_children: bool):
         import math
 
-        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
-        self._autowrap_search.extend(search_modules)
-        self.example_inputs: tuple = ()
+        names = {type(m).__module__ for m in model.modules()}
+        modules = [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(_autowrap_candidates(modules)))
+        self._autowrap_search.extend(modules)
+        self.example_inputs = example_inputs
         self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.opaque_modules: dict[str, str] = {}
@@ -263,21 +253,6 @@ def _make_root(model: nn.Module, input_names: list[str], call: Callable) -> nn.M
     return root
 
 
-def _forward_input_names(model: nn.Module, n: int) -> list[str]:
-    params = [
-        p.name
-        for p in inspect.signature(model.forward).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    names = params[:n]
-    return names + [f"input_{i}" for i in range(len(names), n)]
-
-
-def _modeling_modules(model: nn.Module) -> list[Any]:
-    names = {type(m).__module__ for m in model.modules()}
-    return [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
-
-
 def _autowrap_candidates(modules: Sequence[Any]) -> list[Callable]:
     """Recorded as one call each instead of traced into: Hugging Face mask builders (Python control
     flow on tensor values) and output dataclasses (so the graph returns the model's own output type)."""
@@ -350,58 +325,38 @@ def _recording_checkpoints(tracer: ResidualTracer):
         ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
 
 
-def _trace(model, input_names, call, opaque_if_reads_training, example_inputs, opaque_children=False):
-    modules = _modeling_modules(model)
-    tracer = ResidualTracer(
-        autowrap_functions=_autowrap_candidates(modules),
-        search_modules=modules,
-        opaque_if_reads_training=opaque_if_reads_training,
-        opaque_children=opaque_children,
-    )
-    tracer.example_inputs = example_inputs
-    root = _make_root(model, input_names, call)
-    with _traceable_size_varargs(), _recording_checkpoints(tracer):
-        graph = tracer.trace(root)
+def _trace(model, input_names, call, example_inputs, training, *, opaque_children, opaque_if_reads_training=False):
+    tracer = ResidualTracer(model, example_inputs, opaque_if_reads_training=opaque_if_reads_training,
+                            opaque_children=opaque_children)
+    with in_mode(model, training):
+        root = _make_root(model, input_names, call)
+        with _traceable_size_varargs(), _recording_checkpoints(tracer):
+            graph = tracer.trace(root)
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
 
 
-def _trace_in_mode(model, training: bool, *args, **kwargs):
-    with in_mode(model, training):
-        return _trace(model, *args, **kwargs)
+def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_names: list[str],
+            opaque_children: bool = False) -> Captured:
+    """Trace ``model`` called as ``call(*example_inputs)``: a GraphModule whose ``call_module``
+    targets are ``model``'s own module paths, its residual sums canonical.
 
-
-def capture(
-    model: nn.Module,
-    example_inputs: tuple,
-    *,
-    call: Callable | None = None,
-    input_names: list[str] | None = None,
-    opaque_children: bool = False,
-) -> Captured:
-    """Trace ``model`` called as ``call(*example_inputs)`` (default ``model.forward``).
-
-    Returns a GraphModule whose ``call_module`` targets are ``model``'s own module paths. The model
-    is traced in train and in eval mode. Where the graphs differ only in constants (e.g.
-    ``F.dropout(x, p, training=self.training)``), those constants follow ``self.training`` at run
-    time (``merge_train_eval``); where they differ in structure, the modules that read ``self.training`` are
-    kept opaque, so that train/eval keep working either way.
+    Traced in train and in eval mode: where the graphs differ only in constants, those follow
+    ``self.training`` at run time (``merge_train_eval``); where they differ in structure, the modules
+    that read ``self.training`` are kept opaque, so that train/eval keep working either way.
 
     ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
     in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole.
     """
-    input_names = input_names or _forward_input_names(model, len(example_inputs))
-    call = call or model.forward
-    inputs = tuple(example_inputs)
-    gm_train, train_tracer = _trace_in_mode(model, True, input_names, call, False, inputs, opaque_children=opaque_children)
-    gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs, opaque_children=opaque_children)
+    trace = functools.partial(_trace, model, input_names, call, tuple(example_inputs), opaque_children=opaque_children)
+    gm_train, train_tracer = trace(True)
+    gm, tracer = trace(False)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
-        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs, opaque_children=opaque_children)
-    sink_residual_reshapes(gm)
-    regroup_residual_sums(gm)
+        gm, tracer = trace(model.training, opaque_if_reads_training=True)
+    canonicalize(gm)
     gm.train(model.training)
     hooked = ([""] if _has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
     return Captured(
-        gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
+        gm, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
         sorted(set(train_tracer.checkpoint_calls)), sorted(set(hooked)),
     )
 
@@ -516,52 +471,54 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
 
 
 _ADDS = {operator.add, torch.add}
+# Tensor methods that re-lay out elements without changing them (also named in detect.py's messages).
+RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten"}
+
+
+def canonicalize(gm: fx.GraphModule) -> None:
+    """Rewrite ``gm``'s residual sums in place so that each shows ``x + branch(x)``:
+
+    * ``(R(x) + g(n(R(x)))).view(x.shape)`` -> ``x + g(...).reshape(x.shape)`` (OPT flattens the tokens
+      around its MLP) when the sum is read only by that view back to ``x``'s shape: exact, reshapes
+      keep the elements' order;
+    * ``(x + f) + g`` -> ``x + (f + g)`` (Cohere's parallel block, GPT-J style with two norms) when
+      nothing else reads ``x + f`` and ``x`` is an ancestor of ``f`` and ``g``, which do not depend
+      on each other: float addition re-associated, so results change at rounding level only.
+    """
+    changed = _sink_residual_reshapes(gm)
+    while _regroup_one_sum(gm):
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _is_add(n) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs
 
 
-def regroup_residual_sums(gm: fx.GraphModule) -> int:
-    """Rewrite ``gm`` in place; returns how many adds were regrouped."""
-    changed = 0
-    progress = True
-    while progress:
-        progress = False
-        dag = nx.DiGraph((i, n) for n in gm.graph.nodes for i in n.all_input_nodes)
-        for outer in list(gm.graph.nodes):
-            if not _is_add(outer):
+def _regroup_one_sum(gm: fx.GraphModule) -> bool:
+    dag = nx.DiGraph((i, n) for n in gm.graph.nodes for i in n.all_input_nodes)
+    for outer in list(gm.graph.nodes):
+        if not _is_add(outer):
+            continue
+        for inner, g in ((outer.args[0], outer.args[1]), (outer.args[1], outer.args[0])):
+            if not (_is_add(inner) and isinstance(g, fx.Node) and len(inner.users) == 1):
                 continue
-            for inner, g in ((outer.args[0], outer.args[1]), (outer.args[1], outer.args[0])):
-                if not (_is_add(inner) and isinstance(g, fx.Node) and len(inner.users) == 1):
+            for x, f in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
+                if not (isinstance(x, fx.Node) and isinstance(f, fx.Node)):
                     continue
-                for x, f in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
-                    if not (isinstance(x, fx.Node) and isinstance(f, fx.Node)):
-                        continue
-                    anc_f, anc_g = nx.ancestors(dag, f), nx.ancestors(dag, g)
-                    if x in anc_f and x in anc_g and f not in anc_g and g not in anc_f:
-                        with gm.graph.inserting_before(outer):
-                            # f in the stream's dtype first: ``(x + f) + g`` added f and g to an fp32
-                            # stream under autocast; ``f + g`` alone would round their sum to bf16
-                            f32 = gm.graph.call_function(in_stream_dtype, (f, x))
-                            branch = gm.graph.call_function(operator.add, (f32, g))
-                        outer.args = (x, branch)
-                        gm.graph.erase_node(inner)
-                        changed += 1
-                        progress = True
-                        break
-                if progress:
-                    break
-            if progress:
-                break
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
-
-
-# Tensor methods that re-lay out elements without changing them (also named in detect.py's messages).
-RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten"}
+                anc_f, anc_g = nx.ancestors(dag, f), nx.ancestors(dag, g)
+                if x in anc_f and x in anc_g and f not in anc_g and g not in anc_f:
+                    with gm.graph.inserting_before(outer):
+                        # f in the stream's dtype first: ``(x + f) + g`` added f and g to an fp32
+                        # stream under autocast; ``f + g`` alone would round their sum to bf16
+                        f32 = gm.graph.call_function(in_stream_dtype, (f, x))
+                        branch = gm.graph.call_function(operator.add, (f32, g))
+                    outer.args = (x, branch)
+                    gm.graph.erase_node(inner)
+                    return True
+    return False
 
 
 def _is_reshape_of(n, x=None) -> bool:
@@ -580,9 +537,8 @@ def _is_shape_of(n) -> fx.Node | None:
     return None
 
 
-def sink_residual_reshapes(gm: fx.GraphModule) -> int:
-    """Rewrite ``gm`` in place; returns how many reshaped residual adds were moved back onto the stream."""
-    changed = 0
+def _sink_residual_reshapes(gm: fx.GraphModule) -> bool:
+    changed = False
     for back in list(gm.graph.nodes):
         # back = (R(x) + g).view(x.shape)
         if not (_is_reshape_of(back) and back.target in ("view", "reshape") and len(back.args) == 2 and not back.kwargs):
@@ -598,9 +554,6 @@ def sink_residual_reshapes(gm: fx.GraphModule) -> int:
                 back.replace_all_uses_with(new_add)
                 gm.graph.erase_node(back)
                 gm.graph.erase_node(add)
-                changed += 1
+                changed = True
                 break
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
     return changed

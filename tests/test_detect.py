@@ -226,7 +226,8 @@ def test_varargs_factory_sizes_trace():
     patched = [(torch, name) for name in _VARARG_SIZE_FACTORIES]
     patched += [(ckpt, "_checkpoint_without_reentrant_generator"), (ckpt, "CheckpointFunction")]
     before = [getattr(owner, name) for owner, name in patched]
-    captured = capture(MaskedLM(), (torch.randn(2, 3, 4),))
+    model = MaskedLM()
+    captured = capture(model, (torch.randn(2, 3, 4),), call=model.forward, input_names=["x"])
     x = torch.randn(5, 6, 4)
     torch.testing.assert_close(captured.graph_module(x), MaskedLM()(x))
     # the patches are gone after tracing: the very objects saved before (a wrapper that passes ints
