@@ -30,7 +30,7 @@ from torch import nn
 
 from .capture import RESHAPE_METHODS, SOURCE_LOCATION
 from .errors import CONTROL_FLOW_HINT, ConversionError, GraphRunError, is_control_flow
-from .plan import LeftOut, Plan, Site, Stream, assign_blocks, assign_parameter_names
+from .plan import LeftOut, Plan, Site, Stream
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
 
@@ -340,7 +340,7 @@ class _SiteFinder:
             if p and len(p) > len(add_path) and p.startswith(add_path)
         ]
         # no common module below the one holding the add (DINOv2's attention + LayerScale): that one
-        sublayer = (_common_prefix(paths) or add_path) if paths else f"{add_path}:<inline>"
+        sublayer = (common_prefix(paths) or add_path) if paths else f"{add_path}:<inline>"
         return Site(
             stream=-1,
             index=-1,
@@ -380,7 +380,7 @@ def _holds(container: Any, value: Any) -> bool:
     return any(item is value for item in items)
 
 
-def _common_prefix(paths: list[str]) -> str:
+def common_prefix(paths: list[str]) -> str:
     parts = [p.split(".") for p in paths]
     prefix = []
     for level in zip(*parts):
@@ -394,8 +394,6 @@ def build_plan(
     gm: fx.GraphModule,
     values: dict[fx.Node, Any],
     *,
-    num_blocks: Optional[int] = 8,
-    block_size: Optional[int] = None,
     opaque_modules: Optional[dict[str, str]] = None,
     opaque_with_norms: Optional[list[str]] = None,
     ends_at_output: bool = False,
@@ -437,8 +435,6 @@ def build_plan(
 
     for stream in plan.streams:
         check_stream_readers(stream, nodes, finder, ends_at_output=ends_at_output)
-        assign_blocks(stream, num_blocks, block_size)
-    assign_parameter_names(plan)
     return plan
 
 

@@ -2,28 +2,19 @@
 
     observe ─▶ holders ─▶ chains (streams) ─▶ global blocks ─▶ per holder: rewrite + install
 
-* **Observe.** The model runs once with forward hooks on every module, recording each call's very
-  arguments (to trace the module alone) and the very tensors it returned (to see that the model hands
-  them unchanged to the next layer), without tracing the model's own forward, which may not be
-  traceable at all (shape checks, einops, caches).
-* **Holders.** Module calls are tried outermost first. Each is traced alone with the arguments the
-  model gave it (``capture`` with a call), its own children kept whole, and its sites are detected
-  with the stream entering as an argument and leaving as its output
-  (``build_plan(ends_at_output=True)``). A module with sites is a holder: its own forward holds the
-  adds (a decoder layer, T5's ``T5LayerSelfAttention``); its MLP, attention and norms stay modules.
-  A module without (T5's ``T5Block``, whose children hold them) is skipped and its children tried.
-  When no module holds them, the model itself is the one holder (``trace_model``: traced whole, its
-  streams starting and ending inside it). A layer of a holder's stack that cannot be traced is refused.
-* **Chains.** Holders that hand the stream on form a stream: the tensor one returns is the very
-  tensor the next receives (checked on the observed call). Sublayers are split into blocks over the
-  whole chain.
-* **Rewrite.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
-  tensor (``rewrite.apply_plan(layer=...)``); the first takes the plain tensor (b_0), the last
-  returns the final aggregation. Its parameters live in the holder: ``<holder>.attn_res.<site>``.
-* **Install.** ``LayerForward`` becomes the holder's ``forward``: it runs the rewritten graph's code
-  with the holder itself as ``self`` (its submodules, its parameters, its train/eval flag), one
-  graph per call signature (constants such as ``use_cache`` are specialised, as tracing does). A
-  signature first seen later is traced symbolically and mapped onto the known sites (``retrace``).
+* **Observe.** One run with hooks on every module records each call's very arguments and outputs
+  (the model's own forward may not be traceable at all: shape checks, einops, caches).
+* **Holders.** Module calls, outermost first, each traced alone on the arguments the model gave it,
+  its own children kept whole. One whose sites take the stream as an argument and return it is a
+  holder (a decoder layer, T5's ``T5LayerSelfAttention``); else its children are tried (T5's
+  ``T5Block``). When no module holds them, the model itself is the one holder (``trace_model``).
+* **Chains.** Holders where the tensor one returns is the very tensor the next receives form a
+  stream; its sublayers are split into blocks over the whole chain.
+* **Install.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
+  tensor (the first takes b_0, the last returns the final aggregation); ``LayerForward`` becomes the
+  holder's ``forward`` and runs that code with the holder as ``self``, one graph per call signature
+  (constants such as ``use_cache`` specialised). A signature first seen later is traced symbolically
+  and mapped onto the known sites (``retrace``).
 """
 from __future__ import annotations
 
@@ -31,6 +22,7 @@ import copy
 import inspect
 import operator
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -40,18 +32,16 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .capture import Captured, buffers_restored, capture, in_mode, is_opaque_by_class
-from .detect import build_plan, record_values
+from .detect import build_plan, common_prefix, record_values
 from .errors import ConversionError
-from .plan import Plan, Site, assign_parameter_names, place_in_blocks
+from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .state import AttnResState
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
 
 
-# ---------------------------------------------------------------------------------------------------
 # Observing the model's module calls
-# ---------------------------------------------------------------------------------------------------
 @dataclass
 class ModuleCall:
     path: str  # the module's path in the model ("" for the model itself)
@@ -118,9 +108,7 @@ def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -
     return calls, output
 
 
-# ---------------------------------------------------------------------------------------------------
 # Binding a call to the forward's parameters
-# ---------------------------------------------------------------------------------------------------
 def is_constant(value: Any) -> bool:
     """Specialised into a traced graph (a new value means a new graph): plain Python constants."""
     if isinstance(value, _CONSTANT_TYPES):
@@ -170,9 +158,7 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
     return BoundCall(names, values, constants)
 
 
-# ---------------------------------------------------------------------------------------------------
 # Tracing one module alone and finding its sites
-# ---------------------------------------------------------------------------------------------------
 @dataclass
 class Traced:
     captured: Captured
@@ -198,14 +184,17 @@ def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_c
             module.gradient_checkpointing = checkpointing
 
 
-def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
-    captured = _capture_call(module, bound, bound.values, opaque_children=True)
-    # running the layer must not change it: a KV cache passed in is copied, one held in its buffers
+def _detect(module: nn.Module, bound: BoundCall, captured: Captured, **options) -> tuple[dict, Plan]:
+    # running the module must not change it: a KV cache passed in is copied, one held in its buffers
     # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
     with in_mode(module, False), buffers_restored(module):
         values = record_values(captured.graph_module, _detached_copy(bound.values))
-        plan = build_plan(captured.graph_module, values, num_blocks=None, block_size=1, ends_at_output=True,
-                          opaque_modules=captured.opaque_modules)
+        return values, build_plan(captured.graph_module, values, opaque_modules=captured.opaque_modules, **options)
+
+
+def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
+    captured = _capture_call(module, bound, bound.values, opaque_children=True)
+    values, plan = _detect(module, bound, captured, ends_at_output=True)
     if len(plan.streams) != 1:
         raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
     stream = plan.streams[0]
@@ -221,10 +210,8 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
     starts inside the forward to the norm that reads its end. Blocks are placed here: no other
     holder shares its streams."""
     captured = _capture_call(model, bound, bound.values, opaque_children=False)
-    with in_mode(model, False), buffers_restored(model):
-        values = record_values(captured.graph_module, _detached_copy(bound.values))
-        plan = build_plan(captured.graph_module, values, num_blocks=num_blocks, block_size=block_size,
-                          opaque_modules=captured.opaque_modules, opaque_with_norms=captured.opaque_with_norms)
+    values, plan = _detect(model, bound, captured, opaque_with_norms=captured.opaque_with_norms)
+    place_blocks(plan, num_blocks, block_size)
     return Traced(captured, values, plan, stream_argument="")
 
 
@@ -297,9 +284,7 @@ def _detached_copy(values: list) -> tuple:
         torch.Tensor.__deepcopy__ = original
 
 
-# ---------------------------------------------------------------------------------------------------
 # Holders and chains
-# ---------------------------------------------------------------------------------------------------
 @dataclass
 class Holder:
     path: str
@@ -331,9 +316,7 @@ class Layerwise:
 
 def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[Callable] = None) -> Layerwise:
     found = Layerwise()
-    calls_per_module: dict[int, int] = {}
-    for c in calls:
-        calls_per_module[id(c.module)] = calls_per_module.get(id(c.module), 0) + 1
+    calls_per_module = Counter(id(c.module) for c in calls)
     holders: list[Holder] = []
     done: list[str] = []  # holders' paths: their insides are theirs
     for call in calls:
@@ -390,10 +373,11 @@ def _chains(holders: list[Holder]) -> list[list[Holder]]:
         if chain is not None:
             chain.append(holder)
             continue
-        if chains and _common_path(chains[-1][-1].path, holder.path):
+        common = common_prefix([chains[-1][-1].path, holder.path]) if chains else ""
+        if common:
             raise NotLayerwise(
                 f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
-                f"code (in {_common_path(chains[-1][-1].path, holder.path)} or its parents) transforms it between them"
+                f"code (in {common} or its parents) transforms it between them"
             )
         chains.append([holder])
     return chains
@@ -402,15 +386,6 @@ def _chains(holders: list[Holder]) -> list[list[Holder]]:
 class NotLayerwise(ConversionError):
     """The layers cannot be rewritten one by one (the model transforms the stream between them, or
     calls one layer twice): ``convert_`` converts the model as one graph instead."""
-
-
-def _common_path(a: str, b: str) -> str:
-    common = []
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        common.append(x)
-    return ".".join(common)
 
 
 def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, block_size) -> None:
@@ -435,9 +410,7 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
         start = end
 
 
-# ---------------------------------------------------------------------------------------------------
 # The installed forward
-# ---------------------------------------------------------------------------------------------------
 def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
     """The rewritten graph's code as a function of ``self`` = the holder (its submodules, parameters
     and training flag). Constants the trace stored on its own root (configs, tensor constants) are

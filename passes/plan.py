@@ -86,15 +86,17 @@ def split_blocks(num_sites: int, num_blocks: Optional[int] = None, block_size: O
     return [i // block_size + 1 for i in range(num_sites)]
 
 
-def assign_blocks(stream: Stream, num_blocks, block_size) -> None:
-    blocks = place_in_blocks(stream.sites, num_blocks, block_size)
-    stream.num_blocks = max(blocks)
-    stream.block_size = blocks.count(1)
+def place_blocks(plan: Plan, num_blocks, block_size) -> None:
+    """Each stream's sites split into blocks, and the parameters named (a plan of the whole model;
+    a stream spread over several layers: ``layerwise.assign_global_blocks``)."""
+    for stream in plan.streams:
+        blocks = place_in_blocks(stream.sites, num_blocks, block_size)
+        stream.num_blocks, stream.block_size = max(blocks), blocks.count(1)
+    assign_parameter_names(plan)
 
 
 def place_in_blocks(sites: list, num_blocks, block_size) -> list[int]:
-    """Set each site's block, position in it and source count (sites in depth order); returns the
-    blocks (also for a stream spread over several layers, ``layerwise.assign_global_blocks``)."""
+    """Set each site's block, position in it and source count (sites in depth order); returns the blocks."""
     blocks = split_blocks(len(sites), num_blocks, block_size)
     position = 0
     for i, (site, block) in enumerate(zip(sites, blocks)):

@@ -68,7 +68,6 @@ def test_a_shared_parameter_key_is_refused(monkeypatch):
         for stream in plan.streams:
             stream.final_param_prefix = "attn_res.final"
 
-    monkeypatch.setattr("residual_rewriter.passes.detect.assign_parameter_names", same_name_for_all)
     monkeypatch.setattr("residual_rewriter.passes.layerwise.assign_parameter_names", same_name_for_all)
     with pytest.raises(rr.ConversionError, match="share the parameters.*attn_res.shared"):
         rr.convert(make_gpt(), num_blocks=2)
