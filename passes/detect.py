@@ -197,10 +197,8 @@ def _same_float_tensors(a: Any, b: Any) -> bool:
 
 def _to_networkx(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for inp in node.all_input_nodes:
-            g.add_edge(inp, node)
+    g.add_nodes_from(graph.nodes)
+    g.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
     return g
 
 
@@ -229,6 +227,17 @@ class _SiteFinder:
     def _sorted(self, nodes) -> list[fx.Node]:
         return sorted(nodes, key=self.order.__getitem__)
 
+    def _dominators(self, x: fx.Node, y: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
+        """The nodes of ``region`` every path x -> y passes through, from just after x down to y."""
+        idom = nx.immediate_dominators(self.dag.subgraph(region), x)
+        chain = [y]
+        while chain[-1] is not x:
+            chain.append(idom[chain[-1]])
+        return chain[::-1][1:]
+
+    def _known_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
+        return is_known_norm(self.gm, node) and bool(node.args) and node.args[0] is x
+
     def match(self, add: fx.Node) -> tuple[Optional[Site], Optional[str]]:
         """A Site for this add, or (None, reason) when it looks like a residual but is not pre-norm."""
         if len(add.args) < 2 or not all(isinstance(a, fx.Node) for a in add.args[:2]):
@@ -246,23 +255,11 @@ class _SiteFinder:
         # x read by known norms only (one, or several as in GPT-NeoX's parallel attention + MLP):
         # x reaches the branch through them alone, whatever comes after.
         entries = self._sorted(set(self.dag.successors(skip)) & region)
-        if entries and branch not in entries and all(
-            is_known_norm(self.gm, n) and n.args and n.args[0] is skip for n in entries
-        ):
+        if entries and branch not in entries and all(self._known_norm_of(n, skip) for n in entries):
             return self._site(add, skip, branch, entries, entries), None
-        sub = self.dag.subgraph(region)
-        idom = nx.immediate_dominators(sub, skip)
-        chain = [branch]
-        while chain[-1] is not skip:
-            chain.append(idom[chain[-1]])
-        chain = chain[::-1][1:]  # dominators of the branch, from just after x down to y
-        for cand in chain:
+        for cand in self._dominators(skip, branch, region):
             norm_region = self._sorted(self._between(skip, cand) - {skip})
-            if is_known_norm(self.gm, cand) and cand.args and cand.args[0] is skip:
-                found = True
-            else:
-                found = probe_scale_invariant(self.gm, self.values, norm_region, skip, cand)
-            if found:
+            if self._known_norm_of(cand, skip) or probe_scale_invariant(self.gm, self.values, norm_region, skip, cand):
                 return self._site(add, skip, branch, [cand], norm_region), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
@@ -296,11 +293,7 @@ class _SiteFinder:
         reach = nx.descendants(self.dag, x)
         if out not in reach:
             return set()
-        idom = nx.immediate_dominators(self.dag.subgraph(reach | {x}), x)
-        chain = [out]
-        while chain[-1] is not x:
-            chain.append(idom[chain[-1]])
-        for cand in chain[::-1][1:]:
+        for cand in self._dominators(x, out, reach | {x}):
             region = self._between(x, cand) - {x}
             # an inline norm is plain tensor math on x, its own parameters and constants: no module
             # calls, no other inputs (else "the norm" would swallow whole layers)
@@ -314,17 +307,13 @@ class _SiteFinder:
 
     def is_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
         """``node`` normalises ``x`` directly (a known norm, or a single call that is scale-invariant in x)."""
-        if is_known_norm(self.gm, node) and node.args and node.args[0] is x:
-            return True
-        return probe_scale_invariant(self.gm, self.values, [node], x, node)
+        return self._known_norm_of(node, x) or probe_scale_invariant(self.gm, self.values, [node], x, node)
 
     def _has_parameters(self, region: set[fx.Node]) -> bool:
-        for n in region:
-            if n.op == "get_attr":
-                return True
-            if n.op == "call_module" and any(True for _ in self.gm.get_submodule(n.target).parameters()):
-                return True
-        return False
+        return any(n.op == "get_attr" or (n.op == "call_module" and self._module_has_parameters(n.target)) for n in region)
+
+    def _module_has_parameters(self, path: str) -> bool:
+        return any(True for _ in self.gm.get_submodule(path).parameters())
 
     def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region) -> Site:
         after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - set(norm_outs)
@@ -333,7 +322,7 @@ class _SiteFinder:
         # Parameter-free modules (a dropout shared by the whole layer) do not define the sublayer.
         add_path = module_path(add)
         modules = [n.target for n in after_norm if n.op == "call_module"]
-        with_params = [m for m in modules if any(True for _ in self.gm.get_submodule(m).parameters())]
+        with_params = [m for m in modules if self._module_has_parameters(m)]
         paths = with_params or modules
         paths += [
             p for p in (module_path(n) for n in after_norm if n.op in ("call_function", "call_method"))
