@@ -1,24 +1,15 @@
 """Capture: an unmodified model becomes an FX graph whose nodes still point at its own submodules.
 
-* The root of the trace is a throw-away wrapper that shares the model's children, so module paths in
-  the graph are the model's own (``transformer.h.0.ln_1``) and parameters are shared, not copied.
-* Norms, attention, rotary embeddings and every ``torch.nn`` built-in stay opaque ``call_module``
-  nodes: what remains visible is the residual stream itself. Dropout stays a module, so train/eval
-  behave as in the original.
-* A submodule whose forward cannot be traced symbolically (data-dependent control flow, iterating a
-  proxy, ...) is rolled back and kept opaque instead of failing the whole trace; the capture lists
-  those modules so the report can say where residuals may be hidden.
-* Hugging Face v5 models wrap ``forward`` in decorators and build masks with Python control flow:
-  every public callable of each model's own modeling module (mask builders, output classes) is
-  autowrapped, i.e. recorded as one call instead of being traced into.
-
-Two passes after tracing make the graph one detection can read:
-* **train/eval.** Symbolic tracing evaluates ``self.training`` in Python, so a forward that writes
-  ``F.dropout(x, p, training=self.training)`` yields a graph frozen in one mode. ``capture`` traces
-  in both modes; where the graphs differ only in constants, ``merge_train_eval`` turns each into
-  ``mode_value(self.training, train, eval)``, read at run time.
-* **canonical residual sums** (``canonicalize``): ``(x + f(n(x))) + g(n(x))`` becomes ``x + (f + g)``,
-  so that the pattern ``x + branch(x)`` shows.
+* The trace's root is a throw-away wrapper sharing the model's children: module paths in the graph
+  are the model's own (``transformer.h.0.ln_1``), parameters are shared, not copied.
+* Norms, attention, rotary embeddings and ``torch.nn`` built-ins stay opaque ``call_module`` nodes,
+  leaving the residual stream visible. A submodule FX cannot trace (data-dependent control flow) is
+  rolled back and kept opaque, and listed, so that the report can say where residuals may hide.
+* Hugging Face v5 models build masks with Python control flow: each model's own modeling modules'
+  mask builders and output classes are autowrapped (recorded as one call, not traced into).
+* Traced in train and in eval mode, constants that differ follow ``self.training`` at run time
+  (``merge_train_eval``); residual sums are made canonical (``canonicalize``) so that the pattern
+  ``x + branch(x)`` shows.
 """
 from __future__ import annotations
 
@@ -149,13 +140,8 @@ class ResidualTracer(fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - any trace failure means "keep this module opaque"
-            new_nodes = []
-            node = last_node.next
-            while node is not self.graph._root:
-                new_nodes.append(node)
-                node = node.next
-            for node in reversed(new_nodes):
-                self.graph.erase_node(node)
+            while self.graph._root.prev is not last_node:  # what it recorded, last node first
+                self.graph.erase_node(self.graph._root.prev)
             self.module_stack.clear()
             self.module_stack.update(saved_stack)
             self.num_calls = saved_calls

@@ -205,10 +205,8 @@ def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
 
 
 def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
-    """The model itself as its single holder (its adds sit in its own forward): traced whole, its
-    children inlined down to norms, attention and other leaves; each stream runs from where it
-    starts inside the forward to the norm that reads its end. Blocks are placed here: no other
-    holder shares its streams."""
+    """The model itself as its single holder: traced whole, its children inlined down to norms and
+    attention; its streams start and end inside it (so its blocks are placed here)."""
     captured = _capture_call(model, bound, bound.values, opaque_children=False)
     values, plan = _detect(model, bound, captured, opaque_with_norms=captured.opaque_with_norms)
     place_blocks(plan, num_blocks, block_size)
@@ -216,11 +214,9 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
 
 
 def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Graph, *, whole: bool) -> Traced:
-    """Another call signature of a converted holder: captured symbolically (FX; nothing runs the
-    module), its residual sites taken from ``template`` (the first trace's plan, blocks and parameter
-    names assigned) after checking that this graph has them, node for node, and that the stream's
-    values have the same readers as in ``original`` (the first call's graph). Detection is not run
-    again: it would execute the module on the call's values, which under a tracer are not data."""
+    """Another call signature of a converted holder, captured symbolically, its sites taken from
+    ``template`` (the first trace's plan) once checked against ``original`` (the first call's graph).
+    Detection is not run again: it would run the module on values that, under a tracer, are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
     captured = _capture_call(module, bound, values, opaque_children=not whole)
@@ -239,9 +235,8 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
 
 
 def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
-    """What of ``plan`` the graph ``nodes`` lacks: each site's add must add its skip and its branch,
-    each norm entry must read the skip, module norms must be the same modules, and the stream's
-    values (the source, each add) must have the readers they had in ``original``."""
+    """What of ``plan`` the graph ``nodes`` lacks, node for node (the stream's values must have the
+    readers they had in ``original``)."""
     problems = []
     for stream in plan.streams:
         for name in [stream.source_node, *(site.add_node for site in stream.sites)]:
@@ -389,8 +384,7 @@ class NotLayerwise(ConversionError):
 
 
 def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, block_size) -> None:
-    """Blocks over the chain's sublayers in depth order, as ``streams.assign_blocks`` does for a whole
-    graph; then each holder's boundary and parameter names."""
+    """Blocks over the chain's sublayers in depth order; then each holder's boundary and parameter names."""
     sites = [s for h in chain for s in h.sites]
     blocks = place_in_blocks(sites, num_blocks, block_size)
     for site in sites:
@@ -412,9 +406,8 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
 
 # The installed forward
 def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
-    """The rewritten graph's code as a function of ``self`` = the holder (its submodules, parameters
-    and training flag). Constants the trace stored on its own root (configs, tensor constants) are
-    copied onto the holder under names of their own, so that each graph keeps its own."""
+    """The rewritten graph's code as a function of ``self`` = the holder. Constants the trace stored on
+    its own root (configs, tensor constants) are copied onto the holder under names of their own."""
     renamed = False
     for node in gm.graph.nodes:
         if node.op == "get_attr" and not _reachable(holder, gm, node.target):
@@ -433,8 +426,7 @@ def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
 
 
 def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
-    """``target`` names the same object on ``module`` as on the graph module (which holds the
-    module's own submodules and parameters; anything else is the trace's)."""
+    """``target`` names the same object on ``module`` as on the graph module (else it is the trace's)."""
     try:
         return operator.attrgetter(target)(module) is operator.attrgetter(target)(gm)
     except AttributeError:
@@ -442,9 +434,8 @@ def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
 
 
 class LayerForward:
-    """A holder's ``forward``: binds the call, picks the graph for its signature (which arguments are
-    tensors or objects; the values of constants), runs it on the holder. A signature not seen before
-    is traced symbolically and mapped onto the first trace's sites (``retrace``): nothing runs."""
+    """A holder's ``forward``: runs the graph for the call's signature (which arguments are tensors or
+    objects; the values of constants) on the holder; a signature not seen before is ``retrace``d."""
 
     def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
                  names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph):
@@ -482,9 +473,8 @@ class LayerForward:
         return fn(self.module, *inputs)
 
     def _checkpointing(self) -> bool:
-        """Hugging Face layers (transformers >= 5.24) checkpoint in their class's ``forward``, which this
-        forward replaces: do it here, under the same conditions. (Older releases checkpoint in
-        ``__call__``, around this forward.)"""
+        """Hugging Face layers (transformers >= 5.24; older ones in ``__call__``) checkpoint in their
+        class's ``forward``, which this forward replaces: do it here, under the same conditions."""
         module = self.module
         return (
             getattr(module, "gradient_checkpointing", False)
@@ -519,14 +509,11 @@ class LayerForward:
         )
 
     def add_signature(self, bound: BoundCall, key: tuple) -> None:
-        """At conversion: the graph for another way the model calls this layer (an attention mask,
-        no cache), traced on that call's own values."""
+        """At conversion: the graph for another way the model calls this layer (a mask, no cache)."""
         if key not in self.graphs:
             self.graphs[key] = self._rebuild(bound)
 
     def _rebuild(self, bound: BoundCall):
-        """The graph for a call signature not seen before: traced symbolically (nothing runs) and
-        mapped onto the sites the first trace found, which it must still have."""
         traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None)
         try:
             gm = rewrite_holder(self.module, traced, self.boundary, self.config)
@@ -587,7 +574,7 @@ def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, c
 def install(holder: Holder, config) -> None:
     """Rewrite ``holder``'s graph and make it the module's forward (parameters in ``module.attn_res``)."""
     module = holder.module
-    if "attn_res" in module._modules or hasattr(module, "attn_res"):
+    if hasattr(module, "attn_res"):
         raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
     module.attn_res = AttnResParameters()
     original = copy.deepcopy(holder.traced.captured.graph_module.graph)  # for before/after views
