@@ -71,21 +71,6 @@ class Plan:
         return [s for st in self.streams for s in st.sites]
 
 
-def split_blocks(num_sites: int, num_blocks: Optional[int] = None, block_size: Optional[int] = None) -> list[int]:
-    """Block index (1-based) of each of ``num_sites`` sublayers.
-
-    ``block_size`` S: blocks of S consecutive sublayers, the last block takes the remainder.
-    ``num_blocks`` N: S = ceil(L / N) (so N = L is Full AttnRes; fewer blocks result when N does
-    not divide L evenly into non-empty blocks, e.g. L=10, N=4 -> S=3 -> 3+3+3+1).
-    """
-    if num_sites == 0:
-        return []
-    if block_size is None:
-        n = min(num_blocks or 8, num_sites)
-        block_size = math.ceil(num_sites / n)
-    return [i // block_size + 1 for i in range(num_sites)]
-
-
 def place_blocks(plan: Plan, num_blocks, block_size) -> None:
     """Each stream's sites split into blocks, and the parameters named (a plan of the whole model;
     a stream spread over several layers: ``layerwise.assign_global_blocks``)."""
@@ -95,9 +80,14 @@ def place_blocks(plan: Plan, num_blocks, block_size) -> None:
     assign_parameter_names(plan)
 
 
-def place_in_blocks(sites: list, num_blocks, block_size) -> list[int]:
-    """Set each site's block, position in it and source count (sites in depth order); returns the blocks."""
-    blocks = split_blocks(len(sites), num_blocks, block_size)
+def place_in_blocks(sites: list, num_blocks: Optional[int], block_size: Optional[int]) -> list[int]:
+    """Set each site's block (1-based), position in it and source count (sites in depth order);
+    returns the blocks. ``block_size`` S: blocks of S consecutive sublayers, the last one takes the
+    remainder. ``num_blocks`` N: S = ceil(L / N) (so N = L is Full AttnRes; fewer blocks result when
+    N does not divide L evenly into non-empty blocks, e.g. L=10, N=4 -> S=3 -> 3+3+3+1)."""
+    if block_size is None:
+        block_size = math.ceil(len(sites) / min(num_blocks or 8, len(sites)))
+    blocks = [i // block_size + 1 for i in range(len(sites))]
     position = 0
     for i, (site, block) in enumerate(zip(sites, blocks)):
         position = 0 if i == 0 or blocks[i - 1] != block else position + 1
