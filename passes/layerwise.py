@@ -293,10 +293,6 @@ class Holder:
     def sites(self) -> list[Site]:
         return self.traced.plan.sites
 
-    @property
-    def whole(self) -> bool:
-        return self.traced.stream_argument == ""
-
     def stream_input(self) -> torch.Tensor:
         return self.bound.values[self.bound.names.index(self.traced.stream_argument)]
 
@@ -579,7 +575,7 @@ def install(holder: Holder, config) -> None:
     module.attn_res = AttnResParameters()
     original = copy.deepcopy(holder.traced.captured.graph_module.graph)  # for before/after views
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
-    key = holder.bound.installed_key(holder.traced.stream_argument, holder.whole or holder.boundary.first)
+    key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
     module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
                                   list(holder.bound.names), gm, original)
 
