@@ -458,7 +458,7 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
             "cannot convert exactly: a residual stream is read by something other than the next "
             "sublayer's norm and residual add (parallel branches, or a hidden state taken out mid-stream):\n  "
             + "\n  ".join(problems)
-            + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by "
+            + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by norms."
         )
     last = nodes[stream.sites[-1].add_node]
     if ends_at_output:
