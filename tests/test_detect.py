@@ -161,7 +161,7 @@ def _seq2seq_decoder(name):
 def test_mbart_and_opt_decoders_convert_exactly(name):
     """Traced through since varargs factory sizes (``torch.ones(b, t)`` with traced sizes) are packed
     for FX; before, their decoders stayed opaque and nothing was found. OPT also runs its MLP on the
-    stream flattened to [tokens, D] and views it back: ``sink_residual_reshapes`` moves that add back
+    stream flattened to [tokens, D] and views it back: ``capture.canonicalize`` moves that add back
     onto the stream."""
     model = _seq2seq_decoder(name).double()
     converted = rr.convert(model, block_size=1)
