@@ -1,16 +1,15 @@
 """Capture: an unmodified model becomes an FX graph whose nodes still point at its own submodules.
 
-* The root of the trace is a throw-away wrapper that shares the model's children, so module paths in
-  the graph are the model's own (``transformer.h.0.ln_1``) and parameters are shared, not copied.
-* Norms, attention, rotary embeddings and every ``torch.nn`` built-in stay opaque ``call_module``
-  nodes: what remains visible is the residual stream itself. Dropout stays a module, so train/eval
-  behave as in the original.
-* A submodule whose forward cannot be traced symbolically (data-dependent control flow, iterating a
-  proxy, ...) is rolled back and kept opaque instead of failing the whole trace; the capture lists
-  those modules so the report can say where residuals may be hidden.
-* Hugging Face v5 models wrap ``forward`` in decorators and build masks with Python control flow:
-  every public callable of each model's own modeling module (mask builders, output classes) is
-  autowrapped, i.e. recorded as one call instead of being traced into.
+* The trace's root is a throw-away wrapper sharing the model's children: module paths in the graph
+  are the model's own (``transformer.h.0.ln_1``), parameters are shared, not copied.
+* Norms, attention, rotary embeddings and ``torch.nn`` built-ins stay opaque ``call_module`` nodes,
+  leaving the residual stream visible. A submodule FX cannot trace (data-dependent control flow) is
+  rolled back and kept opaque, and listed, so that the report can say where residuals may hide.
+* Hugging Face v5 models build masks with Python control flow: each model's own modeling modules'
+  mask builders and output classes are autowrapped (recorded as one call, not traced into).
+* Traced in train and in eval mode, constants that differ follow ``self.training`` at run time
+  (``merge_train_eval``); residual sums are made canonical (``canonicalize``) so that the pattern
+  ``x + branch(x)`` shows.
 """
 from __future__ import annotations
 
@@ -21,17 +20,17 @@ import inspect
 import operator
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
-
-from .canonicalize import look_through_identities, regroup_residual_sums, sink_residual_reshapes
-from .modes import in_mode, merge_train_eval
+from .rewrite import in_stream_dtype
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
 # Matched at the END of the class name: `LlamaRMSNorm`, `CausalSelfAttention`, `LlamaRotaryEmbedding`
@@ -43,36 +42,27 @@ _ATTENTION_CLASS_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 @dataclass
 class Captured:
     graph_module: fx.GraphModule
-    example_inputs: tuple
-    input_names: list[str]
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why it was kept opaque
     # kept opaque by class name although they hold a norm: where a residual could hide if none is found
     opaque_with_norms: list[str] = field(default_factory=list)
-    # module paths whose forward called torch.utils.checkpoint (in the train-mode trace): tracing runs
-    # the function inline, so the checkpoint is gone from the graph unless something puts it back
+    # modules whose forward called torch.utils.checkpoint (train-mode trace): the graph runs it inline
     checkpoint_calls: list[str] = field(default_factory=list)
-    # traced-through modules (and the model itself, "") with forward/backward hooks: the graph runs
-    # their forward inline, so those hooks are never called by the converted model
+    # traced-through modules (and the model itself, "") with hooks: the graph never calls those hooks
     hooked_inlined: list[str] = field(default_factory=list)
 
 
 class ResidualTracer(fx.Tracer):
-    """``search_modules``: Python modules whose globals get the autowrapped functions patched in
-    (FX only looks at the globals of the forwards it traces; a decorated forward's globals are the
-    decorator's module, not the model's)."""
+    """The model's own modeling modules are searched for autowrapped functions too (FX only looks at
+    the globals of the forwards it traces; a decorated forward's globals are the decorator's module)."""
 
-    def __init__(
-        self,
-        autowrap_functions: Sequence[Callable] = (),
-        search_modules: Sequence[Any] = (),
-        opaque_if_reads_training: bool = False,
-        opaque_children: bool = False,
-    ):
+    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_if_reads_training: bool, opaque_children: bool):
         import math
 
-        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
-        self._autowrap_search.extend(search_modules)
-        self.example_inputs: tuple = ()
+        names = {type(m).__module__ for m in model.modules()}
+        modules = [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(_autowrap_candidates(modules)))
+        self._autowrap_search.extend(modules)
+        self.example_inputs = example_inputs
         self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.opaque_modules: dict[str, str] = {}
@@ -150,13 +140,8 @@ class ResidualTracer(fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - any trace failure means "keep this module opaque"
-            new_nodes = []
-            node = last_node.next
-            while node is not self.graph._root:
-                new_nodes.append(node)
-                node = node.next
-            for node in reversed(new_nodes):
-                self.graph.erase_node(node)
+            while self.graph._root.prev is not last_node:  # what it recorded, last node first
+                self.graph.erase_node(self.graph._root.prev)
             self.module_stack.clear()
             self.module_stack.update(saved_stack)
             self.num_calls = saved_calls
@@ -254,21 +239,6 @@ def _make_root(model: nn.Module, input_names: list[str], call: Callable) -> nn.M
     return root
 
 
-def _forward_input_names(model: nn.Module, n: int) -> list[str]:
-    params = [
-        p.name
-        for p in inspect.signature(model.forward).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    names = params[:n]
-    return names + [f"input_{i}" for i in range(len(names), n)]
-
-
-def _modeling_modules(model: nn.Module) -> list[Any]:
-    names = {type(m).__module__ for m in model.modules()}
-    return [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
-
-
 def _autowrap_candidates(modules: Sequence[Any]) -> list[Callable]:
     """Recorded as one call each instead of traced into: Hugging Face mask builders (Python control
     flow on tensor values) and output dataclasses (so the graph returns the model's own output type)."""
@@ -341,61 +311,254 @@ def _recording_checkpoints(tracer: ResidualTracer):
         ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
 
 
-def _trace(model, input_names, call, opaque_if_reads_training, example_inputs, opaque_children=False):
-    modules = _modeling_modules(model)
-    tracer = ResidualTracer(
-        autowrap_functions=_autowrap_candidates(modules),
-        search_modules=modules,
-        opaque_if_reads_training=opaque_if_reads_training,
-        opaque_children=opaque_children,
-    )
-    tracer.example_inputs = example_inputs
-    root = _make_root(model, input_names, call)
-    with _traceable_size_varargs(), _recording_checkpoints(tracer):
-        graph = tracer.trace(root)
+def _trace(model, input_names, call, example_inputs, training, *, opaque_children, opaque_if_reads_training=False):
+    tracer = ResidualTracer(model, example_inputs, opaque_if_reads_training=opaque_if_reads_training,
+                            opaque_children=opaque_children)
+    with in_mode(model, training):
+        root = _make_root(model, input_names, call)
+        with _traceable_size_varargs(), _recording_checkpoints(tracer):
+            graph = tracer.trace(root)
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
 
 
-def _trace_in_mode(model, training: bool, *args, **kwargs):
-    with in_mode(model, training):
-        return _trace(model, *args, **kwargs)
+def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_names: list[str],
+            opaque_children: bool = False) -> Captured:
+    """Trace ``model`` called as ``call(*example_inputs)``: a GraphModule whose ``call_module``
+    targets are ``model``'s own module paths, its residual sums canonical.
 
-
-def capture(
-    model: nn.Module,
-    example_inputs: tuple,
-    *,
-    call: Callable | None = None,
-    input_names: list[str] | None = None,
-    opaque_children: bool = False,
-) -> Captured:
-    """Trace ``model`` called as ``call(*example_inputs)`` (default ``model.forward``).
-
-    Returns a GraphModule whose ``call_module`` targets are ``model``'s own module paths. The model
-    is traced in train and in eval mode. Where the graphs differ only in constants (e.g.
-    ``F.dropout(x, p, training=self.training)``), those constants follow ``self.training`` at run
-    time (``modes.py``); where they differ in structure, the modules that read ``self.training`` are
-    kept opaque, so that train/eval keep working either way.
+    Traced in train and in eval mode: where the graphs differ only in constants, those follow
+    ``self.training`` at run time (``merge_train_eval``); where they differ in structure, the modules
+    that read ``self.training`` are kept opaque, so that train/eval keep working either way.
 
     ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
     in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole.
     """
-    input_names = input_names or _forward_input_names(model, len(example_inputs))
-    call = call or model.forward
-    inputs = tuple(example_inputs)
-    gm_train, train_tracer = _trace_in_mode(model, True, input_names, call, False, inputs, opaque_children=opaque_children)
-    gm, tracer = _trace_in_mode(model, False, input_names, call, False, inputs, opaque_children=opaque_children)
+    trace = functools.partial(_trace, model, input_names, call, tuple(example_inputs), opaque_children=opaque_children)
+    gm_train, train_tracer = trace(True)
+    gm, tracer = trace(False)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
-        gm, tracer = _trace_in_mode(model, model.training, input_names, call, True, inputs, opaque_children=opaque_children)
+        gm, tracer = trace(model.training, opaque_if_reads_training=True)
     for node in gm.graph.nodes:  # a child named `self` (Megatron-BERT's attention) would shadow the code's `self`
         if node.name == "self":
             node._rename("self_")
-    look_through_identities(gm, has_hooks)
-    sink_residual_reshapes(gm)
-    regroup_residual_sums(gm)
+    canonicalize(gm)
     gm.train(model.training)
     hooked = ([""] if has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
     return Captured(
-        gm, tuple(example_inputs), input_names, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
+        gm, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
         sorted(set(train_tracer.checkpoint_calls)), sorted(set(hooked)),
     )
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module.train(training)`` for the block, then every submodule's own flag back as it was."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@fx.wrap
+def mode_value(training: bool, if_training: Any, if_eval: Any) -> Any:
+    """The value the original code computed in the current mode."""
+    return if_training if training else if_eval
+
+
+class _Structural(Exception):
+    """The two traces differ in structure, not just in constants."""
+
+
+def _merge(a: Any, b: Any, diffs: list) -> Any:
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name):
+            raise _Structural
+        return a
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and type(a) is type(b):
+        if len(a) != len(b):
+            raise _Structural
+        return type(a)(_merge(x, y, diffs) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            raise _Structural
+        return {k: _merge(a[k], b[k], diffs) for k in a}
+    if type(a) is type(b) and a == b:
+        return a
+    if type(a) in (bool, int, float, type(None)) and type(b) in (bool, int, float, type(None)):
+        marker = _Differs(if_eval=a, if_training=b)
+        diffs.append(marker)
+        return marker
+    raise _Structural
+
+
+class _Differs:
+    def __init__(self, if_eval, if_training):
+        self.if_eval, self.if_training = if_eval, if_training
+
+
+def merge_train_eval(gm_eval: fx.GraphModule, gm_train: fx.GraphModule) -> bool:
+    """Make ``gm_eval`` follow ``self.training`` where it differs from ``gm_train`` in constants.
+
+    Returns False (and leaves ``gm_eval`` unchanged) when the graphs differ in structure.
+    """
+    nodes_e, nodes_t = list(gm_eval.graph.nodes), list(gm_train.graph.nodes)
+    if len(nodes_e) != len(nodes_t):
+        return False
+    merged = []
+    try:
+        for e, t in zip(nodes_e, nodes_t):
+            if (e.op, e.target, e.name) != (t.op, t.target, t.name):
+                return False
+            diffs: list = []
+            args = _merge(e.args, t.args, diffs)
+            kwargs = _merge(dict(e.kwargs), dict(t.kwargs), diffs)
+            if diffs:
+                merged.append((e, args, kwargs))
+    except _Structural:
+        return False
+    if not merged:
+        return True
+    graph = gm_eval.graph
+    first = next(iter(graph.nodes))
+    with graph.inserting_before(first), warnings.catch_warnings():
+        # `training` is a plain attribute of every module, not a parameter/buffer/submodule: FX warns
+        warnings.simplefilter("ignore", UserWarning)
+        training = graph.get_attr("training")
+
+    def realise(value, node):
+        if isinstance(value, _Differs):
+            with graph.inserting_before(node):
+                return graph.call_function(mode_value, (training, value.if_training, value.if_eval))
+        if isinstance(value, (tuple, list)):
+            return type(value)(realise(v, node) for v in value)
+        if isinstance(value, dict):
+            return {k: realise(v, node) for k, v in value.items()}
+        return value
+
+    for node, args, kwargs in merged:
+        node.args = realise(args, node)
+        node.kwargs = realise(kwargs, node)
+    graph.lint()
+    gm_eval.recompile()
+    return True
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` for our own purposes (observing, tracing, verifying) without changing its state:
+    buffers such as a KV cache position (torchtune) get their values back afterwards."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+_ADDS = {operator.add, torch.add}
+# Tensor methods that re-lay out elements without changing them (also named in detect.py's messages).
+RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten"}
+
+
+def canonicalize(gm: fx.GraphModule) -> None:
+    """Rewrite ``gm``'s residual sums in place so that each shows ``x + branch(x)``:
+
+    * ``(R(x) + g(n(R(x)))).view(x.shape)`` -> ``x + g(...).reshape(x.shape)`` (OPT flattens the tokens
+      around its MLP) when the sum is read only by that view back to ``x``'s shape: exact, reshapes
+      keep the elements' order;
+    * ``(x + f) + g`` -> ``x + (f + g)`` (Cohere's parallel block, GPT-J style with two norms) when
+      nothing else reads ``x + f`` and ``x`` is an ancestor of ``f`` and ``g``, which do not depend
+      on each other: float addition re-associated, so results change at rounding level only;
+    * calls of hook-free ``nn.Identity`` modules are erased: taps that inspection tools put on the
+      stream (``x = self.tap_mid(x)``) hid the adds from each other. Exact; the converted forward does
+      not call them (hooks added later do not fire). A hooked one is kept: detection says where.
+    """
+    changed = _look_through_identities(gm)
+    changed = _sink_residual_reshapes(gm) or changed
+    while _regroup_one_sum(gm):
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _look_through_identities(gm: fx.GraphModule) -> bool:
+    erased = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            module = gm.get_submodule(node.target)
+            if type(module) is nn.Identity and not has_hooks(module):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                erased = True
+    return erased
+
+
+def _is_add(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs
+
+
+def _regroup_one_sum(gm: fx.GraphModule) -> bool:
+    dag = nx.DiGraph((i, n) for n in gm.graph.nodes for i in n.all_input_nodes)
+    for outer in list(gm.graph.nodes):
+        if not _is_add(outer):
+            continue
+        for inner, g in ((outer.args[0], outer.args[1]), (outer.args[1], outer.args[0])):
+            if not (_is_add(inner) and isinstance(g, fx.Node) and len(inner.users) == 1):
+                continue
+            for x, f in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
+                if not (isinstance(x, fx.Node) and isinstance(f, fx.Node)):
+                    continue
+                anc_f, anc_g = nx.ancestors(dag, f), nx.ancestors(dag, g)
+                if x in anc_f and x in anc_g and f not in anc_g and g not in anc_f:
+                    with gm.graph.inserting_before(outer):
+                        # f in the stream's dtype first: ``(x + f) + g`` added f and g to an fp32
+                        # stream under autocast; ``f + g`` alone would round their sum to bf16
+                        f32 = gm.graph.call_function(in_stream_dtype, (f, x))
+                        branch = gm.graph.call_function(operator.add, (f32, g))
+                    outer.args = (x, branch)
+                    gm.graph.erase_node(inner)
+                    return True
+    return False
+
+
+def _is_reshape_of(n, x=None) -> bool:
+    return (isinstance(n, fx.Node) and n.op == "call_method" and n.target in RESHAPE_METHODS
+            and (x is None or n.args[0] is x))
+
+
+def _is_shape_of(n) -> fx.Node | None:
+    """``x.shape`` / ``x.size()`` -> x."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return n.args[0]
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 1:
+        return n.args[0]
+    return None
+
+
+def _sink_residual_reshapes(gm: fx.GraphModule) -> bool:
+    changed = False
+    for back in list(gm.graph.nodes):
+        # back = (R(x) + g).view(x.shape)
+        if not (_is_reshape_of(back) and back.target in ("view", "reshape") and len(back.args) == 2 and not back.kwargs):
+            continue
+        add, x = back.args[0], _is_shape_of(back.args[1])
+        if x is None or not _is_add(add) or set(add.users) != {back}:
+            continue
+        for r, g in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            if _is_reshape_of(r, x) and isinstance(g, fx.Node):
+                with gm.graph.inserting_before(back):
+                    g_back = gm.graph.call_method("reshape", (g, back.args[1]))
+                    new_add = gm.graph.call_function(operator.add, (x, g_back))
+                back.replace_all_uses_with(new_add)
+                gm.graph.erase_node(back)
+                gm.graph.erase_node(add)
+                changed = True
+                break
+    return changed

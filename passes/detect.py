@@ -1,5 +1,5 @@
 """Detection: find pre-norm residual sites ``add(x, f(norm(x)))`` in a captured graph, link them
-into streams, split each stream into blocks, and explain everything that is not converted.
+into streams, check what reads each stream, and explain everything that is not converted.
 
 Contract: reads the GraphModule and a recording of every node's value on the example inputs; never
 changes the graph. Returns a ``Plan`` (plain data) or raises ``ConversionError``.
@@ -8,27 +8,149 @@ How a site is recognised (by meaning):
   1. an add of two floating tensors of the same shape where one operand, the skip ``x``, is an
      ancestor of the other, the branch ``y``;
   2. networkx's dominators on the sub-DAG from ``x`` to ``y`` give the nodes every path from x to y
-     passes through; the first of them that is a normalization of ``x`` (``norms.py``) is the norm;
-     everything after it (dropout, a constant scale, a second norm) is the sublayer ``f``.
+     passes through; the first of them that is a normalization of ``x`` is the norm; everything
+     after it (dropout, a constant scale, a second norm) is the sublayer ``f``.
 So ``x`` reaches the branch only through its norm, which is what makes the rewrite exact.
+
+A normalization is recognised by meaning too: as a function of ``x`` it is scale-invariant
+(``n(c x) == n(x)``) and not constant, which covers ``nn.LayerNorm``, a model's own RMSNorm class,
+``F.rms_norm`` and an inlined ``x * rsqrt(mean(x^2) + eps) * w`` alike. Known norm modules and
+functions fed directly by ``x`` skip the numeric probe.
 """
 from __future__ import annotations
 
+import copy
 import operator
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
-from .errors import ConversionError, GraphRunError
-
-from . import norms
-from .capture import SOURCE_LOCATION
+from .capture import RESHAPE_METHODS, SOURCE_LOCATION, has_hooks
+from .errors import CONTROL_FLOW_HINT, ConversionError, GraphRunError, is_control_flow
 from .plan import LeftOut, Plan, Site, Stream
-from .streams import assign_blocks, assign_parameter_names, check_stream_readers, nothing_matched_message
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
+
+
+NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, F.rms_norm, getattr(torch, "rms_norm", F.rms_norm)}
+NORM_MODULE_TYPES = (nn.LayerNorm, nn.RMSNorm)
+
+
+def is_norm_module(m: nn.Module) -> bool:
+    return isinstance(m, NORM_MODULE_TYPES) or type(m).__name__.endswith(("RMSNorm", "LayerNorm", "RmsNorm"))
+
+
+def is_known_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return is_norm_module(gm.get_submodule(node.target))
+    return node.op == "call_function" and node.target in NORM_FUNCTIONS
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A module path for a norm node, or what it is and where it sits."""
+    if node.op == "call_module":
+        return str(node.target)
+    where = module_path(node)
+    return f"{where}:{node.name}" if where else node.name  # node names tell two inlined norms apart
+
+
+def module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return next(reversed(stack.values()))[0]
+
+
+def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal values of x's shape, dtype and device, reproducible (drawn on the CPU)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+
+
+class _RegionRunner(fx.Interpreter):
+    """Re-evaluates a few nodes of a graph with one input replaced, everything else from a recording."""
+
+    def __init__(self, gm: fx.GraphModule, recorded: dict[fx.Node, Any]):
+        super().__init__(gm, garbage_collect_values=False)
+        self.recorded = recorded
+
+    def evaluate(self, region: Iterable[fx.Node], x_node: fx.Node, x_value: torch.Tensor, out: fx.Node):
+        self.env = dict(self.recorded)
+        self.env[x_node] = x_value
+        for node in region:
+            self.env[node] = self.run_node(node)
+        return self.env[out]
+
+
+@torch.no_grad()
+def probe_scale_invariant(
+    gm: fx.GraphModule,
+    recorded: dict[fx.Node, Any],
+    region: list[fx.Node],
+    x_node: fx.Node,
+    out: fx.Node,
+) -> bool:
+    """True when ``out`` (computed from ``x_node`` through ``region``) is a normalization of ``x``."""
+    x = recorded.get(x_node)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return False
+    runner = _RegionRunner(gm, recorded)
+    base, other = _random_like(x, seed=1234), _random_like(x, seed=1235)
+    try:
+        y_small = runner.evaluate(region, x_node, base * 4, out)
+        y_large = runner.evaluate(region, x_node, base * 16, out)
+        y_other = runner.evaluate(region, x_node, other * 4, out)
+    except Exception:  # noqa: BLE001 - a region that cannot be re-run is not a norm we can vouch for
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (y_small, y_large, y_other)):
+        return False
+    y_small, y_large, y_other = (t.double() for t in (y_small, y_large, y_other))
+    mag = y_small.abs().max().clamp_min(1e-30)
+    invariant = ((y_small - y_large).abs().max() / mag) < 1e-2
+    depends_on_x = ((y_small - y_other).abs().max() / mag) > 1e-3
+    return bool(invariant and depends_on_x)
+
+
+@torch.no_grad()
+def reads_only_metadata(gm: fx.GraphModule, recorded: dict[fx.Node, Any], user: fx.Node, x_node: fx.Node) -> bool:
+    """True when ``user`` reads ``x_node`` only for its shape/dtype/device (a mask builder, a rotary
+    embedding taking x for its dtype): its output does not change when x's values do."""
+    x = recorded.get(x_node)
+    if not isinstance(x, torch.Tensor) or user.op == "output":
+        return False
+    noise = _random_like(x, seed=4321)
+    # Re-run both ways now rather than comparing with the recording: objects among the inputs (a KV
+    # cache) may have changed state since it was made.
+    runner = _RegionRunner(gm, recorded)
+    try:
+        before = runner.evaluate([user], x_node, x, user)
+        after = runner.evaluate([user], x_node, noise, user)
+    except Exception:  # noqa: BLE001
+        return False
+    return _same_values(before, after)
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    if a is b:
+        return True
+    if type(a) is not type(b) or not isinstance(a, (int, float, bool, str, torch.device, torch.dtype)):
+        return False
+    return bool(a == b)
 
 
 def record_values(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, Any]:
@@ -78,10 +200,8 @@ def _same_float_tensors(a: Any, b: Any) -> bool:
 
 def _to_networkx(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for inp in node.all_input_nodes:
-            g.add_edge(inp, node)
+    g.add_nodes_from(graph.nodes)
+    g.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
     return g
 
 
@@ -96,7 +216,7 @@ class _SiteFinder:
     def drop_metadata_edges(self, x: fx.Node) -> list[fx.Node]:
         """Users of x that only read its shape/dtype carry no value: cut those edges for analysis."""
         if x not in self.metadata_readers:
-            readers = [u for u in x.users if not _is_add(u) and norms.reads_only_metadata(self.gm, self.values, u, x)]
+            readers = [u for u in x.users if not _is_add(u) and reads_only_metadata(self.gm, self.values, u, x)]
             for u in readers:
                 if self.dag.has_edge(x, u):
                     self.dag.remove_edge(x, u)
@@ -109,6 +229,17 @@ class _SiteFinder:
 
     def _sorted(self, nodes) -> list[fx.Node]:
         return sorted(nodes, key=self.order.__getitem__)
+
+    def _dominators(self, x: fx.Node, y: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
+        """The nodes of ``region`` every path x -> y passes through, from just after x down to y."""
+        idom = nx.immediate_dominators(self.dag.subgraph(region), x)
+        chain = [y]
+        while chain[-1] is not x:
+            chain.append(idom[chain[-1]])
+        return chain[::-1][1:]
+
+    def _known_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
+        return is_known_norm(self.gm, node) and bool(node.args) and node.args[0] is x
 
     def match(self, add: fx.Node) -> tuple[Optional[Site], Optional[str]]:
         """A Site for this add, or (None, reason) when it looks like a residual but is not pre-norm."""
@@ -127,23 +258,11 @@ class _SiteFinder:
         # x read by known norms only (one, or several as in GPT-NeoX's parallel attention + MLP):
         # x reaches the branch through them alone, whatever comes after.
         entries = self._sorted(set(self.dag.successors(skip)) & region)
-        if entries and branch not in entries and all(
-            norms.is_known_norm(self.gm, n) and n.args and n.args[0] is skip for n in entries
-        ):
+        if entries and branch not in entries and all(self._known_norm_of(n, skip) for n in entries):
             return self._site(add, skip, branch, entries, entries), None
-        sub = self.dag.subgraph(region)
-        idom = nx.immediate_dominators(sub, skip)
-        chain = [branch]
-        while chain[-1] is not skip:
-            chain.append(idom[chain[-1]])
-        chain = chain[::-1][1:]  # dominators of the branch, from just after x down to y
-        for cand in chain:
+        for cand in self._dominators(skip, branch, region):
             norm_region = self._sorted(self._between(skip, cand) - {skip})
-            if norms.is_known_norm(self.gm, cand) and cand.args and cand.args[0] is skip:
-                found = True
-            else:
-                found = norms.probe_scale_invariant(self.gm, self.values, norm_region, skip, cand)
-            if found:
+            if self._known_norm_of(cand, skip) or probe_scale_invariant(self.gm, self.values, norm_region, skip, cand):
                 return self._site(add, skip, branch, [cand], norm_region), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
@@ -177,11 +296,7 @@ class _SiteFinder:
         reach = nx.descendants(self.dag, x)
         if out not in reach:
             return set()
-        idom = nx.immediate_dominators(self.dag.subgraph(reach | {x}), x)
-        chain = [out]
-        while chain[-1] is not x:
-            chain.append(idom[chain[-1]])
-        for cand in chain[::-1][1:]:
+        for cand in self._dominators(x, out, reach | {x}):
             region = self._between(x, cand) - {x}
             # an inline norm is plain tensor math on x, its own parameters and constants: no module
             # calls, no other inputs (else "the norm" would swallow whole layers)
@@ -189,43 +304,39 @@ class _SiteFinder:
                 return set()
             if any(i not in region and i is not x and i.op != "get_attr" for n in region for i in n.all_input_nodes):
                 return set()
-            if norms.probe_scale_invariant(self.gm, self.values, self._sorted(region), x, cand):
+            if probe_scale_invariant(self.gm, self.values, self._sorted(region), x, cand):
                 return region
         return set()
 
     def is_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
         """``node`` normalises ``x`` directly (a known norm, or a single call that is scale-invariant in x)."""
-        if norms.is_known_norm(self.gm, node) and node.args and node.args[0] is x:
-            return True
-        return norms.probe_scale_invariant(self.gm, self.values, [node], x, node)
+        return self._known_norm_of(node, x) or probe_scale_invariant(self.gm, self.values, [node], x, node)
 
     def _has_parameters(self, region: set[fx.Node]) -> bool:
-        for n in region:
-            if n.op == "get_attr":
-                return True
-            if n.op == "call_module" and any(True for _ in self.gm.get_submodule(n.target).parameters()):
-                return True
-        return False
+        return any(n.op == "get_attr" or (n.op == "call_module" and self._module_has_parameters(n.target)) for n in region)
+
+    def _module_has_parameters(self, path: str) -> bool:
+        return any(True for _ in self.gm.get_submodule(path).parameters())
 
     def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region) -> Site:
         after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - set(norm_outs)
         # The sublayer is the deepest module holding the branch's module calls (and any function
         # call made inside a submodule of its own); glue like `getitem` at the layer level is ignored.
         # Parameter-free modules (a dropout shared by the whole layer) do not define the sublayer.
-        add_path = norms.module_path(add)
+        add_path = module_path(add)
         modules = [n.target for n in after_norm if n.op == "call_module"]
-        with_params = [m for m in modules if any(True for _ in self.gm.get_submodule(m).parameters())]
+        with_params = [m for m in modules if self._module_has_parameters(m)]
         paths = with_params or modules
         paths += [
-            p for p in (norms.module_path(n) for n in after_norm if n.op in ("call_function", "call_method"))
+            p for p in (module_path(n) for n in after_norm if n.op in ("call_function", "call_method"))
             if p and len(p) > len(add_path) and p.startswith(add_path)
         ]
         # no common module below the one holding the add (DINOv2's attention + LayerScale): that one
-        sublayer = (_common_prefix(paths) or add_path) if paths else f"{add_path}:<inline>"
+        sublayer = (common_prefix(paths) or add_path) if paths else f"{add_path}:<inline>"
         return Site(
             stream=-1,
             index=-1,
-            norm=" + ".join(norms.describe(self.gm, n) for n in norm_outs),
+            norm=" + ".join(describe(self.gm, n) for n in norm_outs),
             sublayer=sublayer,
             add_node=add.name,
             skip_node=skip.name,
@@ -261,7 +372,7 @@ def _holds(container: Any, value: Any) -> bool:
     return any(item is value for item in items)
 
 
-def _common_prefix(paths: list[str]) -> str:
+def common_prefix(paths: list[str]) -> str:
     parts = [p.split(".") for p in paths]
     prefix = []
     for level in zip(*parts):
@@ -275,15 +386,12 @@ def build_plan(
     gm: fx.GraphModule,
     values: dict[fx.Node, Any],
     *,
-    num_blocks: Optional[int] = 8,
-    block_size: Optional[int] = None,
-    mixing: str = "sum",
     opaque_modules: Optional[dict[str, str]] = None,
     opaque_with_norms: Optional[list[str]] = None,
     ends_at_output: bool = False,
 ) -> Plan:
     """``ends_at_output``: ``gm`` is one layer traced alone; its streams end at its output (see
-    ``streams.check_stream_readers``)."""
+    ``check_stream_readers``)."""
     finder = _SiteFinder(gm, values)
     nodes = {n.name: n for n in gm.graph.nodes}
     plan = Plan(opaque_modules=dict(opaque_modules or {}), opaque_with_norms=list(opaque_with_norms or []))
@@ -295,7 +403,7 @@ def build_plan(
         if site is not None:
             sites_by_add[node.name] = site
         elif reason is not None:
-            plan.left_out.append(LeftOut(node.name, norms.module_path(node), reason))
+            plan.left_out.append(LeftOut(node.name, module_path(node), reason))
 
     # Link sites into streams: a site continues the stream whose last add is its skip input.
     for site in sites_by_add.values():  # graph order
@@ -306,7 +414,7 @@ def build_plan(
             src = nodes[site.skip_node]
             stream = Stream(
                 index=len(plan.streams),
-                source=norms.module_path(src) or src.name,
+                source=module_path(src) or src.name,
                 source_node=src.name,
                 hidden_size=int(values[src].shape[-1]),
             )
@@ -319,6 +427,262 @@ def build_plan(
 
     for stream in plan.streams:
         check_stream_readers(stream, nodes, finder, ends_at_output=ends_at_output)
-        assign_blocks(stream, num_blocks, block_size, mixing)
-    assign_parameter_names(plan)
     return plan
+
+
+def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, ends_at_output: bool = False) -> None:
+    """Every intermediate stream value may only be read by the next site's norm and add (and by
+    nodes that only look at its shape/dtype, which the rewrite points at the source instead).
+
+    The stream's end must feed a norm (the final norm) or, with ``ends_at_output`` (one layer traced
+    alone, whose output hands the stream to the next layer), only the graph's output."""
+    problems = []
+    source, first = nodes[stream.source_node], stream.sites[0]
+    meta_readers = {r.name for r in finder.drop_metadata_edges(source)}
+    allowed = set(first.norm_entry_nodes) | {first.add_node} | meta_readers
+    for user in source.users:
+        if user.name not in allowed:
+            problems.append(
+                f"the input of {first.sublayer} is also read by {module_path(user) or '?'} "
+                f"({user.op} {getattr(user.target, '__name__', user.target)})"
+            )
+    for site, nxt in zip(stream.sites, stream.sites[1:]):
+        readers = finder.drop_metadata_edges(nodes[site.add_node])
+        site.metadata_readers = [r.name for r in readers]
+        allowed = set(nxt.norm_entry_nodes) | {nxt.add_node} | set(site.metadata_readers)
+        for user in nodes[site.add_node].users:
+            if user.name not in allowed:
+                problems.append(
+                    f"the stream after {site.sublayer} is also read by {module_path(user) or '?'} "
+                    f"({user.op} {getattr(user.target, '__name__', user.target)})"
+                )
+    if problems:
+        raise ConversionError(
+            "cannot convert exactly: a residual stream is read by something other than the next "
+            "sublayer's norm and residual add (parallel branches, or a hidden state taken out mid-stream):\n  "
+            + "\n  ".join(problems)
+            + "\nAttnRes replaces these intermediate sums; convert a model whose stream is only read by norms."
+        )
+    last = nodes[stream.sites[-1].add_node]
+    if ends_at_output:
+        _check_stream_ends_at_output(stream, last, finder)
+        return
+    for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
+        if user in finder.drop_metadata_edges(alias):
+            continue  # reads only its dtype/shape (T5: `if hidden_states.dtype == torch.float16`)
+        if not finder.is_norm_of(user, alias) and user not in finder.inlined_norm_region(alias):
+            raise ConversionError(
+                f"cannot convert exactly: the residual stream after {stream.sites[-1].sublayer} is read by "
+                f"{module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), "
+                "which is not a normalization. AttnRes streams must end in a norm (the final norm); "
+                + _why_not_a_norm(user)
+            )
+    readers = [u for u in last.users if u not in finder.drop_metadata_edges(last)]
+    stream.consumer_nodes = [u.name for u in readers]
+    inline = finder.inlined_norm_region(last)
+    names = [module_path(u) or u.name for u in readers if u not in inline]
+    if inline & set(readers):  # an inlined final norm: name it by its output node
+        names.append("inline norm " + describe(finder.gm, finder._sorted(inline)[-1]))
+    stream.consumers = names
+
+
+def _returned_tuple_concat(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` is ``(..., value, ...) + rest``, a tuple only the output reads."""
+    return (user.op == "call_function" and user.target is operator.add and isinstance(user.args[0], tuple)
+            and value in user.args[0] and all(u.op == "output" for u in user.users))
+
+
+def _check_stream_ends_at_output(stream: Stream, last: fx.Node, finder) -> None:
+    metadata = finder.drop_metadata_edges(last)
+    # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments; a tuple
+    # built by concatenation, ``(hidden_states,) + attention_output[1:]`` (T5-style), is an add node
+    others = [u for u in last.users if u not in metadata and u.op != "output" and not _returned_tuple_concat(u, last)]
+    if others:
+        user = others[0]
+        raise ConversionError(
+            f"the residual stream after {stream.sites[-1].sublayer} is read by "
+            f"{module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}) "
+            "inside the module that holds it, besides being returned"
+        )
+    stream.consumer_nodes, stream.consumers = [], ["output"]
+
+
+def nothing_matched_message(plan: Plan) -> str:
+    lines = ["no pre-norm residual site `x + f(norm(x))` was found; nothing to convert."]
+    if plan.left_out:
+        lines.append("Residual adds that were seen but are not pre-norm:")
+        for lo in plan.left_out[:8]:
+            lines.append(f"  {lo.module or lo.node}: {lo.reason}")
+        if len(plan.left_out) > 8:
+            lines.append(f"  ... and {len(plan.left_out) - 8} more")
+        lines.append("Post-norm models (norm(x + f(x)), e.g. BERT) cannot be given AttnRes exactly.")
+    lines += _opaque_lines(plan.opaque_modules)
+    if plan.opaque_with_norms:
+        shown = ", ".join(plan.opaque_with_norms[:6]) + (" ..." if len(plan.opaque_with_norms) > 6 else "")
+        lines.append(
+            "These modules are kept whole because of their class name (attention/norm/embedding) but contain "
+            f"a norm, so a residual may be inside: {shown}"
+        )
+    return "\n".join(lines)
+
+
+def _opaque_lines(opaque_modules: dict[str, str]) -> list[str]:
+    """Each module kept whole with the reason capture recorded (error, inner module, file:line)."""
+    if not opaque_modules:
+        return []
+    lines = ["These modules could not be traced into and may hide residuals:"]
+    lines += [f"  {path}: {why}" for path, why in opaque_modules.items()]
+    if any(is_control_flow(why) for why in opaque_modules.values()):
+        lines.append(CONTROL_FLOW_HINT)
+    return lines
+
+
+def _why_not_a_norm(user) -> str:
+    name = getattr(user.target, "__name__", user.target)
+    if name in RESHAPE_METHODS:
+        return ("here the stream is reshaped between sublayers. The rewrite follows a sublayer run on a "
+                "reshaped stream only when its residual sum is viewed straight back to the stream's shape "
+                "(OPT's `(x.reshape(-1, D) + mlp(...)).view(x.shape)`, see passes/capture.py).")
+    return "this is typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
+
+
+# ---------------------------------------------------------------------------------------------------
+# Children that add the residual themselves: ``self.mlp(h, residual)`` returning ``residual + g(h)``.
+#
+# BLOOM's attention and MLP end in ``dropout_add(out, residual)``; Megatron-BERT's ``SelfOutput(h,
+# input_tensor)`` returns ``input_tensor + dropout(dense(h))``. Seen from the layer that holds them, the
+# stream goes into a module that is not a norm, and the residual add is hidden inside it.
+#
+# ``split_residual_children`` finds such a call by probing it while the graph runs on the example inputs:
+# with a stream-like argument replaced by random ``r``, its (first) tensor output must be exactly ``r +``
+# its output with zeros there, for two different ``r``. Then it rewrites ``child(h, x)`` as ``x + child(h, zeros_like(x))``:
+# the same function, and exact, since the child computes ``residual + out`` and ``out + 0 == out``. A
+# child that does anything else with the argument (a post-norm ``norm(x + out)``) fails the probe and is
+# left alone. The splits are returned, so that another trace of the same module (another call signature,
+# traced symbolically) applies the same ones without running anything.
+# ---------------------------------------------------------------------------------------------------
+Split = tuple[str, Any]  # (the child's module path, its argument slot: a position or a keyword)
+
+
+def split_residual_children(gm: fx.GraphModule, inputs: tuple | None, known: list[Split] | None = None) -> list[Split]:
+    """Rewrite ``gm`` in place: the residual children found by running it on ``inputs`` (probing each
+    call that takes a stream-like value as it comes, before the call changes anything it was given, a
+    KV cache), or the ``known`` splits without running anything. Returns the splits made."""
+    if known is None:
+        prober = _Prober(gm)
+        try:
+            with torch.no_grad():
+                prober.run(*inputs)
+        except Exception:  # noqa: BLE001 - the graph fails on these inputs: record_values says where
+            return []
+        known = prober.found
+    splits: list[Split] = []
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            for target, slot in known:
+                if target == node.target:
+                    _split(gm, node, slot)
+                    splits.append((target, slot))
+    if splits:
+        gm.graph.lint()
+        gm.recompile()
+    return splits
+
+
+class _Prober(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.found: list[Split] = []
+        self.adders: set[fx.Node] = set()  # calls found to add a residual
+
+    def _stream_like(self, arg) -> bool:
+        """An argument of the graph, a sum, or the output of a call that added the residual."""
+        if not isinstance(arg, fx.Node):
+            return False
+        if arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0:
+            arg = arg.args[0]
+        return arg.op == "placeholder" or (arg.op == "call_function" and arg.target is operator.add) or arg in self.adders
+
+    def run_node(self, node: fx.Node):
+        slots = []
+        module = self.module.get_submodule(node.target) if node.op == "call_module" else None
+        # a probe calls the child again: not one whose hooks (or its children's) would see it
+        if module is not None and not is_norm_module(module) and _users_read_its_first_tensor(node) \
+                and not any(has_hooks(m) for m in module.modules()):
+            slots = [slot for slot, arg in _slots(node) if self._stream_like(arg)]
+        if not slots:
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        before = copy.deepcopy((args, kwargs))  # as the call gets them: it may fill a cache among them
+        out = super().run_node(node)
+        first = _first_tensor(out)
+        for slot in slots:
+            x = args[slot] if isinstance(slot, int) else kwargs[slot]
+            if (isinstance(x, torch.Tensor) and x.is_floating_point() and first is not None and first.shape == x.shape
+                    and _adds_it(self.module.get_submodule(node.target), before, slot, x)):
+                self.found.append((node.target, slot))
+                self.adders.add(node)
+        return out
+
+
+def _users_read_its_first_tensor(node: fx.Node) -> bool:
+    """Every user takes an element of the output (``out[0]``, ``out[1:]``...), or there is no tuple: a
+    user of the whole tuple would see the child's output without the residual."""
+    getitems = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
+    return len(getitems) in (0, len(node.users))
+
+
+def _slots(node: fx.Node) -> list[tuple[Any, Any]]:
+    return list(enumerate(node.args)) + list(node.kwargs.items())
+
+
+def _with(args: tuple, kwargs: dict, slot, value) -> tuple[tuple, dict]:
+    args, kwargs = list(args), dict(kwargs)
+    if isinstance(slot, int):
+        args[slot] = value
+    else:
+        kwargs[slot] = value
+    return tuple(args), kwargs
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _adds_it(module, call: tuple, slot, x: torch.Tensor) -> bool:
+    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there."""
+    generator = torch.Generator().manual_seed(0)
+
+    def run(replacement):
+        args, kwargs = _with(*copy.deepcopy(call), slot, replacement)
+        try:
+            return _first_tensor(module(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - a call the probe cannot make: not split
+            return None
+
+    base = run(torch.zeros_like(x))
+    if base is None or base.shape != x.shape:
+        return False
+    for _ in range(2):
+        r = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        out = run(r)
+        if out is None or not torch.equal(out, r + base):
+            return False
+    return True
+
+
+def _split(gm: fx.GraphModule, node: fx.Node, slot) -> None:
+    x = node.args[slot] if isinstance(slot, int) else node.kwargs[slot]
+    with gm.graph.inserting_before(node):
+        zeros = gm.graph.call_function(torch.zeros_like, (x,))
+    node.args, node.kwargs = _with(node.args, node.kwargs, slot, zeros)
+    getitems = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+    for out in getitems or [node]:  # a tuple's first element, or the tensor itself
+        with gm.graph.inserting_after(out):
+            added = gm.graph.call_function(operator.add, (x, out))
+        out.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)

@@ -1,25 +1,20 @@
 """Layerwise: rewrite only the forwards that hold residual adds, leaving the model's own Python intact.
 
-    observe (observe.py) ─▶ holders ─▶ chains (streams) ─▶ global blocks ─▶ per holder: rewrite + install
+    observe ─▶ holders ─▶ chains (streams) ─▶ global blocks ─▶ per holder: rewrite + install
 
-* **Holders.** Module calls are tried outermost first. Each is traced alone with the arguments the
-  model gave it (``capture`` with a call), its own children kept whole, and its sites are detected
-  with the stream entering as an argument and leaving as its output
-  (``build_plan(ends_at_output=True)``). A module with sites is a holder: its own forward holds the
-  adds (a decoder layer, T5's ``T5LayerSelfAttention``); its MLP, attention and norms stay modules.
-  A module without (T5's ``T5Block``, whose children hold them) is skipped and its children tried.
-  When no module holds them, the model itself is the one holder (``trace_model``: traced whole, its
-  streams starting and ending inside it). A layer of a holder's stack that cannot be traced is refused.
-* **Chains.** Holders that hand the stream on form a stream: the tensor one returns is the very
-  tensor the next receives (checked on the observed call). Sublayers are split into blocks over the
-  whole chain.
-* **Rewrite.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
-  tensor (``rewrite.apply_plan(layer=...)``); the first takes the plain tensor (b_0), the last
-  returns the final aggregation. Its parameters live in the holder: ``<holder>.attn_res.<site>``.
-* **Install.** ``LayerForward`` becomes the holder's ``forward``: it runs the rewritten graph's code
-  with the holder itself as ``self`` (its submodules, its parameters, its train/eval flag), one
-  graph per call signature (constants such as ``use_cache`` are specialised, as tracing does). A
-  signature first seen later is traced symbolically and mapped onto the known sites (``retrace``).
+* **Observe.** One run with hooks on every module records each call's very arguments and outputs
+  (the model's own forward may not be traceable at all: shape checks, einops, caches).
+* **Holders.** Module calls, outermost first, each traced alone on the arguments the model gave it,
+  its own children kept whole. One whose sites take the stream as an argument and return it is a
+  holder (a decoder layer, T5's ``T5LayerSelfAttention``); else its children are tried (T5's
+  ``T5Block``). When no module holds them, the model itself is the one holder (``trace_model``).
+* **Chains.** Holders where the tensor one returns is the very tensor the next receives form a
+  stream; its sublayers are split into blocks over the whole chain.
+* **Install.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
+  tensor (the first takes b_0, the last returns the final aggregation); ``LayerForward`` becomes the
+  holder's ``forward`` and runs that code with the holder as ``self``, one graph per call signature
+  (constants such as ``use_cache`` specialised). A signature first seen later is traced symbolically
+  and mapped onto the known sites (``retrace``).
 """
 from __future__ import annotations
 
@@ -27,33 +22,93 @@ import copy
 import inspect
 import operator
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .capture import Captured, buffers_restored, capture, in_mode, is_opaque_by_class
+from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children
 from .errors import ConversionError
-
-from .capture import Captured, capture, is_opaque_by_class
-from .detect import build_plan, record_values
-from .modes import buffers_restored, in_mode
-from .norms import is_norm_module
-from .observe import ModuleCall
-from .plan import Plan, Site
-from .residual_children import split_residual_children
+from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .state import AttnResState
-from .streams import assign_parameter_names, place_in_blocks
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
 
 
-# ---------------------------------------------------------------------------------------------------
+# Observing the model's module calls
+@dataclass
+class ModuleCall:
+    path: str  # the module's path in the model ("" for the model itself)
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any
+    order: int  # calls are numbered in the order they start (a parent before its children)
+
+    def tensor_inputs(self) -> list[torch.Tensor]:
+        return [t for t in tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
+
+    def tensor_outputs(self) -> list[torch.Tensor]:
+        return [t for t in leaves(self.output) if isinstance(t, torch.Tensor)]
+
+
+def leaves(value: Any) -> list:
+    """Leaves of nested containers, Hugging Face ModelOutputs (dataclasses) included."""
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, torch.Tensor):
+        return [leaf for f in value.__dataclass_fields__ for leaf in leaves(getattr(value, f, None))]
+    return tree_leaves(value)
+
+
+def _snapshot(value: Any) -> Any:
+    """``value`` with every object that is neither a tensor nor a plain constant deep-copied."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_snapshot(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - not copyable: keep the object itself
+        return value
+
+
+def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> tuple[list[ModuleCall], Any]:
+    """Run ``model(*inputs, **kwargs)`` once (eval mode, no grad; modes restored afterwards) and
+    return every module call in start order, with the model's output."""
+    calls: list[ModuleCall] = []
+    open_calls: dict[int, list[ModuleCall]] = {}
+    handles = []
+    for path, module in model.named_modules():  # a module reachable under two paths: its first
+
+        def pre(mod, args, kw, path=path):
+            # objects such as a KV cache are copied as they are now: the calls after this one change them
+            args, kw = _snapshot(args), _snapshot(kw)
+            call = ModuleCall(path, mod, args, dict(kw), None, len(calls))
+            calls.append(call)
+            open_calls.setdefault(id(mod), []).append(call)
+
+        def post(mod, args, kw, output):
+            open_calls[id(mod)].pop().output = output
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        with in_mode(model, False), buffers_restored(model), torch.no_grad():
+            output = model(*inputs, **(kwargs or {}))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, output
+
+
 # Binding a call to the forward's parameters
-# ---------------------------------------------------------------------------------------------------
 def is_constant(value: Any) -> bool:
     """Specialised into a traced graph (a new value means a new graph): plain Python constants."""
     if isinstance(value, _CONSTANT_TYPES):
@@ -103,9 +158,7 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
     return BoundCall(names, values, constants)
 
 
-# ---------------------------------------------------------------------------------------------------
 # Tracing one module alone and finding its sites
-# ---------------------------------------------------------------------------------------------------
 @dataclass
 class Traced:
     captured: Captured
@@ -131,16 +184,20 @@ def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_c
             module.gradient_checkpointing = checkpointing
 
 
-def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
-    captured = _capture_call(module, bound, bound.values, opaque_children=True)
-    # running the layer must not change it: a KV cache passed in is copied, one held in its buffers
+def _detect(module: nn.Module, bound: BoundCall, captured: Captured, **options) -> tuple[dict, Plan]:
+    # running the module must not change it: a KV cache passed in is copied, one held in its buffers
     # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
     with in_mode(module, False), buffers_restored(module):
         splits = split_residual_children(captured.graph_module, _detached_copy(bound.values))
         values = record_values(captured.graph_module, _detached_copy(bound.values))
-        plan = build_plan(captured.graph_module, values, num_blocks=None, block_size=1, ends_at_output=True,
-                          opaque_modules=captured.opaque_modules)
-        plan.residual_children = splits
+        plan = build_plan(captured.graph_module, values, opaque_modules=captured.opaque_modules, **options)
+    plan.residual_children = splits
+    return values, plan
+
+
+def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
+    captured = _capture_call(module, bound, bound.values, opaque_children=True)
+    values, plan = _detect(module, bound, captured, ends_at_output=True)
     if len(plan.streams) != 1:
         raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
     stream = plan.streams[0]
@@ -151,26 +208,18 @@ def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
 
 
 def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
-    """The model itself as its single holder (its adds sit in its own forward): traced whole, its
-    children inlined down to norms, attention and other leaves; each stream runs from where it
-    starts inside the forward to the norm that reads its end. Blocks are placed here: no other
-    holder shares its streams."""
+    """The model itself as its single holder: traced whole, its children inlined down to norms and
+    attention; its streams start and end inside it (so its blocks are placed here)."""
     captured = _capture_call(model, bound, bound.values, opaque_children=False)
-    with in_mode(model, False), buffers_restored(model):
-        splits = split_residual_children(captured.graph_module, _detached_copy(bound.values))
-        values = record_values(captured.graph_module, _detached_copy(bound.values))
-        plan = build_plan(captured.graph_module, values, num_blocks=num_blocks, block_size=block_size,
-                          opaque_modules=captured.opaque_modules, opaque_with_norms=captured.opaque_with_norms)
-        plan.residual_children = splits
+    values, plan = _detect(model, bound, captured, opaque_with_norms=captured.opaque_with_norms)
+    place_blocks(plan, num_blocks, block_size)
     return Traced(captured, values, plan, stream_argument="")
 
 
 def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Graph, *, whole: bool) -> Traced:
-    """Another call signature of a converted holder: captured symbolically (FX; nothing runs the
-    module), its residual sites taken from ``template`` (the first trace's plan, blocks and parameter
-    names assigned) after checking that this graph has them, node for node, and that the stream's
-    values have the same readers as in ``original`` (the first call's graph). Detection is not run
-    again: it would execute the module on the call's values, which under a tracer are not data."""
+    """Another call signature of a converted holder, captured symbolically, its sites taken from
+    ``template`` (the first trace's plan) once checked against ``original`` (the first call's graph).
+    Detection is not run again: it would run the module on values that, under a tracer, are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
     captured = _capture_call(module, bound, values, opaque_children=not whole)
@@ -190,9 +239,8 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
 
 
 def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
-    """What of ``plan`` the graph ``nodes`` lacks: each site's add must add its skip and its branch,
-    each norm entry must read the skip, module norms must be the same modules, and the stream's
-    values (the source, each add) must have the readers they had in ``original``."""
+    """What of ``plan`` the graph ``nodes`` lacks, node for node (the stream's values must have the
+    readers they had in ``original``)."""
     problems = []
     for stream in plan.streams:
         for name in [stream.source_node, *(site.add_node for site in stream.sites)]:
@@ -235,9 +283,7 @@ def _detached_copy(values: list) -> tuple:
         torch.Tensor.__deepcopy__ = original
 
 
-# ---------------------------------------------------------------------------------------------------
 # Holders and chains
-# ---------------------------------------------------------------------------------------------------
 @dataclass
 class Holder:
     path: str
@@ -250,10 +296,6 @@ class Holder:
     @property
     def sites(self) -> list[Site]:
         return self.traced.plan.sites
-
-    @property
-    def whole(self) -> bool:
-        return self.traced.stream_argument == ""
 
     def stream_input(self) -> torch.Tensor:
         return self.bound.values[self.bound.names.index(self.traced.stream_argument)]
@@ -269,9 +311,7 @@ class Layerwise:
 
 def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[Callable] = None) -> Layerwise:
     found = Layerwise()
-    calls_per_module: dict[int, int] = {}
-    for c in calls:
-        calls_per_module[id(c.module)] = calls_per_module.get(id(c.module), 0) + 1
+    calls_per_module = Counter(id(c.module) for c in calls)
     holders: list[Holder] = []
     done: list[str] = []  # holders' paths: their insides are theirs
     for call in calls:
@@ -330,10 +370,11 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
         if chain is not None:
             chain.append(holder)
             continue
-        if chains and _common_path(chains[-1][-1].path, holder.path) and not _ends_in_a_norm(chains[-1], calls):
+        common = common_prefix([chains[-1][-1].path, holder.path]) if chains else ""
+        if common and not _ends_in_a_norm(chains[-1], calls):
             raise NotLayerwise(
                 f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
-                f"code (in {_common_path(chains[-1][-1].path, holder.path)} or its parents) transforms it between them"
+                f"code (in {common} or its parents) transforms it between them"
             )
         chains.append([holder])
     return chains
@@ -359,18 +400,8 @@ class NotLayerwise(ConversionError):
     calls one layer twice): ``convert_`` converts the model as one graph instead."""
 
 
-def _common_path(a: str, b: str) -> str:
-    common = []
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        common.append(x)
-    return ".".join(common)
-
-
 def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, block_size) -> None:
-    """Blocks over the chain's sublayers in depth order, as ``streams.assign_blocks`` does for a whole
-    graph; then each holder's boundary and parameter names."""
+    """Blocks over the chain's sublayers in depth order; then each holder's boundary and parameter names."""
     sites = [s for h in chain for s in h.sites]
     blocks = place_in_blocks(sites, num_blocks, block_size)
     for site in sites:
@@ -390,13 +421,10 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
         start = end
 
 
-# ---------------------------------------------------------------------------------------------------
 # The installed forward
-# ---------------------------------------------------------------------------------------------------
 def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
-    """The rewritten graph's code as a function of ``self`` = the holder (its submodules, parameters
-    and training flag). Constants the trace stored on its own root (configs, tensor constants) are
-    copied onto the holder under names of their own, so that each graph keeps its own."""
+    """The rewritten graph's code as a function of ``self`` = the holder. Constants the trace stored on
+    its own root (configs, tensor constants) are copied onto the holder under names of their own."""
     renamed = False
     for node in gm.graph.nodes:
         if node.op == "get_attr" and not _reachable(holder, gm, node.target):
@@ -415,8 +443,7 @@ def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
 
 
 def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
-    """``target`` names the same object on ``module`` as on the graph module (which holds the
-    module's own submodules and parameters; anything else is the trace's)."""
+    """``target`` names the same object on ``module`` as on the graph module (else it is the trace's)."""
     try:
         return operator.attrgetter(target)(module) is operator.attrgetter(target)(gm)
     except AttributeError:
@@ -424,9 +451,8 @@ def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
 
 
 class LayerForward:
-    """A holder's ``forward``: binds the call, picks the graph for its signature (which arguments are
-    tensors or objects; the values of constants), runs it on the holder. A signature not seen before
-    is traced symbolically and mapped onto the first trace's sites (``retrace``): nothing runs."""
+    """A holder's ``forward``: runs the graph for the call's signature (which arguments are tensors or
+    objects; the values of constants) on the holder; a signature not seen before is ``retrace``d."""
 
     def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
                  names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph):
@@ -464,9 +490,8 @@ class LayerForward:
         return fn(self.module, *inputs)
 
     def _checkpointing(self) -> bool:
-        """Hugging Face layers (transformers >= 5.24) checkpoint in their class's ``forward``, which this
-        forward replaces: do it here, under the same conditions. (Older releases checkpoint in
-        ``__call__``, around this forward.)"""
+        """Hugging Face layers (transformers >= 5.24; older ones in ``__call__``) checkpoint in their
+        class's ``forward``, which this forward replaces: do it here, under the same conditions."""
         module = self.module
         return (
             getattr(module, "gradient_checkpointing", False)
@@ -501,14 +526,11 @@ class LayerForward:
         )
 
     def add_signature(self, bound: BoundCall, key: tuple) -> None:
-        """At conversion: the graph for another way the model calls this layer (an attention mask,
-        no cache), traced on that call's own values."""
+        """At conversion: the graph for another way the model calls this layer (a mask, no cache)."""
         if key not in self.graphs:
             self.graphs[key] = self._rebuild(bound)
 
     def _rebuild(self, bound: BoundCall):
-        """The graph for a call signature not seen before: traced symbolically (nothing runs) and
-        mapped onto the sites the first trace found, which it must still have."""
         traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None)
         try:
             gm = rewrite_holder(self.module, traced, self.boundary, self.config)
@@ -569,12 +591,12 @@ def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, c
 def install(holder: Holder, config) -> None:
     """Rewrite ``holder``'s graph and make it the module's forward (parameters in ``module.attn_res``)."""
     module = holder.module
-    if "attn_res" in module._modules or hasattr(module, "attn_res"):
+    if hasattr(module, "attn_res"):
         raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
     module.attn_res = AttnResParameters()
     original = copy.deepcopy(holder.traced.captured.graph_module.graph)  # for before/after views
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
-    key = holder.bound.installed_key(holder.traced.stream_argument, holder.whole or holder.boundary.first)
+    key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
     module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
                                   list(holder.bound.names), gm, original)
 

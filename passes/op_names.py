@@ -30,8 +30,3 @@ def is_attn_res(node: fx.Node) -> bool:
 def is_attn_res_op(target) -> bool:
     """``target`` (an op being called) is the aggregation op."""
     return target_name(target) == ATTN_RES
-
-
-def attn_res_op():
-    """The op to emit (looked up at call time, see above)."""
-    return torch.ops.residual_rewriter.attn_res.default

@@ -1,4 +1,5 @@
-"""The Plan: what detection found, as plain data. The report users read is this plan, printed.
+"""The Plan: what detection found, as plain data (the report users read is this plan, printed), and
+how each stream's sublayers are split into blocks and their parameters named.
 
 Graph nodes are referred to by name (``Site.add_node`` ...) so a plan can be printed, compared and
 serialised without holding the graph.
@@ -6,6 +7,8 @@ serialised without holding the graph.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -62,23 +65,57 @@ class Plan:
     left_out: list[LeftOut] = field(default_factory=list)
     opaque_modules: dict[str, str] = field(default_factory=dict)
     opaque_with_norms: list[str] = field(default_factory=list)  # opaque by class name, hold a norm
-    residual_children: list = field(default_factory=list)  # (module path, argument slot): residual_children.py
+    residual_children: list = field(default_factory=list)  # (module path, argument slot): detect.split_residual_children
 
     @property
     def sites(self) -> list[Site]:
         return [s for st in self.streams for s in st.sites]
 
 
-def split_blocks(num_sites: int, num_blocks: Optional[int] = None, block_size: Optional[int] = None) -> list[int]:
-    """Block index (1-based) of each of ``num_sites`` sublayers.
+def place_blocks(plan: Plan, num_blocks, block_size) -> None:
+    """Each stream's sites split into blocks, and the parameters named (a plan of the whole model;
+    a stream spread over several layers: ``layerwise.assign_global_blocks``)."""
+    for stream in plan.streams:
+        blocks = place_in_blocks(stream.sites, num_blocks, block_size)
+        stream.num_blocks, stream.block_size = max(blocks), blocks.count(1)
+    assign_parameter_names(plan)
 
-    ``block_size`` S: blocks of S consecutive sublayers, the last block takes the remainder.
-    ``num_blocks`` N: S = ceil(L / N) (so N = L is Full AttnRes; fewer blocks result when N does
-    not divide L evenly into non-empty blocks, e.g. L=10, N=4 -> S=3 -> 3+3+3+1).
-    """
-    if num_sites == 0:
-        return []
+
+def place_in_blocks(sites: list, num_blocks: Optional[int], block_size: Optional[int]) -> list[int]:
+    """Set each site's block (1-based), position in it and source count (sites in depth order);
+    returns the blocks. ``block_size`` S: blocks of S consecutive sublayers, the last one takes the
+    remainder. ``num_blocks`` N: S = ceil(L / N) (so N = L is Full AttnRes; fewer blocks result when
+    N does not divide L evenly into non-empty blocks, e.g. L=10, N=4 -> S=3 -> 3+3+3+1)."""
     if block_size is None:
-        n = min(num_blocks or 8, num_sites)
-        block_size = math.ceil(num_sites / n)
-    return [i // block_size + 1 for i in range(num_sites)]
+        block_size = math.ceil(len(sites) / min(num_blocks or 8, len(sites)))
+    blocks = [i // block_size + 1 for i in range(len(sites))]
+    position = 0
+    for i, (site, block) in enumerate(zip(sites, blocks)):
+        position = 0 if i == 0 or blocks[i - 1] != block else position + 1
+        site.block, site.position = block, position
+        site.num_sources = block + (1 if position > 0 else 0)  # b_0..b_{n-1} + partial
+    return blocks
+
+
+def assign_parameter_names(plan: Plan) -> None:
+    """One query and one key-norm gain per aggregation, named after what it feeds.
+
+    A site is named after its sublayer. Where two sites share a sublayer path (the branch ends in a
+    LayerScale or a post-norm, so its common module prefix is the whole layer: DINOv2, Gemma2), both
+    are named after their own norm instead, which is always the site's own; a name still shared
+    (several stream ends read by one module) gets the site's stream and depth appended."""
+    sites = [s for s in plan.sites if s.num_sources > 1]  # the first sublayer reads b_0 directly: no query
+    by_sublayer = Counter(s.sublayer for s in plan.sites)
+    # a sublayer "" is the layer traced alone itself (in-place conversion): named after its norm too
+    names = [param_key(s.sublayer if s.sublayer and by_sublayer[s.sublayer] == 1 else s.norm) for s in sites]
+    finals = [f"final__{param_key(st.consumers[0] if st.consumers else 'output')}" for st in plan.streams]
+    taken = Counter(names + finals)
+    for site, name in zip(sites, names):
+        site.param_prefix = "attn_res." + (name if taken[name] == 1 else f"{name}__stream{site.stream}_{site.index}")
+    for stream, name in zip(plan.streams, finals):
+        stream.final_param_prefix = "attn_res." + (name if taken[name] == 1 else f"{name}__stream{stream.index}")
+
+
+def param_key(path: str) -> str:
+    """A module path (or a description of an inlined norm) as a ModuleDict key: an identifier."""
+    return re.sub(r"\W+", "_", path.replace(".", "__").replace(":", "__").replace("<", "").replace(">", "")).strip("_")

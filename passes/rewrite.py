@@ -11,9 +11,8 @@ For each stream (sites in depth order, source node b_0):
   * the stream's consumers (the final norm) read ``attn_res([b_0 .. b_N], q_final, g_final)``;
   * the original residual adds are erased.
 
-New parameters (query ``[D]`` zeros, key-norm gain ``[D]`` ones) live in ``attn_res.<site>`` on the
-graph module. ``scale`` = number of sources ("sum" mixing: a zero query gives back exactly the sum of
-the sources, i.e. the original model) or 1 ("mean": the paper's plain average at init).
+New parameters (query zeros, key-norm gain ones) live in ``attn_res.<site>``. ``scale`` = number of
+sources ("sum" mixing: a zero query gives back exactly the sum, the original model) or 1 ("mean").
 """
 from __future__ import annotations
 
@@ -25,10 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .state import make_state
-
-from .op_names import attn_res_op
 from .plan import Plan, Stream
+from .state import make_state
 
 
 def in_stream_dtype(branch: torch.Tensor, stream_source: torch.Tensor) -> torch.Tensor:
@@ -101,22 +98,18 @@ def apply_plan(
     *,
     eps: float,
     mixing: str,
-    attn_res: nn.ModuleDict | None = None,
+    attn_res: nn.Module,
     layer: LayerBoundary | None = None,
 ) -> fx.GraphModule:
-    """Rewrite ``gm`` in place following ``plan``; lints and recompiles it.
-
-    ``attn_res``: existing parameters to reuse (by site key) instead of creating new ones.
-    ``layer``: ``gm`` is one layer of a stream, traced alone (one stream; see ``LayerBoundary``).
-    """
-    if mixing not in ("sum", "mean"):
-        raise ValueError(f"mixing must be 'sum' (exact at init) or 'mean' (the paper's average), got {mixing!r}")
+    """Rewrite ``gm`` in place following ``plan``. ``attn_res``: the holder's parameters, created for
+    the first graph and shared by later ones (by site key). ``layer``: ``gm`` is one layer of a stream,
+    traced alone (one stream; see ``LayerBoundary``); None: the model itself, its streams inside it."""
     keys = [s.param_prefix for s in plan.sites if s.param_prefix]
     keys += [st.final_param_prefix for st in plan.streams if layer is None or layer.last]
     reused = sorted({k for k in keys if keys.count(k) > 1})
     if reused:  # one query per aggregation: a shared one would be exact at init, train, and not be AttnRes
         raise ConversionError(f"internal error: aggregations would share the parameters {reused}; please report it")
-    gm.add_module("attn_res", attn_res if attn_res is not None else nn.ModuleDict())
+    gm.add_module("attn_res", attn_res)
     for stream in plan.streams:
         _rewrite_stream(gm, stream, values, eps=eps, mixing=mixing, layer=layer)
     gm.graph.lint()
@@ -144,7 +137,8 @@ def _rewrite_stream(
         with graph.inserting_after(q):
             g = graph.get_attr(f"{prefix}.key_norm_weight")
         with graph.inserting_after(g):
-            h = graph.call_function(attn_res_op(), (list(sources), q, g, eps, scale))
+            # looked up now, not at import: building some models refreshes torch.ops (passes/op_names.py)
+            h = graph.call_function(torch.ops.residual_rewriter.attn_res.default, (list(sources), q, g, eps, scale))
         h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
         return h
 

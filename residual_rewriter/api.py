@@ -127,26 +127,20 @@ def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
         example_inputs = dict(zip(hf.input_names(model, len(inputs)), inputs))
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
-    return _normalize_inputs(model, example_inputs), {}
-
-
-def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     if example_inputs is None:
-        if hf.is_hf_model(model):
-            return hf.example_inputs(model)
-        if callable(getattr(model, "example_inputs", None)):
-            return tuple(model.example_inputs())
-        raise ConversionError(
-            f"{type(model).__name__} needs example inputs to be traced: pass example_inputs=(tensor, ...) "
-            "(a tuple of the positional arguments of its forward; a lone tensor is accepted)"
-        )
+        if not callable(getattr(model, "example_inputs", None)):
+            raise ConversionError(
+                f"{type(model).__name__} needs example inputs to be traced: pass example_inputs=(tensor, ...) "
+                "(a tuple of the positional arguments of its forward; a lone tensor is accepted)"
+            )
+        example_inputs = tuple(model.example_inputs())
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs,), {}
     if isinstance(example_inputs, list):
-        return tuple(example_inputs)
+        return tuple(example_inputs), {}
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of positional arguments or a tensor, got {type(example_inputs).__name__}")
-    return example_inputs
+    return example_inputs, {}
 
 
 def _check_model(model: Any) -> None:

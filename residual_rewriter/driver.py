@@ -2,23 +2,10 @@
 
     observe ─▶ find holders ─▶ place blocks ─▶ other signatures ─▶ rewrite + install ─▶ verify ─▶ finish
 
-Each step reads and extends one ``Conversion``. ``detect`` runs them all and rolls back, so it
-names exactly the sites ``convert_`` rewrites, in the same mode. A step that fails leaves the model
-as it was: ``run`` undoes every install before the error reaches the user.
-
-* **observe** (``passes/observe.py``): run the model once on the example call, recording every module
-  call's arguments and outputs.
-* **find holders** (``passes/layerwise.py``): the modules whose own forward holds pre-norm residual
-  adds (decoder layers), each traced alone (``capture``, ``canonicalize``) and detected
-  (``detect``), chained into streams. When no layer holds them, or the model's own code transforms
-  the stream between layers, the model itself is the single holder (traced whole).
-* **place blocks**: the paper's blocks over each stream's sublayers in depth order.
-* **rewrite + install**: each holder's graph passes an ``AttnResState`` instead of the stream tensor
-  (``passes/rewrite.py``) and becomes the holder's ``forward``; the new parameters live in the holder.
-* **other signatures**: a Hugging Face model's other common calls (a padded mask, no KV cache) are
-  traced now, so that no tracer meets a layer signature it would have to run the model for.
-* **verify**: the converted model on the example call equals the original's output ("sum" mixing).
-* **finish**: hooks that turn states back into tensors where a model returns hidden states, the report.
+Each step reads and extends one ``Conversion`` (each says what it adds). The holders are the modules
+whose own forward holds the residual adds (``passes/layerwise.py``), or else the model itself.
+``detect`` runs every step and rolls back, so it names exactly the sites ``convert_`` rewrites, in
+the same mode. A step that fails leaves the model as it was: ``run`` undoes every install first.
 """
 from __future__ import annotations
 
@@ -36,8 +23,8 @@ from residual_rewriter import hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes import layerwise
 from residual_rewriter.passes.errors import ConversionError, conversion_boundary, first_line
-from residual_rewriter.passes.modes import buffers_restored, in_mode
-from residual_rewriter.passes.observe import leaves, observe_calls
+from residual_rewriter.passes.capture import buffers_restored, in_mode
+from residual_rewriter.passes.layerwise import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
 from residual_rewriter.passes.state import states_in_output_to_tensors, states_to_tensors
@@ -72,9 +59,7 @@ class Conversion:
         return [h for chain in self.streams for h in chain]
 
 
-# ---------------------------------------------------------------------------------------------------
 # The steps
-# ---------------------------------------------------------------------------------------------------
 def observe(c: Conversion) -> None:
     """-> ``c.calls``, ``c.reference``. Runs the model once (eval, no grad; buffers restored)."""
     c.calls, c.reference = observe_calls(c.model, c.args, c.kwargs)
@@ -156,8 +141,7 @@ def verify(c: Conversion) -> None:
         return
     model = c.model
     try:
-        with torch.no_grad(), in_mode(model, False), buffers_restored(model):
-            out = model(*copy.deepcopy(c.args), **copy.deepcopy(c.kwargs))
+        out = _run_original(c)
     except Exception as exc:  # noqa: BLE001
         if "AttnResState" in f"{type(exc).__name__}: {exc}":
             raise layerwise.NotLayerwise(f"the model's own code uses the stream between layers ({first_line(exc)})") from exc
@@ -190,9 +174,7 @@ def finish(c: Conversion) -> ConversionReport:
     return report
 
 
-# ---------------------------------------------------------------------------------------------------
 # The driver
-# ---------------------------------------------------------------------------------------------------
 FIND_STEPS = (observe, find_holders, place_blocks)
 CONVERT_STEPS = (prepare_other_signatures, install, verify)
 
@@ -234,15 +216,13 @@ def rollback(c: Conversion) -> None:
     c.installed, c.hooks, c.other_calls = [], [], []
 
 
-def _run_original(c: Conversion) -> None:
-    """The model on the example call, as observed: if this fails too, the model itself is at fault."""
+def _run_original(c: Conversion) -> Any:
+    """The model on the example call, as observed (eval, no grad, buffers restored)."""
     with in_mode(c.model, False), torch.no_grad(), buffers_restored(c.model):
-        c.model(*copy.deepcopy(c.args), **copy.deepcopy(c.kwargs))
+        return c.model(*copy.deepcopy(c.args), **copy.deepcopy(c.kwargs))
 
 
-# ---------------------------------------------------------------------------------------------------
 # Helpers
-# ---------------------------------------------------------------------------------------------------
 def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
     lines = [f"no module of {type(model).__name__} holds a pre-norm residual add `x + f(norm(x))` in its own forward, "
              "taking the stream as an argument and returning it (are the adds in the model's own forward?)"

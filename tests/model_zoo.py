@@ -48,7 +48,7 @@ DECODERS = {
     "gpt_neox": {}, "gptj": dict(rotary_dim=12), "codegen": dict(rotary_dim=12), "falcon": {},
     "stablelm": dict(_GQA, partial_rotary_factor=0.5), "starcoder2": {}, "granite": _GQA, "smollm3": {**_GQA, **_PAD0},
     "glm": {**_GQA, **_PAD0}, "gpt_bigcode": {}, "cohere": {}, "gpt2": {}, "opt": {},
-    "bloom": {},  # its attention and MLP add the residual themselves: passes/residual_children.py
+    "bloom": {},  # its attention and MLP add the residual themselves: passes/detect.py (split_residual_children)
 }
 VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
 T5_LIKE = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),

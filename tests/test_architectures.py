@@ -61,7 +61,7 @@ def test_sites_sharing_a_layer_path_get_their_own_parameters(name):
 def test_a_shared_parameter_key_is_refused(monkeypatch):
     """Two aggregations reading one query would be exact at init and train, and not be AttnRes:
     the rewrite refuses a plan that binds one key twice."""
-    from residual_rewriter.passes import streams
+    from residual_rewriter.passes import plan as plan_module
 
     def same_name_for_all(plan):
         for site in plan.sites:
@@ -69,8 +69,7 @@ def test_a_shared_parameter_key_is_refused(monkeypatch):
         for stream in plan.streams:
             stream.final_param_prefix = "attn_res.final"
 
-    monkeypatch.setattr("residual_rewriter.passes.detect.assign_parameter_names", same_name_for_all)
     monkeypatch.setattr("residual_rewriter.passes.layerwise.assign_parameter_names", same_name_for_all)
     with pytest.raises(rr.ConversionError, match="share the parameters.*attn_res.shared"):
         rr.convert(make_gpt(), num_blocks=2)
-    assert streams.assign_parameter_names is not same_name_for_all
+    assert plan_module.assign_parameter_names is not same_name_for_all

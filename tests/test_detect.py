@@ -136,7 +136,7 @@ def test_post_sublayer_norm_is_refused():
 @pytest.mark.parametrize("name, match", [("olmo2", "not a normalization")])
 def test_hugging_face_models_that_are_refused(name, match):
     """OLMo-2 puts its norms after the sublayers. (BLOOM, whose attention and MLP add the residual
-    inside themselves, was refused here too: it converts since passes/residual_children.py.)"""
+    inside themselves, was refused here too: it converts since passes/detect.py (split_residual_children).)"""
     transformers = pytest.importorskip("transformers")
     kw = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(name, **kw))
@@ -162,7 +162,7 @@ def _seq2seq_decoder(name):
 def test_mbart_and_opt_decoders_convert_exactly(name):
     """Traced through since varargs factory sizes (``torch.ones(b, t)`` with traced sizes) are packed
     for FX; before, their decoders stayed opaque and nothing was found. OPT also runs its MLP on the
-    stream flattened to [tokens, D] and views it back: ``sink_residual_reshapes`` moves that add back
+    stream flattened to [tokens, D] and views it back: ``capture.canonicalize`` moves that add back
     onto the stream."""
     model = _seq2seq_decoder(name).double()
     converted = rr.convert(model, block_size=1)
@@ -227,7 +227,8 @@ def test_varargs_factory_sizes_trace():
     patched = [(torch, name) for name in _VARARG_SIZE_FACTORIES]
     patched += [(ckpt, "_checkpoint_without_reentrant_generator"), (ckpt, "CheckpointFunction")]
     before = [getattr(owner, name) for owner, name in patched]
-    captured = capture(MaskedLM(), (torch.randn(2, 3, 4),))
+    model = MaskedLM()
+    captured = capture(model, (torch.randn(2, 3, 4),), call=model.forward, input_names=["x"])
     x = torch.randn(5, 6, 4)
     torch.testing.assert_close(captured.graph_module(x), MaskedLM()(x))
     # the patches are gone after tracing: the very objects saved before (a wrapper that passes ints

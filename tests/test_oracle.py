@@ -16,7 +16,7 @@ inlined functional RMSNorms (final norm included), OPT (its MLP runs on the stre
 [tokens, D]). Block settings are picked so that ceil(L / N) differs from floor(L / N) in most cases
 and so that a block_size leaves a short last block.
 
-Checked to fail (mutations applied in-process, no file edited): split_blocks with floor instead of
+Checked to fail (mutations applied in-process, no file edited): block sizes (plan.place_in_blocks) with floor instead of
 ceil, or its first boundary shifted; the rewrite leaving out the partial sum, or b_0, or b_0 from
 the final aggregation; two sites' param_prefix swapped in the plan (report and graph agree, the
 names do not), or only in the graph (the report is right); the configured key_norm_eps ignored.
