@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
-import socket
 import time
 
 import pytest
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import residual_rewriter as rr
+from processes import free_port
 
 STEPS = 3
 WORKER_DEADLINE_S = 150  # a run takes ~10 s on 2 busy cores
@@ -89,17 +89,11 @@ def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_workers(how: str) -> list[float]:
     """Rank 0's losses. A worker that fails raises here (with its traceback); one that hangs past the
     deadlines fails the test instead of hanging the suite."""
     queue = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(_worker, args=(2, _free_port(), how, queue), nprocs=2, start_method="spawn",
+    workers = mp.start_processes(_worker, args=(2, free_port(), how, queue), nprocs=2, start_method="spawn",
                                  join=False)
     deadline = time.monotonic() + TEST_DEADLINE_S
     while not workers.join(timeout=1):  # raises if a worker exited non-zero

@@ -20,7 +20,6 @@ import datetime
 import faulthandler
 import functools
 import os
-import socket
 import time
 
 import pytest
@@ -30,6 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import residual_rewriter as rr
+from processes import free_port
 from residual_rewriter import pipelining as rp
 
 WORKER_DEADLINE_S = 240
@@ -365,15 +365,9 @@ def _worker(rank, world, port, cases, queue):
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cases(cases, world):
     queue = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(_worker, args=(world, _free_port(), cases, queue), nprocs=world,
+    workers = mp.start_processes(_worker, args=(world, free_port(), cases, queue), nprocs=world,
                                  start_method="spawn", join=False)
     deadline = time.monotonic() + TEST_DEADLINE_S
     while not workers.join(timeout=1):
