@@ -57,6 +57,9 @@ def check(spec: Spec) -> None:
     with torch.no_grad():
         got = model(ids)
     assert rel_err(got, want) <= 1e-12, f"{spec}: not exact at init ({rel_err(got, want):.1e})"
+    other = torch.randint(0, 32, (3, 11), generator=torch.Generator().manual_seed(9))  # another batch and length
+    with torch.no_grad():
+        assert rel_err(model(other), original(other)) <= 1e-12, f"{spec}: not exact on another input shape"
     if spec.must_convert:  # every sublayer, not some of them
         assert len(report.sites) == spec.depth * len(spec.sublayers), f"{spec}: {len(report.sites)} sites"
     # live: one query per aggregation, the queries move the output, every new parameter learns
