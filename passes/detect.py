@@ -561,7 +561,7 @@ def _why_not_a_norm(user) -> str:
 # left alone. The splits are returned, so that another trace of the same module (another call signature,
 # traced symbolically) applies the same ones without running anything.
 # ---------------------------------------------------------------------------------------------------
-Split = tuple[str, Any]  # (the child's module path, its argument slot: a position or a keyword)
+Split = tuple[str, Any]  # (the call's node name, its argument slot: a position or a keyword)
 
 
 def split_residual_children(gm: fx.GraphModule, inputs: tuple | None, known: list[Split] | None = None) -> list[Split]:
@@ -579,10 +579,10 @@ def split_residual_children(gm: fx.GraphModule, inputs: tuple | None, known: lis
     splits: list[Split] = []
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
-            for target, slot in known:
-                if target == node.target:
+            for name, slot in known:
+                if name == node.name:  # node names are the same in every trace of the module's class code
                     _split(gm, node, slot)
-                    splits.append((target, slot))
+                    splits.append((name, slot))
     if splits:
         gm.graph.lint()
         gm.recompile()
@@ -621,7 +621,7 @@ class _Prober(fx.Interpreter):
             x = args[slot] if isinstance(slot, int) else kwargs[slot]
             if (isinstance(x, torch.Tensor) and x.is_floating_point() and first is not None and first.shape == x.shape
                     and _adds_it(self.module.get_submodule(node.target), before, slot, x)):
-                self.found.append((node.target, slot))
+                self.found.append((node.name, slot))
                 self.adders.add(node)
         return out
 

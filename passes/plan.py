@@ -65,7 +65,7 @@ class Plan:
     left_out: list[LeftOut] = field(default_factory=list)
     opaque_modules: dict[str, str] = field(default_factory=dict)
     opaque_with_norms: list[str] = field(default_factory=list)  # opaque by class name, hold a norm
-    residual_children: list = field(default_factory=list)  # (module path, argument slot): detect.split_residual_children
+    residual_children: list = field(default_factory=list)  # (node name, slot): detect.split_residual_children
 
     @property
     def sites(self) -> list[Site]:
