@@ -81,15 +81,6 @@ def auto_model_classes() -> list[str]:
                   if name.startswith("AutoModel") and hasattr(getattr(modeling_auto, name), "_model_mapping"))
 
 
-def builds(auto_class, config, model_class) -> bool:
-    """Whether ``auto_class.from_pretrained`` would build ``model_class`` from ``config``."""
-    try:
-        built = auto_class._model_mapping[type(config)]
-    except (KeyError, ValueError):
-        return False
-    return model_class in (built if isinstance(built, (tuple, list)) else (built,))
-
-
 class SavePretrained:
     """``model.save_pretrained`` of a model converted in place: the model's own, then its config.json
     marked (see MODEL_TYPE_PREFIX) and CHECKPOINT_CODE beside it."""

@@ -41,6 +41,7 @@ Bytes sent per transition are counted from the P2P send ops the stages hand to t
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -336,6 +337,7 @@ def transition_bytes(stages: Sequence["AttnResPipelineStage"]) -> dict:
     return out
 
 
+@functools.cache
 def _stage_class():
     from torch.distributed.pipelining import PipelineStage
 
@@ -430,15 +432,9 @@ def _stage_class():
     return AttnResPipelineStage
 
 
-_STAGE_CLASS = None
-
-
 def __getattr__(name: str):
-    global _STAGE_CLASS
     if name == "AttnResPipelineStage":
-        if _STAGE_CLASS is None:
-            _STAGE_CLASS = _stage_class()
-        return _STAGE_CLASS
+        return _stage_class()
     raise AttributeError(name)
 
 

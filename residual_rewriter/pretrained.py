@@ -115,6 +115,15 @@ def _load_attn_res(model: nn.Module, path: str) -> None:
     model.load_state_dict({k: saved[disk] for k, disk in on_disk.items()}, strict=False)
 
 
+def _builds(auto_class, config, model_class) -> bool:
+    """Whether ``auto_class.from_pretrained`` would build ``model_class`` from ``config``."""
+    try:
+        built = auto_class._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return False
+    return model_class in (built if isinstance(built, (tuple, list)) else (built,))
+
+
 class AttnResCheckpointConfig:
     """What ``AutoConfig.from_pretrained(path, trust_remote_code=True)`` returns for a converted checkpoint
     (through ``hf.CHECKPOINT_CODE``). Deliberately no transformers config class: an Auto class that the
@@ -123,8 +132,8 @@ class AttnResCheckpointConfig:
 
     sub_configs: dict = {}  # read by the Auto classes' refusal of a config they have no model for
 
-    def __init__(self, path: str, auto_map: dict, original):
-        self.path, self.auto_map, self.original = path, auto_map, original
+    def __init__(self, auto_map: dict, original):
+        self.auto_map, self.original = auto_map, original
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
@@ -137,7 +146,7 @@ class AttnResCheckpointConfig:
 
         with open(os.path.join(path, "config.json")) as f:
             auto_map = json.load(f)["auto_map"]
-        config = cls(str(path), auto_map, hf.saved_config(path))
+        config = cls(auto_map, hf.saved_config(path))
         # what transformers' own configs consume from the Auto class's keyword arguments
         for used in ("_from_auto", "_from_pipeline", "name_or_path", "cache_dir", "force_download", "local_files_only",
                      "proxies", "token", "revision", "subfolder", "trust_remote_code", "code_revision"):
@@ -163,8 +172,8 @@ class AttnResCheckpointModel:
         if model_args:
             raise ConversionError(f"positional model arguments {model_args} cannot be passed on: use keywords")
         saved = getattr(transformers, config.original.architectures[0])
-        if not hf.builds(getattr(transformers, cls.auto_class_name), config.original, saved):
-            right = [name for name in hf.auto_model_classes() if hf.builds(getattr(transformers, name), config.original, saved)]
+        if not _builds(getattr(transformers, cls.auto_class_name), config.original, saved):
+            right = [name for name in hf.auto_model_classes() if _builds(getattr(transformers, name), config.original, saved)]
             raise ConversionError(
                 f"{path} holds a {saved.__name__} converted by residual_rewriter; {cls.auto_class_name} builds "
                 f"another class from its config, without the AttnRes weights. Load it with "
