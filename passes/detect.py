@@ -188,6 +188,17 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "__add__")
 
 
+_CASTS = {"to", "type", "float", "double", "half", "bfloat16"}
+
+
+def uncast(node: fx.Node) -> fx.Node:
+    """``x`` for a dtype cast ``x.to(dtype)`` (``.float()``, ...) read by one node; else ``node``."""
+    dtype_only = all(isinstance(a, torch.dtype) for a in [*node.args[1:], *node.kwargs.values()])
+    if node.op == "call_method" and node.target in _CASTS and dtype_only and len(node.users) == 1:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else node
+    return node
+
+
 def _same_float_tensors(a: Any, b: Any) -> bool:
     return (
         isinstance(a, torch.Tensor)
@@ -249,6 +260,13 @@ class _SiteFinder:
         if not _same_float_tensors(self.values.get(a), self.values.get(b)):
             return None, None
         for skip, branch in ((a, b), (b, a)):
+            x = uncast(skip)
+            if x is not skip and x in nx.ancestors(self.dag, branch):  # Mamba: residual.to(torch.float32) + f
+                if not self._changes_nothing(skip, add):
+                    return None, (f"the residual {x.name} is cast to {self.values[skip].dtype} before the add, which "
+                                  f"changes the sum ({self.values[x].dtype} stream); convert the model in the dtype the "
+                                  "residual is kept in, or without the cast (Mamba: residual_in_fp32=False)")
+                skip = x
             self.drop_metadata_edges(skip)
             if skip in nx.ancestors(self.dag, branch):
                 break
@@ -267,6 +285,14 @@ class _SiteFinder:
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         return None, "the branch does not read x through a normalization (post-norm or plain residual)"
+
+    def _changes_nothing(self, cast: fx.Node, add: fx.Node) -> bool:
+        """``x.to(d) + v`` equals ``x + v``: the cast keeps x's values and the sum's dtype."""
+        x, value, out = self.values[uncast(cast)], self.values[cast], self.values[add]
+        return value.dtype == x.dtype or (
+            torch.equal(value.to(x.dtype), x) and torch.promote_types(x.dtype, out.dtype) == out.dtype
+            and out.dtype == torch.promote_types(x.dtype, next(self.values[n] for n in add.all_input_nodes if n is not cast).dtype)
+        )
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
@@ -439,7 +465,7 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
     problems = []
     source, first = nodes[stream.source_node], stream.sites[0]
     meta_readers = {r.name for r in finder.drop_metadata_edges(source)}
-    allowed = set(first.norm_entry_nodes) | {first.add_node} | meta_readers
+    allowed = set(first.norm_entry_nodes) | _reading_add(first, nodes) | meta_readers
     for user in source.users:
         if user.name not in allowed:
             problems.append(
@@ -449,7 +475,7 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
     for site, nxt in zip(stream.sites, stream.sites[1:]):
         readers = finder.drop_metadata_edges(nodes[site.add_node])
         site.metadata_readers = [r.name for r in readers]
-        allowed = set(nxt.norm_entry_nodes) | {nxt.add_node} | set(site.metadata_readers)
+        allowed = set(nxt.norm_entry_nodes) | _reading_add(nxt, nodes) | set(site.metadata_readers)
         for user in nodes[site.add_node].users:
             if user.name not in allowed:
                 problems.append(
@@ -484,6 +510,12 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
     if inline & set(readers):  # an inlined final norm: name it by its output node
         names.append("inline norm " + describe(finder.gm, finder._sorted(inline)[-1]))
     stream.consumers = names
+
+
+def _reading_add(site: Site, nodes: dict[str, fx.Node]) -> set[str]:
+    """The site's add, and the cast through which it reads the skip (``x.to(float32) + f``)."""
+    add = nodes[site.add_node]
+    return {add.name} | {n.name for n in add.all_input_nodes if n is not nodes[site.skip_node] and uncast(n) is nodes[site.skip_node]}
 
 
 def _returned_tuple_concat(user: fx.Node, value: fx.Node) -> bool:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .capture import Captured, buffers_restored, capture, in_mode, is_opaque_by_class
-from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children
+from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
 from .errors import ConversionError
 from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
@@ -163,8 +163,9 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
 class Traced:
     captured: Captured
     values: dict
-    plan: Plan  # one stream, source = a placeholder, end = the output; blocks not yet assigned
+    plan: Plan  # one stream, end = the output; blocks not yet assigned
     stream_argument: str
+    starts_inside: bool = False  # the source is a node computed from the stream argument, not it
 
 
 def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool) -> Captured:
@@ -202,9 +203,25 @@ def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
         raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
     stream = plan.streams[0]
     source = next(n for n in captured.graph_module.graph.nodes if n.name == stream.source_node)
-    if source.op != "placeholder":
+    if source.op == "placeholder":
+        return Traced(captured, values, plan, source.target)
+    # the stream starts inside (RWKV's first layer normalises its input first; ModernBERT's adds a
+    # sublayer without a norm): a stream's first layer only, its argument the one input of that shape
+    arguments = [n for n in _ancestors(source) if n.op == "placeholder" and isinstance(values.get(n), torch.Tensor)
+                 and values[n].shape == values[source].shape]
+    if len(arguments) != 1:
         raise ConversionError(f"its residual stream starts inside it (at {stream.source}), not at an argument")
-    return Traced(captured, values, plan, source.target)
+    return Traced(captured, values, plan, arguments[0].target, starts_inside=True)
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen, todo = {}, [node]
+    while todo:
+        for n in todo.pop().all_input_nodes:
+            if n not in seen:
+                seen[n] = None
+                todo.append(n)
+    return list(seen)
 
 
 def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
@@ -252,7 +269,7 @@ def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
                 problems.append(f"no node {name}")
         for site in stream.sites:
             add, skip, branch = (nodes.get(n) for n in (site.add_node, site.skip_node, site.branch_node))
-            if add is None or skip is None or branch is None or {skip, branch} - set(add.all_input_nodes):
+            if add is None or skip is None or branch is None or {skip, branch} - {m for n in add.all_input_nodes for m in (n, uncast(n))}:
                 problems.append(f"{site.add_node} is not {site.skip_node} + {site.branch_node}")
                 continue
             for entry in site.norm_entry_nodes:
@@ -325,7 +342,7 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
             bound = bind_call(call.module, call.args, call.kwargs)
             traced = trace_alone(call.module, bound)
         except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
-            found.not_holders.setdefault(call.path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            found.not_holders.setdefault(call.path, _short_reason(exc))
             continue
         if calls_per_module[id(call.module)] > 1:
             raise NotLayerwise(
@@ -338,6 +355,14 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     _refuse_a_partial_stack(holders, calls, found.not_holders)
     found.streams = _chains(holders, calls)
     return found
+
+
+def _short_reason(exc: Exception) -> str:
+    """The first line of why, with the first add that looked like a residual and why it is not one."""
+    lines = str(exc).splitlines() or [""]
+    seen = next((i for i, line in enumerate(lines) if line.startswith("Residual adds that were seen")), None)
+    detail = f" ({lines[seen + 1].strip()})" if seen is not None and seen + 1 < len(lines) else ""
+    return f"{type(exc).__name__}: {lines[0][:160]}{detail[:240]}"
 
 
 def _refuse_a_partial_stack(holders: list[Holder], calls: list[ModuleCall], not_holders: dict[str, str]) -> None:
@@ -367,6 +392,9 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
     for holder in holders:
         x = holder.stream_input()
         chain = next((c for c in chains if any(t is x for t in c[-1].call.tensor_outputs())), None)
+        if chain is not None and holder.traced.starts_inside:
+            raise NotLayerwise(f"{holder.path}'s residual stream starts inside it (at {holder.traced.plan.streams[0].source}), "
+                               f"yet it receives the stream {chain[-1].path} returns")
         if chain is not None:
             chain.append(holder)
             continue

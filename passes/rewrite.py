@@ -182,7 +182,10 @@ def _rewrite_stream(
             out = graph.call_function(make_state, (list(blocks), partial))
     end.replace_all_uses_with(out)
     for site in reversed(stream.sites):
+        operands = nodes[site.add_node].all_input_nodes
         graph.erase_node(nodes[site.add_node])
+        for cast in [n for n in operands if n.name not in (site.skip_node, site.branch_node) and not n.users]:
+            graph.erase_node(cast)  # the skip was x.to(dtype) (detect.uncast), now read by nothing
 
 
 def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, first_position: int):

@@ -49,6 +49,11 @@ DECODERS = {
     "stablelm": dict(_GQA, partial_rotary_factor=0.5), "starcoder2": {}, "granite": _GQA, "smollm3": {**_GQA, **_PAD0},
     "glm": {**_GQA, **_PAD0}, "gpt_bigcode": {}, "cohere": {}, "gpt2": {}, "opt": {},
     "bloom": {},  # its attention and MLP add the residual themselves: passes/detect.py (split_residual_children)
+    # `residual.to(float32) + mixer(norm(x))`: a cast that keeps the values (float32: a no-op) is looked
+    # through; in float64 it rounds the stream, so these run without it
+    "mamba": dict(residual_in_fp32=False, state_size=8), "falcon_mamba": dict(residual_in_fp32=False, state_size=8),
+    "rwkv": dict(attention_hidden_size=48),  # its stream starts inside the first layer, at pre_ln
+    "modernbert-decoder": {**_PAD0, "cls_token_id": 0, "sep_token_id": 0},  # layer 0's attention has no norm
 }
 VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
 T5_LIKE = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),

@@ -73,3 +73,20 @@ def test_a_shared_parameter_key_is_refused(monkeypatch):
     with pytest.raises(rr.ConversionError, match="share the parameters.*attn_res.shared"):
         rr.convert(make_gpt(), num_blocks=2)
     assert plan_module.assign_parameter_names is not same_name_for_all
+
+
+@pytest.mark.parametrize("name", ["mamba", "falcon_mamba"])
+def test_a_cast_of_the_residual_is_looked_through_only_where_it_keeps_its_values(name):
+    """Mamba adds ``residual.to(float32)``: a no-op in a float32 model (converted, exact); in float64 it
+    rounds the stream at every layer, which block sums cannot repeat (refused, naming the cast)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(name, vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                               residual_in_fp32=True)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    converted = rr.convert(model, example_inputs={"input_ids": ids}, block_size=1)
+    assert len(converted.attn_res_report.sites) == 2
+    with torch.no_grad():
+        assert rel_err(converted(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
+    with pytest.raises(rr.ConversionError, match=r"hidden_states is cast to torch.float32 before the add"):
+        rr.convert(model.double(), example_inputs={"input_ids": ids})

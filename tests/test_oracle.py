@@ -87,6 +87,18 @@ def _build(name: str):
         cfg = transformers.OPTConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3, ffn_dim=80, num_attention_heads=4,
                                      max_position_embeddings=64, word_embed_proj_dim=48)
         return transformers.OPTForCausalLM(cfg), (_ids(2, 9),), None
+    if name == "rwkv":  # the stream starts inside the first layer, at its pre_ln: 3 layers, 6 sublayers
+        cfg = transformers.RwkvConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3, attention_hidden_size=48,
+                                      intermediate_size=80, context_length=16)
+        return transformers.RwkvForCausalLM(cfg), (_ids(2, 9),), None
+    if name == "modernbert_decoder":  # the first layer's attention has no norm: the stream starts after it, 5 sites
+        cfg = transformers.AutoConfig.for_model("modernbert-decoder", vocab_size=128, hidden_size=48, intermediate_size=80,
+                                                num_hidden_layers=3, num_attention_heads=4, pad_token_id=0,
+                                                bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)
+        return transformers.AutoModelForCausalLM.from_config(cfg), (_ids(2, 9),), None
+    if name == "mamba":  # `residual.to(float32) + mixer(norm(x))`, run in float64 without the cast: 3 sublayers
+        cfg = transformers.MambaConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3, state_size=8, residual_in_fp32=False)
+        return transformers.MambaForCausalLM(cfg), (_ids(2, 9),), None
     raise KeyError(name)
 
 
@@ -123,6 +135,9 @@ CASES = [
     ("inline", dict(block_size=1)),
     ("opt", dict(num_blocks=4)),  # L=6: 2+2+2
     ("opt", dict(block_size=4)),  # 4+2
+    ("rwkv", dict(num_blocks=2)),  # L=6: 3+3, b_0 = the first layer's pre_ln output
+    ("modernbert_decoder", dict(num_blocks=2)),  # L=5: 3+2, b_0 = the first layer's first add
+    ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
 ]
 
 
@@ -199,7 +214,8 @@ def test_every_norm_reads_what_block_attnres_says(case):
 
 
 PERTURB = [("llama", dict(num_blocks=4)), ("gpt_neox", dict(num_blocks=2)), ("t5", dict(num_blocks=4)),
-           ("inline", dict(num_blocks=2)), ("opt", dict(block_size=4))]
+           ("inline", dict(num_blocks=2)), ("opt", dict(block_size=4)), ("rwkv", dict(num_blocks=2)),
+           ("modernbert_decoder", dict(num_blocks=2))]
 
 
 @pytest.mark.parametrize("case", PERTURB, ids=[_case_id(c) for c in PERTURB])
