@@ -55,7 +55,8 @@ class ResidualTracer(fx.Tracer):
     """The model's own modeling modules are searched for autowrapped functions too (FX only looks at
     the globals of the forwards it traces; a decorated forward's globals are the decorator's module)."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_if_reads_training: bool, opaque_children: bool):
+    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_if_reads_training: bool, opaque_children: bool,
+                 inline: tuple = ()):
         import math
 
         names = {type(m).__module__ for m in model.modules()}
@@ -65,6 +66,7 @@ class ResidualTracer(fx.Tracer):
         self.example_inputs = example_inputs
         self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
+        self.inline = set(inline)  # ... but these, which hold a residual add of the root's stream
         self.opaque_modules: dict[str, str] = {}
         self.opaque_with_norms: list[str] = []
         self.checkpoint_calls: list[str] = []
@@ -74,7 +76,7 @@ class ResidualTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque_modules:
             return True
-        if self.opaque_children and _is_direct_child(self.root, qualname):
+        if self.opaque_children and _is_direct_child(self.root, qualname) and qualname not in self.inline:
             return True
         if is_opaque_by_class(m):
             if _OPAQUE_CLASS_NAME.search(type(m).__name__) and any(
@@ -311,9 +313,9 @@ def _recording_checkpoints(tracer: ResidualTracer):
         ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
 
 
-def _trace(model, input_names, call, example_inputs, training, *, opaque_children, opaque_if_reads_training=False):
+def _trace(model, input_names, call, example_inputs, training, *, opaque_children, inline, opaque_if_reads_training=False):
     tracer = ResidualTracer(model, example_inputs, opaque_if_reads_training=opaque_if_reads_training,
-                            opaque_children=opaque_children)
+                            opaque_children=opaque_children, inline=inline)
     with in_mode(model, training):
         root = _make_root(model, input_names, call)
         with _traceable_size_varargs(), _recording_checkpoints(tracer):
@@ -322,7 +324,7 @@ def _trace(model, input_names, call, example_inputs, training, *, opaque_childre
 
 
 def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_names: list[str],
-            opaque_children: bool = False) -> Captured:
+            opaque_children: bool = False, inline: tuple = ()) -> Captured:
     """Trace ``model`` called as ``call(*example_inputs)``: a GraphModule whose ``call_module``
     targets are ``model``'s own module paths, its residual sums canonical.
 
@@ -331,9 +333,11 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
     that read ``self.training`` are kept opaque, so that train/eval keep working either way.
 
     ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
-    in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole.
+    in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole;
+    except the children named in ``inline``, which are traced into.
     """
-    trace = functools.partial(_trace, model, input_names, call, tuple(example_inputs), opaque_children=opaque_children)
+    trace = functools.partial(_trace, model, input_names, call, tuple(example_inputs), opaque_children=opaque_children,
+                              inline=tuple(inline))
     gm_train, train_tracer = trace(True)
     gm, tracer = trace(False)
     if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
@@ -475,9 +479,12 @@ def canonicalize(gm: fx.GraphModule) -> None:
       on each other: float addition re-associated, so results change at rounding level only;
     * calls of hook-free ``nn.Identity`` modules are erased: taps that inspection tools put on the
       stream (``x = self.tap_mid(x)``) hid the adds from each other. Exact; the converted forward does
-      not call them (hooks added later do not fire). A hooked one is kept: detection says where.
+      not call them (hooks added later do not fire). A hooked one is kept: detection says where;
+    * ``((h,) + rest)[0]`` -> ``h``: a tuple built and taken apart again (an attention child traced
+      into, Megatron-BERT) hid the stream from its next sublayer. Exact.
     """
     changed = _look_through_identities(gm)
+    changed = _take_from_tuple_concats(gm) or changed
     changed = _sink_residual_reshapes(gm) or changed
     while _regroup_one_sum(gm):
         changed = True
@@ -496,6 +503,28 @@ def _look_through_identities(gm: fx.GraphModule) -> bool:
                 gm.graph.erase_node(node)
                 erased = True
     return erased
+
+
+def _take_from_tuple_concats(gm: fx.GraphModule) -> bool:
+    """``((h,) + rest)[0]`` -> ``h`` and ``((h,) + rest)[1:]`` -> ``rest``; the concat, then unread, goes."""
+    taken = False
+    for node in list(gm.graph.nodes):
+        concat = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
+        if not (isinstance(concat, fx.Node) and concat.op == "call_function" and concat.target is operator.add
+                and isinstance(concat.args[0], tuple)):
+            continue
+        head, index = concat.args[0], node.args[1]
+        if isinstance(index, int) and 0 <= index < len(head):
+            node.replace_all_uses_with(head[index])
+        elif index == slice(len(head), None, None):
+            node.replace_all_uses_with(concat.args[1])
+        else:
+            continue
+        gm.graph.erase_node(node)
+        if not concat.users:
+            gm.graph.erase_node(concat)
+        taken = True
+    return taken
 
 
 def _is_add(n) -> bool:

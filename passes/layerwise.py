@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .capture import Captured, buffers_restored, capture, in_mode, is_opaque_by_class
+from .capture import Captured, buffers_restored, capture, has_hooks, in_mode, is_opaque_by_class
 from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
 from .errors import ConversionError
 from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
@@ -168,7 +168,7 @@ class Traced:
     starts_inside: bool = False  # the source is a node computed from the stream argument, not it
 
 
-def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool) -> Captured:
+def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=()) -> Captured:
     """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised)."""
     forward, names, constants = type(module).forward, bound.names, bound.constants
 
@@ -179,7 +179,8 @@ def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_c
     if checkpointing:  # Hugging Face layers checkpoint their forward: trace the computation itself
         module.gradient_checkpointing = False
     try:
-        return capture(module, tuple(values), call=call, input_names=list(names), opaque_children=opaque_children)
+        return capture(module, tuple(values), call=call, input_names=list(names), opaque_children=opaque_children,
+                       inline=inline)
     finally:
         if checkpointing:
             module.gradient_checkpointing = checkpointing
@@ -196,9 +197,11 @@ def _detect(module: nn.Module, bound: BoundCall, captured: Captured, **options) 
     return values, plan
 
 
-def trace_alone(module: nn.Module, bound: BoundCall) -> Traced:
-    captured = _capture_call(module, bound, bound.values, opaque_children=True)
+def trace_alone(module: nn.Module, bound: BoundCall, inline: tuple = ()) -> Traced:
+    """``inline``: children to trace into (they hold a residual add of this module's stream)."""
+    captured = _capture_call(module, bound, bound.values, opaque_children=True, inline=inline)
     values, plan = _detect(module, bound, captured, ends_at_output=True)
+    plan.inlined_children = list(inline)
     if len(plan.streams) != 1:
         raise ConversionError(f"{len(plan.streams)} residual streams pass through one call")
     stream = plan.streams[0]
@@ -239,7 +242,7 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
     Detection is not run again: it would run the module on values that, under a tracer, are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
-    captured = _capture_call(module, bound, values, opaque_children=not whole)
+    captured = _capture_call(module, bound, values, opaque_children=not whole, inline=tuple(template.inlined_children))
     split_residual_children(captured.graph_module, None, known=template.residual_children)
     plan = copy.deepcopy(template)
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
@@ -340,7 +343,7 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
             continue
         try:
             bound = bind_call(call.module, call.args, call.kwargs)
-            traced = trace_alone(call.module, bound)
+            traced = _trace_holder(call, bound, calls)
         except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
             found.not_holders.setdefault(call.path, _short_reason(exc))
             continue
@@ -355,6 +358,36 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     _refuse_a_partial_stack(holders, calls, found.not_holders)
     found.streams = _chains(holders, calls)
     return found
+
+
+def _trace_holder(call: ModuleCall, bound: BoundCall, calls: list[ModuleCall]) -> Traced:
+    """``trace_alone``; where that finds no site, again with the children that are holders themselves
+    traced into: Megatron-BERT's layer adds its MLP itself, its attention child adds the attention's."""
+    traced = error = None
+    try:
+        traced = trace_alone(call.module, bound)
+        if not traced.starts_inside:
+            return traced
+    except ConversionError as exc:
+        error = exc
+    holding = [c.path.rpartition(".")[2] for c in calls if c.path.rpartition(".")[0] == call.path
+               and not any(has_hooks(m) for m in c.module.modules()) and _traces_alone(c)]
+    if holding:
+        try:
+            return trace_alone(call.module, bound, inline=tuple(holding))
+        except Exception:  # noqa: BLE001 - the first trace's result or reason says more
+            pass
+    if traced is None:
+        raise error
+    return traced
+
+
+def _traces_alone(call: ModuleCall) -> bool:
+    try:
+        trace_alone(call.module, bind_call(call.module, call.args, call.kwargs))
+        return True
+    except Exception:  # noqa: BLE001 - not a holder
+        return False
 
 
 def _short_reason(exc: Exception) -> str:

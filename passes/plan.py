@@ -66,6 +66,7 @@ class Plan:
     opaque_modules: dict[str, str] = field(default_factory=dict)
     opaque_with_norms: list[str] = field(default_factory=list)  # opaque by class name, hold a norm
     residual_children: list = field(default_factory=list)  # (node name, slot): detect.split_residual_children
+    inlined_children: list = field(default_factory=list)  # children traced into (layerwise.trace_alone)
 
     @property
     def sites(self) -> list[Site]:

@@ -54,6 +54,7 @@ DECODERS = {
     "mamba": dict(residual_in_fp32=False, state_size=8), "falcon_mamba": dict(residual_in_fp32=False, state_size=8),
     "rwkv": dict(attention_hidden_size=48),  # its stream starts inside the first layer, at pre_ln
     "modernbert-decoder": {**_PAD0, "cls_token_id": 0, "sep_token_id": 0},  # layer 0's attention has no norm
+    "megatron-bert": dict(is_decoder=True),  # its attention child adds its residual, the layer adds the MLP's
 }
 VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
 T5_LIKE = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),

@@ -271,6 +271,35 @@ class _LayerWithAnUntraceableMLP(nn.Module):
         return h - self.mlp(self.ln(h))
 
 
+class _LayerAddingItsMLP(nn.Module):
+    """Megatron-BERT's shape, traceable: the attention child holds its add, the layer adds the MLP's."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.ln, self.mlp = _AttentionHolder(), nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.attention(x)
+        return h + self.mlp(self.ln(h))
+
+
+def test_a_child_holding_an_add_is_traced_into_its_layer():
+    """Neither the layer nor its attention child holds both adds: the layer is traced with the child
+    traced into (one holder per layer, both sites, one stream); the module tree stays as it was."""
+    model = Net()
+    model.blocks = nn.ModuleList(_LayerAddingItsMLP() for _ in range(3))
+    model, inputs = model.double(), x().double()
+    names = [n for n, _ in model.named_modules()]
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(inputs,), num_blocks=2)
+    report = model.attn_res_report
+    assert report.holders == ["blocks.0", "blocks.1", "blocks.2"] and len(report.streams) == 1
+    assert [s.norm for s in report.sites] == [f"blocks.{i}.{n}" for i in range(3) for n in ("attention.norm", "ln")]
+    assert [n for n, _ in model.named_modules() if ".attn_res" not in n and not n.endswith("attn_res")] == names
+    with torch.no_grad():
+        assert rel_err(model(inputs), original(inputs)) <= 1e-12
+
+
 def test_a_norm_inside_the_last_holders_layer_is_no_stream_end():
     """The attention holders do not link (the layer's MLP sits between them); the attention's output goes
     into the layer's MLP norm, which is no final norm. Splitting there made one stream per attention

@@ -99,6 +99,9 @@ def _build(name: str):
     if name == "mamba":  # `residual.to(float32) + mixer(norm(x))`, run in float64 without the cast: 3 sublayers
         cfg = transformers.MambaConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3, state_size=8, residual_in_fp32=False)
         return transformers.MambaForCausalLM(cfg), (_ids(2, 9),), None
+    if name == "megatron_bert":  # the attention child adds its residual (traced into), the layer the MLP's: 6 sites
+        cfg = transformers.MegatronBertConfig(**decoder, num_hidden_layers=3, is_decoder=True)
+        return transformers.MegatronBertForCausalLM(cfg), (_ids(2, 9),), None
     raise KeyError(name)
 
 
@@ -138,6 +141,7 @@ CASES = [
     ("rwkv", dict(num_blocks=2)),  # L=6: 3+3, b_0 = the first layer's pre_ln output
     ("modernbert_decoder", dict(num_blocks=2)),  # L=5: 3+2, b_0 = the first layer's first add
     ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
+    ("megatron_bert", dict(num_blocks=4)),  # L=6: 2+2+2
 ]
 
 
@@ -215,7 +219,7 @@ def test_every_norm_reads_what_block_attnres_says(case):
 
 PERTURB = [("llama", dict(num_blocks=4)), ("gpt_neox", dict(num_blocks=2)), ("t5", dict(num_blocks=4)),
            ("inline", dict(num_blocks=2)), ("opt", dict(block_size=4)), ("rwkv", dict(num_blocks=2)),
-           ("modernbert_decoder", dict(num_blocks=2))]
+           ("modernbert_decoder", dict(num_blocks=2)), ("megatron_bert", dict(num_blocks=4))]
 
 
 @pytest.mark.parametrize("case", PERTURB, ids=[_case_id(c) for c in PERTURB])
