@@ -418,7 +418,8 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
 
     A holder that does not link starts a new stream where the previous one ENDED: its last output went
     into a norm module (an encoder's final norm, before the decoder's layers start on their own
-    embeddings: mBART, Pegasus), or the two share no module path (T5's ``encoder`` and ``decoder``).
+    embeddings: mBART, Pegasus), the new one receives a stream of another size (Swin's stages, after
+    patch merging), or the two share no module path (T5's ``encoder`` and ``decoder``).
     Otherwise the model's own code did something to the stream between them (``h = layer(h) * 2``),
     which in-place conversion cannot follow."""
     chains: list[list[Holder]] = []
@@ -432,13 +433,20 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
             chain.append(holder)
             continue
         common = common_prefix([chains[-1][-1].path, holder.path]) if chains else ""
-        if common and not _ends_in_a_norm(chains[-1], calls):
+        if common and not _ends_in_a_norm(chains[-1], calls) and not _resized(chains[-1][-1], x):
             raise NotLayerwise(
                 f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
                 f"code (in {common} or its parents) transforms it between them"
             )
         chains.append([holder])
     return chains
+
+
+def _resized(last: Holder, x: torch.Tensor) -> bool:
+    """``x`` has another width or number of elements than ``last``'s stream output: a new stream (a
+    hierarchical model's next stage after patch merging; streams of different sizes cannot be mixed)."""
+    out = last.call.tensor_outputs()[0]
+    return out.shape[-1] != x.shape[-1] or out.numel() != x.numel()
 
 
 def _ends_in_a_norm(chain: list[Holder], calls: list[ModuleCall]) -> bool:

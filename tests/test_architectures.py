@@ -90,3 +90,22 @@ def test_a_cast_of_the_residual_is_looked_through_only_where_it_keeps_its_values
         assert rel_err(converted(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
     with pytest.raises(rr.ConversionError, match=r"hidden_states is cast to torch.float32 before the add"):
         rr.convert(model.double(), example_inputs={"input_ids": ids})
+
+
+def test_swin_converts_a_stream_per_stage_and_each_input_size_gets_its_own_graph():
+    """Swin: patch merging between stages resizes the stream (a new stream per stage); its blocks branch on
+    the input size (padding to a multiple of the window), which the traced graphs specialise: another
+    size gets a graph of its own, traced symbolically, and stays exact, the padded branch included."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                  window_size=4, mlp_ratio=2.0)
+    model = transformers.SwinForImageClassification(cfg).double().eval()
+    converted = rr.convert(model)
+    report = converted.attn_res_report
+    assert [len(s.sites) for s in report.streams] == [4, 4] and report.mode == "in place, layer by layer"
+    block = converted.swin.encoder.layers[0].blocks[0]
+    for side in (32, 20, 40):  # 20: 10 x 10 tokens, padded to 12 x 12 windows
+        pixels = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(side))
+        with torch.no_grad():
+            assert rel_err(converted(pixel_values=pixels).logits, model(pixel_values=pixels).logits) <= 1e-10
+    assert len(block.forward.graphs) == 3

@@ -102,6 +102,12 @@ def _build(name: str):
     if name == "megatron_bert":  # the attention child adds its residual (traced into), the layer the MLP's: 6 sites
         cfg = transformers.MegatronBertConfig(**decoder, num_hidden_layers=3, is_decoder=True)
         return transformers.MegatronBertForCausalLM(cfg), (_ids(2, 9),), None
+    if name == "swin":  # hierarchical: a stream per stage (patch merging resizes it), 2 blocks each: 2 x 4 sites
+        cfg = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                      window_size=4, mlp_ratio=2.0)
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        # no hook witness of v: the attention module returns windows, the layer un-windows them before the add
+        return transformers.SwinForImageClassification(cfg), {"pixel_values": pixels}, lambda site: []
     raise KeyError(name)
 
 
@@ -111,8 +117,12 @@ def _converted(name: str, options: tuple):
     model = model.double().eval()
     example = None if name not in ("inline",) else inputs
     converted = rr.convert(model, example, key_norm_eps=EPS, **dict(options))
-    inputs = inspect.signature(model.forward).bind(*inputs).arguments if name in ("gpt", "inline") else dict(
-        zip(["input_ids", "decoder_input_ids"], inputs))
+    if isinstance(inputs, dict):
+        inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    elif name in ("gpt", "inline"):
+        inputs = inspect.signature(model.forward).bind(*inputs).arguments
+    else:
+        inputs = dict(zip(["input_ids", "decoder_input_ids"], inputs))
     randomize(converted, seed=len(options) + sum(map(ord, name)))
     return converted, inputs, branch_modules
 
@@ -142,6 +152,7 @@ CASES = [
     ("modernbert_decoder", dict(num_blocks=2)),  # L=5: 3+2, b_0 = the first layer's first add
     ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
     ("megatron_bert", dict(num_blocks=4)),  # L=6: 2+2+2
+    ("swin", dict(num_blocks=2)),  # two streams of L=4: 2+2 each
 ]
 
 
@@ -219,7 +230,8 @@ def test_every_norm_reads_what_block_attnres_says(case):
 
 PERTURB = [("llama", dict(num_blocks=4)), ("gpt_neox", dict(num_blocks=2)), ("t5", dict(num_blocks=4)),
            ("inline", dict(num_blocks=2)), ("opt", dict(block_size=4)), ("rwkv", dict(num_blocks=2)),
-           ("modernbert_decoder", dict(num_blocks=2)), ("megatron_bert", dict(num_blocks=4))]
+           ("modernbert_decoder", dict(num_blocks=2)), ("megatron_bert", dict(num_blocks=4)),
+           ("swin", dict(num_blocks=2))]
 
 
 @pytest.mark.parametrize("case", PERTURB, ids=[_case_id(c) for c in PERTURB])
