@@ -56,7 +56,7 @@ DECODERS = {
     "modernbert-decoder": {**_PAD0, "cls_token_id": 0, "sep_token_id": 0},  # layer 0's attention has no norm
     "megatron-bert": dict(is_decoder=True),  # its attention child adds its residual, the layer adds the MLP's
 }
-VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model"]
+VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model", "data2vec-vision"]  # Data2Vec: BEiT-style
 T5_LIKE = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),
            "longt5": ("LongT5Config", "LongT5ForConditionalGeneration")}
 # encoder-decoders whose encoder and decoder stacks sit under one module (model.encoder, model.decoder)
