@@ -125,10 +125,9 @@ def test_convert_reads_in_at_most_12_modules(path):
     assert len(path) <= 12, _table(path)
 
 
-# 3,341 lines in 12 modules (3,383 in 18 before the merges, 3,113 after them; session 9 added
-# residual children, the stream split and the checkpoint marks); after the merges their code alone, without docstrings,
-# comments or blank lines, is 2,161 lines, so 2,500 needs less code, not shorter prose
-@pytest.mark.xfail(strict=True, reason="issue 18: 3,341 lines today (3,383 before)")
+# 3,477 lines in 12 modules, of which the functions that run on this path are 1,748. 2,500 needs less
+# code (fewer features), not shorter prose: a decision for the team (NOTES.md, issue 18)
+@pytest.mark.xfail(strict=True, reason="issue 18: 3,477 lines today")
 def test_convert_reads_in_at_most_2500_lines(path):
     assert sum(path.values()) <= 2500, _table(path)
 
