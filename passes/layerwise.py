@@ -361,8 +361,9 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
 
 
 def _trace_holder(call: ModuleCall, bound: BoundCall, calls: list[ModuleCall]) -> Traced:
-    """``trace_alone``; where that finds no site, again with the children that are holders themselves
-    traced into: Megatron-BERT's layer adds its MLP itself, its attention child adds the attention's."""
+    """``trace_alone``; where that fails or finds the stream starting inside, again with the children
+    that are holders themselves traced into: Megatron-BERT's layer adds its MLP itself, its attention
+    child adds the attention's (alone, the layer's stream would start at the attention's output)."""
     traced = error = None
     try:
         traced = trace_alone(call.module, bound)
