@@ -334,16 +334,15 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     calls_per_module = Counter(id(c.module) for c in calls)
     holders: list[Holder] = []
     done: list[str] = []  # holders' paths: their insides are theirs
-    for call in calls:
-        if call.path == "" or any(call.path.startswith(p + ".") for p in done):
-            continue
-        if is_opaque_by_class(call.module) or not call.tensor_inputs():
-            continue
-        if filter_fn is not None and not filter_fn(call.module, call.path):
+    tried: dict[int, Any] = {}  # id(call) -> Traced or the exception: each call is traced alone once
+    candidates = [c for c in calls if c.path and not is_opaque_by_class(c.module) and c.tensor_inputs()
+                  and (filter_fn is None or filter_fn(c.module, c.path))]
+    for call in candidates:
+        if any(call.path.startswith(p + ".") for p in done):
             continue
         try:
             bound = bind_call(call.module, call.args, call.kwargs)
-            traced = _trace_holder(call, bound, calls)
+            traced = _trace_holder(call, candidates, tried)
         except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
             found.not_holders.setdefault(call.path, _short_reason(exc))
             continue
@@ -360,35 +359,33 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     return found
 
 
-def _trace_holder(call: ModuleCall, bound: BoundCall, calls: list[ModuleCall]) -> Traced:
-    """``trace_alone``; where that fails or finds the stream starting inside, again with the children
-    that are holders themselves traced into: Megatron-BERT's layer adds its MLP itself, its attention
-    child adds the attention's (alone, the layer's stream would start at the attention's output)."""
-    traced = error = None
-    try:
-        traced = trace_alone(call.module, bound)
-        if not traced.starts_inside:
-            return traced
-    except ConversionError as exc:
-        error = exc
-    holding = [c.path.rpartition(".")[2] for c in calls if c.path.rpartition(".")[0] == call.path
-               and not any(has_hooks(m) for m in c.module.modules()) and _traces_alone(c)]
+def _trace_holder(call: ModuleCall, candidates: list[ModuleCall], tried: dict[int, Any]) -> Traced:
+    """``trace_alone``; where that fails or the stream starts inside, again with the children that are
+    holders themselves traced into: Megatron-BERT's attention child adds the attention's residual, the
+    layer the MLP's."""
+    first = _tried(call, tried)
+    if isinstance(first, Traced) and not first.starts_inside:
+        return first
+    holding = [c.path.rpartition(".")[2] for c in candidates if c.path.rpartition(".")[0] == call.path
+               and not any(has_hooks(m) for m in c.module.modules()) and isinstance(_tried(c, tried), Traced)]
     if holding:
         try:
-            return trace_alone(call.module, bound, inline=tuple(holding))
+            return trace_alone(call.module, bind_call(call.module, call.args, call.kwargs), inline=tuple(holding))
         except Exception:  # noqa: BLE001 - the first trace's result or reason says more
             pass
-    if traced is None:
-        raise error
-    return traced
+    if isinstance(first, Exception):
+        raise first
+    return first
 
 
-def _traces_alone(call: ModuleCall) -> bool:
-    try:
-        trace_alone(call.module, bind_call(call.module, call.args, call.kwargs))
-        return True
-    except Exception:  # noqa: BLE001 - not a holder
-        return False
+def _tried(call: ModuleCall, tried: dict[int, Any]):
+    """``trace_alone`` of ``call`` (memoised in ``tried``): the Traced, or the exception it raised."""
+    if id(call) not in tried:
+        try:
+            tried[id(call)] = trace_alone(call.module, bind_call(call.module, call.args, call.kwargs))
+        except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason
+            tried[id(call)] = exc
+    return tried[id(call)]
 
 
 def _short_reason(exc: Exception) -> str:
