@@ -22,7 +22,8 @@ from torch import nn
 from residual_rewriter import hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes import layerwise
-from residual_rewriter.passes.errors import ConversionError, conversion_boundary, conversion_failed_message, first_line
+from residual_rewriter.passes.errors import (ConversionError, GraphRunError, conversion_boundary, conversion_failed_message,
+                                             first_line)
 from residual_rewriter.passes.capture import buffers_restored, in_mode
 from residual_rewriter.passes.layerwise import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
@@ -90,7 +91,8 @@ def _model_as_holder(c: Conversion, why: str) -> None:
     except ConversionError as exc:  # the model's own reason first: it says the most about the model
         raise ConversionError(f"{exc}\n(Not layer by layer either: {why})") from exc
     except Exception as exc:  # noqa: BLE001 - the model's own forward cannot be traced (Gemma 4's shape check)
-        raise ConversionError(f"{conversion_failed_message(c.model, exc)}\n(Not layer by layer either: {why})") from exc
+        cause = exc.__cause__ if isinstance(exc, GraphRunError) else exc  # as conversion_boundary chains it
+        raise ConversionError(f"{conversion_failed_message(c.model, exc)}\n(Not layer by layer either: {why})") from cause
     root_call = next((call for call in c.calls if call.path == ""), None)
     c.streams = [[layerwise.Holder("", c.model, root_call, bound, traced)]]
     c.mode, c.mode_reason = WHOLE_MODEL, why
