@@ -142,8 +142,7 @@ class ResidualTracer(fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - any trace failure means "keep this module opaque"
-            while self.graph._root.prev is not last_node:  # what it recorded, last node first
-                self.graph.erase_node(self.graph._root.prev)
+            _erase_after(self.graph, last_node)
             self.module_stack.clear()
             self.module_stack.update(saved_stack)
             self.num_calls = saved_calls
@@ -158,6 +157,20 @@ class ResidualTracer(fx.Tracer):
             why += f", in {inner}"
         location = tb_location(exc.__traceback__)
         return why + (f", at {location}" if location else "")
+
+
+def _erase_after(graph: fx.Graph, last: fx.Node) -> None:
+    """Erase what was recorded after ``last``, last node first; except an attribute of an earlier value
+    (``x.dtype``): FX's Attribute proxy made that node lazily in there and hands it to later code."""
+    region = []
+    node = last.next
+    while node is not graph._root:
+        region.append(node)
+        node = node.next
+    inside = set(region)
+    for node in reversed(region):
+        if not (node.op == "call_function" and node.target is getattr and node.args[0] not in inside):
+            graph.erase_node(node)
 
 
 SOURCE_LOCATION = "residual_rewriter_source"  # node.meta key: "file:line" of the code that made the node

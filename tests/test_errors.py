@@ -323,3 +323,38 @@ def test_a_model_whose_forward_cannot_be_traced_is_refused_with_its_layers_reaso
     with pytest.raises(rr.ConversionError, match=r"(?s)control flow.*Not layer by layer either.*blocks\.0: ConversionError"):
         rr.convert_(model, example_inputs=(x(),))
     assert not rr.attn_res_parameters(model)
+
+
+class _ScalesByWidth(nn.Module):
+    """Cannot be traced (a branch on values): kept opaque, after its trace made ``shape``'s node."""
+
+    def forward(self, x, shape):
+        y = x / shape[-1]
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+class _FlatNetPassingAnAttribute(nn.Module):
+    """The adds in the model's own forward; ``x.shape`` (an FX attribute proxy, its node made where it is
+    first used: inside the child that then fails to trace) is used again afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.blocks, self.norm = _ScalesByWidth(), nn.ModuleList(Block() for _ in range(2)), nn.LayerNorm(D)
+
+    def forward(self, x):
+        shape = x.shape
+        x = self.scale(x, shape)
+        for b in self.blocks:
+            x = x + b.fc(b.norm(x))
+        return self.norm(x).reshape(shape)
+
+
+def test_an_attribute_first_used_inside_a_module_kept_opaque_survives_its_rollback():
+    model = _FlatNetPassingAnAttribute().double()
+    inputs = x().double()
+    want = model(inputs)
+    converted = rr.convert(model, inputs)
+    assert converted.attn_res_report.plan.opaque_modules.keys() == {"scale"}
+    assert rel_err(converted(inputs), want) <= 1e-12
