@@ -20,6 +20,7 @@ functions fed directly by ``x`` skip the numeric probe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from typing import Any, Iterable, Optional
 
@@ -259,13 +260,16 @@ class _SiteFinder:
         a, b = add.args[0], add.args[1]
         if not _same_float_tensors(self.values.get(a), self.values.get(b)):
             return None, None
+        upcast = ""
         for skip, branch in ((a, b), (b, a)):
             x = uncast(skip)
             if x is not skip and x in nx.ancestors(self.dag, branch):  # Mamba: residual.to(torch.float32) + f
-                if not self._changes_nothing(skip, add):
+                if not torch.equal(self.values[skip].to(self.values[x].dtype), self.values[x]):
                     return None, (f"the residual {x.name} is cast to {self.values[skip].dtype} before the add, which "
-                                  f"changes the sum ({self.values[x].dtype} stream); convert the model in the dtype the "
+                                  f"rounds the {self.values[x].dtype} stream; convert the model in the dtype the "
                                   "residual is kept in, or without the cast (Mamba: residual_in_fp32=False)")
+                if self.values[add].dtype != torch.promote_types(self.values[x].dtype, self.values[branch].dtype):
+                    upcast = str(self.values[add].dtype).removeprefix("torch.")  # the sum is wider than x
                 skip = x
             self.drop_metadata_edges(skip)
             if skip in nx.ancestors(self.dag, branch):
@@ -277,22 +281,14 @@ class _SiteFinder:
         # x reaches the branch through them alone, whatever comes after.
         entries = self._sorted(set(self.dag.successors(skip)) & region)
         if entries and branch not in entries and all(self._known_norm_of(n, skip) for n in entries):
-            return self._site(add, skip, branch, entries, entries), None
+            return dataclasses.replace(self._site(add, skip, branch, entries, entries), skip_upcast=upcast), None
         for cand in self._dominators(skip, branch, region):
             norm_region = self._sorted(self._between(skip, cand) - {skip})
             if self._known_norm_of(cand, skip) or probe_scale_invariant(self.gm, self.values, norm_region, skip, cand):
-                return self._site(add, skip, branch, [cand], norm_region), None
+                return dataclasses.replace(self._site(add, skip, branch, [cand], norm_region), skip_upcast=upcast), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         return None, "the branch does not read x through a normalization (post-norm or plain residual)"
-
-    def _changes_nothing(self, cast: fx.Node, add: fx.Node) -> bool:
-        """``x.to(d) + v`` equals ``x + v``: the cast keeps x's values and the sum's dtype."""
-        x, value, out = self.values[uncast(cast)], self.values[cast], self.values[add]
-        return value.dtype == x.dtype or (
-            torch.equal(value.to(x.dtype), x) and torch.promote_types(x.dtype, out.dtype) == out.dtype
-            and out.dtype == torch.promote_types(x.dtype, next(self.values[n] for n in add.all_input_nodes if n is not cast).dtype)
-        )
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
@@ -436,6 +432,9 @@ def build_plan(
         prev = sites_by_add.get(site.skip_node)
         if prev is not None and prev.stream >= 0:
             stream = plan.streams[prev.stream]
+            if site.skip_upcast:  # only b_0 can be widened (the block sums are already that wide after it)
+                raise ConversionError(f"the residual stream after {prev.sublayer} is cast to {site.skip_upcast} "
+                                      f"before {site.sublayer}'s add, which widens the sum mid-stream")
         else:
             src = nodes[site.skip_node]
             stream = Stream(
@@ -443,6 +442,7 @@ def build_plan(
                 source=module_path(src) or src.name,
                 source_node=src.name,
                 hidden_size=int(values[src].shape[-1]),
+                dtype=site.skip_upcast,
             )
             plan.streams.append(stream)
         site.stream, site.index = stream.index, len(stream.sites)

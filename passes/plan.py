@@ -32,6 +32,7 @@ class Site:
     norm_node: str = ""
     norm_entry_nodes: list[str] = field(default_factory=list)  # nodes of the norm that read x directly
     metadata_readers: list[str] = field(default_factory=list)  # read this site's output for shape/dtype only
+    skip_upcast: str = ""  # the add reads x.to(this dtype), which keeps x's values and widens the sum
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Stream:
     final_param_prefix: str = ""
     num_blocks: int = 0
     block_size: int = 0
+    dtype: str = ""  # b_0 is cast to this dtype first (the first add widened it: Mamba's residual_in_fp32)
 
 
 @dataclass

@@ -142,11 +142,13 @@ def _rewrite_stream(
         h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
         return h
 
-    blocks, partial, inserted = _stream_entry(graph, source, layer, first_position=stream.sites[0].position)
+    blocks, partial, inserted = _stream_entry(graph, source, layer, first_position=stream.sites[0].position,
+                                              dtype=stream.dtype)
     b_0 = blocks[0]  # a tensor with the stream's shape and dtype, whatever the entry
-    for user in list(source.users):  # shape/dtype readers of a state input read b_0 instead
-        if user not in inserted:
-            user.replace_input_with(source, b_0)
+    if layer is not None and not layer.first:  # shape/dtype readers of a state input read b_0 instead
+        for user in list(source.users):
+            if user not in inserted:
+                user.replace_input_with(source, b_0)
     cursor = inserted[-1] if inserted else source  # new nodes go right after the value they follow
     for k, site in enumerate(stream.sites):
         if site.position == 0:
@@ -188,8 +190,13 @@ def _rewrite_stream(
             graph.erase_node(cast)  # the skip was x.to(dtype) (detect.uncast), now read by nothing
 
 
-def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, first_position: int):
-    """(completed sums, partial, nodes inserted) where the stream enters the graph."""
+def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, first_position: int, dtype: str):
+    """(completed sums, partial, nodes inserted) where the stream enters the graph. ``dtype``: b_0 is
+    widened to it first, as the original's first add widened the stream (``x.to(float32) + f``)."""
+    if (layer is None or layer.first) and dtype:
+        with graph.inserting_after(source):
+            b_0 = graph.call_method("to", (source, getattr(torch, dtype)))
+        return [b_0], None, [b_0]
     if layer is None or layer.first:
         return [source], None, []
     inserted = []

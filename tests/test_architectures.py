@@ -78,7 +78,8 @@ def test_a_shared_parameter_key_is_refused(monkeypatch):
 @pytest.mark.parametrize("name", ["mamba", "falcon_mamba"])
 def test_a_cast_of_the_residual_is_looked_through_only_where_it_keeps_its_values(name):
     """Mamba adds ``residual.to(float32)``: a no-op in a float32 model (converted, exact); in float64 it
-    rounds the stream at every layer, which block sums cannot repeat (refused, naming the cast)."""
+    rounds the stream at every layer, which block sums cannot repeat (refused, naming the cast); with
+    bfloat16 weights it widens the stream at the first add (b_0 is widened, the block sums are float32)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(name, vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=8,
                                                residual_in_fp32=True)
@@ -88,8 +89,15 @@ def test_a_cast_of_the_residual_is_looked_through_only_where_it_keeps_its_values
     assert len(converted.attn_res_report.sites) == 2
     with torch.no_grad():
         assert rel_err(converted(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
-    with pytest.raises(rr.ConversionError, match=r"hidden_states is cast to torch.float32 before the add"):
+    with pytest.raises(rr.ConversionError, match=r"hidden_states is cast to torch.float32 before the add, which rounds"):
         rr.convert(model.double(), example_inputs={"input_ids": ids})
+    # bfloat16 weights: the cast widens the stream to float32 at the first add; the block sums are float32 too
+    model = model.to(torch.bfloat16)
+    converted = rr.convert(model, example_inputs={"input_ids": ids}, block_size=1)
+    state = converted.backbone.layers[0](converted.backbone.embeddings(ids))
+    assert len(state.blocks) == 2 and all(b.dtype == torch.float32 for b in state.blocks)
+    with torch.no_grad():
+        assert rel_err(converted(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()) <= 1e-2
 
 
 def test_swin_converts_a_stream_per_stage_and_each_input_size_gets_its_own_graph():
