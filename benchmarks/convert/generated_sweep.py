@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     table = summarise(rows) + f"\n{seconds:.0f} s; pytest exit code {run.returncode}"
     print(run.stdout[-3000:] if run.returncode else "", table, sep="\n")
     stamp = datetime.date.today().isoformat()
-    out = Path(args.out) / f"generated-architectures-{stamp}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / f"generated-architectures-{args.examples}-{stamp}"
     out.with_suffix(".txt").write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps({"examples": args.examples, "seconds": seconds,
                                                     "exit_code": run.returncode, "rows": rows}, indent=1))
