@@ -129,3 +129,18 @@ def aggregations(converted) -> list[tuple[str, "torch.fx.Node"]]:
 def query_of(path: str, node) -> str:
     """The model-level name of the query parameter an aggregation node reads."""
     return ".".join(p for p in (path, node.args[1].target) if p)
+
+
+def assert_live(converted, inputs: tuple, want: torch.Tensor, label: str = "") -> None:
+    """A converted model is really AttnRes: one query per aggregation, perturbed queries move the
+    output (``want``: the original's output on ``inputs``), every new parameter gets a gradient."""
+    queries = sorted(query_of(path, node) for path, node in aggregations(converted))
+    assert queries == sorted(set(queries)), f"{label}: a query read by two aggregations"
+    new = {n: p for n, p in converted.named_parameters() if ".attn_res." in f".{n}"}
+    assert queries == sorted(n for n in new if n.endswith(".query")), f"{label}: unused queries"
+    perturb_attn_res(converted, seed=1)
+    out = converted(*inputs)
+    assert rel_err(out.detach(), want) > 1e-6, f"{label}: perturbed queries do not move the output"
+    out.square().mean().backward()
+    dead = [n for n, p in new.items() if p.grad is None or not p.grad.any()]
+    assert not dead, f"{label}: no gradient for {dead}"

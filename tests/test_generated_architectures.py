@@ -16,7 +16,7 @@ import torch
 
 import residual_rewriter as rr
 from generated_models import Spec, build, specs
-from model_zoo import aggregations, perturb_attn_res, query_of, rel_err
+from model_zoo import assert_live, rel_err
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -62,17 +62,7 @@ def check(spec: Spec) -> None:
         assert rel_err(model(other), original(other)) <= 1e-12, f"{spec}: not exact on another input shape"
     if spec.must_convert:  # every sublayer, not some of them
         assert len(report.sites) == spec.depth * len(spec.sublayers), f"{spec}: {len(report.sites)} sites"
-    # live: one query per aggregation, the queries move the output, every new parameter learns
-    queries = sorted(query_of(path, node) for path, node in aggregations(model))
-    assert queries == sorted(set(queries)), f"{spec}: a query read by two aggregations"
-    new = {n: p for n, p in model.named_parameters() if ".attn_res." in f".{n}"}
-    assert queries == sorted(n for n in new if n.endswith(".query")), f"{spec}: unused queries"
-    perturb_attn_res(model, seed=1)
-    out = model(ids)
-    assert rel_err(out.detach(), want) > 1e-6, f"{spec}: perturbed queries do not move the output"
-    out.square().mean().backward()
-    dead = [n for n, p in new.items() if p.grad is None or not p.grad.any()]
-    assert not dead, f"{spec}: no gradient for {dead}"
+    assert_live(model, (ids,), want, str(spec))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("RR_GENERATED_RANDOM") is None,
