@@ -64,20 +64,57 @@ REPO = Path(__file__).resolve().parents[2]
 OUR_DIRS = tuple(str(REPO / d) + os.sep for d in ("residual_rewriter", "passes", "kernels"))
 MAPPINGS = ["MODEL_FOR_CAUSAL_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM", "MODEL_FOR_MASKED_LM", "MODEL_FOR_IMAGE_CLASSIFICATION"]
 
-# size fields set where a config's __init__ takes them (as ints); lists are handled in tiny_overrides
+# size fields set where a config's __init__ takes them: an int default shrinks to min(default, size) (a
+# size never grows: Zaya allows one expert per token, MobileViTV2's patches are 2 pixels); a None default
+# is set only for the REQUIRED ones (None there is "derive it", which some models never do); lists are
+# handled in tiny_overrides
 SIZES = {
     "hidden_size": 32, "d_model": 32, "n_embd": 32, "embed_dim": 32, "embedding_size": 32, "dim": 32,
     "intermediate_size": 64, "d_ff": 64, "n_inner": 64, "ffn_dim": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-    "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "encoder_layers": 2, "decoder_layers": 2, "num_decoder_layers": 2,
-    "num_attention_heads": 2, "n_head": 2, "num_heads": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-    "num_key_value_heads": 1, "head_dim": 16, "d_kv": 16,
+    "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
+    "num_decoder_layers": 2,
+    "num_attention_heads": 2, "n_head": 2, "n_heads": 2, "num_heads": 2, "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2, "num_self_attention_heads": 2, "num_cross_attention_heads": 1,
+    "head_dim": 16, "d_kv": 16, "rotary_dim": 8,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "index_n_heads": 1, "index_num_heads": 1, "index_head_dim": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-    "vocab_size": 256, "image_size": 32, "patch_size": 4,
+    "n_group": 1, "topk_group": 1, "num_expert_group": 1, "n_groups": 1, "mamba_n_groups": 1,
+    "vocab_size": 256, "image_size": 32, "patch_size": 4, "num_codebooks": 2, "d_latents": 32, "num_latents": 8,
 }
-DEPTHS = ("num_hidden_layers", "num_layers", "n_layer", "encoder_layers", "decoder_layers", "num_decoder_layers")
+# set even where the default is None: the model reads them as sizes (Ministral/HunYuan head_dim, ESM
+# vocab_size, DeepseekV2 num_experts_per_tok, Dots1 n_routed_experts)
+REQUIRED = ("head_dim", "vocab_size", "num_experts_per_tok", "n_routed_experts")
+HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
+DEPTHS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id", "cls_token_id")
+
+# Per model type, where no general rule exists; each says why. Applied to the default config too (some
+# default configs do not validate or build), then over the general rules.
+OVERRIDES = {
+    # the default fails its own validator ("hidden_size_per_layer_input must be 0, got 256")
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    # attention_types is nested ([[kinds, repeats]]) and must expand to exactly num_layers entries
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    # the axial position embedding's dims must sum to hidden_size (32)
+    "reformer": {"axial_pos_embds_dim": [16, 16]},
+    # the modeling reads attn_config.rope_theta, which DbrxAttentionConfig does not define (default fails)
+    "dbrx": {"attn_config": {"rope_theta": 10000.0}},
+    # rope_parameters are per layer type, and the default ({}) has none (default fails with KeyError)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # layer_types is None by default and never derived, yet read per layer (default fails)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # the config rounds the q/k and v widths up to multiples of 64 (its cache), the layers use
+    # hidden_size * factor exactly: they agree only for a multiple of 128; embedding_dim mirrors it
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128},
+    # the stem always downsamples by 16, and the attention biases assume image_size / patch_size
+    "levit": {"patch_size": 16},
+    # the two-call differential attention splits the values along KV heads: needs an even number >= 2
+    "diffllama": {"num_key_value_heads": 2},
+}
+# per class: the class itself asserts it
+CLASS_OVERRIDES = {"ReformerModelWithLMHead": {"is_decoder": True}}
 
 
 class Timeout(BaseException):
@@ -100,22 +137,79 @@ def init_args(config) -> dict:
 
 
 def tiny_overrides(config) -> dict:
-    """Keyword arguments that rebuild ``config`` small: the SIZES fields its ``__init__`` takes (derived
-    ones, such as Swin's hidden_size, follow; windowed models keep their image size), list depths -> 1,
-    list heads -> powers of two, token ids inside the vocabulary; sub-configs likewise, as dicts of their
-    arguments less per-layer lists (``layer_types``), which the new depth recomputes."""
+    """Keyword arguments that rebuild ``config`` small, by general rules that keep it consistent:
+    - the SIZES fields its ``__init__`` takes, never larger than the default (derived ones, such as
+      Swin's hidden_size, follow; windowed models keep their image size);
+    - key/value heads: a default of None or equal to the heads (multi-head attention: ESMC, Dots3 accept
+      nothing else) stays equal to the heads, any other (grouped) becomes 1;
+    - Mamba-2 widths: heads * head_dim == expand * hidden_size (Mamba2, Bamba, GraniteMoeHybrid);
+    - per-layer lists (one entry per layer of the default depth, or a repeating pattern of layer kinds:
+      Qwen3-Next's ``layer_types``, RecurrentGemma's ``block_types``, Zamba's ``layers_block_type``) become
+      their distinct kinds in order, and the depth grows to hold each kind once (a tiny hybrid keeps its
+      attention layers); per-layer sizes become the tiny size; layer periods become 2 (offset mod 2);
+      layers sharing a KV cache are the second half (Gemma3n);
+    - list depths -> 1, list heads -> powers of two; token ids inside the vocabulary (other special
+      tokens out of it take distinct ids from its top); ``default_language`` the first of ``languages``;
+    - sub-configs (``text_config``, ...) likewise, as dicts of their arguments less per-layer lists."""
     values = init_args(config)
-    out = {k: v for k, v in SIZES.items() if type(values.get(k)) is int}
+    out = {}
+    for key, size in SIZES.items():
+        if type(values.get(key)) is int:
+            out[key] = min(values[key], size)
+        elif key in REQUIRED and key in values and values[key] is None:
+            out[key] = size
     if "window_size" in values:  # Swin-like: the windows must fit every stage at the full image size
         out = {k: v for k, v in out.items() if k not in ("image_size", "patch_size")}
+    heads = next((k for k in HEADS if type(values.get(k)) is int), None)
+    if "num_key_value_heads" in values and heads:
+        kv = values["num_key_value_heads"]
+        out["num_key_value_heads"] = out[heads] if kv is None or kv == values[heads] else 1
+    hidden = out.get("hidden_size")
+    if hidden and type(values.get("expand")) is int and "num_heads" in out and "head_dim" in values:
+        out["head_dim"] = values["expand"] * hidden // out["num_heads"]
+    if hidden and type(values.get("mamba_expand")) is int and "mamba_n_heads" in values:
+        out["mamba_n_heads"] = 2
+        if type(values.get("mamba_d_head")) is int:
+            out["mamba_d_head"] = values["mamba_expand"] * hidden // 2
     if isinstance(values.get("depths"), list):
         out["depths"] = [1] * len(values["depths"])
     for key in ("num_heads", "num_attention_heads"):
         if isinstance(values.get(key), list):
             out[key] = [min(2**i, h) for i, h in enumerate(values[key])]
-    for key in TOKEN_IDS:
-        if "vocab_size" in out and isinstance(values.get(key), int):
-            out[key] = min(values[key], out["vocab_size"] - 1)
+    # per-layer lists and patterns of layer kinds
+    old_depths = {values[k] for k in DEPTHS if type(values.get(k)) is int}
+    kinds = {}
+    for key, v in values.items():
+        if key in out or not isinstance(v, (list, tuple)) or not v:
+            continue
+        per_layer = len(v) in old_depths and len(v) > 4  # stage lists (hidden_sizes, ...) are short
+        pattern = all(isinstance(x, str) for x in v) and len(set(v)) < len(v)
+        if per_layer or pattern:
+            kinds[key] = [SIZES[key]] if key in SIZES else list(dict.fromkeys(map(_frozen, v)))
+    depth = max([2] + [len(k) for k in kinds.values()])
+    if type(values.get("num_kv_shared_layers")) is int and values["num_kv_shared_layers"] > 0:
+        depth *= 2  # the second half reads the caches of the first, which must hold every kind
+        out["num_kv_shared_layers"] = depth // 2
+    for key, ks in kinds.items():
+        out[key] = [_thawed(ks[i % len(ks)]) for i in range(depth)]
+    if kinds:
+        out.update({k: depth for k in DEPTHS if k in out})
+    for key, v in values.items():
+        offset = key.removesuffix("_period") + "_offset"
+        if key.endswith("_period") and type(v) is int and type(values.get(offset)) is int:
+            out[key], out[offset] = 2, values[offset] % 2
+    vocab = out.get("vocab_size")
+    if vocab:
+        for key in TOKEN_IDS:
+            if isinstance(values.get(key), int):
+                out[key] = min(values[key], vocab - 1)
+        specials = [k for k, v in values.items() if k.endswith(("_token_id", "_token_index")) and k not in TOKEN_IDS
+                    and type(v) is int]
+        taken = {values[k] for k in specials if values[k] < vocab} | {vocab - 1}
+        free = (i for i in range(vocab - 1, -1, -1) if i not in taken)
+        out.update({k: next(free) for k in specials if values[k] >= vocab})
+    if values.get("default_language") is None and values.get("languages"):  # X-MOD: else it refuses to run
+        out["default_language"] = list(values["languages"])[0]
     for key, sub in vars(config).items():
         if isinstance(sub, transformers.PreTrainedConfig):
             kept = init_args(sub)
@@ -125,27 +219,71 @@ def tiny_overrides(config) -> dict:
     return out
 
 
-def build(name: str, model_type: str):
-    """(model, its example call as kwargs, or why there is none): the tiny model in eval mode, float64
-    when it runs there, else float32 (one that runs in neither did not build)."""
+def _frozen(x):
+    return json.dumps(x) if isinstance(x, (list, dict)) else x
+
+
+def _thawed(x):
+    return json.loads(x) if isinstance(x, str) and x[:1] in "[{" else x
+
+
+def with_overrides(kwargs: dict, extra: dict) -> dict:
+    """``kwargs`` updated by ``extra``; a dict value (a sub-config) is updated, not replaced."""
+    return {**kwargs, **{k: {**kwargs[k], **v} if isinstance(v, dict) and isinstance(kwargs.get(k), dict) else v
+                         for k, v in extra.items()}}
+
+
+def build(name: str, model_type: str, mapping: str = ""):
+    """(model, its example call as kwargs or why there is none, whether ``convert_`` derives them): the
+    tiny model in eval mode, float64 when it runs there, else float32 (one that runs in neither did not
+    build). Where ``convert_`` cannot derive the inputs, the sweep passes them like a user would
+    (``user_inputs``)."""
     cls = getattr(transformers, name)
     own = getattr(cls.config_class, "model_type", "")  # LlamaForCausalLM is also listed for "exaone"
     model_type = own if own in modeling_auto.CONFIG_MAPPING_NAMES else model_type
-    config = transformers.AutoConfig.for_model(model_type)
-    config = transformers.AutoConfig.for_model(model_type, **tiny_overrides(config))
+    extra = {**OVERRIDES.get(model_type, {}), **CLASS_OVERRIDES.get(name, {})}
+    config = transformers.AutoConfig.for_model(model_type, **extra)
+    config = transformers.AutoConfig.for_model(model_type, **with_overrides(tiny_overrides(config), extra))
     torch.manual_seed(0)
     model = cls._from_config(config).eval()
+    derived = True
     try:  # the inputs convert_ derives (seeded: the same values), to run the original and the result on
         inputs = hf.example_inputs(model)
+        kwargs = dict(zip(hf.input_names(model, len(inputs)), inputs))
     except TypeError as exc:
-        return model, first_line(exc).removeprefix("TypeError: ")
-    kwargs = dict(zip(hf.input_names(model, len(inputs)), inputs))
+        kwargs, derived = user_inputs(model, mapping), False
+        if kwargs is None:
+            return model, first_line(exc).removeprefix("TypeError: "), False
     with torch.no_grad():
         try:
             model.to(torch.float64)(**cast(kwargs, torch.float64))
         except Exception:  # noqa: BLE001 - some op or buffer is float32-only
             model.to(torch.float32)(**cast(kwargs, torch.float32))
-    return model, cast(kwargs, next(model.parameters()).dtype)
+    return model, cast(kwargs, next(model.parameters()).dtype), derived
+
+
+def user_inputs(model, mapping: str) -> dict | None:
+    """The example inputs a user passes where ``convert_`` cannot derive them, or None:
+    - an image classifier without an image size anywhere in its config (conv nets: ResNet, RegNet, BiT,
+      CvT, PoolFormer, SegFormer, HGNetV2, PP-LCNet): a 2x3x64x64 image (its ``num_channels``);
+    - Siglip2, whose images are patch sequences: ``pixel_values`` (2, patches, channels * patch ** 2),
+      all patches valid, on a square grid;
+    - Perceiver's generic ``inputs``: token ids (masked LM), or an image of its ``image_size``."""
+    cfg, name = model.config, model.main_input_name
+    g = torch.Generator().manual_seed(0)
+    image = mapping == "MODEL_FOR_IMAGE_CLASSIFICATION"
+    vision = getattr(cfg, "vision_config", None) or cfg
+    if name == "pixel_values" and hasattr(vision, "num_patches"):
+        n, side = vision.num_patches, int(vision.num_patches**0.5)
+        return {"pixel_values": torch.randn(2, n, vision.num_channels * vision.patch_size**2, generator=g),
+                "pixel_attention_mask": torch.ones(2, n, dtype=torch.long),
+                "spatial_shapes": torch.tensor([[side, n // side]] * 2)}
+    if image and name in ("pixel_values", "inputs"):
+        size = getattr(cfg, "image_size", None) or 64
+        return {name: torch.randn(2, getattr(cfg, "num_channels", None) or 3, size, size, generator=g)}
+    if name == "inputs" and isinstance(getattr(cfg, "vocab_size", None), int):
+        return {name: torch.randint(0, cfg.vocab_size, (2, 8), generator=g)}
+    return None
 
 
 def cast(kwargs: dict, dtype: torch.dtype) -> dict:
@@ -167,18 +305,20 @@ def innermost_frame(exc: BaseException) -> str:
     return f"{os.path.relpath(frames[-1].filename, REPO)}:{frames[-1].lineno} in {frames[-1].name}: {frames[-1].line}"
 
 
-def sweep_one(name: str, model_type: str) -> dict:
-    row = {"class": name, "model_type": model_type, "dtype": None, "outcome": None, "rel_err": None, "reason": ""}
+def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
+    row = {"class": name, "model_type": model_type, "dtype": None, "outcome": None, "rel_err": None, "reason": "",
+           "inputs": None}
     try:
-        model, kwargs = build(name, model_type)
+        model, kwargs, derived = build(name, model_type, mapping)
         row.update(model_type=model.config.model_type, dtype=str(next(model.parameters()).dtype)[6:])
         original = copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001
         return {**row, "outcome": "build failed", "reason": first_line(exc)}
     if isinstance(kwargs, str):
         return {**row, "outcome": "no example inputs", "dtype": None, "reason": kwargs}
+    row["inputs"] = "derived" if derived else "passed"  # by convert_ itself, or by the sweep (user_inputs)
     try:
-        rr.convert_(model)
+        rr.convert_(model, example_inputs=None if derived else kwargs)
         with torch.no_grad():
             want, got = first_float(original(**kwargs)), first_float(model(**kwargs))
     except rr.ConversionError as exc:
@@ -196,7 +336,7 @@ def sweep_one(name: str, model_type: str) -> dict:
     return {**row, "outcome": "exact" if ok else "mismatch", "rel_err": rel}
 
 
-def run_with_timeout(name: str, model_type: str, seconds: int) -> dict:
+def run_with_timeout(name: str, model_type: str, mapping: str, seconds: int) -> dict:
     def on_alarm(signum, frame):
         raise Timeout()
 
@@ -204,7 +344,7 @@ def run_with_timeout(name: str, model_type: str, seconds: int) -> dict:
     signal.alarm(seconds)
     t0 = time.perf_counter()
     try:
-        row = sweep_one(name, model_type)
+        row = sweep_one(name, model_type, mapping)
     except Timeout:
         row = {"class": name, "model_type": model_type, "dtype": None, "outcome": "timeout", "rel_err": None,
                "reason": f"over {seconds} s"}
@@ -239,7 +379,7 @@ def main(argv=None) -> int:
     print(f"{'class':<44} {'model_type':<22} {'outcome':<17} {'sec':>6}  rel err / reason")
     rows = []
     for name, model_type, mapping in todo[: args.limit]:
-        rows.append({**run_with_timeout(name, model_type, args.timeout), "mapping": mapping})
+        rows.append({**run_with_timeout(name, model_type, mapping, args.timeout), "mapping": mapping})
         print(format_row(rows[-1]), flush=True)
 
     counts = collections.Counter(r["outcome"] for r in rows)
