@@ -80,27 +80,26 @@ SIZES = {
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "index_n_heads": 1, "index_num_heads": 1, "index_head_dim": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-    "n_group": 1, "topk_group": 1, "num_expert_group": 1, "n_groups": 1, "mamba_n_groups": 1,
+    "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "num_expert_group": 1, "n_groups": 1, "mamba_n_groups": 1,
     "vocab_size": 256, "image_size": 32, "patch_size": 4, "num_codebooks": 2, "d_latents": 32, "num_latents": 8,
 }
 # set even where the default is None: the model reads them as sizes (Ministral/HunYuan head_dim, ESM
-# vocab_size, DeepseekV2 num_experts_per_tok, Dots1 n_routed_experts)
-REQUIRED = ("head_dim", "vocab_size", "num_experts_per_tok", "n_routed_experts")
+# vocab_size, DeepseekV2 num_experts_per_tok, Dots1 n_routed_experts and n_shared_experts)
+REQUIRED = ("head_dim", "vocab_size", "num_experts_per_tok", "n_routed_experts", "n_shared_experts")
 HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
 DEPTHS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id", "cls_token_id")
 
-# Per model type, where no general rule exists; each says why. Applied to the default config too (some
-# default configs do not validate or build), then over the general rules.
+# Per model type, where no general rule exists; each says why. Applied over the general rules (a dict, a
+# sub-config, updates theirs). Several fix a default config that cannot run at any size.
 OVERRIDES = {
-    # the default fails its own validator ("hidden_size_per_layer_input must be 0, got 256")
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     # attention_types is nested ([[kinds, repeats]]) and must expand to exactly num_layers entries
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # the axial position embedding's dims must sum to hidden_size (32)
     "reformer": {"axial_pos_embds_dim": [16, 16]},
-    # the modeling reads attn_config.rope_theta, which DbrxAttentionConfig does not define (default fails)
-    "dbrx": {"attn_config": {"rope_theta": 10000.0}},
+    # the modeling reads attn_config.rope_theta, which DbrxAttentionConfig does not define, and clamps q/k/v
+    # by clip_qkv even when it is None (the default fails on both)
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
     # rope_parameters are per layer type, and the default ({}) has none (default fails with KeyError)
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     # layer_types is None by default and never derived, yet read per layer (default fails)
@@ -110,6 +109,22 @@ OVERRIDES = {
     "xlstm": {"hidden_size": 128, "embedding_dim": 128},
     # the stem always downsamples by 16, and the attention biases assume image_size / patch_size
     "levit": {"patch_size": 16},
+    # position ids come from the padding index, which the default leaves None (default fails)
+    "esm": {"pad_token_id": 1},
+    # Mamba layers only by default (attn_layer_indices None / layer_types all "linear_attention"): the
+    # causal mask needs at least one attention layer, so the default fails
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    # the QSA indexer's fields are all None by default, yet every attention layer reads them (default fails)
+    "qwen4_exp_text": {"indexer_n_heads": 1, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                  "indexer_compress_ratio": 4},
+    # the hybrid layers share one transformer whose weights are tied across them: it needs two of them
+    "zamba": {"layers_block_type": ["linear_attention", "hybrid", "hybrid"], "num_hidden_layers": 3},
+    # the modeling reads yes/no token indices that are not config fields (10784 and 3771 by default), out of
+    # the tiny vocabulary
+    "shieldgemma2": {"yes_token_index": 1, "no_token_index": 2},
+    # five stages downsample by 32, then the last one unfolds 2x2 patches: 64 pixels at least
+    "mobilevitv2": {"image_size": 64},
     # the two-call differential attention splits the values along KV heads: needs an even number >= 2
     "diffllama": {"num_key_value_heads": 2},
 }
@@ -164,6 +179,8 @@ def tiny_overrides(config) -> dict:
     if "num_key_value_heads" in values and heads:
         kv = values["num_key_value_heads"]
         out["num_key_value_heads"] = out[heads] if kv is None or kv == values[heads] else 1
+    if "qk_rope_head_dim" in out and values.get("head_dim") == values["qk_rope_head_dim"]:
+        out["head_dim"] = out["qk_rope_head_dim"]  # LongCat: head_dim is the rope width of its MLA
     hidden = out.get("hidden_size")
     if hidden and type(values.get("expand")) is int and "num_heads" in out and "head_dim" in values:
         out["head_dim"] = values["expand"] * hidden // out["num_heads"]
@@ -183,7 +200,9 @@ def tiny_overrides(config) -> dict:
         if key in out or not isinstance(v, (list, tuple)) or not v:
             continue
         per_layer = len(v) in old_depths and len(v) > 4  # stage lists (hidden_sizes, ...) are short
-        pattern = all(isinstance(x, str) for x in v) and len(set(v)) < len(v)
+        pattern = all(isinstance(x, str) for x in v) and 1 < len(set(v)) < len(v)
+        if per_layer and key not in SIZES and all(type(x) is int for x in v):
+            continue  # per-layer indices (Kolibri's kv_source_layers): the config derives them again
         if per_layer or pattern:
             kinds[key] = [SIZES[key]] if key in SIZES else list(dict.fromkeys(map(_frozen, v)))
     depth = max([2] + [len(k) for k in kinds.values()])
@@ -198,7 +217,9 @@ def tiny_overrides(config) -> dict:
         offset = key.removesuffix("_period") + "_offset"
         if key.endswith("_period") and type(v) is int and type(values.get(offset)) is int:
             out[key], out[offset] = 2, values[offset] % 2
-    vocab = out.get("vocab_size")
+    # the vocabulary the ids index: this config's, or its text sub-config's (ShieldGemma2's yes/no tokens)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = out.get("vocab_size") or (SIZES["vocab_size"] if type(getattr(text, "vocab_size", None)) is int else None)
     if vocab:
         for key in TOKEN_IDS:
             if isinstance(values.get(key), int):
@@ -242,7 +263,7 @@ def build(name: str, model_type: str, mapping: str = ""):
     own = getattr(cls.config_class, "model_type", "")  # LlamaForCausalLM is also listed for "exaone"
     model_type = own if own in modeling_auto.CONFIG_MAPPING_NAMES else model_type
     extra = {**OVERRIDES.get(model_type, {}), **CLASS_OVERRIDES.get(name, {})}
-    config = transformers.AutoConfig.for_model(model_type, **extra)
+    config = transformers.AutoConfig.for_model(model_type)
     config = transformers.AutoConfig.for_model(model_type, **with_overrides(tiny_overrides(config), extra))
     torch.manual_seed(0)
     model = cls._from_config(config).eval()
