@@ -176,9 +176,11 @@ def tiny_overrides(config) -> dict:
     if "window_size" in values:  # Swin-like: the windows must fit every stage at the full image size
         out = {k: v for k, v in out.items() if k not in ("image_size", "patch_size")}
     heads = next((k for k in HEADS if type(values.get(k)) is int), None)
-    if "num_key_value_heads" in values and heads:
-        kv = values["num_key_value_heads"]
-        out["num_key_value_heads"] = out[heads] if kv is None or kv == values[heads] else 1
+    kv = values.get("num_key_value_heads")
+    if heads and "num_key_value_heads" in values and kv in (None, values[heads]):
+        out["num_key_value_heads"] = out[heads]
+    elif type(kv) is int:
+        out["num_key_value_heads"] = 1
     if "qk_rope_head_dim" in out and values.get("head_dim") == values["qk_rope_head_dim"]:
         out["head_dim"] = out["qk_rope_head_dim"]  # LongCat: head_dim is the rope width of its MLA
     hidden = out.get("hidden_size")
