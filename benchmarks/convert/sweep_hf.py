@@ -9,8 +9,18 @@ would repeat every architecture without its head. ``--mappings`` picks others.
 
 Each class gets a tiny config: ``AutoConfig.for_model(model_type)`` (the class's own model type)
 rebuilt with the common size fields it has shrunk (2 layers, width 32, 2 heads, vocab 256, 32x32
-images, ...), sub-configs (``text_config``, ...) likewise. Nothing is downloaded. The model is built
-with ``_from_config`` (random weights, seed 0), in eval mode, in float64 when it runs there, else float32.
+images, ...) by general rules that keep it consistent (``tiny_overrides``: derived sizes follow, per-layer
+lists are recomputed for the new depth, validators are satisfied), sub-configs (``text_config``, ...)
+likewise, then a few per-type OVERRIDES where no rule exists (each with its reason; several mend a
+default config that cannot run at any size). Nothing is downloaded. The model is built with
+``_from_config`` (random weights, seed 0), in eval mode, in float64 when it runs there, else float32.
+
+Example inputs: ``convert_`` derives them itself (``residual_rewriter.hf.example_inputs``: ``input_ids``,
+or ``pixel_values`` of the config's image size, or its vision sub-config's). Where it cannot, the sweep
+passes them like a user would (``convert_(model, example_inputs={...})``, ``user_inputs``; the row's
+``inputs`` says "passed"): a 2x3x64x64 image for the conv nets whose config has no image size at all
+(ResNet, RegNet, BiT, CvT, PoolFormer, SegFormer, HGNetV2, PP-LCNet), Siglip2's patch sequences, and
+Perceiver's generic ``inputs`` (token ids, or an image).
 
     python benchmarks/convert/sweep_hf.py                      # all (~15 min on 2 CPU cores)
     python benchmarks/convert/sweep_hf.py --only Llama --limit 5 --timeout 30 --out /tmp/s.json
@@ -25,7 +35,7 @@ Outcomes:
                        the row shows the innermost residual_rewriter frame, the JSON also the traceback
     timeout            the class took more than --timeout seconds (default 60)
     build failed       the tiny model cannot be built, or fails on its example inputs (first line of the error)
-    no example inputs  ``convert_`` cannot derive inputs for its main input (nothing was converted)
+    no example inputs  ``convert_`` cannot derive inputs for its main input, nor the sweep (nothing was converted)
 
 Prints one row per class as it finishes, then the count per outcome, and writes
 benchmarks/results/hf-sweep-transformers<version>-<date>.json (``-partial`` with --only/--limit).
@@ -70,6 +80,7 @@ MAPPINGS = ["MODEL_FOR_CAUSAL_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM", "MODEL_FOR_
 # handled in tiny_overrides
 SIZES = {
     "hidden_size": 32, "d_model": 32, "n_embd": 32, "embed_dim": 32, "embedding_size": 32, "dim": 32,
+    "hidden_size_global": 32, "encoder_hash_byte_group_vocab": 256,  # BLT: its global model's width; a hash vocab
     "intermediate_size": 64, "d_ff": 64, "n_inner": 64, "ffn_dim": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
@@ -120,6 +131,9 @@ OVERRIDES = {
                   "indexer_compress_ratio": 4},
     # the hybrid layers share one transformer whose weights are tied across them: it needs two of them
     "zamba": {"layers_block_type": ["linear_attention", "hybrid", "hybrid"], "num_hidden_layers": 3},
+    # with use_cache (the default) its forward builds a cache from a config without num_hidden_layers
+    # (transformers: "'BltConfig' object has no attribute 'num_hidden_layers'"; the default fails)
+    "blt": {"use_cache": False},
     # the modeling reads yes/no token indices that are not config fields (10784 and 3771 by default), out of
     # the tiny vocabulary
     "shieldgemma2": {"yes_token_index": 1, "no_token_index": 2},
