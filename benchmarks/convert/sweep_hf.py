@@ -22,7 +22,7 @@ passes them like a user would (``convert_(model, example_inputs={...})``, ``user
 (ResNet, RegNet, BiT, CvT, PoolFormer, SegFormer, HGNetV2, PP-LCNet), Siglip2's patch sequences, and
 Perceiver's generic ``inputs`` (token ids, or an image).
 
-    python benchmarks/convert/sweep_hf.py                      # all (~15 min on 2 CPU cores)
+    python benchmarks/convert/sweep_hf.py                      # all (~20 min on 2 CPU cores)
     python benchmarks/convert/sweep_hf.py --only Llama --limit 5 --timeout 30 --out /tmp/s.json
     python benchmarks/convert/sweep_hf.py --only '^(Llama|T5|ViT)For'    # --only is a regex
 
@@ -33,7 +33,7 @@ Outcomes:
     refused            ``ConversionError``: its first line shown, the full reason in the JSON
     crash              any other exception from ``convert_`` or the converted model: a bug in residual_rewriter;
                        the row shows the innermost residual_rewriter frame, the JSON also the traceback
-    timeout            the class took more than --timeout seconds (default 60)
+    timeout            the class took more than --timeout seconds (default 120)
     build failed       the tiny model cannot be built, or fails on its example inputs (first line of the error)
     no example inputs  ``convert_`` cannot derive inputs for its main input, nor the sweep (nothing was converted)
 
@@ -128,7 +128,7 @@ OVERRIDES = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     # the QSA indexer's fields are all None by default, yet every attention layer reads them (default fails)
     "qwen4_exp_text": {"indexer_n_heads": 1, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
-                  "indexer_compress_ratio": 4},
+                       "indexer_compress_ratio": 4},
     # the hybrid layers share one transformer whose weights are tied across them: it needs two of them
     "zamba": {"layers_block_type": ["linear_attention", "hybrid", "hybrid"], "num_hidden_layers": 3},
     # with use_cache (the default) its forward builds a cache from a config without num_hidden_layers
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="only classes whose name contains this (a regular expression, case-insensitive)")
     p.add_argument("--limit", type=int, help="at most this many classes (after --only)")
-    p.add_argument("--timeout", type=int, default=60, help="seconds per class (default 60)")
+    p.add_argument("--timeout", type=int, default=120, help="seconds per class (default 120)")
     p.add_argument("--out", type=Path, help="the JSON file (default: benchmarks/results/hf-sweep-...json)")
     p.add_argument("--mappings", nargs="+", default=MAPPINGS, help="auto mappings, without _MAPPING_NAMES")
     args = p.parse_args(argv)
