@@ -139,6 +139,9 @@ OVERRIDES = {
     "shieldgemma2": {"yes_token_index": 1, "no_token_index": 2},
     # five stages downsample by 32, then the last one unfolds 2x2 patches: 64 pixels at least
     "mobilevitv2": {"image_size": 64},
+    # its to_dict serializes each layer as two blocks (attention, "mlp") and doubles num_hidden_layers:
+    # the layout rule would read "mlp" as a layer kind; it derives its own layer types for 2 layers
+    "dory": {"layer_types": None, "num_hidden_layers": 2},
     # the two-call differential attention splits the values along KV heads: needs an even number >= 2
     "diffllama": {"num_key_value_heads": 2},
 }
@@ -202,6 +205,8 @@ def tiny_overrides(config) -> dict:
         out["head_dim"] = values["expand"] * hidden // out["num_heads"]
     if hidden and type(values.get("mamba_expand")) is int and "mamba_n_heads" in values:
         out["mamba_n_heads"] = 2
+        if type(values.get("mamba_d_ssm")) is int:  # FalconH1: the Mamba width, when set, else expand * hidden
+            out["mamba_d_ssm"] = values["mamba_expand"] * hidden
         if type(values.get("mamba_d_head")) is int:
             out["mamba_d_head"] = values["mamba_expand"] * hidden // 2
     if isinstance(values.get("depths"), list):
