@@ -31,10 +31,12 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> t
         if getattr(cfg, "is_encoder_decoder", False):  # (input_ids, decoder_input_ids)
             return ids, torch.randint(0, vocab, (batch_size, max(1, seq_len - 3)), generator=g).to(device)
         return (ids,)
-    if name == "pixel_values" and hasattr(cfg, "image_size"):
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+    # the image size is the config's own, or its vision sub-config's (CLIPForImageClassification)
+    image_cfg = next((c for c in (cfg, getattr(cfg, "vision_config", None)) if hasattr(c, "image_size")), None)
+    if name == "pixel_values" and image_cfg is not None:
+        size = image_cfg.image_size if isinstance(image_cfg.image_size, int) else image_cfg.image_size[0]
         dtype = next(model.parameters()).dtype
-        x = torch.randn(batch_size, getattr(cfg, "num_channels", 3), size, size, generator=g)
+        x = torch.randn(batch_size, getattr(image_cfg, "num_channels", 3), size, size, generator=g)
         return (x.to(device=device, dtype=dtype),)
     raise TypeError(
         f"cannot derive example inputs for {type(model).__name__} (main input {name!r}"

@@ -1,6 +1,8 @@
 """Detection: every way of writing a pre-norm residual is found; what is not pre-norm is refused."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -374,3 +376,24 @@ def test_detect_reports_exactly_what_convert_does(case):
     assert [(s.norm, s.sublayer, s.block, s.num_sources, s.param_prefix) for s in detected.sites] == [
         (s.norm, s.sublayer, s.block, s.num_sources, s.param_prefix) for s in converted.sites]
     assert detected.totals() == converted.totals()
+
+
+def test_image_size_of_a_vision_sub_config_gives_the_example_inputs():
+    """CLIPForImageClassification's config keeps its image size (and channels) in ``vision_config``:
+    ``convert_`` derives its example inputs from there (it said "no image_size" before) and converts."""
+    transformers = pytest.importorskip("transformers")
+    from residual_rewriter import hf
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8, num_channels=3)
+    cfg = transformers.AutoConfig.for_model("clip", vision_config=vision, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64))
+    torch.manual_seed(0)
+    model = transformers.CLIPForImageClassification(cfg).eval()
+    (x,) = hf.example_inputs(model, batch_size=2)
+    assert x.shape == (2, 3, 32, 32)
+    original = copy.deepcopy(model)
+    rr.convert_(model)
+    assert len(model.attn_res_report.sites) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, original(x).logits, rtol=0, atol=0)
