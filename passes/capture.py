@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -329,7 +330,7 @@ def _recording_checkpoints(tracer: ResidualTracer):
 def _trace(model, input_names, call, example_inputs, training, *, opaque_children, inline, opaque_if_reads_training=False):
     tracer = ResidualTracer(model, example_inputs, opaque_if_reads_training=opaque_if_reads_training,
                             opaque_children=opaque_children, inline=inline)
-    with in_mode(model, training):
+    with in_mode(model, training), attributes_restored(model):
         root = _make_root(model, input_names, call)
         with _traceable_size_varargs(), _recording_checkpoints(tracer):
             graph = tracer.trace(root)
@@ -474,6 +475,25 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Trace ``model`` without keeping what its Python code stores on its modules while traced: a
+    forward that caches a tensor in a dict attribute (LeViT's ``attention_bias_cache``) would keep a
+    proxy of this trace there, and the next trace, or the user's next forward, would read it."""
+    saved = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in (dict, list, set)})
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, containers in saved:
+            for key in set(module.__dict__) - set(attributes):
+                del module.__dict__[key]
+            module.__dict__.update(attributes)
+            for key, value in containers.items():  # changed in place: their contents back
+                attributes[key].clear()
+                attributes[key].update(value) if isinstance(value, (dict, set)) else attributes[key].extend(value)
 
 
 _ADDS = {operator.add, torch.add}

@@ -358,3 +358,28 @@ def test_an_attribute_first_used_inside_a_module_kept_opaque_survives_its_rollba
     converted = rr.convert(model, inputs)
     assert converted.attn_res_report.plan.opaque_modules.keys() == {"scale"}
     assert rel_err(converted(inputs), want) <= 1e-12
+
+
+class _CachingBlock(Block):
+    """Caches a tensor in a dict attribute on its first call (LeViT's attention_bias_cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)  # while traced, a proxy's name: a key of its own
+        if key not in self.cache:
+            self.cache[key] = self.fc.weight.new_ones(())
+        return x + self.fc(self.norm(x)) * self.cache[key]
+
+
+def test_what_a_forward_stores_on_its_modules_while_traced_is_not_kept():
+    """Tracing runs the model's Python with proxies: a proxy cached in a module's dict would be read by the
+    next trace ("does not belong to this Graph") and by the user's next forward."""
+    model = Net(_CachingBlock).double()
+    inputs = x().double()
+    want = copy.deepcopy(model)(inputs)
+    rr.convert_(model, example_inputs=(inputs,))
+    assert not any(isinstance(v, torch.fx.Proxy) for b in model.blocks for v in b.cache.values())
+    assert rel_err(model(inputs), want) <= 1e-12
