@@ -334,7 +334,6 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     calls_per_module = Counter(id(c.module) for c in calls)
     holders: list[Holder] = []
     done: list[str] = []  # holders' paths: their insides are theirs
-    tried: dict[int, Any] = {}  # id(call) -> Traced or the exception: each call is traced alone once
     candidates = [c for c in calls if c.path and not is_opaque_by_class(c.module) and c.tensor_inputs()
                   and (filter_fn is None or filter_fn(c.module, c.path))]
     for call in candidates:
@@ -342,7 +341,7 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
             continue
         try:
             bound = bind_call(call.module, call.args, call.kwargs)
-            traced = _trace_holder(call, candidates, tried)
+            traced = _trace_holder(call, candidates)
         except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
             found.not_holders.setdefault(call.path, _short_reason(exc))
             continue
@@ -359,15 +358,20 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     return found
 
 
-def _trace_holder(call: ModuleCall, candidates: list[ModuleCall], tried: dict[int, Any]) -> Traced:
-    """``trace_alone``; where that fails or the stream starts inside, again with the children that are
-    holders themselves traced into: Megatron-BERT's attention child adds the attention's residual, the
-    layer the MLP's."""
-    first = _tried(call, tried)
-    if isinstance(first, Traced) and not first.starts_inside:
-        return first
+def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
+    """``trace_alone``; where that fails or the stream starts inside, again with the children that take
+    the stream and hold a norm traced into: Megatron-BERT's attention child adds the attention's residual
+    and the layer the MLP's; DBRX's `norm_attn_norm` adds the attention's and normalises for the MLP."""
+    try:
+        first = trace_alone(call.module, bind_call(call.module, call.args, call.kwargs))
+        if not first.starts_inside:
+            return first
+    except ConversionError as exc:
+        first = exc
+    inputs = call.tensor_inputs()
     holding = [c.path.rpartition(".")[2] for c in candidates if c.path.rpartition(".")[0] == call.path
-               and not any(has_hooks(m) for m in c.module.modules()) and isinstance(_tried(c, tried), Traced)]
+               and any(t is x for t in c.tensor_inputs() for x in inputs)
+               and any(is_norm_module(m) for m in c.module.modules()) and not any(has_hooks(m) for m in c.module.modules())]
     if holding:
         try:
             return trace_alone(call.module, bind_call(call.module, call.args, call.kwargs), inline=tuple(holding))
@@ -376,16 +380,6 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall], tried: dict[in
     if isinstance(first, Exception):
         raise first
     return first
-
-
-def _tried(call: ModuleCall, tried: dict[int, Any]):
-    """``trace_alone`` of ``call`` (memoised in ``tried``): the Traced, or the exception it raised."""
-    if id(call) not in tried:
-        try:
-            tried[id(call)] = trace_alone(call.module, bind_call(call.module, call.args, call.kwargs))
-        except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason
-            tried[id(call)] = exc
-    return tried[id(call)]
 
 
 def _short_reason(exc: Exception) -> str:

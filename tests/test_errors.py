@@ -283,18 +283,43 @@ class _LayerAddingItsMLP(nn.Module):
         return h + self.mlp(self.ln(h))
 
 
-def test_a_child_holding_an_add_is_traced_into_its_layer():
-    """Neither the layer nor its attention child holds both adds: the layer is traced with the child
-    traced into (one holder per layer, both sites, one stream); the module tree stays as it was."""
+class _AddsThenNormalises(nn.Module):
+    """DBRX's shape: adds the attention's residual and normalises the sum for the MLP, returning both."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc, self.ln = nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D)
+
+    def forward(self, x):
+        r = x + self.fc(self.norm(x))
+        return r, self.ln(r)
+
+
+class _LayerAddingTheMLPOfItsChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention, self.mlp = _AddsThenNormalises(), nn.Linear(D, D)
+
+    def forward(self, x):
+        r, h = self.attention(x)
+        return r + self.mlp(h)
+
+
+@pytest.mark.parametrize("layer", [_LayerAddingItsMLP, _LayerAddingTheMLPOfItsChild])
+def test_a_child_holding_an_add_is_traced_into_its_layer(layer):
+    """Neither the layer nor its attention child holds both adds (Megatron-BERT; DBRX, whose child also
+    normalises for the MLP): the layer is traced with the child traced into (one holder per layer, both
+    sites, one stream); the module tree stays as it was."""
     model = Net()
-    model.blocks = nn.ModuleList(_LayerAddingItsMLP() for _ in range(3))
+    model.blocks = nn.ModuleList(layer() for _ in range(3))
     model, inputs = model.double(), x().double()
     names = [n for n, _ in model.named_modules()]
     original = copy.deepcopy(model)
     rr.convert_(model, example_inputs=(inputs,), num_blocks=2)
     report = model.attn_res_report
     assert report.holders == ["blocks.0", "blocks.1", "blocks.2"] and len(report.streams) == 1
-    assert [s.norm for s in report.sites] == [f"blocks.{i}.{n}" for i in range(3) for n in ("attention.norm", "ln")]
+    mlp_norm = "ln" if layer is _LayerAddingItsMLP else "attention.ln"
+    assert [s.norm for s in report.sites] == [f"blocks.{i}.{n}" for i in range(3) for n in ("attention.norm", mlp_norm)]
     assert [n for n, _ in model.named_modules() if ".attn_res" not in n and not n.endswith("attn_res")] == names
     with torch.no_grad():
         assert rel_err(model(inputs), original(inputs)) <= 1e-12
