@@ -75,14 +75,15 @@ def test_a_shared_parameter_key_is_refused(monkeypatch):
     assert plan_module.assign_parameter_names is not same_name_for_all
 
 
-@pytest.mark.parametrize("name", ["mamba", "falcon_mamba"])
+@pytest.mark.parametrize("name", ["mamba", "falcon_mamba", "mamba2"])
 def test_a_cast_of_the_residual_is_looked_through_only_where_it_keeps_its_values(name):
     """Mamba adds ``residual.to(float32)``: a no-op in a float32 model (converted, exact); in float64 it
     rounds the stream at every layer, which block sums cannot repeat (refused, naming the cast); with
     bfloat16 weights it widens the stream at the first add (b_0 is widened, the block sums are float32)."""
     transformers = pytest.importorskip("transformers")
+    heads = dict(num_heads=2, head_dim=32, n_groups=1) if name == "mamba2" else {}  # heads x head_dim = 2 x hidden
     config = transformers.AutoConfig.for_model(name, vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=8,
-                                               residual_in_fp32=True)
+                                               residual_in_fp32=True, **heads)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     converted = rr.convert(model, example_inputs={"input_ids": ids}, block_size=1)
