@@ -524,3 +524,43 @@ def test_a_constant_tensor_in_a_layers_output_is_carried_into_the_rewritten_forw
     assert rel_err(out, model(x)[0]) <= 1e-12 and aux.item() == 0.0
     assert not any("_rr_constant" in k for k in converted.state_dict())  # not saved
     assert converted.to(torch.float32)(x.float())[1].dtype == torch.float32
+
+
+class _ShapeCheckingModel(torch.nn.Module):
+    """The model's own forward branches on shapes (pads to an even length) and rearranges the stream
+    (einops-style) before its layers; the layers hold the adds. Its forward is never traced."""
+
+    def __init__(self, d=16, layers=3):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.layers = torch.nn.ModuleList(_PreNormLayer(d) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if t % 2:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+        x = x.reshape(b, -1, 2, d // 2).transpose(2, 3).reshape(b, -1, d)  # rearrange "b t (c h) -> b t (h c)"
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)[:, :t]
+
+
+class _PreNormLayer(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+def test_a_models_own_forward_with_shape_checks_is_no_obstacle_when_the_layers_hold_the_adds():
+    torch.manual_seed(0)
+    model = _ShapeCheckingModel().double()
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(torch.randn(2, 7, 16, dtype=torch.float64),), num_blocks=2)
+    assert model.attn_res_report.holders == ["layers.0", "layers.1", "layers.2"]
+    for t in (7, 8, 3):  # both branches of the model's own check
+        x = torch.randn(2, t, 16, dtype=torch.float64)
+        assert rel_err(model(x), original(x)) <= 1e-12
