@@ -493,7 +493,10 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
             module.__dict__.update(attributes)
             for key, value in containers.items():  # changed in place: their contents back
                 attributes[key].clear()
-                attributes[key].update(value) if isinstance(value, (dict, set)) else attributes[key].extend(value)
+                if isinstance(value, list):
+                    attributes[key].extend(value)
+                else:
+                    attributes[key].update(value)
 
 
 _ADDS = {operator.add, torch.add}

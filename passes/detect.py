@@ -20,7 +20,6 @@ functions fed directly by ``x`` skip the numeric probe.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import operator
 from typing import Any, Iterable, Optional
 
@@ -281,11 +280,11 @@ class _SiteFinder:
         # x reaches the branch through them alone, whatever comes after.
         entries = self._sorted(set(self.dag.successors(skip)) & region)
         if entries and branch not in entries and all(self._known_norm_of(n, skip) for n in entries):
-            return dataclasses.replace(self._site(add, skip, branch, entries, entries), skip_upcast=upcast), None
+            return self._site(add, skip, branch, entries, entries, upcast), None
         for cand in self._dominators(skip, branch, region):
             norm_region = self._sorted(self._between(skip, cand) - {skip})
             if self._known_norm_of(cand, skip) or probe_scale_invariant(self.gm, self.values, norm_region, skip, cand):
-                return dataclasses.replace(self._site(add, skip, branch, [cand], norm_region), skip_upcast=upcast), None
+                return self._site(add, skip, branch, [cand], norm_region, upcast), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         return None, "the branch does not read x through a normalization (post-norm or plain residual)"
@@ -340,7 +339,7 @@ class _SiteFinder:
     def _module_has_parameters(self, path: str) -> bool:
         return any(True for _ in self.gm.get_submodule(path).parameters())
 
-    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region) -> Site:
+    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region, skip_upcast: str) -> Site:
         after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - set(norm_outs)
         # The sublayer is the deepest module holding the branch's module calls (and any function
         # call made inside a submodule of its own); glue like `getitem` at the layer level is ignored.
@@ -365,6 +364,7 @@ class _SiteFinder:
             branch_node=branch.name,
             norm_node=norm_outs[0].name,
             norm_entry_nodes=[n.name for n in norm_region if skip in n.all_input_nodes],
+            skip_upcast=skip_upcast,
         )
 
 

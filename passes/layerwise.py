@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
@@ -210,21 +211,12 @@ def trace_alone(module: nn.Module, bound: BoundCall, inline: tuple = ()) -> Trac
         return Traced(captured, values, plan, source.target)
     # the stream starts inside (RWKV's first layer normalises its input first; ModernBERT's adds a
     # sublayer without a norm): a stream's first layer only, its argument the one input of that shape
-    arguments = [n for n in _ancestors(source) if n.op == "placeholder" and isinstance(values.get(n), torch.Tensor)
-                 and values[n].shape == values[source].shape]
+    dag = nx.DiGraph((i, n) for n in captured.graph_module.graph.nodes for i in n.all_input_nodes)
+    arguments = [n for n in nx.ancestors(dag, source) if n.op == "placeholder"
+                 and isinstance(values.get(n), torch.Tensor) and values[n].shape == values[source].shape]
     if len(arguments) != 1:
         raise ConversionError(f"its residual stream starts inside it (at {stream.source}), not at an argument")
     return Traced(captured, values, plan, arguments[0].target, starts_inside=True)
-
-
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    seen, todo = {}, [node]
-    while todo:
-        for n in todo.pop().all_input_nodes:
-            if n not in seen:
-                seen[n] = None
-                todo.append(n)
-    return list(seen)
 
 
 def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
