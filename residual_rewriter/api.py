@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from residual_rewriter import driver, hf
+from residual_rewriter import checkpoint, driver, hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes.errors import ConversionError, first_line
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
@@ -66,7 +67,7 @@ def convert_(
     if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
         model.config = copy.copy(model.config)  # in a copy: other models may share the config object
         model.config.residual_rewriter = {**dataclasses.asdict(config), "mode": "in_place"}
-        model.save_pretrained = hf.SavePretrained(model)
+        model.save_pretrained = types.MethodType(checkpoint.save_pretrained, model)
     return model
 
 

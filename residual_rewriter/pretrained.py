@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints of converted models: ``residual_rewriter.from_pretrained(path)``."""
+"""Loading the Hugging Face checkpoint of a converted model: ``residual_rewriter.from_pretrained(path)``
+(how it is written and marked: ``checkpoint.py``)."""
 from __future__ import annotations
 
 import functools
@@ -7,7 +8,7 @@ import warnings
 
 from torch import nn
 
-from residual_rewriter import hf
+from residual_rewriter import checkpoint
 from residual_rewriter.api import convert_
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes.errors import ConversionError
@@ -18,7 +19,7 @@ def from_pretrained(path: str, model_class=None, example_inputs=None, **from_pre
     """Load a model saved with ``save_pretrained`` after ``convert_(model)`` or ``convert(model)``.
 
     ``save_pretrained`` marks the checkpoint so that transformers never loads it without its AttnRes
-    weights (``hf.MODEL_TYPE_PREFIX``): its Auto classes load it through this function when given
+    weights (``checkpoint.MODEL_TYPE_PREFIX``): its Auto classes load it through this function when given
     ``trust_remote_code=True`` and refuse it otherwise, and the saved class refuses it.
 
     Builds the model with its class's ``from_pretrained`` (which skips the ``attn_res.*`` weights it
@@ -41,9 +42,9 @@ def from_pretrained(path: str, model_class=None, example_inputs=None, **from_pre
         if model_class is None:
             raise ConversionError(f"{path}/config.json names no transformers class in `architectures` "
                                   f"({saved.get('architectures')}): pass model_class=...")
-    if not saved.get("model_type", "").startswith(hf.MODEL_TYPE_PREFIX) or not saved.get("residual_rewriter"):
+    if not saved.get("model_type", "").startswith(checkpoint.MODEL_TYPE_PREFIX) or not saved.get("residual_rewriter"):
         raise ConversionError(f"{path} holds no residual_rewriter options in its config: it was not saved from a converted model")
-    config = hf.saved_config(path)
+    config = checkpoint.saved_config(path)
     options = {k: v for k, v in config.residual_rewriter.items() if k != "mode"}
     del config.residual_rewriter  # recorded by the save: not a sign of a converted model here
     model = _load_without_attn_res(model_class, path, config, from_pretrained_kwargs)
@@ -126,7 +127,7 @@ def _builds(auto_class, config, model_class) -> bool:
 
 class AttnResCheckpointConfig:
     """What ``AutoConfig.from_pretrained(path, trust_remote_code=True)`` returns for a converted checkpoint
-    (through ``hf.CHECKPOINT_CODE``). Deliberately no transformers config class: an Auto class that the
+    (through ``checkpoint.CHECKPOINT_CODE``). Deliberately no transformers config class: an Auto class that the
     checkpoint's ``auto_map`` does not name then finds no model for it and refuses, rather than building
     the model without AttnRes. ``original`` is the saved model's own config."""
 
@@ -146,7 +147,7 @@ class AttnResCheckpointConfig:
 
         with open(os.path.join(path, "config.json")) as f:
             auto_map = json.load(f)["auto_map"]
-        config = cls(auto_map, hf.saved_config(path))
+        config = cls(auto_map, checkpoint.saved_config(path))
         # what transformers' own configs consume from the Auto class's keyword arguments
         for used in ("_from_auto", "_from_pipeline", "name_or_path", "cache_dir", "force_download", "local_files_only",
                      "proxies", "token", "revision", "subfolder", "trust_remote_code", "code_revision"):
@@ -173,7 +174,7 @@ class AttnResCheckpointModel:
             raise ConversionError(f"positional model arguments {model_args} cannot be passed on: use keywords")
         saved = getattr(transformers, config.original.architectures[0])
         if not _builds(getattr(transformers, cls.auto_class_name), config.original, saved):
-            right = [name for name in hf.auto_model_classes() if _builds(getattr(transformers, name), config.original, saved)]
+            right = [name for name in checkpoint.auto_model_classes() if _builds(getattr(transformers, name), config.original, saved)]
             raise ConversionError(
                 f"{path} holds a {saved.__name__} converted by residual_rewriter; {cls.auto_class_name} builds "
                 f"another class from its config, without the AttnRes weights. Load it with "
@@ -185,7 +186,7 @@ class AttnResCheckpointModel:
 
 @functools.cache
 def checkpoint_loader(auto_class_name: str) -> type:
-    """``AttnResCheckpointModel`` for one Auto class: the ``__getattr__`` of ``hf.CHECKPOINT_CODE``, so
+    """``AttnResCheckpointModel`` for one Auto class: the ``__getattr__`` of ``checkpoint.CHECKPOINT_CODE``, so
     that ``auto_map``'s ``residual_rewriter_checkpoint.AutoModelForCausalLM`` names it. One class per
     Auto class, because transformers registers the class it loaded in that Auto class's mapping."""
     if not auto_class_name.startswith("AutoModel"):
