@@ -70,25 +70,10 @@ class AttnResParameters(nn.Module):
     """The queries and gains of one layer's aggregations (``<layer>.attn_res.<site>``), in place.
 
     A plain module rather than a ModuleDict, so that PEFT can train and save it
-    (``LoraConfig(modules_to_save=["attn_res"])`` refuses containers); indexing works as on a dict."""
+    (``LoraConfig(modules_to_save=["attn_res"])`` refuses containers); ``attn_res["mlp"]`` indexes it."""
 
     def __getitem__(self, key: str) -> AttnResQuery:
         return self._modules[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._modules
-
-    def __iter__(self):
-        return iter(self._modules)
-
-    def keys(self):
-        return self._modules.keys()
-
-    def values(self):
-        return self._modules.values()
-
-    def items(self):
-        return self._modules.items()
 
 
 def apply_plan(

@@ -72,44 +72,11 @@ class ConversionReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "converted": self.converted,
-            "mode": self.mode,
-            "mode_reason": self.mode_reason,
-            "config": asdict(self.config),
-            "streams": [
-                {
-                    "index": st.index,
-                    "source": st.source,
-                    "consumers": st.consumers,
-                    "hidden_size": st.hidden_size,
-                    "num_blocks": st.num_blocks,
-                    "block_size": st.block_size,
-                    "final_parameters": st.final_param_prefix,
-                    "sites": [
-                        {
-                            "index": s.index,
-                            "block": s.block,
-                            "position": s.position,
-                            "num_sources": s.num_sources,
-                            "norm": s.norm,
-                            "sublayer": s.sublayer,
-                            "parameters": s.param_prefix,
-                        }
-                        for s in st.sites
-                    ],
-                }
-                for st in self.plan.streams
-            ],
-            "left_out": [asdict(lo) for lo in self.plan.left_out],
-            "opaque_modules": dict(self.plan.opaque_modules),
-            "new_parameters": dict(self.new_parameters),
-            "holders": list(self.holders),
-            "checkpoint_dropped": list(self.checkpoint_dropped),
-            "hooks_not_called": list(self.hooks_not_called),
-            "totals": self.totals(),
-        }
+        """The report as plain data (JSON): its fields, the plan's (streams with their sites, left-out
+        adds, opaque modules) in place of ``plan``, and ``totals``."""
+        fields = asdict(self)
+        plan = fields.pop("plan")
+        return {**fields, **plan, "totals": self.totals()}
 
     def __str__(self) -> str:
         lines = []

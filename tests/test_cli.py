@@ -84,11 +84,12 @@ def test_builtin_model_json_schema(capsys):
     for key, typ in {"model": str, "converted": bool, "config": dict, "streams": list, "left_out": list,
                      "opaque_modules": dict, "new_parameters": dict, "totals": dict}.items():
         assert isinstance(report[key], typ), key
+    assert "plan" not in report  # its streams, sites and left-out adds sit at the top level
     assert report["model"] == "GPT" and report["converted"] is True and report["config"]["num_blocks"] == 2
     (stream,) = report["streams"]
     assert stream["num_blocks"] == 2 and len(stream["sites"]) == 8
     for site in stream["sites"]:
-        assert set(site) >= {"index", "block", "position", "num_sources", "norm", "sublayer", "parameters"}
+        assert set(site) >= {"index", "block", "position", "num_sources", "norm", "sublayer", "param_prefix"}
         assert isinstance(site["num_sources"], int) and isinstance(site["norm"], str)
     totals = report["totals"]
     assert totals["sites"] == 8 and totals["blocks"] == 2

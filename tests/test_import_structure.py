@@ -125,11 +125,21 @@ def test_convert_reads_in_at_most_12_modules(path):
     assert len(path) <= 12, _table(path)
 
 
-# 3,515 lines in 12 modules, of which the functions that run on this path are 1,780. 2,500 needs less
-# code (fewer features), not shorter prose: a decision for the team (NOTES.md, issue 18)
-@pytest.mark.xfail(strict=True, reason="issue 18: 3,515 lines today")
+# Decision (session 11, NOTES.md): the constructs issue 20 asked for (streams starting inside a layer, casts
+# on the skip, children traced in, resized streams, ...) stay, and they are most of the way from 2,500 to
+# today's count. The target stays visible as a strict xfail; the ratchet below makes growth pay for itself.
+READING_PATH_LINES = 3387
+
+
+@pytest.mark.xfail(strict=True, reason=f"issue 18: {READING_PATH_LINES:,} lines today")
 def test_convert_reads_in_at_most_2500_lines(path):
     assert sum(path.values()) <= 2500, _table(path)
+
+
+def test_the_reading_path_does_not_grow(path):
+    """A change that adds lines to convert_'s path removes as many elsewhere on it, or raises
+    READING_PATH_LINES and says why in its commit message."""
+    assert sum(path.values()) <= READING_PATH_LINES, _table(path)
 
 
 if __name__ == "__main__":  # python tests/test_import_structure.py: the reading path, module by module
