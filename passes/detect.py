@@ -427,10 +427,14 @@ def build_plan(
         elif reason is not None:
             plan.left_out.append(LeftOut(node.name, module_path(node), reason))
 
-    # Link sites into streams: a site continues the stream whose last add is its skip input.
+    # Link sites into streams: a site continues the stream whose last add is its skip input, or a token
+    # view of it (Swin: ``x.reshape(B, -1, C)`` between its sublayers)
     for site in sites_by_add.values():  # graph order
-        prev = sites_by_add.get(site.skip_node)
+        skip = nodes[site.skip_node]
+        viewed = _token_view_of(skip, values)
+        prev = sites_by_add.get((viewed or skip).name)
         if prev is not None and prev.stream >= 0:
+            site.skip_view = skip.name if viewed is not None else ""
             stream = plan.streams[prev.stream]
             if site.skip_upcast:  # only b_0 can be widened (the block sums are already that wide after it)
                 raise ConversionError(f"the residual stream after {prev.sublayer} is cast to {site.skip_upcast} "
@@ -456,6 +460,17 @@ def build_plan(
     return plan
 
 
+def _token_view_of(node: fx.Node, values: dict) -> Optional[fx.Node]:
+    """``x`` when ``node`` is ``x.reshape(...)`` (``view``, ``flatten``, ...) keeping the last dimension:
+    the same tokens, grouped otherwise (reshapes keep the elements' order). Else None."""
+    x = node.args[0] if node.op == "call_method" and node.target in RESHAPE_METHODS else None
+    a, b = values.get(x), values.get(node)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() == b.numel() and a.dim() and b.dim() \
+            and a.shape[-1] == b.shape[-1]:
+        return x
+    return None
+
+
 def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, ends_at_output: bool = False) -> None:
     """Every intermediate stream value may only be read by the next site's norm and add (and by
     nodes that only look at its shape/dtype, which the rewrite points at the source instead).
@@ -476,7 +491,11 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
         readers = finder.drop_metadata_edges(nodes[site.add_node])
         site.metadata_readers = [r.name for r in readers]
         allowed = set(nxt.norm_entry_nodes) | _reading_add(nxt, nodes) | set(site.metadata_readers)
-        for user in nodes[site.add_node].users:
+        read = [nodes[site.add_node]]
+        if nxt.skip_view:  # a view of the stream is read as the stream is (its own shape readers read h's view)
+            allowed |= {nxt.skip_view} | {r.name for r in finder.drop_metadata_edges(nodes[nxt.skip_view])}
+            read.append(nodes[nxt.skip_view])
+        for user in [u for value in read for u in value.users]:
             if user.name not in allowed:
                 problems.append(
                     f"the stream after {site.sublayer} is also read by {module_path(user) or '?'} "
@@ -491,7 +510,7 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
         )
     last = nodes[stream.sites[-1].add_node]
     if ends_at_output:
-        _check_stream_ends_at_output(stream, last, finder)
+        _check_stream_ends_at_output(stream, last, source, finder)
         return
     for user, alias in finder.effective_readers(last):  # the stream's end must feed a norm (the final norm)
         if user in finder.drop_metadata_edges(alias):
@@ -524,8 +543,14 @@ def _returned_tuple_concat(user: fx.Node, value: fx.Node) -> bool:
             and value in user.args[0] and all(u.op == "output" for u in user.users))
 
 
-def _check_stream_ends_at_output(stream: Stream, last: fx.Node, finder) -> None:
+def _check_stream_ends_at_output(stream: Stream, last: fx.Node, source: fx.Node, finder) -> None:
     metadata = finder.drop_metadata_edges(last)
+    view = last  # token views of the end, the last one back to the source's shape (Swin: to (B, H, W, C))
+    while len(readers := [u for u in view.users if u not in finder.drop_metadata_edges(view)]) == 1 \
+            and _token_view_of(readers[0], finder.values) is view:
+        view = readers[0]
+    if view is not last and finder.values[view].shape == finder.values[source].shape:
+        stream.end_view, last, metadata = view.name, view, []
     # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments; a tuple
     # built by concatenation, ``(hidden_states,) + attention_output[1:]`` (T5-style), is an add node
     others = [u for u in last.users if u not in metadata and u.op != "output" and not _returned_tuple_concat(u, last)]
@@ -572,9 +597,9 @@ def _opaque_lines(opaque_modules: dict[str, str]) -> list[str]:
 def _why_not_a_norm(user) -> str:
     name = getattr(user.target, "__name__", user.target)
     if name in RESHAPE_METHODS:
-        return ("here the stream is reshaped between sublayers. The rewrite follows a sublayer run on a "
-                "reshaped stream only when its residual sum is viewed straight back to the stream's shape "
-                "(OPT's `(x.reshape(-1, D) + mlp(...)).view(x.shape)`, see passes/capture.py).")
+        return ("here the stream is reshaped between sublayers. The rewrite follows reshapes that keep the last "
+                "dimension (Swin's `x.reshape(B, -1, C)`) and a residual sum viewed straight back to the stream's "
+                "shape (OPT's `(x.reshape(-1, D) + mlp(...)).view(x.shape)`), not this one.")
     return "this is typical of post-norm sublayers (x + norm(f(x))) or a model without a final norm."
 
 
@@ -629,10 +654,12 @@ class _Prober(fx.Interpreter):
         self.adders: set[fx.Node] = set()  # calls found to add a residual
 
     def _stream_like(self, arg) -> bool:
-        """An argument of the graph, a sum, or the output of a call that added the residual."""
+        """An argument of the graph, a sum, or the output of a call that added the residual (or a view of one)."""
         if not isinstance(arg, fx.Node):
             return False
         if arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0:
+            arg = arg.args[0]
+        if arg.op == "call_method" and arg.target in RESHAPE_METHODS:  # a view of the stream (Swin)
             arg = arg.args[0]
         return arg.op == "placeholder" or (arg.op == "call_function" and arg.target is operator.add) or arg in self.adders
 

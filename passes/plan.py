@@ -33,6 +33,7 @@ class Site:
     norm_entry_nodes: list[str] = field(default_factory=list)  # nodes of the norm that read x directly
     metadata_readers: list[str] = field(default_factory=list)  # read this site's output for shape/dtype only
     skip_upcast: str = ""  # the add reads x.to(this dtype), which keeps x's values and widens the sum
+    skip_view: str = ""  # the skip is this token view of the stream (``x.reshape(B, -1, C)``: Swin)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Stream:
     num_blocks: int = 0
     block_size: int = 0
     dtype: str = ""  # b_0 is cast to this dtype first (the first add widened it: Mamba's residual_in_fp32)
+    end_view: str = ""  # the output is this token view (or view of views) of the end, in the source's shape
 
 
 @dataclass

@@ -142,11 +142,19 @@ def _rewrite_stream(
         x = nodes[site.skip_node] if k else b_0
         if len(sources) > 1:
             h = aggregate(cursor, sources, site.param_prefix)
+            if site.skip_view:  # its norm (and shape readers) read the same view of h: x.reshape(B, -1, C) -> h.reshape(...)
+                with graph.inserting_before(x):  # where the view's sizes are known
+                    view = graph.node_copy(x, lambda n: h if n is x.args[0] else n)
+                x.replace_all_uses_with(view, delete_user_cb=lambda user: user.name != site.add_node)
             for name in site.norm_entry_nodes:
                 nodes[name].replace_input_with(x, h)
         # else: the very first sublayer has one source, b_0 == x: softmax over one source is 1, so it
         # reads x directly and gets no query (a query there could never receive a gradient).
         add, v = nodes[site.add_node], nodes[site.branch_node]
+        if site.skip_view:  # its output back in the stream's shape (a reshape keeps the elements' order)
+            with graph.inserting_after(add):
+                v = graph.call_method("reshape_as", (v, b_0))
+            add = v
         with graph.inserting_after(add):
             if partial is None:  # a block starts
                 partial = graph.call_function(in_stream_dtype, (v, b_0))
@@ -161,6 +169,12 @@ def _rewrite_stream(
         for name in site.metadata_readers:
             nodes[name].replace_input_with(nodes[site.add_node], b_0)
     end = nodes[stream.sites[-1].add_node]
+    if stream.end_view:  # the output viewed the end back to the stream's shape: the end already has it
+        view = nodes[stream.end_view]
+        view.replace_all_uses_with(end)
+        while view is not end:
+            view, erased = view.args[0], view
+            graph.erase_node(erased)
     if layer is None or layer.last:
         final_sources = blocks + ([partial] if partial is not None else [])
         out = aggregate(cursor, final_sources, stream.final_param_prefix)
@@ -173,6 +187,8 @@ def _rewrite_stream(
         graph.erase_node(nodes[site.add_node])
         for cast in [n for n in operands if n.name not in (site.skip_node, site.branch_node) and not n.users]:
             graph.erase_node(cast)  # the skip was x.to(dtype) (detect.uncast), now read by nothing
+        if site.skip_view and not nodes[site.skip_view].users:
+            graph.erase_node(nodes[site.skip_view])  # the view of the stream the sublayer read before
 
 
 def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, first_position: int, dtype: str):

@@ -180,6 +180,12 @@ class Recording:
     order: dict = field(default_factory=dict)  # node name -> execution index
 
 
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """[tokens, D]: a stream value as its tokens in order, whichever grouping of the leading dimensions
+    the model gives it where it is read (Swin views (B, H, W, C) as (B, H*W, C) between its sublayers)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 def _first_tensor(out):
     while isinstance(out, (tuple, list)):
         out = out[0]
@@ -295,24 +301,24 @@ def record(converted, inputs: dict, branch_modules=None) -> Recording:
     for st in report.streams:
         first = _holder_of(st.sites[0], forwards)
         last = _holder_of(st.sites[-1], forwards)
-        rec.b0[st.index] = envs[first][st.source_node or st.sites[0].skip_node]
+        rec.b0[st.index] = _tokens(envs[first][st.source_node or st.sites[0].skip_node])
         for site in st.sites:
             key = (st.index, site.index)
             holder = _holder_of(site, forwards)
-            rec.branch[key] = envs[holder][site.branch_node]
+            rec.branch[key] = _tokens(envs[holder][site.branch_node])
             rec.order[key] = order[(holder, site.branch_node)]
             mods = branch_modules(site) if branch_modules else ([site.sublayer] if hookable(site.sublayer) else [])
             if mods:
-                rec.branch_hooked[key] = sum(hooked_out[p] for p in mods)
+                rec.branch_hooked[key] = _tokens(sum(hooked_out[p] for p in mods))
             fed = graph_witnesses(holder, site.norm_entry_nodes, site.skip_node)
             fed.update({f"hook {p}": hooked_in[p] for p in site_paths(site)[1:] if p in hooked_in})
-            rec.fed[key] = fed
+            rec.fed[key] = {witness: _tokens(t) for witness, t in fed.items()}
         if st.consumer_nodes:  # the final norm is in the holder's graph (the model itself as holder)
             final = graph_witnesses(last, st.consumer_nodes, st.sites[-1].add_node)
         else:  # the last rewritten layer returns the final aggregation: what the model hands its norm
             final = {f"output of {last}": _first_tensor(outputs[last])}
         final.update({f"hook {c}": hooked_in[c] for c in st.consumers if c in hooked_in})
-        rec.final_fed[st.index] = final
+        rec.final_fed[st.index] = {witness: _tokens(t) for witness, t in final.items()}
     return rec
 
 

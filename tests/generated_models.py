@@ -37,6 +37,7 @@ class Spec:
     tap: bool = False  # identity modules on the stream, before and between the adds
     norm_inside: bool = False  # the norm is the first module of the sublayer: x = x + self.mlp(x)
     residual_in_child: bool = False  # the sublayer adds the residual itself: x = self.mlp(norm(x), x) (BLOOM)
+    token_view: bool = False  # the stream viewed as [B*T, 1, D] after the first sublayer, back at the end (Swin)
     reader: str = "norm"
     refuse: str = "none"
 
@@ -173,6 +174,7 @@ class Layer(nn.Module):
     def forward(self, x=None, hidden=None):
         x = hidden if x is None else x  # the stream by position or by keyword
         spec = self.spec
+        shape = x.shape
         if spec.tap:
             x = self.tap_in(x)
         for i, name in enumerate(spec.sublayers):
@@ -183,6 +185,8 @@ class Layer(nn.Module):
                 x = self.residual_branches[name](self._norm(name, x), x)
                 if spec.tap and i == 0:
                     x = self.tap_mid(x)
+                if spec.token_view and i == 0:
+                    x = x.reshape(-1, 1, x.shape[-1])
                 continue
             f = self._branch(name, self._norm(name, x))
             if spec.refuse == "parallel" and i == 0:
@@ -190,6 +194,9 @@ class Layer(nn.Module):
             x = x + f if spec.add_order == "x+f" else f + x
             if spec.tap and i == 0:
                 x = self.tap_mid(x)
+            if spec.token_view and i == 0:
+                x = x.reshape(-1, 1, x.shape[-1])
+        x = x.reshape(shape) if spec.token_view else x
         return (x, None) if spec.returns_tuple else x
 
 
@@ -277,6 +284,7 @@ def specs():
             tap=draw_(st.booleans()),
             norm_inside=False if norm == "inline_rms" else draw_(st.booleans()),
             residual_in_child=draw_(st.booleans()),
+            token_view=draw_(st.booleans()),
             reader=draw_(st.sampled_from(READERS)),
             refuse=draw_(st.sampled_from(REFUSE)) if draw_(st.integers(0, 3)) == 0 else "none",
         )

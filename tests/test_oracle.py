@@ -13,7 +13,8 @@ that the site it names is the first whose input moves.
 Families: a Llama decoder, the built-in GPT, GPT-2, GPT-NeoX (parallel block: one site per layer,
 two norms, branch = attention + MLP), T5 (two streams; the decoder's sites include EncDecAttention),
 inlined functional RMSNorms (final norm included), OPT (its MLP runs on the stream flattened to
-[tokens, D]). Block settings are picked so that ceil(L / N) differs from floor(L / N) in most cases
+[tokens, D]), Swin from Hugging Face and from timm (a stream per stage; timm's blocks view the stream
+as (B, H*W, C) between their sublayers: values are compared token by token). Block settings are picked so that ceil(L / N) differs from floor(L / N) in most cases
 and so that a block_size leaves a short last block.
 
 Checked to fail (mutations applied in-process, no file edited): block sizes (plan.place_in_blocks) with floor instead of
@@ -108,6 +109,11 @@ def _build(name: str):
         pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         # no hook witness of v: the attention module returns windows, the layer un-windows them before the add
         return transformers.SwinForImageClassification(cfg), {"pixel_values": pixels}, lambda site: []
+    if name == "timm_swin":  # as "swin", and each block views the stream as (B, H*W, C) for its MLP
+        from test_third_party import CONVERTS
+
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return CONVERTS["timm-swin"][0](), {"x": pixels}, lambda site: []
     raise KeyError(name)
 
 
@@ -115,13 +121,13 @@ def _build(name: str):
 def _converted(name: str, options: tuple):
     model, inputs, branch_modules = _build(name)
     model = model.double().eval()
-    example = None if name not in ("inline",) else inputs
-    converted = rr.convert(model, example, key_norm_eps=EPS, **dict(options))
     if isinstance(inputs, dict):
         inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    elif name in ("gpt", "inline"):
+    example = None if name not in ("inline", "timm_swin") else inputs
+    converted = rr.convert(model, example, key_norm_eps=EPS, **dict(options))
+    if name in ("gpt", "inline"):
         inputs = inspect.signature(model.forward).bind(*inputs).arguments
-    else:
+    elif not isinstance(inputs, dict):
         inputs = dict(zip(["input_ids", "decoder_input_ids"], inputs))
     randomize(converted, seed=len(options) + sum(map(ord, name)))
     return converted, inputs, branch_modules
@@ -153,6 +159,8 @@ CASES = [
     ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
     ("megatron_bert", dict(num_blocks=4)),  # L=6: 2+2+2
     ("swin", dict(num_blocks=2)),  # two streams of L=4: 2+2 each
+    ("timm_swin", dict(num_blocks=2)),  # the same, with a view of the stream between sublayers
+    ("timm_swin", dict(block_size=1)),  # Full AttnRes: every MLP site reads a view of its aggregation
 ]
 
 
@@ -231,7 +239,7 @@ def test_every_norm_reads_what_block_attnres_says(case):
 PERTURB = [("llama", dict(num_blocks=4)), ("gpt_neox", dict(num_blocks=2)), ("t5", dict(num_blocks=4)),
            ("inline", dict(num_blocks=2)), ("opt", dict(block_size=4)), ("rwkv", dict(num_blocks=2)),
            ("modernbert_decoder", dict(num_blocks=2)), ("megatron_bert", dict(num_blocks=4)),
-           ("swin", dict(num_blocks=2))]
+           ("swin", dict(num_blocks=2)), ("timm_swin", dict(num_blocks=2))]
 
 
 @pytest.mark.parametrize("case", PERTURB, ids=[_case_id(c) for c in PERTURB])

@@ -85,6 +85,10 @@ CONVERTS = {
     "timm-deit-distilled": (lambda: _timm("deit.VisionTransformerDistilled", **VIT), 4),
     # 2 self-attention layers + 1 class-attention layer (its own stream: the class token)
     "timm-cait": (lambda: _timm("cait.Cait", depth_token_only=1, init_values=0.1, **VIT), 6),
+    # a block reshapes the stream between its sublayers ((B, H, W, C) -> (B, H*W, C) and back), shifted
+    # windows with masks in the second block; patch merging widens the stream: a stream per stage
+    "timm-swin": (lambda: _timm("swin_transformer.SwinTransformer", img_size=32, patch_size=4, window_size=4,
+                                embed_dim=16, depths=(2, 2), num_heads=(2, 2), num_classes=0), 8),
 }
 
 
@@ -140,19 +144,17 @@ def test_trains(name):
     assert all(p.any() for n, p in new.items() if n.endswith(".query")), "a query still zero after training"
 
 
-def test_swin_is_refused_naming_the_block_and_left_untouched():
-    """A Swin block reshapes the stream between its two sublayers ((B, H, W, C) to (B, H*W, C) and
-    back), and patch merging changes its width between stages; if the engine learns to convert it,
-    move it to CONVERTS."""
+def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
+    """Swin V2 normalises after each sublayer (``x + norm(attn(x))``, res-post-norm): not pre-norm."""
     torch.manual_seed(0)
-    model = _timm("swin_transformer.SwinTransformer", img_size=32, patch_size=4, window_size=4, embed_dim=16,
+    model = _timm("swin_transformer_v2.SwinTransformerV2", img_size=32, patch_size=4, window_size=4, embed_dim=16,
                   depths=(2, 2), num_heads=(2, 2), num_classes=0).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     original = copy.deepcopy(model)
     with pytest.raises(rr.ConversionError) as info:
         rr.convert_(model, example_inputs=(x,), num_blocks=2)
     message = str(info.value)
-    assert "layers.0.blocks.0.attn" in message and "reshape" in message, message
+    assert "layers.0.blocks.0" in message and "normalization" in message, message
     assert not rr.attn_res_parameters(model) and not hasattr(model, "attn_res_report")
     assert model.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
