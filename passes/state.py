@@ -53,23 +53,11 @@ def make_state(blocks: list, partial: Optional[torch.Tensor]) -> AttnResState:
 register_dataclass(AttnResState, field_names=["blocks", "partial"])
 
 
-def states_to_tensors(module, args, output: Any) -> Any:
-    """Forward hook on the modules around the rewritten layers: where a model returns the hidden
-    states it collected (``output_hidden_states=True``), each state becomes the tensor a standard
-    residual stream would hold there (``residual_sum``: the original's hidden state at init)."""
-    hidden = output.get("hidden_states") if isinstance(output, dict) else getattr(output, "hidden_states", None)
-    if isinstance(hidden, (tuple, list)) and any(isinstance(h, AttnResState) for h in hidden):
-        tensors = type(hidden)(h.residual_sum() if isinstance(h, AttnResState) else h for h in hidden)
-        if isinstance(output, dict):
-            output["hidden_states"] = tensors
-        else:
-            output.hidden_states = tensors
-    return output
-
-
 def states_in_output_to_tensors(module, args, output: Any) -> Any:
-    """Forward hook on a model that is not a Hugging Face one: states anywhere in its output (torchtune
-    returns ``[*hidden_states, logits]`` with ``output_hidden_states``) become their residual sums."""
+    """Forward hook on the modules around the rewritten layers: where a model returns the hidden states it
+    collected (Hugging Face's ``output_hidden_states=True``; torchtune's ``[*hidden_states, logits]``), each
+    state becomes the tensor a standard residual stream would hold there (``residual_sum``: the original's
+    hidden state at init). Hugging Face's output classes are pytree nodes: their fields are looked into."""
     from torch.utils._pytree import tree_flatten, tree_map_only
 
     def is_state(v: Any) -> bool:

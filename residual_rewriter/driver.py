@@ -28,7 +28,7 @@ from residual_rewriter.passes.capture import buffers_restored, in_mode
 from residual_rewriter.passes.layerwise import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
-from residual_rewriter.passes.state import states_in_output_to_tensors, states_to_tensors
+from residual_rewriter.passes.state import states_in_output_to_tensors
 from residual_rewriter.report import ConversionReport, module_label
 
 IN_PLACE = "in place, layer by layer"
@@ -167,12 +167,10 @@ def verify(c: Conversion) -> None:
 def finish(c: Conversion) -> ConversionReport:
     """Hooks that hand tensors, not states, to whoever reads the hidden states; the report."""
     model = c.model
-    if c.mode == IN_PLACE:
-        for path in _ancestors([h.path for h in c.holders]):  # output_hidden_states: tensors, not states
-            if hf.is_hf_model(model.get_submodule(path)):
-                c.hooks.append(model.get_submodule(path).register_forward_hook(states_to_tensors))
-        if not hf.is_hf_model(model):  # on the model only: a parent such as T5Block hands states on
-            c.hooks.append(model.register_forward_hook(states_in_output_to_tensors))
+    if c.mode == IN_PLACE:  # output_hidden_states: tensors, not states; on the model and the Hugging Face
+        for path in _ancestors([h.path for h in c.holders]):  # models in it (not T5Block: it hands states on)
+            if path == "" or hf.is_hf_model(model.get_submodule(path)):
+                c.hooks.append(model.get_submodule(path).register_forward_hook(states_in_output_to_tensors))
     report = make_report(c, converted=True)
     _warn_lost_in_tracing(report)
     return report

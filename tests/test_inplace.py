@@ -332,20 +332,23 @@ def test_filter_fn_limits_the_rewritten_layers():
         assert rel_err(model(x), original(x)) <= 1e-10
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_output_hidden_states_are_tensors_of_the_original_shapes(name):
     """Hidden states after each rewritten layer are what a standard residual stream holds there:
-    the sum of every source, equal to the original's at init."""
+    the sum of every source, equal to the original's at init (T5: its encoder's and its decoder's)."""
     model = make_architecture(name)
     original = copy.deepcopy(model)
     rr.convert_(model, num_blocks=2)
     inputs = _inputs(model)
     with torch.no_grad():
-        got = model(**inputs, output_hidden_states=True).hidden_states
-        want = original(**inputs, output_hidden_states=True).hidden_states
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert isinstance(g, torch.Tensor) and g.shape == w.shape and rel_err(g, w) <= 1e-10
+        got = model(**inputs, output_hidden_states=True)
+        want = original(**inputs, output_hidden_states=True)
+    fields = [k for k in want.keys() if k.endswith("hidden_states") and k != "last_hidden_state"]
+    assert fields == (["decoder_hidden_states", "encoder_hidden_states"] if name == "t5" else ["hidden_states"])
+    for field in fields:
+        assert len(got[field]) == len(want[field])
+        for g, w in zip(got[field], want[field]):
+            assert isinstance(g, torch.Tensor) and g.shape == w.shape and rel_err(g, w) <= 1e-10, field
 
 
 def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
