@@ -124,8 +124,7 @@ def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     """``(args, kwargs)`` to call the model with; a Hugging Face model by keyword (as users call it,
     so that the common signature needs no tracing later, under torch.compile)."""
     if example_inputs is None and hf.is_hf_model(model):
-        inputs = hf.example_inputs(model)
-        example_inputs = dict(zip(hf.input_names(model, len(inputs)), inputs))
+        example_inputs = hf.example_inputs(model)
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
     if example_inputs is None:

@@ -33,12 +33,12 @@ def test_exact_at_init_with_one_query_per_aggregation(name):
     # every site but each stream's first (one source: no query) + one final aggregation per stream
     assert aggregations == len(report.sites) == queries
     assert len([n for n, _ in converted.named_parameters() if ".attn_res." in n and n.endswith(".query")]) == queries
-    inputs = hf.example_inputs(model, batch_size=3, seq_len=7)
+    inputs = hf.example_inputs(model, batch_size=3, seq_len=7)  # T5: input_ids, decoder_input_ids
     # Both without the KV cache. Not the same computation with it: GPT-J/CodeGen on transformers 5.18
     # (eager attention only) compute Q K^T in fp32, where the cache's torch.cat (a contiguous key, not a
     # permuted view) changes MKL's rounding: the original's own cached and uncached logits differ by ~1e-9.
     no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    kwargs = dict(zip(hf.input_names(model, len(inputs)), inputs), **no_cache)  # T5: input_ids, decoder_input_ids
+    kwargs = {**inputs, **no_cache}
     with torch.no_grad():
         ref, out = model(**kwargs), converted(**kwargs)
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"

@@ -207,7 +207,7 @@ def test_other_architectures_keep_checkpointing(name):
     enable()
     conv = rr.convert(model, num_blocks=2)
     assert conv.attn_res_report.checkpoint_dropped == []
-    (x,) = hf.example_inputs(model, batch_size=2, seq_len=7)
+    (x,) = hf.example_inputs(model, batch_size=2, seq_len=7).values()
     calls = []
     attn = [m for m in conv.modules() if type(m).__name__.endswith("Attention")]
     hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in attn]

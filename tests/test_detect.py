@@ -264,7 +264,7 @@ def test_more_hugging_face_architectures(name):
     assert len(converted.attn_res_report.sites) >= 2 and not converted.attn_res_report.plan.opaque_modules
     from residual_rewriter import hf
 
-    (x,) = hf.example_inputs(model, batch_size=3, seq_len=7)
+    (x,) = hf.example_inputs(model, batch_size=3, seq_len=7).values()
     with torch.no_grad():
         ref, out = model(x), converted(x)
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
@@ -326,7 +326,7 @@ def test_residual_first_parallel_block_keeps_its_fp32_adds_under_autocast():
     converted = rr.convert(model, num_blocks=2)
     from residual_rewriter import hf
 
-    (x,) = hf.example_inputs(model, batch_size=2, seq_len=7)
+    (x,) = hf.example_inputs(model, batch_size=2, seq_len=7).values()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(converted(x).logits, model(x).logits, rtol=0, atol=0)
 
@@ -390,7 +390,7 @@ def test_image_size_of_a_vision_sub_config_gives_the_example_inputs():
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64))
     torch.manual_seed(0)
     model = transformers.CLIPForImageClassification(cfg).eval()
-    (x,) = hf.example_inputs(model, batch_size=2)
+    (x,) = hf.example_inputs(model, batch_size=2).values()
     assert x.shape == (2, 3, 32, 32)
     original = copy.deepcopy(model)
     rr.convert_(model)

@@ -51,8 +51,7 @@ def test_round_trip_restores_the_class_and_every_attnres_parameter(name, tmp_pat
     want = _attn_res_state(model)
     got = _attn_res_state(loaded)
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    inputs = hf.example_inputs(model, batch_size=2, seq_len=6)
-    kwargs = dict(zip(hf.input_names(model, len(inputs)), inputs))
+    kwargs = hf.example_inputs(model, batch_size=2, seq_len=6)
     fresh = rr.convert(make_architecture(name).float(), num_blocks=2)
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".attn_res." not in f".{k}"}, strict=False)
     model.eval()
@@ -86,8 +85,7 @@ def _saved(name: str, path, **convert_options):
     rr.convert_(model, num_blocks=2, **convert_options)
     perturb_attn_res(model, seed=3)
     model.save_pretrained(path)
-    inputs = hf.example_inputs(model, batch_size=2, seq_len=6)
-    return model.eval(), dict(zip(hf.input_names(model, len(inputs)), inputs))
+    return model.eval(), hf.example_inputs(model, batch_size=2, seq_len=6)
 
 
 @pytest.mark.parametrize("name", ["llama", "vit", "t5"])

@@ -16,8 +16,7 @@ from residual_rewriter.backend import make_attnres_backend
 
 
 def _inputs(model):
-    inputs = hf.example_inputs(model, batch_size=3, seq_len=7)
-    return dict(zip(hf.input_names(model, len(inputs)), inputs))
+    return hf.example_inputs(model, batch_size=3, seq_len=7)
 
 
 def _key_output(out):

@@ -290,8 +290,7 @@ def build(name: str, model_type: str, mapping: str = ""):
     model = cls._from_config(config).eval()
     derived = True
     try:  # the inputs convert_ derives (seeded: the same values), to run the original and the result on
-        inputs = hf.example_inputs(model)
-        kwargs = dict(zip(hf.input_names(model, len(inputs)), inputs))
+        kwargs = hf.example_inputs(model)
     except TypeError as exc:
         kwargs, derived = user_inputs(model, mapping), False
         if kwargs is None:

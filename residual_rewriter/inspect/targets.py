@@ -94,10 +94,9 @@ def example_inputs_for(model: nn.Module) -> dict:
 
     if hf.is_hf_model(model):
         try:
-            inputs = hf.example_inputs(model)
+            return hf.example_inputs(model)
         except TypeError as e:  # a main input (e.g. audio) it cannot make up
             raise TargetError(str(e)) from e
-        return dict(zip(hf.input_names(model, len(inputs)), inputs))
     make = getattr(model, "example_inputs", None)
     if callable(make):
         inputs = make()
