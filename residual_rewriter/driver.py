@@ -52,7 +52,6 @@ class Conversion:
     mode_reason: str = ""  # why the layers could not be the holders
     other_calls: list = field(default_factory=list)  # (holder, BoundCall): HF calls prepared at conversion
     installed: list[layerwise.Holder] = field(default_factory=list)
-    hooks: list = field(default_factory=list)
     detect_only: bool = False  # detect(): converted, verified and rolled back
 
     @property
@@ -170,7 +169,7 @@ def finish(c: Conversion) -> ConversionReport:
     if c.mode == IN_PLACE:  # output_hidden_states: tensors, not states; on the model and the Hugging Face
         for path in _ancestors([h.path for h in c.holders]):  # models in it (not T5Block: it hands states on)
             if path == "" or hf.is_hf_model(model.get_submodule(path)):
-                c.hooks.append(model.get_submodule(path).register_forward_hook(states_in_output_to_tensors))
+                model.get_submodule(path).register_forward_hook(states_in_output_to_tensors)
     report = make_report(c, converted=True)
     _warn_lost_in_tracing(report)
     return report
@@ -210,12 +209,10 @@ def _convert(c: Conversion) -> None:
 
 
 def rollback(c: Conversion) -> None:
-    """Undo every install and hook: the model's forwards and attributes are its own again."""
+    """Undo every install: the model's forwards and attributes are its own again (hooks come after, in finish)."""
     for holder in reversed(c.installed):
         layerwise.uninstall(holder.module)
-    for handle in c.hooks:
-        handle.remove()
-    c.installed, c.hooks, c.other_calls = [], [], []
+    c.installed, c.other_calls = [], []
 
 
 def _run_original(c: Conversion) -> Any:

@@ -160,7 +160,8 @@ def test_a_hand_written_checkpoint_is_kept_around_a_converted_layer():
         torch.testing.assert_close(conv.get_parameter(name).grad, p.grad, rtol=0, atol=0)
 
 
-def test_a_checkpoint_inside_a_model_converted_as_one_holder_is_reported_loudly():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpoint_inside_a_model_converted_as_one_holder_is_reported_loudly(use_reentrant):
     """The adds in the model's own forward, which also checkpoints its sublayers: the model is the
     holder and runs them inline, so the checkpoint is gone; convert says so (warning + report)."""
     from torch.utils.checkpoint import checkpoint
@@ -170,7 +171,7 @@ def test_a_checkpoint_inside_a_model_converted_as_one_holder_is_reported_loudly(
     class Flat(AddsInItsOwnForward):
         def forward(self, x):
             for norm, mlp in zip(self.norms, self.mlps):
-                x = x + checkpoint(mlp, norm(x), use_reentrant=False)
+                x = x + checkpoint(mlp, norm(x), use_reentrant=use_reentrant)
             return self.out(x)
 
     with pytest.warns(UserWarning, match="does NOT checkpoint"):

@@ -215,6 +215,27 @@ def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_unto
         assert torch.equal(model(x), before)
 
 
+def test_model_code_that_reads_the_state_between_layers_converts_the_model_as_one_holder():
+    """The layers chain (the very tensor is handed on), but the model's own code asks the stream for
+    ``size``, which the state between rewritten layers does not have: found when the converted model is
+    verified, and converted again with the model as the one holder, where that read is a shape read."""
+    def call(block, x, training):
+        torch._assert(x.size(-1) > 0, "a check of the model's own")
+        return block(x)
+
+    model = _OwnLoop(call).double()
+    (x,) = model.inner.example_inputs()
+    with torch.no_grad():
+        before = model(x)
+    rr.convert_(model, example_inputs=(x,))
+    report = model.attn_res_report
+    assert report.holders == [""] and "uses the stream between layers" in report.mode_reason and len(report.sites) == 8
+    with torch.no_grad():
+        assert rel_err(model(x), before) <= 1e-12
+        _randomize(model)
+        assert rel_err(model(x), before) > 1e-3  # the queries act
+
+
 def test_residual_adds_in_the_models_own_forward_make_the_model_the_holder():
     """The adds sit in the root's forward (no layer to rewrite): convert_ rewrites the model's own
     forward, by the same mechanism as a layer's; the report says so and why. Same object, same
