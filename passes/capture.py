@@ -7,8 +7,8 @@
   rolled back and kept opaque, and listed, so that the report can say where residuals may hide.
 * Hugging Face v5 models build masks with Python control flow: each model's own modeling modules'
   mask builders and output classes are autowrapped (recorded as one call, not traced into).
-* Traced in train and in eval mode, constants that differ follow ``self.training`` at run time
-  (``merge_train_eval``); residual sums are made canonical (``canonicalize``) so that the pattern
+* Traced in one mode (``training``): a converted module runs the graph traced in its current mode
+  (``layerwise.LayerForward``). Residual sums are made canonical (``canonicalize``) so that the pattern
   ``x + branch(x)`` shows.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ import inspect
 import operator
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -46,7 +45,7 @@ class Captured:
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why it was kept opaque
     # kept opaque by class name although they hold a norm: where a residual could hide if none is found
     opaque_with_norms: list[str] = field(default_factory=list)
-    # modules whose forward called torch.utils.checkpoint (train-mode trace): the graph runs it inline
+    # modules whose forward called torch.utils.checkpoint (in the traced mode): the graph runs it inline
     checkpoint_calls: list[str] = field(default_factory=list)
     # traced-through modules (and the model itself, "") with hooks: the graph never calls those hooks
     hooked_inlined: list[str] = field(default_factory=list)
@@ -56,8 +55,7 @@ class ResidualTracer(fx.Tracer):
     """The model's own modeling modules are searched for autowrapped functions too (FX only looks at
     the globals of the forwards it traces; a decorated forward's globals are the decorator's module)."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_if_reads_training: bool, opaque_children: bool,
-                 inline: tuple = ()):
+    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_children: bool, inline: tuple = ()):
         import math
 
         names = {type(m).__module__ for m in model.modules()}
@@ -65,7 +63,6 @@ class ResidualTracer(fx.Tracer):
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(_autowrap_candidates(modules)))
         self._autowrap_search.extend(modules)
         self.example_inputs = example_inputs
-        self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.inline = set(inline)  # ... but these, which hold a residual add of the root's stream
         self.opaque_modules: dict[str, str] = {}
@@ -84,10 +81,6 @@ class ResidualTracer(fx.Tracer):
                 "norm" in type(c).__name__.lower() for c in m.modules() if c is not m
             ):
                 self.opaque_with_norms.append(qualname)
-            return True
-        if self.opaque_if_reads_training and _reads_training_flag(type(m)):
-            # FX would bake the current train/eval branch into the graph; keep the module whole.
-            self.opaque_modules[qualname] = "its forward branches on self.training"
             return True
         return False
 
@@ -210,14 +203,6 @@ def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-@functools.lru_cache(maxsize=None)
-def _reads_training_flag(cls: type) -> bool:
-    try:
-        return "self.training" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
 _METADATA_ATTRS = {"dtype", "device"}
 _COMPARISONS = {operator.eq, operator.ne, operator.not_, operator.is_, operator.is_not, operator.and_, operator.or_}
 
@@ -327,44 +312,29 @@ def _recording_checkpoints(tracer: ResidualTracer):
         ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
 
 
-def _trace(model, input_names, call, example_inputs, training, *, opaque_children, inline, opaque_if_reads_training=False):
-    tracer = ResidualTracer(model, example_inputs, opaque_if_reads_training=opaque_if_reads_training,
-                            opaque_children=opaque_children, inline=inline)
-    with in_mode(model, training), attributes_restored(model):
-        root = _make_root(model, input_names, call)
-        with _traceable_size_varargs(), _recording_checkpoints(tracer):
-            graph = tracer.trace(root)
-    return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"), tracer
-
-
 def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_names: list[str],
-            opaque_children: bool = False, inline: tuple = ()) -> Captured:
-    """Trace ``model`` called as ``call(*example_inputs)``: a GraphModule whose ``call_module``
-    targets are ``model``'s own module paths, its residual sums canonical.
-
-    Traced in train and in eval mode: where the graphs differ only in constants, those follow
-    ``self.training`` at run time (``merge_train_eval``); where they differ in structure, the modules
-    that read ``self.training`` are kept opaque, so that train/eval keep working either way.
+            opaque_children: bool = False, inline: tuple = (), training: bool = False) -> Captured:
+    """Trace ``model`` called as ``call(*example_inputs)`` in mode ``training`` (Python branches on
+    ``self.training`` take that mode's side): a GraphModule whose ``call_module`` targets are
+    ``model``'s own module paths, its residual sums canonical.
 
     ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
     in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole;
     except the children named in ``inline``, which are traced into.
     """
-    trace = functools.partial(_trace, model, input_names, call, tuple(example_inputs), opaque_children=opaque_children,
-                              inline=tuple(inline))
-    gm_train, train_tracer = trace(True)
-    gm, tracer = trace(False)
-    if gm_train.code != gm.code and not merge_train_eval(gm, gm_train):
-        gm, tracer = trace(model.training, opaque_if_reads_training=True)
+    tracer = ResidualTracer(model, tuple(example_inputs), opaque_children=opaque_children, inline=tuple(inline))
+    with in_mode(model, training), attributes_restored(model):
+        root = _make_root(model, input_names, call)
+        with _traceable_size_varargs(), _recording_checkpoints(tracer):
+            gm = fx.GraphModule(root, tracer.trace(root), class_name=type(model).__name__ + "Graph")
     for node in gm.graph.nodes:  # a child named `self` (Megatron-BERT's attention) would shadow the code's `self`
         if node.name == "self":
             node._rename("self_")
     canonicalize(gm)
-    gm.train(model.training)
     hooked = ([""] if has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
     return Captured(
         gm, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
-        sorted(set(train_tracer.checkpoint_calls)), sorted(set(hooked)),
+        sorted(set(tracer.checkpoint_calls)), sorted(set(hooked)),
     )
 
 
@@ -378,90 +348,6 @@ def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-@fx.wrap
-def mode_value(training: bool, if_training: Any, if_eval: Any) -> Any:
-    """The value the original code computed in the current mode."""
-    return if_training if training else if_eval
-
-
-class _Structural(Exception):
-    """The two traces differ in structure, not just in constants."""
-
-
-def _merge(a: Any, b: Any, diffs: list) -> Any:
-    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name):
-            raise _Structural
-        return a
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and type(a) is type(b):
-        if len(a) != len(b):
-            raise _Structural
-        return type(a)(_merge(x, y, diffs) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            raise _Structural
-        return {k: _merge(a[k], b[k], diffs) for k in a}
-    if type(a) is type(b) and a == b:
-        return a
-    if type(a) in (bool, int, float, type(None)) and type(b) in (bool, int, float, type(None)):
-        marker = _Differs(if_eval=a, if_training=b)
-        diffs.append(marker)
-        return marker
-    raise _Structural
-
-
-class _Differs:
-    def __init__(self, if_eval, if_training):
-        self.if_eval, self.if_training = if_eval, if_training
-
-
-def merge_train_eval(gm_eval: fx.GraphModule, gm_train: fx.GraphModule) -> bool:
-    """Make ``gm_eval`` follow ``self.training`` where it differs from ``gm_train`` in constants.
-
-    Returns False (and leaves ``gm_eval`` unchanged) when the graphs differ in structure.
-    """
-    nodes_e, nodes_t = list(gm_eval.graph.nodes), list(gm_train.graph.nodes)
-    if len(nodes_e) != len(nodes_t):
-        return False
-    merged = []
-    try:
-        for e, t in zip(nodes_e, nodes_t):
-            if (e.op, e.target, e.name) != (t.op, t.target, t.name):
-                return False
-            diffs: list = []
-            args = _merge(e.args, t.args, diffs)
-            kwargs = _merge(dict(e.kwargs), dict(t.kwargs), diffs)
-            if diffs:
-                merged.append((e, args, kwargs))
-    except _Structural:
-        return False
-    if not merged:
-        return True
-    graph = gm_eval.graph
-    first = next(iter(graph.nodes))
-    with graph.inserting_before(first), warnings.catch_warnings():
-        # `training` is a plain attribute of every module, not a parameter/buffer/submodule: FX warns
-        warnings.simplefilter("ignore", UserWarning)
-        training = graph.get_attr("training")
-
-    def realise(value, node):
-        if isinstance(value, _Differs):
-            with graph.inserting_before(node):
-                return graph.call_function(mode_value, (training, value.if_training, value.if_eval))
-        if isinstance(value, (tuple, list)):
-            return type(value)(realise(v, node) for v in value)
-        if isinstance(value, dict):
-            return {k: realise(v, node) for k, v in value.items()}
-        return value
-
-    for node, args, kwargs in merged:
-        node.args = realise(args, node)
-        node.kwargs = realise(kwargs, node)
-    graph.lint()
-    gm_eval.recompile()
-    return True
 
 
 @contextlib.contextmanager

@@ -12,9 +12,9 @@
   stream; its sublayers are split into blocks over the whole chain.
 * **Install.** Each holder's graph takes and returns an ``AttnResState`` in place of the stream
   tensor (the first takes b_0, the last returns the final aggregation); ``LayerForward`` becomes the
-  holder's ``forward`` and runs that code with the holder as ``self``, one graph per call signature
-  (constants such as ``use_cache`` specialised). A signature first seen later is traced symbolically
-  and mapped onto the known sites (``retrace``).
+  holder's ``forward`` and runs that code with the holder as ``self``, one graph per mode and call
+  signature (``self.training`` branches and constants such as ``use_cache`` specialised). Sites are
+  found once, in eval mode; every other graph is traced symbolically and mapped onto them (``retrace``).
 """
 from __future__ import annotations
 
@@ -169,8 +169,9 @@ class Traced:
     starts_inside: bool = False  # the source is a node computed from the stream argument, not it
 
 
-def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=()) -> Captured:
-    """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised)."""
+def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=(),
+                  training: bool = False) -> Captured:
+    """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised), in mode ``training``."""
     forward, names, constants = type(module).forward, bound.names, bound.constants
 
     def call(*args):
@@ -181,7 +182,7 @@ def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_c
         module.gradient_checkpointing = False
     try:
         return capture(module, tuple(values), call=call, input_names=list(names), opaque_children=opaque_children,
-                       inline=inline)
+                       inline=inline, training=training)
     finally:
         if checkpointing:
             module.gradient_checkpointing = checkpointing
@@ -228,20 +229,23 @@ def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -
     return Traced(captured, values, plan, stream_argument="")
 
 
-def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Graph, *, whole: bool) -> Traced:
-    """Another call signature of a converted holder, captured symbolically, its sites taken from
+def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Graph, *, whole: bool,
+            training: bool) -> Traced:
+    """Another mode or call signature of a converted holder, captured symbolically, its sites taken from
     ``template`` (the first trace's plan) once checked against ``original`` (the first call's graph).
     Detection is not run again: it would run the module on values that, under a tracer, are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
-    captured = _capture_call(module, bound, values, opaque_children=not whole, inline=tuple(template.inlined_children))
+    captured = _capture_call(module, bound, values, opaque_children=not whole, inline=tuple(template.inlined_children),
+                             training=training)
     split_residual_children(captured.graph_module, None, known=template.residual_children)
     plan = copy.deepcopy(template)
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
     problems = _unmapped(plan, nodes, {n.name: n for n in original.nodes})
     if problems:
         raise ConversionError(
-            f"{type(module).__name__} called with {sorted(constants)} and {names} traces to a graph whose residual "
+            f"{type(module).__name__} called with {sorted(constants)} and {names} in {'train' if training else 'eval'} mode "
+            "traces to a graph whose residual "
             f"sites are not those found at conversion ({'; '.join(problems[:3])}). Convert with example inputs "
             "called this way (convert_(model, example_inputs={...}))."
         )
@@ -263,10 +267,13 @@ def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
             if name not in nodes:
                 problems.append(f"no node {name}")
         for site in stream.sites:
-            add, skip, branch = (nodes.get(n) for n in (site.add_node, site.skip_node, site.branch_node))
-            if add is None or skip is None or branch is None or {skip, branch} - {m for n in add.all_input_nodes for m in (n, uncast(n))}:
-                problems.append(f"{site.add_node} is not {site.skip_node} + {site.branch_node}")
+            add, skip = nodes.get(site.add_node), nodes.get(site.skip_node)
+            operands = add.all_input_nodes if add is not None else []
+            branch = [n for n in operands if skip not in (n, uncast(n))]
+            if skip is None or len(operands) != 2 or len(branch) != 1:
+                problems.append(f"{site.add_node} is not {site.skip_node} + a branch")
                 continue
+            site.branch_node = branch[0].name  # its end may differ (a dropout applied in training only)
             for entry in site.norm_entry_nodes:
                 if entry not in nodes or skip not in nodes[entry].all_input_nodes:
                     problems.append(f"{entry} does not read {site.skip_node}")
@@ -504,8 +511,9 @@ def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
 
 
 class LayerForward:
-    """A holder's ``forward``: runs the graph for the call's signature (which arguments are tensors or
-    objects; the values of constants) on the holder; a signature not seen before is ``retrace``d."""
+    """A holder's ``forward``: runs the graph for the holder's mode and the call's signature (which
+    arguments are tensors or objects; the values of constants) on the holder. The graphs for the
+    conversion's calls are made at conversion, in both modes; another is ``retrace``d on first use."""
 
     def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
                  names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph):
@@ -513,17 +521,19 @@ class LayerForward:
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
         self.config = config
-        self.graphs: dict[tuple, tuple[list[str], Callable]] = {key: (names, _compile(graph_module, module))}
+        # (training, signature key) -> (argument names, code); the first graph is detection's, in eval mode
+        self.graphs: dict[tuple, tuple[list[str], Callable]] = {(False, key): (names, _compile(graph_module, module))}
         self.graph_module = graph_module  # the first graph, for inspection (print(layer.forward.graph_module.code))
         self.original_graph = original_graph  # the same call's graph before the rewrite
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
-        entry = self.graphs.get(bound.key)
+        key = (self.module.training, bound.key)
+        entry = self.graphs.get(key)
         if entry is None:
             if _under_a_tracer(bound.values):
                 raise ConversionError(self._unseen_signature_message(bound))
-            entry = self.graphs[bound.key] = self._rebuild(bound)
+            entry = self.graphs[key] = self._rebuild(bound, self.module.training)[0]
         names, fn = entry
         values = dict(zip(bound.names, bound.values))
         inputs = [values[n] for n in names]
@@ -568,8 +578,8 @@ class LayerForward:
         return tree_unflatten(list(flat_outputs), output_spec["spec"])
 
     def _unseen_signature_message(self, bound: BoundCall) -> str:
-        seen = [dict(k) for k in self.graphs]
-        now = dict(bound.key)
+        seen = [{**dict(k), "training": t} for t, k in self.graphs]
+        now = {**dict(bound.key), "training": self.module.training}
         differ = sorted({n for s in seen for n in set(s) | set(now) if s.get(n) != now.get(n)})
         return (
             f"{type(self.module).__name__} is called under a tracer (torch.compile, torch.export, pipeline()) with a "
@@ -578,13 +588,19 @@ class LayerForward:
             "called this way (convert_(model, example_inputs={...}))."
         )
 
-    def add_signature(self, bound: BoundCall, key: tuple) -> None:
-        """At conversion: the graph for another way the model calls this layer (a mask, no cache)."""
-        if key not in self.graphs:
-            self.graphs[key] = self._rebuild(bound)
+    def add_signature(self, bound: BoundCall, key: tuple) -> list[Captured]:
+        """At conversion: the graphs, in both modes, for a way the model calls this layer (the conversion's
+        own call; a mask, no cache). Returns the captures it made."""
+        made = []
+        for training in (False, True):
+            if (training, key) not in self.graphs:
+                self.graphs[training, key], captured = self._rebuild(bound, training)
+                made.append(captured)
+        return made
 
-    def _rebuild(self, bound: BoundCall):
-        traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None)
+    def _rebuild(self, bound: BoundCall, training: bool) -> tuple[tuple[list[str], Callable], Captured]:
+        traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None,
+                         training=training)
         try:
             gm = rewrite_holder(self.module, traced, self.boundary, self.config)
         except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere
@@ -593,7 +609,7 @@ class LayerForward:
                 f"rewritten like the call it was converted with ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
                 "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
             ) from exc
-        return list(bound.names), _compile(gm, self.module)
+        return (list(bound.names), _compile(gm, self.module)), traced.captured
 
     def __reduce__(self):
         raise TypeError(
@@ -652,6 +668,8 @@ def install(holder: Holder, config) -> None:
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
     module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
                                   list(holder.bound.names), gm, original)
+    for captured in module.forward.add_signature(holder.bound, key):  # the same call in training
+        holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
 
 
 def installed_forwards(model: nn.Module) -> list[tuple[str, "LayerForward"]]:

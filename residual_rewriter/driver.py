@@ -271,7 +271,7 @@ def make_report(c: Conversion, *, converted: bool) -> ConversionReport:
         mode=c.mode, mode_reason=c.mode_reason,
         holders=[h.path for h in c.holders],
         # the model as holder runs its children inline: checkpoint calls and hooks inside them are lost
-        checkpoint_dropped=[p for cap in captured for p in cap.checkpoint_calls] if whole else [],
+        checkpoint_dropped=sorted({p for cap in captured for p in cap.checkpoint_calls}) if whole else [],
         hooks_not_called=[p for cap in captured for p in cap.hooked_inlined if p] if whole else [],
     )
 

@@ -117,4 +117,4 @@ def test_swin_converts_a_stream_per_stage_and_each_input_size_gets_its_own_graph
         pixels = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(side))
         with torch.no_grad():
             assert rel_err(converted(pixel_values=pixels).logits, model(pixel_values=pixels).logits) <= 1e-10
-    assert len(block.forward.graphs) == 3
+    assert sorted(training for training, _ in block.forward.graphs) == [False, False, False, True]  # 3 sizes in eval

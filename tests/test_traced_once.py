@@ -174,7 +174,8 @@ def test_a_new_signature_in_eager_code_is_traced_without_running_the_model(monke
     for h in hooks:
         h.remove()
     assert len(calls) == len(model.layers)  # each layer ran once: in the call, not to rebuild
-    assert all(len(layer.forward.graphs) == 2 for layer in model.layers)
+    # the conversion's call in both modes; the new signature in the mode it was called in (training)
+    assert all(sorted(t for t, _ in layer.forward.graphs) == [False, True, True] for layer in model.layers)
     with torch.no_grad():
         assert rel_err(scaled, model(ids)) <= 1e-12
         assert rel_err(model(ids, scale=2 * ones), model(ids)) > 1e-3  # the new argument is live
