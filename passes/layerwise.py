@@ -37,7 +37,7 @@ from .detect import build_plan, common_prefix, is_norm_module, record_values, sp
 from .errors import ConversionError
 from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
-from .state import AttnResState
+from .state import AttnResState, aligned
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
 
@@ -472,7 +472,7 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
         end = start + n
         holder.boundary = LayerBoundary(
             first=k == 0, last=k + 1 == len(chain), blocks_in=holder.sites[0].block,
-            ends_block=end == len(sites) or blocks[end] != blocks[end - 1],
+            ends_block=end == len(sites) or blocks[end] != blocks[end - 1], partial_in=holder.sites[0].position > 0,
         )
         stream = holder.traced.plan.streams[0]
         stream.num_blocks, stream.block_size = max(blocks), blocks.count(1)
@@ -516,10 +516,11 @@ class LayerForward:
     conversion's calls are made at conversion, in both modes; another is ``retrace``d on first use."""
 
     def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
-                 names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph):
+                 names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph, stream_argument: str):
         self.module = module
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
+        self.stream_argument = stream_argument
         self.config = config
         # (training, signature key) -> (argument names, code); the first graph is detection's, in eval mode
         self.graphs: dict[tuple, tuple[list[str], Callable]] = {(False, key): (names, _compile(graph_module, module))}
@@ -528,6 +529,9 @@ class LayerForward:
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
+        if self.boundary is not None and not self.boundary.first:  # the layers before may have been skipped (LayerDrop)
+            i = bound.names.index(self.stream_argument)
+            bound.values[i] = aligned(bound.values[i], self.boundary.blocks_in, self.boundary.partial_in)
         key = (self.module.training, bound.key)
         entry = self.graphs.get(key)
         if entry is None:
@@ -667,9 +671,33 @@ def install(holder: Holder, config) -> None:
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
     module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
-                                  list(holder.bound.names), gm, original)
+                                  list(holder.bound.names), gm, original, holder.traced.stream_argument)
     for captured in module.forward.add_signature(holder.bound, key):  # the same call in training
         holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
+
+
+def final_aggregation_hook(last: nn.Module, config) -> Callable:
+    """A forward pre-hook for the modules that read a stream's end (its final norm): where the model
+    skipped the stream's last layers (LayerDrop), they are handed a state; they read the final
+    aggregation instead, as the last layer computes it (its query; the sums the skipped sublayers did
+    not add to, as ``aligned`` completes them)."""
+    stream = last.forward.plan.streams[0]
+    params = operator.attrgetter(stream.final_param_prefix)(last)
+
+    def final(value):
+        if not isinstance(value, AttnResState):
+            return value
+        blocks = list(aligned(value, stream.num_blocks + 1, False).blocks)
+        scale = float(len(blocks)) if config.mixing == "sum" else 1.0
+        return torch.ops.residual_rewriter.attn_res.default(blocks, params.query, params.key_norm_weight,
+                                                             config.key_norm_eps, scale)
+
+    def hook(module, args, kwargs):
+        if any(isinstance(v, AttnResState) for v in (*args, *kwargs.values())):
+            return tuple(final(v) for v in args), {k: final(v) for k, v in kwargs.items()}
+        return None
+
+    return hook
 
 
 def installed_forwards(model: nn.Module) -> list[tuple[str, "LayerForward"]]:

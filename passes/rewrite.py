@@ -51,7 +51,8 @@ class LayerBoundary:
     """How one layer traced alone joins the stream (in-place conversion, ``passes/layerwise.py``).
 
     ``first``: its stream input is the plain tensor b_0. Otherwise it is an ``AttnResState`` holding
-    ``blocks_in`` completed sums (b_0 included) and, when the layer starts inside a block, the partial.
+    ``blocks_in`` completed sums (b_0 included) and, when the layer starts inside a block (``partial_in``),
+    the partial.
     ``last``: it returns the final aggregation (a tensor); otherwise the state, for the next layer.
     ``ends_block``: its last sublayer completes a block, so the state hands that sum over as a block."""
 
@@ -59,6 +60,7 @@ class LayerBoundary:
     last: bool
     blocks_in: int = 1
     ends_block: bool = False
+    partial_in: bool = False
 
 
 def is_attn_res_parameter(name: str) -> bool:
@@ -127,8 +129,7 @@ def _rewrite_stream(
         h.meta["residual_rewriter"] = {"prefix": prefix, "stream": stream.index}
         return h
 
-    blocks, partial, inserted = _stream_entry(graph, source, layer, first_position=stream.sites[0].position,
-                                              dtype=stream.dtype)
+    blocks, partial, inserted = _stream_entry(graph, source, layer, dtype=stream.dtype)
     b_0 = blocks[0]  # a tensor with the stream's shape and dtype, whatever the entry
     if layer is not None and not layer.first:  # shape/dtype readers of a state input read b_0 instead
         for user in list(source.users):
@@ -191,7 +192,7 @@ def _rewrite_stream(
             graph.erase_node(nodes[site.skip_view])  # the view of the stream the sublayer read before
 
 
-def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, first_position: int, dtype: str):
+def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, dtype: str):
     """(completed sums, partial, nodes inserted) where the stream enters the graph. ``dtype``: b_0 is
     widened to it first, as the original's first add widened the stream (``x.to(float32) + f``)."""
     if (layer is None or layer.first) and dtype:
@@ -210,7 +211,7 @@ def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None,
             blocks.append(graph.call_function(operator.getitem, (blocks_tuple, i)))
         inserted.append(blocks[-1])
     partial = None
-    if first_position > 0:  # the layer starts inside a block
+    if layer.partial_in:  # the layer starts inside a block
         with graph.inserting_after(inserted[-1]):
             partial = graph.call_function(getattr, (source, "partial"))
         inserted.append(partial)

@@ -164,12 +164,16 @@ def verify(c: Conversion) -> None:
 
 
 def finish(c: Conversion) -> ConversionReport:
-    """Hooks that hand tensors, not states, to whoever reads the hidden states; the report."""
+    """Hooks that hand tensors, not states, to whoever reads the hidden states or a stream's end; the report."""
     model = c.model
     if c.mode == IN_PLACE:  # output_hidden_states: tensors, not states; on the model and the Hugging Face
         for path in _ancestors([h.path for h in c.holders]):  # models in it (not T5Block: it hands states on)
             if path == "" or hf.is_hf_model(model.get_submodule(path)):
                 model.get_submodule(path).register_forward_hook(states_in_output_to_tensors)
+        for chain in c.streams:  # the final aggregation where the model skipped the stream's last layers
+            hook = layerwise.final_aggregation_hook(chain[-1].module, c.config)
+            for call in _calls_reading(c, chain[-1]):
+                call.module.register_forward_pre_hook(hook, with_kwargs=True)
     report = make_report(c, converted=True)
     _warn_lost_in_tracing(report)
     return report
@@ -327,11 +331,14 @@ def _producer(c: Conversion, first: layerwise.Holder) -> str:
 
 
 def _readers(c: Conversion, last: layerwise.Holder) -> list[str]:
-    """The modules that read what the last holder returns (the final norm), as observed."""
+    return [call.path for call in _calls_reading(c, last)] or [f"output of {module_label(last.path)}"]
+
+
+def _calls_reading(c: Conversion, last: layerwise.Holder) -> list:
+    """The module calls that read what the last holder returns (the final norm), as observed."""
     outputs = last.call.tensor_outputs()[:1]
-    readers = [call.path for call in c.calls
-               if call.order > last.call.order and any(t is o for t in call.tensor_inputs() for o in outputs)]
-    return readers or [f"output of {module_label(last.path)}"]
+    return [call for call in c.calls if call.order > last.call.order
+            and any(t is o for t in call.tensor_inputs() for o in outputs)]
 
 
 def _join(path: str, inner: str) -> str:

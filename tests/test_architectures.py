@@ -22,9 +22,21 @@ def queries_per_aggregation(converted) -> tuple[int, int]:
     return len(found), len({query_of(path, n) for path, n in found})
 
 
+def live_dropout(model: torch.nn.Module, p: float = 0.25) -> None:
+    """Dropout and LayerDrop on (tiny configs leave many at 0): every ``nn.Dropout``, and every float
+    attribute named ``*dropout*`` or ``layerdrop`` that a forward passes to F.dropout or compares with."""
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop" or name == "p"):
+                setattr(module, name, 0.5 if name == "layerdrop" else p)
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_exact_at_init_with_one_query_per_aggregation(name):
+    """In eval, and in training with dropout and LayerDrop on (same random draws): each mode runs the
+    graph traced in it, and a layer the model skips hands its state on."""
     model = make_architecture(name)
+    live_dropout(model)
     converted = rr.convert(model, block_size=1)
     report = converted.attn_res_report
     # the MoE models' experts stay opaque (data-dependent routing); nothing else may
@@ -44,6 +56,13 @@ def test_exact_at_init_with_one_query_per_aggregation(name):
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
     tolerance = 1e-6 if name in FP32_ONLY else 1e-10
     assert rel_err(getattr(out, key), getattr(ref, key)) <= tolerance
+    model.train(), converted.train()
+    for seed in (1, 2):
+        outputs = []
+        for net in (model, converted):
+            torch.manual_seed(seed)
+            outputs.append(getattr(net(**kwargs), key))
+        assert rel_err(outputs[1], outputs[0]) <= tolerance, f"training, seed {seed}"
 
 
 @pytest.mark.parametrize("name", ["dinov2", "gemma2"])

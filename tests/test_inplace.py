@@ -199,6 +199,38 @@ class _OwnLoop(torch.nn.Module):
         return self.inner.transformer.ln_f(x)
 
 
+@pytest.mark.parametrize("block_size", [1, 3])
+@pytest.mark.parametrize("skipped", [{0}, {1}, {3}, {0, 1}, {1, 2}, {2, 3}, {0, 1, 3}], ids=str)
+def test_layers_the_model_skips_layerdrop_add_nothing(skipped, block_size):
+    """A layer the model's own code skips (LayerDrop) hands nothing on: the next layer (or the final
+    norm) receives the state of an earlier layer, or b_0 itself. It reads that state as if the skipped
+    sublayers had returned zeros; checked with random queries against the same model without skipping,
+    whose skipped layers' output projections are zeroed. 4 layers, 8 sublayers: block_size 3 puts
+    block ends inside layers, so a skipped layer can owe a completed block or leave a partial sum.
+    (Skipping every layer hands the final norm b_0 itself, a tensor as any last layer hands on: it
+    reads b_0, as the original does, not an aggregation of b_0 and zeros.)"""
+    torch.manual_seed(0)
+    skips: set = set()
+    model = _OwnLoop(lambda block, x, training: x if block.layer_index in skips else block(x)).double()
+    for i, block in enumerate(model.inner.transformer.h):
+        block.layer_index = i
+    (x,) = model.inner.example_inputs()
+    rr.convert_(model, example_inputs=(x,), block_size=block_size)
+    _randomize(model)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in skipped:
+            for proj in (zeroed.inner.transformer.h[i].attn.c_proj, zeroed.inner.transformer.h[i].mlp.c_proj):
+                proj.weight.zero_(), proj.bias.zero_()
+        want = zeroed(x)
+        skips.update(skipped)
+        got = model(x)
+    assert rel_err(got, want) <= 1e-12
+    skips.clear()
+    with torch.no_grad():
+        assert rel_err(model(x), want) > 1e-3  # the skipped layers do act when they run
+
+
 def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_untouched():
     """Neither layer by layer (the stream is transformed between layers) nor as one graph (the stream
     is read by a multiplication): refused with both reasons, and the model left as it was."""
