@@ -111,6 +111,10 @@ def is_control_flow(reason: str) -> bool:
 def _hint(exc: BaseException) -> str:
     if is_control_flow(first_line(exc)):
         return CONTROL_FLOW_HINT
+    if "NoneType" in first_line(exc):  # XLNet: `if output_g is not None:` on an attention module's output
+        return ("A value that is None here was a traced value while tracing, where `x is None` is always False (FX "
+                "cannot see `is`): the code after such a test was traced as if x were not None. Pass the value as "
+                "an argument, or test something FX can trace (a constant flag).")
     return ("The model itself runs on these inputs, so this is a construct residual_rewriter cannot convert: "
             "please report it with this message (the original exception is chained as __cause__).")
 

@@ -166,6 +166,37 @@ def test_graph_failing_where_the_model_runs_names_the_line():
     assert "normalized_shape" in str(info.value.__cause__)
 
 
+class PairAttention(nn.Module):
+    """Kept whole by its class name; returns a second output that is None on these inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(x), None
+
+
+class IsNotNoneBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.attn = PairAttention()
+
+    def forward(self, x):
+        h, extra = self.attn(self.norm(x))
+        if extra is not None:  # while tracing, `extra` is a traced value: never None
+            h = h + self.fc(extra)
+        return x + h
+
+
+def test_a_test_for_none_that_tracing_cannot_see_is_explained():
+    """``x is not None`` on a traced value is always true: the graph calls fc(None), where the model
+    does not. The message says so instead of asking for a report (XLNet, GPT-NeoX-Japanese)."""
+    with pytest.raises(rr.ConversionError, match="NoneType") as info:
+        rr.convert(Net(IsNotNoneBlock), x())
+    assert "`x is None` is always False" in str(info.value) and "please report" not in str(info.value)
+
+
 def test_unexpected_failure_inside_the_pipeline_is_wrapped(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
