@@ -521,6 +521,7 @@ class LayerForward:
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
         self.stream_argument = stream_argument
+        self.takes_state = boundary is not None and not boundary.first
         self.config = config
         # (training, signature key) -> (argument names, code); the first graph is detection's, in eval mode
         self.graphs: dict[tuple, tuple[list[str], Callable]] = {(False, key): (names, _compile(graph_module, module))}
@@ -529,9 +530,10 @@ class LayerForward:
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
-        if self.boundary is not None and not self.boundary.first:  # the layers before may have been skipped (LayerDrop)
+        if self.takes_state:  # every layer before was skipped (LayerDrop): the stream is b_0 (rewrite.aligned: the rest)
             i = bound.names.index(self.stream_argument)
-            bound.values[i] = aligned(bound.values[i], self.boundary.blocks_in, self.boundary.partial_in)
+            if isinstance(bound.values[i], torch.Tensor):
+                bound.values[i] = AttnResState((bound.values[i],), None)
         key = (self.module.training, bound.key)
         entry = self.graphs.get(key)
         if entry is None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import ConversionError
 from .plan import Plan, Stream
-from .state import make_state
+from .state import aligned, make_state
 
 
 def in_stream_dtype(branch: torch.Tensor, stream_source: torch.Tensor) -> torch.Tensor:
@@ -201,10 +201,11 @@ def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None,
         return [b_0], None, [b_0]
     if layer is None or layer.first:
         return [source], None, []
-    inserted = []
-    with graph.inserting_after(source):
-        blocks_tuple = graph.call_function(getattr, (source, "blocks"))  # the input is an AttnResState
-    inserted.append(blocks_tuple)
+    with graph.inserting_after(source):  # the input is an AttnResState; the layers before may have been skipped
+        state = graph.call_function(aligned, (source, layer.blocks_in, layer.partial_in))
+    with graph.inserting_after(state):
+        blocks_tuple = graph.call_function(getattr, (state, "blocks"))
+    inserted = [state, blocks_tuple]
     blocks = []
     for i in range(layer.blocks_in):
         with graph.inserting_after(inserted[-1]):
@@ -213,6 +214,6 @@ def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None,
     partial = None
     if layer.partial_in:  # the layer starts inside a block
         with graph.inserting_after(inserted[-1]):
-            partial = graph.call_function(getattr, (source, "partial"))
+            partial = graph.call_function(getattr, (state, "partial"))
         inserted.append(partial)
     return blocks, partial, inserted

@@ -54,10 +54,10 @@ def make_state(blocks: list, partial: Optional[torch.Tensor]) -> AttnResState:
 
 def aligned(stream: Any, blocks_in: int, partial_in: bool) -> AttnResState:
     """The state a layer (or the final aggregation) expects, from the one it was handed: where the model
-    skipped the layers in between (LayerDrop), their sublayers added nothing. A plain tensor is b_0 (all
-    layers before skipped); a block they would have completed is the partial sum so far, or zeros; a
-    partial sum they would have started is zeros. The very state when nothing was skipped."""
-    state = stream if isinstance(stream, AttnResState) else AttnResState((stream,), None)
+    skipped the layers in between (LayerDrop), their sublayers added nothing. A block they would have
+    completed is the partial sum so far, or zeros; a partial sum they would have started is zeros.
+    The very state when nothing was skipped."""
+    state = stream if isinstance(stream, AttnResState) else AttnResState((stream,), None)  # all skipped: b_0
     blocks, partial = list(state.blocks), state.partial
     while len(blocks) < blocks_in:
         blocks.append(torch.zeros_like(blocks[0]) if partial is None else partial)
