@@ -22,7 +22,7 @@ import operator
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import networkx as nx
 import torch
@@ -55,7 +55,8 @@ class ResidualTracer(fx.Tracer):
     """The model's own modeling modules are searched for autowrapped functions too (FX only looks at
     the globals of the forwards it traces; a decorated forward's globals are the decorator's module)."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_children: bool, inline: tuple = ()):
+    def __init__(self, model: nn.Module, example_inputs: tuple, *, opaque_children: bool, inline: tuple = (),
+                 opaque: dict, opaque_if_reads_training: bool):
         import math
 
         names = {type(m).__module__ for m in model.modules()}
@@ -65,7 +66,8 @@ class ResidualTracer(fx.Tracer):
         self.example_inputs = example_inputs
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.inline = set(inline)  # ... but these, which hold a residual add of the root's stream
-        self.opaque_modules: dict[str, str] = {}
+        self.opaque_modules: dict[str, str] = dict(opaque)  # path -> why; another trace keeps what the first did
+        self.opaque_if_reads_training = opaque_if_reads_training
         self.opaque_with_norms: list[str] = []
         self.checkpoint_calls: list[str] = []
         self.hooked_inlined: list[str] = []
@@ -81,6 +83,9 @@ class ResidualTracer(fx.Tracer):
                 "norm" in type(c).__name__.lower() for c in m.modules() if c is not m
             ):
                 self.opaque_with_norms.append(qualname)
+            return True
+        if self.opaque_if_reads_training and _reads_training_flag(type(m)):
+            self.opaque_modules[qualname] = "its forward branches on self.training"  # it follows the mode when run
             return True
         return False
 
@@ -216,6 +221,14 @@ def _depends_only_on_metadata(node: fx.Node) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _reads_training_flag(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (a class made at run time): assume it does
+        return True
+
+
 def _holds_proxy(obj: Any) -> bool:
     found = []
     torch.fx.node.map_aggregate(
@@ -313,16 +326,20 @@ def _recording_checkpoints(tracer: ResidualTracer):
 
 
 def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_names: list[str],
-            opaque_children: bool = False, inline: tuple = (), training: bool = False) -> Captured:
+            opaque_children: bool = False, inline: tuple = (), training: bool = False, opaque: Optional[dict] = None,
+            opaque_if_reads_training: bool = False) -> Captured:
     """Trace ``model`` called as ``call(*example_inputs)`` in mode ``training`` (Python branches on
     ``self.training`` take that mode's side): a GraphModule whose ``call_module`` targets are
     ``model``'s own module paths, its residual sums canonical.
 
     ``opaque_children``: ``model``'s own children (through containers) stay ``call_module`` nodes:
     in-place conversion rewrites one layer's forward and keeps its MLP, attention and norms whole;
-    except the children named in ``inline``, which are traced into.
+    except the children named in ``inline``, which are traced into. ``opaque``: module paths kept whole
+    (another trace of a module keeps what its first kept); ``opaque_if_reads_training``: so is every
+    module traced into whose forward reads ``self.training``.
     """
-    tracer = ResidualTracer(model, tuple(example_inputs), opaque_children=opaque_children, inline=tuple(inline))
+    tracer = ResidualTracer(model, tuple(example_inputs), opaque_children=opaque_children, inline=tuple(inline),
+                            opaque=opaque or {}, opaque_if_reads_training=opaque_if_reads_training)
     with in_mode(model, training), attributes_restored(model):
         root = _make_root(model, input_names, call)
         with _traceable_size_varargs(), _recording_checkpoints(tracer):

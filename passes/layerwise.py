@@ -170,7 +170,7 @@ class Traced:
 
 
 def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=(),
-                  training: bool = False) -> Captured:
+                  **options) -> Captured:
     """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised), in mode ``training``."""
     forward, names, constants = type(module).forward, bound.names, bound.constants
 
@@ -182,7 +182,7 @@ def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_c
         module.gradient_checkpointing = False
     try:
         return capture(module, tuple(values), call=call, input_names=list(names), opaque_children=opaque_children,
-                       inline=inline, training=training)
+                       inline=inline, **options)
     finally:
         if checkpointing:
             module.gradient_checkpointing = checkpointing
@@ -222,11 +222,21 @@ def trace_alone(module: nn.Module, bound: BoundCall, inline: tuple = ()) -> Trac
 
 def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
     """The model itself as its single holder: traced whole, its children inlined down to norms and
-    attention; its streams start and end inside it (so its blocks are placed here)."""
-    captured = _capture_call(model, bound, bound.values, opaque_children=False)
-    values, plan = _detect(model, bound, captured, opaque_with_norms=captured.opaque_with_norms)
-    place_blocks(plan, num_blocks, block_size)
-    return Traced(captured, values, plan, stream_argument="")
+    attention; its streams start and end inside it (so its blocks are placed here). Where the training
+    graph does not map onto the sites (a DropPath traced into adds nodes in training only), the children
+    whose forward reads ``self.training`` are kept whole: they follow the mode when they run."""
+    for opaque_if_reads_training in (False, True):
+        captured = _capture_call(model, bound, bound.values, opaque_children=False,
+                                 opaque_if_reads_training=opaque_if_reads_training)
+        values, plan = _detect(model, bound, captured, opaque_with_norms=captured.opaque_with_norms)
+        place_blocks(plan, num_blocks, block_size)
+        try:
+            retrace(model, bound, plan, captured.graph_module.graph, whole=True, training=True)
+        except ConversionError:
+            if opaque_if_reads_training:
+                raise
+            continue
+        return Traced(captured, values, plan, stream_argument="")
 
 
 def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Graph, *, whole: bool,
@@ -237,7 +247,7 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
     names, constants = bound.names, bound.constants
     captured = _capture_call(module, bound, values, opaque_children=not whole, inline=tuple(template.inlined_children),
-                             training=training)
+                             training=training, opaque=template.opaque_modules)
     split_residual_children(captured.graph_module, None, known=template.residual_children)
     plan = copy.deepcopy(template)
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
@@ -249,9 +259,8 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
             f"sites are not those found at conversion ({'; '.join(problems[:3])}). Convert with example inputs "
             "called this way (convert_(model, example_inputs={...}))."
         )
-    source = nodes[plan.streams[0].source_node]
-    example = next(v for n, v in zip(names, values) if n == source.target) if source.op == "placeholder" else None
-    return Traced(captured, {source: example}, plan, "" if whole else source.target)
+    # no values: the parameters exist already (the rewrite needs a source's value only to create them)
+    return Traced(captured, {}, plan, "" if whole else nodes[plan.streams[0].source_node].target)
 
 
 def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:

@@ -110,13 +110,13 @@ def _rewrite_stream(
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     source = nodes[stream.source_node]
-    example = values[source]  # [..., D]
 
     def aggregate(after: fx.Node, sources: list[fx.Node], prefix: str) -> fx.Node:
         key = prefix.split(".", 1)[1]
         # several graphs of one model (one per call signature) share them. hasattr, not `in`: under
         # PEFT's modules_to_save the container is a wrapper that forwards attribute lookups only
         if not hasattr(gm.attn_res, key):
+            example = values[source]  # [..., D]
             gm.attn_res.add_module(key, AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device))
         scale = float(len(sources)) if mixing == "sum" else 1.0
         with graph.inserting_after(after):

@@ -237,12 +237,14 @@ class AddsInItsOwnForward(torch.nn.Module):
 
 
 class DropWhenTraining(torch.nn.Module):
-    """Python control flow on ``self.training``: the training graph has nodes the eval graph lacks."""
+    """Python control flow on ``self.training``: the training graph has nodes the eval graph lacks, adds
+    among them (timm's drop_path builds its mask's shape with tuple sums), so node names shift."""
 
     def forward(self, h):
         if not self.training:
             return h
-        return h * torch.rand_like(h).ge(0.5) * 2.0
+        shape = (h.shape[0],) + (1,) * (h.ndim - 1)
+        return h * h.new_empty(shape).bernoulli_(0.5) * 2.0
 
 
 class TrainOnlyBlock(torch.nn.Module):
@@ -272,11 +274,13 @@ class TrainOnlyLayersLM(AddsInItsOwnForward):
 
 class TrainOnlyFlatLM(AddsInItsOwnForward):
     """The adds in the model's own forward (the model is the one holder), a child traced into that
-    branches on self.training, and the model's own forward branching too."""
+    branches on self.training, and the model's own forward branching too; two streams (a second stage,
+    wider, after the first one's norm)."""
 
     def __init__(self, d=12, n=3):
         super().__init__(d, n)
         self.drop = DropWhenTraining()
+        self.widen, self.stage2 = torch.nn.Linear(d, 16), AddsInItsOwnForward(16, 2)
 
     def forward(self, x):
         for norm, mlp in zip(self.norms, self.mlps):
@@ -284,7 +288,10 @@ class TrainOnlyFlatLM(AddsInItsOwnForward):
             if self.training:
                 h = h * 0.5
             x = x + h
-        return self.out(x)
+        x = self.widen(self.out(x))
+        for norm, mlp in zip(self.stage2.norms, self.stage2.mlps):
+            x = x + self.drop(mlp(norm(x)))
+        return self.stage2.out(x)
 
 
 @pytest.mark.parametrize("convert_in", ["eval", "train"])
