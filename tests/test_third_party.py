@@ -160,3 +160,31 @@ def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), original(x))
+
+
+@pytest.mark.parametrize("path, options", [
+    ("vision_transformer.VisionTransformer", VIT),
+    # the model as one holder (its stream is pooled between stages); drop_path is traced into it, and in
+    # training it makes nodes the eval graph lacks: those children are kept whole instead
+    ("mvitv2.MultiScaleVit", dict(img_size=32, num_classes=0)),
+], ids=["vit", "mvitv2"])
+def test_training_with_drop_path_computes_what_the_original_computes(path, options):
+    """Stochastic depth in training (DropPath, random per sample): with the same random draws, the
+    converted model equals the original at init, in training as in eval."""
+    if path.startswith("mvitv2"):
+        from timm.models.mvitv2 import MultiScaleVitCfg
+
+        options = dict(options, cfg=MultiScaleVitCfg(depths=(1, 2), embed_dim=(16, 32), num_heads=(1, 2)))
+    torch.manual_seed(0)
+    model = _timm(path, drop_path_rate=0.3, **options).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    converted = rr.convert(model, (x,), num_blocks=2)
+    for training in (False, True):
+        model.train(training), converted.train(training)
+        outputs = []
+        for net in (model, converted):
+            torch.manual_seed(1)
+            outputs.append(net(x))
+        assert rel_err(outputs[1], outputs[0]) <= 1e-12, f"training={training}"
+    torch.manual_seed(2)
+    assert not torch.equal(model(x), outputs[0])  # drop_path is live in training
