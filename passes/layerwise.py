@@ -171,7 +171,8 @@ class Traced:
 
 def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=(),
                   **options) -> Captured:
-    """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised), in mode ``training``."""
+    """``capture`` of ``module``'s class forward called as ``bound`` (constants specialised); ``options``
+    (``training``, ``opaque``, ...) as ``capture`` takes them."""
     forward, names, constants = type(module).forward, bound.names, bound.constants
 
     def call(*args):
@@ -254,10 +255,9 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
     problems = _unmapped(plan, nodes, {n.name: n for n in original.nodes})
     if problems:
         raise ConversionError(
-            f"{type(module).__name__} called with {sorted(constants)} and {names} in {'train' if training else 'eval'} mode "
-            "traces to a graph whose residual "
-            f"sites are not those found at conversion ({'; '.join(problems[:3])}). Convert with example inputs "
-            "called this way (convert_(model, example_inputs={...}))."
+            f"{type(module).__name__} called with {sorted(constants)} and {names} in {'train' if training else 'eval'} "
+            f"mode traces to a graph whose residual sites are not those found at conversion ({'; '.join(problems[:3])}). "
+            "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
         )
     # no values: the parameters exist already (the rewrite needs a source's value only to create them)
     return Traced(captured, {}, plan, "" if whole else nodes[plan.streams[0].source_node].target)
@@ -693,11 +693,11 @@ def final_aggregation_hook(last: nn.Module, config) -> Callable:
     aggregation instead, as the last layer computes it (its query; the sums the skipped sublayers did
     not add to, as ``aligned`` completes them)."""
     stream = last.forward.plan.streams[0]
-    params = operator.attrgetter(stream.final_param_prefix)(last)
 
     def final(value):
         if not isinstance(value, AttnResState):
             return value
+        params = operator.attrgetter(stream.final_param_prefix)(last)  # now: PEFT may have wrapped attn_res since
         blocks = list(aligned(value, stream.num_blocks + 1, False).blocks)
         scale = float(len(blocks)) if config.mixing == "sum" else 1.0
         return torch.ops.residual_rewriter.attn_res.default(blocks, params.query, params.key_norm_weight,
