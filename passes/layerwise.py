@@ -614,8 +614,12 @@ class LayerForward:
         return made
 
     def _rebuild(self, bound: BoundCall, training: bool) -> tuple[tuple[list[str], Callable], Captured]:
-        traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None,
-                         training=training)
+        params = self.module._modules.pop("attn_res")  # not the module's own: an nn.Sequential runs every child
+        try:
+            traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None,
+                             training=training)
+        finally:
+            self.module._modules["attn_res"] = params
         try:
             gm = rewrite_holder(self.module, traced, self.boundary, self.config)
         except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere

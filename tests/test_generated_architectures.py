@@ -60,6 +60,11 @@ def check(spec: Spec) -> None:
     other = torch.randint(0, 32, (3, 11), generator=torch.Generator().manual_seed(9))  # another batch and length
     with torch.no_grad():
         assert rel_err(model(other), original(other)) <= 1e-12, f"{spec}: not exact on another input shape"
+    outputs = []
+    for net in (original.train(), model.train()):  # in training too: each mode runs the graph traced in it
+        torch.manual_seed(3)  # the same dropout masks
+        outputs.append(net(ids))
+    assert rel_err(outputs[1], outputs[0]) <= 1e-12, f"{spec}: not exact at init in training"
     if spec.must_convert:  # every sublayer, not some of them
         assert len(report.sites) == spec.depth * len(spec.sublayers), f"{spec}: {len(report.sites)} sites"
     assert_live(model, (ids,), want, str(spec))
