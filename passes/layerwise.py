@@ -530,7 +530,6 @@ class LayerForward:
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
         self.stream_argument = stream_argument
-        self.takes_state = boundary is not None and not boundary.first
         self.config = config
         # (training, signature key) -> (argument names, code); the first graph is detection's, in eval mode
         self.graphs: dict[tuple, tuple[list[str], Callable]] = {(False, key): (names, _compile(graph_module, module))}
@@ -539,9 +538,9 @@ class LayerForward:
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
-        if self.takes_state:  # every layer before was skipped (LayerDrop): the stream is b_0 (rewrite.aligned: the rest)
+        if self.boundary is not None and not self.boundary.first:  # (the graph aligns a state: state.aligned)
             i = bound.names.index(self.stream_argument)
-            if isinstance(bound.values[i], torch.Tensor):
+            if isinstance(bound.values[i], torch.Tensor):  # every layer before was skipped (LayerDrop): b_0 itself
                 bound.values[i] = AttnResState((bound.values[i],), None)
         key = (self.module.training, bound.key)
         entry = self.graphs.get(key)

@@ -52,12 +52,11 @@ def make_state(blocks: list, partial: Optional[torch.Tensor]) -> AttnResState:
     return AttnResState(tuple(blocks), partial)
 
 
-def aligned(stream: Any, blocks_in: int, partial_in: bool) -> AttnResState:
+def aligned(state: AttnResState, blocks_in: int, partial_in: bool) -> AttnResState:
     """The state a layer (or the final aggregation) expects, from the one it was handed: where the model
     skipped the layers in between (LayerDrop), their sublayers added nothing. A block they would have
     completed is the partial sum so far, or zeros; a partial sum they would have started is zeros.
     The very state when nothing was skipped."""
-    state = stream if isinstance(stream, AttnResState) else AttnResState((stream,), None)  # all skipped: b_0
     blocks, partial = list(state.blocks), state.partial
     while len(blocks) < blocks_in:
         blocks.append(torch.zeros_like(blocks[0]) if partial is None else partial)
@@ -65,9 +64,10 @@ def aligned(stream: Any, blocks_in: int, partial_in: bool) -> AttnResState:
     if partial_in and partial is None:
         partial = torch.zeros_like(blocks[0])
     if len(blocks) != blocks_in or (partial is not None) != partial_in:
-        raise ConversionError(f"a converted layer expects {blocks_in} blocks{' and a partial sum' if partial_in else ''}, "
-                         f"and was handed {len(state.blocks)}{' and a partial sum' if state.partial is not None else ''}: "
-                         "the model's own code reordered its layers, which AttnRes's state cannot follow")
+        raise ConversionError(
+            f"a converted layer expects {blocks_in} blocks{' and a partial sum' if partial_in else ''}, and was handed "
+            f"{len(state.blocks)}{' and a partial sum' if state.partial is not None else ''}: the model's own code "
+            "reordered its layers, which AttnRes's state cannot follow")
     return state if len(blocks) == len(state.blocks) and partial is state.partial else AttnResState(tuple(blocks), partial)
 
 
