@@ -24,7 +24,7 @@ import operator
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import networkx as nx
 import torch
@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from .capture import Captured, buffers_restored, capture, has_hooks, in_mode, is_opaque_by_class
 from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
 from .errors import ConversionError
+from .graph_pickle import graph_module_to_pickle, graph_to_pickle, unpickled_graph, unpickled_graph_module
 from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .state import AttnResState, aligned
@@ -491,9 +492,15 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
 
 
 # The installed forward
-def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
-    """The rewritten graph's code as a function of ``self`` = the holder. Constants the trace stored on
-    its own root (configs, tensor constants) are copied onto the holder under names of their own."""
+class CompiledGraph(NamedTuple):
+    names: list[str]  # the call's argument names, as the graph's placeholders take them
+    graph_module: fx.GraphModule  # the rewritten graph
+    code: Callable  # its code, a function of ``self`` = the holder: type(graph_module).forward
+
+
+def _compile(names: list[str], gm: fx.GraphModule, holder: nn.Module) -> CompiledGraph:
+    """The rewritten graph's code, run with the holder as ``self``. Constants the trace stored on its
+    own root (configs, tensor constants) are copied onto the holder under names of their own."""
     renamed = False
     for node in gm.graph.nodes:
         if node.op == "get_attr" and not _reachable(holder, gm, node.target):
@@ -508,7 +515,7 @@ def _compile(gm: fx.GraphModule, holder: nn.Module) -> Callable:
             node.target, renamed = name, True
     if renamed:
         gm.recompile()
-    return type(gm).forward
+    return CompiledGraph(names, gm, type(gm).forward)
 
 
 def _reachable(module: nn.Module, gm: fx.GraphModule, target: str) -> bool:
@@ -531,10 +538,14 @@ class LayerForward:
         self.boundary = boundary
         self.stream_argument = stream_argument
         self.config = config
-        # (training, signature key) -> (argument names, code); the first graph is detection's, in eval mode
-        self.graphs: dict[tuple, tuple[list[str], Callable]] = {(False, key): (names, _compile(graph_module, module))}
-        self.graph_module = graph_module  # the first graph, for inspection (print(layer.forward.graph_module.code))
-        self.original_graph = original_graph  # the same call's graph before the rewrite
+        # (training, signature key) -> its graph; the first is detection's, in eval mode
+        self.graphs: dict[tuple, CompiledGraph] = {(False, key): _compile(names, graph_module, module)}
+        self.original_graph = original_graph  # the first graph before the rewrite
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The first graph, for inspection (``print(layer.forward.graph_module.code)``)."""
+        return next(iter(self.graphs.values())).graph_module
 
     def __call__(self, *args, **kwargs):
         bound = bind_call(self.module, args, kwargs)
@@ -548,9 +559,8 @@ class LayerForward:
             if _under_a_tracer(bound.values):
                 raise ConversionError(self._unseen_signature_message(bound))
             entry = self.graphs[key] = self._rebuild(bound, self.module.training)[0]
-        names, fn = entry
         values = dict(zip(bound.names, bound.values))
-        inputs = [values[n] for n in names]
+        inputs = [values[n] for n in entry.names]
         # (Dynamo cannot trace a reentrant checkpoint: it runs one eagerly, where this check applies)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _inside_a_reentrant_checkpoint():
             # a reentrant checkpoint AROUND the layer (torch.utils.checkpoint(layer, state, use_reentrant=True),
@@ -563,8 +573,8 @@ class LayerForward:
                 "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))."
             )
         if self._checkpointing():
-            return self._checkpointed(fn, inputs)
-        return fn(self.module, *inputs)
+            return self._checkpointed(entry.code, inputs)
+        return entry.code(self.module, *inputs)
 
     def _checkpointing(self) -> bool:
         """Hugging Face layers (transformers >= 5.24; older ones in ``__call__``) checkpoint in their
@@ -612,7 +622,7 @@ class LayerForward:
                 made.append(captured)
         return made
 
-    def _rebuild(self, bound: BoundCall, training: bool) -> tuple[tuple[list[str], Callable], Captured]:
+    def _rebuild(self, bound: BoundCall, training: bool) -> tuple[CompiledGraph, Captured]:
         params = self.module._modules.pop("attn_res")  # not the module's own: an nn.Sequential runs every child
         try:
             traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None,
@@ -627,14 +637,12 @@ class LayerForward:
                 f"rewritten like the call it was converted with ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
                 "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
             ) from exc
-        return (list(bound.names), _compile(gm, self.module)), traced.captured
+        return _compile(list(bound.names), gm, self.module), traced.captured
 
-    def __reduce__(self):
-        raise TypeError(
-            f"the converted {type(self.module).__name__}'s forward runs generated code, which pickle cannot store "
-            "(torch.save of the whole model). Save model.state_dict(); to load it, convert the original model "
-            "again and load_state_dict (Hugging Face: save_pretrained, then residual_rewriter.from_pretrained)."
-        )
+    def __reduce__(self):  # torch.save(model), multiprocessing: passes/graph_pickle.py
+        graphs = {key: (g.names, *graph_module_to_pickle(g.graph_module)) for key, g in self.graphs.items()}
+        state = {**self.__dict__, "graphs": graphs, "original_graph": graph_to_pickle(self.original_graph)}
+        return _unpickled_forward, (state,)
 
     def __deepcopy__(self, memo):
         twin = object.__new__(LayerForward)
@@ -642,6 +650,15 @@ class LayerForward:
         twin.module = memo.get(id(self.module), self.module)
         twin.graphs = dict(self.graphs)  # the code is the same; it runs on whichever module is self
         return twin
+
+
+def _unpickled_forward(state: dict) -> LayerForward:
+    forward = object.__new__(LayerForward)
+    forward.__dict__.update(state, original_graph=unpickled_graph(state["original_graph"]), graphs={
+        key: CompiledGraph(names, gm, type(gm).forward)
+        for key, (names, *pickled) in state["graphs"].items() for gm in [unpickled_graph_module(*pickled)]
+    })
+    return forward
 
 
 def _under_a_tracer(values: list) -> bool:
@@ -690,28 +707,29 @@ def install(holder: Holder, config) -> None:
         holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
 
 
-def final_aggregation_hook(last: nn.Module, config) -> Callable:
-    """A forward pre-hook for the modules that read a stream's end (its final norm): where the model
-    skipped the stream's last layers (LayerDrop), they are handed a state; they read the final
+class FinalAggregation:
+    """A forward pre-hook (with kwargs) for the modules that read a stream's end (its final norm): where
+    the model skipped the stream's last layers (LayerDrop), they are handed a state; they read the final
     aggregation instead, as the last layer computes it (its query; the sums the skipped sublayers did
-    not add to, as ``aligned`` completes them)."""
-    stream = last.forward.plan.streams[0]
+    not add to, as ``aligned`` completes them). A class, not a closure: a model pickles with its hooks."""
 
-    def final(value):
+    def __init__(self, last: nn.Module, config):
+        self.last, self.config = last, config
+
+    def final(self, value):
         if not isinstance(value, AttnResState):
             return value
-        params = operator.attrgetter(stream.final_param_prefix)(last)  # now: PEFT may have wrapped attn_res since
+        stream = self.last.forward.plan.streams[0]
+        params = operator.attrgetter(stream.final_param_prefix)(self.last)  # now: PEFT may have wrapped attn_res since
         blocks = list(aligned(value, stream.num_blocks + 1, False).blocks)
-        scale = float(len(blocks)) if config.mixing == "sum" else 1.0
+        scale = float(len(blocks)) if self.config.mixing == "sum" else 1.0
         return torch.ops.residual_rewriter.attn_res.default(blocks, params.query, params.key_norm_weight,
-                                                             config.key_norm_eps, scale)
+                                                             self.config.key_norm_eps, scale)
 
-    def hook(module, args, kwargs):
+    def __call__(self, module, args, kwargs):
         if any(isinstance(v, AttnResState) for v in (*args, *kwargs.values())):
-            return tuple(final(v) for v in args), {k: final(v) for k, v in kwargs.items()}
+            return tuple(self.final(v) for v in args), {k: self.final(v) for k, v in kwargs.items()}
         return None
-
-    return hook
 
 
 def installed_forwards(model: nn.Module) -> list[tuple[str, "LayerForward"]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -67,7 +67,7 @@ def convert_(
     if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
         model.config = copy.copy(model.config)  # in a copy: other models may share the config object
         model.config.residual_rewriter = {**dataclasses.asdict(config), "mode": "in_place"}
-        model.save_pretrained = types.MethodType(checkpoint.save_pretrained, model)
+        model.save_pretrained = functools.partial(checkpoint.save_pretrained, model)  # (a bound method pickles as the class's)
     return model
 
 

@@ -171,7 +171,7 @@ def finish(c: Conversion) -> ConversionReport:
             if path == "" or hf.is_hf_model(model.get_submodule(path)):
                 model.get_submodule(path).register_forward_hook(states_in_output_to_tensors)
         for chain in c.streams:  # the final aggregation where the model skipped the stream's last layers
-            hook = layerwise.final_aggregation_hook(chain[-1].module, c.config)
+            hook = layerwise.FinalAggregation(chain[-1].module, c.config)
             for call in _calls_reading(c, chain[-1]):
                 call.module.register_forward_pre_hook(hook, with_kwargs=True)
     report = make_report(c, converted=True)

@@ -4,6 +4,7 @@ class, module tree, parameter names and Python forward; only the forwards holdin
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -229,6 +230,46 @@ def test_layers_the_model_skips_layerdrop_add_nothing(skipped, block_size):
     skips.clear()
     with torch.no_grad():
         assert rel_err(model(x), want) > 1e-3  # the skipped layers do act when they run
+
+
+class _Skipping:
+    """``_OwnLoop``'s call skipping the layers listed (picklable, unlike a lambda)."""
+
+    def __init__(self):
+        self.skips = set()
+
+    def __call__(self, block, x, training):
+        return x if block.layer_index in self.skips else block(x)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_skipping_its_last_layers_reads_its_own_final_query(how):
+    """Where the last layers are skipped, the final norm's pre-hook computes the final aggregation
+    from the last layer's query: in a copy of the model, the copy's (a closure kept the original's)."""
+    model = _OwnLoop(_Skipping()).double()
+    for i, block in enumerate(model.inner.transformer.h):
+        block.layer_index = i
+    (x,) = model.inner.example_inputs()
+    rr.convert_(model, example_inputs=(x,), block_size=3)
+    _randomize(model)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    _randomize(twin, seed=1)  # the copy's parameters differ from the model's
+    zeroed = copy.deepcopy(twin)
+    with torch.no_grad():
+        for i in (2, 3):
+            for proj in (zeroed.inner.transformer.h[i].attn.c_proj, zeroed.inner.transformer.h[i].mlp.c_proj):
+                proj.weight.zero_(), proj.bias.zero_()
+        want = zeroed(x)
+        twin.call.skips.update({2, 3})
+        assert rel_err(twin(x), want) <= 1e-12
+        model.call.skips.update({2, 3})
+        assert rel_err(model(x), want) > 1e-3
 
 
 def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_untouched():
