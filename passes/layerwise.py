@@ -82,8 +82,9 @@ def _snapshot(value: Any) -> Any:
 
 
 def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> tuple[list[ModuleCall], Any]:
-    """Run ``model(*inputs, **kwargs)`` once (eval mode, no grad; modes restored afterwards) and
-    return every module call in start order, with the model's output."""
+    """Run ``model(*inputs, **kwargs)`` once (eval mode, no grad; modes restored afterwards) on a copy of
+    the inputs (a KV cache passed in is not filled) and return every module call in start order, with
+    the model's output."""
     calls: list[ModuleCall] = []
     open_calls: dict[int, list[ModuleCall]] = {}
     handles = []
@@ -102,8 +103,9 @@ def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
+        inputs, kwargs = _detached_copy([inputs, kwargs or {}])
         with in_mode(model, False), buffers_restored(model), torch.no_grad():
-            output = model(*inputs, **(kwargs or {}))
+            output = model(*inputs, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -126,7 +128,9 @@ class BoundCall:
 
     @property
     def key(self) -> tuple:
-        kinds = tuple((n, type(v).__name__ if not isinstance(v, torch.Tensor) else "tensor") for n, v in zip(self.names, self.values))
+        """Which graph runs this call. Another object (a StaticCache where a DynamicCache was seen) runs the
+        same graph: the trace held it as a proxy, whatever its type."""
+        kinds = tuple((n, _kind(v)) for n, v in zip(self.names, self.values))
         return kinds + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
 
     def installed_key(self, stream_argument: str, first: bool) -> tuple:
@@ -136,6 +140,12 @@ class BoundCall:
         if stream_argument and not first:
             key[self.names.index(stream_argument)] = (stream_argument, "AttnResState")
         return tuple(key)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    return type(value).__name__ if isinstance(value, (tuple, list, dict, AttnResState)) else "object"
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
@@ -604,10 +614,12 @@ class LayerForward:
     def _unseen_signature_message(self, bound: BoundCall) -> str:
         seen = [{**dict(k), "training": t} for t, k in self.graphs]
         now = {**dict(bound.key), "training": self.module.training}
-        differ = sorted({n for s in seen for n in set(s) | set(now) if s.get(n) != now.get(n)})
+        closest = min(seen, key=lambda s: len([n for n in set(s) | set(now) if s.get(n) != now.get(n)]))
+        differ = sorted(n for n in set(closest) | set(now) if closest.get(n) != now.get(n))
         return (
             f"{type(self.module).__name__} is called under a tracer (torch.compile, torch.export, pipeline()) with a "
-            f"signature its conversion did not prepare (differs in {differ}: now {[(n, now.get(n)) for n in differ]}). "
+            f"signature its conversion did not prepare (the closest prepared one differs in {differ}: now "
+            f"{[(n, now.get(n)) for n in differ]}, prepared {[(n, closest.get(n)) for n in differ]}). "
             "A converted layer never runs the model to build a graph under a tracer. Convert with example inputs "
             "called this way (convert_(model, example_inputs={...}))."
         )
@@ -663,7 +675,8 @@ def _unpickled_forward(state: dict) -> LayerForward:
 
 def _under_a_tracer(values: list) -> bool:
     """Dynamo, export or FX is tracing this call: its tensors are not data, and nothing may run eagerly."""
-    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing():
+    tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)  # (the latter warns)
+    if torch.compiler.is_compiling() or tracing():
         return True
     from torch._subclasses.fake_tensor import is_fake
 
