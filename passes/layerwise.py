@@ -624,11 +624,11 @@ class LayerForward:
             "called this way (convert_(model, example_inputs={...}))."
         )
 
-    def add_signature(self, bound: BoundCall, key: tuple) -> list[Captured]:
-        """At conversion: the graphs, in both modes, for a way the model calls this layer (the conversion's
-        own call; a mask, no cache). Returns the captures it made."""
+    def add_signature(self, bound: BoundCall, key: tuple, modes: tuple[bool, ...] = (False, True)) -> list[Captured]:
+        """At conversion: the graphs, in ``modes`` (training?), for a way the model calls this layer (the
+        conversion's own call; a mask, no cache). Returns the captures it made."""
         made = []
-        for training in (False, True):
+        for training in modes:
             if (training, key) not in self.graphs:
                 self.graphs[training, key], captured = self._rebuild(bound, training)
                 made.append(captured)

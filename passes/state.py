@@ -41,6 +41,14 @@ class AttnResState:
     def device(self) -> torch.device:
         return self.blocks[0].device
 
+    def __getattr__(self, name: str):  # a name it lacks: a hook or the model's code took it for the hidden states
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"'AttnResState' object has no attribute {name!r}: a layer converted to Block AttnRes hands the next one "
+            "this state (block sums and a partial sum), not the hidden-state tensor. state.residual_sum() is the tensor a "
+            "standard residual stream holds there (what output_hidden_states gives); the last layer returns a tensor.")
+
     def residual_sum(self) -> torch.Tensor:
         """The value a standard residual stream would hold here: every source summed. With zero
         queries it equals the original model's hidden state."""

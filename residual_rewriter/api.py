@@ -54,10 +54,12 @@ def convert_(
     ``model.attn_res_report`` says what was rewritten and in which mode.
     """
     _check_model(model)
-    if type(model).__module__.startswith("peft."):
+    peft = next(((path, m) for path, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if peft is not None:  # the model or a layer in it (LoRA applied to the base model before converting)
+        what = f"{type(model).__name__} is a PEFT model" if not peft[0] else f"{peft[0]} is a PEFT layer ({type(peft[1]).__name__})"
         raise ConversionError(
-            f"{type(model).__name__} is a PEFT model: its adapter would be saved without the AttnRes parameters. "
-            "Convert the base model first, then apply PEFT with them trainable and saved: "
+            f"{what}: its adapter would be saved without the AttnRes parameters. Convert the base model first, "
+            "then apply PEFT with them trainable and saved: "
             "get_peft_model(residual_rewriter.convert_(base), LoraConfig(..., modules_to_save=['attn_res']))"
         )
     config = _make_config(config, num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
@@ -159,8 +161,11 @@ def _check_model(model: Any) -> None:
 
 def _check_not_converted(model: nn.Module) -> None:
     name = type(model).__name__
+    inside = [path for path, m in model.named_modules() if hasattr(m, "attn_res_report") or "attn_res" in m._modules]
     if hasattr(model, "attn_res_report"):
         why = "it has model.attn_res_report"
+    elif inside:  # a part of it was converted (model.model), or it is a part of a converted model
+        why = f"its module {inside[0]!r} was rewritten by a conversion"
     elif hf.is_hf_model(model) and getattr(model.config, "residual_rewriter", None):
         why = ("its config holds residual_rewriter options: it was saved from a converted model. Load it with "
                "residual_rewriter.from_pretrained(path), which restores the AttnRes parameters")

@@ -50,7 +50,7 @@ class Conversion:
     streams: list[list[layerwise.Holder]] = field(default_factory=list)  # holders chained per stream
     mode: str = IN_PLACE
     mode_reason: str = ""  # why the layers could not be the holders
-    other_calls: list = field(default_factory=list)  # (holder, BoundCall): HF calls prepared at conversion
+    other_calls: list = field(default_factory=list)  # (holder, BoundCall, modes): HF calls prepared at conversion
     installed: list[layerwise.Holder] = field(default_factory=list)
     detect_only: bool = False  # detect(): converted, verified and rolled back
 
@@ -108,11 +108,11 @@ def place_blocks(c: Conversion) -> None:
 def prepare_other_signatures(c: Conversion) -> None:
     """Hugging Face models: observe the model's other common calls (see ``_other_calls``) before
     install, so that ``install`` traces the layers for them too: no tracer ever meets a layer
-    signature it would have to run the model for. -> ``c.other_calls``: (holder, bound call)."""
+    signature it would have to run the model for. -> ``c.other_calls``: (holder, bound call, modes)."""
     if not hf.is_hf_model(c.model) or c.args or c.mode != IN_PLACE or c.detect_only:
         return
     holders = {id(h.module): h for h in c.holders}
-    for other in _other_calls(c.model, c.kwargs):
+    for other, modes in _other_calls(c.model, c.kwargs):
         try:
             calls, _ = observe_calls(c.model, (), other)
         except Exception as exc:  # noqa: BLE001 - the model itself refuses this call: nothing to prepare
@@ -123,7 +123,7 @@ def prepare_other_signatures(c: Conversion) -> None:
         for call in calls:
             holder = holders.get(id(call.module))
             if holder is not None:
-                c.other_calls.append((holder, layerwise.bind_call(call.module, call.args, call.kwargs)))
+                c.other_calls.append((holder, layerwise.bind_call(call.module, call.args, call.kwargs), modes))
 
 
 def install(c: Conversion) -> None:
@@ -132,9 +132,9 @@ def install(c: Conversion) -> None:
     for holder in c.holders:
         c.installed.append(holder)
         layerwise.install(holder, c.config)
-    for holder, bound in c.other_calls:
+    for holder, bound, modes in c.other_calls:
         key = bound.installed_key(holder.traced.stream_argument, holder.boundary.first)
-        holder.module.forward.add_signature(bound, key)
+        holder.module.forward.add_signature(bound, key, modes)
 
 
 def verify(c: Conversion) -> None:
@@ -234,23 +234,28 @@ def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
     return "\n".join(lines)
 
 
-def _other_calls(model: nn.Module, kwargs: dict) -> list[dict]:
+def _other_calls(model: nn.Module, kwargs: dict) -> list[tuple[dict, tuple[bool, ...]]]:
     """Other ways a Hugging Face model is commonly called, which reach its layers with other kinds of
-    arguments: with an attention mask (padding; always a tensor under torch.export or pipeline()), and
-    without a KV cache (training with checkpointing, Trainer's evaluation)."""
+    arguments, and the modes (training?) each is prepared in: with an attention mask (padding; always a
+    tensor under torch.export or pipeline()), without a KV cache (training with checkpointing, Trainer's
+    evaluation), and in training with Trainer's ``num_items_in_batch`` (passed on to the layers)."""
     accepted = inspect.signature(model.forward).parameters
     main = kwargs.get(getattr(model, "main_input_name", None))
     options = []
-    if "attention_mask" in accepted and "attention_mask" not in kwargs and isinstance(main, torch.Tensor) and main.dim() == 2:
+    # (also where the example has them: an all-ones mask reaches the layers as None, except under a tracer)
+    if "attention_mask" in accepted and isinstance(main, torch.Tensor) and main.dim() == 2:
         mask = torch.ones_like(main)
         mask[0, 0] = 0  # left padding on the first row: the model must build a mask tensor
         options.append({"attention_mask": mask})
-    if "use_cache" in accepted and "use_cache" not in kwargs:
+    if "use_cache" in accepted and kwargs.get("use_cache") is not False:
         options.append({"use_cache": False})
     variants = [{}]
     for option in options:
         variants += [{**v, **option} for v in variants]
-    return [{**kwargs, **v} for v in variants[1:]]
+    calls = [({**kwargs, **v}, (False, True)) for v in variants[1:]]
+    if "num_items_in_batch" not in kwargs and any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        calls += [({**kwargs, **v, "num_items_in_batch": torch.tensor(1)}, (True,)) for v in variants]
+    return calls
 
 
 def _ancestors(paths: list[str]) -> list[str]:

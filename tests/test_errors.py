@@ -97,6 +97,18 @@ def test_converting_a_converted_module_again():
             entry(converted, x())
 
 
+def test_converting_a_part_of_a_converted_model_or_the_model_around_a_converted_part():
+    """``model.model`` converted, then ``model`` (or the reverse): refused as already converted, naming
+    the rewritten module, not as a model with no residual site."""
+    outer = make_hf("llama")
+    rr.convert_(outer.model)
+    with pytest.raises(rr.ConversionError, match=r"already converted \(its module 'model' was rewritten"):
+        rr.convert(outer)
+    whole = rr.convert(make_hf("llama"))
+    with pytest.raises(rr.ConversionError, match=r"already converted \(its module 'layers.0' was rewritten"):
+        rr.convert_(whole.model)
+
+
 def test_converting_a_converted_hf_model_again():
     model = rr.convert(make_hf("llama"))
     with pytest.raises(rr.ConversionError, match="already converted"):

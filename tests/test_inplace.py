@@ -425,6 +425,24 @@ def test_filter_fn_limits_the_rewritten_layers():
         assert rel_err(model(x), original(x)) <= 1e-10
 
 
+def test_a_hook_reading_a_layer_output_as_a_tensor_is_told_what_it_got():
+    """A forward hook on a layer that hands the state on (not the last) gets an AttnResState: a tensor
+    method on it says so, and what to read instead; residual_sum() is the original's hidden state."""
+    model = make_architecture("llama")
+    original = copy.deepcopy(model)
+    rr.convert_(model, num_blocks=2)
+    seen = {}
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, out: seen.update(state=out) or out.detach())
+    ids = torch.randint(0, 128, (2, 5))
+    with pytest.raises(AttributeError, match=r"(?s)no attribute 'detach'.*not the hidden-state tensor.*residual_sum\(\)"):
+        model(ids)
+    handle.remove()
+    with torch.no_grad():
+        want = original(ids, output_hidden_states=True).hidden_states[1]
+    assert rel_err(seen["state"].residual_sum(), want) <= 1e-10
+    assert not hasattr(seen["state"], "detach") and hasattr(seen["state"], "residual_sum")
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_output_hidden_states_are_tensors_of_the_original_shapes(name):
     """Hidden states after each rewritten layer are what a standard residual stream holds there:
@@ -478,6 +496,10 @@ def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
     lora_first = peft.get_peft_model(make_architecture("llama").float(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(rr.ConversionError, match="Convert the base model first"):
         rr.convert_(lora_first)
+    # ... and so is the PEFT model's base, whose layers hold the LoRA layers
+    with pytest.raises(rr.ConversionError, match=r"model.layers.0.self_attn.q_proj is a PEFT layer.*base model first"):
+        rr.convert_(lora_first.base_model.model)
+    assert not any("attn_res" in n for n, _ in lora_first.named_parameters())
 
 
 def test_hugging_face_trainer_trains_and_checkpoints(tmp_path):

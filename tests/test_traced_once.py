@@ -67,6 +67,26 @@ def test_compile_makes_as_many_graphs_as_the_original(training, no_tracing_after
     assert counts[1] == counts[0], counts
 
 
+def test_a_training_step_as_trainer_makes_it_compiles_on_a_freshly_converted_llama(no_tracing_after_conversion):
+    """Trainer's training calls pass num_items_in_batch, which the model hands on to its layers: those
+    signatures are prepared (in training) at conversion, so a compiled training step makes as many
+    graphs as the original's and the same gradients as eager."""
+    kwargs = dict(attention_mask=PADDED, labels=IDS, num_items_in_batch=torch.tensor(12))
+    original = make_architecture("llama").train()
+    model = no_tracing_after_conversion(make_architecture("llama")).train()
+    twin = copy.deepcopy(model)
+    counts = []
+    for m in (original, model):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        torch.compile(m, backend=counter)(IDS, **kwargs).loss.backward()
+        counts.append(counter.frame_count)
+    assert counts[1] == counts[0], counts
+    twin(IDS, **kwargs).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(rel_err(grads[n], p.grad) <= 1e-12 for n, p in twin.named_parameters() if p.grad is not None)
+
+
 def test_fullgraph_attnres_backend_on_a_freshly_converted_llama(no_tracing_after_conversion):
     model = no_tracing_after_conversion(make_architecture("llama"))
     torch._dynamo.reset()
@@ -86,6 +106,18 @@ def test_generate_with_a_static_cache_compiles_on_a_freshly_converted_llama(no_t
     model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(model.generate(IDS, **options), twin.generate(IDS, **options))
+
+
+def test_an_all_ones_mask_in_the_example_inputs_still_prepares_a_mask_tensor():
+    """An all-ones mask reaches the layers as None in eager code, but as a tensor under a tracer (which
+    cannot look at its values): the masked signature is prepared whatever mask the example holds."""
+    model = make_architecture("llama")
+    rr.convert_(model, example_inputs={"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}, num_blocks=2)
+    _randomize(model)
+    kwargs = {"attention_mask": PADDED, "use_cache": False}
+    program = torch.export.export(model, (IDS,), kwargs)
+    with torch.no_grad():
+        assert rel_err(program.module()(IDS, **kwargs).logits, model(IDS, **kwargs).logits) <= 1e-12
 
 
 def test_a_kv_cache_in_the_example_inputs_is_left_as_it_was():
