@@ -16,6 +16,7 @@ from torch import nn
 from residual_rewriter import checkpoint, driver, hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes.errors import ConversionError, first_line
+from residual_rewriter.passes.layerwise import installed_forwards
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
 from residual_rewriter.report import ConversionReport
 
@@ -161,7 +162,7 @@ def _check_model(model: Any) -> None:
 
 def _check_not_converted(model: nn.Module) -> None:
     name = type(model).__name__
-    inside = [path for path, m in model.named_modules() if hasattr(m, "attn_res_report") or "attn_res" in m._modules]
+    inside = [path for path, m in model.named_modules() if hasattr(m, "attn_res_report")] + [p for p, _ in installed_forwards(model)]
     if hasattr(model, "attn_res_report"):
         why = "it has model.attn_res_report"
     elif inside:  # a part of it was converted (model.model), or it is a part of a converted model
