@@ -161,7 +161,6 @@ def _check_model(model: Any) -> None:
 
 
 def _check_not_converted(model: nn.Module) -> None:
-    name = type(model).__name__
     inside = [path for path, m in model.named_modules() if hasattr(m, "attn_res_report")] + [p for p, _ in installed_forwards(model)]
     if hasattr(model, "attn_res_report"):
         why = "it has model.attn_res_report"
@@ -173,7 +172,7 @@ def _check_not_converted(model: nn.Module) -> None:
     else:
         return
     raise ConversionError(
-        f"{name} is already converted ({why}). Use it as it is; to convert with other options, convert the "
+        f"{type(model).__name__} is already converted ({why}). Use it as it is; to convert with other options, convert the "
         "original model."
     )
 
