@@ -274,9 +274,9 @@ def record(converted, inputs: dict, branch_modules=None) -> Recording:
         return run
 
     for path, f in forwards.items():  # the graph of the call being made: the first one traced
-        key = next(k for k, (_, fn) in f.graphs.items() if fn is type(f.graph_module).forward)
+        key = next(k for k, g in f.graphs.items() if g.graph_module is f.graph_module)
         saved[path] = (key, f.graphs[key])
-        f.graphs[key] = (f.graphs[key][0], interpreting(path, f.graph_module))
+        f.graphs[key] = f.graphs[key]._replace(code=interpreting(path, f.graph_module))
     try:
         with torch.no_grad():
             converted(**inputs)
