@@ -306,7 +306,9 @@ def _recording_checkpoints(tracer: ResidualTracer):
     def where():
         return tracer.module_stack[next(reversed(tracer.module_stack))][0] if tracer.module_stack else ""
 
-    generator, function = ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction
+    # torch >= 2.14 calls the ..._impl (the other name: a shim to it); torch 2.11-2.13 the other
+    name = next(n for n in ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator") if hasattr(ckpt, n))
+    generator, function = getattr(ckpt, name), ckpt.CheckpointFunction
 
     def non_reentrant(*args, **kwargs):
         tracer.checkpoint_calls.append(where())
@@ -318,11 +320,11 @@ def _recording_checkpoints(tracer: ResidualTracer):
             tracer.checkpoint_calls.append(where())
             return function.apply(*args, **kwargs)
 
-    ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = non_reentrant, Reentrant
+    vars(ckpt)[name], ckpt.CheckpointFunction = non_reentrant, Reentrant
     try:
         yield
     finally:
-        ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = generator, function
+        vars(ckpt)[name], ckpt.CheckpointFunction = generator, function
 
 
 def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_names: list[str],

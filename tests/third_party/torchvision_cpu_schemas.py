@@ -30,19 +30,21 @@ class _BeforeTorchvision:
         self.done = True
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.submodule_search_locations:
-            _define_schemas_unless_the_extension_loads(os.path.join(spec.submodule_search_locations[0], "_C.so"))
+            _define_schemas_unless_the_extension_loads(spec.submodule_search_locations[0])
         return None  # the usual finders import torchvision
 
 
-def _define_schemas_unless_the_extension_loads(extension: str) -> None:
+def _define_schemas_unless_the_extension_loads(package: str) -> None:
     global _schemas
     import torch
 
-    try:
-        torch.ops.load_library(extension)  # torchvision loads it again next: dlopen makes that a no-op
-        return
-    except OSError:
-        pass
+    # _C.so up to torchvision 0.28 (torch 2.13); _C_stable.so (built on torch's stable ABI) from 0.29
+    for name in ("_C.so", "_C_stable.so"):
+        try:
+            torch.ops.load_library(os.path.join(package, name))  # torchvision loads it again: a no-op
+            return
+        except OSError:
+            pass
     _schemas = torch.library.Library("torchvision", "FRAGMENT")
     for op in ("nms", "qnms"):
         _schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
