@@ -103,7 +103,7 @@ def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
-        inputs, kwargs = _detached_copy([inputs, kwargs or {}])
+        inputs, kwargs = detached_copy([inputs, kwargs or {}])
         with in_mode(model, False), buffers_restored(model), torch.no_grad():
             output = model(*inputs, **kwargs)
     finally:
@@ -204,8 +204,8 @@ def _detect(module: nn.Module, bound: BoundCall, captured: Captured, **options) 
     # running the module must not change it: a KV cache passed in is copied, one held in its buffers
     # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
     with in_mode(module, False), buffers_restored(module):
-        splits = split_residual_children(captured.graph_module, _detached_copy(bound.values))
-        values = record_values(captured.graph_module, _detached_copy(bound.values))
+        splits = split_residual_children(captured.graph_module, detached_copy(bound.values))
+        values = record_values(captured.graph_module, detached_copy(bound.values))
         plan = build_plan(captured.graph_module, values, opaque_modules=captured.opaque_modules, **options)
     plan.residual_children = splits
     return values, plan
@@ -304,7 +304,7 @@ def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
     return problems
 
 
-def _detached_copy(values: list) -> tuple:
+def detached_copy(values: list) -> tuple:
     """A deep copy in which tensors computed under autograd are detached: a KV cache filled during a
     training forward holds such tensors, which ``copy.deepcopy`` refuses to copy."""
     original = torch.Tensor.__deepcopy__

@@ -9,7 +9,6 @@ the same mode. A step that fails leaves the model as it was: ``run`` undoes ever
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import warnings
@@ -222,7 +221,8 @@ def rollback(c: Conversion) -> None:
 def _run_original(c: Conversion) -> Any:
     """The model on the example call, as observed (eval, no grad, buffers restored)."""
     with in_mode(c.model, False), torch.no_grad(), buffers_restored(c.model):
-        return c.model(*copy.deepcopy(c.args), **copy.deepcopy(c.kwargs))
+        args, kwargs = layerwise.detached_copy([c.args, c.kwargs])  # as observe ran it: on a copy
+        return c.model(*args, **kwargs)
 
 
 # Helpers
