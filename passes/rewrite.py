@@ -17,6 +17,7 @@ sources ("sum" mixing: a zero query gives back exactly the sum, the original mod
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,15 +36,49 @@ def in_stream_dtype(branch: torch.Tensor, stream_source: torch.Tensor) -> torch.
 
 
 class AttnResQuery(nn.Module):
-    """The learned pseudo-query of one aggregation and the gain of its key RMSNorm."""
+    """The learned pseudo-query of one aggregation and the gain of its key RMSNorm.
 
-    def __init__(self, hidden_size: int, dtype=None, device=None):
+    ``reads``: what it mixes, ``(n, partial, mean)``: the completed block sums b_0..b_{n-1}, then the
+    current block's partial sum if ``partial``; ``mean``: "mean" mixing. It travels in the state_dict
+    (``<...>.attn_res.<site>._extra_state``) and a load checks it: a query trained on other sources
+    (another num_blocks, block_size or mixing) would otherwise load silently and compute something else."""
+
+    def __init__(self, hidden_size: int, reads: tuple[int, int, int], dtype=None, device=None):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))  # [D]
         self.key_norm_weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))  # [D]
+        self.reads = reads
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.query.shape[0]}"
+        return f"hidden_size={self.query.shape[0]}, reads {describe_reads(self.reads)}"
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.reads)  # a tensor: safetensors (save_pretrained) saves nothing else
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        saved = tuple(int(v) for v in state.tolist())
+        if saved != self.reads:
+            raise RuntimeError(
+                f"this AttnRes query mixes {describe_reads(self.reads)}; the state_dict's was trained mixing "
+                f"{describe_reads(saved)}. The state_dict comes from a model converted with other options "
+                "(num_blocks, block_size, mixing): convert with the options it was saved with")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "query" in state_dict and prefix + "_extra_state" not in state_dict:
+            warnings.warn("the state_dict records no AttnRes block layout (saved before residual_rewriter recorded "
+                          "it); loaded as is: it must come from a model converted with the same num_blocks, "
+                          "block_size and mixing", stacklevel=2)  # one message, shown once
+            state_dict[prefix + "_extra_state"] = self.get_extra_state()  # load_state_dict's own copy of the dict
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except RuntimeError as e:  # from set_extra_state: name the query
+            raise RuntimeError(f"Error loading {prefix}_extra_state: {e}") from None
+
+
+def describe_reads(reads: tuple[int, int, int]) -> str:
+    n, partial, mean = reads
+    blocks = "b_0" if n == 1 else f"b_0..b_{n - 1}"
+    return blocks + (" + its block's partial sum" if partial else "") + (" (mean)" if mean else " (sum)")
 
 
 @dataclass(frozen=True)
@@ -111,13 +146,16 @@ def _rewrite_stream(
     nodes = {n.name: n for n in graph.nodes}
     source = nodes[stream.source_node]
 
-    def aggregate(after: fx.Node, sources: list[fx.Node], prefix: str) -> fx.Node:
-        key = prefix.split(".", 1)[1]
+    def aggregate(after: fx.Node, blocks: list[fx.Node], partial: fx.Node | None, prefix: str) -> fx.Node:
+        sources = blocks + ([partial] if partial is not None else [])
+        key, reads = prefix.split(".", 1)[1], (len(blocks), int(partial is not None), int(mixing == "mean"))
         # several graphs of one model (one per call signature) share them. hasattr, not `in`: under
         # PEFT's modules_to_save the container is a wrapper that forwards attribute lookups only
         if not hasattr(gm.attn_res, key):
             example = values[source]  # [..., D]
-            gm.attn_res.add_module(key, AttnResQuery(stream.hidden_size, dtype=example.dtype, device=example.device))
+            gm.attn_res.add_module(key, AttnResQuery(stream.hidden_size, reads, dtype=example.dtype, device=example.device))
+        elif getattr(gm.attn_res, key).reads != reads:
+            raise ConversionError(f"internal error: two graphs of one layer mix different sources at {prefix}; please report it")
         scale = float(len(sources)) if mixing == "sum" else 1.0
         with graph.inserting_after(after):
             q = graph.get_attr(f"{prefix}.query")
@@ -139,10 +177,9 @@ def _rewrite_stream(
     for k, site in enumerate(stream.sites):
         if site.position == 0:
             partial = None
-        sources = blocks + ([partial] if partial is not None else [])
         x = nodes[site.skip_node] if k else b_0
-        if len(sources) > 1:
-            h = aggregate(cursor, sources, site.param_prefix)
+        if len(blocks) + (partial is not None) > 1:
+            h = aggregate(cursor, blocks, partial, site.param_prefix)
             if site.skip_view:  # its norm (and shape readers) read the same view of h: x.reshape(B, -1, C) -> h.reshape(...)
                 with graph.inserting_before(x):  # where the view's sizes are known
                     view = graph.node_copy(x, lambda n: h if n is x.args[0] else n)
@@ -177,8 +214,7 @@ def _rewrite_stream(
             view, erased = view.args[0], view
             graph.erase_node(erased)
     if layer is None or layer.last:
-        final_sources = blocks + ([partial] if partial is not None else [])
-        out = aggregate(cursor, final_sources, stream.final_param_prefix)
+        out = aggregate(cursor, blocks, partial, stream.final_param_prefix)
     else:
         with graph.inserting_after(cursor):
             out = graph.call_function(make_state, (list(blocks), partial))

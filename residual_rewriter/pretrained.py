@@ -110,10 +110,11 @@ def _load_attn_res(model: nn.Module, path: str) -> None:
     """Load the AttnRes tensors a checkpoint holds (transformers skipped them) into ``model``."""
     on_disk = _names_on_disk(model)
     saved = _safetensors(path)
-    missing = sorted(k for k, disk in on_disk.items() if disk not in saved)
+    # a checkpoint saved before layouts were recorded has no `_extra_state`: the load warns
+    missing = sorted(k for k, disk in on_disk.items() if disk not in saved and not k.endswith("._extra_state"))
     if missing:
         raise ConversionError(f"{path} lacks AttnRes parameters {missing[:4]}: saved from another conversion?")
-    model.load_state_dict({k: saved[disk] for k, disk in on_disk.items()}, strict=False)
+    model.load_state_dict({k: saved[disk] for k, disk in on_disk.items() if disk in saved}, strict=False)
 
 
 def _builds(auto_class, config, model_class) -> bool:

@@ -83,6 +83,31 @@ def test_state_dict_roundtrip_and_names():
     assert torch.equal(fresh(x), converted(x))
 
 
+@pytest.mark.parametrize("other", [dict(num_blocks=4), dict(block_size=3), dict(num_blocks=2, mixing="mean")])
+def test_a_state_dict_from_another_block_layout_is_refused(other):
+    """Queries have the same names and shapes under any block layout: only the recorded layout tells
+    that a query was trained on other sources. Loading one silently would compute something else."""
+    trained = rr.convert(make_gpt(), num_blocks=2)
+    perturb_attn_res(trained)
+    elsewhere = rr.convert(make_gpt(), **other)
+    with pytest.raises(RuntimeError, match=r"attn_res\.\w+\._extra_state.*converted with other options"):
+        elsewhere.load_state_dict(trained.state_dict())
+    with pytest.raises(RuntimeError, match="num_blocks, block_size, mixing"):
+        elsewhere.load_state_dict(trained.state_dict(), strict=False)
+
+
+def test_a_state_dict_saved_without_a_layout_loads_with_a_warning():
+    trained = rr.convert(make_gpt(), num_blocks=2)
+    perturb_attn_res(trained)
+    old = {k: v for k, v in trained.state_dict().items() if not k.endswith("._extra_state")}
+    fresh = rr.convert(make_gpt(), num_blocks=2)
+    with pytest.warns(UserWarning, match="records no AttnRes block layout"):
+        fresh.load_state_dict(old)
+    x = torch.randint(0, 256, (2, 5))
+    assert torch.equal(fresh(x), trained(x))
+    assert "transformer.h.1.attn_res.mlp._extra_state" not in old  # the caller's dict is left as it was
+
+
 def test_deepcopy_and_dtype():
     converted = rr.convert(make_gpt(), num_blocks=2)
     perturb_attn_res(converted)

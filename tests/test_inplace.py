@@ -487,7 +487,9 @@ def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert sum(".attn_res." in k for k in saved) == 2 * len(base.attn_res_report.sites)  # query + gain each
+    # query + gain + the sources it mixes (checked on load), each
+    assert sum(".attn_res." in k for k in saved) == 3 * len(base.attn_res_report.sites)
+    assert sum(k.endswith(".attn_res.final._extra_state") for k in saved) == 1
     rr.convert_(fresh_base, num_blocks=2)
     reloaded = peft.PeftModel.from_pretrained(fresh_base, tmp_path).eval()
     with torch.no_grad():
