@@ -50,6 +50,7 @@ class Op:
     save: Callable = lambda a, out: vars(a)  # (a, outputs) -> {name: value} for the backward; default: the inputs
     grad_args: Optional[Callable] = None  # (s, *output gradients) -> {the backward op's grad_*, accumulate: value}
     input_grads: Optional[Callable] = None  # (s, {input: gradient}) -> None: what the backward's rule misses
+    composite: Optional[Callable] = None  # the op in functional torch ops: what run_decompositions() puts in its place
 
 
 def _dispatch(name: str) -> Callable:
@@ -196,6 +197,7 @@ OPS = [
         "attn_res(Tensor[] sources, Tensor query, Tensor? norm_weight, float eps, float scale) -> Tensor",
         cpu=R.attn_res_reference,
         cuda=_dispatch("forward_cuda"),
+        composite=R.attn_res_composite,  # the op converted models hold: exported, they decompose into torch ops
         fake=lambda a: torch.empty_like(_source(a)),
         grad_args=lambda s, grad_out: dict(grad_out=grad_out.contiguous()),
         backward=Op(
@@ -322,6 +324,9 @@ OPS = [
 # ---- registration ------------------------------------------------------------------------------------------
 
 
+_COMPOSITE = torch.library.Library(LIB, "IMPL")  # kept alive: it holds the CompositeImplicitAutograd kernels
+
+
 class _Registered:
     """One op of the table, registered: its argument names, and the functions torch.library calls."""
 
@@ -341,6 +346,8 @@ class _Registered:
         custom.register_fake(lambda *args, **kwargs: self.fake(self.named(args, kwargs)))
         if self.backward is not None:
             custom.register_autograd(self.autograd_backward, setup_context=self.setup_context)
+        if op.composite is not None:  # eager and autograd keep the kernels above (direct registrations win)
+            _COMPOSITE.impl(self.name, op.composite, "CompositeImplicitAutograd")
 
     def named(self, args, kwargs) -> SimpleNamespace:
         """The op's arguments by name, defaults filled in."""

@@ -94,6 +94,22 @@ def attn_res_reference(
     return _aggregate(sources, query, norm_weight, eps, scale).to(sources[0].dtype)
 
 
+def attn_res_composite(
+    sources: Sequence[Tensor],
+    query: Tensor,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = DEFAULT_EPS,
+    scale: float = 1.0,
+) -> Tensor:
+    """``attn_res_reference`` in functional torch ops (no in-place accumulation): the op's
+    CompositeImplicitAutograd kernel, which ``ExportedProgram.run_decompositions()`` puts in the op's
+    place, so that an exported converted model needs no custom op (ONNX, AOTInductor, loading without
+    this library)."""
+    vs = _compute(sources)  # n x [..., D]
+    weights = torch.softmax(_scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0], dim=0) * scale
+    return sum(w.unsqueeze(-1) * v for w, v in zip(weights, vs)).to(sources[0].dtype)
+
+
 def _aggregate(sources, query, norm_weight, eps, scale) -> Tensor:
     """The mixture in the compute dtype (not rounded to the input dtype): ``[..., D]``."""
     vs = _compute(sources)  # n x [..., D]
