@@ -10,11 +10,6 @@ import torch
 from torch import nn
 
 
-# the KV-cache argument of a model's forward: ``cache`` since transformers 5.24 (``past_key_values``,
-# deprecated there, before)
-CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
-
-
 def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "main_input_name") and hasattr(model.config, "to_dict")
 

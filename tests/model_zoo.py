@@ -8,6 +8,10 @@ import torch
 
 from residual_rewriter.models import GPT, GPTConfig
 
+# the KV-cache argument of a model's forward: ``cache`` since transformers 5.24 (``past_key_values``,
+# deprecated there, before)
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
 SMALL_DECODER = dict(
     vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
 )

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from residual_rewriter import hf
-from model_zoo import make_hf, perturb_attn_res, rel_err
+from model_zoo import CACHE_ARGUMENT_NAMES, make_hf, perturb_attn_res, rel_err
 
 pytest.importorskip("transformers")
 
@@ -70,7 +69,7 @@ def test_kv_cache_is_exact_for_attnres():
     full = converted(cached, use_cache=False).logits
     with torch.no_grad():
         out = converted(cached[:, :6], use_cache=True)
-        name = next(n for n in hf.CACHE_ARGUMENT_NAMES if n in inspect.signature(converted.forward).parameters)
+        name = next(n for n in CACHE_ARGUMENT_NAMES if n in inspect.signature(converted.forward).parameters)
         past = out.get("cache", out.get("past_key_values"))  # the output field follows the argument's name
         step = converted(cached[:, 6:7], **{name: past}, use_cache=True)
     assert rel_err(step.logits[:, -1], full[:, 6]) <= 1e-10

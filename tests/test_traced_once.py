@@ -17,8 +17,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import residual_rewriter as rr
-from model_zoo import make_architecture, rel_err
-from residual_rewriter.hf import CACHE_ARGUMENT_NAMES
+from model_zoo import CACHE_ARGUMENT_NAMES, make_architecture, rel_err
 from residual_rewriter.passes import layerwise
 from test_inplace import _randomize
 
