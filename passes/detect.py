@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
 from typing import Any, Iterable, Optional
 
 import networkx as nx
@@ -395,13 +396,8 @@ def _holds(container: Any, value: Any) -> bool:
 
 
 def common_prefix(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    prefix = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        prefix.append(level[0])
-    return ".".join(prefix)
+    """The deepest module path above all of ``paths`` ("" if none): compared part by part, not by character."""
+    return ".".join(os.path.commonprefix([p.split(".") for p in paths]))
 
 
 def build_plan(
