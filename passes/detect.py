@@ -51,12 +51,11 @@ def is_known_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in NORM_FUNCTIONS
 
 
-def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+def describe(node: fx.Node) -> str:
     """A module path for a norm node, or what it is and where it sits."""
     if node.op == "call_module":
         return str(node.target)
-    where = module_path(node)
-    return f"{where}:{node.name}" if where else node.name  # node names tell two inlined norms apart
+    return ":".join(p for p in (module_path(node), node.name) if p)  # node names tell two inlined norms apart
 
 
 def module_path(node: fx.Node) -> str:
@@ -358,7 +357,7 @@ class _SiteFinder:
         return Site(
             stream=-1,
             index=-1,
-            norm=" + ".join(describe(self.gm, n) for n in norm_outs),
+            norm=" + ".join(describe(n) for n in norm_outs),
             sublayer=sublayer,
             add_node=add.name,
             skip_node=skip.name,
@@ -523,7 +522,7 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
     inline = finder.inlined_norm_region(last)
     names = [module_path(u) or u.name for u in readers if u not in inline]
     if inline & set(readers):  # an inlined final norm: name it by its output node
-        names.append("inline norm " + describe(finder.gm, finder._sorted(inline)[-1]))
+        names.append("inline norm " + describe(finder._sorted(inline)[-1]))
     stream.consumers = names
 
 
