@@ -146,15 +146,8 @@ def conversion_boundary(model: nn.Module, run_model: Callable[[], object]) -> It
     except ConversionError:
         raise
     except Exception as exc:  # noqa: BLE001 - every other failure is reported as a ConversionError
-        own = _eager_failure(run_model)
-        if own is not None:
+        try:
+            run_model()
+        except Exception as own:  # noqa: BLE001 - what the model itself raises
             raise ConversionError(model_fails_message(model, own)) from own
         raise ConversionError(conversion_failed_message(model, exc)) from (exc.__cause__ if isinstance(exc, GraphRunError) else exc)
-
-
-def _eager_failure(run_model: Callable[[], object]) -> Optional[BaseException]:
-    try:
-        run_model()
-    except Exception as exc:  # noqa: BLE001 - what the model itself raises
-        return exc
-    return None
