@@ -231,25 +231,16 @@ def _rewrite_stream(
 def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, dtype: str):
     """(completed sums, partial, nodes inserted) where the stream enters the graph. ``dtype``: b_0 is
     widened to it first, as the original's first add widened the stream (``x.to(float32) + f``)."""
-    if (layer is None or layer.first) and dtype:
+    if layer is None or layer.first:
+        if not dtype:
+            return [source], None, []
         with graph.inserting_after(source):
             b_0 = graph.call_method("to", (source, getattr(torch, dtype)))
         return [b_0], None, [b_0]
-    if layer is None or layer.first:
-        return [source], None, []
-    with graph.inserting_after(source):  # the input is an AttnResState; the layers before may have been skipped
+    # the input is an AttnResState (the layers before may have been skipped); nodes in this order after it
+    with graph.inserting_before(source.next):
         state = graph.call_function(aligned, (source, layer.blocks_in, layer.partial_in))
-    with graph.inserting_after(state):
         blocks_tuple = graph.call_function(getattr, (state, "blocks"))
-    inserted = [state, blocks_tuple]
-    blocks = []
-    for i in range(layer.blocks_in):
-        with graph.inserting_after(inserted[-1]):
-            blocks.append(graph.call_function(operator.getitem, (blocks_tuple, i)))
-        inserted.append(blocks[-1])
-    partial = None
-    if layer.partial_in:  # the layer starts inside a block
-        with graph.inserting_after(inserted[-1]):
-            partial = graph.call_function(getattr, (state, "partial"))
-        inserted.append(partial)
-    return blocks, partial, inserted
+        blocks = [graph.call_function(operator.getitem, (blocks_tuple, i)) for i in range(layer.blocks_in)]
+        partial = graph.call_function(getattr, (state, "partial")) if layer.partial_in else None  # starts inside a block
+    return blocks, partial, [state, blocks_tuple, *blocks] + ([partial] if partial is not None else [])
