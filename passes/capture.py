@@ -28,6 +28,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
 from .rewrite import in_stream_dtype
@@ -230,12 +231,8 @@ def _reads_training_flag(cls: type) -> bool:
 
 
 def _holds_proxy(obj: Any) -> bool:
-    found = []
-    torch.fx.node.map_aggregate(
-        [getattr(obj, f.name, None) for f in dataclasses.fields(obj)],
-        lambda v: found.append(v) if isinstance(v, fx.Proxy) else None,
-    )
-    return bool(found)
+    values = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
+    return any(isinstance(v, fx.Proxy) for v in tree_leaves(values))
 
 
 def _make_root(model: nn.Module, input_names: list[str], call: Callable) -> nn.Module:
