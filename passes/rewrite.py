@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ConversionError
 from .plan import Plan, Stream
-from .state import aligned, make_state
+from .state import AttnResState, aligned
 
 
 def in_stream_dtype(branch: torch.Tensor, stream_source: torch.Tensor) -> torch.Tensor:
@@ -217,7 +217,7 @@ def _rewrite_stream(
         out = aggregate(cursor, blocks, partial, stream.final_param_prefix)
     else:
         with graph.inserting_after(cursor):
-            out = graph.call_function(make_state, (list(blocks), partial))
+            out = graph.call_function(AttnResState, (tuple(blocks), partial))
     end.replace_all_uses_with(out)
     for site in reversed(stream.sites):
         operands = nodes[site.add_node].all_input_nodes

@@ -56,10 +56,6 @@ class AttnResState:
         return total if self.partial is None else total + self.partial
 
 
-def make_state(blocks: list, partial: Optional[torch.Tensor]) -> AttnResState:
-    return AttnResState(tuple(blocks), partial)
-
-
 def aligned(state: AttnResState, blocks_in: int, partial_in: bool) -> AttnResState:
     """The state a layer (or the final aggregation) expects, from the one it was handed: where the model
     skipped the layers in between (LayerDrop), their sublayers added nothing. A block they would have
