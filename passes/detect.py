@@ -381,8 +381,6 @@ def _selects_tokens(node: fx.Node, out: Any, value: Any) -> bool:
 
 def _holds(container: Any, value: Any) -> bool:
     """``container`` (a tuple, list, dict or dataclass such as a ModelOutput) holds ``value`` itself."""
-    if isinstance(container, torch.Tensor) or container is None:
-        return False
     if isinstance(container, dict):
         items = container.values()
     elif isinstance(container, (tuple, list)):
