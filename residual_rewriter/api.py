@@ -139,11 +139,9 @@ def _example_call(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
         example_inputs = tuple(model.example_inputs())
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    if isinstance(example_inputs, list):
+    if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
-    if not isinstance(example_inputs, tuple):
-        raise TypeError(f"example_inputs must be a tuple of positional arguments or a tensor, got {type(example_inputs).__name__}")
-    return example_inputs, {}
+    raise TypeError(f"example_inputs must be a tuple of positional arguments or a tensor, got {type(example_inputs).__name__}")
 
 
 def _check_model(model: Any) -> None:
