@@ -471,29 +471,23 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
     The stream's end must feed a norm (the final norm) or, with ``ends_at_output`` (one layer traced
     alone, whose output hands the stream to the next layer), only the graph's output."""
     problems = []
-    source, first = nodes[stream.source_node], stream.sites[0]
-    meta_readers = {r.name for r in finder.drop_metadata_edges(source)}
-    allowed = set(first.norm_entry_nodes) | _reading_add(first, nodes) | meta_readers
-    for user in source.users:
-        if user.name not in allowed:
-            problems.append(
-                f"the input of {first.sublayer} is also read by {module_path(user) or '?'} "
-                f"({user.op} {getattr(user.target, '__name__', user.target)})"
-            )
-    for site, nxt in zip(stream.sites, stream.sites[1:]):
-        readers = finder.drop_metadata_edges(nodes[site.add_node])
-        site.metadata_readers = [r.name for r in readers]
-        allowed = set(nxt.norm_entry_nodes) | _reading_add(nxt, nodes) | set(site.metadata_readers)
-        read = [nodes[site.add_node]]
+    source = nodes[stream.source_node]
+    # each stream value (the source, then every add but the last), what it is, and the site that reads it next
+    values = [(source, f"the input of {stream.sites[0].sublayer}", None)]
+    values += [(nodes[site.add_node], f"the stream after {site.sublayer}", site) for site in stream.sites[:-1]]
+    for (value, what, site), nxt in zip(values, stream.sites):
+        metadata_readers = [r.name for r in finder.drop_metadata_edges(value)]
+        if site is not None:
+            site.metadata_readers = metadata_readers
+        allowed = set(nxt.norm_entry_nodes) | _reading_add(nxt, nodes) | set(metadata_readers)
+        read = [value]
         if nxt.skip_view:  # a view of the stream is read as the stream is (its own shape readers read h's view)
             allowed |= {nxt.skip_view} | {r.name for r in finder.drop_metadata_edges(nodes[nxt.skip_view])}
             read.append(nodes[nxt.skip_view])
-        for user in [u for value in read for u in value.users]:
+        for user in [u for v in read for u in v.users]:
             if user.name not in allowed:
-                problems.append(
-                    f"the stream after {site.sublayer} is also read by {module_path(user) or '?'} "
-                    f"({user.op} {getattr(user.target, '__name__', user.target)})"
-                )
+                problems.append(f"{what} is also read by {module_path(user) or '?'} "
+                                f"({user.op} {getattr(user.target, '__name__', user.target)})")
     if problems:
         raise ConversionError(
             "cannot convert exactly: a residual stream is read by something other than the next "
