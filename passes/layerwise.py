@@ -488,8 +488,7 @@ def assign_global_blocks(chain: list[Holder], stream_index: int, *, num_blocks, 
         site.stream = stream_index
     start = 0
     for k, holder in enumerate(chain):
-        n = len(holder.sites)
-        end = start + n
+        end = start + len(holder.sites)
         holder.boundary = LayerBoundary(
             first=k == 0, last=k + 1 == len(chain), blocks_in=holder.sites[0].block,
             ends_block=end == len(sites) or blocks[end] != blocks[end - 1], partial_in=holder.sites[0].position > 0,
@@ -755,7 +754,6 @@ def uninstall(module: nn.Module) -> None:
     module.__dict__.pop("forward", None)
     if "attn_res" in module._modules:
         del module._modules["attn_res"]
-    for name in [k for k in module.__dict__ if k.startswith("_rr_constant_")]:
-        del module.__dict__[name]
-    for name in [k for k in module._buffers if k.startswith("_rr_constant_")]:
-        del module._buffers[name]
+    for table in (module.__dict__, module._buffers):  # the constants _compile copied onto the holder
+        for name in [k for k in table if k.startswith("_rr_constant_")]:
+            del table[name]
