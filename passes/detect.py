@@ -209,18 +209,13 @@ def _same_float_tensors(a: Any, b: Any) -> bool:
     )
 
 
-def _to_networkx(graph: fx.Graph) -> nx.DiGraph:
-    g = nx.DiGraph()
-    g.add_nodes_from(graph.nodes)
-    g.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
-    return g
-
-
 class _SiteFinder:
     def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any]):
         self.gm = gm
         self.values = values
-        self.dag = _to_networkx(gm.graph)
+        self.dag = nx.DiGraph()  # the graph's data flow; every node, also one nothing reads or feeds
+        self.dag.add_nodes_from(gm.graph.nodes)
+        self.dag.add_edges_from((i, n) for n in gm.graph.nodes for i in n.all_input_nodes)
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.metadata_readers: dict[fx.Node, list[fx.Node]] = {}
 
