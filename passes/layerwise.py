@@ -30,7 +30,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .capture import Captured, buffers_restored, capture, has_hooks, in_mode, is_opaque_by_class
 from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
@@ -68,11 +68,12 @@ def leaves(value: Any) -> list:
 
 
 def _snapshot(value: Any) -> Any:
-    """``value`` with every object that is neither a tensor nor a plain constant deep-copied."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(_snapshot(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
+    """``value`` (containers rebuilt by pytree: namedtuples, ModelOutputs) with every object that is
+    neither a tensor nor a plain constant deep-copied."""
+    return tree_map(_snapshot_leaf, value)
+
+
+def _snapshot_leaf(value: Any) -> Any:
     if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, torch.dtype, torch.device)):
         return value
     try:

@@ -57,6 +57,11 @@ def _build(name: str):
 
         x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         return InlineFinalNormLM(d=24, n=5), (x,), None
+    if name == "namedtuple":  # layers take and return a namedtuple holding the stream: 6 sublayers
+        from toy_models import NamedTupleLM
+
+        x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        return NamedTupleLM(d=24, n=3), (x,), None
     transformers = pytest.importorskip("transformers")
     warnings.filterwarnings("ignore", message=".*token_id.*")
     decoder = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_attention_heads=4)
@@ -123,9 +128,9 @@ def _converted(name: str, options: tuple):
     model = model.double().eval()
     if isinstance(inputs, dict):
         inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    example = None if name not in ("inline", "timm_swin") else inputs
+    example = None if name not in ("inline", "namedtuple", "timm_swin") else inputs
     converted = rr.convert(model, example, key_norm_eps=EPS, **dict(options))
-    if name in ("gpt", "inline"):
+    if name in ("gpt", "inline", "namedtuple"):
         inputs = inspect.signature(model.forward).bind(*inputs).arguments
     elif not isinstance(inputs, dict):
         inputs = dict(zip(["input_ids", "decoder_input_ids"], inputs))
@@ -152,6 +157,7 @@ CASES = [
     ("umt5", dict(num_blocks=4)),  # encoder 1+1+1+1; decoder 2+2+2
     ("inline", dict(num_blocks=2)),  # L=5: 3+2
     ("inline", dict(block_size=1)),
+    ("namedtuple", dict(num_blocks=4)),  # L=6: 2+2+2
     ("opt", dict(num_blocks=4)),  # L=6: 2+2+2
     ("opt", dict(block_size=4)),  # 4+2
     ("rwkv", dict(num_blocks=2)),  # L=6: 3+3, b_0 = the first layer's pre_ln output

@@ -1,6 +1,8 @@
 """Hand-written pre-norm models exercising every way of writing a norm, and models that must be refused."""
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -211,3 +213,35 @@ class InlineFinalNormLM(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return inline_rms(x, self.g_out)
+
+
+Carry = collections.namedtuple("Carry", "hidden length")
+
+
+class CarryBlock(nn.Module):
+    """Takes and returns a namedtuple that holds the stream (``carry.hidden``)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.mlp = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, carry):
+        x = carry.hidden + self.attn(self.norm1(carry.hidden))
+        x = x + self.mlp(self.norm2(x))
+        return Carry(x, carry.length)
+
+
+class NamedTupleLM(nn.Module):
+    """Layers hand a namedtuple on: observation copies the arguments it records, namedtuples included."""
+
+    def __init__(self, d=24, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList([CarryBlock(d) for _ in range(n)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        carry = Carry(x, x.shape[1])
+        for blk in self.blocks:
+            carry = blk(carry)
+        return self.norm(carry.hidden)
