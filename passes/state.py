@@ -44,10 +44,13 @@ class AttnResState:
     def __getattr__(self, name: str):  # a name it lacks: a hook or the model's code took it for the hidden states
         if name.startswith("__"):
             raise AttributeError(name)
-        raise AttributeError(
-            f"'AttnResState' object has no attribute {name!r}: a layer converted to Block AttnRes hands the next one "
-            "this state (block sums and a partial sum), not the hidden-state tensor. state.residual_sum() is the tensor a "
-            "standard residual stream holds there (what output_hidden_states gives); the last layer returns a tensor.")
+        raise AttributeError(f"'AttnResState' object has no attribute {name!r}: {_NOT_A_TENSOR}")
+
+    def _arithmetic(self, other):  # a hook steering the stream (`out + v`): say what it holds instead
+        raise TypeError(f"arithmetic on an AttnResState: {_NOT_A_TENSOR} To add v as the last sublayer's output would "
+                        "carry it: add v to state.partial, or where it is None (a block just ended) to state.blocks[-1].")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _arithmetic
 
     def residual_sum(self) -> torch.Tensor:
         """The value a standard residual stream would hold here: every source summed. With zero
@@ -75,6 +78,9 @@ def aligned(state: AttnResState, blocks_in: int, partial_in: bool) -> AttnResSta
     return state if len(blocks) == len(state.blocks) and partial is state.partial else AttnResState(tuple(blocks), partial)
 
 
+_NOT_A_TENSOR = ("a layer converted to Block AttnRes hands the next one this state (block sums and a partial sum), "
+                 "not the hidden-state tensor. state.residual_sum() is the tensor a standard residual stream holds "
+                 "there (what output_hidden_states gives); the last layer returns a tensor.")
 register_dataclass(AttnResState, field_names=["blocks", "partial"])
 
 

@@ -441,6 +441,28 @@ def test_a_hook_reading_a_layer_output_as_a_tensor_is_told_what_it_got():
         want = original(ids, output_hidden_states=True).hidden_states[1]
     assert rel_err(seen["state"].residual_sum(), want) <= 1e-10
     assert not hasattr(seen["state"], "detach") and hasattr(seen["state"], "residual_sum")
+    v = torch.randn(want.shape[-1])  # a steering hook: adds a vector to the stream
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, out: out + v)
+    with pytest.raises(TypeError, match=r"(?s)arithmetic on an AttnResState.*residual_sum\(\).*state.partial.*blocks\[-1\]"):
+        model(ids)
+    handle.remove()
+    # the recipe the message gives, on a layer that ends a block (partial None) and one that does not:
+    # with zero queries it steers exactly as `out + v` steers the original
+    import dataclasses
+
+    def steer(m, a, out):
+        if out.partial is not None:
+            return dataclasses.replace(out, partial=out.partial + v)
+        return dataclasses.replace(out, blocks=(*out.blocks[:-1], out.blocks[-1] + v))
+
+    for blocks in (2, 1):
+        model, steered = copy.deepcopy(original), copy.deepcopy(original)
+        rr.convert_(model, num_blocks=blocks)  # 4 sublayers: layer 0 ends a block with 2 blocks, not with 1
+        model.model.layers[0].register_forward_hook(steer)
+        steered.model.layers[0].register_forward_hook(lambda m, a, out: out + v)
+        with torch.no_grad():
+            assert rel_err(model(ids).logits, steered(ids).logits) <= 1e-10
+            assert rel_err(steered(ids).logits, original(ids).logits) > 1e-3  # v changes the output
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
