@@ -156,8 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     fmt, view = _resolve_format_and_view(args.subparser, args)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:  # Python's filters: what a script would show
             output = _inspect(args, fmt, view, Progress(args.quiet))
         for w in caught:
             if issubclass(w.category, RuntimeWarning):  # ours, e.g. "graphviz dot failed ...; drew with matplotlib"
@@ -201,10 +200,13 @@ def _run_demo(argv: list[str]) -> int:
 
 
 def _resolve_format_and_view(parser: argparse.ArgumentParser, args) -> tuple[str, str]:
-    fmt = args.fmt
-    if fmt is None and args.output is not None:
-        fmt = SUFFIX_FORMATS.get(args.output.suffix.lower())
-    fmt = fmt or "text"
+    fmt, by_suffix = args.fmt, SUFFIX_FORMATS.get(args.output.suffix.lower()) if args.output else None
+    if args.output is not None:  # checked before the model is built and converted
+        if args.output.is_dir() or not args.output.parent.is_dir():
+            parser.error(f"-o {args.output}: {'is a directory' if args.output.is_dir() else 'its folder does not exist'}")
+        if fmt and by_suffix and fmt != by_suffix:
+            parser.error(f"-o {args.output} has the suffix of {by_suffix}, but --format is {fmt}")
+    fmt = fmt or by_suffix or "text"
     view = args.view or FORMAT_VIEWS[fmt][0]
     if view not in FORMAT_VIEWS[fmt]:
         parser.error(f"--format {fmt} cannot show --view {view}; it shows: {', '.join(FORMAT_VIEWS[fmt])}")

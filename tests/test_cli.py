@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -197,6 +198,10 @@ def test_folder_without_config(capsys, tmp_path):
     (["inspect", "--blocks", "0"], "must be at least 1"),
     (["inspect", "--format", "dot", "--view", "diff"], "--format dot cannot show --view diff"),
     (["inspect", "--format", "jpeg"], "invalid choice"),
+    # the output is checked before the model is built and converted
+    (["inspect", "-o", "no/such/folder/report.txt"], "its folder does not exist"),
+    (["inspect", "-o", "."], "is a directory"),
+    (["inspect", "--format", "text", "-o", "picture.png"], "has the suffix of png, but --format is text"),
 ])
 def test_usage_errors_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -225,12 +230,21 @@ def test_demo_help(capsys):
 
 
 def test_python_dash_m_subprocess(tmp_path):
-    """The real entry point, out of process: `python -m residual_rewriter inspect` writes a JSON report."""
+    """The real entry point, out of process: `python -m residual_rewriter inspect` writes a JSON report.
+    Warnings are filtered as Python filters them: a library's DeprecationWarning is not shown."""
+    (tmp_path / "noisy_targets.py").write_text(textwrap.dedent("""
+        import warnings
+        from residual_rewriter.models import GPT, GPTConfig
+
+        def gpt():
+            warnings.warn("a library's deprecated API", DeprecationWarning)
+            return GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=64))
+    """))
     out_file = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "residual_rewriter", "inspect", "--format", "json", "-o", str(out_file)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "residual_rewriter", "inspect", "noisy_targets:gpt", "--format", "json", "-o", str(out_file)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "converting GPT" in proc.stderr and proc.stdout == ""
+    assert "converting GPT" in proc.stderr and proc.stdout == "" and "deprecated API" not in proc.stderr
     assert json.loads(out_file.read_text())["report"]["model"] == "GPT"
