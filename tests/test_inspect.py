@@ -192,7 +192,9 @@ def test_stream_picture_readable_at_32_layers():
     report = rr.detect(deep, num_blocks=8)
     fig = rri.draw_streams(rri.stream_graph(report))
     assert max(fig.get_size_inches()) <= 16
-    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    from matplotlib.text import Text
+
+    texts = [t.get_text() for t in fig.findobj(Text)]
     assert all(f"block {b}" in texts for b in range(1, 9))
     assert len(_boxes(fig)) == sum(s.num_sources for s in report.sites) + 9
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
@@ -200,6 +202,41 @@ def test_stream_picture_readable_at_32_layers():
     # a deep stream is drawn as the matrix even when Graphviz is there
     svg = rri.render_streams(report, "svg").data.decode()
     assert "block 8" in svg
+
+
+def _overlaps(a, b, tol=1.0):
+    return a.x0 + tol < b.x1 and b.x0 + tol < a.x1 and a.y0 + tol < b.y1 and b.y0 + tol < a.y1
+
+
+def _assert_no_text_overlaps(fig):
+    """No two labels of the figure overlap, and no label of one panel lies on another panel."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t, t.get_window_extent(renderer)) for t in texts]
+    for i, (t, a) in enumerate(boxes):
+        for u, b in boxes[i + 1:]:
+            assert not _overlaps(a, b), (t.get_text(), u.get_text())
+        for ax in fig.axes:
+            if t.axes is not None and ax is not t.axes:
+                assert not _overlaps(a, ax.get_window_extent(renderer)), (t.get_text(), ax.get_title())
+
+
+@pytest.mark.hf
+def test_stream_picture_of_two_streams_does_not_overlap():
+    """T5: an encoder and a decoder stream of different depths side by side, long row labels."""
+    from model_zoo import make_architecture
+
+    report = rr.detect(make_architecture("t5"))
+    assert len(report.streams) == 2
+    _assert_no_text_overlaps(rri.draw_streams(rri.stream_graph(report)))
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_stream_picture_of_one_stream_does_not_overlap(model, block_size):
+    _assert_no_text_overlaps(rri.draw_streams(rri.stream_graph(rr.detect(model, block_size=block_size))))
 
 
 def test_bad_picture_format(converted):
