@@ -239,6 +239,61 @@ def test_stream_picture_of_one_stream_does_not_overlap(model, block_size):
     _assert_no_text_overlaps(rri.draw_streams(rri.stream_graph(rr.detect(model, block_size=block_size))))
 
 
+class _LayerScale(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.full((d,), 0.1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _LayerScaleBlock(torch.nn.Module):
+    """A ViT-style block whose branches end in a LayerScale module: both sites' sublayer is the block
+    itself (as for timm's ViT and DINOv2)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn, self.mlp = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.ls1, self.ls2 = _LayerScale(d), _LayerScale(d)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class _LayerScaleNet(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, d)
+        self.blocks = torch.nn.Sequential(_LayerScaleBlock(d), _LayerScaleBlock(d))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(self.blocks(self.embed(x)))
+
+
+def test_layerscale_sites_get_distinct_labels():
+    """Where two sites share a sublayer name, the weights' rows and the picture's rows still tell them apart
+    (by the norm feeding each); other labels stay the sublayer's name."""
+    torch.manual_seed(0)
+    net, x = _LayerScaleNet(), torch.randn(2, 3, 4)
+    converted = rr.convert(net, example_inputs=(x,), block_size=1)
+    sites = converted.attn_res_report.sites
+    assert len({s.sublayer for s in sites}) < len(sites)  # the collision this is about
+    dw = rri.depth_attention_weights(converted, x)
+    g = rri.stream_graph(converted)
+    picture_rows = [g.nodes[f"s0:site{s.index}"]["label"] for s in sites]
+    for rows in (dw.rows[: len(sites)], picture_rows):
+        assert len(set(rows)) == len(sites)
+        for label, site in zip(rows, sites):
+            assert label.startswith(site.sublayer) and site.norm.rsplit(".", 1)[1] in label
+    gpt = rr.detect(small_gpt())  # no collision: plain sublayer names
+    g = rri.stream_graph(gpt)
+    assert [g.nodes[f"s0:site{s.index}"]["label"] for s in gpt.sites] == [s.sublayer for s in gpt.sites]
+
+
 def test_bad_picture_format(converted):
     with pytest.raises(ValueError, match="png, svg"):
         rri.render_streams(converted, "jpg")

@@ -19,6 +19,7 @@ So the distinct ``source`` values on a sublayer's in-edges are exactly ``Site.nu
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Union
 
 import networkx as nx
@@ -35,6 +36,14 @@ def _report_of(obj) -> ConversionReport:
     raise TypeError(f"expected a ConversionReport or a converted model, got {type(obj).__name__}")
 
 
+def site_labels(stream) -> list[str]:
+    """Each site's row label: its sublayer's name, or, where sites share one (a branch ending in
+    LayerScale is named after its whole block: timm's ViT, DINOv2), that name and the site's norm."""
+    counts = Counter(s.sublayer for s in stream.sites)
+    return [s.sublayer if counts[s.sublayer] == 1 else f"{s.sublayer} ({s.norm.removeprefix(s.sublayer + '.')})"
+            for s in stream.sites]
+
+
 def stream_graph(report_or_module: Union[ConversionReport, object]) -> nx.DiGraph:
     """A networkx DiGraph of every residual stream (see the module docstring for its schema)."""
     report = _report_of(report_or_module)
@@ -47,13 +56,13 @@ def stream_graph(report_or_module: Union[ConversionReport, object]) -> nx.DiGrap
             block_node[n] = f"{s}:b{n}"
             g.add_node(block_node[n], kind="block", stream=st.index, block=n, label=f"b{n}")
         in_block: list[str] = []  # sublayers of the current block so far (they make up the partial sum)
-        for site in st.sites:
+        for site, label in zip(st.sites, site_labels(st)):
             node = f"{s}:site{site.index}"
             if site.position == 0:
                 in_block = []
             g.add_node(
                 node, kind="sublayer", stream=st.index, block=site.block, position=site.position, index=site.index,
-                norm=site.norm, sublayer=site.sublayer, num_sources=site.num_sources, label=site.sublayer,
+                norm=site.norm, sublayer=site.sublayer, num_sources=site.num_sources, label=label,
             )
             for j in range(site.block):  # completed blocks b_0 .. b_{n-1}
                 g.add_edge(block_node[j], node, kind="reads", source=j)

@@ -31,6 +31,8 @@ from torch.overrides import TorchFunctionMode
 from residual_rewriter.kernels.attn_res import attn_res_weights_reference
 from residual_rewriter.passes.op_names import is_attn_res_op
 
+from .streams import site_labels
+
 
 @dataclass
 class DepthWeights:
@@ -117,7 +119,7 @@ def _rows_from_report(report) -> list[tuple[str, str, int]]:
     rows = []
     for st in report.streams:
         tag = f"[{st.index}] " if many else ""
-        rows += [(s.param_prefix, f"{tag}{s.sublayer}", s.num_sources) for s in st.sites]
+        rows += [(s.param_prefix, f"{tag}{label}", s.num_sources) for s, label in zip(st.sites, site_labels(st))]
         rows.append((st.final_param_prefix, f"{tag}final -> {', '.join(st.consumers)}", st.num_blocks + 1))
     return rows
 
