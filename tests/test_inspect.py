@@ -396,10 +396,35 @@ def test_weights_json_and_text(model):
     converted = rr.convert(model, block_size=2)
     dw = rri.depth_attention_weights(converted, *model.example_inputs())
     d = dw.to_dict()
-    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "num_tokens", "weights"}
+    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "partial", "num_tokens", "weights"}
     assert d["columns"] == [f"b{j}" for j in range(dw.weights.shape[1])]
     assert d["weights"][0][1] is None  # NaN padding becomes null in JSON
     assert "b0" in str(dw) and dw.rows[0] in str(dw)
+
+
+@pytest.mark.parametrize("blocks", [dict(num_blocks=2), dict(block_size=1)], ids=["blocks-of-3", "full"])
+def test_weights_mark_partial_block_sums(model, blocks):
+    """Column j is b_j, but the last source a sublayer reads is the partial sum of its own block when an
+    earlier sublayer of that block came before it: text, JSON and picture mark those cells, and only those."""
+    from matplotlib.patches import Rectangle
+
+    converted = rr.convert(model, **blocks)
+    sites = converted.attn_res_report.sites
+    want = [i > 0 and sites[i - 1].block == s.block for i, s in enumerate(sites)] + [False]  # final: completed
+    assert any(want) == ("num_blocks" in blocks)
+    dw = rri.depth_attention_weights(converted, *model.example_inputs())
+    assert dw.partial == want and dw.to_dict()["partial"] == want
+    lines = str(dw).splitlines()
+    for label, n, flag in zip(dw.rows, dw.num_sources, want):
+        (line,) = [l for l in lines if l.startswith(label + " ")]
+        cells = line[len(label):].split()
+        assert [c.endswith("*") for c in cells] == [flag and j == n - 1 for j in range(len(cells))], line
+    assert any("*" in l for l in lines if not any(l.startswith(r + " ") for r in dw.rows)) == any(want)  # the key
+    ax = rri.draw_depth_weights(dw).axes[0]
+    hatched = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches
+               if isinstance(p, Rectangle) and p.get_hatch()}
+    assert hatched == {(i, n - 1) for i, (n, flag) in enumerate(zip(dw.num_sources, want)) if flag}
+    assert ("partial" in ax.get_xlabel()) == any(want)
 
 
 @pytest.mark.parametrize("fmt", ["png", "svg"])
