@@ -396,7 +396,7 @@ def test_weights_json_and_text(model):
     converted = rr.convert(model, block_size=2)
     dw = rri.depth_attention_weights(converted, *model.example_inputs())
     d = dw.to_dict()
-    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "partial", "num_tokens", "weights"}
+    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "partial", "num_tokens", "stream_tokens", "weights"}
     assert d["columns"] == [f"b{j}" for j in range(dw.weights.shape[1])]
     assert d["weights"][0][1] is None  # NaN padding becomes null in JSON
     assert "b0" in str(dw) and dw.rows[0] in str(dw)
@@ -425,6 +425,21 @@ def test_weights_mark_partial_block_sums(model, blocks):
                if isinstance(p, Rectangle) and p.get_hatch()}
     assert hatched == {(i, n - 1) for i, (n, flag) in enumerate(zip(dw.num_sources, want)) if flag}
     assert ("partial" in ax.get_xlabel()) == any(want)
+
+
+@pytest.mark.hf
+def test_weights_token_count_per_stream():
+    """T5's encoder and decoder streams mix different numbers of tokens: each stream's rows say their own."""
+    from model_zoo import make_architecture
+
+    converted = rr.convert(make_architecture("t5"))
+    ids, dec = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 3))
+    dw = rri.depth_attention_weights(converted, input_ids=ids, decoder_input_ids=dec)
+    assert [st.source for st in converted.attn_res_report.streams] == ["encoder.dropout", "decoder.dropout"]
+    assert dw.stream_tokens == [ids.numel(), dec.numel()] and dw.to_dict()["stream_tokens"] == dw.stream_tokens
+    assert dw.num_tokens == (ids.numel(), dec.numel())  # no single count is right for every row
+    for text in (str(dw).splitlines()[0], rri.draw_depth_weights(dw).axes[0].get_title()):
+        assert f"{ids.numel()} tokens (stream 0)" in text and f"{dec.numel()} tokens (stream 1)" in text
 
 
 @pytest.mark.parametrize("fmt", ["png", "svg"])

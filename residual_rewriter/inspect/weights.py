@@ -42,7 +42,20 @@ class DepthWeights:
     prefixes: list[str]  # attn_res.<key> parameter prefix of each row
     num_sources: list[int]
     partial: list[bool]  # the row's last source is the partial sum of its own block, not a completed block
-    num_tokens: int  # tokens each row's mean is over
+    stream_tokens: list[int]  # tokens the means of each stream's rows are over (T5: encoder, decoder)
+
+    @property
+    def num_tokens(self) -> Union[int, tuple[int, ...]]:
+        """The tokens each row's mean is over: one count, or a tuple per stream where they differ."""
+        counts = tuple(self.stream_tokens)
+        return counts[0] if len(set(counts)) == 1 else counts
+
+    @property
+    def tokens_text(self) -> str:
+        """'32 tokens', or '14 tokens (stream 0), 6 tokens (stream 1)'."""
+        if isinstance(self.num_tokens, int):
+            return f"{self.num_tokens} tokens"
+        return ", ".join(f"{n} tokens (stream {i})" for i, n in enumerate(self.stream_tokens))
 
     @property
     def columns(self) -> list[str]:
@@ -56,6 +69,7 @@ class DepthWeights:
             "num_sources": list(self.num_sources),
             "partial": list(self.partial),
             "num_tokens": self.num_tokens,
+            "stream_tokens": list(self.stream_tokens),
             # JSON has no NaN: sources a row does not read are null
             "weights": [[None if v != v else round(float(v), 6) for v in row] for row in self.weights.tolist()],
         }
@@ -63,7 +77,7 @@ class DepthWeights:
     def __str__(self) -> str:
         w_label = max(len(r) for r in self.rows) if self.rows else 4
         head = (f"{'':<{w_label}}  " + " ".join(f"{c:>6} " for c in self.columns)).rstrip()
-        lines = [f"mean depth-attention weights over {self.num_tokens} tokens (rows: inputs, columns: sources)", head]
+        lines = [f"mean depth-attention weights over {self.tokens_text} (rows: inputs, columns: sources)", head]
         for label, row, n, partial in zip(self.rows, self.weights.tolist(), self.num_sources, self.partial):
             marks = ["*" if partial and j == n - 1 else " " for j in range(len(row))]
             cells = " ".join("     . " if v != v else f"{v:6.3f}{m}" for v, m in zip(row, marks))
@@ -81,7 +95,7 @@ class _WeightRecorder(TorchFunctionMode):
         super().__init__()
         self.prefixes = prefixes  # id(query parameter) -> prefix
         self.records: dict[str, Tensor] = {}
-        self.num_tokens = 0
+        self.num_tokens: dict[str, int] = {}  # prefix -> tokens its mean is over
         self.token_mask = token_mask
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -94,7 +108,7 @@ class _WeightRecorder(TorchFunctionMode):
         prefix = self.prefixes.get(id(query), f"aggregation {len(self.records)}")
         if self.token_mask is None:
             self.records[prefix] = w.reshape(w.shape[0], -1).float().mean(1)  # [n_sources]
-            self.num_tokens = w[0].numel()
+            self.num_tokens[prefix] = w[0].numel()
             return
         if self.token_mask.shape != w.shape[1:]:  # the mean over the tokens the mask keeps (not padding)
             raise ValueError(
@@ -104,7 +118,7 @@ class _WeightRecorder(TorchFunctionMode):
             )
         keep = self.token_mask.to(device=w.device, dtype=torch.float32).reshape(-1)
         self.records[prefix] = (w.reshape(w.shape[0], -1).float() * keep).sum(1) / keep.sum()
-        self.num_tokens = int(keep.sum().item())
+        self.num_tokens[prefix] = int(keep.sum().item())
 
 
 @contextlib.contextmanager
@@ -171,7 +185,8 @@ def depth_attention_weights(model: torch.nn.Module, *inputs: Any, token_mask: Op
         prefixes=[row[0] for row in rows],
         num_sources=[int(w.shape[0]) for w in per_row],
         partial=[row[3] for row in rows],
-        num_tokens=recorder.num_tokens,
+        # a stream's final aggregation reads b_0 and at least one block, so it always ran and was recorded
+        stream_tokens=[recorder.num_tokens[st.final_param_prefix] for st in report.streams],
     )
 
 
@@ -205,7 +220,7 @@ def draw_depth_weights(dw: DepthWeights, title: Optional[str] = None):
     partial = "; hatched = the partial sum of the row's own block so far" if any(dw.partial) else ""
     ax.set_xlabel(f"source (b0 = embedding, bj = completed block j{partial})", fontsize=8)
     ax.set_ylabel("input of", fontsize=8)
-    ax.set_title(title or f"Depth-attention weights (mean over {dw.num_tokens} tokens)", fontsize=9)
+    ax.set_title(title or f"Depth-attention weights (mean over {dw.tokens_text})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     return fig
 
