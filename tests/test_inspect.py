@@ -192,7 +192,9 @@ def test_stream_picture_readable_at_32_layers():
     report = rr.detect(deep, num_blocks=8)
     fig = rri.draw_streams(rri.stream_graph(report))
     assert max(fig.get_size_inches()) <= 16
-    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    from matplotlib.text import Text
+
+    texts = [t.get_text() for t in fig.findobj(Text)]
     assert all(f"block {b}" in texts for b in range(1, 9))
     assert len(_boxes(fig)) == sum(s.num_sources for s in report.sites) + 9
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
@@ -200,6 +202,96 @@ def test_stream_picture_readable_at_32_layers():
     # a deep stream is drawn as the matrix even when Graphviz is there
     svg = rri.render_streams(report, "svg").data.decode()
     assert "block 8" in svg
+
+
+def _overlaps(a, b, tol=1.0):
+    return a.x0 + tol < b.x1 and b.x0 + tol < a.x1 and a.y0 + tol < b.y1 and b.y0 + tol < a.y1
+
+
+def _assert_no_text_overlaps(fig):
+    """No two labels of the figure overlap, and no label of one panel lies on another panel."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t, t.get_window_extent(renderer)) for t in texts]
+    for i, (t, a) in enumerate(boxes):
+        for u, b in boxes[i + 1:]:
+            assert not _overlaps(a, b), (t.get_text(), u.get_text())
+        for ax in fig.axes:
+            if t.axes is not None and ax is not t.axes:
+                assert not _overlaps(a, ax.get_window_extent(renderer)), (t.get_text(), ax.get_title())
+
+
+@pytest.mark.hf
+def test_stream_picture_of_two_streams_does_not_overlap():
+    """T5: an encoder and a decoder stream of different depths side by side, long row labels."""
+    from model_zoo import make_architecture
+
+    report = rr.detect(make_architecture("t5"))
+    assert len(report.streams) == 2
+    _assert_no_text_overlaps(rri.draw_streams(rri.stream_graph(report)))
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_stream_picture_of_one_stream_does_not_overlap(model, block_size):
+    _assert_no_text_overlaps(rri.draw_streams(rri.stream_graph(rr.detect(model, block_size=block_size))))
+
+
+class _LayerScale(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.full((d,), 0.1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _LayerScaleBlock(torch.nn.Module):
+    """A ViT-style block whose branches end in a LayerScale module: both sites' sublayer is the block
+    itself (as for timm's ViT and DINOv2)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn, self.mlp = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.ls1, self.ls2 = _LayerScale(d), _LayerScale(d)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class _LayerScaleNet(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, d)
+        self.blocks = torch.nn.Sequential(_LayerScaleBlock(d), _LayerScaleBlock(d))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(self.blocks(self.embed(x)))
+
+
+def test_layerscale_sites_get_distinct_labels():
+    """Where two sites share a sublayer name, the weights' rows and the picture's rows still tell them apart
+    (by the norm feeding each); other labels stay the sublayer's name."""
+    torch.manual_seed(0)
+    net, x = _LayerScaleNet(), torch.randn(2, 3, 4)
+    converted = rr.convert(net, example_inputs=(x,), block_size=1)
+    sites = converted.attn_res_report.sites
+    assert len({s.sublayer for s in sites}) < len(sites)  # the collision this is about
+    dw = rri.depth_attention_weights(converted, x)
+    g = rri.stream_graph(converted)
+    picture_rows = [g.nodes[f"s0:site{s.index}"]["label"] for s in sites]
+    for rows in (dw.rows[: len(sites)], picture_rows):
+        assert len(set(rows)) == len(sites)
+        for label, site in zip(rows, sites):
+            assert label.startswith(site.sublayer) and site.norm.rsplit(".", 1)[1] in label
+    gpt = rr.detect(small_gpt())  # no collision: plain sublayer names
+    g = rri.stream_graph(gpt)
+    assert [g.nodes[f"s0:site{s.index}"]["label"] for s in gpt.sites] == [s.sublayer for s in gpt.sites]
 
 
 def test_bad_picture_format(converted):
@@ -304,10 +396,50 @@ def test_weights_json_and_text(model):
     converted = rr.convert(model, block_size=2)
     dw = rri.depth_attention_weights(converted, *model.example_inputs())
     d = dw.to_dict()
-    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "num_tokens", "weights"}
+    assert set(d) == {"rows", "columns", "prefixes", "num_sources", "partial", "num_tokens", "stream_tokens", "weights"}
     assert d["columns"] == [f"b{j}" for j in range(dw.weights.shape[1])]
     assert d["weights"][0][1] is None  # NaN padding becomes null in JSON
     assert "b0" in str(dw) and dw.rows[0] in str(dw)
+
+
+@pytest.mark.parametrize("blocks", [dict(num_blocks=2), dict(block_size=1)], ids=["blocks-of-3", "full"])
+def test_weights_mark_partial_block_sums(model, blocks):
+    """Column j is b_j, but the last source a sublayer reads is the partial sum of its own block when an
+    earlier sublayer of that block came before it: text, JSON and picture mark those cells, and only those."""
+    from matplotlib.patches import Rectangle
+
+    converted = rr.convert(model, **blocks)
+    sites = converted.attn_res_report.sites
+    want = [i > 0 and sites[i - 1].block == s.block for i, s in enumerate(sites)] + [False]  # final: completed
+    assert any(want) == ("num_blocks" in blocks)
+    dw = rri.depth_attention_weights(converted, *model.example_inputs())
+    assert dw.partial == want and dw.to_dict()["partial"] == want
+    lines = str(dw).splitlines()
+    for label, n, flag in zip(dw.rows, dw.num_sources, want):
+        (line,) = [l for l in lines if l.startswith(label + " ")]
+        cells = line[len(label):].split()
+        assert [c.endswith("*") for c in cells] == [flag and j == n - 1 for j in range(len(cells))], line
+    assert any("*" in l for l in lines if not any(l.startswith(r + " ") for r in dw.rows)) == any(want)  # the key
+    ax = rri.draw_depth_weights(dw).axes[0]
+    hatched = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches
+               if isinstance(p, Rectangle) and p.get_hatch()}
+    assert hatched == {(i, n - 1) for i, (n, flag) in enumerate(zip(dw.num_sources, want)) if flag}
+    assert ("partial" in ax.get_xlabel()) == any(want)
+
+
+@pytest.mark.hf
+def test_weights_token_count_per_stream():
+    """T5's encoder and decoder streams mix different numbers of tokens: each stream's rows say their own."""
+    from model_zoo import make_architecture
+
+    converted = rr.convert(make_architecture("t5"))
+    ids, dec = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 3))
+    dw = rri.depth_attention_weights(converted, input_ids=ids, decoder_input_ids=dec)
+    assert [st.source for st in converted.attn_res_report.streams] == ["encoder.dropout", "decoder.dropout"]
+    assert dw.stream_tokens == [ids.numel(), dec.numel()] and dw.to_dict()["stream_tokens"] == dw.stream_tokens
+    assert dw.num_tokens == (ids.numel(), dec.numel())  # no single count is right for every row
+    for text in (str(dw).splitlines()[0], rri.draw_depth_weights(dw).axes[0].get_title()):
+        assert f"{ids.numel()} tokens (stream 0)" in text and f"{dec.numel()} tokens (stream 1)" in text
 
 
 @pytest.mark.parametrize("fmt", ["png", "svg"])

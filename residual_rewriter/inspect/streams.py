@@ -19,6 +19,7 @@ So the distinct ``source`` values on a sublayer's in-edges are exactly ``Site.nu
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Union
 
 import networkx as nx
@@ -35,6 +36,14 @@ def _report_of(obj) -> ConversionReport:
     raise TypeError(f"expected a ConversionReport or a converted model, got {type(obj).__name__}")
 
 
+def site_labels(stream) -> list[str]:
+    """Each site's row label: its sublayer's name, or, where sites share one (a branch ending in
+    LayerScale is named after its whole block: timm's ViT, DINOv2), that name and the site's norm."""
+    counts = Counter(s.sublayer for s in stream.sites)
+    return [s.sublayer if counts[s.sublayer] == 1 else f"{s.sublayer} ({s.norm.removeprefix(s.sublayer + '.')})"
+            for s in stream.sites]
+
+
 def stream_graph(report_or_module: Union[ConversionReport, object]) -> nx.DiGraph:
     """A networkx DiGraph of every residual stream (see the module docstring for its schema)."""
     report = _report_of(report_or_module)
@@ -47,13 +56,13 @@ def stream_graph(report_or_module: Union[ConversionReport, object]) -> nx.DiGrap
             block_node[n] = f"{s}:b{n}"
             g.add_node(block_node[n], kind="block", stream=st.index, block=n, label=f"b{n}")
         in_block: list[str] = []  # sublayers of the current block so far (they make up the partial sum)
-        for site in st.sites:
+        for site, label in zip(st.sites, site_labels(st)):
             node = f"{s}:site{site.index}"
             if site.position == 0:
                 in_block = []
             g.add_node(
                 node, kind="sublayer", stream=st.index, block=site.block, position=site.position, index=site.index,
-                norm=site.norm, sublayer=site.sublayer, num_sources=site.num_sources, label=site.sublayer,
+                norm=site.norm, sublayer=site.sublayer, num_sources=site.num_sources, label=label,
             )
             for j in range(site.block):  # completed blocks b_0 .. b_{n-1}
                 g.add_edge(block_node[j], node, kind="reads", source=j)
@@ -176,21 +185,23 @@ def draw_streams(g: nx.DiGraph):
     mats = {st: _stream_matrix(g, st) for st in streams}
     size = max(len(m["rows"]) for m in mats.values())
     cell = max(0.13, min(0.42, 9.0 / size))  # inches per cell: 9 in across at 64 sublayers
-    label_w = 0.065 * max(len(g.nodes[n]["label"]) for m in mats.values() for n in m["rows"]) + 0.6
-    panel_w = cell * (size + 1) + label_w + 0.9
-    fig = new_figure(panel_w * len(streams), cell * (size + 1) + 2.4)
+    label_w = [0.065 * max(len(g.nodes[n]["label"]) for n in m["rows"]) + 0.9 for m in mats.values()]
+    width = sum(cell * (len(m["subs"]) + 2) + w for m, w in zip(mats.values(), label_w))
+    fig = new_figure(width + 0.5, cell * (size + 1) + 2.4)
+    fig.set_layout_engine("constrained")  # places the labels, titles and legend around the panels, not on them
+    axes = fig.subplots(1, len(streams), squeeze=False,
+                        width_ratios=[len(m["subs"]) + 2 for m in mats.values()])[0]
     font = 7 if cell >= 0.2 else 5.5
-    for k, st in enumerate(streams):
+    for ax, st in zip(axes, streams):
         m = mats[st]
-        ax = fig.add_subplot(1, len(streams), k + 1)
         n_cols, n_rows = len(m["subs"]) + 1, len(m["rows"])
+        top = []  # (column, label) along the top: each block's name, then the sources count column
         for b in m["blocks"]:  # block bands: columns, and the rows of the sublayers in the block
             lo, hi = m["span"][b]
             shade = "#f0f0f0" if b % 2 else "#fafafa"
             ax.add_patch(Rectangle((lo - 0.5, -0.5), hi - lo + 1, n_rows, color=shade, zorder=0, lw=0))
             ax.add_patch(Rectangle((-0.5, lo - 1.5), n_cols, hi - lo + 1, color=shade, zorder=0, lw=0, alpha=0.8))
-            ax.text((lo + hi) / 2, -0.9, f"block {b}" if hi - lo >= 2 or cell >= 0.3 else f"{b}",
-                    ha="center", va="bottom", fontsize=font, rotation=0 if hi - lo >= 2 or cell >= 0.3 else 90)
+            top.append(((lo + hi) / 2, f"block {b}" if hi - lo >= 2 or cell >= 0.3 else f"{b}"))
             if b > 1:
                 ax.axvline(lo - 0.5, color="#bbbbbb", lw=0.6, zorder=1)
                 ax.axhline(lo - 1.5, color="#bbbbbb", lw=0.6, zorder=1)
@@ -201,32 +212,38 @@ def draw_streams(g: nx.DiGraph):
                 if cell >= 0.25 and (hi > lo or cell >= 0.35):
                     ax.text((lo + hi) / 2, r, f"b{j}" if kind != "partial" else "part.", ha="center", va="center",
                             fontsize=font - 1, color="white", zorder=3)
-            ax.text(n_cols - 0.2, r, str(len(cells)), ha="left", va="center", fontsize=font, color="#333333")
+            ax.text(n_cols, r, str(len(cells)), ha="center", va="center", fontsize=font, color="#333333")
             if r < len(m["subs"]):  # the sublayer itself: where its output goes
                 ax.add_patch(Rectangle((r + 1 - 0.15, r - 0.15), 0.3, 0.3, color="black", zorder=3))
-        ax.text(n_cols - 0.2, -0.9, "sources", ha="left", va="bottom", fontsize=font, color="#333333")
-        ax.set_xlim(-0.5, n_cols - 0.5)
+        top.append((n_cols + 0.3, "sources"))
+        ax.set_xlim(-0.5, n_cols + 0.5)  # the last column holds each row's number of sources
         ax.set_ylim(n_rows - 0.5, -0.5)
+        ax.set_aspect("equal")
         ax.set_yticks(range(n_rows), [g.nodes[n]["label"] for n in m["rows"]], fontsize=font)
         step = 1 if n_cols <= 24 else 2 if n_cols <= 48 else 4
         ticks = [0] + [c for c in range(1, n_cols) if (c - 1) % step == 0]
         ax.set_xticks(ticks, ["b0"] + [str(c - 1) for c in ticks[1:]], fontsize=font)
+        header = ax.secondary_xaxis("top")  # a real axis, so the title is placed above it
+        header.set_xticks([x for x, _ in top], [t for _, t in top], fontsize=font)
+        for label in header.get_xticklabels():
+            if label.get_text().isdigit():  # a narrow block: its number, upright
+                label.set_rotation(90)
+        header.tick_params(length=0)
         ax.set_xlabel("what the stream is made of: b0 (embedding), then sublayer 0, 1, ... outputs", fontsize=font + 1)
         ax.set_ylabel("input of (aggregation)", fontsize=font + 1)
         ax.tick_params(length=0)
-        for side in ax.spines.values():
+        for side in [*ax.spines.values(), *header.spines.values()]:
             side.set_visible(False)
         source = g.nodes[f"s{st}:b0"]["label"]
         blocks = len(m["blocks"])
         ax.set_title(f"stream {st}: {len(m['subs'])} sublayers in {blocks} block{'s' * (blocks != 1)}; {source}",
-                     fontsize=font + 1, pad=0.5 * cell * 72 + font + 8)
+                     fontsize=font + 1)
     fig.legend(handles=[Patch(color=_CELL["source"], label="reads b0 (embedding)"),
                         Patch(color=_CELL["block"], label="reads a completed block b_j (one source)"),
                         Patch(color=_CELL["partial"], label="reads its own block's partial sum (one source)"),
                         Patch(color="black", label="the sublayer itself")],
-               loc="lower center", ncol=2, fontsize=7, frameon=False)
+               loc="outside lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(f"{g.graph.get('model', '')}: which sources each aggregation reads", fontsize=9)
-    fig.subplots_adjust(bottom=1.0 / fig.get_figheight(), top=1 - 0.9 / fig.get_figheight())
     return fig
 
 

@@ -11,8 +11,9 @@ Layout of ``DepthWeights.weights`` ([rows, columns], float32):
 * rows: one per aggregation in graph (= depth) order — each sublayer's input, then the stream's final
   aggregation (the final norm's input); several streams follow each other.
 * column j: source j of the aggregation, which is always block j of the stream: b_0 (the embedding
-  output), the completed block b_j, or — in the last column a sublayer reads — the partial sum of its
-  own block. For Full AttnRes (blocks of one sublayer) column j is sublayer j-1's output, as in the
+  output), the completed block b_j, or — in the last column a sublayer reads, where ``partial`` flags
+  the row — the partial sum of its own block (the sublayers of the block before it). A sublayer that
+  starts a block and the final aggregation read completed blocks only. For Full AttnRes (blocks of one sublayer) column j is sublayer j-1's output, as in the
   paper's Figure 8.
 * sources a row does not read are NaN (not 0, so a plot leaves them blank and nothing mistakes them
   for a learned zero); ``torch.nansum(weights, 1)`` is 1 for every row.
@@ -31,6 +32,8 @@ from torch.overrides import TorchFunctionMode
 from residual_rewriter.kernels.attn_res import attn_res_weights_reference
 from residual_rewriter.passes.op_names import is_attn_res_op
 
+from .streams import site_labels
+
 
 @dataclass
 class DepthWeights:
@@ -38,7 +41,21 @@ class DepthWeights:
     rows: list[str]  # row labels: the sublayer whose input the aggregation builds, or "final -> <consumer>"
     prefixes: list[str]  # attn_res.<key> parameter prefix of each row
     num_sources: list[int]
-    num_tokens: int  # tokens each row's mean is over
+    partial: list[bool]  # the row's last source is the partial sum of its own block, not a completed block
+    stream_tokens: list[int]  # tokens the means of each stream's rows are over (T5: encoder, decoder)
+
+    @property
+    def num_tokens(self) -> Union[int, tuple[int, ...]]:
+        """The tokens each row's mean is over: one count, or a tuple per stream where they differ."""
+        counts = tuple(self.stream_tokens)
+        return counts[0] if len(set(counts)) == 1 else counts
+
+    @property
+    def tokens_text(self) -> str:
+        """'32 tokens', or '14 tokens (stream 0), 6 tokens (stream 1)'."""
+        if isinstance(self.num_tokens, int):
+            return f"{self.num_tokens} tokens"
+        return ", ".join(f"{n} tokens (stream {i})" for i, n in enumerate(self.stream_tokens))
 
     @property
     def columns(self) -> list[str]:
@@ -50,18 +67,23 @@ class DepthWeights:
             "columns": self.columns,
             "prefixes": list(self.prefixes),
             "num_sources": list(self.num_sources),
+            "partial": list(self.partial),
             "num_tokens": self.num_tokens,
+            "stream_tokens": list(self.stream_tokens),
             # JSON has no NaN: sources a row does not read are null
             "weights": [[None if v != v else round(float(v), 6) for v in row] for row in self.weights.tolist()],
         }
 
     def __str__(self) -> str:
         w_label = max(len(r) for r in self.rows) if self.rows else 4
-        head = f"{'':<{w_label}}  " + " ".join(f"{c:>6}" for c in self.columns)
-        lines = [f"mean depth-attention weights over {self.num_tokens} tokens (rows: inputs, columns: sources)", head]
-        for label, row in zip(self.rows, self.weights.tolist()):
-            cells = " ".join("     ." if v != v else f"{v:6.3f}" for v in row)
-            lines.append(f"{label:<{w_label}}  {cells}")
+        head = (f"{'':<{w_label}}  " + " ".join(f"{c:>6} " for c in self.columns)).rstrip()
+        lines = [f"mean depth-attention weights over {self.tokens_text} (rows: inputs, columns: sources)", head]
+        for label, row, n, partial in zip(self.rows, self.weights.tolist(), self.num_sources, self.partial):
+            marks = ["*" if partial and j == n - 1 else " " for j in range(len(row))]
+            cells = " ".join("     . " if v != v else f"{v:6.3f}{m}" for v, m in zip(row, marks))
+            lines.append(f"{label:<{w_label}}  {cells}".rstrip())
+        lines.append("b0 = embedding, bj = completed block j"
+                     + ("; * = the partial sum of the row's own block (its sublayers so far)" if any(self.partial) else ""))
         return "\n".join(lines)
 
 
@@ -73,7 +95,7 @@ class _WeightRecorder(TorchFunctionMode):
         super().__init__()
         self.prefixes = prefixes  # id(query parameter) -> prefix
         self.records: dict[str, Tensor] = {}
-        self.num_tokens = 0
+        self.num_tokens: dict[str, int] = {}  # prefix -> tokens its mean is over
         self.token_mask = token_mask
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -86,7 +108,7 @@ class _WeightRecorder(TorchFunctionMode):
         prefix = self.prefixes.get(id(query), f"aggregation {len(self.records)}")
         if self.token_mask is None:
             self.records[prefix] = w.reshape(w.shape[0], -1).float().mean(1)  # [n_sources]
-            self.num_tokens = w[0].numel()
+            self.num_tokens[prefix] = w[0].numel()
             return
         if self.token_mask.shape != w.shape[1:]:  # the mean over the tokens the mask keeps (not padding)
             raise ValueError(
@@ -96,7 +118,7 @@ class _WeightRecorder(TorchFunctionMode):
             )
         keep = self.token_mask.to(device=w.device, dtype=torch.float32).reshape(-1)
         self.records[prefix] = (w.reshape(w.shape[0], -1).float() * keep).sum(1) / keep.sum()
-        self.num_tokens = int(keep.sum().item())
+        self.num_tokens[prefix] = int(keep.sum().item())
 
 
 @contextlib.contextmanager
@@ -111,14 +133,14 @@ def _eval(module: torch.nn.Module):
             m.training = mode
 
 
-def _rows_from_report(report) -> list[tuple[str, str, int]]:
-    """(prefix, label, num_sources) of every sublayer and final aggregation, in depth order."""
+def _rows_from_report(report) -> list[tuple[str, str, int, bool]]:
+    """(prefix, label, num_sources, partial) of every sublayer and final aggregation, in depth order."""
     many = len(report.streams) > 1
     rows = []
     for st in report.streams:
         tag = f"[{st.index}] " if many else ""
-        rows += [(s.param_prefix, f"{tag}{s.sublayer}", s.num_sources) for s in st.sites]
-        rows.append((st.final_param_prefix, f"{tag}final -> {', '.join(st.consumers)}", st.num_blocks + 1))
+        rows += [(s.param_prefix, f"{tag}{label}", s.num_sources, s.position > 0) for s, label in zip(st.sites, site_labels(st))]
+        rows.append((st.final_param_prefix, f"{tag}final -> {', '.join(st.consumers)}", st.num_blocks + 1, False))
     return rows
 
 
@@ -145,7 +167,7 @@ def depth_attention_weights(model: torch.nn.Module, *inputs: Any, token_mask: Op
         model(*inputs, **kwargs)
     rows = _rows_from_report(report)
     per_row = []
-    for prefix, _label, n_sources in rows:
+    for prefix, _label, n_sources, _partial in rows:
         w = recorder.records.get(prefix)
         if w is None:
             if n_sources != 1:
@@ -159,16 +181,19 @@ def depth_attention_weights(model: torch.nn.Module, *inputs: Any, token_mask: Op
         weights[i, : w.shape[0]] = w
     return DepthWeights(
         weights=weights,
-        rows=[label for _, label, _ in rows],
-        prefixes=[prefix for prefix, _, _ in rows],
+        rows=[row[1] for row in rows],
+        prefixes=[row[0] for row in rows],
         num_sources=[int(w.shape[0]) for w in per_row],
-        num_tokens=recorder.num_tokens,
+        partial=[row[3] for row in rows],
+        # a stream's final aggregation reads b_0 and at least one block, so it always ran and was recorded
+        stream_tokens=[recorder.num_tokens[st.final_param_prefix] for st in report.streams],
     )
 
 
 def draw_depth_weights(dw: DepthWeights, title: Optional[str] = None):
     """A heatmap like the paper's Figure 8: inputs (sublayers) down, sources across; a matplotlib Figure."""
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     from .pictures import new_figure
 
@@ -187,11 +212,15 @@ def draw_depth_weights(dw: DepthWeights, title: Optional[str] = None):
                 if v == v:
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if v < 0.6 * im.norm.vmax else "black")
+    for i, (n, partial) in enumerate(zip(dw.num_sources, dw.partial)):
+        if partial:  # the partial sum of the row's own block, not the completed block of its column
+            ax.add_patch(Rectangle((n - 1.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(1, 1, 1, 0.35), lw=0))
     ax.set_xticks(range(n_cols), dw.columns, fontsize=7)
     ax.set_yticks(range(n_rows), dw.rows, fontsize=7)
-    ax.set_xlabel("source (b0 = embedding, bj = block j; last one read = partial block sum)", fontsize=8)
+    partial = "; hatched = the partial sum of the row's own block so far" if any(dw.partial) else ""
+    ax.set_xlabel(f"source (b0 = embedding, bj = completed block j{partial})", fontsize=8)
     ax.set_ylabel("input of", fontsize=8)
-    ax.set_title(title or f"Depth-attention weights (mean over {dw.num_tokens} tokens)", fontsize=9)
+    ax.set_title(title or f"Depth-attention weights (mean over {dw.tokens_text})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     return fig
 
