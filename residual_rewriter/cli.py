@@ -246,7 +246,7 @@ def _inspect(args, fmt: str, view: str, progress: Progress):
         if fmt in ("svg", "png"):
             progress(f"drawing the heatmap ({fmt})")
             return render_depth_weights(dw, fmt, title=f"{report.model}: depth-attention weights "
-                                        f"(mean over {dw.num_tokens} tokens)").data
+                                        f"(mean over {dw.tokens_text})").data
         return _as_json(args, view, {"weights": dw.to_dict()}) if fmt == "json" else str(dw)
 
     if view == "streams":
