@@ -181,8 +181,8 @@ def _describe(e: Exception) -> str:
 
     if isinstance(e, (TargetError, CliError)):
         return _one_line(e)
-    if isinstance(e, ConversionError):
-        return f"cannot convert this model: {_one_line(e)}"
+    if isinstance(e, ConversionError):  # its own lines (lists of modules), indented under the first
+        return "cannot convert this model: " + "\n  ".join(line.rstrip() for line in str(e).splitlines())
     text = _one_line(e)
     if len(text) > MAX_UNEXPECTED_MESSAGE:  # e.g. a tracer error quoting a whole FX node
         text = text[:MAX_UNEXPECTED_MESSAGE] + " ..."

@@ -230,7 +230,12 @@ def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
     lines = [f"no module of {type(model).__name__} holds a pre-norm residual add `x + f(norm(x))` in its own forward, "
              "taking the stream as an argument and returning it (are the adds in the model's own forward?)"
              + (". Modules tried:" if found.not_holders else "")]
-    lines += [f"  {path}: {why}" for path, why in list(found.not_holders.items())[:8]]
+    by_reason: dict[str, list[str]] = {}  # one line per reason: most modules fail for the same one
+    for path, why in found.not_holders.items():
+        by_reason.setdefault(why, []).append(path)
+    for why, paths in by_reason.items():
+        more = f" and {len(paths) - 6} more" if len(paths) > 6 else ""
+        lines.append(f"  {', '.join(paths[:6])}{more}: {why}")
     return "\n".join(lines)
 
 

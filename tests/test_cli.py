@@ -40,6 +40,30 @@ def targets(tmp_path, monkeypatch):
 
         def broken():
             raise RuntimeError("factory exploded")
+
+        class PostNormBlock(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.f, self.norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+            def forward(self, x):
+                return self.norm(x + self.f(x))
+
+        class PostNorm(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = torch.nn.ModuleList(PostNormBlock() for _ in range(8))
+
+            def forward(self, x):
+                for layer in self.layers:
+                    x = layer(x)
+                return x
+
+            def example_inputs(self):
+                return (torch.randn(2, 3, 8),)
+
+        def post_norm():
+            return PostNorm()
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -168,11 +192,21 @@ def test_weights_text_and_json(capsys, targets):
 
 
 def _one_error_line(err: str) -> str:
+    """The error: one line, continued only by indented lines (a conversion error's lists of modules)."""
     lines = [l for l in err.splitlines() if not l.startswith("[")]  # drop progress lines
-    assert len(lines) == 1, err
     assert "Traceback" not in err
-    assert lines[0].startswith("residual-rewriter: error: ")
-    return lines[0]
+    assert lines[0].startswith("residual-rewriter: error: ") and all(l.startswith("  ") for l in lines[1:]), err
+    return "\n".join(lines)
+
+
+def test_a_post_norm_model_is_refused_readably(capsys, targets):
+    """A post-norm model (every module fails for the same reason): the reasons are grouped, one line
+    each, under the error line; not a 2 KB line repeating one reason per module."""
+    code, out, err = run(capsys, "inspect", "cli_targets:post_norm")
+    message = _one_error_line(err)
+    assert code == 1 and out == "" and "post-norm" in message
+    assert message.count("no pre-norm residual site") <= 2, message  # the error itself, and once for the modules tried
+    assert max(len(line) for line in message.splitlines()) < 300, message
 
 
 @pytest.mark.parametrize("target, message", [
