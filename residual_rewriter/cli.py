@@ -294,7 +294,9 @@ def _inspect(args, fmt: str, view: str, progress: Progress):
 
 
 def _as_json(args, view: str, payload: dict[str, Any]) -> str:
-    return json.dumps({"target": args.target, "view": view, **payload}, indent=2) + "\n"
+    from residual_rewriter import __version__  # what wrote it: the keys follow the library's version
+
+    return json.dumps({"residual_rewriter": __version__, "target": args.target, "view": view, **payload}, indent=2) + "\n"
 
 
 def _streams_text(g) -> str:

@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+import residual_rewriter as rr
 from residual_rewriter.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -103,8 +104,8 @@ def test_builtin_model_json_schema(capsys):
     code, out, _ = run(capsys, "inspect", "--format", "json", "--blocks", "2", "-q")
     assert code == 0
     d = json.loads(out)
-    assert set(d) == {"target", "view", "report", "graph"}
-    assert d["target"] is None and d["view"] == "report"
+    assert set(d) == {"residual_rewriter", "target", "view", "report", "graph"}
+    assert d["target"] is None and d["view"] == "report" and d["residual_rewriter"] == rr.__version__
     report = d["report"]
     for key, typ in {"model": str, "converted": bool, "config": dict, "streams": list, "left_out": list,
                      "opaque_modules": dict, "new_parameters": dict, "totals": dict}.items():
