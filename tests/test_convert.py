@@ -463,3 +463,38 @@ def test_hooks_inside_a_model_converted_as_one_holder_are_reported():
         conv = rr.convert(model, torch.randn(2, 5, 12, dtype=torch.float64))
     assert conv.attn_res_report.mode == "in place, the model as one holder"
     assert conv.attn_res_report.hooks_not_called == ["mlps.1"] and "NOT called" in str(conv.attn_res_report)
+
+
+def _gradient_penalty(model, x, names):
+    """|d loss / d params|^2, differentiable (create_graph): the backward runs twice through each aggregation."""
+    loss = model(x).square().mean()
+    grads = torch.autograd.grad(loss, [model.get_parameter(n) for n in names], create_graph=True)
+    return sum(g.square().sum() for g in grads)
+
+
+def test_double_backward_through_the_aggregation():
+    """Gradient penalties and second-order meta-learning differentiate gradients. With zero queries the
+    converted model is the original as a function of the original's parameters, so second derivatives
+    agree; with random queries, the penalty's derivative along a query agrees with central differences."""
+    original = ToyLM("rmsnorm").double().eval()
+    model = rr.convert(original, num_blocks=2)
+    x = original.example_inputs()[0]
+    names = [n for n, _ in original.named_parameters()]
+    for m in (model, original):
+        _gradient_penalty(m, x, names).backward()
+    for n in names:
+        assert rel_err(model.get_parameter(n).grad, original.get_parameter(n).grad) <= 1e-10, n
+    perturb_attn_res(model, seed=4)
+    query = model.get_parameter("blocks.3.attn_res.final.query")
+    model.zero_grad()
+    _gradient_penalty(model, x, names).backward()
+    step, direction = 1e-5, torch.randn(query.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            query.add_(sign * step * direction)
+        values.append(_gradient_penalty(model, x, names).item())
+        with torch.no_grad():
+            query.sub_(sign * step * direction)
+    finite_difference = (values[0] - values[1]) / (2 * step)
+    assert abs((query.grad * direction).sum().item() - finite_difference) <= 1e-6 * abs(finite_difference)
