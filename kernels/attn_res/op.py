@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from . import reference as R
 from . import reference_grads as RG
@@ -395,7 +396,14 @@ class _Registered:
         for k in names:
             setattr(s, k, [next(tensors) for _ in range(lists[k])] if k in lists else next(tensors))
         if torch.is_grad_enabled() and self.op.composite is not None:  # create_graph=True: double backward
-            return self.composite_backward(ctx, s, grads)
+            input_grads = self.composite_grads(s, grads)
+        else:
+            input_grads = self.kernel_grads(s, grads)
+        # one per positional input as called (an argument left at its default is not passed)
+        return tuple(input_grads.get(n) for n in self.positional)[: len(ctx.needs_input_grad)]
+
+    def kernel_grads(self, s, grads) -> dict:
+        """{forward input: gradient} from the backward op."""
         given, bw = self.op.grad_args(s, *grads), self.backward
         flat = iter(getattr(torch.ops.residual_rewriter, bw.name)(
             *[given[n] if n in given else getattr(s, n) for n in bw.positional]))
@@ -406,25 +414,21 @@ class _Registered:
             input_grads[n] = got if value is not None else None
         if self.op.input_grads is not None:
             self.op.input_grads(s, input_grads)
-        # one per positional input as called (an argument left at its default is not passed)
-        return tuple(input_grads.get(n) for n in self.positional)[: len(ctx.needs_input_grad)]
+        return input_grads
 
-    def composite_backward(self, ctx, s, grads):
-        """The gradients as autograd of the op's composite (torch ops) on the saved inputs: slower than
-        the backward op, but differentiable again (gradient penalties, second-order meta-learning)."""
-        def alias(t):  # a node of its own: the gradient stops there, not at an input that reaches another
-            return t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t
+    def composite_grads(self, s, grads) -> dict:
+        """{forward input: gradient} as autograd of the op's composite (torch ops) on the saved inputs:
+        slower than the backward op, but differentiable again (gradient penalties, second-order MAML)."""
+        def alias(t: Tensor) -> Tensor:  # a node of its own: the gradient stops there, not at an input reaching another
+            return t.view_as(t) if t.requires_grad else t
 
         with torch.enable_grad():
-            args = {n: [alias(t) for t in v] if isinstance(v, list) else alias(v) for n, v in vars(s).items()}
-            inputs = {n: args[n] for n in self.grads_of}
-            wrt = [t for n in self.grads_of for t in _as_list(inputs[n]) if t is not None and t.requires_grad]
+            args = tree_map_only(Tensor, alias, vars(s))
+            leaves, spec = tree_flatten({n: args[n] for n in self.grads_of})
+            wrt = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
             out = self.op.composite(*[args[n] for n in self.positional])
             found = iter(torch.autograd.grad(out, wrt, grads, create_graph=True, allow_unused=True))
-        input_grads = {n: [next(found) if t is not None and t.requires_grad else None for t in _as_list(v)]
-                       for n, v in inputs.items()}
-        input_grads = {n: g if isinstance(inputs[n], list) else g[0] for n, g in input_grads.items()}
-        return tuple(input_grads.get(n) for n in self.positional)[: len(ctx.needs_input_grad)]
+        return tree_unflatten([next(found) if isinstance(t, Tensor) and t.requires_grad else None for t in leaves], spec)
 
 
 REGISTERED = {r.name: r for r in map(_Registered, OPS)}

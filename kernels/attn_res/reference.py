@@ -74,8 +74,10 @@ def attn_res_scores(
     return _scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0]
 
 
-def _mix(vs: Sequence[Tensor], weights: Tensor) -> Tensor:
-    """``sum_i weights[i] * v_i`` accumulated in place: ``[..., D]``."""
+def _mix(vs: Sequence[Tensor], weights: Tensor, in_place: bool = True) -> Tensor:
+    """``sum_i weights[i] * v_i`` accumulated in place (or in functional ops, for graphs): ``[..., D]``."""
+    if not in_place:
+        return sum(w.unsqueeze(-1) * v for w, v in zip(weights, vs))
     out = vs[0] * weights[0].unsqueeze(-1)
     for w, v in zip(weights[1:], vs[1:]):
         out.addcmul_(w.unsqueeze(-1), v)
@@ -105,16 +107,14 @@ def attn_res_composite(
     CompositeImplicitAutograd kernel, which ``ExportedProgram.run_decompositions()`` puts in the op's
     place, so that an exported converted model needs no custom op (ONNX, AOTInductor, loading without
     this library)."""
-    vs = _compute(sources)  # n x [..., D]
-    weights = torch.softmax(_scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0], dim=0) * scale
-    return sum(w.unsqueeze(-1) * v for w, v in zip(weights, vs)).to(sources[0].dtype)
+    return _aggregate(sources, query, norm_weight, eps, scale, in_place=False).to(sources[0].dtype)
 
 
-def _aggregate(sources, query, norm_weight, eps, scale) -> Tensor:
+def _aggregate(sources, query, norm_weight, eps, scale, in_place: bool = True) -> Tensor:
     """The mixture in the compute dtype (not rounded to the input dtype): ``[..., D]``."""
     vs = _compute(sources)  # n x [..., D]
     weights = torch.softmax(_scores(vs, _folded_query(query, norm_weight, vs[0].dtype), eps)[0], dim=0)  # [n, ...]
-    return _mix(vs, weights * scale)
+    return _mix(vs, weights * scale, in_place)
 
 
 def _with_out_norm(mix: Tensor, out_norm_weight: Optional[Tensor], out_eps: float, dtype) -> tuple[Tensor, Tensor]:

@@ -13,8 +13,8 @@ Layout of ``DepthWeights.weights`` ([rows, columns], float32):
 * column j: source j of the aggregation, which is always block j of the stream: b_0 (the embedding
   output), the completed block b_j, or — in the last column a sublayer reads, where ``partial`` flags
   the row — the partial sum of its own block (the sublayers of the block before it). A sublayer that
-  starts a block and the final aggregation read completed blocks only. For Full AttnRes (blocks of one sublayer) column j is sublayer j-1's output, as in the
-  paper's Figure 8.
+  starts a block and the final aggregation read completed blocks only. For Full AttnRes (blocks of one
+  sublayer) column j is sublayer j-1's output, as in the paper's Figure 8.
 * sources a row does not read are NaN (not 0, so a plot leaves them blank and nothing mistakes them
   for a learned zero); ``torch.nansum(weights, 1)`` is 1 for every row.
 """
@@ -139,7 +139,8 @@ def _rows_from_report(report) -> list[tuple[str, str, int, bool]]:
     rows = []
     for st in report.streams:
         tag = f"[{st.index}] " if many else ""
-        rows += [(s.param_prefix, f"{tag}{label}", s.num_sources, s.position > 0) for s, label in zip(st.sites, site_labels(st))]
+        rows += [(s.param_prefix, f"{tag}{label}", s.num_sources, s.position > 0)
+                 for s, label in zip(st.sites, site_labels(st))]
         rows.append((st.final_param_prefix, f"{tag}final -> {', '.join(st.consumers)}", st.num_blocks + 1, False))
     return rows
 
