@@ -129,18 +129,23 @@ class BoundCall:
 
     @property
     def key(self) -> tuple:
-        """Which graph runs this call. Another object (a StaticCache where a DynamicCache was seen) runs the
-        same graph: the trace held it as a proxy, whatever its type."""
-        kinds = tuple((n, _kind(v)) for n, v in zip(self.names, self.values))
-        return kinds + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
+        """Which graph runs this call, whatever the order of its keyword arguments. Another object (a
+        StaticCache where a DynamicCache was seen) runs the same graph: the trace held it as a proxy."""
+        return self.installed_key("", first=True)
 
     def installed_key(self, stream_argument: str, first: bool) -> tuple:
         """The key of this call once the model is converted: every holder but the first receives the
         stream as an ``AttnResState``, not the tensor the original passed."""
-        key = list(self.key)
+        kinds = {n: _kind(v) for n, v in zip(self.names, self.values)}
         if stream_argument and not first:
-            key[self.names.index(stream_argument)] = (stream_argument, "AttnResState")
-        return tuple(key)
+            kinds[stream_argument] = "AttnResState"
+        return tuple(sorted(kinds.items())) + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
+
+    def with_inputs(self, names: tuple[str, ...]) -> BoundCall:
+        """The same call with these constants passed to the graph as arguments."""
+        moved = [n for n in self.constants if n in names]
+        return BoundCall(self.names + moved, self.values + [self.constants[n] for n in moved],
+                         {n: v for n, v in self.constants.items() if n not in moved})
 
 
 def _kind(value: Any) -> str:
@@ -149,8 +154,9 @@ def _kind(value: Any) -> str:
     return type(value).__name__ if isinstance(value, (tuple, list, dict, AttnResState)) else "object"
 
 
-def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
-    """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included."""
+def bind_call(module: nn.Module, args: tuple, kwargs: dict, int_inputs: tuple[str, ...] = ()) -> BoundCall:
+    """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included; the
+    ints named in ``int_inputs`` are arguments of the graph, not constants (see ``trace_alone``)."""
     signature = inspect.signature(type(module).forward)
     bound = signature.bind(module, *args, **kwargs)
     bound.apply_defaults()
@@ -163,7 +169,7 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
             continue
         items = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
         for n, v in items:
-            if is_constant(v):
+            if is_constant(v) and not (n in int_inputs and type(v) is int):
                 constants[n] = v
             else:
                 names.append(n)
@@ -179,6 +185,7 @@ class Traced:
     plan: Plan  # one stream, end = the output; blocks not yet assigned
     stream_argument: str
     starts_inside: bool = False  # the source is a node computed from the stream argument, not it
+    int_inputs: tuple[str, ...] = ()  # int arguments passed to the graph, not specialised (bind_call)
 
 
 def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=(),
@@ -214,7 +221,7 @@ def _detect(module: nn.Module, bound: BoundCall, captured: Captured, **options) 
 
 def trace_alone(module: nn.Module, bound: BoundCall, inline: tuple = ()) -> Traced:
     """``inline``: children to trace into (they hold a residual add of this module's stream)."""
-    captured = _capture_call(module, bound, bound.values, opaque_children=True, inline=inline)
+    captured, bound, int_inputs = _capture_layer(module, bound, inline)
     values, plan = _detect(module, bound, captured, ends_at_output=True)
     plan.inlined_children = list(inline)
     if len(plan.streams) != 1:
@@ -222,7 +229,7 @@ def trace_alone(module: nn.Module, bound: BoundCall, inline: tuple = ()) -> Trac
     stream = plan.streams[0]
     source = next(n for n in captured.graph_module.graph.nodes if n.name == stream.source_node)
     if source.op == "placeholder":
-        return Traced(captured, values, plan, source.target)
+        return Traced(captured, values, plan, source.target, int_inputs=int_inputs)
     # the stream starts inside (RWKV's first layer normalises its input first; ModernBERT's adds a
     # sublayer without a norm): a stream's first layer only, its argument the one input of that shape
     dag = nx.DiGraph((i, n) for n in captured.graph_module.graph.nodes for i in n.all_input_nodes)
@@ -230,7 +237,26 @@ def trace_alone(module: nn.Module, bound: BoundCall, inline: tuple = ()) -> Trac
                  and isinstance(values.get(n), torch.Tensor) and values[n].shape == values[source].shape]
     if len(arguments) != 1:
         raise ConversionError(f"its residual stream starts inside it (at {stream.source}), not at an argument")
-    return Traced(captured, values, plan, arguments[0].target, starts_inside=True)
+    return Traced(captured, values, plan, arguments[0].target, starts_inside=True, int_inputs=int_inputs)
+
+
+def _capture_layer(module: nn.Module, bound: BoundCall, inline: tuple) -> tuple[Captured, BoundCall, tuple]:
+    """The layer's graph, the call as it binds to it, and its int inputs: ints that only the layer's
+    children read (packed sequences' ``max_length_q``, new almost every batch) are graph inputs, so a new
+    value is the same signature (no new graph; no refusal under a tracer). An int the layer's own code
+    computes with or branches on stays a constant, specialised: it may change the graph."""
+    ints = tuple(n for n, v in bound.constants.items() if type(v) is int)
+    if ints:
+        as_inputs = bound.with_inputs(ints)
+        try:
+            captured = _capture_call(module, as_inputs, as_inputs.values, opaque_children=True, inline=inline)
+        except Exception:  # noqa: BLE001 - e.g. Python control flow on one: traced as constants below
+            captured = None
+        if captured is not None and not captured.opaque_modules:
+            placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder" and n.target in ints]
+            if all(user.op == "call_module" for n in placeholders for user in n.users):
+                return captured, as_inputs, ints
+    return _capture_call(module, bound, bound.values, opaque_children=True, inline=inline), bound, ()
 
 
 def trace_model(model: nn.Module, bound: BoundCall, *, num_blocks, block_size) -> Traced:
@@ -360,8 +386,8 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
         if any(call.path.startswith(p + ".") for p in done):
             continue
         try:
-            bound = bind_call(call.module, call.args, call.kwargs)
             traced = _trace_holder(call, candidates)
+            bound = bind_call(call.module, call.args, call.kwargs, traced.int_inputs)
         except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
             found.not_holders.setdefault(call.path, _short_reason(exc))
             continue
@@ -542,11 +568,13 @@ class LayerForward:
     conversion's calls are made at conversion, in both modes; another is ``retrace``d on first use."""
 
     def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
-                 names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph, stream_argument: str):
+                 names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph, stream_argument: str,
+                 int_inputs: tuple[str, ...] = ()):
         self.module = module
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
         self.boundary = boundary
         self.stream_argument = stream_argument
+        self.int_inputs = int_inputs
         self.config = config
         # (training, signature key) -> its graph; the first is detection's, in eval mode
         self.graphs: dict[tuple, CompiledGraph] = {(False, key): _compile(names, graph_module, module)}
@@ -558,7 +586,7 @@ class LayerForward:
         return next(iter(self.graphs.values())).graph_module
 
     def __call__(self, *args, **kwargs):
-        bound = bind_call(self.module, args, kwargs)
+        bound = bind_call(self.module, args, kwargs, self.int_inputs)
         if self.boundary is not None and not self.boundary.first:  # (the graph aligns a state: state.aligned)
             i = bound.names.index(self.stream_argument)
             if isinstance(bound.values[i], torch.Tensor):  # every layer before was skipped (LayerDrop): b_0 itself
@@ -715,7 +743,8 @@ def install(holder: Holder, config) -> None:
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
     module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
-                                  list(holder.bound.names), gm, original, holder.traced.stream_argument)
+                                  list(holder.bound.names), gm, original, holder.traced.stream_argument,
+                                  holder.traced.int_inputs)
     for captured in module.forward.add_signature(holder.bound, key):  # the same call in training
         holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
 

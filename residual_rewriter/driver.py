@@ -122,7 +122,8 @@ def prepare_other_signatures(c: Conversion) -> None:
         for call in calls:
             holder = holders.get(id(call.module))
             if holder is not None:
-                c.other_calls.append((holder, layerwise.bind_call(call.module, call.args, call.kwargs), modes))
+                bound = layerwise.bind_call(call.module, call.args, call.kwargs, holder.traced.int_inputs)
+                c.other_calls.append((holder, bound, modes))
 
 
 def install(c: Conversion) -> None:

@@ -113,7 +113,7 @@ class ConversionReport:
         )
         for st in self.streams:  # block n: its sublayer count and the sources they read (fewest-most)
             per_block = [
-                f"block {n}: {len(c)} sublayers, {min(c)}" + (f"-{max(c)}" if max(c) != min(c) else "") + " sources"
+                f"block {n}: {_count(len(c), 'sublayer')}, " + (f"{min(c)}-{max(c)} sources" if max(c) != min(c) else _count(min(c), "source"))
                 for n, c in _sources_by_block(st).items()
             ]
             lines.append(f"  stream {st.index}: " + "; ".join(per_block))
@@ -139,6 +139,10 @@ def _sources_by_block(stream: Stream) -> dict[int, list[int]]:
     for site in stream.sites:
         by_block.setdefault(site.block, []).append(site.num_sources)
     return by_block
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + "s" * (n != 1)
 
 
 def _holder_summary(paths: list[str]) -> str:

@@ -31,6 +31,12 @@ def test_gpt_sites_in_depth_order():
     assert not report.converted
     text = str(report)
     assert "transformer.h.3.mlp" in text and "transformer.ln_f" in text
+    assert "block 1: 4 sublayers, 1-2 sources; block 2: 4 sublayers, 2-3 sources" in text
+
+
+def test_the_report_counts_in_words():
+    text = str(rr.detect(make_gpt(n_layer=1), block_size=1))
+    assert "block 1: 1 sublayer, 1 source; block 2: 1 sublayer, 2 sources" in text, text
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2"])

@@ -271,3 +271,95 @@ def test_a_new_signature_that_changes_the_residual_structure_is_refused_clearly(
     rr.convert_(model, example_inputs=(ids,), block_size=1)
     with pytest.raises(rr.ConversionError, match=r"_AdapterBlock called with .*scale.*Convert with example inputs"):
         model(ids, scale=torch.ones(16))
+
+
+def _packed_batch(lengths: list[int], seed: int) -> dict:
+    """What Hugging Face's padding-free training feeds the model: sequences packed into one row, with
+    flash-attention kwargs (cu_seq_lens_* tensors, max_length_* ints: a new int almost every batch)."""
+    from transformers import DataCollatorWithFlattening
+
+    gen = torch.Generator().manual_seed(seed)
+    features = [{"input_ids": torch.randint(0, 128, (n,), generator=gen).tolist()} for n in lengths]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    return {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in batch.items()}
+
+
+@pytest.mark.hf
+def test_packed_sequences_compile_and_reuse_their_graphs_whatever_the_max_length(monkeypatch):
+    """The layers pass ``max_length_q/k`` on to attention only: they are graph inputs, not constants, so
+    each batch's new max length neither builds a graph in eager nor is refused under torch.compile; the
+    compiled model makes as many graphs as the original's and computes what eager does."""
+    batches = [_packed_batch(lengths, seed) for seed, lengths in enumerate(([5, 7], [3, 9, 4], [6, 6], [2, 11]))]
+    assert len({b["max_length_q"] for b in batches}) == 4
+    original = make_architecture("llama").train()
+    model = copy.deepcopy(original)
+    rr.convert_(model, example_inputs=batches[0], num_blocks=2)
+    _randomize(model)
+    forwards = [layer.forward for layer in model.model.layers]
+    assert [f.int_inputs for f in forwards] == [("max_length_q", "max_length_k")] * 2
+    graphs = [len(f.graphs) for f in forwards]
+    monkeypatch.setattr(layerwise, "retrace", lambda *a, **k: pytest.fail("a layer was traced after conversion"))
+    counts = []
+    for m in (original, model):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(m, backend=counter)
+        losses = [compiled(**b).loss for b in batches]
+        counts.append(counter.frame_count)
+    assert counts[1] == counts[0], counts
+    for batch, loss in zip(batches, losses):
+        assert rel_err(loss, model(**batch).loss) <= 1e-12
+    assert [len(f.graphs) for f in forwards] == graphs
+
+
+class _WindowedMix(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.ff = torch.nn.Linear(d, d)
+
+    def forward(self, h, window: int):
+        return self.ff(torch.nn.functional.pad(h[..., :window], (0, h.shape[-1] - window)))
+
+
+class _IntBlock(torch.nn.Module):
+    """``window`` reaches only a child (graph input), or the layer computes with it too (a constant)."""
+
+    def __init__(self, d=16, layer_computes=False):
+        super().__init__()
+        self.norm, self.mix, self.layer_computes = torch.nn.LayerNorm(d), _WindowedMix(d), layer_computes
+
+    def forward(self, x, window: int = 4):
+        return x + self.mix(self.norm(x), window - 1 if self.layer_computes else window)
+
+
+class _IntLM(_ScaledLM):
+    def __init__(self, layer_computes, d=16, layers=3):
+        super().__init__(d, layers)
+        self.layers = torch.nn.ModuleList(_IntBlock(d, layer_computes) for _ in range(layers))
+
+    def forward(self, ids, window=4):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x, window=window)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("layer_computes", [False, True], ids=["child-reads-it", "layer-computes-with-it"])
+def test_an_int_argument_is_a_graph_input_only_where_no_graph_depends_on_its_value(layer_computes):
+    """An int the layer hands to a child unchanged runs one graph for every value; one the layer's own
+    code computes with stays specialised (a graph per value). Either way each value computes what the
+    original does (float64, exact at init: a value baked into the graph would compute another window)."""
+    torch.manual_seed(0)
+    model = _IntLM(layer_computes).double()
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, 50, (2, 5))
+    rr.convert_(model, example_inputs=(ids,), block_size=1)
+    forwards = [layer.forward for layer in model.layers]
+    assert [f.int_inputs for f in forwards] == [() if layer_computes else ("window",)] * 3
+    graphs = [len(f.graphs) for f in forwards]
+    with torch.no_grad():
+        outputs = [model(ids, window=window) for window in (2, 7, 16)]
+        for window, out in zip((2, 7, 16), outputs):
+            assert rel_err(out, original(ids, window=window)) <= 1e-12
+        assert rel_err(outputs[0], outputs[1]) > 1e-3  # the argument is live
+    assert [len(f.graphs) for f in forwards] == [n + 3 * layer_computes for n in graphs]
