@@ -363,3 +363,32 @@ def test_an_int_argument_is_a_graph_input_only_where_no_graph_depends_on_its_val
             assert rel_err(out, original(ids, window=window)) <= 1e-12
         assert rel_err(outputs[0], outputs[1]) > 1e-3  # the argument is live
     assert [len(f.graphs) for f in forwards] == [n + 3 * layer_computes for n in graphs]
+
+
+class _KwargsBlock(_ScaledBlock):
+    def forward(self, x, **kwargs):
+        return x + self.ff(self.norm(x) * kwargs["scale"] + kwargs["shift"])
+
+
+def test_keyword_arguments_in_another_order_run_the_same_graph():
+    """``**kwargs`` reach a layer in whatever order its caller wrote them: one signature, one graph."""
+    torch.manual_seed(0)
+    x, scale, shift = torch.randn(2, 5, 16), torch.ones(16), torch.zeros(16)
+
+    class Caller(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(_KwargsBlock() for _ in range(2))
+            self.norm = torch.nn.LayerNorm(16)
+
+        def forward(self, x, swap=False):
+            for layer in self.layers:
+                x = layer(x, shift=shift, scale=scale) if swap else layer(x, scale=scale, shift=shift)
+            return self.norm(x)
+
+    model = Caller()
+    rr.convert_(model, example_inputs=(x,), block_size=1)
+    graphs = [len(layer.forward.graphs) for layer in model.layers]
+    with torch.no_grad():
+        assert torch.equal(model(x, swap=True), model(x))
+    assert [len(layer.forward.graphs) for layer in model.layers] == graphs
