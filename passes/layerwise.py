@@ -665,13 +665,15 @@ class LayerForward:
     def _rebuild(self, bound: BoundCall, training: bool) -> tuple[CompiledGraph, Captured]:
         params = self.module._modules.pop("attn_res")  # not the module's own: an nn.Sequential runs every child
         try:
-            traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None,
-                             training=training)
-        finally:
-            self.module._modules["attn_res"] = params
-        try:
+            try:
+                traced = retrace(self.module, bound, self.plan, self.original_graph, whole=self.boundary is None,
+                                 training=training)
+            finally:
+                self.module._modules["attn_res"] = params
             gm = rewrite_holder(self.module, traced, self.boundary, self.config)
-        except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere
+        except ConversionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere, a branch on an int input
             raise ConversionError(
                 f"{type(self.module).__name__} called with {sorted(bound.constants)} and {bound.names} cannot be "
                 f"rewritten like the call it was converted with ({type(exc).__name__}: {str(exc).splitlines()[0]}). "

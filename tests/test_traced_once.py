@@ -392,3 +392,29 @@ def test_keyword_arguments_in_another_order_run_the_same_graph():
     with torch.no_grad():
         assert torch.equal(model(x, swap=True), model(x))
     assert [len(layer.forward.graphs) for layer in model.layers] == graphs
+
+
+class _BranchingBlock(_IntBlock):
+    def forward(self, x, window: int = 4, gate=None):
+        h = self.norm(x)
+        if gate is not None:  # this signature branches on the int the conversion's call only handed on
+            for _ in range(window):
+                h = h * gate
+        return x + self.mix(h, window)
+
+
+def test_a_new_signature_that_branches_on_an_int_input_is_refused_clearly():
+    model = _IntLM(layer_computes=False)
+    model.layers = torch.nn.ModuleList(_BranchingBlock() for _ in range(3))
+    ids = torch.randint(0, 50, (2, 5))
+    rr.convert_(model, example_inputs=(ids,), block_size=1)
+    assert model.layers[0].forward.int_inputs == ("window",)
+
+    def forward(ids, gate):
+        x = model.emb(ids)
+        for layer in model.layers:
+            x = layer(x, window=3, gate=gate)
+        return model.norm(x)
+
+    with pytest.raises(rr.ConversionError, match=r"_BranchingBlock called with .*gate.*cannot be rewritten.*TypeError: .Proxy."):
+        forward(ids, torch.ones(16))
