@@ -472,6 +472,18 @@ def test_load_target_default_and_errors():
         rri.load_target("builtins:dict")
 
 
+@pytest.mark.hf
+def test_a_config_builds_the_class_it_names(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path)
+    assert type(rri.load_target(str(tmp_path))).__name__ == "BertForMaskedLM"  # not AutoModelForCausalLM's BertLMHeadModel
+    config.architectures = None
+    config.save_pretrained(tmp_path)
+    assert type(rri.load_target(str(tmp_path))).__name__ == "BertLMHeadModel"
+
+
 def _assert_valid_picture(data: bytes, fmt: str) -> None:
     if fmt == "png":
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000

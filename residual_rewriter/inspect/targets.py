@@ -5,7 +5,8 @@ TARGET is one of
 * ``package.module:callable``  — a function returning an ``nn.Module`` or an ``nn.Module`` class
                                  (called with no arguments; dotted attributes like ``mod:Cls.make`` work);
 * a path to a Hugging Face ``config.json`` or a folder holding one — a random-weight model is built
-  from the config (``AutoModelForCausalLM``, else ``AutoModel``); nothing is downloaded.
+  from the config (the class its ``architectures`` names, else ``AutoModelForCausalLM``, else
+  ``AutoModel``); nothing is downloaded.
 
 Every failure is a ``TargetError`` whose message is one line naming the TARGET and what went wrong.
 """
@@ -77,11 +78,12 @@ def _from_hf_config(path: Path) -> nn.Module:
     except Exception as e:
         raise TargetError(f"cannot read a Hugging Face config from {str(config_file)!r}: {type(e).__name__}: {e}") from e
     errors = []
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        try:
-            return auto.from_config(config)  # random weights
+    named = [getattr(transformers, name) for name in (config.architectures or [])[:1] if hasattr(transformers, name)]
+    for cls in (*named, transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:  # the class the config was saved from (BertForMaskedLM, not BertLMHeadModel), random weights
+            return cls(config) if cls in named else cls.from_config(config)
         except Exception as e:  # e.g. ValueError: unrecognized configuration class for this auto class
-            errors.append(f"{auto.__name__}: {type(e).__name__}: {e}".splitlines()[0])
+            errors.append(f"{cls.__name__}: {type(e).__name__}: {e}".splitlines()[0])
     raise TargetError(f"cannot build a model from {str(config_file)!r}: " + "; ".join(errors))
 
 
