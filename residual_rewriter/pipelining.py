@@ -362,10 +362,13 @@ def _stage_class():
                 self.rank_cache.current_mb = None
             # the kept block sums this chunk read (fresh leaves) become inputs of its backward: their
             # gradients come back with the inputs' (both the full and the input-only backward)
-            leaves = self.rank_cache.leaves.get((self.chunk.index, fwd_chunk_id), [])
-            if leaves and fwd_chunk_id in self.fwd_cache:
+            extra = [leaf for leaf, _ in self.rank_cache.leaves.get((self.chunk.index, fwd_chunk_id), [])]
+            states = getattr(self, "_forward_chunk_states", None)  # torch >= 2.15: chunk -> _ForwardChunkState
+            if extra and states is not None and fwd_chunk_id in states:
+                states[fwd_chunk_id].input_values = [*states[fwd_chunk_id].input_values, *extra]
+            elif extra and states is None and fwd_chunk_id in self.fwd_cache:  # torch < 2.15: (outputs, inputs)
                 outputs, inputs = self.fwd_cache[fwd_chunk_id]
-                self.fwd_cache[fwd_chunk_id] = (outputs, [*inputs, *(leaf for leaf, _ in leaves)])
+                self.fwd_cache[fwd_chunk_id] = (outputs, [*inputs, *extra])
             return out
 
         def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
