@@ -534,8 +534,9 @@ class CompiledGraph(NamedTuple):
     code: Callable  # its code, a function of ``self`` = the holder: type(graph_module).forward
 
 
-def _compile(names: list[str], gm: fx.GraphModule, holder: nn.Module) -> CompiledGraph:
-    """The rewritten graph's code, run with the holder as ``self``. Constants the trace stored on its
+def _compile(gm: fx.GraphModule, holder: nn.Module) -> CompiledGraph:
+    """The rewritten graph's code, run with the holder as ``self``, and its arguments' names (its
+    placeholders are named after the call's arguments, in the trace's order). Constants the trace stored on its
     own root (configs, tensor constants) are copied onto the holder under names of their own."""
     renamed = False
     for node in gm.graph.nodes:
@@ -551,6 +552,7 @@ def _compile(names: list[str], gm: fx.GraphModule, holder: nn.Module) -> Compile
             node.target, renamed = name, True
     if renamed:
         gm.recompile()
+    names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
     return CompiledGraph(names, gm, type(gm).forward)
 
 
@@ -568,7 +570,7 @@ class LayerForward:
     conversion's calls are made at conversion, in both modes; another is ``retrace``d on first use."""
 
     def __init__(self, module: nn.Module, plan: Plan, boundary: Optional[LayerBoundary], config, key: tuple,
-                 names: list[str], graph_module: fx.GraphModule, original_graph: fx.Graph, stream_argument: str,
+                 graph_module: fx.GraphModule, original_graph: fx.Graph, stream_argument: str,
                  int_inputs: tuple[str, ...] = ()):
         self.module = module
         self.plan = plan  # the first trace's sites, with their blocks and parameter names: the template
@@ -577,7 +579,7 @@ class LayerForward:
         self.int_inputs = int_inputs
         self.config = config
         # (training, signature key) -> its graph; the first is detection's, in eval mode
-        self.graphs: dict[tuple, CompiledGraph] = {(False, key): _compile(names, graph_module, module)}
+        self.graphs: dict[tuple, CompiledGraph] = {(False, key): _compile(graph_module, module)}
         self.original_graph = original_graph  # the first graph before the rewrite
 
     @property
@@ -679,7 +681,7 @@ class LayerForward:
                 f"rewritten like the call it was converted with ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
                 "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
             ) from exc
-        return _compile(list(bound.names), gm, self.module), traced.captured
+        return _compile(gm, self.module), traced.captured
 
     def __reduce__(self):  # torch.save(model), multiprocessing: passes/graph_pickle.py
         graphs = {key: (g.names, *graph_module_to_pickle(g.graph_module)) for key, g in self.graphs.items()}
@@ -745,8 +747,7 @@ def install(holder: Holder, config) -> None:
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
     module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
-                                  list(holder.bound.names), gm, original, holder.traced.stream_argument,
-                                  holder.traced.int_inputs)
+                                  gm, original, holder.traced.stream_argument, holder.traced.int_inputs)
     for captured in module.forward.add_signature(holder.bound, key):  # the same call in training
         holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
 

@@ -322,25 +322,27 @@ class _WindowedMix(torch.nn.Module):
 
 
 class _IntBlock(torch.nn.Module):
-    """``window`` reaches only a child (graph input), or the layer computes with it too (a constant)."""
+    """``window`` reaches only a child (graph input), or the layer computes with it too (a constant).
+    A tensor argument comes after it: the graph's inputs keep their order."""
 
     def __init__(self, d=16, layer_computes=False):
         super().__init__()
         self.norm, self.mix, self.layer_computes = torch.nn.LayerNorm(d), _WindowedMix(d), layer_computes
 
-    def forward(self, x, window: int = 4):
-        return x + self.mix(self.norm(x), window - 1 if self.layer_computes else window)
+    def forward(self, x, window: int = 4, gain=None):
+        return x + self.mix(self.norm(x) * gain, window - 1 if self.layer_computes else window)
 
 
 class _IntLM(_ScaledLM):
     def __init__(self, layer_computes, d=16, layers=3):
         super().__init__(d, layers)
         self.layers = torch.nn.ModuleList(_IntBlock(d, layer_computes) for _ in range(layers))
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, d))
 
     def forward(self, ids, window=4):
         x = self.emb(ids)
         for layer in self.layers:
-            x = layer(x, window=window)
+            x = layer(x, window, self.gain)
         return self.norm(x)
 
 
@@ -395,8 +397,8 @@ def test_keyword_arguments_in_another_order_run_the_same_graph():
 
 
 class _BranchingBlock(_IntBlock):
-    def forward(self, x, window: int = 4, gate=None):
-        h = self.norm(x)
+    def forward(self, x, window: int = 4, gain=None, gate=None):
+        h = self.norm(x) * gain
         if gate is not None:  # this signature branches on the int the conversion's call only handed on
             for _ in range(window):
                 h = h * gate
@@ -413,7 +415,7 @@ def test_a_new_signature_that_branches_on_an_int_input_is_refused_clearly():
     def forward(ids, gate):
         x = model.emb(ids)
         for layer in model.layers:
-            x = layer(x, window=3, gate=gate)
+            x = layer(x, 3, model.gain, gate=gate)
         return model.norm(x)
 
     with pytest.raises(rr.ConversionError, match=r"_BranchingBlock called with .*gate.*cannot be rewritten.*TypeError: .Proxy."):
