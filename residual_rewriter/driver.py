@@ -346,9 +346,10 @@ def _readers(c: Conversion, last: layerwise.Holder) -> list[str]:
 
 
 def _calls_reading(c: Conversion, last: layerwise.Holder) -> list:
-    """The module calls that read what the last holder returns (the final norm), as observed."""
+    """The module calls that read what the last holder returns (the final norm), as observed; not its
+    own children (an identity tap on the stream's end inside it: hooked, it would be traced again)."""
     outputs = last.call.tensor_outputs()[:1]
-    return [call for call in c.calls if call.order > last.call.order
+    return [call for call in c.calls if call.order > last.call.order and not call.path.startswith(last.path + ".")
             and any(t is o for t in call.tensor_inputs() for o in outputs)]
 
 

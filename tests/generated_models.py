@@ -18,6 +18,7 @@ NORMS = ("layernorm", "layernorm_nobias", "rmsnorm", "custom_rms", "functional_l
 EXTRAS = ("none", "dropout", "scale", "layerscale", "post_norm")
 CONTAINERS = ("modulelist", "sequential", "moduledict")
 READERS = ("norm", "last_token_norm", "mean_norm", "gather_norm", "mean", "conv_neck")
+INT_ARGS = ("none", "child", "layer")
 # models that are not one pre-norm stream
 REFUSE = ("none", "post_norm_block", "probe", "called_twice", "parallel")
 
@@ -39,6 +40,7 @@ class Spec:
     residual_in_child: bool = False  # the sublayer adds the residual itself: x = self.mlp(norm(x), x) (BLOOM)
     token_view: bool = False  # the stream viewed as [B*T, 1, D] after the first sublayer, back at the end (Swin)
     reader: str = "norm"
+    int_arg: str = "none"  # the layers get an int window (from the sequence length) for Mix: "child" hands it on, "layer" computes with it
     refuse: str = "none"
 
     @property
@@ -99,9 +101,10 @@ class Mix(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x):  # [B, T, D]
+    def forward(self, x, window=None):  # [B, T, D]; window: an int, the positions weighted twice
         steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device).view(1, -1, 1)
-        return self.proj(torch.cumsum(x, dim=1) / steps)
+        mixed = torch.cumsum(x, dim=1) / steps
+        return self.proj(mixed if window is None else torch.where(steps <= window, 2 * mixed, mixed))
 
 
 class MLP(nn.Module):
@@ -158,8 +161,9 @@ class Layer(nn.Module):
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gains[name]
         return self.norms[name](x)
 
-    def _branch(self, name: str, h):
-        f = self.branches[name](h)
+    def _branch(self, name: str, h, window=None):
+        takes_window = window is not None and name == "mix" and not self.spec.norm_inside
+        f = self.branches[name](h, window) if takes_window else self.branches[name](h)
         extra = self.spec.extra
         if extra == "dropout":
             f = self.drop(f)
@@ -171,9 +175,11 @@ class Layer(nn.Module):
             f = self.post_norms[name](f)
         return f
 
-    def forward(self, x=None, hidden=None):
+    def forward(self, x=None, window=None, hidden=None):
         x = hidden if x is None else x  # the stream by position or by keyword
         spec = self.spec
+        if window is not None and spec.int_arg == "layer":
+            window = window - 1
         shape = x.shape
         if spec.tap:
             x = self.tap_in(x)
@@ -188,7 +194,7 @@ class Layer(nn.Module):
                 if spec.token_view and i == 0:
                     x = x.reshape(-1, 1, x.shape[-1])
                 continue
-            f = self._branch(name, self._norm(name, x))
+            f = self._branch(name, self._norm(name, x), window)
             if spec.refuse == "parallel" and i == 0:
                 f = f + self.other(self.other_norm(x))  # a second branch reading the same x
             x = x + f if spec.add_order == "x+f" else f + x
@@ -230,8 +236,9 @@ class GeneratedLM(nn.Module):
         if spec.container == "sequential" and not (spec.returns_tuple or spec.by_keyword or spec.refuse == "called_twice"):
             h = self.layers(h)
         else:
+            window = {"window": ids.shape[1] - 2} if spec.int_arg != "none" else {}  # another length: another int
             for i, layer in enumerate(self._layers()):
-                out = layer(hidden=h) if spec.by_keyword else layer(h)
+                out = layer(hidden=h, **window) if spec.by_keyword else layer(h, **window)
                 h = out[0] if spec.returns_tuple else out
                 if spec.refuse == "called_twice" and i == 0:
                     out = layer(h)
@@ -286,6 +293,7 @@ def specs():
             residual_in_child=draw_(st.booleans()),
             token_view=draw_(st.booleans()),
             reader=draw_(st.sampled_from(READERS)),
+            int_arg=draw_(st.sampled_from(INT_ARGS)),
             refuse=draw_(st.sampled_from(REFUSE)) if draw_(st.integers(0, 3)) == 0 else "none",
         )
 

@@ -84,6 +84,11 @@ FOUND = [  # minimal failing examples hypothesis found, kept as regular tests
     Spec(depth=1, width=8, container="sequential", token_view=True),
     Spec(depth=1, width=8, sublayers=("mlp",), norm="inline_rms", token_view=True),
     Spec(depth=1, width=8, residual_in_child=True, token_view=True),
+    # an int only a child reads became a graph input, bound after the stream though the signature has it before
+    Spec(depth=1, width=8, by_keyword=True, int_arg="child"),
+    # the final aggregation's hook went on an identity tap inside the last layer too: hooked, the tap was
+    # kept by the trace of a new signature (a new int), whose sites then differed
+    Spec(depth=1, width=8, sublayers=("mlp",), tap=True, int_arg="layer"),
 ]
 
 
