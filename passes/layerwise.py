@@ -129,8 +129,8 @@ class BoundCall:
 
     @property
     def key(self) -> tuple:
-        """Which graph runs this call, whatever the order of its keyword arguments. Another object (a
-        StaticCache where a DynamicCache was seen) runs the same graph: the trace held it as a proxy."""
+        """Which graph runs this call; ``**kwargs`` in another order are another call (a graph keeps the order
+        it was traced in). Another object (a StaticCache where a DynamicCache was seen) runs the same graph."""
         return self.installed_key("", first=True)
 
     def installed_key(self, stream_argument: str, first: bool) -> tuple:
@@ -139,7 +139,7 @@ class BoundCall:
         kinds = {n: _kind(v) for n, v in zip(self.names, self.values)}
         if stream_argument and not first:
             kinds[stream_argument] = "AttnResState"
-        return tuple(sorted(kinds.items())) + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
+        return tuple(kinds.items()) + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
 
     def with_inputs(self, names: tuple[str, ...]) -> BoundCall:
         """The same call with these constants passed to the graph as arguments."""
@@ -248,14 +248,16 @@ def _capture_layer(module: nn.Module, bound: BoundCall, inline: tuple) -> tuple[
     ints = tuple(n for n, v in bound.constants.items() if type(v) is int)
     if ints:
         as_inputs = bound.with_inputs(ints)
-        try:
-            captured = _capture_call(module, as_inputs, as_inputs.values, opaque_children=True, inline=inline)
+        try:  # in both modes: install traces the training graph from this call too
+            captured = [_capture_call(module, as_inputs, as_inputs.values, opaque_children=True, inline=inline,
+                                      training=training) for training in (False, True)]
         except Exception:  # noqa: BLE001 - e.g. Python control flow on one: traced as constants below
-            captured = None
-        if captured is not None and not captured.opaque_modules:
-            placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder" and n.target in ints]
-            if all(user.op == "call_module" for n in placeholders for user in n.users):
-                return captured, as_inputs, ints
+            captured = []
+        # each read, by children only (an unread one may have been tested in Python: FX records no isinstance)
+        placeholders = [n for c in captured for n in c.graph_module.graph.nodes if n.op == "placeholder" and n.target in ints]
+        if captured and not any(c.opaque_modules for c in captured) and all(
+                n.users and all(u.op == "call_module" for u in n.users) for n in placeholders):
+            return captured[0], as_inputs, ints
     return _capture_call(module, bound, bound.values, opaque_children=True, inline=inline), bound, ()
 
 

@@ -113,7 +113,8 @@ class ConversionReport:
         )
         for st in self.streams:  # block n: its sublayer count and the sources they read (fewest-most)
             per_block = [
-                f"block {n}: {_count(len(c), 'sublayer')}, " + (f"{min(c)}-{max(c)} sources" if max(c) != min(c) else _count(min(c), "source"))
+                f"block {n}: {_count(len(c), 'sublayer')}, "
+                + (f"{min(c)}-{max(c)} sources" if max(c) != min(c) else _count(min(c), "source"))
                 for n, c in _sources_by_block(st).items()
             ]
             lines.append(f"  stream {st.index}: " + "; ".join(per_block))

@@ -81,7 +81,7 @@ def _from_hf_config(path: Path) -> nn.Module:
     named = [getattr(transformers, name) for name in (config.architectures or [])[:1] if hasattr(transformers, name)]
     for cls in (*named, transformers.AutoModelForCausalLM, transformers.AutoModel):
         try:  # the class the config was saved from (BertForMaskedLM, not BertLMHeadModel), random weights
-            return cls(config) if cls in named else cls.from_config(config)
+            return cls._from_config(config) if cls in named else cls.from_config(config)
         except Exception as e:  # e.g. ValueError: unrecognized configuration class for this auto class
             errors.append(f"{cls.__name__}: {type(e).__name__}: {e}".splitlines()[0])
     raise TargetError(f"cannot build a model from {str(config_file)!r}: " + "; ".join(errors))
