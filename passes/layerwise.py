@@ -156,7 +156,7 @@ def _kind(value: Any) -> str:
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict, int_inputs: tuple[str, ...] = ()) -> BoundCall:
     """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included; the
-    ints named in ``int_inputs`` are arguments of the graph, not constants (see ``trace_alone``)."""
+    ints named in ``int_inputs`` are arguments of the graph, not constants (see ``_capture_layer``)."""
     signature = inspect.signature(type(module).forward)
     bound = signature.bind(module, *args, **kwargs)
     bound.apply_defaults()
