@@ -83,7 +83,7 @@ class ConversionReport:
         verb = "converted" if self.converted else "detected (not converted)"
         n_sites = len(self.sites)
         lines.append(
-            f"AttnRes {verb}: {self.model} — {n_sites} residual sublayers in {len(self.streams)} stream(s), "
+            f"AttnRes {verb}: {self.model} — {_count(n_sites, 'residual sublayer')} in {_count(len(self.streams), 'stream')}, "
             f"mixing={self.config.mixing}" + (" (exact at init)" if self.config.mixing == "sum" else " (paper's average)")
         )
         if self.holders:
@@ -107,7 +107,7 @@ class ConversionReport:
             lines.append(f"\nnew parameters: {len(self.new_parameters)} tensors, {total:,} values (queries + key-norm gains)")
         t = self.totals()
         lines.append(
-            f"totals: {t['sites']} sites in {t['blocks']} blocks ({t['streams']} stream(s)), {t['aggregations']} "
+            f"totals: {t['sites']} sites in {t['blocks']} blocks ({_count(t['streams'], 'stream')}), {t['aggregations']} "
             f"aggregations reading up to {t['max_sources']} sources, "
             f"{t['new_parameters']:,} new parameter values" + ("" if self.converted else " (once converted)")
         )

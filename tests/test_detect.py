@@ -37,6 +37,7 @@ def test_gpt_sites_in_depth_order():
 def test_the_report_counts_in_words():
     text = str(rr.detect(make_gpt(n_layer=1), block_size=1))
     assert "block 1: 1 sublayer, 1 source; block 2: 1 sublayer, 2 sources" in text, text
+    assert "GPT — 2 residual sublayers in 1 stream," in text and "(1 stream)," in text, text
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2"])
