@@ -408,21 +408,6 @@ class _ClampedInTraining(_IntBlock):
         return x + self.mix(self.norm(x) * gain, window)
 
 
-def test_an_int_the_training_graph_branches_on_stays_a_constant():
-    """Whether an int is a graph input is decided in both modes: install traces the training graph from
-    the same call (seen refused at conversion, where the int was decided on the eval graph alone)."""
-    torch.manual_seed(0)
-    model = _IntLM(layer_computes=False).double()
-    model.layers = torch.nn.ModuleList(_ClampedInTraining().double() for _ in range(3))
-    original = copy.deepcopy(model)
-    ids = torch.randint(0, 50, (2, 5))
-    rr.convert_(model, example_inputs=(ids,), block_size=1)
-    assert model.layers[0].forward.int_inputs == ()
-    with torch.no_grad():
-        for window in (4, 12):
-            assert rel_err(model.train()(ids, window=window), original.train()(ids, window=window)) <= 1e-12
-
-
 class _BranchingBlock(_IntBlock):
     def forward(self, x, window: int = 4, gain=None, gate=None):
         h = self.norm(x) * gain
@@ -456,16 +441,21 @@ class _DefaultedInt(_IntBlock):
         return x + self.mix(self.norm(x) * gain, window)
 
 
-def test_an_int_the_graph_does_not_read_stays_a_constant():
-    """An int input with no reader in the graph may have been read by Python that FX does not record:
-    it stays a constant (seen silently wrong: the graph ignored every window but the default)."""
+@pytest.mark.parametrize("block, training", [(_ClampedInTraining, True), (_DefaultedInt, False)],
+                         ids=["training-branches-on-it", "unread"])
+def test_an_int_a_graph_branches_on_or_does_not_read_stays_a_constant(block, training):
+    """Whether an int is a graph input is decided in both modes: install traces the training graph from
+    the same call (seen refused at conversion, where the int was decided on the eval graph alone). An int
+    input with no reader in the graph may have been read by Python that FX does not record (seen silently
+    wrong: the graph ignored every window but the default)."""
     torch.manual_seed(0)
     model = _IntLM(layer_computes=False).double()
-    model.layers = torch.nn.ModuleList(_DefaultedInt().double() for _ in range(3))
+    model.layers = torch.nn.ModuleList(block().double() for _ in range(3))
     original = copy.deepcopy(model)
     ids = torch.randint(0, 50, (2, 5))
     rr.convert_(model, example_inputs=(ids,), block_size=1)
     assert model.layers[0].forward.int_inputs == ()
     with torch.no_grad():
         for window in (4, 12):
-            assert rel_err(model(ids, window=window), original(ids, window=window)) <= 1e-12
+            got = model.train(training)(ids, window=window)
+            assert rel_err(got, original.train(training)(ids, window=window)) <= 1e-12
