@@ -142,8 +142,11 @@ class BoundCall:
         return tuple(kinds.items()) + tuple(sorted((k, repr(v)) for k, v in self.constants.items()))
 
     def with_inputs(self, names: tuple[str, ...]) -> BoundCall:
-        """The same call with these constants passed to the graph as arguments."""
-        moved = [n for n in self.constants if n in names]
+        """The same call with these ints passed to the graph as arguments, after the others (a value that is
+        not an int, ``None``, stays a constant: another signature). See ``_capture_layer``."""
+        moved = [n for n, v in self.constants.items() if n in names and type(v) is int]
+        if not moved:
+            return self
         return BoundCall(self.names + moved, self.values + [self.constants[n] for n in moved],
                          {n: v for n, v in self.constants.items() if n not in moved})
 
@@ -154,9 +157,8 @@ def _kind(value: Any) -> str:
     return type(value).__name__ if isinstance(value, (tuple, list, dict, AttnResState)) else "object"
 
 
-def bind_call(module: nn.Module, args: tuple, kwargs: dict, int_inputs: tuple[str, ...] = ()) -> BoundCall:
-    """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included; the
-    ints named in ``int_inputs`` are arguments of the graph, not constants (see ``_capture_layer``)."""
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall:
+    """``module(*args, **kwargs)`` as named arguments of its class's forward, defaults included."""
     signature = inspect.signature(type(module).forward)
     bound = signature.bind(module, *args, **kwargs)
     bound.apply_defaults()
@@ -169,7 +171,7 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict, int_inputs: tuple[st
             continue
         items = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
         for n, v in items:
-            if is_constant(v) and not (n in int_inputs and type(v) is int):
+            if is_constant(v):
                 constants[n] = v
             else:
                 names.append(n)
@@ -185,7 +187,7 @@ class Traced:
     plan: Plan  # one stream, end = the output; blocks not yet assigned
     stream_argument: str
     starts_inside: bool = False  # the source is a node computed from the stream argument, not it
-    int_inputs: tuple[str, ...] = ()  # int arguments passed to the graph, not specialised (bind_call)
+    int_inputs: tuple[str, ...] = ()  # int arguments passed to the graph, not specialised (with_inputs)
 
 
 def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_children: bool, inline=(),
@@ -389,7 +391,7 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
             continue
         try:
             traced = _trace_holder(call, candidates)
-            bound = bind_call(call.module, call.args, call.kwargs, traced.int_inputs)
+            bound = bind_call(call.module, call.args, call.kwargs).with_inputs(traced.int_inputs)
         except Exception as exc:  # noqa: BLE001 - "not a holder", with the reason kept for the report
             found.not_holders.setdefault(call.path, _short_reason(exc))
             continue
@@ -590,7 +592,7 @@ class LayerForward:
         return next(iter(self.graphs.values())).graph_module
 
     def __call__(self, *args, **kwargs):
-        bound = bind_call(self.module, args, kwargs, self.int_inputs)
+        bound = bind_call(self.module, args, kwargs).with_inputs(self.int_inputs)
         if self.boundary is not None and not self.boundary.first:  # (the graph aligns a state: state.aligned)
             i = bound.names.index(self.stream_argument)
             if isinstance(bound.values[i], torch.Tensor):  # every layer before was skipped (LayerDrop): b_0 itself

@@ -122,7 +122,7 @@ def prepare_other_signatures(c: Conversion) -> None:
         for call in calls:
             holder = holders.get(id(call.module))
             if holder is not None:
-                bound = layerwise.bind_call(call.module, call.args, call.kwargs, holder.traced.int_inputs)
+                bound = layerwise.bind_call(call.module, call.args, call.kwargs).with_inputs(holder.traced.int_inputs)
                 c.other_calls.append((holder, bound, modes))
 
 
