@@ -408,6 +408,24 @@ def find_holders(model: nn.Module, calls: list[ModuleCall], filter_fn: Optional[
     return found
 
 
+def _forward_slot(module: nn.Module) -> str:
+    """The instance attribute the module's call runs as its own forward: ``forward``, or ``_old_forward``
+    under an accelerate hook (``device_map``, ``cpu_offload``), whose wrapper is ``forward`` and calls it.
+    The converted forward goes in that slot: the hook keeps running around it."""
+    return "_old_forward" if "_old_forward" in module.__dict__ and hasattr(module, "_hf_hook") else "forward"
+
+
+def _check_forward_is_the_class_forward(path: str, module: nn.Module) -> None:
+    """Conversion rewrites the class's forward: one replaced on the instance (a patch) would be dropped."""
+    own = module.__dict__.get(_forward_slot(module))
+    if own is not None and getattr(own, "__func__", None) is not type(module).forward:
+        raise ConversionError(
+            f"{path or 'the model'} ({type(module).__name__}) holds residual adds, and its forward is replaced on the instance "
+            f"({getattr(own, '__qualname__', type(own).__name__)}): the conversion rewrites {type(module).__name__}.forward "
+            "and would drop that replacement. Convert the model before patching its layers' forward."
+        )
+
+
 def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
     """``trace_alone``; where that fails or the stream starts inside, again with the children that take
     the stream and hold a norm traced into: Megatron-BERT's attention child adds the attention's residual
@@ -744,15 +762,17 @@ def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, c
 def install(holder: Holder, config) -> None:
     """Rewrite ``holder``'s graph and make it the module's forward (parameters in ``module.attn_res``)."""
     module = holder.module
+    _check_forward_is_the_class_forward(holder.path, module)
     if hasattr(module, "attn_res"):
         raise ConversionError(f"{holder.path} already has an attribute named attn_res: is it converted already?")
     module.attn_res = AttnResParameters()
     original = copy.deepcopy(holder.traced.captured.graph_module.graph)  # for before/after views
     gm = rewrite_holder(module, holder.traced, holder.boundary, config)
     key = holder.bound.installed_key(holder.traced.stream_argument, holder.boundary is None or holder.boundary.first)
-    module.forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
-                                  gm, original, holder.traced.stream_argument, holder.traced.int_inputs)
-    for captured in module.forward.add_signature(holder.bound, key):  # the same call in training
+    forward = LayerForward(module, copy.deepcopy(holder.traced.plan), holder.boundary, config, key,
+                           gm, original, holder.traced.stream_argument, holder.traced.int_inputs)
+    module.__dict__[_forward_slot(module)] = forward
+    for captured in forward.add_signature(holder.bound, key):  # the same call in training
         holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
 
 
@@ -768,7 +788,7 @@ class FinalAggregation:
     def final(self, value):
         if not isinstance(value, AttnResState):
             return value
-        stream = self.last.forward.plan.streams[0]
+        stream = installed_forward(self.last).plan.streams[0]
         params = operator.attrgetter(stream.final_param_prefix)(self.last)  # now: PEFT may have wrapped attn_res since
         blocks = list(aligned(value, stream.num_blocks + 1, False).blocks)
         scale = float(len(blocks)) if self.config.mixing == "sum" else 1.0
@@ -781,15 +801,24 @@ class FinalAggregation:
         return None
 
 
-def installed_forwards(model: nn.Module) -> list[tuple[str, "LayerForward"]]:
+def installed_forward(module: nn.Module) -> Optional[LayerForward]:
+    forward = module.__dict__.get(_forward_slot(module))
+    return forward if isinstance(forward, LayerForward) else None
+
+
+def installed_forwards(model: nn.Module) -> list[tuple[str, LayerForward]]:
     """``(path, forward)`` of every rewritten module of a converted model, in module order."""
-    return [(path, m.__dict__["forward"]) for path, m in model.named_modules() if isinstance(m.__dict__.get("forward"), LayerForward)]
+    return [(path, f) for path, m in model.named_modules() if (f := installed_forward(m)) is not None]
 
 
 def uninstall(module: nn.Module) -> None:
-    """Undo ``install`` (a failed conversion leaves the model as it was)."""
-    module.__dict__.pop("forward", None)
-    if "attn_res" in module._modules:
+    """Undo what ``install`` made, and only that (a failed conversion leaves the model as it was; an
+    accelerate hook's wrapper calls the class's forward again)."""
+    if installed_forward(module) is not None and _forward_slot(module) == "forward":
+        del module.__dict__["forward"]
+    elif installed_forward(module) is not None:  # the class's forward, as the check before install found it
+        module._old_forward = type(module).forward.__get__(module)
+    if isinstance(module._modules.get("attn_res"), AttnResParameters):
         del module._modules["attn_res"]
     for table in (module.__dict__, module._buffers):  # the constants _compile copied onto the holder
         for name in [k for k in table if k.startswith("_rr_constant_")]:

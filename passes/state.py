@@ -9,8 +9,8 @@ and everything after it run unchanged.
 It is a dataclass registered with ``torch.utils._pytree``, so DDP, FSDP2's input casting,
 activation checkpointing and ``torch.compile`` see its tensors. It is deliberately not a tuple:
 Hugging Face's output recorders take ``output[0]`` of a layer returning a tuple. Code that transforms
-the stream between layers (``hidden_states * 2``, ``.to(device)``) fails on it loudly rather than
-computing something else.
+the stream between layers (``hidden_states * 2``, ``.to(dtype)``) fails on it loudly rather than
+computing something else; ``.to(device)`` moves it.
 """
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ class AttnResState:
     @property
     def device(self) -> torch.device:
         return self.blocks[0].device
+
+    def to(self, *args, **kwargs) -> AttnResState:
+        """The state on another device (accelerate's hooks move a layer's inputs there: ``device_map``). A cast
+        to another dtype is refused: cast block by block, the stream would not round as the original's does."""
+        moved = [None if t is None else t.to(*args, **kwargs) for t in (*self.blocks, self.partial)]
+        if moved[0].dtype != self.dtype:
+            raise TypeError(f"AttnResState.to casts the residual stream to {moved[0].dtype}: {_NOT_A_TENSOR}")
+        return AttnResState(tuple(moved[:-1]), moved[-1])
 
     def __getattr__(self, name: str):  # a name it lacks: a hook or the model's code took it for the hidden states
         if name.startswith("__"):

@@ -134,7 +134,7 @@ def install(c: Conversion) -> None:
         layerwise.install(holder, c.config)
     for holder, bound, modes in c.other_calls:
         key = bound.installed_key(holder.traced.stream_argument, holder.boundary.first)
-        holder.module.forward.add_signature(bound, key, modes)
+        layerwise.installed_forward(holder.module).add_signature(bound, key, modes)
 
 
 def verify(c: Conversion) -> None:

@@ -526,6 +526,96 @@ def test_peft_lora_trains_and_saves_the_attnres_parameters(tmp_path):
     assert not any("attn_res" in n for n, _ in lora_first.named_parameters())
 
 
+def _dispatched(model):
+    """``model`` under accelerate's device hooks, as ``from_pretrained(device_map=...)`` leaves a model spread
+    over devices: each module's ``forward`` is accelerate's wrapper around ``_old_forward``. On the CPU here
+    (``force_hooks``): the hooks run and move every input to their one device."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, {name: "cpu" for name, _ in model.named_children()}, force_hooks=True)
+
+
+@pytest.mark.parametrize("order", ["dispatch, then convert", "convert, then dispatch"])
+def test_accelerate_device_hooks_keep_running_around_the_converted_layers(order, monkeypatch):
+    """A model loaded with a ``device_map`` carries accelerate's hooks; the converted forward goes where the
+    hook calls it (``_old_forward``), so the hooks still move each layer's inputs, the AttnRes state
+    included (``AttnResState.to``), and outputs and gradients equal an undispatched conversion's."""
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import AlignDevicesHook
+    from residual_rewriter.passes.layerwise import installed_forwards
+    from residual_rewriter.passes.state import AttnResState
+
+    base = make_architecture("llama")
+    plain, hooked = copy.deepcopy(base), copy.deepcopy(base)
+    rr.convert_(plain, num_blocks=2)
+    if order == "dispatch, then convert":
+        rr.convert_(_dispatched(hooked), num_blocks=2)
+    else:
+        _dispatched(rr.convert_(hooked, num_blocks=2))
+    layers = list(hooked.model.layers)
+    assert [p for p, _ in installed_forwards(hooked)] == ["model.layers.0", "model.layers.1"]
+    assert all(type(layer.forward).__name__ == "partial" for layer in layers)  # accelerate's wrapper, kept
+    _randomize(plain), _randomize(hooked)
+    hooked_layers, states_moved = [], []
+    pre_forward, to = AlignDevicesHook.pre_forward, AttnResState.to
+    monkeypatch.setattr(AlignDevicesHook, "pre_forward",
+                        lambda self, module, *a, **k: (hooked_layers.append(module), pre_forward(self, module, *a, **k))[1])
+    monkeypatch.setattr(AttnResState, "to", lambda self, *a, **k: (states_moved.append(a), to(self, *a, **k))[1])
+    inputs = _inputs(plain)
+    outputs = [m.train()(**inputs, labels=inputs["input_ids"]) for m in (plain, hooked)]
+    assert [m for m in hooked_layers if m in layers] == layers and states_moved  # the hooks ran; they moved the state
+    assert oracle_err(outputs[1].logits, outputs[0].logits) <= 1e-12
+    for out in outputs:
+        out.loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters()} for m in (plain, hooked)]
+    assert grads[0].keys() == grads[1].keys()
+    assert all(oracle_err(grads[1][n], g) <= 1e-10 for n, g in grads[0].items())
+
+
+def test_detect_and_refused_conversions_leave_hooks_patches_and_attributes_alone():
+    """``detect`` converts and rolls back: accelerate's wrappers stay as they were. A layer whose forward the
+    user replaced on the instance is refused (the rewrite of its class's forward would drop the patch), and
+    so is one with an ``attn_res`` of its own: each left exactly as it was."""
+    pytest.importorskip("accelerate")
+    model = _dispatched(make_architecture("llama"))
+    wrappers = [(vars(m).get("forward"), vars(m).get("_old_forward")) for m in model.modules()]
+    inputs = _inputs(model)
+    with torch.no_grad():
+        before = _key_output(model(**inputs))
+    rr.detect(model)
+    assert [(vars(m).get("forward"), vars(m).get("_old_forward")) for m in model.modules()] == wrappers
+    with torch.no_grad():
+        assert torch.equal(_key_output(model(**inputs)), before)
+
+    patched = make_architecture("llama")
+    layer = patched.model.layers[1]
+    layer.forward = patch = lambda *args, **kwargs: type(layer).forward(layer, *args, **kwargs)  # noqa: E731
+    with pytest.raises(rr.ConversionError, match=r"model.layers.1 \(LlamaDecoderLayer\).*forward is replaced on the instance"):
+        rr.convert_(patched)
+    assert vars(layer)["forward"] is patch and not any("forward" in vars(m) for m in patched.model.layers[:1])
+    assert not any(hasattr(m, "attn_res") for m in patched.modules())
+
+    own = make_architecture("llama")
+    own.model.layers[1].attn_res = mine = torch.nn.Linear(2, 2)
+    with pytest.raises(rr.ConversionError, match="already has an attribute named attn_res"):
+        rr.convert_(own)
+    assert own.model.layers[1].attn_res is mine and not hasattr(own.model.layers[0], "attn_res")
+
+
+def test_the_state_moves_to_a_device_and_refuses_a_dtype_cast():
+    """``.to(device)`` (accelerate's hooks, a model's own ``hidden_states.to(device)``) moves every tensor;
+    a cast to another dtype would round the blocks one by one, not the sum as the original does."""
+    from residual_rewriter.passes.state import AttnResState
+
+    state = AttnResState((torch.ones(2, 3), torch.full((2, 3), 2.0)), torch.full((2, 3), 3.0))
+    moved = state.to("meta", non_blocking=True)
+    assert [t.device.type for t in (*moved.blocks, moved.partial)] == ["meta"] * 3
+    assert state.to(torch.float32) is not state and torch.equal(state.to("cpu").residual_sum(), state.residual_sum())
+    assert AttnResState((torch.ones(2),), None).to("meta").partial is None
+    with pytest.raises(TypeError, match="AttnResState.to casts the residual stream to torch.float64"):
+        state.to(torch.float64)
+
+
 def test_hugging_face_trainer_trains_and_checkpoints(tmp_path):
     """The Trainer loop (its own loss, optimizer, checkpoint saving) on a model converted in place."""
     transformers = pytest.importorskip("transformers")
