@@ -143,7 +143,7 @@ def conversion_boundary(model: nn.Module, run_model: Callable[[], object]) -> It
     inputs: when that fails too, the model itself is at fault and the message says so."""
     try:
         yield
-    except ConversionError:
+    except (ConversionError, Warning):  # a warning is an error only where the user made it one (-W error)
         raise
     except Exception as exc:  # noqa: BLE001 - every other failure is reported as a ConversionError
         try:

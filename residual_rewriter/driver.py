@@ -51,6 +51,7 @@ class Conversion:
     mode_reason: str = ""  # why the layers could not be the holders
     other_calls: list = field(default_factory=list)  # (holder, BoundCall, modes): HF calls prepared at conversion
     installed: list[layerwise.Holder] = field(default_factory=list)
+    hooks: list = field(default_factory=list)  # finish: the handles of the hooks it registers
     detect_only: bool = False  # detect(): converted, verified and rolled back
 
     @property
@@ -169,11 +170,11 @@ def finish(c: Conversion) -> ConversionReport:
     if c.mode == IN_PLACE:  # output_hidden_states: tensors, not states; on the model and the Hugging Face
         for path in _ancestors([h.path for h in c.holders]):  # models in it (not T5Block: it hands states on)
             if path == "" or hf.is_hf_model(model.get_submodule(path)):
-                model.get_submodule(path).register_forward_hook(states_in_output_to_tensors)
+                c.hooks.append(model.get_submodule(path).register_forward_hook(states_in_output_to_tensors))
         for chain in c.streams:  # the final aggregation where the model skipped the stream's last layers
             hook = layerwise.FinalAggregation(chain[-1].module, c.config)
             for call in _calls_reading(c, chain[-1]):
-                call.module.register_forward_pre_hook(hook, with_kwargs=True)
+                c.hooks.append(call.module.register_forward_pre_hook(hook, with_kwargs=True))
     report = make_report(c, converted=True)
     _warn_lost_in_tracing(report)
     return report
@@ -193,30 +194,34 @@ def run(c: Conversion, *, keep: bool = True) -> ConversionReport:
         for step in FIND_STEPS:
             step(c)
         try:
-            _convert(c)
+            return _convert(c)
         except layerwise.NotLayerwise as exc:  # the model's own code reads the stream between layers
             _model_as_holder(c, str(exc))
-            _convert(c)
-        if not keep:
-            rollback(c)
-            return make_report(c, converted=False)
-        return finish(c)
+            return _convert(c)
 
 
-def _convert(c: Conversion) -> None:
+def _convert(c: Conversion) -> ConversionReport:
+    """The convert steps and ``finish``, rolled back if any fails (a warning turned into an error too);
+    for ``detect``, rolled back once verified."""
     try:
         for step in CONVERT_STEPS:
             step(c)
+        if not c.detect_only:
+            return finish(c)
     except BaseException:
         rollback(c)
         raise
+    rollback(c)
+    return make_report(c, converted=False)
 
 
 def rollback(c: Conversion) -> None:
-    """Undo every install: the model's forwards and attributes are its own again (hooks come after, in finish)."""
+    """Undo every install and hook: the model's forwards and attributes are its own again."""
+    for handle in c.hooks:
+        handle.remove()
     for holder in reversed(c.installed):
         layerwise.uninstall(holder.module)
-    c.installed, c.other_calls = [], []
+    c.installed, c.other_calls, c.hooks = [], [], []
 
 
 def _run_original(c: Conversion) -> Any:

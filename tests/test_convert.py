@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -463,6 +464,33 @@ def test_hooks_inside_a_model_converted_as_one_holder_are_reported():
         conv = rr.convert(model, torch.randn(2, 5, 12, dtype=torch.float64))
     assert conv.attn_res_report.mode == "in place, the model as one holder"
     assert conv.attn_res_report.hooks_not_called == ["mlps.1"] and "NOT called" in str(conv.attn_res_report)
+
+
+def _hooks_and_forwards(model):
+    return [(path, vars(m).get("forward"), dict(m._forward_hooks), dict(m._forward_pre_hooks), hasattr(m, "attn_res"))
+            for path, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("failure", ["warnings are errors", "the report fails"])
+def test_a_conversion_failing_in_its_last_step_is_rolled_back(failure, monkeypatch):
+    """``finish`` (the hooks on the stream's end and the hidden states, the report, its warnings) runs after
+    the forwards are installed: when it fails, they and its hooks are rolled back too. Under ``-W error``
+    the warning itself is raised, not wrapped."""
+    if failure == "warnings are errors":  # the model as one holder, a hook inside it: finish warns
+        model = AddsInItsOwnForward().double()
+        model.mlps[1].register_forward_hook(lambda *a: None)
+        x = torch.randn(2, 5, 12, dtype=torch.float64)
+        expected = pytest.raises(UserWarning, match="NOT called")
+    else:  # layer by layer: finish hooks the final norm and the model before the report
+        model, (x,) = make_gpt(), make_gpt().example_inputs()
+        monkeypatch.setattr("residual_rewriter.driver.make_report", lambda *a, **k: 1 / 0)
+        expected = pytest.raises(rr.ConversionError, match="ZeroDivisionError")
+    before, want = _hooks_and_forwards(model), model(x)
+    with warnings.catch_warnings(), expected:
+        warnings.simplefilter("error")
+        rr.convert_(model, example_inputs=(x,))
+    assert _hooks_and_forwards(model) == before and not hasattr(model, "attn_res_report")
+    assert torch.equal(model(x), want)
 
 
 def _gradient_penalty(model, x, names):
