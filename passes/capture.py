@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
+from .errors import ConversionError, first_line, frame_location, is_user_code, module_in_traceback, tb_location
 from .rewrite import in_stream_dtype
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
@@ -64,6 +64,7 @@ class ResidualTracer(fx.Tracer):
         modules = [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(_autowrap_candidates(modules)))
         self._autowrap_search.extend(modules)
+        self.proxy_buffer_attributes = True  # a forward's in-place buffer update (a step count) is in the graph
         self.example_inputs = example_inputs
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.inline = set(inline)  # ... but these, which hold a residual add of the root's stream
@@ -108,7 +109,7 @@ class ResidualTracer(fx.Tracer):
         graph.output(env[node])
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run for real, not traced
 
-        with _maybe_revert_all_patches(), torch.no_grad():
+        with _maybe_revert_all_patches(), torch.no_grad(), torch.random.fork_rng(devices=[]):  # (a dropout in it draws)
             gm = fx.GraphModule(self.root, graph)
             with in_mode(gm, False):  # no BatchNorm statistics update, no dropout: must not touch the model
                 return gm(*self.example_inputs)
@@ -339,10 +340,12 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
     """
     tracer = ResidualTracer(model, tuple(example_inputs), opaque_children=opaque_children, inline=tuple(inline),
                             opaque=opaque or {}, opaque_if_reads_training=opaque_if_reads_training)
-    with in_mode(model, training), attributes_restored(model):
+    with in_mode(model, training), state_restored(model):
         root = _make_root(model, input_names, call)
+        scalars, rng = _python_scalars(model), torch.get_rng_state()
         with _traceable_size_varargs(), _recording_checkpoints(tracer):
             gm = fx.GraphModule(root, tracer.trace(root), class_name=type(model).__name__ + "Graph")
+        _refuse_what_the_graph_cannot_repeat(model, scalars, rng)
     for node in gm.graph.nodes:  # a child named `self` (Megatron-BERT's attention) would shadow the code's `self`
         if node.name == "self":
             node._rename("self_")
@@ -352,6 +355,27 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
         gm, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
         sorted(set(tracer.checkpoint_calls)), sorted(set(hooked)),
     )
+
+
+def _python_scalars(model: nn.Module) -> dict:
+    return {(path, k): v for path, m in model.named_modules() for k, v in vars(m).items() if type(v) in (bool, int, float)}
+
+
+def _refuse_what_the_graph_cannot_repeat(model: nn.Module, scalars: dict, rng: torch.Tensor) -> None:
+    """The trace ran the model's Python for real: what it did there beside the tensor math is not in the
+    graph, which would never do it again (silently wrong): a Python attribute changed (a call counter), a
+    random draw from no traced value (``torch.rand(())``: the graph would replay this one draw)."""
+    changed = [f"{path or 'self'}.{k} ({v} -> {vars(model.get_submodule(path)).get(k)})"
+               for (path, k), v in scalars.items() if vars(model.get_submodule(path)).get(k) != v]
+    if changed:
+        raise ConversionError(f"{type(model).__name__}'s forward changes {', '.join(changed[:3])} while it runs: a traced "
+                              "graph cannot repeat Python state changes, and the converted model would stop making them")
+    if not torch.equal(torch.get_rng_state(), rng):
+        torch.set_rng_state(rng)
+        raise ConversionError(f"{type(model).__name__}'s forward draws random numbers that no traced value feeds "
+                              "(e.g. torch.rand(()) for stochastic depth): the converted graph would replay one draw on "
+                              "every call. Draw from a tensor of the stream instead (torch.rand_like(x[..., :1]), "
+                              "x.new_empty(...).bernoulli_(p)).")
 
 
 @contextlib.contextmanager
@@ -367,12 +391,14 @@ def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` for our own purposes (observing, tracing, verifying) without changing its state:
-    buffers such as a KV cache position (torchtune) get their values back afterwards."""
+def state_restored(module: nn.Module) -> Iterator[None]:
+    """Run or trace ``module`` for our own purposes (observing, tracing, verifying) without changing its
+    state: its buffers' values (a KV cache position: torchtune) and its modules' attributes (a Python
+    counter, a reassigned buffer, a cache filled while traced) are put back afterwards."""
     saved = [(b, b.detach().clone()) for b in module.buffers()]
     try:
-        yield
+        with attributes_restored(module):
+            yield
     finally:
         with torch.no_grad():
             for buffer, value in saved:
@@ -381,9 +407,9 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def attributes_restored(model: nn.Module) -> Iterator[None]:
-    """Trace ``model`` without keeping what its Python code stores on its modules while traced: a
-    forward that caches a tensor in a dict attribute (LeViT's ``attention_bias_cache``) would keep a
-    proxy of this trace there, and the next trace, or the user's next forward, would read it."""
+    """What ``model``'s Python code stores on its modules is not kept: a forward that caches a tensor in a
+    dict attribute while traced (LeViT's ``attention_bias_cache``) would keep a proxy of this trace there,
+    and the next trace, or the user's next forward, would read it."""
     saved = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in (dict, list, set)})
              for m in model.modules()]
     try:

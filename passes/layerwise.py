@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from .capture import Captured, buffers_restored, capture, has_hooks, in_mode, is_opaque_by_class
+from .capture import Captured, capture, has_hooks, in_mode, is_opaque_by_class, state_restored
 from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
 from .errors import ConversionError
 from .graph_pickle import graph_module_to_pickle, graph_to_pickle, unpickled_graph, unpickled_graph_module
@@ -105,7 +105,7 @@ def observe_calls(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
         inputs, kwargs = detached_copy([inputs, kwargs or {}])
-        with in_mode(model, False), buffers_restored(model), torch.no_grad():
+        with in_mode(model, False), state_restored(model), torch.no_grad():
             output = model(*inputs, **kwargs)
     finally:
         for handle in handles:
@@ -213,7 +213,7 @@ def _capture_call(module: nn.Module, bound: BoundCall, values: list, *, opaque_c
 def _detect(module: nn.Module, bound: BoundCall, captured: Captured, **options) -> tuple[dict, Plan]:
     # running the module must not change it: a KV cache passed in is copied, one held in its buffers
     # (torchtune's cache_pos) restored; detection's norm probes run nodes again too
-    with in_mode(module, False), buffers_restored(module):
+    with in_mode(module, False), state_restored(module):
         splits = split_residual_children(captured.graph_module, detached_copy(bound.values))
         values = record_values(captured.graph_module, detached_copy(bound.values))
         plan = build_plan(captured.graph_module, values, opaque_modules=captured.opaque_modules, **options)
@@ -774,6 +774,7 @@ def install(holder: Holder, config) -> None:
     module.__dict__[_forward_slot(module)] = forward
     for captured in forward.add_signature(holder.bound, key):  # the same call in training
         holder.traced.captured.checkpoint_calls += captured.checkpoint_calls
+    module.attn_res.train(module.training)  # the queries the rewrite made, in the holder's mode
 
 
 class FinalAggregation:

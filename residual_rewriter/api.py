@@ -68,8 +68,11 @@ def convert_(
     report = driver.run(driver.Conversion(model, config, args, kwargs, filter_fn, verify=verify))
     model.attn_res_report = report
     if hf.is_hf_model(model):  # save_pretrained records it; residual_rewriter.from_pretrained restores it
-        model.config = copy.copy(model.config)  # in a copy: other models may share the config object
+        shared, model.config = model.config, copy.copy(model.config)  # a copy: other models may share the object
         model.config.residual_rewriter = {**dataclasses.asdict(config), "mode": "in_place"}
+        for module in model.modules():  # the model's own modules read the copy: `model.config.use_cache = False` reaches them
+            if vars(module).get("config") is shared:
+                module.config = model.config
         model.save_pretrained = functools.partial(checkpoint.save_pretrained, model)  # (a bound method pickles as the class's)
     return model
 
@@ -176,6 +179,9 @@ def _check_not_converted(model: nn.Module) -> None:
 
 
 def _check_not_meta(model: nn.Module) -> None:
+    if torch.get_default_device().type == "meta":
+        raise ConversionError("residual_rewriter is called under torch.device('meta'), where the example inputs and the "
+                              "AttnRes parameters would have no data: call it outside that context")
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     on_meta = [n for n, t in tensors if t.is_meta]
     if not on_meta:

@@ -23,7 +23,7 @@ from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes import layerwise
 from residual_rewriter.passes.errors import (ConversionError, GraphRunError, conversion_boundary, conversion_failed_message,
                                              first_line)
-from residual_rewriter.passes.capture import buffers_restored, in_mode
+from residual_rewriter.passes.capture import in_mode, state_restored
 from residual_rewriter.passes.layerwise import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
@@ -190,7 +190,8 @@ def run(c: Conversion, *, keep: bool = True) -> ConversionReport:
     was. ``keep=False`` (``detect``) converts, verifies and rolls back: what it reports is exactly
     what ``convert_`` would do, fallbacks included."""
     c.detect_only = not keep
-    with conversion_boundary(c.model, lambda: _run_original(c)):
+    # (under torch.inference_mode() the new parameters would be inference tensors: never trainable)
+    with conversion_boundary(c.model, lambda: _run_original(c)), torch.inference_mode(False):
         for step in FIND_STEPS:
             step(c)
         try:
@@ -226,7 +227,7 @@ def rollback(c: Conversion) -> None:
 
 def _run_original(c: Conversion) -> Any:
     """The model on the example call, as observed (eval, no grad, buffers restored)."""
-    with in_mode(c.model, False), torch.no_grad(), buffers_restored(c.model):
+    with in_mode(c.model, False), torch.no_grad(), state_restored(c.model):
         args, kwargs = layerwise.detached_copy([c.args, c.kwargs])  # as observe ran it: on a copy
         return c.model(*args, **kwargs)
 
@@ -292,7 +293,9 @@ def make_report(c: Conversion, *, converted: bool) -> ConversionReport:
         holders=[h.path for h in c.holders],
         # the model as holder runs its children inline: checkpoint calls and hooks inside them are lost
         checkpoint_dropped=sorted({p for cap in captured for p in cap.checkpoint_calls}) if whole else [],
-        hooks_not_called=[p for cap in captured for p in cap.hooked_inlined if p] if whole else [],
+        # ... or, layer by layer, backward hooks on a layer that takes or returns a state (torch calls them around tensors only)
+        hooks_not_called=[p for cap in captured for p in cap.hooked_inlined if p] if whole else [
+            h.path for chain in c.streams if len(chain) > 1 for h in chain if h.module._backward_hooks or h.module._backward_pre_hooks],
     )
 
 
@@ -302,14 +305,15 @@ def _warn_lost_in_tracing(report: ConversionReport) -> None:
             f"residual_rewriter: {', '.join(map(module_label, report.checkpoint_dropped))} call torch.utils.checkpoint "
             f"in their forward, which the converted {report.model} runs inline (converted as one holder: "
             f"{report.mode_reason.splitlines()[0]}): it does NOT checkpoint there (more activation memory).",
-            UserWarning, stacklevel=4,
+            UserWarning, stacklevel=5,
         )
     if report.hooks_not_called:
+        why = ("converted as one holder, it runs those modules' forward inline" if report.mode == WHOLE_MODEL else
+               "those layers take or return an AttnResState, and torch calls backward hooks around tensors only")
         warnings.warn(
             f"residual_rewriter: forward/backward hooks on {', '.join(map(module_label, report.hooks_not_called))} "
-            f"are NOT called by the converted {report.model}: converted as one holder, it runs those modules' "
-            "forward inline. Hook the sublayers or norms instead (attention, MLP projections and norms keep theirs).",
-            UserWarning, stacklevel=4,
+            f"are NOT called by the converted {report.model}: {why}. Hook the sublayers or norms instead (attention, "
+            "MLP projections and norms keep theirs).", UserWarning, stacklevel=5,
         )
 
 

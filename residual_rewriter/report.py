@@ -21,7 +21,7 @@ class ConversionReport:
     converted: bool = False  # False for detect(), True once convert() rewrote the graph
     new_parameters: dict[str, int] = field(default_factory=dict)  # name -> numel
     checkpoint_dropped: list[str] = field(default_factory=list)  # modules whose own checkpoint calls tracing lost
-    hooks_not_called: list[str] = field(default_factory=list)  # inlined modules whose hooks no longer run
+    hooks_not_called: list[str] = field(default_factory=list)  # inlined modules, or layers' backward hooks, no longer run
     # "in place, layer by layer", or "in place, the model as one holder" with why not layer by layer
     mode: str = "in place, layer by layer"
     mode_reason: str = ""
@@ -122,7 +122,7 @@ class ConversionReport:
             lines.append("activation checkpointing NOT kept (torch.utils.checkpoint called in the forward of): "
                          + ", ".join(map(module_label, self.checkpoint_dropped)))
         if self.hooks_not_called:
-            lines.append("module hooks NOT called by the converted model (their forward is inlined): "
+            lines.append("module hooks NOT called by the converted model (forward inlined, or backward hooks around a state): "
                          + ", ".join(map(module_label, self.hooks_not_called)))
         lines.append("left out: " + ("none" if not self.left_out else ""))
         for lo in self.left_out:

@@ -466,6 +466,32 @@ def test_hooks_inside_a_model_converted_as_one_holder_are_reported():
     assert conv.attn_res_report.hooks_not_called == ["mlps.1"] and "NOT called" in str(conv.attn_res_report)
 
 
+def test_backward_hooks_on_layers_handing_on_the_state_are_reported():
+    """torch calls a full backward hook around a module's tensors only; a converted layer in a chain takes or
+    returns an ``AttnResState``: its backward hooks cannot run, and ``convert_`` says so (forward hooks run)."""
+    model = make_gpt()
+    model.transformer.h[1].register_full_backward_hook(lambda *a: None)
+    model.transformer.h[2].register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match=r"hooks on transformer.h.1 are NOT called .* take or return an AttnResState"):
+        rr.convert_(model)
+    assert model.attn_res_report.hooks_not_called == ["transformer.h.1"]
+
+
+def test_converted_under_inference_mode_and_in_eval_the_model_trains_and_keeps_its_modes():
+    """Converting under ``torch.inference_mode()`` would make the AttnRes parameters inference tensors (no
+    backward, ever); an eval model's new ``attn_res`` modules are in eval too."""
+    model = make_gpt().eval()
+    (x,) = model.example_inputs()
+    with torch.inference_mode():
+        rr.convert_(model)
+        assert torch.equal(model(x), make_gpt().eval()(x))
+    assert not any(m.training for m in model.modules())
+    assert not any(p.is_inference() for p in rr.attn_res_parameters(model))
+    perturb_attn_res(model)
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in rr.attn_res_parameters(model))
+
+
 def _hooks_and_forwards(model):
     return [(path, vars(m).get("forward"), dict(m._forward_hooks), dict(m._forward_pre_hooks), hasattr(m, "attn_res"))
             for path, m in model.named_modules()]

@@ -90,6 +90,16 @@ def test_meta_device_model():
     assert "to_empty" in str(info.value) and "blocks.0.norm.weight" in str(info.value)
 
 
+@pytest.mark.parametrize("model", [Net(), make_hf("llama")], ids=["toy", "hf"])
+def test_converting_under_a_meta_default_device_is_refused(model):
+    """``with torch.device("meta"):`` makes every new tensor (example inputs, AttnRes parameters) data-less:
+    refused before anything runs (a Hugging Face model's derived inputs failed raw in torch before)."""
+    inputs = (x(),) if isinstance(model, Net) else None
+    with torch.device("meta"), pytest.raises(rr.ConversionError, match=r"under torch.device\('meta'\)"):
+        rr.convert_(model, example_inputs=inputs)
+    assert not any(hasattr(m, "attn_res") for m in model.modules())
+
+
 def test_converting_a_converted_module_again():
     converted = rr.convert(Net(), x())
     for entry in (rr.convert, rr.detect):
@@ -451,3 +461,81 @@ def test_what_a_forward_stores_on_its_modules_while_traced_is_not_kept():
     rr.convert_(model, example_inputs=(inputs,))
     assert not any(isinstance(v, torch.fx.Proxy) for b in model.blocks for v in b.cache.values())
     assert rel_err(model(inputs), want) <= 1e-12
+
+
+class _CountingMLP(nn.Module):
+    """A child that keeps statistics of its own as it runs: a Python counter and a buffer it reassigns."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.calls = 0
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, h):
+        self.calls += 1
+        self.seen = self.seen + h.shape[0]
+        return self.fc(h)
+
+
+class _StatefulBlock(Block):
+    """Counts its steps in a buffer, in place (a running statistic); its MLP counts its own calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = _CountingMLP()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return x + self.fc(self.norm(x))
+
+
+def test_state_a_model_keeps_as_it_runs_is_left_alone_by_conversion_and_kept_up_by_the_converted_model():
+    """Observing, tracing and verifying run the model: none of it may change its state (a counter, a buffer
+    updated in place or reassigned). The converted model keeps updating it: the holder's in-place buffer
+    update is in its graph (FX proxies buffers), the children run as they are."""
+    model = Net(_StatefulBlock).double()
+    inputs = x().double()
+
+    def state():
+        return [(b.steps.item(), b.fc.calls, b.fc.seen.item()) for b in model.blocks]
+
+    rr.detect(model, example_inputs=(inputs,))
+    assert state() == [(0, 0, 0)] * 3
+    rr.convert_(model, example_inputs=(inputs,))
+    assert state() == [(0, 0, 0)] * 3
+    with torch.no_grad():
+        model(inputs), model(inputs)
+    assert state() == [(2, 2, 4)] * 3
+
+
+class _CallCountingBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # Python state: a graph cannot repeat it
+        return x + self.fc(self.norm(x))
+
+
+class _StochasticDepthBlock(Block):
+    def forward(self, x):  # a draw no traced value feeds: FX runs it once and the graph keeps that draw
+        keep = (torch.rand(()) >= 0.5).double() if self.training else torch.ones((), dtype=torch.float64)
+        return x + self.fc(self.norm(x)) * keep
+
+
+@pytest.mark.parametrize("block, match", [(_CallCountingBlock, r"changes self.calls \(0 -> 1\)"),
+                                          (_StochasticDepthBlock, "draws random numbers that no traced value feeds")])
+def test_a_forward_doing_what_a_graph_cannot_repeat_is_refused(block, match):
+    """Silently wrong otherwise: the converted model would stop counting, or drop the same sublayer on
+    every training step. Refused, naming what; the model and the global random state are left alone."""
+    model = Net(block).double()
+    inputs = x().double()
+    rng = torch.get_rng_state()
+    with pytest.raises(rr.ConversionError, match=match):
+        rr.convert_(model, example_inputs=(inputs,))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(hasattr(m, "attn_res") or "forward" in vars(m) for m in model.modules())
+    assert all(getattr(b, "calls", 0) == 0 for b in model.blocks)

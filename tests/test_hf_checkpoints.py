@@ -69,12 +69,16 @@ def test_converting_one_of_two_models_sharing_a_config_leaves_the_other_alone(tm
     assert other.config is baseline.config
     rr.convert_(other, num_blocks=2)
     assert other.config is not baseline.config and not hasattr(baseline.config, "residual_rewriter")
+    # ... and every module of the converted model reads its copy: a setting changed on it reaches them all
+    assert all(m.config is other.config for m in other.modules() if hasattr(m, "config"))
+    ids = torch.randint(0, 128, (2, 5))
+    other.config.use_cache = False
+    assert other(ids).past_key_values is None and baseline(ids).past_key_values is not None
     twin = copy.deepcopy(baseline)
     rr.convert_(twin)  # not refused as "already converted"
     baseline.save_pretrained(tmp_path)
     reloaded = type(baseline).from_pretrained(tmp_path)
     assert not hasattr(reloaded.config, "residual_rewriter")
-    ids = torch.randint(0, 128, (2, 5))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, baseline(ids).logits)
 
