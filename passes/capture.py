@@ -28,6 +28,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConversionError, first_line, frame_location, is_user_code, module_in_traceback, tb_location
@@ -199,9 +200,10 @@ def is_opaque_by_class(m: nn.Module) -> bool:
     """Kept whole by its class: ``torch.nn`` built-ins (not containers), and norm / attention /
     rotary / embedding classes, unless they wrap an attention module (T5LayerSelfAttention = norm +
     T5Attention + residual add: the residual is inside and must be traced)."""
-    if type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+    cls = type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)  # (its class is parametrize's own)
+    if cls.__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return True
-    if _OPAQUE_CLASS_NAME.search(type(m).__name__):
+    if _OPAQUE_CLASS_NAME.search(cls.__name__):
         return not any(_ATTENTION_CLASS_NAME.search(type(c).__name__) for c in m.children())
     return False
 
