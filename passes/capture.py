@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
-from .errors import ConversionError, first_line, frame_location, is_user_code, module_in_traceback, tb_location
+from .errors import first_line, frame_location, is_user_code, module_in_traceback, tb_location
 from .rewrite import in_stream_dtype
 
 # Class names of submodules that stay opaque: their insides hold no residual stream.
@@ -51,6 +51,8 @@ class Captured:
     checkpoint_calls: list[str] = field(default_factory=list)
     # traced-through modules (and the model itself, "") with hooks: the graph never calls those hooks
     hooked_inlined: list[str] = field(default_factory=list)
+    # what the trace did for real that the graph cannot repeat: refused where the graph would be installed
+    not_repeatable: str = ""
 
 
 class ResidualTracer(fx.Tracer):
@@ -344,10 +346,10 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
                             opaque=opaque or {}, opaque_if_reads_training=opaque_if_reads_training)
     with in_mode(model, training), state_restored(model):
         root = _make_root(model, input_names, call)
-        scalars, rng = _python_scalars(model), torch.get_rng_state()
+        scalars, rng = _python_scalars(model), _rng_states()
         with _traceable_size_varargs(), _recording_checkpoints(tracer):
             gm = fx.GraphModule(root, tracer.trace(root), class_name=type(model).__name__ + "Graph")
-        _refuse_what_the_graph_cannot_repeat(model, scalars, rng)
+        not_repeatable = _what_the_graph_cannot_repeat(model, scalars, rng)
     for node in gm.graph.nodes:  # a child named `self` (Megatron-BERT's attention) would shadow the code's `self`
         if node.name == "self":
             node._rename("self_")
@@ -355,7 +357,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
     hooked = ([""] if has_hooks(model) else []) + [p for p in tracer.hooked_inlined if p not in tracer.opaque_modules]
     return Captured(
         gm, dict(tracer.opaque_modules), sorted(set(tracer.opaque_with_norms)),
-        sorted(set(tracer.checkpoint_calls)), sorted(set(hooked)),
+        sorted(set(tracer.checkpoint_calls)), sorted(set(hooked)), not_repeatable,
     )
 
 
@@ -363,21 +365,27 @@ def _python_scalars(model: nn.Module) -> dict:
     return {(path, k): v for path, m in model.named_modules() for k, v in vars(m).items() if type(v) in (bool, int, float)}
 
 
-def _refuse_what_the_graph_cannot_repeat(model: nn.Module, scalars: dict, rng: torch.Tensor) -> None:
+def _rng_states() -> list[torch.Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])]
+
+
+def _what_the_graph_cannot_repeat(model: nn.Module, scalars: dict, rng: list[torch.Tensor]) -> str:
     """The trace ran the model's Python for real: what it did there beside the tensor math is not in the
     graph, which would never do it again (silently wrong): a Python attribute changed (a call counter), a
     random draw from no traced value (``torch.rand(())``: the graph would replay this one draw)."""
-    changed = [f"{path or 'self'}.{k} ({v} -> {vars(model.get_submodule(path)).get(k)})"
-               for (path, k), v in scalars.items() if vars(model.get_submodule(path)).get(k) != v]
+    now = _python_scalars(model)  # (a number become a proxy is scratch state within one call, like Funnel's seq_len)
+    changed = [f"{path or 'self'}.{k} ({v} -> {now[path, k]})" for (path, k), v in scalars.items() if now.get((path, k), v) != v]
     if changed:
-        raise ConversionError(f"{type(model).__name__}'s forward changes {', '.join(changed[:3])} while it runs: a traced "
-                              "graph cannot repeat Python state changes, and the converted model would stop making them")
-    if not torch.equal(torch.get_rng_state(), rng):
-        torch.set_rng_state(rng)
-        raise ConversionError(f"{type(model).__name__}'s forward draws random numbers that no traced value feeds "
-                              "(e.g. torch.rand(()) for stochastic depth): the converted graph would replay one draw on "
-                              "every call. Draw from a tensor of the stream instead (torch.rand_like(x[..., :1]), "
-                              "x.new_empty(...).bernoulli_(p)).")
+        return (f"{type(model).__name__}'s forward changes {', '.join(changed[:3])} while it runs: a traced graph "
+                "cannot repeat Python state changes, and the converted model would stop making them")
+    if not all(map(torch.equal, _rng_states(), rng)):
+        torch.set_rng_state(rng[0])
+        if rng[1:]:
+            torch.cuda.set_rng_state_all(rng[1:])
+        return (f"{type(model).__name__}'s forward draws random numbers that no traced value feeds (e.g. torch.rand(()) "
+                "for stochastic depth): the converted graph would replay one draw on every call. Draw from a tensor of "
+                "the stream instead (torch.rand_like(x[..., :1]), x.new_empty(...).bernoulli_(p)).")
+    return ""
 
 
 @contextlib.contextmanager

@@ -753,6 +753,8 @@ def _inside_a_reentrant_checkpoint(depth: int = 12) -> bool:
 
 
 def rewrite_holder(module: nn.Module, traced: Traced, boundary: LayerBoundary, config) -> fx.GraphModule:
+    if traced.captured.not_repeatable:  # (checked here, where the graph would be used: a model without sites says so)
+        raise ConversionError(traced.captured.not_repeatable)
     return apply_plan(
         traced.captured.graph_module, traced.plan, traced.values, eps=config.key_norm_eps, mixing=config.mixing,
         attn_res=module.attn_res, layer=boundary,
