@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import operator
+import random
 import re
 import sys
 from dataclasses import dataclass, field
@@ -67,7 +68,6 @@ class ResidualTracer(fx.Tracer):
         modules = [sys.modules[n] for n in sorted(names) if n in sys.modules and not n.startswith("torch.")]
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(_autowrap_candidates(modules)))
         self._autowrap_search.extend(modules)
-        self.proxy_buffer_attributes = True  # a forward's in-place buffer update (a step count) is in the graph
         self.example_inputs = example_inputs
         self.opaque_children = opaque_children  # in-place conversion: the root's own children stay whole
         self.inline = set(inline)  # ... but these, which hold a residual add of the root's stream
@@ -112,7 +112,8 @@ class ResidualTracer(fx.Tracer):
         graph.output(env[node])
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run for real, not traced
 
-        with _maybe_revert_all_patches(), torch.no_grad(), torch.random.fork_rng(devices=[]):  # (a dropout in it draws)
+        cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []  # (a dropout in it draws)
+        with _maybe_revert_all_patches(), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             gm = fx.GraphModule(self.root, graph)
             with in_mode(gm, False):  # no BatchNorm statistics update, no dropout: must not touch the model
                 return gm(*self.example_inputs)
@@ -342,14 +343,23 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
     (another trace of a module keeps what its first kept); ``opaque_if_reads_training``: so is every
     module traced into whose forward reads ``self.training``.
     """
-    tracer = ResidualTracer(model, tuple(example_inputs), opaque_children=opaque_children, inline=tuple(inline),
-                            opaque=opaque or {}, opaque_if_reads_training=opaque_if_reads_training)
-    with in_mode(model, training), state_restored(model):
-        root = _make_root(model, input_names, call)
-        scalars, rng = _python_scalars(model), _rng_states()
-        with _traceable_size_varargs(), _recording_checkpoints(tracer):
-            gm = fx.GraphModule(root, tracer.trace(root), class_name=type(model).__name__ + "Graph")
-        not_repeatable = _what_the_graph_cannot_repeat(model, scalars, rng)
+    for proxy_buffers in (True, False):  # buffers as graph values (updated in place: in the graph); else as constants
+        tracer = ResidualTracer(model, tuple(example_inputs), opaque_children=opaque_children, inline=tuple(inline),
+                                opaque=opaque or {}, opaque_if_reads_training=opaque_if_reads_training)
+        tracer.proxy_buffer_attributes = proxy_buffers
+        with in_mode(model, training), state_restored(model):
+            root = _make_root(model, input_names, call)
+            scalars, rng, buffers = _python_scalars(model), _rng_states(), dict(model.named_buffers())
+            buffers = {n: b.detach().clone() for n, b in buffers.items()}
+            try:
+                with _traceable_size_varargs(), _recording_checkpoints(tracer):
+                    gm = fx.GraphModule(root, tracer.trace(root), class_name=type(model).__name__ + "Graph")
+            except Exception:  # noqa: BLE001 - a buffer read as a Python value (a flag, a count): traced as a constant
+                if proxy_buffers:
+                    continue
+                raise
+            not_repeatable = _what_the_graph_cannot_repeat(model, scalars, rng, buffers)
+        break
     for node in gm.graph.nodes:  # a child named `self` (Megatron-BERT's attention) would shadow the code's `self`
         if node.name == "self":
             node._rename("self_")
@@ -365,25 +375,28 @@ def _python_scalars(model: nn.Module) -> dict:
     return {(path, k): v for path, m in model.named_modules() for k, v in vars(m).items() if type(v) in (bool, int, float)}
 
 
-def _rng_states() -> list[torch.Tensor]:
-    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])]
+def _rng_states() -> list:
+    return [random.getstate(), torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])]
 
 
-def _what_the_graph_cannot_repeat(model: nn.Module, scalars: dict, rng: list[torch.Tensor]) -> str:
+def _what_the_graph_cannot_repeat(model: nn.Module, scalars: dict, rng: list, buffers: dict) -> str:
     """The trace ran the model's Python for real: what it did there beside the tensor math is not in the
     graph, which would never do it again (silently wrong): a Python attribute changed (a call counter), a
     random draw from no traced value (``torch.rand(())``: the graph would replay this one draw)."""
     now = _python_scalars(model)  # (a number become a proxy is scratch state within one call, like Funnel's seq_len)
-    changed = [f"{path or 'self'}.{k} ({v} -> {now[path, k]})" for (path, k), v in scalars.items() if now.get((path, k), v) != v]
+    changed = [f"{path or 'self'}.{k} ({v} -> {now[path, k]})" for (path, k), v in scalars.items()
+               if now.get((path, k), v) != v and v == v]  # (v != v: a NaN)
+    changed += [f"buffer {n}" for n, b in model.named_buffers() if n in buffers and not torch.equal(b, buffers[n])]
     if changed:
         return (f"{type(model).__name__}'s forward changes {', '.join(changed[:3])} while it runs: a traced graph "
                 "cannot repeat Python state changes, and the converted model would stop making them")
-    if not all(map(torch.equal, _rng_states(), rng)):
-        torch.set_rng_state(rng[0])
-        if rng[1:]:
-            torch.cuda.set_rng_state_all(rng[1:])
-        return (f"{type(model).__name__}'s forward draws random numbers that no traced value feeds (e.g. torch.rand(()) "
-                "for stochastic depth): the converted graph would replay one draw on every call. Draw from a tensor of "
+    if not all(a == b if isinstance(a, tuple) else torch.equal(a, b) for a, b in zip(_rng_states(), rng)):
+        random.setstate(rng[0])
+        torch.set_rng_state(rng[1])
+        if rng[2:]:
+            torch.cuda.set_rng_state_all(rng[2:])
+        return (f"{type(model).__name__}'s forward draws random numbers that no traced value feeds (torch.rand(()) or "
+                "random.random() for stochastic depth): the converted graph would replay one draw on every call. Draw from a tensor of "
                 "the stream instead (torch.rand_like(x[..., :1]), x.new_empty(...).bernoulli_(p)).")
     return ""
 
@@ -405,7 +418,7 @@ def state_restored(module: nn.Module) -> Iterator[None]:
     """Run or trace ``module`` for our own purposes (observing, tracing, verifying) without changing its
     state: its buffers' values (a KV cache position: torchtune) and its modules' attributes (a Python
     counter, a reassigned buffer, a cache filled while traced) are put back afterwards."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    saved = [(b, b.detach().clone()) for b in module.buffers() if not b.is_inference()]  # (those cannot change here)
     try:
         with attributes_restored(module):
             yield

@@ -157,6 +157,13 @@ def _check_model(model: Any) -> None:
             f"{type(model._orig_mod).__name__} is wrapped by torch.compile; convert the module itself and compile "
             "the result: torch.compile(residual_rewriter.convert_(model._orig_mod), backend='attnres')"
         )
+    if torch.distributed.is_available():  # (our runs would leave its parameters unsharded behind FSDP's back)
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = next((path for path, m in model.named_modules() if isinstance(m, FSDPModule)), None)
+        if sharded is not None:
+            raise ConversionError(f"{sharded or type(model).__name__} is sharded by FSDP2 (fully_shard): convert the "
+                                  "model first, then shard it (fully_shard on each layer, then the root)")
     _check_not_converted(model)
     _check_not_meta(model)
 

@@ -309,7 +309,8 @@ def _warn_lost_in_tracing(report: ConversionReport) -> None:
         )
     if report.hooks_not_called:
         why = ("converted as one holder, it runs those modules' forward inline" if report.mode == WHOLE_MODEL else
-               "those layers take or return an AttnResState, and torch calls backward hooks around tensors only")
+               "those layers take or return an AttnResState, and torch's backward hooks see tensors only (the last "
+               "layer's is called with grad_input None)")
         warnings.warn(
             f"residual_rewriter: forward/backward hooks on {', '.join(map(module_label, report.hooks_not_called))} "
             f"are NOT called by the converted {report.model}: {why}. Hook the sublayers or norms instead (attention, "

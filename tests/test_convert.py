@@ -479,55 +479,21 @@ def test_backward_hooks_on_layers_handing_on_the_state_are_reported():
 
 def test_converted_under_inference_mode_and_in_eval_the_model_trains_and_keeps_its_modes():
     """Converting under ``torch.inference_mode()`` would make the AttnRes parameters inference tensors (no
-    backward, ever); an eval model's new ``attn_res`` modules are in eval too."""
+    backward, ever); a model built there (inference buffers) converts too. An eval model's new ``attn_res``
+    modules are in eval too."""
     model = make_gpt().eval()
-    (x,) = model.example_inputs()
     with torch.inference_mode():
-        rr.convert_(model)
+        built_inside = make_hf("llama")  # (its rotary frequencies: inference buffers)
+        want = logits_of(built_inside(torch.arange(6)[None]))
+        (x,) = model.example_inputs()
+        rr.convert_(model), rr.convert_(built_inside)
         assert torch.equal(model(x), make_gpt().eval()(x))
+        assert rel_err(logits_of(built_inside(torch.arange(6)[None])), want) <= 1e-5
     assert not any(m.training for m in model.modules())
     assert not any(p.is_inference() for p in rr.attn_res_parameters(model))
     perturb_attn_res(model)
-    model.train()(x).square().mean().backward()
+    model.train()(x.clone()).square().mean().backward()
     assert all(p.grad is not None for p in rr.attn_res_parameters(model))
-
-
-class _LayerScaledBlock(torch.nn.Module):
-    """A LayerScale gain held by the layer itself, not by a child."""
-
-    def __init__(self, d=12):
-        super().__init__()
-        self.ln1, self.f1, self.ln2, self.f2 = (torch.nn.LayerNorm(d), torch.nn.Linear(d, d),
-                                                torch.nn.LayerNorm(d), torch.nn.Linear(d, d))
-        self.g = torch.nn.Parameter(torch.full((d,), -0.5))
-
-    def forward(self, x):
-        x = x + self.g * self.f1(self.ln1(x))
-        return x + self.f2(self.ln2(x))
-
-
-class _Positive(torch.nn.Module):
-    def forward(self, g):
-        return g.abs()
-
-
-def test_a_layer_whose_own_parameter_is_parametrized_is_converted_and_keeps_it():
-    """``register_parametrization(layer, "g", ...)`` swaps the layer's class for one made in torch.nn (its
-    forward inherited): still a layer to rewrite, not a torch built-in to keep whole (it was refused as "no
-    site" before). The converted layer computes ``g`` through the parametrization, which trains."""
-    from torch.nn.utils import parametrize
-
-    model = torch.nn.Sequential(*[_LayerScaledBlock() for _ in range(3)], torch.nn.LayerNorm(12)).double()
-    for block in model[:3]:
-        parametrize.register_parametrization(block, "g", _Positive())
-    x = torch.randn(2, 5, 12, dtype=torch.float64)
-    want = model(x)
-    rr.convert_(model, example_inputs=(x,))
-    assert model.attn_res_report.holders == ["0", "1", "2"] and rel_err(model(x), want) <= 1e-12
-    perturb_attn_res(model)
-    model(x).square().mean().backward()
-    assert all(parametrize.is_parametrized(b, "g") and b.parametrizations.g.original.grad.abs().sum() > 0
-               for b in model[:3])
 
 
 def _hooks_and_forwards(model):

@@ -77,6 +77,11 @@ def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        try:  # refused before anything runs: the sharded model trains below exactly as if never touched
+            rr.convert_(model)
+            raise AssertionError("converting a model sharded by FSDP2 was not refused")
+        except rr.ConversionError as exc:
+            assert "sharded by FSDP2" in str(exc), exc
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)
     losses = _train(model, _batch(rank, world), world)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 
 import pytest
 import torch
@@ -526,16 +527,48 @@ class _StochasticDepthBlock(Block):
         return x + self.fc(self.norm(x)) * keep
 
 
+class _PythonRandomDepthBlock(Block):
+    def forward(self, x):  # Python's own generator: the same frozen draw
+        return x if self.training and random.random() < 0.5 else x + self.fc(self.norm(x))
+
+
 @pytest.mark.parametrize("block, match", [(_CallCountingBlock, r"changes self.calls \(0 -> 1\)"),
-                                          (_StochasticDepthBlock, "draws random numbers that no traced value feeds")])
+                                          (_StochasticDepthBlock, "draws random numbers that no traced value feeds"),
+                                          (_PythonRandomDepthBlock, "draws random numbers that no traced value feeds")])
 def test_a_forward_doing_what_a_graph_cannot_repeat_is_refused(block, match):
     """Silently wrong otherwise: the converted model would stop counting, or drop the same sublayer on
     every training step. Refused, naming what; the model and the global random state are left alone."""
     model = Net(block).double()
     inputs = x().double()
-    rng = torch.get_rng_state()
+    random.seed(5)  # its first three draws keep the sublayers: the training graphs look like eval's (no other refusal)
+    rng = torch.get_rng_state(), random.getstate()
     with pytest.raises(rr.ConversionError, match=match):
         rr.convert_(model, example_inputs=(inputs,))
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert not any(hasattr(m, "attn_res") or "forward" in vars(m) for m in model.modules())
     assert all(getattr(b, "calls", 0) == 0 for b in model.blocks)
+
+
+class _BufferSwitchBlock(Block):
+    """Python reads of its own buffers and a NaN attribute: constants of the graph, as in eager code."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("use_mlp", torch.tensor(True))
+        self.register_buffer("repeats", torch.tensor(2))
+        self.clamp = float("nan")  # (nan != nan: not a change)
+
+    def forward(self, x):
+        for _ in range(int(self.repeats)):
+            x = x + self.fc(self.norm(x)) if self.use_mlp else x
+        return x
+
+
+def test_a_layer_reading_its_buffers_as_python_values_converts():
+    """Buffers are traced as graph values (an in-place update is in the graph); a layer whose Python reads
+    one as a value (a switch, a count) is traced again with buffers as constants, as before."""
+    model = Net(_BufferSwitchBlock).double()
+    inputs = x().double()
+    want = model(inputs)
+    rr.convert_(model, example_inputs=(inputs,))
+    assert len(model.attn_res_report.sites) == 6 and rel_err(model(inputs), want) <= 1e-12

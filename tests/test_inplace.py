@@ -602,6 +602,20 @@ def test_detect_and_refused_conversions_leave_hooks_patches_and_attributes_alone
     assert own.model.layers[1].attn_res is mine and not hasattr(own.model.layers[0], "attn_res")
 
 
+def test_offloading_a_converted_model_fails_loudly():
+    """accelerate's offload puts weights on meta and loads them in each module's pre-forward; the AttnRes
+    parameters are read by their layer's graph, never called, so they stay on meta: the op refuses the mix
+    (it returned uninitialised memory before)."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+
+    model = rr.convert_(make_architecture("llama"), num_blocks=2)
+    inputs = _inputs(model)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"attn_res got tensors on different devices \(cpu, meta\)"), torch.no_grad():
+        model(**inputs)
+
+
 def test_the_state_moves_to_a_device_and_refuses_a_dtype_cast():
     """``.to(device)`` (accelerate's hooks, a model's own ``hidden_states.to(device)``) moves every tensor;
     a cast to another dtype would round the blocks one by one, not the sum as the original does."""

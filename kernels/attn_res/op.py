@@ -376,6 +376,12 @@ class _Registered:
         return [g if g is not None else _empty(_query(a)) for g in flat]
 
     def fake(self, a):
+        # a mix with meta tensors dispatches here (a query accelerate offloaded): refused, not an empty output
+        devices = {str(t.device) for v in vars(a).values() for t in _as_list(v) if isinstance(t, Tensor)}
+        if len(devices) > 1:
+            raise RuntimeError(f"{LIB}::{self.name} got tensors on different devices ({', '.join(sorted(devices))}): "
+                               "the AttnRes parameters must be where the stream is (accelerate's offload of a converted "
+                               "model leaves them on meta: convert and run without offloading)")
         if not self.is_backward:
             return self.op.fake(a)
         inputs = [t for n in self.grads_of for t in _as_list(getattr(a, n))]
