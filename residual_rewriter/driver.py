@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -118,7 +119,7 @@ def prepare_other_signatures(c: Conversion) -> None:
         except Exception as exc:  # noqa: BLE001 - the model itself refuses this call: nothing to prepare
             warnings.warn(f"residual_rewriter: {type(c.model).__name__} fails when called with "
                           f"{sorted(set(other) - set(c.kwargs))} ({first_line(exc)}): the converted model is not "
-                          "prepared for that call under torch.compile/export")
+                          "prepared for that call under torch.compile/export", stacklevel=_users_frame())
             continue
         for call in calls:
             holder = holders.get(id(call.module))
@@ -305,7 +306,7 @@ def _warn_lost_in_tracing(report: ConversionReport) -> None:
             f"residual_rewriter: {', '.join(map(module_label, report.checkpoint_dropped))} call torch.utils.checkpoint "
             f"in their forward, which the converted {report.model} runs inline (converted as one holder: "
             f"{report.mode_reason.splitlines()[0]}): it does NOT checkpoint there (more activation memory).",
-            UserWarning, stacklevel=5,
+            UserWarning, stacklevel=_users_frame(),
         )
     if report.hooks_not_called:
         why = ("converted as one holder, it runs those modules' forward inline" if report.mode == WHOLE_MODEL else
@@ -314,8 +315,16 @@ def _warn_lost_in_tracing(report: ConversionReport) -> None:
         warnings.warn(
             f"residual_rewriter: forward/backward hooks on {', '.join(map(module_label, report.hooks_not_called))} "
             f"are NOT called by the converted {report.model}: {why}. Hook the sublayers or norms instead (attention, "
-            "MLP projections and norms keep theirs).", UserWarning, stacklevel=5,
+            "MLP projections and norms keep theirs).", UserWarning, stacklevel=_users_frame(),
         )
+
+
+def _users_frame() -> int:
+    """The ``stacklevel`` of the first frame outside this library: a warning names the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("residual_rewriter"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _global_plan(c: Conversion) -> Plan:

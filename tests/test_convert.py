@@ -460,8 +460,9 @@ def test_hooks_inside_a_model_converted_as_one_holder_are_reported():
     children inline: a hook on one cannot run, and convert says so."""
     model = AddsInItsOwnForward().double()
     model.mlps[1].register_forward_hook(lambda *a: None)
-    with pytest.warns(UserWarning, match=r"hooks on mlps.1 are NOT called"):
+    with pytest.warns(UserWarning, match=r"hooks on mlps.1 are NOT called") as record:
         conv = rr.convert(model, torch.randn(2, 5, 12, dtype=torch.float64))
+    assert {w.filename for w in record if "NOT called" in str(w.message)} == {__file__}  # the user's line
     assert conv.attn_res_report.mode == "in place, the model as one holder"
     assert conv.attn_res_report.hooks_not_called == ["mlps.1"] and "NOT called" in str(conv.attn_res_report)
 
