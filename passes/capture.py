@@ -349,8 +349,8 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
         tracer.proxy_buffer_attributes = proxy_buffers
         with in_mode(model, training), state_restored(model):
             root = _make_root(model, input_names, call)
-            scalars, rng, buffers = _python_scalars(model), _rng_states(), dict(model.named_buffers())
-            buffers = {n: b.detach().clone() for n, b in buffers.items()}
+            scalars, rng = _python_scalars(model), _rng_states()
+            buffers = {} if proxy_buffers else {n: b.detach().clone() for n, b in model.named_buffers()}  # (concrete: may change)
             try:
                 with _traceable_size_varargs(), _recording_checkpoints(tracer):
                     gm = fx.GraphModule(root, tracer.trace(root), class_name=type(model).__name__ + "Graph")
@@ -381,8 +381,8 @@ def _rng_states() -> list:
 
 def _what_the_graph_cannot_repeat(model: nn.Module, scalars: dict, rng: list, buffers: dict) -> str:
     """The trace ran the model's Python for real: what it did there beside the tensor math is not in the
-    graph, which would never do it again (silently wrong): a Python attribute changed (a call counter), a
-    random draw from no traced value (``torch.rand(())``: the graph would replay this one draw)."""
+    graph, which would never do it again (silently wrong): a Python number or a buffer changed (a call
+    counter), a random draw from no traced value (``torch.rand(())``: the graph would replay this one draw)."""
     now = _python_scalars(model)  # (a number become a proxy is scratch state within one call, like Funnel's seq_len)
     changed = [f"{path or 'self'}.{k} ({v} -> {now[path, k]})" for (path, k), v in scalars.items()
                if now.get((path, k), v) != v and v == v]  # (v != v: a NaN)

@@ -819,7 +819,7 @@ def uninstall(module: nn.Module) -> None:
     accelerate hook's wrapper calls the class's forward again)."""
     if installed_forward(module) is not None and _forward_slot(module) == "forward":
         del module.__dict__["forward"]
-    elif installed_forward(module) is not None:  # the class's forward, as the check before install found it
+    elif installed_forward(module) is not None:  # under accelerate: the class's forward, as install found it
         module._old_forward = type(module).forward.__get__(module)
     if isinstance(module._modules.get("attn_res"), AttnResParameters):
         del module._modules["attn_res"]

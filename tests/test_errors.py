@@ -532,7 +532,19 @@ class _PythonRandomDepthBlock(Block):
         return x if self.training and random.random() < 0.5 else x + self.fc(self.norm(x))
 
 
+class _SwitchedStepCountingBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("use_mlp", torch.tensor(True))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):  # a buffer read as a Python value: traced with buffers as constants, the update lost
+        self.steps.add_(1)
+        return x + self.fc(self.norm(x)) if self.use_mlp else x
+
+
 @pytest.mark.parametrize("block, match", [(_CallCountingBlock, r"changes self.calls \(0 -> 1\)"),
+                                          (_SwitchedStepCountingBlock, "changes buffer steps"),
                                           (_StochasticDepthBlock, "draws random numbers that no traced value feeds"),
                                           (_PythonRandomDepthBlock, "draws random numbers that no traced value feeds")])
 def test_a_forward_doing_what_a_graph_cannot_repeat_is_refused(block, match):
