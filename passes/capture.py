@@ -89,7 +89,9 @@ class ResidualTracer(fx.Tracer):
             ):
                 self.opaque_with_norms.append(qualname)
             return True
-        if self.opaque_if_reads_training and _reads_training_flag(type(m)):
+        # inside a child traced into (it holds an add), one branching on self.training follows the mode when run
+        inside_inlined = any(qualname.startswith(child + ".") for child in self.inline)  # (timm's DropPath)
+        if (self.opaque_if_reads_training or inside_inlined) and _reads_training_flag(type(m)):
             self.opaque_modules[qualname] = "its forward branches on self.training"  # it follows the mode when run
             return True
         return False

@@ -167,7 +167,11 @@ def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
     # the model as one holder (its stream is pooled between stages); drop_path is traced into it, and in
     # training it makes nodes the eval graph lacks: those children are kept whole instead
     ("mvitv2.MultiScaleVit", dict(img_size=32, num_classes=0)),
-], ids=["vit", "mvitv2"])
+    # a stage of one block: its `blocks` Sequential is the holder, the block traced into it (it holds the adds);
+    # the DropPath inside that block stays whole, or training would trace nodes the eval graph lacks
+    ("swin_transformer.SwinTransformer", dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
+                                              num_heads=(2, 2), num_classes=0)),
+], ids=["vit", "mvitv2", "swin-one-block-stages"])
 def test_training_with_drop_path_computes_what_the_original_computes(path, options):
     """Stochastic depth in training (DropPath, random per sample): with the same random draws, the
     converted model equals the original at init, in training as in eval."""
