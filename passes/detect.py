@@ -696,13 +696,17 @@ def _first_tensor(out):
 
 
 def _adds_it(module, call: tuple, slot, x: torch.Tensor) -> bool:
-    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there."""
+    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there, with the
+    module's parameters perturbed: a parameter acting on r that is the identity at init (Zaya's learned
+    residual scale, initialised to ones) must fail it, since the split would drop it."""
     generator = torch.Generator().manual_seed(0)
+    params = {n: p * (1 + 0.1 * _random_like(p, 2 * i)) + 0.01 * _random_like(p, 2 * i + 1)
+              for i, (n, p) in enumerate(module.named_parameters()) if p.is_floating_point()}
 
     def run(replacement):
         args, kwargs = _with(*copy.deepcopy(call), slot, replacement)
         try:
-            return _first_tensor(module(*args, **kwargs))
+            return _first_tensor(torch.func.functional_call(module, params, args, kwargs))
         except Exception:  # noqa: BLE001 - a call the probe cannot make: not split
             return None
 

@@ -404,3 +404,54 @@ def test_image_size_of_a_vision_sub_config_gives_the_example_inputs():
     assert len(model.attn_res_report.sites) == 4
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, original(x).logits, rtol=0, atol=0)
+
+
+class _ResidualAdd(torch.nn.Module):
+    """A sublayer that adds the residual itself (BLOOM's ``dropout_add``); with ``scaled``, through a learned
+    scale initialised to ones (Zaya's ``ZayaResidualScaling``): the identity at init only."""
+
+    def __init__(self, d: int, scaled: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d)
+        self.scale = torch.nn.Parameter(torch.ones(d)) if scaled else None
+
+    def forward(self, h, residual):
+        return (residual if self.scale is None else residual * self.scale) + self.proj(h)
+
+
+class _ResidualChildLayer(torch.nn.Module):
+    def __init__(self, d: int, scaled: bool):
+        super().__init__()
+        self.norm, self.mlp = torch.nn.LayerNorm(d), _ResidualAdd(d, scaled)
+
+    def forward(self, x):
+        return self.mlp(self.norm(x), x)  # the layer's children are kept whole: the add is inside one
+
+
+class _ResidualChildLM(torch.nn.Module):
+    def __init__(self, scaled: bool, d=16, layers=2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, d)
+        self.layers = torch.nn.ModuleList(_ResidualChildLayer(d, scaled) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
+    """Split as ``x + child(h, 0)``, a child that adds the residual is exact; one that scales it first by a
+    parameter (ones at init) would be exact at init too, and would train without that scale: refused."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 5))
+    plain = _ResidualChildLM(scaled=False).double()
+    report = rr.detect(plain, example_inputs=(ids,))  # the control: split, and converted layer by layer
+    assert len(report.sites) == 2 and report.holders == ["layers.0", "layers.1"]
+    model = _ResidualChildLM(scaled=True).double()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(rr.ConversionError, match="no pre-norm residual site"):
+        rr.convert_(model, example_inputs=(ids,))
+    assert not rr.attn_res_parameters(model) and model.state_dict().keys() == before.keys()
