@@ -600,8 +600,9 @@ class LayerForward:
         self.stream_argument = stream_argument
         self.int_inputs = int_inputs
         self.config = config
-        # (training, signature key) -> its graph; the first is detection's, in eval mode
-        self.graphs: dict[tuple, CompiledGraph] = {(False, key): _compile(graph_module, module)}
+        self.floats = _floats_read_by(module, graph_module)
+        # (training, signature key and those floats) -> its graph; the first is detection's, in eval mode
+        self.graphs: dict[tuple, CompiledGraph] = {(False, self._key(key)): _compile(graph_module, module)}
         self.original_graph = original_graph  # the first graph before the rewrite
 
     @property
@@ -615,7 +616,7 @@ class LayerForward:
             i = bound.names.index(self.stream_argument)
             if isinstance(bound.values[i], torch.Tensor):  # every layer before was skipped (LayerDrop): b_0 itself
                 bound.values[i] = AttnResState((bound.values[i],), None)
-        key = (self.module.training, bound.key)
+        key = (self.module.training, self._key(bound.key))
         entry = self.graphs.get(key)
         if entry is None:
             if _under_a_tracer(bound.values):
@@ -665,7 +666,7 @@ class LayerForward:
 
     def _unseen_signature_message(self, bound: BoundCall) -> str:
         seen = [{**dict(k), "training": t} for t, k in self.graphs]
-        now = {**dict(bound.key), "training": self.module.training}
+        now = {**dict(self._key(bound.key)), "training": self.module.training}
         closest = min(seen, key=lambda s: len([n for n in set(s) | set(now) if s.get(n) != now.get(n)]))
         differ = sorted(n for n in set(closest) | set(now) if closest.get(n) != now.get(n))
         return (
@@ -673,18 +674,24 @@ class LayerForward:
             f"signature its conversion did not prepare (the closest prepared one differs in {differ}: now "
             f"{[(n, now.get(n)) for n in differ]}, prepared {[(n, closest.get(n)) for n in differ]}). "
             "A converted layer never runs the model to build a graph under a tracer. Convert with example inputs "
-            "called this way (convert_(model, example_inputs={...}))."
+            "called this way (convert_(model, example_inputs={...}))" + ("; an attribute set after conversion gets "
+            "its graph from one call outside the tracer." if any("." in n for n in differ) else ".")
         )
 
     def add_signature(self, bound: BoundCall, key: tuple, modes: tuple[bool, ...] = (False, True)) -> list[Captured]:
         """At conversion: the graphs, in ``modes`` (training?), for a way the model calls this layer (the
         conversion's own call; a mask, no cache). Returns the captures it made."""
-        made = []
+        made, key = [], self._key(key)
         for training in modes:
             if (training, key) not in self.graphs:
                 self.graphs[training, key], captured = self._rebuild(bound, training)
                 made.append(captured)
         return made
+
+    def _key(self, signature: tuple) -> tuple:
+        """``signature`` and the floats the graphs hold as constants, as they are now: a dropout probability set
+        after conversion (on a layer that passes ``self.dropout`` to F.dropout) is a new graph, not ignored."""
+        return signature + tuple((f"{p or 'self'}.{n}", getattr(self.module.get_submodule(p), n, None)) for p, n in self.floats)
 
     def _rebuild(self, bound: BoundCall, training: bool) -> tuple[CompiledGraph, Captured]:
         params = self.module._modules.pop("attn_res")  # not the module's own: an nn.Sequential runs every child
@@ -716,6 +723,14 @@ class LayerForward:
         twin.module = memo.get(id(self.module), self.module)
         twin.graphs = dict(self.graphs)  # the code is the same; it runs on whichever module is self
         return twin
+
+
+def _floats_read_by(module: nn.Module, gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(path, name) of the float attributes of the modules the graph was traced through (the holder, children
+    traced into; not those it calls whole): their values are constants in it."""
+    whole = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    traced = {""} | {p for n in gm.graph.nodes for p, _ in n.meta.get("nn_module_stack", {}).values()} - whole
+    return sorted((p, n) for p in traced for n, v in vars(module.get_submodule(p)).items() if type(v) is float)
 
 
 def _unpickled_forward(state: dict) -> LayerForward:

@@ -459,3 +459,51 @@ def test_an_int_a_graph_branches_on_or_does_not_read_stays_a_constant(block, tra
         for window in (4, 12):
             got = model.train(training)(ids, window=window)
             assert rel_err(got, original.train(training)(ids, window=window)) <= 1e-12
+
+
+
+class _FloatBlock(torch.nn.Module):
+    """A layer whose forward reads a Python float, ``self.scale``: its traced graph holds the value."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm, self.ff, self.scale = torch.nn.LayerNorm(d), torch.nn.Linear(d, d), 1.0
+
+    def forward(self, x):
+        return x + self.ff(self.norm(x)) * self.scale
+
+
+def test_a_float_a_layer_reads_set_after_conversion_makes_a_new_graph():
+    """Set after conversion, the float is not ignored: eager code traces a graph with the new value (the
+    original's output with zero queries); under a tracer, with no graph for it yet, it is refused naming it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), *(_FloatBlock() for _ in range(3)), torch.nn.LayerNorm(16))
+    model = model.double()
+    ids, original = torch.randint(0, 50, (2, 5)), copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(ids,), num_blocks=2)
+    for net in (model, original):
+        net[2].scale = 3.0
+    with pytest.raises(rr.ConversionError, match=r"(?s)differs in \['self.scale'\]: now \[\('self.scale', 3.0\)\].*one call outside the tracer"):
+        torch.export.export(model, (ids,))
+    with torch.no_grad():
+        assert rel_err(model(ids), original(ids)) <= 1e-12
+    exported = torch.export.export(model, (ids,))  # the eager call made its graph
+    with torch.no_grad():
+        assert rel_err(exported.module()(ids), original(ids)) <= 1e-12
+
+
+def test_a_dropout_probability_set_after_conversion_applies_in_training():
+    """mBART's layers pass ``self.dropout`` to F.dropout in their own forward: set after conversion, the
+    converted model drops what the original drops (the same random draws), not what it did at conversion."""
+    model = make_architecture("mbart")
+    converted = rr.convert(model)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    for net in (model, converted):
+        for layer in [*net.model.encoder.layers, *net.model.decoder.layers]:
+            layer.dropout = layer.activation_dropout = 0.3
+        net.train()
+    outputs = []
+    for net in (model, converted):
+        torch.manual_seed(1)
+        outputs.append(net(input_ids=ids, decoder_input_ids=ids, use_cache=False).logits)
+    assert rel_err(outputs[1], outputs[0]) <= 1e-10
