@@ -148,3 +148,12 @@ def assert_live(converted, inputs: tuple, want: torch.Tensor, label: str = "") -
     out.square().mean().backward()
     dead = [n for n, p in new.items() if p.grad is None or not p.grad.any()]
     assert not dead, f"{label}: no gradient for {dead}"
+
+
+def live_dropout(model: torch.nn.Module, p: float = 0.25) -> None:
+    """Dropout and LayerDrop on (tiny configs leave many at 0): every ``nn.Dropout``, and every float
+    attribute named ``*dropout*`` or ``layerdrop`` that a forward passes to F.dropout or compares with."""
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop" or name == "p"):
+                setattr(module, name, 0.5 if name == "layerdrop" else p)

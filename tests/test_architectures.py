@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from model_zoo import (DECODERS, ENCODER_DECODERS, FP32_ONLY, VISION, aggregations, make_architecture, make_gpt, query_of,
+from model_zoo import (DECODERS, ENCODER_DECODERS, FP32_ONLY, VISION, aggregations, live_dropout, make_architecture, make_gpt, query_of,
                         rel_err)
 from residual_rewriter import hf
 
@@ -20,15 +20,6 @@ def queries_per_aggregation(converted) -> tuple[int, int]:
     """(aggregations in the rewritten graphs, distinct query parameters they read)."""
     found = aggregations(converted)
     return len(found), len({query_of(path, n) for path, n in found})
-
-
-def live_dropout(model: torch.nn.Module, p: float = 0.25) -> None:
-    """Dropout and LayerDrop on (tiny configs leave many at 0): every ``nn.Dropout``, and every float
-    attribute named ``*dropout*`` or ``layerdrop`` that a forward passes to F.dropout or compares with."""
-    for module in model.modules():
-        for name, value in vars(module).items():
-            if isinstance(value, float) and ("dropout" in name or name == "layerdrop" or name == "p"):
-                setattr(module, name, 0.5 if name == "layerdrop" else p)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

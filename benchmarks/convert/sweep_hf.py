@@ -28,10 +28,14 @@ Perceiver's generic ``inputs`` (token ids, or an image).
 
 Outcomes:
     exact              converted, and the converted model's first floating output equals the original's
-                       (a deep copy taken before conversion; same inputs, eval, no grad); rel err shown
+                       (a deep copy taken before conversion; same inputs, eval, no grad); rel err shown. Then
+                       in training mode with the same random draws (dropout), that output and the gradient of
+                       every parameter of a loss on it equal the original's too (``training_check``)
     mismatch           converted, but the outputs differ (rel err > 1e-9 in float64, 1e-4 in float32): a bug
+    train mismatch     exact in eval, but not in training (output > 1e-9 / gradient > 1e-8 in float64; 1e-4 /
+                       1e-3 in float32), or a parameter without its gradient: a bug, silently wrong in training
     refused            ``ConversionError``: its first line shown, the full reason in the JSON
-    crash              any other exception from ``convert_`` or the converted model: a bug in residual_rewriter;
+    crash              any other exception from ``convert_`` or the converted model (in eval or training): a bug;
                        the row shows the innermost residual_rewriter frame, the JSON also the traceback
     timeout            the class took more than --timeout seconds (default 120)
     build failed       the tiny model cannot be built, or fails on its example inputs (first line of the error)
@@ -51,6 +55,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import re
 import signal
 import sys
@@ -71,6 +76,8 @@ from residual_rewriter import hf  # noqa: E402
 from residual_rewriter.passes.errors import first_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from model_zoo import live_dropout  # noqa: E402  (the suite's: dropout and LayerDrop on)
 OUR_DIRS = tuple(str(REPO / d) + os.sep for d in ("residual_rewriter", "passes", "kernels"))
 MAPPINGS = ["MODEL_FOR_CAUSAL_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM", "MODEL_FOR_MASKED_LM", "MODEL_FOR_IMAGE_CLASSIFICATION"]
 
@@ -351,6 +358,7 @@ def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
            "inputs": None}
     try:
         model, kwargs, derived = build(name, model_type, mapping)
+        live_dropout(model)  # for the training check; eval is unchanged
         row.update(model_type=model.config.model_type, dtype=str(next(model.parameters()).dtype)[6:])
         original = copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001
@@ -372,9 +380,50 @@ def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
     row["reason"] = f"{len(report.sites)} sites, {len(report.streams)} stream(s), {report.mode}"
     if want is None or got is None or want.shape != got.shape:
         return {**row, "outcome": "mismatch", "reason": "no floating output to compare, or another shape"}
-    rel = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
+    rel = _rel(got, want)
     ok = rel <= (1e-9 if want.dtype == torch.float64 else 1e-4)  # False for NaN too
-    return {**row, "outcome": "exact" if ok else "mismatch", "rel_err": rel}
+    if not ok:
+        return {**row, "outcome": "mismatch", "rel_err": rel}
+    return {**row, "rel_err": rel, **training_check(original, model, kwargs)}
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-300) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(floor)).item()
+
+
+def training_check(original, model, kwargs) -> dict:
+    """Both models in training mode (dropout and LayerDrop on since ``build``: ``live_dropout``), with the
+    same random draws: the converted one's first floating output and every gradient of a loss on it must
+    equal the original's at init. -> outcome "exact", "train mismatch" (a bug: silently wrong in training),
+    or "crash" where only the converted model fails."""
+    runs = []
+    for net in (original, model):
+        net.train()
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        random.seed(0)  # (LayerDrop in some models draws from Python's random)
+        try:
+            out = first_float(net(**kwargs))
+            out.double().square().mean().backward()
+        except Exception as exc:  # noqa: BLE001
+            if net is original:  # the original cannot train on this call: nothing to compare
+                return {"outcome": "exact", "train": f"original fails in training: {first_line(exc)}"}
+            return {"outcome": "crash", "reason": f"in training: {first_line(exc)}", "error_type": type(exc).__name__,
+                    "frame": innermost_frame(exc), "traceback": traceback.format_exc()}
+        runs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
+    (want, grads), (got, new_grads) = runs
+    tolerance = (1e-9, 1e-8) if want.dtype == torch.float64 else (1e-4, 1e-3)
+    out_err = _rel(got, want)
+    missing = sorted(set(grads) - set(new_grads))
+    # relative to the gradient's own size, or a millionth of the largest one's: a gradient that is zero but for
+    # rounding (a key bias under softmax) compares at the model's scale
+    floor = 1e-6 * max((g.double().norm().item() for g in grads.values()), default=0.0)
+    worst, name = max(((_rel(new_grads[n], g, floor), n) for n, g in grads.items() if n in new_grads), default=(0.0, ""))
+    check = {"train_rel_err": out_err, "grad_rel_err": worst}
+    if out_err <= tolerance[0] and worst <= tolerance[1] and not missing:
+        return {**check, "outcome": "exact"}
+    why = f"no gradient for {missing[:3]}" if missing else f"output {out_err:.1e}, gradient of {name} {worst:.1e}"
+    return {**check, "outcome": "train mismatch", "reason": f"in training, same random draws: {why}"}
 
 
 def run_with_timeout(name: str, model_type: str, mapping: str, seconds: int) -> dict:
@@ -435,7 +484,7 @@ def main(argv=None) -> int:
         "timeout_s": args.timeout, "counts": dict(counts), "rows": rows,
     }, indent=1))
     print(f"wrote {out}")
-    return 1 if counts["crash"] or counts["mismatch"] else 0
+    return 1 if counts["crash"] or counts["mismatch"] or counts["train mismatch"] else 0
 
 
 if __name__ == "__main__":
