@@ -157,3 +157,25 @@ def live_dropout(model: torch.nn.Module, p: float = 0.25) -> None:
         for name, value in vars(module).items():
             if isinstance(value, float) and ("dropout" in name or name == "layerdrop" or name == "p"):
                 setattr(module, name, 0.5 if name == "layerdrop" else p)
+
+
+def assert_same_training_step(original, converted, run, label: str = "", seed: int = 3, tolerance: float = 1e-10) -> None:
+    """In training mode with the same random draws, ``run(model)`` (the first floating output) and the gradient
+    of every original parameter of a loss on it are the original's at init: exactness of the output alone
+    cannot see a parameter the conversion took out of the computation where it is the identity at init (a
+    learned residual scale of ones). Each gradient is compared to its own size, or to a thousandth of the
+    largest (one zero but for rounding, a bias before a norm, is compared at the model's scale)."""
+    results = []
+    for net in (original, converted):
+        net.train()
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = run(net)
+        out.double().square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
+    (want, grads), (got, new_grads) = results
+    assert rel_err(got, want) <= tolerance, f"{label}: not exact at init in training ({rel_err(got, want):.1e})"
+    assert set(grads) <= set(new_grads), f"{label}: no gradient for {sorted(set(grads) - set(new_grads))[:3]}"
+    floor = 1e-3 * max(g.abs().max().item() for g in grads.values())
+    worst = max(((new_grads[n] - g).abs().max().item() / max(g.abs().max().item(), floor), n) for n, g in grads.items())
+    assert worst[0] <= tolerance * 100, f"{label}: the gradient of {worst[1]} differs by {worst[0]:.1e} in training"

@@ -16,7 +16,7 @@ import torch
 
 import residual_rewriter as rr
 from generated_models import Spec, build, specs
-from model_zoo import assert_live, rel_err
+from model_zoo import assert_live, assert_same_training_step, rel_err
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -60,11 +60,8 @@ def check(spec: Spec) -> None:
     other = torch.randint(0, 32, (3, 11), generator=torch.Generator().manual_seed(9))  # another batch and length
     with torch.no_grad():
         assert rel_err(model(other), original(other)) <= 1e-12, f"{spec}: not exact on another input shape"
-    outputs = []
-    for net in (original.train(), model.train()):  # in training too: each mode runs the graph traced in it
-        torch.manual_seed(3)  # the same dropout masks
-        outputs.append(net(ids))
-    assert rel_err(outputs[1], outputs[0]) <= 1e-12, f"{spec}: not exact at init in training"
+    # in training too (each mode runs the graph traced in it), with the same dropout masks; and the gradients
+    assert_same_training_step(original, model, lambda net: net(ids), str(spec), tolerance=1e-12)
     if spec.must_convert:  # every sublayer, not some of them
         assert len(report.sites) == spec.depth * len(spec.sublayers), f"{spec}: {len(report.sites)} sites"
     assert_live(model, (ids,), want, str(spec))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from model_zoo import assert_live, rel_err
+from model_zoo import assert_live, assert_same_training_step, rel_err
 
 VOCAB = 128
 # torchtune's RMSNorm computes in float32 and multiplies by the float64 weight: torch warns, both models alike
@@ -117,6 +117,7 @@ def test_converts_exactly_in_place_and_is_live(name):
     with torch.no_grad():
         assert rel_err(model(x), want) <= 1e-12, f"not exact at init: {rel_err(model(x), want):.1e}"
         assert rel_err(model(other), original(other)) <= 1e-12, "not exact on another input"
+    assert_same_training_step(original, model, lambda net: net(x), name, tolerance=1e-12)
     assert_live(model, (x,), want, name)
 
 
