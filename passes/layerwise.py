@@ -621,7 +621,10 @@ class LayerForward:
         if entry is None:
             if _under_a_tracer(bound.values):
                 raise ConversionError(self._unseen_signature_message(bound))
-            entry = self.graphs[key] = self._rebuild(bound, self.module.training)[0]
+            entry = self._rebuild(bound, self.module.training)[0]
+            for old in [k for k in self.graphs if k[0] == key[0] and k[1][:len(k[1]) - len(self.floats)] == bound.key]:
+                del self.graphs[old]  # the same call with the floats as they were: not kept (a dropout schedule)
+            self.graphs[key] = entry
         values = dict(zip(bound.names, bound.values))
         inputs = [values[n] for n in entry.names]
         # (Dynamo cannot trace a reentrant checkpoint: it runs one eagerly, where this check applies)

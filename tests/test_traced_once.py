@@ -507,3 +507,20 @@ def test_a_dropout_probability_set_after_conversion_applies_in_training():
         torch.manual_seed(1)
         outputs.append(net(input_ids=ids, decoder_input_ids=ids, use_cache=False).logits)
     assert rel_err(outputs[1], outputs[0]) <= 1e-10
+
+
+def test_a_float_changed_on_every_step_keeps_one_graph_per_call():
+    """A schedule setting the float before every step (dropout annealing) replaces the call's graph: the
+    graphs do not pile up, and each step computes with the value it set."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), *(_FloatBlock() for _ in range(2)), torch.nn.LayerNorm(16))
+    model, ids = model.double(), torch.randint(0, 50, (2, 5))
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(ids,), num_blocks=2)
+    prepared = len(model[1].forward.graphs)
+    for step in range(4):
+        for net in (model, original):
+            net[1].scale = 1.0 + step
+        with torch.no_grad():
+            assert rel_err(model(ids), original(ids)) <= 1e-12
+    assert len(model[1].forward.graphs) == prepared
