@@ -612,6 +612,8 @@ def split_residual_children(gm: fx.GraphModule, inputs: tuple | None, known: lis
         try:
             with torch.no_grad():
                 prober.run(*inputs)
+        except ConversionError:
+            raise
         except Exception:  # noqa: BLE001 - the graph fails on these inputs: record_values says where
             return []
         known = prober.found
@@ -661,7 +663,11 @@ class _Prober(fx.Interpreter):
         for slot in slots:
             x = args[slot] if isinstance(slot, int) else kwargs[slot]
             if (isinstance(x, torch.Tensor) and x.is_floating_point() and first is not None and first.shape == x.shape
-                    and _adds_it(self.module.get_submodule(node.target), before, slot, x)):
+                    and _adds_it(module, before, slot, x, {})):
+                if not _adds_it(module, before, slot, x, _perturbed(module)):  # (Zaya's learned residual scale)
+                    raise ConversionError(
+                        f"{node.target} ({type(module).__name__}) adds the residual it is given through parameters that "
+                        "are the identity only at init: AttnRes replaces that residual, and they would not train")
                 self.found.append((node.name, slot))
                 self.adders.add(node)
         return out
@@ -695,13 +701,15 @@ def _first_tensor(out):
     return None
 
 
-def _adds_it(module, call: tuple, slot, x: torch.Tensor) -> bool:
-    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there, with the
-    module's parameters perturbed: a parameter acting on r that is the identity at init (Zaya's learned
-    residual scale, initialised to ones) must fail it, since the split would drop it."""
+def _perturbed(module) -> dict[str, torch.Tensor]:
+    return {n: p * (1 + 0.1 * _random_like(p, 2 * i)) + 0.01 * _random_like(p, 2 * i + 1)
+            for i, (n, p) in enumerate(module.named_parameters()) if p.is_floating_point()}
+
+
+def _adds_it(module, call: tuple, slot, x: torch.Tensor, params: dict) -> bool:
+    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there, with
+    ``params`` in place of the module's own (perturbed: one acting on r that is the identity at init fails)."""
     generator = torch.Generator().manual_seed(0)
-    params = {n: p * (1 + 0.1 * _random_like(p, 2 * i)) + 0.01 * _random_like(p, 2 * i + 1)
-              for i, (n, p) in enumerate(module.named_parameters()) if p.is_floating_point()}
 
     def run(replacement):
         args, kwargs = _with(*copy.deepcopy(call), slot, replacement)
