@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import RESHAPE_METHODS, SOURCE_LOCATION, has_hooks
+from .capture import RESHAPE_METHODS, SOURCE_LOCATION, has_hooks, in_mode, state_restored
 from .errors import CONTROL_FLOW_HINT, ConversionError, GraphRunError, is_control_flow
 from .plan import LeftOut, Plan, Site, Stream
 
@@ -663,11 +663,7 @@ class _Prober(fx.Interpreter):
         for slot in slots:
             x = args[slot] if isinstance(slot, int) else kwargs[slot]
             if (isinstance(x, torch.Tensor) and x.is_floating_point() and first is not None and first.shape == x.shape
-                    and _adds_it(module, before, slot, x, {})):
-                if not _adds_it(module, before, slot, x, _perturbed(module)):  # (Zaya's learned residual scale)
-                    raise ConversionError(
-                        f"{node.target} ({type(module).__name__}) adds the residual it is given through parameters that "
-                        "are the identity only at init: AttnRes replaces that residual, and they would not train")
+                    and _adds_it(node.target, module, before, slot, x)):
                 self.found.append((node.name, slot))
                 self.adders.add(node)
         return out
@@ -706,27 +702,42 @@ def _perturbed(module) -> dict[str, torch.Tensor]:
             for i, (n, p) in enumerate(module.named_parameters()) if p.is_floating_point()}
 
 
-def _adds_it(module, call: tuple, slot, x: torch.Tensor, params: dict) -> bool:
-    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there, with
-    ``params`` in place of the module's own (perturbed: one acting on r that is the identity at init fails)."""
+def _adds_it(name: str, module, call: tuple, slot, x: torch.Tensor) -> bool:
+    """``module(*call)`` with ``x`` at ``slot`` replaced by r is ``r +`` the call with zeros there, in eval and
+    in training (the same random draws: a dropout around the sum fails), also with the module's parameters
+    perturbed, where the call with zeros must add something (a dropout or a scale on a sum adds nothing).
+    Refused where it holds at the module's own parameters only: Zaya's learned residual scale (ones at init)."""
     generator = torch.Generator().manual_seed(0)
+    rs = [torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) for _ in range(2)]
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
 
-    def run(replacement):
+    def run(replacement, params: dict, training: bool):
         args, kwargs = _with(*copy.deepcopy(call), slot, replacement)
-        try:
-            return _first_tensor(torch.func.functional_call(module, params, args, kwargs))
-        except Exception:  # noqa: BLE001 - a call the probe cannot make: not split
-            return None
+        with in_mode(module, training), state_restored(module), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            try:
+                return _first_tensor(torch.func.functional_call(module, params, args, kwargs))
+            except Exception:  # noqa: BLE001 - a call the probe cannot make: not split
+                return None
 
-    base = run(torch.zeros_like(x))
-    if base is None or base.shape != x.shape:
+    def holds(params: dict) -> Optional[bool]:  # None: the call with zeros adds nothing
+        for training in (False, True):
+            base = run(torch.zeros_like(x), params, training)
+            if base is None or base.shape != x.shape:
+                return False
+            if not base.any():
+                return None
+            if not all((out := run(r, params, training)) is not None and torch.equal(out, r + base) for r in rs):
+                return False
+        return True
+
+    if holds({}) is False:
         return False
-    for _ in range(2):
-        r = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        out = run(r)
-        if out is None or not torch.equal(out, r + base):
-            return False
-    return True
+    perturbed = holds(_perturbed(module))
+    if perturbed is False:
+        raise ConversionError(f"{name} ({type(module).__name__}) adds the residual it is given through parameters that "
+                              "are the identity only at init: AttnRes replaces that residual, and they would not train")
+    return perturbed is True
 
 
 def _split(gm: fx.GraphModule, node: fx.Node, slot) -> None:

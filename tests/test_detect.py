@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import residual_rewriter as rr
-from model_zoo import make_gpt, make_hf, perturb_attn_res, rel_err
+from model_zoo import assert_same_training_step, make_gpt, make_hf, perturb_attn_res, rel_err
 from toy_models import (
     NORM_KINDS,
     ParallelLM,
@@ -442,6 +442,34 @@ class _ResidualChildLM(torch.nn.Module):
         return self.norm(x)
 
 
+class _DropoutOnASumLM(torch.nn.Module):
+    """timm's ParallelScalingBlock in miniature: ``x + drop(a(h) + b(h))``, the dropout taking a sum (not the
+    stream): in eval it is the identity, and ``drop(r) == r + drop(0)``; splitting it would skip the dropout
+    in training."""
+
+    def __init__(self, d=16, layers=3):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.a = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.b = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.drop, self.norm = torch.nn.Dropout(0.5), torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        for norm, a, b in zip(self.norms, self.a, self.b):
+            h = norm(x)
+            x = x + self.drop(a(h) + b(h))
+        return self.norm(x)
+
+
+def test_a_dropout_on_a_sum_is_not_taken_for_a_child_adding_the_residual():
+    torch.manual_seed(0)
+    model, x = _DropoutOnASumLM().double(), torch.randn(2, 5, 16, dtype=torch.float64)
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(x,), num_blocks=2)
+    assert len(model.attn_res_report.sites) == 3
+    assert_same_training_step(original, model, lambda net: net(x), "dropout on a sum", tolerance=1e-12)
+
+
 def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
     """Split as ``x + child(h, 0)``, a child that adds the residual is exact; one that scales it first by a
     parameter (ones at init) would be exact at init too, and would train without that scale: refused."""
@@ -449,6 +477,10 @@ def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
     ids = torch.randint(0, 50, (2, 5))
     plain = _ResidualChildLM(scaled=False).double()
     report = rr.detect(plain, example_inputs=(ids,))  # the control: split, and converted layer by layer
+    assert len(report.sites) == 2 and report.holders == ["layers.0", "layers.1"]
+    for layer in plain.layers:  # a branch zero at init adds nothing with its own parameters: split too
+        torch.nn.init.zeros_(layer.mlp.proj.weight), torch.nn.init.zeros_(layer.mlp.proj.bias)
+    report = rr.detect(plain, example_inputs=(ids,))
     assert len(report.sites) == 2 and report.holders == ["layers.0", "layers.1"]
     model = _ResidualChildLM(scaled=True).double()
     before = copy.deepcopy(model.state_dict())

@@ -172,7 +172,9 @@ def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
     # the DropPath inside that block stays whole, or training would trace nodes the eval graph lacks
     ("swin_transformer.SwinTransformer", dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
                                               num_heads=(2, 2), num_classes=0)),
-], ids=["vit", "mvitv2", "swin-one-block-stages"])
+    # x + drop_path(attn_out_proj(..) + mlp_out_proj(..)): a DropPath taking a sum was split as a residual adder
+    ("vision_transformer.VisionTransformer", dict(VIT, block_fn="ParallelScalingBlock")),
+], ids=["vit", "mvitv2", "swin-one-block-stages", "vit-parallel-scaling"])
 def test_training_with_drop_path_computes_what_the_original_computes(path, options):
     """Stochastic depth in training (DropPath, random per sample): with the same random draws, the
     converted model equals the original at init, in training as in eval."""
@@ -180,6 +182,8 @@ def test_training_with_drop_path_computes_what_the_original_computes(path, optio
         from timm.models.mvitv2 import MultiScaleVitCfg
 
         options = dict(options, cfg=MultiScaleVitCfg(depths=(1, 2), embed_dim=(16, 32), num_heads=(1, 2)))
+    if "block_fn" in options:
+        options = dict(options, block_fn=getattr(_library("timm").models.vision_transformer, options["block_fn"]))
     torch.manual_seed(0)
     model = _timm(path, drop_path_rate=0.3, **options).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
