@@ -720,21 +720,22 @@ def _adds_it(name: str, module, call: tuple, slot, x: torch.Tensor) -> bool:
             except Exception:  # noqa: BLE001 - a call the probe cannot make: not split
                 return None
 
-    def holds(params: dict) -> Optional[bool]:  # None: the call with zeros adds nothing
+    def holds(params: dict) -> Optional[bool]:  # None: it holds, and the call with zeros adds nothing
+        added = False
         for training in (False, True):
             base = run(torch.zeros_like(x), params, training)
             if base is None or base.shape != x.shape:
                 return False
-            if not base.any():
-                return None
             if not all((out := run(r, params, training)) is not None and torch.equal(out, r + base) for r in rs):
                 return False
-        return True
+            added = added or bool(base.any())
+        return True if added else None
 
-    if holds({}) is False:
+    own = holds({})
+    if own is False:
         return False
     perturbed = holds(_perturbed(module))
-    if perturbed is False:
+    if perturbed is False and own:
         raise ConversionError(f"{name} ({type(module).__name__}) adds the residual it is given through parameters that "
                               "are the identity only at init: AttnRes replaces that residual, and they would not train")
     return perturbed is True

@@ -470,6 +470,28 @@ def test_a_dropout_on_a_sum_is_not_taken_for_a_child_adding_the_residual():
     assert_same_training_step(original, model, lambda net: net(x), "dropout on a sum", tolerance=1e-12)
 
 
+class _MixBeforeNormLayer(torch.nn.Module):
+    """ConvNeXt's order: ``x + mlp(norm(mix(x)))``, the stream going first into a child whose bias is zero at
+    init (its depthwise conv; a Linear here): the call with zeros is zero, and the child is no residual adder."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.mix, self.norm, self.mlp = torch.nn.Linear(d, d), torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+        torch.nn.init.zeros_(self.mix.bias)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(self.mix(x)))
+
+
+def test_a_child_with_a_zero_bias_taking_the_stream_is_not_taken_for_an_adder():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(_MixBeforeNormLayer() for _ in range(3)), torch.nn.LayerNorm(16)).double()
+    x, original = torch.randn(2, 5, 16, dtype=torch.float64), copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(x,), num_blocks=2)
+    assert len(model.attn_res_report.sites) == 3 and model.attn_res_report.holders == ["0", "1", "2"]
+    assert_same_training_step(original, model, lambda net: net(x), "a zero bias", tolerance=1e-12)
+
+
 def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
     """Split as ``x + child(h, 0)``, a child that adds the residual is exact; one that scales it first by a
     parameter (ones at init) would be exact at init too, and would train without that scale: refused."""
