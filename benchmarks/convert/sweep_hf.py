@@ -33,7 +33,9 @@ Outcomes:
                        every parameter of a loss on it equal the original's too (``training_check``)
     mismatch           converted, but the outputs differ (rel err > 1e-9 in float64, 1e-4 in float32): a bug
     train mismatch     exact in eval, but not in training (output > 1e-9 / gradient > 1e-8 in float64; 1e-4 /
-                       1e-3 in float32), or a parameter without its gradient: a bug, silently wrong in training
+                       1e-3 in float32; each gradient relative to its own size, with a floor at the whole
+                       model's gradient scale for near-zero ones: ``sweep_common.training_check``), or a
+                       parameter without its gradient: a bug, silently wrong in training
     refused            ``ConversionError``: its first line shown, the full reason in the JSON
     crash              any other exception from ``convert_`` or the converted model (in eval or training): a bug;
                        the row shows the innermost residual_rewriter frame, the JSON also the traceback
@@ -41,26 +43,21 @@ Outcomes:
     build failed       the tiny model cannot be built, or fails on its example inputs (first line of the error)
     no example inputs  ``convert_`` cannot derive inputs for its main input, nor the sweep (nothing was converted)
 
+The conversion, the checks and the output are shared with ``sweep_timm.py`` (``sweep_common.py``).
 Prints one row per class as it finishes, then the count per outcome, and writes
 benchmarks/results/hf-sweep-transformers<version>-<date>.json (``-partial`` with --only/--limit).
-Exits 1 when a row is a crash or a mismatch.
+Exits 1 when a row is a crash, a mismatch or a train mismatch.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
-import datetime
 import inspect
 import json
 import logging
 import os
-import random
 import re
-import signal
 import sys
-import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -74,11 +71,10 @@ from transformers.models.auto import modeling_auto  # noqa: E402
 import residual_rewriter as rr  # noqa: E402
 from residual_rewriter import hf  # noqa: E402
 from residual_rewriter.passes.errors import first_line  # noqa: E402
+from sweep_common import REPO, check_converted, run_with_timeout, sweep, write_results  # noqa: E402  (beside this file)
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 from model_zoo import live_dropout  # noqa: E402  (the suite's: dropout and LayerDrop on)
-OUR_DIRS = tuple(str(REPO / d) + os.sep for d in ("residual_rewriter", "passes", "kernels"))
 MAPPINGS = ["MODEL_FOR_CAUSAL_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM", "MODEL_FOR_MASKED_LM", "MODEL_FOR_IMAGE_CLASSIFICATION"]
 
 # size fields set where a config's __init__ takes them: an int default shrinks to min(default, size) (a
@@ -154,10 +150,6 @@ OVERRIDES = {
 }
 # per class: the class itself asserts it
 CLASS_OVERRIDES = {"ReformerModelWithLMHead": {"is_decoder": True}}
-
-
-class Timeout(BaseException):
-    """Raised by the alarm; a BaseException, so that no ``except Exception`` on the way swallows it."""
 
 
 def classes(mappings: list[str]) -> list[tuple[str, str, str]]:
@@ -338,21 +330,6 @@ def cast(kwargs: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
 
 
-def first_float(output):
-    """The first floating-point tensor of a model output (ModelOutput, tuple, dict), depth first."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
-    return next((t for t in map(first_float, items) if t is not None), None)
-
-
-def innermost_frame(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(OUR_DIRS)]
-    if not frames:
-        return "(no residual_rewriter frame)"
-    return f"{os.path.relpath(frames[-1].filename, REPO)}:{frames[-1].lineno} in {frames[-1].name}: {frames[-1].line}"
-
-
 def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
     row = {"class": name, "model_type": model_type, "dtype": None, "outcome": None, "rel_err": None, "reason": "",
            "inputs": None}
@@ -366,90 +343,8 @@ def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
     if isinstance(kwargs, str):
         return {**row, "outcome": "no example inputs", "dtype": None, "reason": kwargs}
     row["inputs"] = "derived" if derived else "passed"  # by convert_ itself, or by the sweep (user_inputs)
-    try:
-        rr.convert_(model, example_inputs=None if derived else kwargs)
-        with torch.no_grad():
-            want, got = first_float(original(**kwargs)), first_float(model(**kwargs))
-    except rr.ConversionError as exc:
-        return {**row, "outcome": "refused", "reason": first_line(exc).removeprefix("ConversionError: "),
-                "detail": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - anything else is a bug in residual_rewriter
-        return {**row, "outcome": "crash", "reason": first_line(exc), "error_type": type(exc).__name__,
-                "detail": str(exc), "frame": innermost_frame(exc), "traceback": traceback.format_exc()}
-    report = model.attn_res_report
-    row["reason"] = f"{len(report.sites)} sites, {len(report.streams)} stream(s), {report.mode}"
-    if want is None or got is None or want.shape != got.shape:
-        return {**row, "outcome": "mismatch", "reason": "no floating output to compare, or another shape"}
-    rel = _rel(got, want)
-    ok = rel <= (1e-9 if want.dtype == torch.float64 else 1e-4)  # False for NaN too
-    if not ok:
-        return {**row, "outcome": "mismatch", "rel_err": rel}
-    return {**row, "rel_err": rel, **training_check(original, model, kwargs)}
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-300) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(floor)).item()
-
-
-def training_check(original, model, kwargs) -> dict:
-    """Both models in training mode (dropout and LayerDrop on since ``build``: ``live_dropout``), with the
-    same random draws: the converted one's first floating output and every gradient of a loss on it must
-    equal the original's at init. -> outcome "exact", "train mismatch" (a bug: silently wrong in training),
-    or "crash" where only the converted model fails."""
-    runs = []
-    for net in (original, model):
-        net.train()
-        net.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        random.seed(0)  # (LayerDrop in some models draws from Python's random)
-        try:
-            out = first_float(net(**kwargs))
-            out.double().square().mean().backward()
-        except Exception as exc:  # noqa: BLE001
-            if net is original:  # the original cannot train on this call: nothing to compare
-                return {"outcome": "exact", "train": f"original fails in training: {first_line(exc)}"}
-            return {"outcome": "crash", "reason": f"in training: {first_line(exc)}", "error_type": type(exc).__name__,
-                    "frame": innermost_frame(exc), "traceback": traceback.format_exc()}
-        runs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
-    (want, grads), (got, new_grads) = runs
-    tolerance = (1e-9, 1e-8) if want.dtype == torch.float64 else (1e-4, 1e-3)
-    out_err = _rel(got, want)
-    missing = sorted(set(grads) - set(new_grads))
-    # relative to the gradient's own size, or a millionth of the largest one's: a gradient that is zero but for
-    # rounding (a key bias under softmax) compares at the model's scale
-    floor = 1e-6 * max((g.double().norm().item() for g in grads.values()), default=0.0)
-    worst, name = max(((_rel(new_grads[n], g, floor), n) for n, g in grads.items() if n in new_grads), default=(0.0, ""))
-    check = {"train_rel_err": out_err, "grad_rel_err": worst}
-    if out_err <= tolerance[0] and worst <= tolerance[1] and not missing:
-        return {**check, "outcome": "exact"}
-    why = f"no gradient for {missing[:3]}" if missing else f"output {out_err:.1e}, gradient of {name} {worst:.1e}"
-    return {**check, "outcome": "train mismatch", "reason": f"in training, same random draws: {why}"}
-
-
-def run_with_timeout(name: str, model_type: str, mapping: str, seconds: int) -> dict:
-    def on_alarm(signum, frame):
-        raise Timeout()
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    t0 = time.perf_counter()
-    try:
-        row = sweep_one(name, model_type, mapping)
-    except Timeout:
-        row = {"class": name, "model_type": model_type, "dtype": None, "outcome": "timeout", "rel_err": None,
-               "reason": f"over {seconds} s"}
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return {**row, "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def format_row(row: dict) -> str:
-    detail = f"{row['rel_err']:.1e}  {row['reason']}" if row["rel_err"] is not None else row["reason"]
-    if row["outcome"] == "crash":
-        detail += f"  @ {row['frame']}"
-    return (f"{row['class'][:44]:<44} {row['model_type'][:22]:<22} {row['outcome']:<17} "
-            f"{row['seconds']:>6.1f}  {detail[:160]}")
+    return check_converted(row, original, model, lambda m: rr.convert_(m, example_inputs=None if derived else kwargs),
+                           lambda net: net(**kwargs))
 
 
 def main(argv=None) -> int:
@@ -465,26 +360,16 @@ def main(argv=None) -> int:
     logging.getLogger("torch").setLevel(logging.ERROR)  # FX's is_fx_tracing notice
     warnings.filterwarnings("ignore")
 
-    todo = [c for c in classes(args.mappings) if not args.only or re.search(args.only, c[0], re.IGNORECASE)]
-    print(f"{'class':<44} {'model_type':<22} {'outcome':<17} {'sec':>6}  rel err / reason")
-    rows = []
-    for name, model_type, mapping in todo[: args.limit]:
-        rows.append({**run_with_timeout(name, model_type, mapping, args.timeout), "mapping": mapping})
-        print(format_row(rows[-1]), flush=True)
+    def one(name: str, model_type: str, mapping: str) -> dict:
+        timeout = {"class": name, "model_type": model_type, "dtype": None}  # the row if it times out
+        return {**run_with_timeout(args.timeout, timeout, sweep_one, name, model_type, mapping), "mapping": mapping}
 
-    counts = collections.Counter(r["outcome"] for r in rows)
-    print(f"\n{len(rows)} classes: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()))
-    date = datetime.date.today().isoformat()
+    todo = [c for c in classes(args.mappings) if not args.only or re.search(args.only, c[0], re.IGNORECASE)]
+    rows = sweep(todo[: args.limit], one, {"class": 44, "model_type": 22, "outcome": 17}, 160)
     partial = "-partial" if args.only or args.limit else ""
-    out = args.out or REPO / "benchmarks" / "results" / f"hf-sweep-transformers{transformers.__version__}-{date}{partial}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": date, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": sys.version.split()[0], "mappings": args.mappings, "only": args.only, "limit": args.limit,
-        "timeout_s": args.timeout, "counts": dict(counts), "rows": rows,
-    }, indent=1))
-    print(f"wrote {out}")
-    return 1 if counts["crash"] or counts["mismatch"] or counts["train mismatch"] else 0
+    name = f"hf-sweep-transformers{transformers.__version__}-{{date}}{partial}"
+    return write_results(rows, args.out, name, "classes", transformers, mappings=args.mappings, only=args.only,
+                         limit=args.limit, timeout_s=args.timeout)
 
 
 if __name__ == "__main__":
