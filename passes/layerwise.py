@@ -611,6 +611,10 @@ class LayerForward:
         return next(iter(self.graphs.values())).graph_module
 
     def __call__(self, *args, **kwargs):
+        if self._checkpointing():  # as Hugging Face's checkpointing forward: no cache for the recompute to find written
+            kwargs = {**kwargs, **({"use_cache": False} if kwargs.get("use_cache") else {}), **{
+                k: None for k in ("cache", "layer_past") if kwargs.get(k) is not None
+                and not getattr(self.module, "_can_checkpoint_with_cache", False)}}
         bound = bind_call(self.module, args, kwargs).with_inputs(self.int_inputs)
         if self.boundary is not None and not self.boundary.first:  # (the graph aligns a state: state.aligned)
             i = bound.names.index(self.stream_argument)

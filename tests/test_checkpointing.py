@@ -257,3 +257,27 @@ def test_detect_leaves_a_checkpointed_hooked_model_as_it_was():
     assert report.checkpoint_dropped == [] and report.hooks_not_called == [] and not report.converted
     converted = rr.convert(model).attn_res_report
     assert (report.mode, report.holders, report.sites) == (converted.mode, converted.holders, converted.sites)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_cache_handed_to_a_checkpointed_layer_is_dropped_as_the_original_drops_it(use_reentrant):
+    """NemotronH's model hands its layers a cache in training too; Hugging Face's checkpointing forward
+    (which the converted forward replaces) passes ``cache=None`` then, so that the recompute does not find
+    it written (its Mamba conv state: other shapes). Kept, it failed (non-reentrant) or gave wrong
+    gradients (reentrant). Now: the original's outputs and gradients, checkpointed alike."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "NemotronHForCausalLM"):
+        pytest.skip("no NemotronH in this transformers")
+    from model_zoo import assert_same_training_step
+
+    cfg = transformers.AutoConfig.for_model(
+        "nemotron_h", vocab_size=128, hidden_size=32, num_hidden_layers=2, layers_block_type=["mamba", "attention"],
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, mamba_num_heads=4, mamba_head_dim=16,
+        ssm_state_size=16, n_groups=1, intermediate_size=64, expand=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    converted = rr.convert(model, num_blocks=2)
+    for net in (model, converted):
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_same_training_step(model, converted, lambda net: net(ids).logits, "nemotron_h", tolerance=1e-5)
