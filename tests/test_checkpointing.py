@@ -277,6 +277,8 @@ def test_a_cache_handed_to_a_checkpointed_layer_is_dropped_as_the_original_drops
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     converted = rr.convert(model, num_blocks=2)
+    if use_reentrant and type(model.model.layers[0]).__call__ is not torch.nn.Module.__call__:
+        pytest.skip("transformers < 5.24 checkpoints around the layer (__call__): reentrant is refused there")
     for net in (model, converted):
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
