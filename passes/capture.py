@@ -114,8 +114,7 @@ class ResidualTracer(fx.Tracer):
         graph.output(env[node])
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run for real, not traced
 
-        cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []  # (a dropout in it draws)
-        with _maybe_revert_all_patches(), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with _maybe_revert_all_patches(), torch.no_grad(), forked_rng():  # (a dropout in it draws)
             gm = fx.GraphModule(self.root, graph)
             with in_mode(gm, False):  # no BatchNorm statistics update, no dropout: must not touch the model
                 return gm(*self.example_inputs)
@@ -375,6 +374,10 @@ def capture(model: nn.Module, example_inputs: tuple, *, call: Callable, input_na
 
 def _python_scalars(model: nn.Module) -> dict:
     return {(path, k): v for path, m in model.named_modules() for k, v in vars(m).items() if type(v) in (bool, int, float)}
+
+
+def forked_rng():  # torch.random.fork_rng over the CPU and every CUDA device in use: draws inside leave no trace
+    return torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else [])
 
 
 def _rng_states() -> list:

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import RESHAPE_METHODS, SOURCE_LOCATION, has_hooks, in_mode, state_restored
+from .capture import RESHAPE_METHODS, SOURCE_LOCATION, forked_rng, has_hooks, in_mode, state_restored
 from .errors import CONTROL_FLOW_HINT, ConversionError, GraphRunError, is_control_flow
 from .plan import LeftOut, Plan, Site, Stream
 
@@ -709,11 +709,10 @@ def _adds_it(name: str, module, call: tuple, slot, x: torch.Tensor) -> bool:
     Refused where it holds at the module's own parameters only: Zaya's learned residual scale (ones at init)."""
     generator = torch.Generator().manual_seed(0)
     rs = [torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) for _ in range(2)]
-    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
 
     def run(replacement, params: dict, training: bool):
         args, kwargs = _with(*copy.deepcopy(call), slot, replacement)
-        with in_mode(module, training), state_restored(module), torch.random.fork_rng(devices=cuda):
+        with in_mode(module, training), state_restored(module), forked_rng():
             torch.manual_seed(0)
             try:
                 return _first_tensor(torch.func.functional_call(module, params, args, kwargs))

@@ -611,7 +611,7 @@ class LayerForward:
         return next(iter(self.graphs.values())).graph_module
 
     def __call__(self, *args, **kwargs):
-        if self._checkpointing():  # as Hugging Face's checkpointing forward: no cache for the recompute to find written
+        if checkpointing := self._checkpointing():  # as Hugging Face's checkpointing forward: no cache to find written
             kwargs = {**kwargs, **({"use_cache": False} if kwargs.get("use_cache") else {}), **{
                 k: None for k in ("cache", "layer_past") if kwargs.get(k) is not None
                 and not getattr(self.module, "_can_checkpoint_with_cache", False)}}
@@ -642,7 +642,7 @@ class LayerForward:
                 "the AttnResState, and their gradients would be lost. Use use_reentrant=False (Hugging Face: "
                 "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))."
             )
-        if self._checkpointing():
+        if checkpointing:
             return self._checkpointed(entry.code, inputs)
         return entry.code(self.module, *inputs)
 
