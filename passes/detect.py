@@ -95,16 +95,23 @@ def probe_scale_invariant(
     region: list[fx.Node],
     x_node: fx.Node,
     out: fx.Node,
+    *,
+    must_depend: bool = True,
 ) -> bool:
-    """True when ``out`` (computed from ``x_node`` through ``region``) is a normalization of ``x``."""
+    """True when ``out`` (computed from ``x_node`` through ``region``) normalises each position of ``x`` over
+    its last dimension: unchanged when every position is scaled by a factor of its own. Block AttnRes mixes
+    those rows; a norm over other dimensions (GroupNorm over [C, H, W]; ConvNeXt's depthwise convolution
+    before a LayerNorm over C of a [N, C, H, W] stream) is invariant to one factor only, and is no such norm.
+    ``must_depend``: ``out`` must also change with ``x`` (else a zero-weight norm would qualify)."""
     x = recorded.get(x_node)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return False
     runner = _RegionRunner(gm, recorded)
     base, other = _random_like(x, seed=1234), _random_like(x, seed=1235)
+    factor = 4 ** (1 + _random_like(x[..., :1], seed=1236).abs().clamp(max=1))  # [..., 1], in [4, 16]
     try:
         y_small = runner.evaluate(region, x_node, base * 4, out)
-        y_large = runner.evaluate(region, x_node, base * 16, out)
+        y_large = runner.evaluate(region, x_node, base * factor, out)
         y_other = runner.evaluate(region, x_node, other * 4, out)
     except Exception:  # noqa: BLE001 - a region that cannot be re-run is not a norm we can vouch for
         return False
@@ -114,7 +121,7 @@ def probe_scale_invariant(
     mag = y_small.abs().max().clamp_min(1e-30)
     invariant = ((y_small - y_large).abs().max() / mag) < 1e-2
     depends_on_x = ((y_small - y_other).abs().max() / mag) > 1e-3
-    return bool(invariant and depends_on_x)
+    return bool(invariant and (depends_on_x or not must_depend))
 
 
 @torch.no_grad()
@@ -245,7 +252,10 @@ class _SiteFinder:
         return chain[::-1][1:]
 
     def _known_norm_of(self, node: fx.Node, x: fx.Node) -> bool:
-        return is_known_norm(self.gm, node) and bool(node.args) and node.args[0] is x
+        """A norm module or function reading x, over x's last dimension (HF ConvNeXt's channels-first
+        LayerNorm is a known norm over dim 1)."""
+        return (is_known_norm(self.gm, node) and bool(node.args) and node.args[0] is x
+                and probe_scale_invariant(self.gm, self.values, [node], x, node, must_depend=False))
 
     def match(self, add: fx.Node) -> tuple[Optional[Site], Optional[str]]:
         """A Site for this add, or (None, reason) when it looks like a residual but is not pre-norm."""
@@ -282,7 +292,8 @@ class _SiteFinder:
                 return self._site(add, skip, branch, [cand], norm_region, upcast), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
-        return None, "the branch does not read x through a normalization (post-norm or plain residual)"
+        return None, ("the branch does not read x through a normalization of each position over x's last dimension "
+                      "(post-norm, a plain residual, or a channels-first [N, C, H, W] stream normalised over C)")
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import residual_rewriter as rr
 from model_zoo import assert_same_training_step, make_gpt, make_hf, perturb_attn_res, rel_err
@@ -142,7 +143,7 @@ def test_post_sublayer_norm_is_refused():
         rr.convert(PostSublayerNormLM())
 
 
-@pytest.mark.parametrize("name, match", [("olmo2", "not a normalization")])
+@pytest.mark.parametrize("name, match", [("olmo2", "does not read x through a normalization of each position")])
 def test_hugging_face_models_that_are_refused(name, match):
     """OLMo-2 puts its norms after the sublayers. (BLOOM, whose attention and MLP add the residual
     inside themselves, was refused here too: it converts since passes/detect.py (split_residual_children).)"""
@@ -490,6 +491,46 @@ def test_a_child_with_a_zero_bias_taking_the_stream_is_not_taken_for_an_adder():
     rr.convert_(model, example_inputs=(x,), num_blocks=2)
     assert len(model.attn_res_report.sites) == 3 and model.attn_res_report.holders == ["0", "1", "2"]
     assert_same_training_step(original, model, lambda net: net(x), "a zero bias", tolerance=1e-12)
+
+
+class ChannelsFirstLayerNorm(torch.nn.Module):
+    """A LayerNorm over dim 1 of [N, C, H, W] (timm's LayerNorm2d, HF ConvNeXt's channels_first): a known norm
+    by its name, normalising each pixel over C, which is not the stream's last dimension."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight).permute(0, 3, 1, 2)
+
+
+class _ChannelsFirstBlock(torch.nn.Module):
+    """A block of a [N, C, H, W] stream: ``x + mlp(norm(x))``, normalised over C (or, ConvNeXt's order, a
+    depthwise convolution with a zero bias first), or over [C, H, W] (PoolFormer's GroupNorm(1, C))."""
+
+    def __init__(self, kind, c=8):
+        super().__init__()
+        self.kind, self.mlp = kind, torch.nn.Conv2d(c, c, 1)
+        self.dw = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+        torch.nn.init.zeros_(self.dw.bias)
+        self.norm = torch.nn.GroupNorm(1, c) if kind == "groupnorm" else ChannelsFirstLayerNorm(c)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(self.dw(x) if self.kind == "convnext" else x))
+
+
+@pytest.mark.parametrize("kind", ["convnext", "groupnorm", "layernorm2d"])
+def test_a_stream_whose_norms_do_not_normalise_its_last_dimension_is_refused(kind):
+    """Block AttnRes mixes each position's features, along the stream's last dimension. A [N, C, H, W] stream
+    (ConvNeXt, PoolFormer) was converted with W taken for the features: exact at init, a query of size W,
+    mixing each row of pixels (and failing on another image width). Refused, naming the dimension."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(_ChannelsFirstBlock(kind) for _ in range(3)), ChannelsFirstLayerNorm(8)).double()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(rr.ConversionError, match="normalization of each position over x's last dimension"):
+        rr.convert_(model, example_inputs=(torch.randn(2, 8, 6, 5, dtype=torch.float64),))
+    assert model.state_dict().keys() == before.keys() and not hasattr(model[0], "attn_res")
 
 
 def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
