@@ -69,8 +69,9 @@ def leaves(value: Any) -> list:
 
 def _snapshot(value: Any) -> Any:
     """``value`` (containers rebuilt by pytree: namedtuples, ModelOutputs) with every object that is
-    neither a tensor nor a plain constant deep-copied."""
-    return tree_map(_snapshot_leaf, value)
+    neither a tensor nor a plain constant deep-copied. A torch.Size stays one (pytree would make it a tuple:
+    another graph key than the model's own calls, BEiT's ``resolution``)."""
+    return tree_map(_snapshot_leaf, value, is_leaf=lambda v: isinstance(v, torch.Size))
 
 
 def _snapshot_leaf(value: Any) -> Any:

@@ -524,3 +524,41 @@ def test_a_float_changed_on_every_step_keeps_one_graph_per_call():
         with torch.no_grad():
             assert rel_err(model(ids), original(ids)) <= 1e-12
     assert len(model[1].forward.graphs) == prepared
+
+
+class _SizeBlock(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm, self.ff = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x, size: torch.Size):
+        return x + self.ff(self.norm(x)) * (size[-1] / 16)
+
+
+class _SizeLM(_ScaledLM):
+    """Its layers receive ``x.shape[1:]``, a torch.Size (BEiT's ``resolution``)."""
+
+    def __init__(self, d=16, layers=3):
+        super().__init__(d, layers)
+        self.layers = torch.nn.ModuleList(_SizeBlock(d) for _ in range(layers))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x, x.shape[1:])
+        return self.norm(x)
+
+
+def test_a_torch_size_argument_runs_the_graph_traced_at_conversion(monkeypatch):
+    """The conversion keyed the graph by the call it observed; a torch.Size there was snapshotted as a tuple
+    (pytree), so the model's own call (a torch.Size) was another signature: traced again at its first eager
+    call, and refused under torch.export on a freshly converted model."""
+    model = _SizeLM().double()
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(ids,), verify=False)
+    monkeypatch.setattr(layerwise, "retrace", lambda *a, **k: pytest.fail("a layer was traced after conversion"))
+    program = torch.export.export(model, (ids,))
+    with torch.no_grad():
+        assert rel_err(program.module()(ids), original(ids)) <= 1e-12
+        assert rel_err(model(ids), original(ids)) <= 1e-12
