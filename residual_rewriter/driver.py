@@ -9,6 +9,7 @@ the same mode. A step that fails leaves the model as it was: ``run`` undoes ever
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -113,13 +114,17 @@ def prepare_other_signatures(c: Conversion) -> None:
     if not hf.is_hf_model(c.model) or c.args or c.mode != IN_PLACE or c.detect_only:
         return
     holders = {id(h.module): h for h in c.holders}
-    for other, modes in _other_calls(c.model, c.kwargs):
+    variants = [(other, modes, exported) for other, modes in [(c.kwargs, (False, True))] + _other_calls(c.model, c.kwargs)
+                for exported in (False, True) if exported or other is not c.kwargs]
+    for other, modes, exported in variants:  # each also as torch.export makes it: its mask tensors where eager has None
         try:
-            calls, _ = observe_calls(c.model, (), other)
+            with hf.masks_as_under_export() if exported else contextlib.nullcontext():
+                calls, _ = observe_calls(c.model, (), other)
         except Exception as exc:  # noqa: BLE001 - the model itself refuses this call: nothing to prepare
             warnings.warn(f"residual_rewriter: {type(c.model).__name__} fails when called with "
-                          f"{sorted(set(other) - set(c.kwargs))} ({first_line(exc)}): the converted model is not "
-                          "prepared for that call under torch.compile/export", stacklevel=_users_frame())
+                          f"{sorted(set(other) - set(c.kwargs))}{' as under torch.export' if exported else ''} "
+                          f"({first_line(exc)}): the converted model is not prepared for that call under "
+                          "torch.compile/export", stacklevel=_users_frame())
             continue
         for call in calls:
             holder = holders.get(id(call.module))

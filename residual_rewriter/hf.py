@@ -6,6 +6,9 @@ model by duck typing (``config`` + ``main_input_name``), so the library works wi
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 from torch import nn
 
@@ -40,3 +43,22 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> d
         + (", and its config has no image_size" if name == "pixel_values" else "")
         + "): pass example_inputs={...} (its forward's keyword arguments) to convert/detect"
     )
+
+
+@contextlib.contextmanager
+def masks_as_under_export():
+    """Hugging Face's mask builders (``transformers.masking_utils``) as they run under ``torch.export``: eager
+    code skips a mask it can (no padding; a cross-attention mask without encoder states) and hands the layers
+    None, an exported one always builds the tensor. Calls observed inside reach the layers as export's do."""
+    masking = sys.modules.get("transformers.masking_utils")
+    if masking is None:
+        yield
+        return
+    saved = {name: getattr(masking, name) for name in ("is_torchdynamo_exporting", "is_tracing") if hasattr(masking, name)}
+    for name in saved:
+        setattr(masking, name, lambda *args, **kwargs: True)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(masking, name, function)

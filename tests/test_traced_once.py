@@ -51,6 +51,36 @@ def test_export_of_a_freshly_converted_llama_equals_eager(mask, no_tracing_after
         assert rel_err(program.module()(IDS, **kwargs).logits, model(IDS, **kwargs).logits) <= 1e-12
 
 
+def _exportable(name: str):
+    """(model, inputs): an encoder-decoder, a decoder-only model from one (its layers take a cross-attention
+    mask), a BEiT-style vision model (its layers take a torch.Size)."""
+    if name == "mbart-causal-lm":
+        import transformers
+        from model_zoo import _TINY_SEQ2SEQ
+
+        return transformers.MBartForCausalLM(transformers.MBartConfig(**_TINY_SEQ2SEQ)).double().eval(), {"input_ids": IDS}
+    if name == "data2vec-vision":
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return make_architecture(name), {"pixel_values": pixels}
+    return make_architecture(name), {"input_ids": IDS, "decoder_input_ids": IDS[:, :4]}
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", ["t5", "mbart", "mbart-causal-lm", "data2vec-vision"])
+def test_export_of_other_freshly_converted_models_equals_eager(name, no_tracing_after_conversion):
+    """torch.export builds the masks that eager code skips (no padding; no encoder states for a cross-attention
+    mask): the conversion prepares the calls as export makes them (``hf.masks_as_under_export``)."""
+    model, inputs = _exportable(name)
+    model = no_tracing_after_conversion(model)
+    inputs |= {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    program = torch.export.export(model, (), inputs)
+    with torch.no_grad():
+        want = model(**inputs)
+        got = program.module()(**inputs)
+    key = "logits" if hasattr(want, "logits") else "last_hidden_state"
+    assert rel_err(got[key], want[key]) <= 1e-12
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_compile_makes_as_many_graphs_as_the_original(training, no_tracing_after_conversion):
     original = make_architecture("llama").train(training)
