@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from unittest import mock
 
 import torch
 from torch import nn
@@ -45,20 +46,10 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> d
     )
 
 
-@contextlib.contextmanager
 def masks_as_under_export():
-    """Hugging Face's mask builders (``transformers.masking_utils``) as they run under ``torch.export``: eager
-    code skips a mask it can (no padding; a cross-attention mask without encoder states) and hands the layers
-    None, an exported one always builds the tensor. Calls observed inside reach the layers as export's do."""
+    """A context in which Hugging Face's mask builders (``transformers.masking_utils``) run as under
+    ``torch.export``: eager code skips a mask it can (no padding; a cross-attention mask without encoder
+    states) and hands the layers None, an exported one always builds the tensor."""
     masking = sys.modules.get("transformers.masking_utils")
-    if masking is None:
-        yield
-        return
-    saved = {name: getattr(masking, name) for name in ("is_torchdynamo_exporting", "is_tracing") if hasattr(masking, name)}
-    for name in saved:
-        setattr(masking, name, lambda *args, **kwargs: True)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(masking, name, function)
+    always = {n: lambda *args, **kwargs: True for n in ("is_torchdynamo_exporting", "is_tracing") if hasattr(masking, n)}
+    return mock.patch.multiple(masking, **always) if always else contextlib.nullcontext()
