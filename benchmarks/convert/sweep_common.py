@@ -1,9 +1,11 @@
 """What ``sweep_hf.py`` and ``sweep_timm.py`` share: converting one model and checking it against the
-original (``check_converted``: eval, then ``training_check``, which holds the near-zero gradient rule), the
-per-model timeout, the printed rows, and the JSON of results with its counts and exit code."""
+original (``check_converted``: eval, then ``training_check``, which holds the near-zero gradient rule, then
+``oracle_check``, with non-zero queries), the per-model timeout, the printed rows, and the JSON of results
+with its counts and exit code."""
 from __future__ import annotations
 
 import collections
+import copy
 import datetime
 import json
 import os
@@ -15,13 +17,20 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import residual_rewriter as rr
 from residual_rewriter.passes.errors import first_line
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+import attnres_oracle as oracle  # noqa: E402  (the suite's independent Block AttnRes oracle)
+from model_zoo import compare_steps  # noqa: E402  (the suite's rule for a training step)
+
 OUR_DIRS = tuple(str(REPO / d) + os.sep for d in ("residual_rewriter", "passes", "kernels"))
-GRAD_FLOOR = 1e-6  # see training_check
+# oracle_check's conversion: ceil(L / 3) != floor(L / 3) for most depths; not the default eps (a configured
+# value ignored would show)
+ORACLE_OPTIONS = {"num_blocks": 3, "key_norm_eps": 1e-4}
 
 
 class Timeout(BaseException):
@@ -47,11 +56,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
 
 
-def check_converted(row: dict, original, model, convert, run) -> dict:
+def check_converted(row: dict, original, model, convert, inputs: dict, pairs=()) -> dict:
     """``row`` with the outcome of ``convert(model)`` (in place; ``original`` an unconverted deep copy, both in
-    eval mode, ``run(net)`` calls one on the example inputs): "refused" (``ConversionError``), "crash" (any
-    other exception, in converting or running), "mismatch" (the first floating outputs differ, eval, no grad:
-    rel err by norm > 1e-9 in float64, 1e-4 in float32; NaN too), else what ``training_check`` says."""
+    eval mode, run as ``net(**inputs)``; ``convert(net, **options)`` takes conversion options): "refused"
+    (``ConversionError``), "crash" (any other exception, in converting or running), "mismatch" (the first
+    floating outputs differ, eval, no grad: rel err by norm > 1e-9 in float64, 1e-4 in float32; NaN too),
+    else what ``training_check`` says, and where that is "exact", what ``oracle_check`` says (``pairs`` its)."""
+    def run(net):
+        return net(**inputs)
+
+    spare = copy.deepcopy(original)  # for oracle_check: a training step can leave tensors no deepcopy takes
     try:
         convert(model)
         with torch.no_grad():
@@ -70,7 +84,14 @@ def check_converted(row: dict, original, model, convert, run) -> dict:
     rel = rel_err(got, want)
     if not rel <= (1e-9 if want.dtype == torch.float64 else 1e-4):  # NaN too
         return {**row, "outcome": "mismatch", "rel_err": rel}
-    return {**row, "rel_err": rel, **training_check(original, model, run)}
+    row = {**row, "rel_err": rel, **training_check(original, model, run)}
+    if row["outcome"] != "exact":
+        return row
+    try:
+        return {**row, **oracle_check(spare, convert, inputs, pairs)}
+    except Exception as exc:  # noqa: BLE001
+        return {**row, "outcome": "crash", "reason": f"with non-zero queries: {first_line(exc)}",
+                "error_type": type(exc).__name__, "frame": innermost_frame(exc), "traceback": traceback.format_exc()}
 
 
 def training_check(original, model, run) -> dict:
@@ -80,15 +101,9 @@ def training_check(original, model, run) -> dict:
     a loss on it must equal the original's at init. -> outcome "exact", "train mismatch" (a bug: silently
     wrong in training), or "crash" where only the converted model fails.
 
-    Tolerances: output rel err <= 1e-9, gradients <= 1e-8 in float64 (1e-4 and 1e-3 in float32). The gradient
-    rule, per parameter p: |g'_p - g_p| / max(|g_p|, GRAD_FLOOR * |g|) (norms; |g| the whole model's gradient,
-    every parameter's as one vector; GRAD_FLOOR 1e-6). A gradient that is analytically zero (a bias before a
-    softmax or a norm: 1e-17 against ~1, rounding noise in both models, its plain relative error O(1)) is thus
-    compared at the model's scale: differences under 1e-14 of |g| (float64) are rounding. A parameter whose
-    gradient is at least 1e-6 of |g| is compared to its own size (wrong by O(1) of it: error O(1), flagged); a
-    smaller one is still flagged when wrong by more than 1e-14 of |g|. A parameter with a gradient in the
-    original and none in the converted model is a train mismatch, as is a NaN. The row also keeps the plain
-    worst relative error (``grad_rel_err_plain``, no floor)."""
+    Compared by the suite's rule (``model_zoo.compare_steps``): output rel err <= 1e-9, gradients <= 1e-8 in
+    float64 (1e-4 and 1e-3 in float32), each relative to its own size with a floor at the whole model's
+    gradient scale for near-zero ones; a parameter without its gradient, or a NaN, is a train mismatch."""
     runs = []
     for net in (original, model):
         net.train()
@@ -104,22 +119,117 @@ def training_check(original, model, run) -> dict:
             return {"outcome": "crash", "reason": f"in training: {first_line(exc)}", "error_type": type(exc).__name__,
                     "frame": innermost_frame(exc), "traceback": traceback.format_exc()}
         runs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
-    (want, grads), (got, new_grads) = runs
-    tolerance = (1e-9, 1e-8) if want.dtype == torch.float64 else (1e-4, 1e-3)
-    out_err = rel_err(got, want) if got.shape == want.shape else float("inf")
-    missing = sorted(set(grads) - set(new_grads))
-    floor = GRAD_FLOOR * torch.sqrt(sum(g.double().square().sum() for g in grads.values())).item() if grads else 0.0
-    diffs = {n: ((new_grads[n].double() - g.double()).norm().item(), g.double().norm().item())
-             for n, g in grads.items() if n in new_grads}
-    errs = {n: d / max(size, floor, 1e-300) if d == d else float("inf") for n, (d, size) in diffs.items()}
-    name = max(errs, key=errs.get, default="")
-    worst = errs.get(name, 0.0)
-    plain = max((d / max(size, 1e-300) for d, size in diffs.values()), default=0.0)
-    check = {"train_rel_err": out_err, "grad_rel_err": worst, "grad_rel_err_plain": plain}
-    if out_err <= tolerance[0] and worst <= tolerance[1] and not missing:
+    check, why = compare_steps(*runs[0], *runs[1])
+    if why is None:
         return {**check, "outcome": "exact"}
-    why = f"no gradient for {missing[:3]}" if missing else f"output {out_err:.1e}, gradient of {name} {worst:.1e}"
     return {**check, "outcome": "train mismatch", "reason": f"in training, same random draws: {why}"}
+
+
+def oracle_check(original, convert, inputs: dict, pairs=()) -> dict:
+    """With non-zero queries, which exactness at init cannot replace (every aggregation of zero queries is the
+    plain sum: a wrong source set, block partition or query binding computes the same). ``original`` is
+    converted again (``convert(copy, **ORACLE_OPTIONS)``), its queries and key-norm gains drawn at random
+    (``attnres_oracle.randomize``), and then, in float64 to 1e-9 (float32: 1e-4):
+      - every norm and final norm reads what the independent oracle (tests/attnres_oracle.py) computes from
+        the branch outputs the model produced (eval, the graphs traced at conversion);
+      - the graphs traced for training compute what eval's do: the output and every gradient (the queries'
+        included; ``model_zoo.compare_steps``), with every dropout, DropPath and LayerDrop probability at 0, where the
+        original's training and eval forwards then agree (BatchNorm's do not: skipped, said so);
+      - each of ``pairs``, ``(label, run_a, run_b)``: two calls that the original computes alike (Hugging
+        Face: a cached decode step and the full forward) agree on the converted model too, to 1e-6 (float32:
+        1e-3; a cached step may take another algorithm, a Mamba scan's step, whose rounding the queries' new
+        inputs can bring to 1e-9; a wrong binding is off by far more).
+    -> {"oracle": what was checked or skipped, "oracle_rel_err": the worst}, with outcome "oracle mismatch"
+    (a bug) and its reason where one does not hold. Where the oracle cannot read the model (a module reading
+    the stream's end with another first argument: Perceiver's decoder; a holder called twice) it says so."""
+    original.eval()
+    model, reference = copy.deepcopy(original), copy.deepcopy(original)
+    convert(model, **ORACLE_OPTIONS)
+    oracle.randomize(model, seed=0)
+    dtype = first_float(model(**inputs)).dtype
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    done, worst, failures = [], 0.0, []
+    try:
+        errs = _oracle_errors(model, inputs)
+    except KeyError as exc:  # a holder whose graph traced at conversion did not run on the conversion's own call
+        failures.append(f"the oracle recorded nothing for {exc}: its conversion graph did not run")
+    except AssertionError as exc:  # what the oracle cannot read (a consumer whose first argument is another tensor)
+        done.append(f"oracle n/a ({first_line(exc)[:80]})")
+    else:
+        worst = max(errs.values(), default=0.0)
+        failures += [f"{what} reads {err:.1e} off the oracle" for what, err in errs.items() if not err <= tol]
+        done.append(f"oracle ({len(errs)} reads)")
+    for label, run_a, run_b in pairs:  # (before the training graphs' check, which sets new floats)
+        with torch.no_grad():
+            try:
+                original_err = rel_err(run_b(original), run_a(original))
+            except Exception as exc:  # noqa: BLE001 - the original cannot make this call
+                done.append(f"{label} skipped (the original fails: {type(exc).__name__})")
+                continue
+            if not original_err <= tol:
+                done.append(f"{label} skipped (the original differs by {original_err:.1e})")
+                continue
+            err = rel_err(run_b(model), run_a(model))
+        worst = max(worst, err)
+        if not err <= (1e-6 if dtype == torch.float64 else 1e-3):
+            failures.append(f"{label}: {err:.1e} apart (the original: {original_err:.1e})")
+        done.append(label)
+    skipped, why = _training_graphs_agree(reference, model, inputs)
+    if why is not None:
+        failures.append(why)
+    done.append(skipped or "training graphs")
+    row = {"oracle": ", ".join(done), "oracle_rel_err": worst}
+    return {**row, "outcome": "oracle mismatch", "reason": "; ".join(failures)} if failures else row
+
+
+def _oracle_errors(model, inputs: dict) -> dict[str, float]:
+    """{what: rel err} for every norm input and final-norm input against ``attnres_oracle``'s expectation."""
+    report, rec = model.attn_res_report, oracle.record(model, inputs)
+    errs = {}
+    for st in report.streams:
+        want = oracle.expected_stream(
+            rec.b0[st.index], [rec.branch[(st.index, s.index)] for s in st.sites],
+            [oracle.params_at(model, s.param_prefix) if s.param_prefix else None for s in st.sites],
+            oracle.params_at(model, st.final_param_prefix), num_blocks=ORACLE_OPTIONS["num_blocks"], block_size=None,
+            eps=ORACLE_OPTIONS["key_norm_eps"], mixing="sum")
+        for site, h in zip(st.sites, want.site_inputs):
+            for witness, got in rec.fed[(st.index, site.index)].items():
+                errs[f"stream {st.index} site {site.index} ({witness})"] = oracle.rel_err(got, h)
+        for witness, got in rec.final_fed[st.index].items():
+            errs[f"stream {st.index} final ({witness})"] = oracle.rel_err(got, want.final_input)
+    return errs
+
+
+def _training_graphs_agree(reference, model, inputs: dict) -> tuple[str | None, str | None]:
+    """(why the check was skipped, or None; why the converted model's training graphs do not compute what its
+    eval graphs do with no randomness on, or None)."""
+    def step(net, training: bool):
+        net.train(training)
+        net.zero_grad(set_to_none=True)
+        out = first_float(net(**inputs))
+        out.double().square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+    _without_randomness(reference)  # (a copy of the original)
+    try:
+        (want, _), (got, _) = step(reference, False), step(reference, True)
+    except Exception as exc:  # noqa: BLE001
+        return f"training graphs skipped (the original fails: {type(exc).__name__})", None
+    if not rel_err(got, want) <= (1e-9 if want.dtype == torch.float64 else 1e-4):
+        return f"training graphs skipped (the original's train and eval differ by {rel_err(got, want):.1e})", None
+    eval_step = step(model, False)  # the graphs traced at conversion (dropout is the identity in eval)
+    _without_randomness(model)  # a new float: new graphs, traced in eager code
+    _, why = compare_steps(*eval_step, *step(model, True))
+    model.eval()
+    return None, None if why is None else f"the training graphs differ from eval's, no randomness on: {why}"
+
+
+def _without_randomness(model: nn.Module) -> None:
+    """Every dropout, DropPath and LayerDrop probability at 0 (float attributes named ``*drop*``)."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if type(value) is float and ("drop" in name or (name == "p" and isinstance(module, nn.modules.dropout._DropoutNd))):
+                setattr(module, name, 0.0)
 
 
 def run_with_timeout(seconds: int, row: dict, work, *args) -> dict:
@@ -158,7 +268,7 @@ def sweep(todo, one, columns: dict[str, int], detail: int) -> list[dict]:
 def write_results(rows: list[dict], out: Path | None, name: str, what: str, library, **settings) -> int:
     """Prints the count per outcome (after "<n> <what>: "), writes {date, torch, library version, python,
     **settings, counts, rows} to ``out`` (default benchmarks/results/<name with {date}>.json), and returns the
-    exit code: 1 when a row is a crash, a mismatch or a train mismatch."""
+    exit code: 1 when a row is a crash, a mismatch, a train mismatch, an oracle mismatch or an export failure."""
     counts = collections.Counter(r["outcome"] for r in rows)
     print(f"\n{len(rows)} {what}: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()))
     date = datetime.date.today().isoformat()
@@ -169,4 +279,5 @@ def write_results(rows: list[dict], out: Path | None, name: str, what: str, libr
         "python": sys.version.split()[0], **settings, "counts": dict(counts), "rows": rows,
     }, indent=1, default=str))
     print(f"wrote {out}")
-    return 1 if counts["crash"] or counts["mismatch"] or counts["train mismatch"] else 0
+    bugs = ("crash", "mismatch", "train mismatch", "oracle mismatch", "export failed")
+    return 1 if any(counts[b] for b in bugs) else 0

@@ -34,6 +34,13 @@ Outcomes:
                        again with Hugging Face's gradient checkpointing on both, reentrant and not, where the
                        class supports it (``checkpointing_check``; a reentrant checkpoint around a converted
                        layer, T5's, is refused at its first forward: recorded, not a bug)
+    oracle mismatch    exact, but with non-zero queries (a second conversion, num_blocks=3, its queries drawn at
+                       random) a norm does not read what the independent oracle (tests/attnres_oracle.py) says, or
+                       the training graphs (no randomness on) compute other than eval's, or a cached decode step
+                       differs from the full forward (``sweep_common.oracle_check``; the row's ``oracle`` says
+                       what was checked, and what was skipped and why): a bug
+    export failed      exact, and the original exports, but ``torch.export`` of a freshly converted copy (no
+                       eager call first) fails, traces a layer again, or computes otherwise (``export_check``): a bug
     mismatch           converted, but the outputs differ (rel err > 1e-9 in float64, 1e-4 in float32): a bug
     train mismatch     exact in eval, but not in training (output > 1e-9 / gradient > 1e-8 in float64; 1e-4 /
                        1e-3 in float32; each gradient relative to its own size, with a floor at the whole
@@ -49,7 +56,7 @@ Outcomes:
 The conversion, the checks and the output are shared with ``sweep_timm.py`` (``sweep_common.py``).
 Prints one row per class as it finishes, then the count per outcome, and writes
 benchmarks/results/hf-sweep-transformers<version>-<date>.json (``-partial`` with --only/--limit).
-Exits 1 when a row is a crash, a mismatch or a train mismatch.
+Exits 1 when a row is a crash, a mismatch, a train mismatch, an oracle mismatch or an export failure.
 """
 from __future__ import annotations
 
@@ -63,6 +70,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -73,8 +81,9 @@ from transformers.models.auto import modeling_auto  # noqa: E402
 
 import residual_rewriter as rr  # noqa: E402
 from residual_rewriter import hf  # noqa: E402
+from residual_rewriter.passes import layerwise  # noqa: E402
 from residual_rewriter.passes.errors import first_line  # noqa: E402
-from sweep_common import REPO, check_converted, run_with_timeout, sweep, training_check, write_results  # noqa: E402  (beside this file)
+from sweep_common import REPO, check_converted, first_float, rel_err, run_with_timeout, sweep, training_check, write_results  # noqa: E402  (beside this file)
 
 sys.path.insert(0, str(REPO / "tests"))
 from model_zoo import live_dropout  # noqa: E402  (the suite's: dropout and LayerDrop on)
@@ -340,17 +349,64 @@ def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
         model, kwargs, derived = build(name, model_type, mapping)
         live_dropout(model)  # for the training check; eval is unchanged
         row.update(model_type=model.config.model_type, dtype=str(next(model.parameters()).dtype)[6:])
-        original = copy.deepcopy(model)
+        original, fresh = copy.deepcopy(model), copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001
         return {**row, "outcome": "build failed", "reason": first_line(exc)}
     if isinstance(kwargs, str):
         return {**row, "outcome": "no example inputs", "dtype": None, "reason": kwargs}
     row["inputs"] = "derived" if derived else "passed"  # by convert_ itself, or by the sweep (user_inputs)
-    row = check_converted(row, original, model, lambda m: rr.convert_(m, example_inputs=None if derived else kwargs),
-                          lambda net: net(**kwargs))
+    def convert(m, **options):
+        return rr.convert_(m, example_inputs=None if derived else kwargs, **options)
+
+    row = check_converted(row, original, model, convert, kwargs, decode_pairs(original, kwargs))
+    if row["outcome"] == "exact":
+        row.update(export_check(fresh, convert, kwargs))
     if row["outcome"] == "exact" and getattr(original, "supports_gradient_checkpointing", False):
         row.update(checkpointing_check(original, model, lambda net: net(**kwargs)))
     return row
+
+
+def export_check(original, convert, kwargs: dict) -> dict:
+    """``torch.export`` of a freshly converted copy of ``original`` (no eager call first: ``verify=False``), any
+    trace of a layer after conversion refused, equals the original's output (1e-9 in float64, 1e-4 in float32).
+    -> {"export": "exact" or why it was skipped}, or outcome "export failed" (a bug) where the original exports
+    and the converted model does not."""
+    if "use_cache" in inspect.signature(original.forward).parameters:
+        kwargs = {**kwargs, "use_cache": False}  # an exported program cannot return a cache object
+    try:
+        torch.export.export(original, (), kwargs)
+    except Exception as exc:  # noqa: BLE001
+        return {"export": f"skipped (the original does not export: {type(exc).__name__})"}
+    model = copy.deepcopy(original)
+    try:
+        convert(model, verify=False)
+        with mock.patch.object(layerwise, "retrace", side_effect=AssertionError("a layer was traced after conversion")):
+            program = torch.export.export(model, (), kwargs)
+        with torch.no_grad():
+            want, got = first_float(original(**kwargs)), first_float(program.module()(**kwargs))
+        err = rel_err(got, want)
+    except Exception as exc:  # noqa: BLE001
+        return {"outcome": "export failed", "reason": f"torch.export: {first_line(exc)}"}
+    if not err <= (1e-9 if want.dtype == torch.float64 else 1e-4):
+        return {"outcome": "export failed", "reason": f"the exported program is {err:.1e} off the original"}
+    return {"export": "exact"}
+
+
+def decode_pairs(model, kwargs: dict) -> list:
+    """For ``oracle_check``: where the call is ``input_ids`` alone and the model has a KV cache, the last
+    token's logits from one cached decode step after the others equal the full forward's."""
+    ids = kwargs.get("input_ids")
+    if set(kwargs) != {"input_ids"} or not hasattr(model, "generate") or getattr(model.config, "use_cache", None) is False:
+        return []
+
+    def full(net):
+        return net(input_ids=ids).logits[:, -1]
+
+    def cached(net):
+        past = net(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        return net(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+
+    return [("a cached decode step", full, cached)]
 
 
 def checkpointing_check(original, model, run) -> dict:

@@ -38,6 +38,8 @@ Outcomes (as ``sweep_hf.py``):
                        output and the gradient of every parameter of a loss on it equal the original's too
                        (output <= 1e-9, gradients <= 1e-8 relative to each parameter's gradient, with a floor
                        at the whole model's gradient scale for near-zero ones: ``sweep_common.training_check``)
+    oracle mismatch    exact, but not with non-zero queries: against the independent oracle, or the training
+                       graphs against eval's (``sweep_common.oracle_check``): a bug
     mismatch           converted, but the eval outputs differ: a bug
     train mismatch     exact in eval, not in training, or a parameter without its gradient: a bug
     refused            ``ConversionError``: its first line shown, the full reason in the JSON
@@ -49,7 +51,7 @@ Outcomes (as ``sweep_hf.py``):
 The conversion, the checks and the output are shared with ``sweep_hf.py`` (``sweep_common.py``).
 Prints one row per model as it finishes, then the count per outcome, and writes
 benchmarks/results/timm-sweep-timm<version>-<date>.json (``-partial`` with --only/--limit/--names).
-Exits 1 when a row is a crash, a mismatch or a train mismatch. Set ``OMP_NUM_THREADS=1`` beside other
+Exits 1 when a row is a crash, a mismatch, a train mismatch or an oracle mismatch. Set ``OMP_NUM_THREADS=1`` beside other
 jobs (the script sets it when unset, before torch is imported).
 """
 from __future__ import annotations
@@ -290,8 +292,8 @@ def sweep_one(family: str, name: str) -> dict:
         model = copy.deepcopy(original)  # taken in eval mode
     except Exception as exc:  # noqa: BLE001
         return {**row, "outcome": "build failed", "reason": first_line(exc)}
-    return check_converted(row, original, model, lambda m: rr.convert_(m, example_inputs=x, num_blocks=2),
-                           lambda net: net(x))
+    return check_converted(row, original, model, lambda m, **o: rr.convert_(m, example_inputs=x, **{"num_blocks": 2, **o}),
+                           {"x": x})
 
 
 def main(argv=None) -> int:
