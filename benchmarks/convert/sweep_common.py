@@ -136,7 +136,7 @@ def oracle_check(original, convert, inputs: dict, pairs=()) -> dict:
         included; ``model_zoo.compare_steps``), with every dropout, DropPath and LayerDrop probability at 0, where the
         original's training and eval forwards then agree (BatchNorm's do not: skipped, said so);
       - each of ``pairs``, ``(label, run_a, run_b)``: two calls that the original computes alike (Hugging
-        Face: a cached decode step and the full forward) agree on the converted model too, to 1e-6 (float32:
+        Face: a padded batch, a cached decode step) agree on the converted model too, to 1e-6 (float32:
         1e-3; a cached step may take another algorithm, a Mamba scan's step, whose rounding the queries' new
         inputs can bring to 1e-9; a wrong binding is off by far more).
     -> {"oracle": what was checked or skipped, "oracle_rel_err": the worst}, with outcome "oracle mismatch"

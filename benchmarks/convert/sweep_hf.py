@@ -36,8 +36,9 @@ Outcomes:
                        layer, T5's, is refused at its first forward: recorded, not a bug)
     oracle mismatch    exact, but with non-zero queries (a second conversion, num_blocks=3, its queries drawn at
                        random) a norm does not read what the independent oracle (tests/attnres_oracle.py) says, or
-                       the training graphs (no randomness on) compute other than eval's, or a cached decode step
-                       differs from the full forward (``sweep_common.oracle_check``; the row's ``oracle`` says
+                       the training graphs (no randomness on) compute other than eval's, or two calls the original
+                       computes alike do not agree (``hf_pairs``: a right-padded batch and the unpadded one; a
+                       cached decode step and the full forward) (``sweep_common.oracle_check``; the row's ``oracle`` says
                        what was checked, and what was skipped and why): a bug
     export failed      exact, and the original exports, but ``torch.export`` of a freshly converted copy (no
                        eager call first) fails, traces a layer again, or computes other than the original's exported
@@ -359,7 +360,7 @@ def sweep_one(name: str, model_type: str, mapping: str = "") -> dict:
     def convert(m, **options):
         return rr.convert_(m, example_inputs=None if derived else kwargs, **options)
 
-    row = check_converted(row, original, model, convert, kwargs, decode_pairs(original, kwargs))
+    row = check_converted(row, original, model, convert, kwargs, hf_pairs(original, kwargs))
     if row["outcome"] == "exact":
         row.update(export_check(fresh, convert, kwargs))
     if row["outcome"] == "exact" and getattr(original, "supports_gradient_checkpointing", False):
@@ -394,21 +395,36 @@ def export_check(original, convert, kwargs: dict) -> dict:
     return {"export": "exact"}
 
 
-def decode_pairs(model, kwargs: dict) -> list:
-    """For ``oracle_check``: where the call is ``input_ids`` alone and the model has a KV cache, the last
-    token's logits from one cached decode step after the others equal the full forward's."""
+def hf_pairs(model, kwargs: dict) -> list:
+    """For ``oracle_check``, where the call is ``input_ids`` alone: calls the original computes alike, each
+    reaching the layers with another signature (another graph): a right-padded batch (the masked graphs) and
+    the unpadded one agree on the real tokens; with a KV cache, one cached decode step after the others and
+    the full forward agree on the last token."""
     ids = kwargs.get("input_ids")
-    if set(kwargs) != {"input_ids"} or not hasattr(model, "generate") or getattr(model.config, "use_cache", None) is False:
+    if set(kwargs) != {"input_ids"}:
         return []
+    pairs, real = [], ids.shape[1] - 2
+    if "attention_mask" in inspect.signature(model.forward).parameters:
+        mask = torch.ones_like(ids)
+        mask[:, real:] = 0
 
-    def full(net):
-        return net(input_ids=ids).logits[:, -1]
+        def unpadded(net):
+            return first_float(net(input_ids=ids[:, :real]))
 
-    def cached(net):
-        past = net(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        return net(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+        def padded(net):
+            return first_float(net(input_ids=ids, attention_mask=mask))[:, :real]
 
-    return [("a cached decode step", full, cached)]
+        pairs.append(("a right-padded batch", unpadded, padded))
+    if hasattr(model, "generate") and getattr(model.config, "use_cache", None) is not False:
+        def full(net):
+            return net(input_ids=ids).logits[:, -1]
+
+        def cached(net):
+            past = net(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            return net(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+
+        pairs.append(("a cached decode step", full, cached))
+    return pairs
 
 
 def checkpointing_check(original, model, run) -> dict:
