@@ -292,8 +292,7 @@ class _SiteFinder:
                 return self._site(add, skip, branch, [cand], norm_region, upcast), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
-        return None, ("the branch does not read x through a normalization of each position over x's last dimension "
-                      "(post-norm, a plain residual, or a channels-first [N, C, H, W] stream normalised over C)")
+        return None, "the branch does not read x through a norm over its last dimension (post-norm, plain residual, channels-first)"
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
