@@ -164,6 +164,22 @@ def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
 
 
 @pytest.mark.parametrize("path, options", [
+    # [N, C, H, W] streams normalised over C: W was taken for the features (a query of W entries)
+    ("convnext.ConvNeXt", dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=0)),
+    # StarNet: a branch whose BatchNorm gain is zero at init barely reads x, so it looked invariant to
+    # scaling (0.7% apart against 0.7% for other values): taken for a norm of a [N, C, H, W] stream
+    ("starnet.StarNet", dict(base_dim=16, depths=(1, 1, 1, 3), num_classes=0)),
+])
+def test_a_channels_first_stream_is_refused(path, options):
+    torch.manual_seed(0)
+    model = _timm(path, **options).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with pytest.raises(rr.ConversionError, match="a norm over its last dimension"):
+        rr.convert_(model, example_inputs=(x,), num_blocks=2)
+    assert not rr.attn_res_parameters(model)
+
+
+@pytest.mark.parametrize("path, options", [
     ("vision_transformer.VisionTransformer", VIT),
     # the model as one holder (its stream is pooled between stages); drop_path is traced into it, and in
     # training it makes nodes the eval graph lacks: those children are kept whole instead
