@@ -114,9 +114,9 @@ def prepare_other_signatures(c: Conversion) -> None:
     if not hf.is_hf_model(c.model) or c.args or c.mode != IN_PLACE or c.detect_only:
         return
     holders = {id(h.module): h for h in c.holders}
-    variants = [(other, modes, exported) for other, modes in [(c.kwargs, (False, True))] + _other_calls(c.model, c.kwargs)
-                for exported in (False, True) if exported or other is not c.kwargs]
-    for other, modes, exported in variants:  # each also as torch.export makes it: its mask tensors where eager has None
+    others = _other_calls(c.model, c.kwargs)  # each, and the example call, also as export makes it (its masks)
+    variants = [(o, m, False) for o, m in others] + [(o, m, True) for o, m in [(c.kwargs, (False, True)), *others]]
+    for other, modes, exported in variants:
         try:
             with hf.masks_as_under_export() if exported else contextlib.nullcontext():
                 calls, _ = observe_calls(c.model, (), other)
