@@ -165,7 +165,7 @@ def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
 
 @pytest.mark.parametrize("path, options", [
     # [N, C, H, W] streams normalised over C: W was taken for the features (a query of W entries)
-    ("convnext.ConvNeXt", dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=0)),
+    ("convnext.ConvNeXt", dict(depths=(1, 2, 2, 2), dims=(8, 16, 24, 32), num_classes=0)),
     # StarNet: a branch whose BatchNorm gain is zero at init barely reads x, so it looked invariant to
     # scaling (0.7% apart against 0.7% for other values): taken for a norm of a [N, C, H, W] stream
     ("starnet.StarNet", dict(base_dim=16, depths=(1, 1, 1, 3), num_classes=0)),
