@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.utils._pytree import register_dataclass
+from torch.utils._pytree import register_dataclass, tree_flatten, tree_map_only
 
 from .errors import ConversionError
 
@@ -59,6 +59,8 @@ class AttnResState:
                         "carry it: add v to state.partial, or where it is None (a block just ended) to state.blocks[-1].")
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _arithmetic
+    def __getitem__(self, index):  # code collecting the layers' outputs (timm's forward_intermediates: `y[:, 0:n]`)
+        raise TypeError(f"indexing an AttnResState: {_NOT_A_TENSOR}")
 
     def residual_sum(self) -> torch.Tensor:
         """The value a standard residual stream would hold here: every source summed. With zero
@@ -97,8 +99,6 @@ def states_in_output_to_tensors(module, args, output: Any) -> Any:
     collected (Hugging Face's ``output_hidden_states=True``; torchtune's ``[*hidden_states, logits]``), each
     state becomes the tensor a standard residual stream would hold there (``residual_sum``: the original's
     hidden state at init). Hugging Face's output classes are pytree nodes: their fields are looked into."""
-    from torch.utils._pytree import tree_flatten, tree_map_only
-
     def is_state(v: Any) -> bool:
         return isinstance(v, AttnResState)
 

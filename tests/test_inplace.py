@@ -446,6 +446,11 @@ def test_a_hook_reading_a_layer_output_as_a_tensor_is_told_what_it_got():
     with pytest.raises(TypeError, match=r"(?s)arithmetic on an AttnResState.*residual_sum\(\).*state.partial.*blocks\[-1\]"):
         model(ids)
     handle.remove()
+    # indexing, as code collecting the layers' outputs does (timm's forward_intermediates: `y[:, 0:n]`)
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, out: out[:, 0:1])
+    with pytest.raises(TypeError, match=r"(?s)indexing an AttnResState.*residual_sum\(\)"):
+        model(ids)
+    handle.remove()
     # the recipe the message gives, on a layer that ends a block (partial None) and one that does not:
     # with zero queries it steers exactly as `out + v` steers the original
     import dataclasses
