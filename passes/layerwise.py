@@ -497,8 +497,8 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
         if common and not _ends_in_a_norm(chains[-1], calls) and not _resized(chains[-1][-1], x):
             raise NotLayerwise(
                 f"the stream {chains[-1][-1].path} returns is not what {holder.path} receives: the model's own "
-                f"code (in {common} or its parents) transforms it between them"
-            )
+                f"code (in {common} or its parents) transforms it between them (to convert the rest, leave that stack "
+                f"out: filter_fn=lambda module, path: not path.startswith({holder.path.rpartition('.')[0] + '.'!r}))")
         chains.append([holder])
     return chains
 

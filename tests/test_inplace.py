@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -286,6 +287,38 @@ def test_model_code_that_uses_the_stream_between_layers_is_refused_and_left_unto
     assert all("forward" not in vars(m) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+class _TwoStacks(torch.nn.Module):
+    """Two GPTs: the first called whole, the second's layers by a loop that transforms the stream between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = make_gpt(), make_gpt()
+
+    def forward(self, idx):
+        x = self.second.transformer.wte(idx)
+        for block in self.second.transformer.h:
+            x = block(x) * 1.0
+        return self.first(idx) + self.second.lm_head(self.second.transformer.ln_f(x))
+
+
+def test_a_refused_stack_is_named_with_the_filter_fn_that_converts_the_rest():
+    """One stack the model's code transforms between layers (Blt's local decoder, cross-attention added between
+    its layers) refuses the whole model: the message gives the filter_fn that leaves that stack out, and that
+    filter_fn converts the other stack, exactly."""
+    model = _TwoStacks().double()
+    x = torch.randint(0, 64, (2, 7))
+    with pytest.raises(rr.ConversionError, match="transforms it between them") as refused:
+        rr.convert_(model, example_inputs=(x,))
+    hint = re.search(r"filter_fn=(lambda module, path: not path\.startswith\('[\w.]+'\))", str(refused.value))
+    assert hint, str(refused.value)
+    with torch.no_grad():
+        want = model(x)
+    rr.convert_(model, example_inputs=(x,), filter_fn=eval(hint.group(1)))
+    assert model.attn_res_report.holders == [f"first.transformer.h.{i}" for i in range(4)]
+    with torch.no_grad():
+        assert rel_err(model(x), want) <= 1e-10
 
 
 def test_model_code_that_reads_the_state_between_layers_converts_the_model_as_one_holder():
