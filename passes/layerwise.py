@@ -41,6 +41,7 @@ from .rewrite import AttnResParameters, LayerBoundary, apply_plan
 from .state import AttnResState, aligned
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
+_PLAIN = {tuple: "tuple", list: "list", dict: "dict", AttnResState: "AttnResState"}
 
 
 # Observing the model's module calls
@@ -155,6 +156,8 @@ class BoundCall:
 def _kind(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "tensor"
+    if type(value) in _PLAIN:  # a literal: Dynamo before torch 2.12 cannot hash `tuple.__name__` (a graph key)
+        return _PLAIN[type(value)]
     return type(value).__name__ if isinstance(value, (tuple, list, dict, AttnResState)) else "object"
 
 

@@ -184,11 +184,8 @@ def _compile(gm: fx.GraphModule, example_inputs, config: AttnResBackendConfig, m
     patches = dict(config.inductor_config)
     if mode not in (None, "default"):
         patches = {**torch._inductor.list_mode_options(mode), **patches}
-    if fold:  # before any custom pre-pass of the user's
-        from torch._inductor.custom_graph_pass import get_custom_graph_passes  # None, one pass or a list
-
-        theirs = get_custom_graph_passes(patches.get("post_grad_custom_pre_pass"))
-        patches["post_grad_custom_pre_pass"] = [inductor_pass(record_folds), *theirs]
+    if fold:  # ours first, then any custom pre-pass of the user's, as one pass
+        patches["post_grad_custom_pre_pass"] = inductor_pass(record_folds, then=patches.get("post_grad_custom_pre_pass"))
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

@@ -82,9 +82,22 @@ class StateLayout:
         return self.num_blocks - cached
 
 
+def _require_torch_2_13() -> None:
+    """A stage that receives an empty partial sum, or block sums it does not read, gets no gradient for them:
+    torch >= 2.13's PipelineStage sends zeros back, older ones fail in the backward (each route: ours, a user's
+    own stage modules, ``pipeline()``)."""
+    if TORCH_VERSION < (2, 13):
+        raise ConversionError(f"pipelining a converted model needs torch >= 2.13 (this is {torch.__version__}): an "
+                              "older PipelineStage fails in the backward on a stage input without a gradient")
+
+
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def pack_state(state: AttnResState, cached: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(blocks, partial)``: the state as the two tensors of the layout, leaving out the first
     ``cached`` block sums (those the receiver already holds)."""
+    _require_torch_2_13()
     if not isinstance(state, AttnResState):
         raise TypeError(
             f"pack_state takes the AttnResState a rewritten layer returns, got {type(state).__name__}: a split "
@@ -120,6 +133,7 @@ def unpack_state(blocks: torch.Tensor, partial: torch.Tensor, cached: Sequence[t
 # The plan: layers and the layout before each
 # ---------------------------------------------------------------------------------------------------
 def _report(model: nn.Module):
+    _require_torch_2_13()
     report = getattr(model, "attn_res_report", None)
     if report is None or not report.converted:
         raise ConversionError(f"{type(model).__name__} is not converted: run residual_rewriter.convert_(model) first")

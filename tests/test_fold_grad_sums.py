@@ -3,12 +3,14 @@ our backward ops' ``accumulate`` inputs, on the backward graph AOT autograd deri
 are kept (``lower=None``: their CPU implementations run), so the folded graph itself runs here."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from residual_rewriter.backend import make_attnres_backend
 from residual_rewriter.passes.lowering.common import PHASE1, PHASE1_NORMED, library_op, value
-from residual_rewriter.passes.lowering.fold_grad_sums import fold_grad_sums
+from residual_rewriter.passes.lowering.fold_grad_sums import fold_grad_sums, inductor_pass
 
 from model_zoo import logits_of
 from test_backend import _converted, _fresh_dynamo, assert_matches_eager, load_traffic_model  # noqa: F401 (fixture)
@@ -119,8 +121,9 @@ def test_rule_leaves_what_it_cannot_fold(case):
 
 
 def test_inductor_gets_the_pass_before_the_users_own(monkeypatch):
-    """The backend hands inductor its post-grad pass first and keeps a user's own after it; a graph
-    without our ops gets none (it goes to inductor untouched)."""
+    """The backend hands inductor its post-grad pass, which runs a user's own after it (one pass: torch < 2.13
+    takes no list); a graph without our ops gets none (it goes to inductor untouched). Inductor's cache keys
+    on both passes, and is bypassed where a user's pass gives it no key."""
     import torch._inductor.compile_fx as cfx
 
     seen = []
@@ -131,15 +134,32 @@ def test_inductor_gets_the_pass_before_the_users_own(monkeypatch):
 
     monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
 
+    ran = []
+
     def users_pass(graph):
-        return None
+        ran.append(graph)
 
     conv, x, _ = _converted("llama", 2)
     backend = make_attnres_backend(lower=None, inductor_config={"post_grad_custom_pre_pass": users_pass})
     torch.compile(conv, backend=backend)(x)
     (patches,) = seen
-    ours, theirs = patches["post_grad_custom_pre_pass"]
-    assert type(ours).__name__ == "InductorFoldGradSums" and ours.uuid() and theirs is users_pass
+    ours = patches["post_grad_custom_pre_pass"]
+    assert type(ours).__name__ == "InductorFoldGradSums" and ours.uuid() is None  # users_pass has no uuid
+    graph = _merge_backward_graph("before").graph
+    ours(graph)  # folds, then hands the folded graph to the user's pass
+    assert ran == [graph] and _accumulate_of(types.SimpleNamespace(graph=graph))[1] is not None
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Keyed(CustomGraphPass):
+        def __call__(self, graph):
+            ran.append(graph)
+
+        def uuid(self):
+            return "theirs-v1"
+
+    keys = inductor_pass(then=[Keyed()]).uuid(), inductor_pass().uuid()
+    assert keys[0][1:] == ("theirs-v1",) and keys[0][0] == keys[1][0]
     seen.clear()
     torch._dynamo.reset()
     torch.compile(torch.nn.Linear(4, 4), backend=make_attnres_backend())(torch.randn(2, 4))

@@ -32,6 +32,9 @@ import residual_rewriter as rr
 from processes import free_port
 from residual_rewriter import pipelining as rp
 
+# older PipelineStages fail on a stage input without a gradient: pipelining refuses them (the last test here)
+pytestmark = pytest.mark.skipif(rp.TORCH_VERSION < (2, 13), reason=f"pipelining needs torch >= 2.13, not {torch.__version__}")
+
 WORKER_DEADLINE_S = 240
 TEST_DEADLINE_S = 300
 GRAD_RTOL = 1e-12  # float64: |pipeline - unsplit| <= GRAD_RTOL * max|unsplit| per parameter
@@ -176,6 +179,20 @@ def test_stage_modules_chained_in_one_process_compute_the_model():
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_pipelining_on_torch_before_2_13_is_refused_before_it_starts(monkeypatch):
+    """torch < 2.13's PipelineStage fails in the backward on a stage input without a gradient (an empty partial
+    sum): each route (build_stages, pipeline() with split_spec, a user's own stages with pack_state) is refused
+    up front, naming the version it needs."""
+    from residual_rewriter.passes.state import AttnResState
+
+    model, _, _ = make_model("gpt", 4, num_blocks=2)
+    monkeypatch.setattr(rp, "TORCH_VERSION", (2, 12))
+    for route in (lambda: rp.build_stages(model, [2], rank=0, num_ranks=2, example_kwargs={}, num_microbatches=1),
+                  lambda: rp.split_spec(model, [2]), lambda: rp.pack_state(AttnResState((torch.zeros(2, 3),), None))):
+        with pytest.raises(rr.ConversionError, match=r"pipelining a converted model needs torch >= 2\.13"):
+            route()
 
 
 def test_bad_split_points_are_refused_with_what_is_allowed():

@@ -130,20 +130,30 @@ def fold_grad_sums_in(gm: fx.GraphModule) -> dict:
     return counts
 
 
-def inductor_pass(on_counts=None):
+def inductor_pass(on_counts=None, then=None):
     """The pass as inductor's ``post_grad_custom_pre_pass`` (run on the forward and the backward graph;
-    the forward has nothing to fold). ``on_counts(counts)`` is called after each graph."""
+    the forward has nothing to fold). ``on_counts(counts)`` is called after each graph. ``then``: the
+    user's own pre-pass or list of them, run after it within this one pass (torch < 2.13 takes no list)."""
+    import torch._inductor.custom_graph_pass as passes
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-    class InductorFoldGradSums(CustomGraphPass):
-        def __call__(self, graph: fx.Graph) -> None:
+    theirs = () if then is None else tuple(then) if isinstance(then, (list, tuple)) else (then,)
+    aware = getattr(passes, "CustomInferenceAwareGraphPass", None)  # torch >= 2.12: called with is_inference
+
+    class InductorFoldGradSums(aware or CustomGraphPass):
+        def __call__(self, graph: fx.Graph, is_inference: bool = False) -> None:
             counts = fold_grad_sums(graph)
             if on_counts is not None:
                 on_counts(counts)
+            for p in theirs:
+                p(graph, is_inference=is_inference) if aware and isinstance(p, aware) else p(graph)
 
-        def uuid(self):  # inductor's FX-graph cache keys on this pass's source (and the op schemas')
+        def uuid(self):  # inductor's FX-graph cache keys on this pass's source (and the op schemas'), and theirs
             from residual_rewriter.kernels.attn_res import op as ops_module
 
-            return get_hash_for_files((__file__, ops_module.__file__))
+            keys = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in theirs]
+            if not all(keys):  # a pass of theirs the cache cannot key on: None makes inductor bypass it
+                return None
+            return (get_hash_for_files((__file__, ops_module.__file__)), *keys)
 
     return InductorFoldGradSums()

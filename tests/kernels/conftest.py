@@ -6,6 +6,8 @@ folders and ``test_kernels_subprocess.py`` runs each in a subprocess with the ri
 """
 import os
 
+import pytest
+
 _suite = os.environ.get("RR_KERNELS_SUITE", "")
 collect_ignore = [d for d in ("numerics", "compile_sm90") if d != _suite]
 
@@ -18,3 +20,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("kernel sub-suites (each run in its own process)")
         for name, line in suites.items():
             terminalreporter.write_line(f"{name}: {line}")
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Skips where triton's interpreter (TRITON_INTERPRET=1, the kernels on CPU tensors) cannot run: triton < 3.7
+    (torch 2.11's) takes int() of one-element numpy arrays, which numpy >= 2.4 refuses. A GPU compiles the
+    kernels instead and runs the same numerics (test_cuda_suite)."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        try:
+            int(numpy.zeros(1))
+        except TypeError:
+            pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__}")

@@ -12,14 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "attn_res" / "bench_attn_res.py"
 
 
-def test_bench_smoke(tmp_path):
-    pytest.importorskip("triton")
+def test_bench_smoke(tmp_path, triton_interpreter):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # smoke mode even where a GPU is present
     proc = subprocess.run(
@@ -39,9 +37,8 @@ def test_bench_smoke(tmp_path):
     assert data["checks"]["liger-kernel"]["status"].startswith("skipped")
 
 
-def test_bench_ops_smoke(tmp_path):
+def test_bench_ops_smoke(tmp_path, triton_interpreter):
     """benchmarks/attn_res/bench_ops.py: every op the backend runs, timed alone (interpreter here)."""
-    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(
@@ -57,10 +54,9 @@ def test_bench_ops_smoke(tmp_path):
     assert all(math.isfinite(r["ms"]) and r["passes"] > 0 for r in data["rows"]) and result.with_suffix(".md").exists()
 
 
-def test_project_floor_smoke(tmp_path):
+def test_project_floor_smoke(tmp_path, triton_interpreter):
     """benchmarks/backend/project_floor.py (run_on_gpu.sh's `floor` step): every op timed, the emitted
     graphs priced in both modes, mix_order_reduction reported (interpreter here)."""
-    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(

@@ -61,9 +61,8 @@ def _run_suite(record_property, request, suite: str, interpret: bool = False, de
         )
 
 
-def test_interpreter_suite(record_property, request):
+def test_interpreter_suite(record_property, request, triton_interpreter):
     """Triton kernels on CPU tensors (TRITON_INTERPRET=1) against the float64 reference."""
-    pytest.importorskip("triton")
     _run_suite(record_property, request, "numerics", interpret=True)
 
 

@@ -166,6 +166,9 @@ def test_forward_keeps_to_registers(dtype, T, D, n, max_regs):
         warps, N=n, HAS_W=True, STORE_MIX=True, NORMED=False, HAS_WO=False, BLOCK_T=bt,
         BLOCK_D=bd)
     u = resources.usage(compiled)
+    if (u["stack_bytes"] or u["registers"] > max_regs) and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
+        # triton 3.6 and 3.7 (torch 2.11's and 2.13's CUDA pins): 77 registers at D=4096, 184 B of spills at 7168
+        pytest.xfail(f"triton {triton.__version__}: forward at T={T}, D={D}, n={n}: {u}")
     assert u["stack_bytes"] == 0, f"register spills: {u}"
     assert u["registers"] <= max_regs, u
 
