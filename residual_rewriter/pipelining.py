@@ -82,6 +82,9 @@ class StateLayout:
         return self.num_blocks - cached
 
 
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def _require_torch_2_13() -> None:
     """A stage that receives an empty partial sum, or block sums it does not read, gets no gradient for them:
     torch >= 2.13's PipelineStage sends zeros back, older ones fail in the backward (each route: ours, a user's
@@ -89,9 +92,6 @@ def _require_torch_2_13() -> None:
     if TORCH_VERSION < (2, 13):
         raise ConversionError(f"pipelining a converted model needs torch >= 2.13 (this is {torch.__version__}): an "
                               "older PipelineStage fails in the backward on a stage input without a gradient")
-
-
-TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def pack_state(state: AttnResState, cached: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
