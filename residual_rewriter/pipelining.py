@@ -82,7 +82,7 @@ class StateLayout:
         return self.num_blocks - cached
 
 
-TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+TORCH_VERSION = torch.__version__  # a TorchVersion: compares with (2, 13)
 
 
 def _require_torch_2_13() -> None:

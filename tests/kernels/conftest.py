@@ -29,8 +29,9 @@ def triton_interpreter():
     kernels instead and runs the same numerics (test_cuda_suite)."""
     triton = pytest.importorskip("triton")
     import numpy
+    from torch.torch_version import TorchVersion
 
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    if TorchVersion(triton.__version__) < (3, 7):
         try:
             int(numpy.zeros(1))
         except TypeError:
