@@ -545,17 +545,34 @@ def _check_stream_ends_at_output(stream: Stream, last: fx.Node, source: fx.Node,
         view = readers[0]
     if view is not last and finder.values[view].shape == finder.values[source].shape:
         stream.end_view, last, metadata = view.name, view, []
+    scaled = [u for u in last.users if u not in metadata]
+    if len(scaled) == 1 and _scales(scaled[0], last, source, finder):  # Gemma 4: `hidden_states *= self.layer_scalar`
+        stream.sites[-1].end_scale, last, metadata = scaled[0].name, scaled[0], finder.drop_metadata_edges(scaled[0])
     # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments; a tuple
     # built by concatenation, ``(hidden_states,) + attention_output[1:]`` (T5-style), is an add node
     others = [u for u in last.users if u not in metadata and u.op != "output" and not _returned_tuple_concat(u, last)]
     if others:
         user = others[0]
         raise ConversionError(
-            f"the residual stream after {stream.sites[-1].sublayer} is read by "
+            f"the residual stream after its last residual add ({stream.sites[-1].add_node}) is read by "
             f"{module_path(user) or user.name} ({user.op} {getattr(user.target, '__name__', user.target)}) "
             "inside the module that holds it, besides being returned"
         )
     stream.consumer_nodes, stream.consumers = [], ["output"]
+
+
+_MULTIPLIES = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
+
+
+def _scales(node: fx.Node, end: fx.Node, source: fx.Node, finder) -> bool:
+    """``node`` is ``end * s``, ``s`` not fed by the stream, in ``end``'s shape and dtype: the rewrite scales every
+    block sum (``s * (b_0 + ... + partial)`` is their sum scaled, term by term)."""
+    s = [a for a in node.args if a is not end]
+    if node.op not in ("call_function", "call_method") or node.target not in _MULTIPLIES or len(node.args) != 2 or len(s) != 1:
+        return False
+    out, value = finder.values.get(node), finder.values.get(end)
+    fed = isinstance(s[0], fx.Node) and source in nx.ancestors(finder.dag, s[0])
+    return not fed and isinstance(out, torch.Tensor) and out.shape == value.shape and out.dtype == value.dtype
 
 
 def nothing_matched_message(plan: Plan) -> str:

@@ -35,6 +35,11 @@ def in_stream_dtype(branch: torch.Tensor, stream_source: torch.Tensor) -> torch.
     return branch.to(torch.promote_types(branch.dtype, stream_source.dtype))
 
 
+def scaled_like(t: torch.Tensor, s) -> torch.Tensor:
+    """``t * s`` in ``t``'s dtype, out of place: what the original's ``t *= s`` computed (autograd may keep ``t``)."""
+    return (t * s).to(t.dtype)
+
+
 class AttnResQuery(nn.Module):
     """The learned pseudo-query of one aggregation and the gain of its key RMSNorm.
 
@@ -213,11 +218,22 @@ def _rewrite_stream(
         while view is not end:
             view, erased = view.args[0], view
             graph.erase_node(erased)
+    scale = nodes[stream.sites[-1].end_scale] if stream.sites[-1].end_scale else None
+    if scale is not None:  # the layer returns end * s: what is read next is s * (b_0 + ... + partial), term by term
+        s = next(a for a in scale.args if a is not end)
+        with graph.inserting_before(scale):
+            blocks = [graph.call_function(scaled_like, (b, s)) for b in blocks]
+            partial = None if partial is None else graph.call_function(scaled_like, (partial, s))
+        cursor = partial if partial is not None else blocks[-1]
     if layer is None or layer.last:
         out = aggregate(cursor, blocks, partial, stream.final_param_prefix)
     else:
         with graph.inserting_after(cursor):
             out = graph.call_function(AttnResState, (tuple(blocks), partial))
+    if scale is not None:
+        scale.replace_all_uses_with(out)
+        graph.erase_node(scale)
+        end.replace_all_uses_with(b_0)  # what still reads the end reads its shape or dtype only (detect.py)
     end.replace_all_uses_with(out)
     for site in reversed(stream.sites):
         operands = nodes[site.add_node].all_input_nodes

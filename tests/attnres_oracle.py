@@ -77,11 +77,14 @@ class StreamExpectation:
     uniform: list[torch.Tensor]  # what a zero query would give, per aggregation (sites, then final)
 
 
-def expected_stream(b0, branch_outputs, site_params, final_params, *, num_blocks, block_size, eps, mixing) -> StreamExpectation:
+def expected_stream(b0, branch_outputs, site_params, final_params, *, num_blocks, block_size, eps, mixing,
+                    scales=None) -> StreamExpectation:
     """The oracle for one stream, evaluated over recorded branch outputs (teacher forcing: each
     sublayer's expected input depends only on b_0 and the v's recorded before it).
 
     ``site_params[l]``: (query, gain) of sublayer l's aggregation, or None where the caller has none.
+    ``scales[l]``: None, or s where the model multiplies its stream by s after sublayer l (Gemma 4's
+    ``layer_scalar``): the stream is the sum of its sources, so every source so far is multiplied by s.
     """
     blocks = block_of_each_sublayer(len(branch_outputs), num_blocks, block_size)
     completed = [b0]  # b_0, b_1, ...
@@ -100,6 +103,8 @@ def expected_stream(b0, branch_outputs, site_params, final_params, *, num_blocks
             inputs.append(attn_res(sources, *site_params[l], eps, mixing))
             uniform.append(_uniform(sources, mixing))
         partial = v if partial is None else partial + v
+        if scales is not None and scales[l] is not None:
+            completed, partial = [c * scales[l] for c in completed], partial * scales[l]
     completed.append(partial)
     final = attn_res(completed, *final_params, eps, mixing)
     uniform.append(_uniform(completed, mixing))
@@ -175,6 +180,7 @@ class Recording:
     b0: dict = field(default_factory=dict)  # stream -> [..., D]
     branch: dict = field(default_factory=dict)  # (stream, site) -> v, [..., D]
     branch_hooked: dict = field(default_factory=dict)  # (stream, site) -> sum of hooked module outputs
+    scale: dict = field(default_factory=dict)  # (stream, site) -> s where the stream is multiplied by s after it
     fed: dict = field(default_factory=dict)
     final_fed: dict = field(default_factory=dict)
     order: dict = field(default_factory=dict)  # node name -> execution index
@@ -307,6 +313,11 @@ def record(converted, inputs: dict, branch_modules=None) -> Recording:
             holder = _holder_of(site, forwards)
             rec.branch[key] = _tokens(envs[holder][site.branch_node])
             rec.order[key] = order[(holder, site.branch_node)]
+            if getattr(site, "end_scale", ""):  # the original graph's `end * s`: s's value, as this run computed it
+                mul = next(n for n in forwards[holder].original_graph.nodes if n.name == site.end_scale)
+                s = next(a if not isinstance(a, fx.Node) else envs[holder][a.name] for a in mul.args
+                         if not isinstance(a, fx.Node) or a.name in envs[holder])
+                rec.scale[key] = _tokens(torch.broadcast_to(torch.as_tensor(s), envs[holder][site.branch_node].shape))
             mods = branch_modules(site) if branch_modules else ([site.sublayer] if hookable(site.sublayer) else [])
             if mods:
                 rec.branch_hooked[key] = _tokens(sum(hooked_out[p] for p in mods))

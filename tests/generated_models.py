@@ -39,6 +39,7 @@ class Spec:
     norm_inside: bool = False  # the norm is the first module of the sublayer: x = x + self.mlp(x)
     residual_in_child: bool = False  # the sublayer adds the residual itself: x = self.mlp(norm(x), x) (BLOOM)
     token_view: bool = False  # the stream viewed as [B*T, 1, D] after the first sublayer, back at the end (Swin)
+    layer_scale: str = "none"  # each layer returns its stream times a scale: "buffer" (in place: Gemma 4) or "constant"
     reader: str = "norm"
     int_arg: str = "none"  # the layers get an int window (from the sequence length) for Mix: "child" hands it on, "layer" computes with it
     refuse: str = "none"
@@ -151,6 +152,8 @@ class Layer(nn.Module):
             self.other = MLP(d)
         if spec.tap:
             self.tap_in, self.tap_mid = nn.Identity(), nn.Identity()
+        if spec.layer_scale == "buffer":
+            self.register_buffer("layer_scalar", 0.5 + torch.rand(1))
         if spec.residual_in_child:  # the same branch modules, wrapped
             self.residual_branches = nn.ModuleDict({name: AddsTheResidual(b) for name, b in self.branches.items()})
 
@@ -203,6 +206,10 @@ class Layer(nn.Module):
             if spec.token_view and i == 0:
                 x = x.reshape(-1, 1, x.shape[-1])
         x = x.reshape(shape) if spec.token_view else x
+        if spec.layer_scale == "buffer":
+            x *= self.layer_scalar
+        elif spec.layer_scale == "constant":
+            x = x * 0.75
         return (x, None) if spec.returns_tuple else x
 
 
@@ -292,6 +299,7 @@ def specs():
             norm_inside=False if norm == "inline_rms" else draw_(st.booleans()),
             residual_in_child=draw_(st.booleans()),
             token_view=draw_(st.booleans()),
+            layer_scale=draw_(st.sampled_from(["none", "buffer", "constant"])),
             reader=draw_(st.sampled_from(READERS)),
             int_arg=draw_(st.sampled_from(INT_ARGS)),
             refuse=draw_(st.sampled_from(REFUSE)) if draw_(st.integers(0, 3)) == 0 else "none",

@@ -59,6 +59,9 @@ DECODERS = {
     "rwkv": dict(attention_hidden_size=48),  # its stream starts inside the first layer, at pre_ln
     "modernbert-decoder": {**_PAD0, "cls_token_id": 0, "sep_token_id": 0},  # layer 0's attention has no norm
     "megatron-bert": dict(is_decoder=True),  # its attention child adds its residual, the layer adds the MLP's
+    # each layer returns its stream times `layer_scalar` (set to trained-like values below); 26B-A4B / 31B-like:
+    # no per-layer inputs
+    "gemma4_text": dict(_HEAD12, hidden_size_per_layer_input=0),
 }
 VISION = ["vit", "deit", "dinov2", "clip_vision_model", "siglip_vision_model", "data2vec-vision"]  # Data2Vec: BEiT-style
 T5_LIKE = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),
@@ -93,6 +96,9 @@ def make_architecture(name: str):
     else:
         cfg = transformers.AutoConfig.for_model(name, **_TINY_DECODER, **DECODERS[name])
         model = transformers.AutoModelForCausalLM.from_config(cfg)
+    if name == "gemma4_text":  # ones at init; a checkpoint's are not (a scale applied to the sum would then show)
+        for i, layer in enumerate(model.model.layers):
+            layer.layer_scalar.fill_(0.7 + 0.6 * i)
     return model.to(torch.float32 if name in FP32_ONLY else torch.float64).eval()
 
 

@@ -105,6 +105,13 @@ def _build(name: str):
     if name == "mamba":  # `residual.to(float32) + mixer(norm(x))`, run in float64 without the cast: 3 sublayers
         cfg = transformers.MambaConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3, state_size=8, residual_in_fp32=False)
         return transformers.MambaForCausalLM(cfg), (_ids(2, 9),), None
+    if name == "gemma4":  # each layer returns its stream times its layer_scalar (not 1 here): 3 layers, 6 sublayers
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+            "gemma4_text", **decoder, num_hidden_layers=3, head_dim=12, num_key_value_heads=2, hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
+        for i, layer in enumerate(model.model.layers):
+            layer.layer_scalar.fill_(0.7 + 0.6 * i)
+        return model, (_ids(2, 9),), None
     if name == "megatron_bert":  # the attention child adds its residual (traced into), the layer the MLP's: 6 sites
         cfg = transformers.MegatronBertConfig(**decoder, num_hidden_layers=3, is_decoder=True)
         return transformers.MegatronBertForCausalLM(cfg), (_ids(2, 9),), None
@@ -164,6 +171,8 @@ CASES = [
     ("modernbert_decoder", dict(num_blocks=2)),  # L=5: 3+2, b_0 = the first layer's first add
     ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
     ("megatron_bert", dict(num_blocks=4)),  # L=6: 2+2+2
+    ("gemma4", dict(num_blocks=4)),  # L=6: 2+2+2; the stream scaled at each layer's end
+    ("gemma4", dict(block_size=4)),  # 4+2: the scale of layer 1 falls inside a block (the partial sum scaled)
     ("swin", dict(num_blocks=2)),  # two streams of L=4: 2+2 each
     ("timm_swin", dict(num_blocks=2)),  # the same, with a view of the stream between sublayers
     ("timm_swin", dict(block_size=1)),  # Full AttnRes: every MLP site reads a view of its aggregation
@@ -206,6 +215,7 @@ def test_every_norm_reads_what_block_attnres_says(case):
             block_size=options.get("block_size"),
             eps=EPS,
             mixing=mixing,
+            scales=[rec.scale.get((st.index, s.index)) for s in st.sites],
         )
         # the queries matter: no aggregation is close to what a zero query gives (else the comparison
         # below could not tell the source sets apart)
