@@ -35,6 +35,7 @@ from .errors import CONTROL_FLOW_HINT, ConversionError, GraphRunError, is_contro
 from .plan import LeftOut, Plan, Site, Stream
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
+NOT_PRE_NORM = "the branch does not read x through a norm over its last dimension (post-norm, plain residual, channels-first)"
 
 
 NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, F.rms_norm, getattr(torch, "rms_norm", F.rms_norm)}
@@ -294,7 +295,9 @@ class _SiteFinder:
                 return self._site(add, skip, branch, [cand], norm_region, upcast), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
-        return None, "the branch does not read x through a norm over its last dimension (post-norm, plain residual, channels-first)"
+        # no norm: the sublayer reads x itself (Gemma 4's per-layer input, x + norm(W(act(V x) * e))), and will read
+        # the mixture there. Kept only where it continues a stream (build_plan): a post-norm add's x is a norm's output
+        return self._site(add, skip, branch, entries, entries, upcast, unnormalized=True), None
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
@@ -346,8 +349,8 @@ class _SiteFinder:
     def _module_has_parameters(self, path: str) -> bool:
         return any(True for _ in self.gm.get_submodule(path).parameters())
 
-    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region, skip_upcast: str) -> Site:
-        after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - set(norm_outs)
+    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region, skip_upcast: str, unnormalized=False) -> Site:
+        after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - (set() if unnormalized else set(norm_outs))
         # The sublayer is the deepest module holding the branch's module calls (and any function
         # call made inside a submodule of its own); glue like `getitem` at the layer level is ignored.
         # Parameter-free modules (a dropout shared by the whole layer) do not define the sublayer.
@@ -372,6 +375,7 @@ class _SiteFinder:
             norm_node=norm_outs[0].name,
             norm_entry_nodes=[n.name for n in norm_region if skip in n.all_input_nodes],
             skip_upcast=skip_upcast,
+            unnormalized=unnormalized,
         )
 
 
@@ -439,6 +443,9 @@ def build_plan(
             if site.skip_upcast:  # only b_0 can be widened (the block sums are already that wide after it)
                 raise ConversionError(f"the residual stream after {prev.sublayer} is cast to {site.skip_upcast} "
                                       f"before {site.sublayer}'s add, which widens the sum mid-stream")
+        elif site.unnormalized:
+            plan.left_out.append(LeftOut(site.add_node, module_path(nodes[site.add_node]), NOT_PRE_NORM))
+            continue
         else:
             src = nodes[site.skip_node]
             stream = Stream(

@@ -489,7 +489,7 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
     chains: list[list[Holder]] = []
     for holder in holders:
         x = holder.stream_input()
-        chain = next((c for c in chains if any(t is x for t in c[-1].call.tensor_outputs())), None)
+        chain = next((c for c in chains if any(_tokens_of(x, t) for t in c[-1].call.tensor_outputs())), None)
         if chain is not None and holder.traced.starts_inside:
             raise NotLayerwise(f"{holder.path}'s residual stream starts inside it (at {holder.traced.plan.streams[0].source}), "
                                f"yet it receives the stream {chain[-1].path} returns")
@@ -504,6 +504,13 @@ def _chains(holders: list[Holder], calls: list[ModuleCall]) -> list[list[Holder]
                 f"out: filter_fn=lambda module, path: not path.startswith({holder.path.rpartition('.')[0] + '.'!r}))")
         chains.append([holder])
     return chains
+
+
+def _tokens_of(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """``x`` is ``out`` or a view of some of its tokens (``out[:, -n:]``, the hidden dimension whole: Gemma 4 slices
+    the stream before its KV-shared layers), which the model's own code makes of the state too (``AttnResState``)."""
+    return x is out or (x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and x.dim() == out.dim()
+                        and x.stride() == out.stride() and x.shape[-1] == out.shape[-1] and x.dtype == out.dtype)
 
 
 def _resized(last: Holder, x: torch.Tensor) -> bool:

@@ -59,8 +59,13 @@ class AttnResState:
                         "carry it: add v to state.partial, or where it is None (a block just ended) to state.blocks[-1].")
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _arithmetic
-    def __getitem__(self, index):  # code collecting the layers' outputs (timm's forward_intermediates: `y[:, 0:n]`)
-        raise TypeError(f"indexing an AttnResState: {_NOT_A_TENSOR}")
+    def __getitem__(self, index) -> AttnResState:
+        """The state of some tokens (Gemma 4 slices the stream before its KV-shared layers: ``h[:, -n:]``): every
+        sum indexed alike, which indexes their total. An index reaching the hidden dimension is refused."""
+        index = index if isinstance(index, tuple) else (index,)
+        if Ellipsis in index or None in index or len(index) >= len(self.shape) and index[len(self.shape) - 1] != slice(None):
+            raise TypeError(f"indexing an AttnResState other than by tokens: {_NOT_A_TENSOR}")
+        return AttnResState(tuple(b[index] for b in self.blocks), None if self.partial is None else self.partial[index])
 
     def residual_sum(self) -> torch.Tensor:
         """The value a standard residual stream would hold here: every source summed. With zero

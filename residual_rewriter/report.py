@@ -96,11 +96,12 @@ class ConversionReport:
                 f"\nstream {st.index}: source {st.source} (b_0) -> {', '.join(st.consumers) or 'output'}; "
                 f"{st.num_blocks} blocks of {st.block_size} ({kind}), hidden {st.hidden_size}"
             )
-            w_norm = max([4] + [len(s.norm) for s in st.sites])
+            norms = [f"(no norm) {s.norm}" if s.unnormalized else s.norm for s in st.sites]  # what reads the mixture
+            w_norm = max([4] + [len(n) for n in norms])
             w_sub = max([8] + [len(s.sublayer) for s in st.sites])
             lines.append(f"  {'site':>5} {'block':>5} {'sources':>7}  {'norm':<{w_norm}}  {'sublayer':<{w_sub}}")
-            for s in st.sites:
-                lines.append(f"  {s.index:>5} {s.block:>5} {s.num_sources:>7}  {s.norm:<{w_norm}}  {s.sublayer:<{w_sub}}")
+            for s, norm in zip(st.sites, norms):
+                lines.append(f"  {s.index:>5} {s.block:>5} {s.num_sources:>7}  {norm:<{w_norm}}  {s.sublayer:<{w_sub}}")
             lines.append(f"  {'final':>5} {'-':>5} {st.num_blocks + 1:>7}  -> {', '.join(st.consumers)}")
         if self.new_parameters:
             total = sum(self.new_parameters.values())

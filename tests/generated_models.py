@@ -39,6 +39,7 @@ class Spec:
     norm_inside: bool = False  # the norm is the first module of the sublayer: x = x + self.mlp(x)
     residual_in_child: bool = False  # the sublayer adds the residual itself: x = self.mlp(norm(x), x) (BLOOM)
     token_view: bool = False  # the stream viewed as [B*T, 1, D] after the first sublayer, back at the end (Swin)
+    plain_last: bool = False  # a layer's last sublayer (of two or more) reads the stream itself: x + f(x) (Gemma 4's PLE)
     layer_scale: str = "none"  # each layer returns its stream times a scale: "buffer" (in place: Gemma 4) or "constant"
     reader: str = "norm"
     int_arg: str = "none"  # the layers get an int window (from the sequence length) for Mix: "child" hands it on, "layer" computes with it
@@ -157,8 +158,8 @@ class Layer(nn.Module):
         if spec.residual_in_child:  # the same branch modules, wrapped
             self.residual_branches = nn.ModuleDict({name: AddsTheResidual(b) for name, b in self.branches.items()})
 
-    def _norm(self, name: str, x):
-        if self.spec.norm_inside:
+    def _norm(self, name: str, x, i: int = 0):
+        if self.spec.norm_inside or (self.spec.plain_last and i == len(self.spec.sublayers) - 1 > 0):
             return x
         if self.spec.norm == "inline_rms":
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gains[name]
@@ -191,13 +192,13 @@ class Layer(nn.Module):
                 x = self._norm(name, x + self._branch(name, x))
                 continue
             if spec.residual_in_child and spec.refuse == "none" and spec.extra == "none":
-                x = self.residual_branches[name](self._norm(name, x), x)
+                x = self.residual_branches[name](self._norm(name, x, i), x)
                 if spec.tap and i == 0:
                     x = self.tap_mid(x)
                 if spec.token_view and i == 0:
                     x = x.reshape(-1, 1, x.shape[-1])
                 continue
-            f = self._branch(name, self._norm(name, x), window)
+            f = self._branch(name, self._norm(name, x, i), window)
             if spec.refuse == "parallel" and i == 0:
                 f = f + self.other(self.other_norm(x))  # a second branch reading the same x
             x = x + f if spec.add_order == "x+f" else f + x
@@ -300,6 +301,7 @@ def specs():
             residual_in_child=draw_(st.booleans()),
             token_view=draw_(st.booleans()),
             layer_scale=draw_(st.sampled_from(["none", "buffer", "constant"])),
+            plain_last=draw_(st.booleans()),
             reader=draw_(st.sampled_from(READERS)),
             int_arg=draw_(st.sampled_from(INT_ARGS)),
             refuse=draw_(st.sampled_from(REFUSE)) if draw_(st.integers(0, 3)) == 0 else "none",

@@ -33,6 +33,15 @@ def make_hf(name: str):
     elif name == "vit":
         cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
         model = transformers.ViTForImageClassification(cfg)
+    elif name == "gemma4":  # E2B/E4B-like, 4 layers, 12 sublayers: each third reads the stream itself, no norm (its
+        # per-layer input); each layer returns its stream times its layer_scalar (set here: ones at init); the model
+        # hands the last two layers (which share the first two's keys and values) a token slice of the stream
+        cfg = transformers.AutoConfig.for_model(
+            "gemma4_text", **{**SMALL_DECODER, "num_hidden_layers": 4}, head_dim=12, hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=128, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        for i, layer in enumerate(model.model.layers):
+            layer.layer_scalar.fill_(0.7 + 0.6 * i)
     elif name == "bert":
         cfg = transformers.BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
         model = transformers.BertModel(cfg)

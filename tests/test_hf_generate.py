@@ -75,6 +75,24 @@ def test_kv_cache_is_exact_for_attnres():
     assert rel_err(step.logits[:, -1], full[:, 6]) <= 1e-10
 
 
+def test_gemma4_slices_the_state_before_its_kv_shared_layers():
+    """Gemma 4 hands its KV-shared layers the stream's last tokens only (``logits_to_keep``, as generate's prefill
+    asks): the state is sliced token by token. At init generate is the original's; with random queries the sliced
+    forward gives the full forward's last logits."""
+    model = make_hf("gemma4").double()
+    converted = rr.convert(model, num_blocks=4)
+    x = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(converted.generate(x, **kw), model.generate(x, **kw))
+    perturb_attn_res(converted, scale=3.0)
+    handed = []  # what the first KV-shared layer receives: one token's state, as the original receives one token
+    converted.model.layers[2].register_forward_pre_hook(lambda module, args: handed.append(args[0].shape))
+    with torch.no_grad():
+        full, last = converted(x).logits, converted(x, logits_to_keep=1).logits
+    assert handed == [(2, 7, 48), (2, 1, 48)]
+    assert last.shape[1] == 1 and rel_err(last[:, 0], full[:, -1]) <= 1e-10 and rel_err(full, model(x).logits) > 1e-3
+
+
 def test_save_pretrained_and_from_pretrained(tmp_path):
     converted = rr.convert(make_hf("llama"), num_blocks=2, mixing="mean")
     perturb_attn_res(converted)

@@ -12,7 +12,8 @@ that the site it names is the first whose input moves.
 
 Families: a Llama decoder, the built-in GPT, GPT-2, GPT-NeoX (parallel block: one site per layer,
 two norms, branch = attention + MLP), T5 (two streams; the decoder's sites include EncDecAttention),
-inlined functional RMSNorms (final norm included), OPT (its MLP runs on the stream flattened to
+inlined functional RMSNorms (final norm included), Gemma 4 (a sublayer without a norm, the stream scaled
+at each layer's end, and sliced between layers), OLMo-2 (norms after the sublayers, none before), OPT (its MLP runs on the stream flattened to
 [tokens, D]), Swin from Hugging Face and from timm (a stream per stage; timm's blocks view the stream
 as (B, H*W, C) between their sublayers: values are compared token by token). Block settings are picked so that ceil(L / N) differs from floor(L / N) in most cases
 and so that a block_size leaves a short last block.
@@ -65,6 +66,7 @@ def _build(name: str):
     transformers = pytest.importorskip("transformers")
     warnings.filterwarnings("ignore", message=".*token_id.*")
     decoder = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_attention_heads=4)
+    _pad0 = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
     if name == "llama":  # 3 layers, 6 sublayers
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder, num_hidden_layers=3, num_key_value_heads=2))
         return model, (_ids(2, 9),), None
@@ -105,13 +107,13 @@ def _build(name: str):
     if name == "mamba":  # `residual.to(float32) + mixer(norm(x))`, run in float64 without the cast: 3 sublayers
         cfg = transformers.MambaConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3, state_size=8, residual_in_fp32=False)
         return transformers.MambaForCausalLM(cfg), (_ids(2, 9),), None
-    if name == "gemma4":  # each layer returns its stream times its layer_scalar (not 1 here): 3 layers, 6 sublayers
-        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
-            "gemma4_text", **decoder, num_hidden_layers=3, head_dim=12, num_key_value_heads=2, hidden_size_per_layer_input=0,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
-        for i, layer in enumerate(model.model.layers):
-            layer.layer_scalar.fill_(0.7 + 0.6 * i)
-        return model, (_ids(2, 9),), None
+    if name == "gemma4":  # E2B/E4B-like: a sublayer without a norm, the stream scaled, and sliced (model_zoo)
+        from model_zoo import make_hf
+
+        return make_hf("gemma4"), (_ids(2, 9),), None
+    if name == "olmo2":  # norms after the sublayers, x + norm(f(x)): each sublayer reads the mixture where it read x
+        cfg = transformers.AutoConfig.for_model("olmo2", **decoder, num_hidden_layers=3, num_key_value_heads=2, **_pad0)
+        return transformers.AutoModelForCausalLM.from_config(cfg), (_ids(2, 9),), None
     if name == "megatron_bert":  # the attention child adds its residual (traced into), the layer the MLP's: 6 sites
         cfg = transformers.MegatronBertConfig(**decoder, num_hidden_layers=3, is_decoder=True)
         return transformers.MegatronBertForCausalLM(cfg), (_ids(2, 9),), None
@@ -171,8 +173,9 @@ CASES = [
     ("modernbert_decoder", dict(num_blocks=2)),  # L=5: 3+2, b_0 = the first layer's first add
     ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
     ("megatron_bert", dict(num_blocks=4)),  # L=6: 2+2+2
-    ("gemma4", dict(num_blocks=4)),  # L=6: 2+2+2; the stream scaled at each layer's end
-    ("gemma4", dict(block_size=4)),  # 4+2: the scale of layer 1 falls inside a block (the partial sum scaled)
+    ("olmo2", dict(num_blocks=4)),  # L=6: 2+2+2
+    ("gemma4", dict(num_blocks=4)),  # L=12: 3+3+3+3; the stream scaled at each layer's end
+    ("gemma4", dict(block_size=5)),  # 5+5+2: the scale of layer 0 falls inside a block (the partial sum scaled)
     ("swin", dict(num_blocks=2)),  # two streams of L=4: 2+2 each
     ("timm_swin", dict(num_blocks=2)),  # the same, with a view of the stream between sublayers
     ("timm_swin", dict(block_size=1)),  # Full AttnRes: every MLP site reads a view of its aggregation

@@ -109,7 +109,7 @@ SIZES = {
     "index_n_heads": 1, "index_num_heads": 1, "index_head_dim": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "num_expert_group": 1, "n_groups": 1, "mamba_n_groups": 1,
-    "vocab_size": 256, "image_size": 32, "patch_size": 4, "num_codebooks": 2, "d_latents": 32, "num_latents": 8,
+    "vocab_size": 256, "vocab_size_per_layer_input": 256, "image_size": 32, "patch_size": 4, "num_codebooks": 2, "d_latents": 32, "num_latents": 8,
 }
 # set even where the default is None: the model reads them as sizes (Ministral/HunYuan head_dim, ESM
 # vocab_size, DeepseekV2 num_experts_per_tok, Dots1 n_routed_experts and n_shared_experts)
