@@ -63,7 +63,8 @@ class AttnResState:
         """The state of some tokens (Gemma 4 slices the stream before its KV-shared layers: ``h[:, -n:]``): every
         sum indexed alike, which indexes their total. An index reaching the hidden dimension is refused."""
         index = index if isinstance(index, tuple) else (index,)
-        if Ellipsis in index or None in index or len(index) >= len(self.shape) and index[len(self.shape) - 1] != slice(None):
+        hidden = index[len(self.shape) - 1] if len(index) >= len(self.shape) else slice(None)  # what it takes of D
+        if any(i is Ellipsis or i is None for i in index) or not (isinstance(hidden, slice) and hidden == slice(None)):
             raise TypeError(f"indexing an AttnResState other than by tokens: {_NOT_A_TENSOR}")
         return AttnResState(tuple(b[index] for b in self.blocks), None if self.partial is None else self.partial[index])
 

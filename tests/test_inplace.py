@@ -485,7 +485,8 @@ def test_a_hook_reading_a_layer_output_as_a_tensor_is_told_what_it_got():
     assert seen["state"][:, -1:].blocks[0].shape == (2, 1, want.shape[-1])
     inside_a_block = rr.AttnResState(tuple(torch.randn(2, 5, 8) for _ in range(2)), torch.randn(2, 5, 8))
     assert torch.equal(inside_a_block[:, 2:].residual_sum(), inside_a_block.residual_sum()[:, 2:])
-    for index in [(Ellipsis, 0), (slice(None), slice(None), slice(0, 4)), (0, 0, 0), (None,)]:
+    assert torch.equal(inside_a_block[torch.tensor([1, 0])].residual_sum(), inside_a_block.residual_sum()[[1, 0]])
+    for index in [(Ellipsis, 0), (slice(None), slice(None), slice(0, 4)), (0, 0, 0), (None,), (0, 0, torch.tensor([1]))]:
         with pytest.raises(TypeError, match=r"(?s)indexing an AttnResState other than by tokens.*residual_sum\(\)"):
             seen["state"][index]
     # the recipe the message gives, on a layer that ends a block (partial None) and one that does not:
