@@ -233,8 +233,7 @@ def _rewrite_stream(
     if scale is not None:
         scale.replace_all_uses_with(out)
         graph.erase_node(scale)
-        end.replace_all_uses_with(b_0)  # what still reads the end reads its shape or dtype only (detect.py)
-    end.replace_all_uses_with(out)
+    end.replace_all_uses_with(out if scale is None else b_0)  # past a scale, the end's readers read its shape or dtype only
     for site in reversed(stream.sites):
         operands = nodes[site.add_node].all_input_nodes
         graph.erase_node(nodes[site.add_node])
