@@ -267,19 +267,21 @@ class _SiteFinder:
         a, b = add.args[0], add.args[1]
         if not _same_float_tensors(self.values.get(a), self.values.get(b)):
             return None, None
-        upcast = ""
-        for skip, branch in ((a, b), (b, a)):
+        for operand, branch in ((a, b), (b, a)):
+            skip = self._scaled_stream(operand, branch)  # Doge's `w * residual + f`: the stream times w, w not fed by it
+            gain, skip = (None, operand) if skip is None else (operand, skip)
             x = uncast(skip)
-            if x is not skip and x in nx.ancestors(self.dag, branch):  # Mamba: residual.to(torch.float32) + f
+            upcast = ""
+            if x is not operand and x in nx.ancestors(self.dag, branch):  # Mamba: residual.to(torch.float32) + f
                 if not torch.equal(self.values[skip].to(self.values[x].dtype), self.values[x]):
                     return None, (f"the residual {x.name} is cast to {self.values[skip].dtype} before the add, which "
                                   f"rounds the {self.values[x].dtype} stream; convert the model in the dtype the "
                                   "residual is kept in, or without the cast (Mamba: residual_in_fp32=False)")
                 if self.values[add].dtype != torch.promote_types(self.values[x].dtype, self.values[branch].dtype):
                     upcast = str(self.values[add].dtype).removeprefix("torch.")  # the sum is wider than x
+            self.drop_metadata_edges(x)
+            if x in nx.ancestors(self.dag, branch):
                 skip = x
-            self.drop_metadata_edges(skip)
-            if skip in nx.ancestors(self.dag, branch):
                 break
         else:
             return None, None  # two independent values (e.g. token + position embeddings)
@@ -288,16 +290,23 @@ class _SiteFinder:
         # x reaches the branch through them alone, whatever comes after.
         entries = self._sorted(set(self.dag.successors(skip)) & region)
         if entries and branch not in entries and all(self._known_norm_of(n, skip) for n in entries):
-            return self._site(add, skip, branch, entries, entries, upcast), None
+            return self._site(add, skip, branch, entries, entries, upcast, gain), None
         for cand in self._dominators(skip, branch, region):
             norm_region = self._sorted(self._between(skip, cand) - {skip})
             if self._known_norm_of(cand, skip) or probe_scale_invariant(self.gm, self.values, norm_region, skip, cand):
-                return self._site(add, skip, branch, [cand], norm_region, upcast), None
+                return self._site(add, skip, branch, [cand], norm_region, upcast, gain), None
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         # no norm: the sublayer reads x itself (Gemma 4's per-layer input, x + norm(W(act(V x) * e))), and will read
         # the mixture there. Kept only where it continues a stream (build_plan): a post-norm add's x is a norm's output
-        return self._site(add, skip, branch, entries, entries, upcast, unnormalized=True), None
+        return self._site(add, skip, branch, entries, entries, upcast, gain, unnormalized=True), None
+
+    def _scaled_stream(self, operand: fx.Node, branch: fx.Node) -> Optional[fx.Node]:
+        """``x`` when ``operand`` is ``x * w`` (or ``x.to(dtype) * w``), read by the add alone, where ``x`` is an
+        ancestor of ``branch`` and ``w`` is not fed by ``x``: the stream scaled before the branch is added."""
+        xs = [a for a in operand.args if isinstance(a, fx.Node) and uncast(a) in nx.ancestors(self.dag, branch)
+              and _scales(operand, a, uncast(a), self)]
+        return xs[0] if len(operand.users) == 1 and len(xs) == 1 else None
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
@@ -349,7 +358,8 @@ class _SiteFinder:
     def _module_has_parameters(self, path: str) -> bool:
         return any(True for _ in self.gm.get_submodule(path).parameters())
 
-    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region, skip_upcast: str, unnormalized=False) -> Site:
+    def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region, skip_upcast: str, gain: Optional[fx.Node],
+              unnormalized=False) -> Site:
         after_norm = set().union(*(self._between(n, branch) for n in norm_outs)) - (set() if unnormalized else set(norm_outs))
         # The sublayer is the deepest module holding the branch's module calls (and any function
         # call made inside a submodule of its own); glue like `getitem` at the layer level is ignored.
@@ -375,6 +385,7 @@ class _SiteFinder:
             norm_node=norm_outs[0].name,
             norm_entry_nodes=[n.name for n in norm_region if skip in n.all_input_nodes],
             skip_upcast=skip_upcast,
+            skip_gain=gain.name if gain is not None else "",
             unnormalized=unnormalized,
         )
 
@@ -533,9 +544,10 @@ def check_stream_readers(stream: Stream, nodes: dict[str, fx.Node], finder, *, e
 
 
 def _reading_add(site: Site, nodes: dict[str, fx.Node]) -> set[str]:
-    """The site's add, and the cast through which it reads the skip (``x.to(float32) + f``)."""
-    add = nodes[site.add_node]
-    return {add.name} | {n.name for n in add.all_input_nodes if n is not nodes[site.skip_node] and uncast(n) is nodes[site.skip_node]}
+    """The site's add, and what it reads the skip through: a cast (``x.to(float32) + f``), a gain (``w * x + f``)."""
+    add, x = nodes[site.add_node], nodes[site.skip_node]
+    through = [add] + ([nodes[site.skip_gain]] if site.skip_gain else [])
+    return {n.name for n in through} | {n.name for r in through for n in r.all_input_nodes if n is not x and uncast(n) is x}
 
 
 def _returned_tuple_concat(user: fx.Node, value: fx.Node) -> bool:
@@ -553,7 +565,7 @@ def _check_stream_ends_at_output(stream: Stream, last: fx.Node, source: fx.Node,
     if view is not last and finder.values[view].shape == finder.values[source].shape:
         stream.end_view, last, metadata = view.name, view, []
     scaled = [u for u in last.users if u not in metadata]
-    if len(scaled) == 1 and _scales(scaled[0], last, source, finder):  # Gemma 4: `hidden_states *= self.layer_scalar`
+    if len(scaled) == 1 and _scales(scaled[0], last, source, finder, keeps_dtype=True):  # Gemma 4: `h *= self.layer_scalar`
         stream.sites[-1].end_scale, last, metadata = scaled[0].name, scaled[0], finder.drop_metadata_edges(scaled[0])
     # FX puts a returned tuple (hidden_states, attn_weights) in the output node's own arguments; a tuple
     # built by concatenation, ``(hidden_states,) + attention_output[1:]`` (T5-style), is an add node
@@ -568,18 +580,19 @@ def _check_stream_ends_at_output(stream: Stream, last: fx.Node, source: fx.Node,
     stream.consumer_nodes, stream.consumers = [], ["output"]
 
 
-_MULTIPLIES = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
+MULTIPLIES = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
 
 
-def _scales(node: fx.Node, end: fx.Node, source: fx.Node, finder) -> bool:
-    """``node`` is ``end * s``, ``s`` not fed by the stream, in ``end``'s shape and dtype: the rewrite scales every
-    block sum (``s * (b_0 + ... + partial)`` is their sum scaled, term by term)."""
+def _scales(node: fx.Node, end: fx.Node, source: fx.Node, finder, keeps_dtype=False) -> bool:
+    """``node`` is ``end * s``, ``s`` not fed by the stream (``source``), in ``end``'s shape (and dtype): the rewrite
+    scales every block sum (``s * (b_0 + ... + partial)`` is their sum scaled, term by term)."""
     s = [a for a in node.args if a is not end]
-    if node.op not in ("call_function", "call_method") or node.target not in _MULTIPLIES or len(node.args) != 2 or len(s) != 1:
+    if node.op not in ("call_function", "call_method") or node.target not in MULTIPLIES or len(node.args) != 2 or len(s) != 1:
         return False
     out, value = finder.values.get(node), finder.values.get(end)
-    fed = isinstance(s[0], fx.Node) and source in nx.ancestors(finder.dag, s[0])
-    return not fed and isinstance(out, torch.Tensor) and out.shape == value.shape and out.dtype == value.dtype
+    fed = isinstance(s[0], fx.Node) and (s[0] is source or source in nx.ancestors(finder.dag, s[0]))
+    return (not fed and isinstance(out, torch.Tensor) and isinstance(value, torch.Tensor) and out.shape == value.shape
+            and (out.dtype == value.dtype or not keeps_dtype))
 
 
 def nothing_matched_message(plan: Plan) -> str:

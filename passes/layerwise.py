@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .capture import Captured, capture, has_hooks, in_mode, is_opaque_by_class, state_restored
-from .detect import build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
+from .detect import MULTIPLIES, build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
 from .errors import ConversionError
 from .graph_pickle import graph_module_to_pickle, graph_to_pickle, unpickled_graph, unpickled_graph_module
 from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
@@ -312,20 +312,16 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
 def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
     """What of ``plan`` the graph ``nodes`` lacks, node for node (the stream's values must have the
     readers they had in ``original``)."""
-    problems = []
+    problems, renamed = [], {}
     for stream in plan.streams:
-        for name in [stream.source_node, *(site.add_node for site in stream.sites)]:
-            readers = sorted(u.name for u in nodes[name].users) if name in nodes else None
-            if readers is not None and readers != sorted(u.name for u in original[name].users):
-                problems.append(f"{name} is read by {readers}, not by {sorted(u.name for u in original[name].users)}")
-        for name in [stream.source_node, *stream.consumer_nodes]:
-            if name not in nodes:
-                problems.append(f"no node {name}")
         for site in stream.sites:
             add, skip = nodes.get(site.add_node), nodes.get(site.skip_node)
             operands = add.all_input_nodes if add is not None else []
-            branch = [n for n in operands if skip not in (n, uncast(n))]
-            if skip is None or len(operands) != 2 or len(branch) != 1:
+            if site.skip_gain:  # its name may differ (a mul traced in training only comes before it)
+                gains = [n for n in operands if n.target in MULTIPLIES and any(uncast(a) is skip for a in n.all_input_nodes)]
+                renamed[site.skip_gain] = site.skip_gain = gains[0].name if len(gains) == 1 else "?"
+            branch = [n for n in operands if skip not in (n, uncast(n)) and n.name != site.skip_gain]
+            if skip is None or len(operands) != 2 or len(branch) != 1 or site.skip_gain == "?":
                 problems.append(f"{site.add_node} is not {site.skip_node} + a branch")
                 continue
             site.branch_node = branch[0].name  # its end may differ (a dropout applied in training only)
@@ -336,6 +332,14 @@ def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
             if norm is None or (norm.op == "call_module" and norm.target not in [n.strip() for n in site.norm.split(" + ")]):
                 problems.append(f"{site.norm_node} is not {site.norm}")
             site.metadata_readers = [n for n in site.metadata_readers if n in nodes]
+        for name in [stream.source_node, *(site.add_node for site in stream.sites)]:
+            readers = sorted(u.name for u in nodes[name].users) if name in nodes else None
+            before = sorted(renamed.get(u.name, u.name) for u in original[name].users)
+            if readers is not None and readers != before:
+                problems.append(f"{name} is read by {readers}, not by {before}")
+        for name in [stream.source_node, *stream.consumer_nodes]:
+            if name not in nodes:
+                problems.append(f"no node {name}")
     return problems
 
 

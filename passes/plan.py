@@ -33,6 +33,7 @@ class Site:
     norm_entry_nodes: list[str] = field(default_factory=list)  # nodes of the norm that read x directly
     metadata_readers: list[str] = field(default_factory=list)  # read this site's output for shape/dtype only
     skip_upcast: str = ""  # the add reads x.to(this dtype), which keeps x's values and widens the sum
+    skip_gain: str = ""  # the add reads x times a factor not fed by the stream, this node (Doge's ``w * residual + f``)
     skip_view: str = ""  # the skip is this token view of the stream (``x.reshape(B, -1, C)``: Swin)
     unnormalized: bool = False  # its sublayer reads x itself, no norm between (``norm``: what reads it; Gemma 4's PLE)
     end_scale: str = ""  # a layer's last site: it returns the stream times s, this node (Gemma 4's layer_scalar)

@@ -188,7 +188,7 @@ def _rewrite_stream(
             if site.skip_view:  # its norm (and shape readers) read the same view of h: x.reshape(B, -1, C) -> h.reshape(...)
                 with graph.inserting_before(x):  # where the view's sizes are known
                     view = graph.node_copy(x, lambda n: h if n is x.args[0] else n)
-                x.replace_all_uses_with(view, delete_user_cb=lambda user: user.name != site.add_node)
+                x.replace_all_uses_with(view, delete_user_cb=lambda user: user.name not in (site.add_node, site.skip_gain))
             for name in site.norm_entry_nodes:
                 nodes[name].replace_input_with(x, h)
         # else: the very first sublayer has one source, b_0 == x: softmax over one source is 1, so it
@@ -198,6 +198,8 @@ def _rewrite_stream(
             with graph.inserting_after(add):
                 v = graph.call_method("reshape_as", (v, b_0))
             add = v
+        if site.skip_gain:  # the add read w * x: every source so far is scaled before v joins them
+            blocks, partial = _scaled(graph, nodes[site.skip_gain], {x, b_0, nodes[site.skip_node]}, blocks, partial)
         with graph.inserting_after(add):
             if partial is None:  # a block starts
                 partial = graph.call_function(in_stream_dtype, (v, b_0))
@@ -220,10 +222,7 @@ def _rewrite_stream(
             graph.erase_node(erased)
     scale = nodes[stream.sites[-1].end_scale] if stream.sites[-1].end_scale else None
     if scale is not None:  # the layer returns end * s: what is read next is s * (b_0 + ... + partial), term by term
-        s = next(a for a in scale.args if a is not end)
-        with graph.inserting_before(scale):
-            blocks = [graph.call_function(scaled_like, (b, s)) for b in blocks]
-            partial = None if partial is None else graph.call_function(scaled_like, (partial, s))
+        blocks, partial = _scaled(graph, scale, {end}, blocks, partial, in_place=True)
         cursor = partial if partial is not None else blocks[-1]
     if layer is None or layer.last:
         out = aggregate(cursor, blocks, partial, stream.final_param_prefix)
@@ -235,12 +234,23 @@ def _rewrite_stream(
         graph.erase_node(scale)
     end.replace_all_uses_with(out if scale is None else b_0)  # past a scale, the end's readers read its shape or dtype only
     for site in reversed(stream.sites):
-        operands = nodes[site.add_node].all_input_nodes
-        graph.erase_node(nodes[site.add_node])
-        for cast in [n for n in operands if n.name not in (site.skip_node, site.branch_node) and not n.users]:
-            graph.erase_node(cast)  # the skip was x.to(dtype) (detect.uncast), now read by nothing
+        dead = [nodes[site.add_node]]  # and what it read the skip through, now read by nothing: x.to(dtype), w * x
+        while dead:
+            node = dead.pop()
+            dead += [n for n in node.all_input_nodes if n.name not in (site.skip_node, site.branch_node)
+                     and n.op in ("call_function", "call_method") and len(n.users) == 1]
+            graph.erase_node(node)
         if site.skip_view and not nodes[site.skip_view].users:
             graph.erase_node(nodes[site.skip_view])  # the view of the stream the sublayer read before
+
+
+def _scaled(graph: fx.Graph, mul: fx.Node, stream_values: set, blocks: list, partial, in_place=False):
+    """``blocks`` and ``partial`` each times the factor of ``mul`` (``x * s`` with x among ``stream_values``), inserted
+    before ``mul``: the stream, their sum, scaled term by term. ``in_place``: in their dtype, as ``x *= s`` is."""
+    s = next(a for a in mul.args if not (isinstance(a, fx.Node) and stream_values & {a, *a.all_input_nodes}))  # x.to(dtype)
+    times = scaled_like if in_place else operator.mul
+    with graph.inserting_before(mul):
+        return [graph.call_function(times, (b, s)) for b in blocks], None if partial is None else graph.call_function(times, (partial, s))
 
 
 def _stream_entry(graph: fx.Graph, source: fx.Node, layer: LayerBoundary | None, dtype: str):

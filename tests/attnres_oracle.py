@@ -78,13 +78,15 @@ class StreamExpectation:
 
 
 def expected_stream(b0, branch_outputs, site_params, final_params, *, num_blocks, block_size, eps, mixing,
-                    scales=None) -> StreamExpectation:
+                    scales=None, gains=None) -> StreamExpectation:
     """The oracle for one stream, evaluated over recorded branch outputs (teacher forcing: each
     sublayer's expected input depends only on b_0 and the v's recorded before it).
 
     ``site_params[l]``: (query, gain) of sublayer l's aggregation, or None where the caller has none.
     ``scales[l]``: None, or s where the model multiplies its stream by s after sublayer l (Gemma 4's
     ``layer_scalar``): the stream is the sum of its sources, so every source so far is multiplied by s.
+    ``gains[l]``: None, or w where sublayer l's residual add reads ``w * x + v`` (Doge): every source so far is
+    multiplied by w before v joins them (after sublayer l's own aggregation read x).
     """
     blocks = block_of_each_sublayer(len(branch_outputs), num_blocks, block_size)
     completed = [b0]  # b_0, b_1, ...
@@ -102,6 +104,8 @@ def expected_stream(b0, branch_outputs, site_params, final_params, *, num_blocks
             assert site_params[l] is not None, f"sublayer {l} reads {len(sources)} sources but has no query"
             inputs.append(attn_res(sources, *site_params[l], eps, mixing))
             uniform.append(_uniform(sources, mixing))
+        if gains is not None and gains[l] is not None:
+            completed, partial = [c * gains[l] for c in completed], None if partial is None else partial * gains[l]
         partial = v if partial is None else partial + v
         if scales is not None and scales[l] is not None:
             completed, partial = [c * scales[l] for c in completed], partial * scales[l]
@@ -181,6 +185,7 @@ class Recording:
     branch: dict = field(default_factory=dict)  # (stream, site) -> v, [..., D]
     branch_hooked: dict = field(default_factory=dict)  # (stream, site) -> sum of hooked module outputs
     scale: dict = field(default_factory=dict)  # (stream, site) -> s where the stream is multiplied by s after it
+    gain: dict = field(default_factory=dict)  # (stream, site) -> w where its add reads w * x
     fed: dict = field(default_factory=dict)
     final_fed: dict = field(default_factory=dict)
     order: dict = field(default_factory=dict)  # node name -> execution index
@@ -304,6 +309,13 @@ def record(converted, inputs: dict, branch_modules=None) -> Recording:
                 out[f"graph {path}:{name}[{slot}]"] = envs[path][_read_slot(now[name], slot).name]
         return out
 
+    def factor(path: str, mul_name: str, stream_value: str, shape) -> torch.Tensor:
+        """s of the original graph's ``x * s`` (or ``x.to(dtype) * s``), as this run computed it, as [tokens, D]."""
+        mul = next(n for n in forwards[path].original_graph.nodes if n.name == mul_name)
+        reads_x = [a for a in mul.args if isinstance(a, fx.Node) and stream_value in (a.name, *(i.name for i in a.all_input_nodes))]
+        (s,) = [a for a in mul.args if a not in reads_x]
+        return _tokens(torch.broadcast_to(torch.as_tensor(envs[path][s.name] if isinstance(s, fx.Node) else s), shape))
+
     for st in report.streams:
         first = _holder_of(st.sites[0], forwards)
         last = _holder_of(st.sites[-1], forwards)
@@ -313,11 +325,11 @@ def record(converted, inputs: dict, branch_modules=None) -> Recording:
             holder = _holder_of(site, forwards)
             rec.branch[key] = _tokens(envs[holder][site.branch_node])
             rec.order[key] = order[(holder, site.branch_node)]
-            if getattr(site, "end_scale", ""):  # the original graph's `end * s`: s's value, as this run computed it
-                mul = next(n for n in forwards[holder].original_graph.nodes if n.name == site.end_scale)
-                s = next(a if not isinstance(a, fx.Node) else envs[holder][a.name] for a in mul.args
-                         if not isinstance(a, fx.Node) or a.name in envs[holder])
-                rec.scale[key] = _tokens(torch.broadcast_to(torch.as_tensor(s), envs[holder][site.branch_node].shape))
+            shape = envs[holder][site.branch_node].shape
+            if getattr(site, "end_scale", ""):  # the original graph's `end * s`
+                rec.scale[key] = factor(holder, site.end_scale, site.add_node, shape)
+            if getattr(site, "skip_gain", ""):  # the original graph's `x * w`
+                rec.gain[key] = factor(holder, site.skip_gain, site.skip_node, shape)
             mods = branch_modules(site) if branch_modules else ([site.sublayer] if hookable(site.sublayer) else [])
             if mods:
                 rec.branch_hooked[key] = _tokens(sum(hooked_out[p] for p in mods))

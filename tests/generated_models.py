@@ -41,6 +41,7 @@ class Spec:
     token_view: bool = False  # the stream viewed as [B*T, 1, D] after the first sublayer, back at the end (Swin)
     plain_last: bool = False  # a layer's last sublayer (of two or more) reads the stream itself: x + f(x) (Gemma 4's PLE)
     layer_scale: str = "none"  # each layer returns its stream times a scale: "buffer" (in place: Gemma 4) or "constant"
+    skip_gain: str = "none"  # the add reads the stream times a gain, ``w * x + f``: "param" (per channel: Doge) or "constant"
     reader: str = "norm"
     int_arg: str = "none"  # the layers get an int window (from the sequence length) for Mix: "child" hands it on, "layer" computes with it
     refuse: str = "none"
@@ -155,6 +156,8 @@ class Layer(nn.Module):
             self.tap_in, self.tap_mid = nn.Identity(), nn.Identity()
         if spec.layer_scale == "buffer":
             self.register_buffer("layer_scalar", 0.5 + torch.rand(1))
+        if spec.skip_gain == "param":
+            self.skip_gains = nn.ParameterDict({name: nn.Parameter(0.5 + torch.rand(d)) for name in spec.sublayers})
         if spec.residual_in_child:  # the same branch modules, wrapped
             self.residual_branches = nn.ModuleDict({name: AddsTheResidual(b) for name, b in self.branches.items()})
 
@@ -201,6 +204,8 @@ class Layer(nn.Module):
             f = self._branch(name, self._norm(name, x, i), window)
             if spec.refuse == "parallel" and i == 0:
                 f = f + self.other(self.other_norm(x))  # a second branch reading the same x
+            if spec.skip_gain != "none":
+                x = x * self.skip_gains[name] if spec.skip_gain == "param" else 0.9 * x
             x = x + f if spec.add_order == "x+f" else f + x
             if spec.tap and i == 0:
                 x = self.tap_mid(x)
@@ -302,6 +307,7 @@ def specs():
             token_view=draw_(st.booleans()),
             layer_scale=draw_(st.sampled_from(["none", "buffer", "constant"])),
             plain_last=draw_(st.booleans()),
+            skip_gain=draw_(st.sampled_from(["none", "param", "constant"])),
             reader=draw_(st.sampled_from(READERS)),
             int_arg=draw_(st.sampled_from(INT_ARGS)),
             refuse=draw_(st.sampled_from(REFUSE)) if draw_(st.integers(0, 3)) == 0 else "none",

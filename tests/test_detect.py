@@ -452,7 +452,7 @@ class _DropoutOnASumLM(torch.nn.Module):
 
     def __init__(self, d=16, layers=3):
         super().__init__()
-        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d, elementwise_affine=gain != "float32") for _ in range(layers))
         self.a = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
         self.b = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
         self.drop, self.norm = torch.nn.Dropout(0.5), torch.nn.LayerNorm(d)
@@ -553,3 +553,59 @@ def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
     with pytest.raises(rr.ConversionError, match=why):
         rr.convert_(model, example_inputs=(ids,))
     assert not rr.attn_res_parameters(model) and model.state_dict().keys() == before.keys()
+
+
+class _SkipGainLM(torch.nn.Module):
+    """``x = w * x + f(norm(x))``: the stream scaled before each branch joins it (Doge's learned residual gains).
+    ``gain``: "param" (per channel, not ones), "float32" (a float32 parameter in a bfloat16 model: the first add
+    widens the stream) or "fed" (computed from x itself: a gate, not a gain)."""
+
+    def __init__(self, gain: str, d=16, layers=3):
+        super().__init__()
+        self.gain = gain
+        self.emb = torch.nn.Embedding(50, d)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d, elementwise_affine=gain != "float32") for _ in range(layers))
+        self.ffs = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.w = torch.nn.ParameterList(torch.nn.Parameter(0.5 + torch.rand(d)) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d, elementwise_affine=gain != "float32")
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for norm, ff, w in zip(self.norms, self.ffs, self.w):
+            g = torch.sigmoid(x.mean(-1, keepdim=True)) if self.gain == "fed" else w
+            x = g * x + ff(norm(x).to(ff.weight.dtype))
+        return self.norm(x)
+
+
+def test_a_stream_scaled_before_the_branch_joins_it_converts_exactly():
+    """Every source so far is scaled (the oracle checks the scaled sources with non-zero queries: Doge in
+    test_oracle.py); here: exact at init and in a training step, in float64 and with a float32 gain widening a
+    bfloat16 stream, which the rewrite must widen at b_0 (a bfloat16 partial sum would round)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    model = _SkipGainLM("param").double()
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(ids,), num_blocks=2)
+    assert len(model.attn_res_report.sites) == 3
+    with torch.no_grad():
+        assert rel_err(model(ids), original(ids)) <= 1e-12
+    assert_same_training_step(original, model, lambda net: net(ids), "skip gains", tolerance=1e-12)
+
+    model = _SkipGainLM("float32").to(torch.bfloat16)
+    for w in model.w:
+        w.data = w.data.float()
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(ids,), num_blocks=2)
+    assert model.attn_res_report.streams[0].dtype == "float32"
+    with torch.no_grad():
+        got, want = model(ids), original(ids)
+    assert got.dtype == want.dtype == torch.float32 and rel_err(got, want) <= 1e-6
+
+
+def test_a_stream_scaled_by_a_value_of_its_own_is_refused():
+    """``sigmoid(g(x)) * x``: a gate read from the stream, which AttnRes replaces; not a gain."""
+    model = _SkipGainLM("fed").double()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(rr.ConversionError, match="no pre-norm residual site"):
+        rr.convert_(model, example_inputs=(torch.randint(0, 50, (2, 7)),))
+    assert model.state_dict().keys() == before.keys() and not rr.attn_res_parameters(model)

@@ -86,6 +86,11 @@ FOUND = [  # minimal failing examples hypothesis found, kept as regular tests
     # the final aggregation's hook went on an identity tap inside the last layer too: hooked, the tap was
     # kept by the trace of a new signature (a new int), whose sites then differed
     Spec(depth=1, width=8, sublayers=("mlp",), tap=True, int_arg="layer"),
+    # a gain on the skip (w * x + f): one gain parameter read by two sublayers is also an ancestor of the stream; a
+    # norm-free sublayer's branch reads x too (taken for the gain in the training graph); the gain of a viewed stream
+    Spec(depth=1, width=8, sublayers=("mix", "mlp", "mlp"), skip_gain="param"),
+    Spec(depth=1, width=8, plain_last=True, skip_gain="constant"),
+    Spec(depth=1, width=8, token_view=True, skip_gain="param"),
 ]
 
 

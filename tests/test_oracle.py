@@ -114,6 +114,13 @@ def _build(name: str):
     if name == "olmo2":  # norms after the sublayers, x + norm(f(x)): each sublayer reads the mixture where it read x
         cfg = transformers.AutoConfig.for_model("olmo2", **decoder, num_hidden_layers=3, num_key_value_heads=2, **_pad0)
         return transformers.AutoModelForCausalLM.from_config(cfg), (_ids(2, 9),), None
+    if name == "doge":  # the stream scaled by a learned gain before each branch joins it, `w * residual + f(norm(x))`
+        cfg = transformers.AutoConfig.for_model("doge", **decoder, num_hidden_layers=3, num_key_value_heads=2, **_pad0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():  # ones at init: a gain left out, or applied to the branch, would not show
+            for layer in model.model.layers:
+                layer.input_residual.uniform_(0.5, 1.5), layer.post_attention_residual.uniform_(0.5, 1.5)
+        return model, (_ids(2, 9),), None
     if name == "megatron_bert":  # the attention child adds its residual (traced into), the layer the MLP's: 6 sites
         cfg = transformers.MegatronBertConfig(**decoder, num_hidden_layers=3, is_decoder=True)
         return transformers.MegatronBertForCausalLM(cfg), (_ids(2, 9),), None
@@ -174,6 +181,8 @@ CASES = [
     ("mamba", dict(block_size=1)),  # L=3, Full AttnRes
     ("megatron_bert", dict(num_blocks=4)),  # L=6: 2+2+2
     ("olmo2", dict(num_blocks=4)),  # L=6: 2+2+2
+    ("doge", dict(num_blocks=4)),  # L=6: 2+2+2; a gain at a block's start and inside it
+    ("doge", dict(block_size=1)),  # Full AttnRes: every gain scales every block sum
     ("gemma4", dict(num_blocks=4)),  # L=12: 3+3+3+3; the stream scaled at each layer's end
     ("gemma4", dict(block_size=5)),  # 5+5+2: the scale of layer 0 falls inside a block (the partial sum scaled)
     ("swin", dict(num_blocks=2)),  # two streams of L=4: 2+2 each
@@ -219,6 +228,7 @@ def test_every_norm_reads_what_block_attnres_says(case):
             eps=EPS,
             mixing=mixing,
             scales=[rec.scale.get((st.index, s.index)) for s in st.sites],
+            gains=[rec.gain.get((st.index, s.index)) for s in st.sites],
         )
         # the queries matter: no aggregation is close to what a zero query gives (else the comparison
         # below could not tell the source sets apart)

@@ -192,7 +192,8 @@ def _oracle_errors(model, inputs: dict) -> dict[str, float]:
             [oracle.params_at(model, s.param_prefix) if s.param_prefix else None for s in st.sites],
             oracle.params_at(model, st.final_param_prefix), num_blocks=ORACLE_OPTIONS["num_blocks"], block_size=None,
             eps=ORACLE_OPTIONS["key_norm_eps"], mixing="sum",
-            scales=[rec.scale.get((st.index, s.index)) for s in st.sites])
+            scales=[rec.scale.get((st.index, s.index)) for s in st.sites],
+            gains=[rec.gain.get((st.index, s.index)) for s in st.sites])
         for site, h in zip(st.sites, want.site_inputs):
             for witness, got in rec.fed[(st.index, site.index)].items():
                 errs[f"stream {st.index} site {site.index} ({witness})"] = oracle.rel_err(got, h)
