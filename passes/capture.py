@@ -466,9 +466,10 @@ def canonicalize(gm: fx.GraphModule) -> None:
     * ``(R(x) + g(n(R(x)))).view(x.shape)`` -> ``x + g(...).reshape(x.shape)`` (OPT flattens the tokens
       around its MLP) when the sum is read only by that view back to ``x``'s shape: exact, reshapes
       keep the elements' order;
-    * ``(x + f) + g`` -> ``x + (f + g)`` (Cohere's parallel block, GPT-J style with two norms) when
-      nothing else reads ``x + f`` and ``x`` is an ancestor of ``f`` and ``g``, which do not depend
-      on each other: float addition re-associated, so results change at rounding level only;
+    * ``(x + f) + g`` -> ``x + (f + g)`` (Cohere's parallel block, GPT-J style with two norms; LongCat-Flash's
+      shortcut MoE, computed from an earlier sublayer's norm) when nothing else reads ``x + f``, ``x`` is an
+      ancestor of ``f``, and ``f`` and ``g`` do not depend on each other: float addition re-associated, so
+      results change at rounding level only;
     * calls of hook-free ``nn.Identity`` modules are erased: taps that inspection tools put on the
       stream (``x = self.tap_mid(x)``) hid the adds from each other. Exact; the converted forward does
       not call them (hooks added later do not fire). A hooked one is kept: detection says where;
@@ -535,7 +536,7 @@ def _regroup_one_sum(gm: fx.GraphModule) -> bool:
                 if not (isinstance(x, fx.Node) and isinstance(f, fx.Node)):
                     continue
                 anc_f, anc_g = nx.ancestors(dag, f), nx.ancestors(dag, g)
-                if x in anc_f and x in anc_g and f not in anc_g and g not in anc_f:
+                if x in anc_f and f not in anc_g and g not in anc_f:
                     with gm.graph.inserting_before(outer):
                         # f in the stream's dtype first: ``(x + f) + g`` added f and g to an fp32
                         # stream under autocast; ``f + g`` alone would round their sum to bf16

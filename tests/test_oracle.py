@@ -63,6 +63,11 @@ def _build(name: str):
 
         x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         return NamedTupleLM(d=24, n=3), (x,), None
+    if name == "shortcut":  # LongCat-Flash-like: 2 layers, 8 sublayers; a shortcut joins the stream a sublayer later
+        from toy_models import ShortcutLM
+
+        x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        return ShortcutLM(d=24, n=2), (x,), lambda site: []
     transformers = pytest.importorskip("transformers")
     warnings.filterwarnings("ignore", message=".*token_id.*")
     decoder = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_attention_heads=4)
@@ -144,9 +149,9 @@ def _converted(name: str, options: tuple):
     model = model.double().eval()
     if isinstance(inputs, dict):
         inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    example = None if name not in ("inline", "namedtuple", "timm_swin") else inputs
+    example = None if name not in ("inline", "namedtuple", "shortcut", "timm_swin") else inputs
     converted = rr.convert(model, example, key_norm_eps=EPS, **dict(options))
-    if name in ("gpt", "inline", "namedtuple"):
+    if name in ("gpt", "inline", "namedtuple", "shortcut"):
         inputs = inspect.signature(model.forward).bind(*inputs).arguments
     elif not isinstance(inputs, dict):
         inputs = dict(zip(["input_ids", "decoder_input_ids"], inputs))
@@ -174,6 +179,7 @@ CASES = [
     ("inline", dict(num_blocks=2)),  # L=5: 3+2
     ("inline", dict(block_size=1)),
     ("namedtuple", dict(num_blocks=4)),  # L=6: 2+2+2
+    ("shortcut", dict(num_blocks=3)),  # L=8: 3+3+2; the shortcut computed in block 1, added in block 2
     ("opt", dict(num_blocks=4)),  # L=6: 2+2+2
     ("opt", dict(block_size=4)),  # 4+2
     ("rwkv", dict(num_blocks=2)),  # L=6: 3+3, b_0 = the first layer's pre_ln output

@@ -245,3 +245,34 @@ class NamedTupleLM(nn.Module):
         for blk in self.blocks:
             carry = blk(carry)
         return self.norm(carry.hidden)
+
+
+class ShortcutBlock(nn.Module):
+    """LongCat-Flash's layer in miniature: two attention + MLP pairs, and a shortcut MLP that reads the first
+    MLP's norm and joins the stream at the layer's last add, ``x + f(norm(x)) + shortcut``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.LayerNorm(d) for _ in range(4)])
+        self.subs = nn.ModuleList([nn.Linear(d, d) for _ in range(4)])
+        self.shortcut = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + self.subs[0](self.norms[0](x))
+        h = self.norms[1](x)
+        shortcut = self.shortcut(h)
+        x = x + self.subs[1](h)
+        x = x + self.subs[2](self.norms[2](x))
+        return x + self.subs[3](self.norms[3](x)) + shortcut
+
+
+class ShortcutLM(nn.Module):
+    def __init__(self, d=24, n=2):
+        super().__init__()
+        self.blocks = nn.ModuleList([ShortcutBlock(d) for _ in range(n)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
