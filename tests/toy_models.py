@@ -106,7 +106,7 @@ class PostNormLM(ToyLM):
 
 
 class ParallelLM(ToyLM):
-    """x + f(n1(x)) + g(n2(x)) (GPT-J style parallel branches): refused with the module path."""
+    """x + f(n1(x)) + g(n2(x)) (GPT-J style parallel branches): regrouped into x + (f + g), one site, two norms."""
 
     def __init__(self):
         super().__init__("layernorm", n_layers=2)
