@@ -81,7 +81,7 @@ class ResidualTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque_modules:
             return True
-        if self.opaque_children and _is_direct_child(self.root, qualname) and qualname not in self.inline:
+        if self.opaque_children and is_direct_child(self.root, qualname) and qualname not in self.inline:
             return True
         if is_opaque_by_class(m):
             if _OPAQUE_CLASS_NAME.search(type(m).__name__) and any(
@@ -189,7 +189,7 @@ def _calling_user_line() -> str | None:
     return frame_location(frame) if frame is not None else None
 
 
-def _is_direct_child(root: nn.Module, qualname: str) -> bool:
+def is_direct_child(root: nn.Module, qualname: str) -> bool:
     """``qualname`` names a child of ``root``, or a child of a container (ModuleList ...) that is one."""
     *parents, _ = qualname.split(".")
     module = root

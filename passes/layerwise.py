@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from .capture import Captured, capture, has_hooks, in_mode, is_opaque_by_class, state_restored
+from .capture import Captured, capture, has_hooks, in_mode, is_direct_child, is_opaque_by_class, state_restored
 from .detect import MULTIPLIES, build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
 from .errors import ConversionError
 from .graph_pickle import graph_module_to_pickle, graph_to_pickle, unpickled_graph, unpickled_graph_module
@@ -435,20 +435,16 @@ def _check_forward_is_the_class_forward(path: str, module: nn.Module) -> None:
 
 
 def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
-    """``trace_alone``; where that fails or the stream starts inside, again with the children that take
-    the stream and hold a norm traced into: Megatron-BERT's attention child adds the attention's residual
-    and the layer the MLP's; DBRX's `norm_attn_norm` adds the attention's and normalises for the MLP."""
+    """``trace_alone``; where that fails or the stream starts inside, again with children on the stream traced into:
+    Megatron-BERT's attention child adds the attention's residual and the layer the MLP's; DBRX's `norm_attn_norm`
+    adds the attention's and normalises for the MLP; Ergo's gates add each residual times a gain."""
     try:
         first = trace_alone(call.module, bind_call(call.module, call.args, call.kwargs))
         if not first.starts_inside:
             return first
     except ConversionError as exc:
         first = exc
-    inputs = call.tensor_inputs()
-    holding = [c.path.rpartition(".")[2] for c in candidates if c.path.rpartition(".")[0] == call.path
-               and any(t is x for t in c.tensor_inputs() for x in inputs)
-               and any(is_norm_module(m) for m in c.module.modules()) and not any(has_hooks(m) for m in c.module.modules())]
-    if holding:
+    for holding in _children_on_the_stream(call, candidates):
         try:
             return trace_alone(call.module, bind_call(call.module, call.args, call.kwargs), inline=tuple(holding))
         except Exception:  # noqa: BLE001 - the first trace's result or reason says more
@@ -456,6 +452,29 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
     if isinstance(first, Exception):
         raise first
     return first
+
+
+def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> list[list[str]]:
+    """Children to trace into, tried in turn: those taking the stream and holding a norm; then also those without
+    one that hand the stream on, followed from call to call (Ergo's ``ResidualGate(h, residual)`` returns
+    ``a * h + w * residual``: a gain on the skip, once traced into)."""
+    stream, with_norms, more = list(call.tensor_inputs()), [], []
+    for child in candidates:  # in call order
+        name = child.path.removeprefix(call.path + ".")  # relative: a child, or one in a ModuleList/Dict that is
+        if name == child.path or not is_direct_child(call.module, name) or any(has_hooks(m) for m in child.module.modules()) \
+                or not any(_views(t, x) for t in child.tensor_inputs() for x in stream):
+            continue
+        if any(is_norm_module(m) for m in child.module.modules()):
+            with_norms += [name] if any(t is x for t in child.tensor_inputs() for x in call.tensor_inputs()) else []
+        else:
+            more.append(name)
+            stream += child.tensor_outputs()
+    return ([with_norms] if with_norms else []) + ([with_norms + more] if more else [])
+
+
+def _views(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """``t`` is ``x`` or a view of its tokens (the hidden dimension whole: Swin's ``x.reshape(B, -1, C)``)."""
+    return t is x or (t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and t.shape[-1] == x.shape[-1])
 
 
 def _short_reason(exc: Exception) -> str:

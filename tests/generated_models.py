@@ -120,13 +120,18 @@ class MLP(nn.Module):
 
 
 class AddsTheResidual(nn.Module):
-    """A sublayer that takes the residual and adds it itself (BLOOM's ``dropout_add(out, residual)``)."""
+    """A sublayer that takes the residual and adds it itself (BLOOM's ``dropout_add(out, residual)``); with a
+    ``gain``, scaled first (Ergo's ``ResidualGate``: traced into, a gain on the skip)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, gain: str = "none", d: int = 0):
         super().__init__()
-        self.inner = inner
+        self.inner, self.gain = inner, gain
+        if gain == "param":
+            self.weight = nn.Parameter(0.5 + torch.rand(d))
 
     def forward(self, h, residual):
+        if self.gain != "none":
+            residual = residual * self.weight if self.gain == "param" else 0.9 * residual
         return residual + self.inner(h)
 
 
@@ -159,7 +164,7 @@ class Layer(nn.Module):
         if spec.skip_gain == "param":
             self.skip_gains = nn.ParameterDict({name: nn.Parameter(0.5 + torch.rand(d)) for name in spec.sublayers})
         if spec.residual_in_child:  # the same branch modules, wrapped
-            self.residual_branches = nn.ModuleDict({name: AddsTheResidual(b) for name, b in self.branches.items()})
+            self.residual_branches = nn.ModuleDict({name: AddsTheResidual(b, spec.skip_gain, d) for name, b in self.branches.items()})
 
     def _norm(self, name: str, x, i: int = 0):
         if self.spec.norm_inside or (self.spec.plain_last and i == len(self.spec.sublayers) - 1 > 0):

@@ -538,7 +538,8 @@ def test_a_stream_whose_norms_do_not_normalise_its_last_dimension_is_refused(kin
 def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
     """Split as ``x + child(h, 0)``, a child that adds the residual is exact; one that scales it first by a
     parameter (ones at init) would be exact at init too, and would train without that scale: not split. Traced
-    into (the model as its holder), its ``residual * scale + f`` is a gain on the skip, kept (scales not ones here)."""
+    into its layer (a child handing the stream on), its ``residual * scale + f`` is a gain on the skip, kept (scales
+    not ones here)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 5))
     plain = _ResidualChildLM(scaled=False).double()
@@ -554,7 +555,8 @@ def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
             layer.mlp.scale.uniform_(0.5, 1.5)
     original = copy.deepcopy(model)
     rr.convert_(model, example_inputs=(ids,))
-    assert model.attn_res_report.holders == [""] and [s.skip_gain != "" for s in model.attn_res_report.sites] == [True] * 2
+    report = model.attn_res_report
+    assert report.holders == ["layers.0", "layers.1"] and [s.skip_gain != "" for s in report.sites] == [True] * 2
     with torch.no_grad():
         assert rel_err(model(ids), original(ids)) <= 1e-12
     assert_same_training_step(original, model, lambda net: net(ids), "a learned residual scale", tolerance=1e-12)

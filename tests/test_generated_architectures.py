@@ -91,6 +91,9 @@ FOUND = [  # minimal failing examples hypothesis found, kept as regular tests
     Spec(depth=1, width=8, sublayers=("mix", "mlp", "mlp"), skip_gain="param"),
     Spec(depth=1, width=8, plain_last=True, skip_gain="constant"),
     Spec(depth=1, width=8, token_view=True, skip_gain="param"),
+    # a child adding the residual times a gain (Ergo's ResidualGate): traced into its layer, also in a ModuleDict,
+    # also after a view of the stream
+    Spec(depth=2, width=8, residual_in_child=True, token_view=True, skip_gain="param"),
 ]
 
 
