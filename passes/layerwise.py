@@ -444,7 +444,8 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
             return first
     except ConversionError as exc:
         first = exc
-    for holding in _children_on_the_stream(call, candidates):
+    holding = _children_on_the_stream(call, candidates)
+    if holding:
         try:
             return trace_alone(call.module, bind_call(call.module, call.args, call.kwargs), inline=tuple(holding))
         except Exception:  # noqa: BLE001 - the first trace's result or reason says more
@@ -454,10 +455,10 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
     return first
 
 
-def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> list[list[str]]:
-    """Children to trace into, tried in turn: those taking the stream and holding a norm; then also those without
-    one that hand the stream on, followed from call to call (Ergo's ``ResidualGate(h, residual)`` returns
-    ``a * h + w * residual``: a gain on the skip, once traced into)."""
+def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> list[str]:
+    """Children to trace into: those taking the stream and holding a norm, and those without one that hand the
+    stream on, followed from call to call (Ergo's ``ResidualGate(h, residual)`` returns ``a * h + w * residual``: a
+    gain on the skip, once traced into)."""
     stream, with_norms, more = list(call.tensor_inputs()), [], []
     for child in candidates:  # in call order
         name = child.path.removeprefix(call.path + ".")  # relative: a child, or one in a ModuleList/Dict that is
@@ -469,7 +470,7 @@ def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> l
         else:
             more.append(name)
             stream += child.tensor_outputs()
-    return ([with_norms] if with_norms else []) + ([with_norms + more] if more else [])
+    return with_norms + more
 
 
 def _views(t: torch.Tensor, x: torch.Tensor) -> bool:
