@@ -302,11 +302,23 @@ class _SiteFinder:
         return self._site(add, skip, branch, entries, entries, upcast, gain, unnormalized=True), None
 
     def _scaled_stream(self, operand: fx.Node, branch: fx.Node) -> Optional[fx.Node]:
-        """``x`` when ``operand`` is ``x * w`` (or ``x.to(dtype) * w``), read by the add alone, where ``x`` is an
-        ancestor of ``branch`` and ``w`` is not fed by ``x``: the stream scaled before the branch is added."""
+        """``x`` when ``operand`` is ``x * w`` (or ``x.to(dtype) * w``), out of place (``x.mul_(w)`` would scale what
+        else reads x too) and read by the add alone, where ``x`` is an ancestor of ``branch`` and ``w`` is not fed by
+        ``x`` (its dtype aside: ``w.to(x.dtype) * x``): the stream scaled before the branch is added. Where x is a
+        token view of the stream (Swin), w must scale channels only, as the rewrite scales the sums in the stream's
+        shape."""
+        if operand.target in (operator.imul, "mul_") or len(operand.users) != 1:
+            return None
+        for a in operand.args:
+            if isinstance(a, fx.Node):
+                self.drop_metadata_edges(uncast(a))
         xs = [a for a in operand.args if isinstance(a, fx.Node) and uncast(a) in nx.ancestors(self.dag, branch)
               and _scales(operand, a, uncast(a), self)]
-        return xs[0] if len(operand.users) == 1 and len(xs) == 1 else None
+        if len(xs) != 1:
+            return None
+        w = next(self.values.get(a, a) for a in operand.args if a is not xs[0])
+        per_channel = not isinstance(w, torch.Tensor) or w.numel() == (w.shape[-1] if w.dim() else 1)
+        return xs[0] if per_channel or _token_view_of(uncast(xs[0]), self.values) is None else None
 
     def effective_readers(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """``(reader, what it reads)`` for the value of ``node``, looking through containers: a
@@ -452,8 +464,9 @@ def build_plan(
             site.skip_view = skip.name if viewed is not None else ""
             stream = plan.streams[prev.stream]
             if site.skip_upcast:  # only b_0 can be widened (the block sums are already that wide after it)
-                raise ConversionError(f"the residual stream after {prev.sublayer} is cast to {site.skip_upcast} "
-                                      f"before {site.sublayer}'s add, which widens the sum mid-stream")
+                raise ConversionError(f"the residual stream after {prev.sublayer} is widened to {site.skip_upcast} "
+                                      f"(cast, or scaled by a gain in that dtype) before {site.sublayer}'s add, which "
+                                      "widens the sum mid-stream")
         elif site.unnormalized:
             plan.left_out.append(LeftOut(site.add_node, module_path(nodes[site.add_node]), NOT_PRE_NORM))
             continue
@@ -587,7 +600,8 @@ def _scales(node: fx.Node, end: fx.Node, source: fx.Node, finder, keeps_dtype=Fa
     """``node`` is ``end * s``, ``s`` not fed by the stream (``source``), in ``end``'s shape (and dtype): the rewrite
     scales every block sum (``s * (b_0 + ... + partial)`` is their sum scaled, term by term)."""
     s = [a for a in node.args if a is not end]
-    if node.op not in ("call_function", "call_method") or node.target not in MULTIPLIES or len(node.args) != 2 or len(s) != 1:
+    if node.op not in ("call_function", "call_method") or node.target not in MULTIPLIES or len(node.args) != 2 \
+            or len(s) != 1 or node.kwargs:  # (``out=``)
         return False
     out, value = finder.values.get(node), finder.values.get(end)
     fed = isinstance(s[0], fx.Node) and (s[0] is source or source in nx.ancestors(finder.dag, s[0]))

@@ -317,11 +317,13 @@ def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
         for site in stream.sites:
             add, skip = nodes.get(site.add_node), nodes.get(site.skip_node)
             operands = add.all_input_nodes if add is not None else []
-            if site.skip_gain:  # its name may differ (a mul traced in training only comes before it)
-                gains = [n for n in operands if n.target in MULTIPLIES and any(uncast(a) is skip for a in n.all_input_nodes)]
-                renamed[site.skip_gain] = site.skip_gain = gains[0].name if len(gains) == 1 else "?"
+            gains = [n for n in operands if n.op != "call_module" and n.target in MULTIPLIES
+                     and any(uncast(a) is skip for a in n.all_input_nodes)]
+            if site.skip_gain and len(gains) == 1:  # its name may differ (a mul traced in training only comes before it)
+                renamed[site.skip_gain] = gains[0].name
+                site.skip_gain = gains[0].name
             branch = [n for n in operands if skip not in (n, uncast(n)) and n.name != site.skip_gain]
-            if skip is None or len(operands) != 2 or len(branch) != 1 or site.skip_gain == "?":
+            if skip is None or len(operands) != 2 or len(branch) != 1 or (site.skip_gain and len(gains) != 1):
                 problems.append(f"{site.add_node} is not {site.skip_node} + a branch")
                 continue
             site.branch_node = branch[0].name  # its end may differ (a dropout applied in training only)
@@ -466,7 +468,8 @@ def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> l
                 or not any(_views(t, x) for t in child.tensor_inputs() for x in stream):
             continue
         if any(is_norm_module(m) for m in child.module.modules()):
-            with_norms += [name] if any(t is x for t in child.tensor_inputs() for x in call.tensor_inputs()) else []
+            if any(t is x for t in child.tensor_inputs() for x in call.tensor_inputs()):
+                with_norms.append(name)
         else:
             more.append(name)
             stream += child.tensor_outputs()

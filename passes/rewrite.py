@@ -199,7 +199,7 @@ def _rewrite_stream(
                 v = graph.call_method("reshape_as", (v, b_0))
             add = v
         if site.skip_gain:  # the add read w * x: every source so far is scaled before v joins them
-            blocks, partial = _scaled(graph, nodes[site.skip_gain], {x, b_0, nodes[site.skip_node]}, blocks, partial)
+            blocks, partial = _scaled(graph, nodes[site.skip_gain], {b_0, nodes[site.skip_node]}, blocks, partial)
         with graph.inserting_after(add):
             if partial is None:  # a block starts
                 partial = graph.call_function(in_stream_dtype, (v, b_0))
@@ -247,7 +247,10 @@ def _rewrite_stream(
 def _scaled(graph: fx.Graph, mul: fx.Node, stream_values: set, blocks: list, partial, in_place=False):
     """``blocks`` and ``partial`` each times the factor of ``mul`` (``x * s`` with x among ``stream_values``), inserted
     before ``mul``: the stream, their sum, scaled term by term. ``in_place``: in their dtype, as ``x *= s`` is."""
-    s = next(a for a in mul.args if not (isinstance(a, fx.Node) and stream_values & {a, *a.all_input_nodes}))  # x.to(dtype)
+    def is_stream(a) -> bool:  # x itself, or x.to(dtype)
+        return isinstance(a, fx.Node) and bool(stream_values & {a, *a.all_input_nodes})
+
+    s = next(a for a in mul.args if not is_stream(a))
     times = scaled_like if in_place else operator.mul
     with graph.inserting_before(mul):
         return [graph.call_function(times, (b, s)) for b in blocks], None if partial is None else graph.call_function(times, (partial, s))

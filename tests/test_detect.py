@@ -564,8 +564,9 @@ def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
 
 class _SkipGainLM(torch.nn.Module):
     """``x = w * x + f(norm(x))``: the stream scaled before each branch joins it (Doge's learned residual gains).
-    ``gain``: "param" (per channel, not ones), "float32" (a float32 parameter in a bfloat16 model: the first add
-    widens the stream) or "fed" (computed from x itself: a gate, not a gain)."""
+    ``gain``: "param" (per channel, not ones), "cast" (``w.to(x.dtype) * x``), "float32" (a float32 parameter in a
+    bfloat16 model: the first add widens the stream), "fed" (computed from x itself: a gate, not a gain) or
+    "in_place" (``x.mul_(w)`` before the norm reads x: the norm reads w * x)."""
 
     def __init__(self, gain: str, d=16, layers=3):
         super().__init__()
@@ -579,7 +580,10 @@ class _SkipGainLM(torch.nn.Module):
     def forward(self, ids):
         x = self.emb(ids)
         for norm, ff, w in zip(self.norms, self.ffs, self.w):
-            g = torch.sigmoid(x.mean(-1, keepdim=True)) if self.gain == "fed" else w
+            if self.gain == "in_place":
+                x = x.mul_(w) + ff(norm(x))
+                continue
+            g = torch.sigmoid(x.mean(-1, keepdim=True)) if self.gain == "fed" else w.to(x.dtype) if self.gain == "cast" else w
             x = g * x + ff(norm(x).to(ff.weight.dtype))
         return self.norm(x)
 
@@ -590,13 +594,14 @@ def test_a_stream_scaled_before_the_branch_joins_it_converts_exactly():
     bfloat16 stream, which the rewrite must widen at b_0 (a bfloat16 partial sum would round)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 7))
-    model = _SkipGainLM("param").double()
-    original = copy.deepcopy(model)
-    rr.convert_(model, example_inputs=(ids,), num_blocks=2)
-    assert len(model.attn_res_report.sites) == 3
-    with torch.no_grad():
-        assert rel_err(model(ids), original(ids)) <= 1e-12
-    assert_same_training_step(original, model, lambda net: net(ids), "skip gains", tolerance=1e-12)
+    for gain in ("param", "cast"):
+        model = _SkipGainLM(gain).double()
+        original = copy.deepcopy(model)
+        rr.convert_(model, example_inputs=(ids,), num_blocks=2)
+        assert len(model.attn_res_report.sites) == 3
+        with torch.no_grad():
+            assert rel_err(model(ids), original(ids)) <= 1e-12
+        assert_same_training_step(original, model, lambda net: net(ids), f"skip gains ({gain})", tolerance=1e-12)
 
     model = _SkipGainLM("float32").to(torch.bfloat16)
     for w in model.w:
@@ -609,10 +614,47 @@ def test_a_stream_scaled_before_the_branch_joins_it_converts_exactly():
     assert got.dtype == want.dtype == torch.float32 and rel_err(got, want) <= 1e-6
 
 
-def test_a_stream_scaled_by_a_value_of_its_own_is_refused():
-    """``sigmoid(g(x)) * x``: a gate read from the stream, which AttnRes replaces; not a gain."""
-    model = _SkipGainLM("fed").double()
+@pytest.mark.parametrize("gain", ["fed", "in_place"])
+def test_a_stream_scaled_by_a_value_of_its_own_or_in_place_is_refused(gain):
+    """``sigmoid(g(x)) * x``: a gate read from the stream, which AttnRes replaces; not a gain. ``x.mul_(w)``: the
+    norm reading x afterwards reads w * x (ones at init: converted, it trained without w)."""
+    model = _SkipGainLM(gain).double()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(rr.ConversionError, match="no pre-norm residual site"):
+    with pytest.raises(rr.ConversionError, match="no pre-norm residual site|is read by"):
         rr.convert_(model, example_inputs=(torch.randint(0, 50, (2, 7)),))
     assert model.state_dict().keys() == before.keys() and not rr.attn_res_parameters(model)
+
+
+class _ViewedStreamGainBlock(torch.nn.Module):
+    """A (B, H, W, C) stream whose second sublayer reads it as (B, H*W, C) (Swin) and scales that view by ``w``: per
+    channel, or per sample ((B, 1, 1) in the view's layout, which in the stream's would scale H)."""
+
+    def __init__(self, w: torch.Tensor, c=8):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(c) for _ in range(2))
+        self.ffs = torch.nn.ModuleList(torch.nn.Linear(c, c) for _ in range(2))
+        self.register_buffer("w", w)
+
+    def forward(self, x):  # [B, H, W, C]
+        b, h, w, c = x.shape
+        x = x + self.ffs[0](self.norms[0](x))
+        x = x.reshape(b, -1, c)
+        x = x * self.w + self.ffs[1](self.norms[1](x))
+        return x.reshape(b, h, w, c)
+
+
+def test_a_gain_on_a_token_view_of_the_stream_scales_channels_only():
+    def lm(w):
+        return torch.nn.Sequential(_ViewedStreamGainBlock(w), _ViewedStreamGainBlock(w), torch.nn.LayerNorm(8)).double()
+
+    x = torch.randn(2, 2, 3, 8, dtype=torch.float64)  # H == B: (B, 1, 1) broadcasts in the stream's layout too
+    model = lm(torch.rand(8) + 0.5)
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=(x,))
+    assert [s.skip_gain != "" for s in model.attn_res_report.sites] == [False, True] * 2
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= 1e-12
+    model = lm(torch.tensor([0.5, 2.0]).view(2, 1, 1))
+    with pytest.raises(rr.ConversionError) as info:  # refused, not "does not compute what the original computed"
+        rr.convert_(model, example_inputs=(x,))
+    assert "Please report it" not in str(info.value)
