@@ -459,20 +459,21 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
 
 def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> list[str]:
     """Children to trace into: those taking the stream and holding a norm, and those without one that hand the
-    stream on, followed from call to call (Ergo's ``ResidualGate(h, residual)`` returns ``a * h + w * residual``: a
-    gain on the skip, once traced into)."""
+    stream on (their output has the shape of a stream value they take), followed from call to call (Ergo's
+    ``ResidualGate(h, residual)`` returns ``a * h + w * residual``: a gain on the skip, once traced into)."""
     stream, with_norms, more = list(call.tensor_inputs()), [], []
     for child in candidates:  # in call order
         name = child.path.removeprefix(call.path + ".")  # relative: a child, or one in a ModuleList/Dict that is
-        if name == child.path or not is_direct_child(call.module, name) or any(has_hooks(m) for m in child.module.modules()) \
-                or not any(_views(t, x) for t in child.tensor_inputs() for x in stream):
+        taken = [t for t in child.tensor_inputs() if any(_views(t, x) for x in stream)]
+        if name == child.path or not is_direct_child(call.module, name) or not taken \
+                or any(has_hooks(m) for m in child.module.modules()):
             continue
         if any(is_norm_module(m) for m in child.module.modules()):
-            if any(t is x for t in child.tensor_inputs() for x in call.tensor_inputs()):
+            if any(t is x for t in taken for x in call.tensor_inputs()):
                 with_norms.append(name)
-        else:
+        elif (out := child.tensor_outputs()[:1]) and any(t.shape == out[0].shape for t in taken):
             more.append(name)
-            stream += child.tensor_outputs()
+            stream += out
     return with_norms + more
 
 
