@@ -458,9 +458,9 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
 
 
 def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> list[str]:
-    """Children to trace into: those taking the stream and holding a norm, and those without one that hand the
-    stream on (their output has the shape of a stream value they take), followed from call to call (Ergo's
-    ``ResidualGate(h, residual)`` returns ``a * h + w * residual``: a gain on the skip, once traced into)."""
+    """Children to trace into: those taking the stream and holding a norm, and those without one that add a branch
+    to the stream (they take it and another tensor of its shape, and return one: not a layer), followed from call to
+    call (Ergo's ``ResidualGate(h, residual)`` returns ``a * h + w * residual``: a gain on the skip, traced into)."""
     stream, with_norms, more = list(call.tensor_inputs()), [], []
     for child in candidates:  # in call order
         name = child.path.removeprefix(call.path + ".")  # relative: a child, or one in a ModuleList/Dict that is
@@ -469,9 +469,10 @@ def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> l
                 or any(has_hooks(m) for m in child.module.modules()):
             continue
         if any(is_norm_module(m) for m in child.module.modules()):
-            if any(t is x for t in taken for x in call.tensor_inputs()):
+            if "." not in name and any(t is x for t in taken for x in call.tensor_inputs()):  # (not a ModuleList's layer)
                 with_norms.append(name)
-        elif (out := child.tensor_outputs()[:1]) and any(t.shape == out[0].shape for t in taken):
+        elif (out := child.tensor_outputs()[:1]) and any(t.shape == out[0].shape for t in taken) \
+                and sum(t.shape == out[0].shape for t in child.tensor_inputs()) > 1:
             more.append(name)
             stream += out
     return with_norms + more
