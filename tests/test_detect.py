@@ -620,7 +620,7 @@ def test_a_stream_scaled_by_a_value_of_its_own_or_in_place_is_refused(gain):
     norm reading x afterwards reads w * x (ones at init: converted, it trained without w)."""
     model = _SkipGainLM(gain).double()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(rr.ConversionError, match="no pre-norm residual site|is read by"):
+    with pytest.raises(rr.ConversionError, match="no pre-norm residual site"):
         rr.convert_(model, example_inputs=(torch.randint(0, 50, (2, 7)),))
     assert model.state_dict().keys() == before.keys() and not rr.attn_res_parameters(model)
 
