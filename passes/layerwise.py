@@ -458,24 +458,24 @@ def _trace_holder(call: ModuleCall, candidates: list[ModuleCall]) -> Traced:
 
 
 def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> list[str]:
-    """Children to trace into: those taking the stream and holding a norm, and those without one that add a branch
-    to the stream (they take it and another tensor of its shape, and return one: not a layer), followed from call to
-    call (Ergo's ``ResidualGate(h, residual)`` returns ``a * h + w * residual``: a gain on the skip, traced into)."""
-    stream, with_norms, more = list(call.tensor_inputs()), [], []
+    """Children to trace into: those adding a branch to the stream (taking it and another tensor of its shape, returning
+    one: not a layer), followed call to call (Ergo's ``ResidualGate(h, residual) = a * h + w * residual``: a gain on the
+    skip), and the layer's own children taking its input and holding a norm (Megatron-BERT, DBRX)."""
+    stream, with_norms, adders = list(call.tensor_inputs()), [], []
     for child in candidates:  # in call order
         name = child.path.removeprefix(call.path + ".")  # relative: a child, or one in a ModuleList/Dict that is
         taken = [t for t in child.tensor_inputs() if any(_views(t, x) for x in stream)]
         if name == child.path or not is_direct_child(call.module, name) or not taken \
                 or any(has_hooks(m) for m in child.module.modules()):
             continue
-        if any(is_norm_module(m) for m in child.module.modules()):
+        if (out := child.tensor_outputs()[:1]) and any(t.shape == out[0].shape for t in taken) \
+                and sum(t.shape == out[0].shape for t in child.tensor_inputs()) > 1:
+            adders.append(name)  # whatever it holds: ``residual + self.inner(h)`` may hold the norm in inner
+            stream += out
+        elif any(is_norm_module(m) for m in child.module.modules()):
             if "." not in name and any(t is x for t in taken for x in call.tensor_inputs()):  # (not a ModuleList's layer)
                 with_norms.append(name)
-        elif (out := child.tensor_outputs()[:1]) and any(t.shape == out[0].shape for t in taken) \
-                and sum(t.shape == out[0].shape for t in child.tensor_inputs()) > 1:
-            more.append(name)
-            stream += out
-    return with_norms + more
+    return with_norms + adders
 
 
 def _views(t: torch.Tensor, x: torch.Tensor) -> bool:

@@ -94,6 +94,8 @@ FOUND = [  # minimal failing examples hypothesis found, kept as regular tests
     # a child adding the residual times a gain (Ergo's ResidualGate): traced into its layer, also in a ModuleDict,
     # also after a view of the stream
     Spec(depth=2, width=8, residual_in_child=True, token_view=True, skip_gain="param"),
+    # that child holding the sublayer's norm (x = child(x, x), the norm inside): taken for a layer, not traced into
+    Spec(depth=1, width=8, norm_inside=True, residual_in_child=True, token_view=True, skip_gain="param"),
 ]
 
 
