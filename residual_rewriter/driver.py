@@ -279,8 +279,8 @@ def _run_original(c: Conversion) -> Any:
 # Helpers
 def _nothing_found(model: nn.Module, found: layerwise.Layerwise) -> str:
     lines = [f"no module of {type(model).__name__} holds a pre-norm residual add `x + f(norm(x))` in its own forward, "
-             "taking the stream as an argument and returning it (are the adds in the model's own forward?)"
-             + (". Modules tried:" if found.not_holders else "")]
+             "taking the stream as an argument and returning it (are the adds in the model's own forward?)"] \
+        + (["Modules tried:"] if found.not_holders else [])
     by_reason: dict[str, list[str]] = {}  # one line per reason: most modules fail for the same one
     for path, why in found.not_holders.items():
         by_reason.setdefault(why, []).append(path)

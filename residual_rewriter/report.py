@@ -87,7 +87,8 @@ class ConversionReport:
             f"mixing={self.config.mixing}" + (" (exact at init)" if self.config.mixing == "sum" else " (paper's average)")
         )
         if self.holders:
-            lines.append(f"mode: {self.mode}" + (f" (not layer by layer: {self.mode_reason.splitlines()[0]})" if self.mode_reason else ""))
+            reason, *tried = self.mode_reason.splitlines() or [""]  # the first line, then the modules tried and why
+            lines += [f"mode: {self.mode}" + (f" (not layer by layer: {reason})" if reason else "")] + [f"  {t.strip()}" for t in tried]
             lines.append(f"holders ({len(self.holders)}, forward {'rewritten' if self.converted else 'to rewrite'}): "
                          f"{_holder_summary(self.holders)}")
         for st in self.streams:

@@ -367,6 +367,35 @@ def test_residual_adds_in_the_models_own_forward_make_the_model_the_holder():
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("attn_res.") and n.endswith(".query"))
 
 
+class _AddsInItsForwardLM(torch.nn.Module):
+    """The adds in the model's own forward, beside a child that holds none (tried as a holder, and why not kept)."""
+
+    def __init__(self, d: int = 12):
+        super().__init__()
+        self.emb, self.norms = torch.nn.Embedding(50, d), torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(3))
+        self.mix, self.mlp = _Gelu(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.mix(self.norms[0](x))
+        x = x + self.mlp(self.norms[1](x))
+        return self.norms[2](x)
+
+
+class _Gelu(torch.nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.gelu(super().forward(x))
+
+
+def test_the_report_says_which_modules_were_tried_as_layers_and_why_not():
+    model = _AddsInItsForwardLM().double()
+    rr.convert_(model, example_inputs=(torch.randint(0, 50, (2, 5)),))
+    report = str(model.attn_res_report).splitlines()
+    mode = next(i for i, line in enumerate(report) if line.startswith("mode:"))
+    assert "one holder (not layer by layer: no module of _AddsInItsForwardLM" in report[mode], report[mode]
+    assert report[mode + 1].strip() == "Modules tried:" and report[mode + 2].strip().startswith("mix: ConversionError: no pre-norm")
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_hugging_face_gradient_checkpointing_is_kept(use_reentrant):
     """The layer's rewritten forward checkpoints as the layer's own forward would: the sublayers run
