@@ -13,7 +13,9 @@ images, ...) by general rules that keep it consistent (``tiny_overrides``: deriv
 lists are recomputed for the new depth, validators are satisfied), sub-configs (``text_config``, ...)
 likewise, then a few per-type OVERRIDES where no rule exists (each with its reason; several mend a
 default config that cannot run at any size). Nothing is downloaded. The model is built with
-``_from_config`` (random weights, seed 0), in eval mode, in float64 when it runs there, else float32.
+``_from_config`` (random weights, seed 0), in eval mode, in float64 when it runs there, else float32; a model
+that keeps its residual in float32 (``config.residual_in_fp32``: Mamba, Mamba2, FalconMamba) in float32 as its
+users run it (in float64 that cast rounds the stream before each add: refused, and the refusal says so).
 
 Example inputs: ``convert_`` derives them itself (``residual_rewriter.hf.example_inputs``: ``input_ids``,
 or ``pixel_values`` of the config's image size, or its vision sub-config's). Where it cannot, the sweep
@@ -310,8 +312,10 @@ def build(name: str, model_type: str, mapping: str = ""):
             return model, first_line(exc).removeprefix("TypeError: "), False
     with torch.no_grad():
         try:
+            if getattr(config, "residual_in_fp32", False):
+                raise TypeError("the residual is kept in float32")
             model.to(torch.float64)(**cast(kwargs, torch.float64))
-        except Exception:  # noqa: BLE001 - some op or buffer is float32-only
+        except Exception:  # noqa: BLE001 - some op or buffer is float32-only, or the residual kept in float32
             model.to(torch.float32)(**cast(kwargs, torch.float32))
     return model, cast(kwargs, next(model.parameters()).dtype), derived
 
