@@ -84,9 +84,16 @@ class _RegionRunner(fx.Interpreter):
     def evaluate(self, region: Iterable[fx.Node], x_node: fx.Node, x_value: torch.Tensor, out: fx.Node):
         self.env = dict(self.recorded)
         self.env[x_node] = x_value
+        # an object the region reads is copied: a KV cache re-run into would grow, and the next run attend to it
+        self.env.update({i: copy.deepcopy(self.env[i]) for n in region for i in n.all_input_nodes if _holds_state(self.env.get(i))})
         for node in region:
             self.env[node] = self.run_node(node)
         return self.env[out]
+
+
+def _holds_state(value: Any) -> bool:
+    return not isinstance(value, (torch.Tensor, nn.Module, int, float, bool, str, tuple, list, dict, torch.dtype, torch.device,
+                                  slice, type(None), type(Ellipsis)))
 
 
 @torch.no_grad()
@@ -107,6 +114,8 @@ def probe_scale_invariant(
     x = recorded.get(x_node)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return False
+    if any(_holds_state(recorded.get(i)) for n in region for i in n.all_input_nodes):
+        return False  # a KV cache holds what the recorded run added to it: re-run, the region attends to that too
     runner = _RegionRunner(gm, recorded)
     base, other = _random_like(x, seed=1234), _random_like(x, seed=1235)
     # [..., 1]: 4 or 16 per position; powers of two scale exactly in any dtype (bf16 rounding is ~4e-3)
@@ -298,7 +307,8 @@ class _SiteFinder:
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         # no norm: the sublayer reads x itself (Gemma 4's per-layer input, x + norm(W(act(V x) * e))), and will read
-        # the mixture there. Kept only where it continues a stream (build_plan): a post-norm add's x is a norm's output
+        # the mixture there. Kept where it continues a stream or its branch ends in a norm (build_plan): a post-norm add
+        # ``norm(x + f(x))`` does neither
         return self._site(add, skip, branch, entries, entries, upcast, gain, unnormalized=True), None
 
     def _scaled_stream(self, operand: fx.Node, branch: fx.Node) -> Optional[fx.Node]:
@@ -467,7 +477,7 @@ def build_plan(
                 raise ConversionError(f"the residual stream after {prev.sublayer} is widened to {site.skip_upcast} "
                                       f"(cast, or scaled by a gain in that dtype) before {site.sublayer}'s add, which "
                                       "widens the sum mid-stream")
-        elif site.unnormalized:
+        elif site.unnormalized and not is_known_norm(gm, nodes[site.branch_node]):  # (OLMo-2's x + norm(f(x)) starts one)
             plan.left_out.append(LeftOut(site.add_node, module_path(nodes[site.add_node]), NOT_PRE_NORM))
             continue
         else:

@@ -310,5 +310,12 @@ def test_a_query_moves_the_site_it_names_first(case):
         assert first == which, f"{key} names {owner}, but the first input it moves is stream {stream} site {first}"
 
 
+def test_a_sublayer_with_its_norm_after_it_reads_the_stream_with_no_norm():
+    """OLMo-2's ``x + norm(attn(x, cache))``: no norm reads x. Probing the attention for one re-ran it into the
+    recorded KV cache, which then held the run's keys: it attended to those and passed for a norm of x."""
+    converted, _, _ = _setup("olmo2", {"num_blocks": 4})
+    assert all(site.unnormalized for site in converted.attn_res_report.sites), str(converted.attn_res_report)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

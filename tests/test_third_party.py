@@ -68,6 +68,8 @@ CONVERTS = {
     "litgpt-gemma2": (lambda: _litgpt("gemma-2-2b", intermediate_size=128, sliding_window_size=8), 4),
     "litgpt-mixtral-moe": (lambda: _litgpt("Mixtral-8x7B-v0.1", intermediate_size=64, n_expert=4,
                                            n_expert_per_token=2), 4),
+    # no norm before the sublayers, one after each (x + norm(f(x))): each sublayer reads the mixture where it read x
+    "litgpt-olmo2-norms-after": (lambda: _litgpt("OLMo-2-1124-7B", intermediate_size=128), 4),
     "litgpt-pythia-parallel": (lambda: _litgpt("pythia-14m", intermediate_size=128), 2),
     "litgpt-phi-parallel-shared-norm": (lambda: _litgpt("phi-2", intermediate_size=128), 2),
     "torchtune-llama3": (lambda: _torchtune("llama3", intermediate_dim=128), 4),
