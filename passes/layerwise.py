@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from .capture import Captured, capture, has_hooks, in_mode, is_direct_child, is_opaque_by_class, state_restored
 from .detect import MULTIPLIES, build_plan, common_prefix, is_norm_module, record_values, split_residual_children, uncast
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .graph_pickle import graph_module_to_pickle, graph_to_pickle, unpickled_graph, unpickled_graph_module
 from .plan import Plan, Site, assign_parameter_names, place_blocks, place_in_blocks
 from .rewrite import AttnResParameters, LayerBoundary, apply_plan
@@ -754,7 +754,7 @@ class LayerForward:
         except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere, a branch on an int input
             raise ConversionError(
                 f"{type(self.module).__name__} called with {sorted(bound.constants)} and {bound.names} cannot be "
-                f"rewritten like the call it was converted with ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                f"rewritten like the call it was converted with ({first_line(exc)}). "
                 "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
             ) from exc
         return _compile(gm, self.module), traced.captured

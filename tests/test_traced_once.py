@@ -464,6 +464,23 @@ def test_a_new_signature_that_branches_on_an_int_input_is_refused_clearly():
         forward(ids, torch.ones(16))
 
 
+class _AssertingBlock(_IntBlock):
+    def forward(self, x, window: int = 4, gain=None, gate=None):
+        if gate is not None:  # a bare `assert gate is None` (pytest would give it a message in this file)
+            raise AssertionError
+        return x + self.mix(self.norm(x) * gain, window)
+
+
+def test_a_new_signature_failing_a_bare_assert_is_refused_clearly():
+    model = _IntLM(layer_computes=False)
+    model.layers = torch.nn.ModuleList(_AssertingBlock() for _ in range(3))
+    ids = torch.randint(0, 50, (2, 5))
+    rr.convert_(model, example_inputs=(ids,), block_size=1)
+    with pytest.raises(rr.ConversionError, match=r"_AssertingBlock called with .*gate.*cannot be rewritten.*\(AssertionError\)"):
+        x = model.emb(ids)
+        model.layers[0](x, 3, model.gain, gate=torch.ones(16))
+
+
 class _DefaultedInt(_IntBlock):
     def forward(self, x, window=None, gain=None):
         if not isinstance(window, int):  # FX records no isinstance: a traced int would take this branch
