@@ -78,6 +78,11 @@ def module_in_traceback(model: nn.Module, tb: Optional[types.TracebackType]) -> 
     return next((p for p in reversed(owners) if p is not None), None)
 
 
+def module_label(path: str) -> str:
+    """A module path for messages; "" is the converted model itself."""
+    return path or "(the model itself)"
+
+
 def first_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (FX appends graph dumps to messages; they do not help)."""
     text = str(exc).strip().splitlines()

@@ -24,16 +24,13 @@ from residual_rewriter import hf
 from residual_rewriter.config import AttnResConfig
 from residual_rewriter.passes import layerwise
 from residual_rewriter.passes.errors import (ConversionError, GraphRunError, conversion_boundary, conversion_failed_message,
-                                             first_line)
+                                             first_line, module_label)
 from residual_rewriter.passes.capture import in_mode, state_restored
 from residual_rewriter.passes.layerwise import leaves, observe_calls
 from residual_rewriter.passes.plan import Plan, Stream
 from residual_rewriter.passes.rewrite import is_attn_res_parameter
 from residual_rewriter.passes.state import states_in_output_to_tensors
-from residual_rewriter.report import ConversionReport, module_label
-
-IN_PLACE = "in place, layer by layer"
-WHOLE_MODEL = "in place, the model as one holder"
+from residual_rewriter.report import IN_PLACE, WHOLE_MODEL, ConversionReport
 
 
 @dataclass
