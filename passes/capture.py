@@ -421,38 +421,28 @@ def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def state_restored(module: nn.Module) -> Iterator[None]:
     """Run or trace ``module`` for our own purposes (observing, tracing, verifying) without changing its
-    state: its buffers' values (a KV cache position: torchtune) and its modules' attributes (a Python
-    counter, a reassigned buffer, a cache filled while traced) are put back afterwards."""
+    state: its buffers' values (a KV cache position: torchtune) and what its Python code stores on its modules
+    (a counter, a reassigned buffer; a tensor cached in a dict attribute while traced, LeViT's
+    ``attention_bias_cache``, would keep a proxy there for the next trace or forward) are put back afterwards."""
     saved = [(b, b.detach().clone()) for b in module.buffers() if not b.is_inference()]  # (those cannot change here)
-    try:
-        with attributes_restored(module):
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-@contextlib.contextmanager
-def attributes_restored(model: nn.Module) -> Iterator[None]:
-    """What ``model``'s Python code stores on its modules is not kept: a forward that caches a tensor in a
-    dict attribute while traced (LeViT's ``attention_bias_cache``) would keep a proxy of this trace there,
-    and the next trace, or the user's next forward, would read it."""
-    saved = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in (dict, list, set)})
-             for m in model.modules()]
+    attributes = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in (dict, list, set)})
+                  for m in module.modules()]
     try:
         yield
     finally:
-        for module, attributes, containers in saved:
-            for key in set(module.__dict__) - set(attributes):
-                del module.__dict__[key]
-            module.__dict__.update(attributes)
+        for m, kept, containers in attributes:  # attributes first: a reassigned buffer is the saved one again
+            for key in set(m.__dict__) - set(kept):
+                del m.__dict__[key]
+            m.__dict__.update(kept)
             for key, value in containers.items():  # changed in place: their contents back
-                attributes[key].clear()
+                kept[key].clear()
                 if isinstance(value, list):
-                    attributes[key].extend(value)
+                    kept[key].extend(value)
                 else:
-                    attributes[key].update(value)
+                    kept[key].update(value)
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 _ADDS = {operator.add, torch.add}

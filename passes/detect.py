@@ -242,9 +242,7 @@ class _SiteFinder:
         """Users of x that only read its shape/dtype carry no value: cut those edges for analysis."""
         if x not in self.metadata_readers:
             readers = [u for u in x.users if not _is_add(u) and reads_only_metadata(self.gm, self.values, u, x)]
-            for u in readers:
-                if self.dag.has_edge(x, u):
-                    self.dag.remove_edge(x, u)
+            self.dag.remove_edges_from((x, u) for u in readers)
             self.metadata_readers[x] = readers
         return self.metadata_readers[x]
 
