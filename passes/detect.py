@@ -144,15 +144,18 @@ def reads_only_metadata(gm: fx.GraphModule, recorded: dict[fx.Node, Any], user: 
     if not isinstance(x, torch.Tensor) or user.op == "output":
         return False
     noise = _random_like(x, seed=4321)
-    # Re-run both ways now rather than comparing with the recording: objects among the inputs (a KV
-    # cache) may have changed state since it was made.
-    runner = _RegionRunner(gm, recorded)
+
+    def unchanged(values: dict) -> bool:  # re-run both ways (not compared with the recording: a KV cache has changed)
+        runner = _RegionRunner(gm, values)
+        return _same_values(runner.evaluate([user], x_node, x, user), runner.evaluate([user], x_node, noise, user))
+
+    # the user's other floating inputs drawn too: a gate at zero (torch.tanh(0) * x, ReZero) hides x's values at init
+    others = {i: _random_like(v, seed=4322) for i in user.all_input_nodes
+              if i is not x_node and isinstance(v := recorded.get(i), torch.Tensor) and v.is_floating_point()}
     try:
-        before = runner.evaluate([user], x_node, x, user)
-        after = runner.evaluate([user], x_node, noise, user)
+        return unchanged(recorded) and (not others or unchanged({**recorded, **others}))
     except Exception:  # noqa: BLE001
         return False
-    return _same_values(before, after)
 
 
 def _same_values(a: Any, b: Any) -> bool:

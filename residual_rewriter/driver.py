@@ -158,6 +158,9 @@ def verify(c: Conversion) -> None:
     got, want = _first_tensor(out), _first_tensor(c.reference)
     if got is None or got.shape != want.shape:
         raise ConversionError(f"the converted {type(model).__name__} returns {type(out).__name__}, not what the original returned")
+    if want.isnan().any():
+        raise ConversionError(f"the original {type(model).__name__} returns NaN on the example inputs: there is nothing to "
+                              "check the conversion against. Is every weight initialised (torch.empty leaves any value)?")
     tolerance, dtype = {torch.float64: 1e-10, torch.float32: 1e-4}.get(want.dtype, 3e-2), want.dtype
     err = _rel_err(got, want)
     if not err <= tolerance and want.dtype in _HALF:  # decided in float32 (see _error_in_float32)

@@ -562,6 +562,40 @@ def test_a_child_adding_the_residual_through_a_learned_scale_is_not_split():
     assert_same_training_step(original, model, lambda net: net(ids), "a learned residual scale", tolerance=1e-12)
 
 
+class _ZeroGatedLM(torch.nn.Module):
+    """``tanh(g) * f(norm(x)) + x`` with g = 0 at init (Flamingo's and Llama 3.2 Vision's cross-attention gates,
+    ReZero): at init the branch adds zeros whatever f computes."""
+
+    def __init__(self, d=16, layers=3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, d)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.ffs = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.gates = torch.nn.Parameter(torch.zeros(layers))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for i, (norm, ff) in enumerate(zip(self.norms, self.ffs)):
+            x = torch.tanh(self.gates[i]) * ff(norm(x)) + x  # the branch first, as torchtune's ca_scale(attn_out) + x
+        return self.norm(x)
+
+
+def test_a_branch_gated_at_zero_is_a_site():
+    """A gate at zero hides the branch's values at init, not the branch: taking ``tanh(0) * f`` for a read of f's
+    shape alone (its output unchanged when f's values change) lost the site. With the gates opened after the
+    conversion, the converted model still computes the original's (every branch wired where it was)."""
+    torch.manual_seed(0)
+    model = _ZeroGatedLM().double()
+    ids = torch.randint(0, 50, (2, 7))
+    converted = rr.convert(model, example_inputs=(ids,))
+    assert len(converted.attn_res_report.sites) == 3, str(converted.attn_res_report)
+    with torch.no_grad():
+        for m in (model, converted):
+            m.gates.copy_(torch.tensor([0.5, -0.3, 0.8]))
+        assert rel_err(converted(ids), model(ids)) <= 1e-12
+
+
 class _SkipGainLM(torch.nn.Module):
     """``x = w * x + f(norm(x))``: the stream scaled before each branch joins it (Doge's learned residual gains).
     ``gain``: "param" (per channel, not ones), "cast" (``w.to(x.dtype) * x``), "float32" (a float32 parameter in a

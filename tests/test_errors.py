@@ -584,3 +584,17 @@ def test_a_layer_reading_its_buffers_as_python_values_converts():
     want = model(inputs)
     rr.convert_(model, example_inputs=(inputs,))
     assert len(model.attn_res_report.sites) == 6 and rel_err(model(inputs), want) <= 1e-12
+
+
+def test_an_original_returning_nan_is_refused_as_such():
+    """A weight never initialised (torchtune's CLIP text encoder leaves its position embedding torch.empty) can make
+    the original's own output NaN: nothing to verify against, said so (it read "does not compute what the original
+    computed ... Please report it")."""
+    from model_zoo import make_gpt
+
+    model = make_gpt()
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(float("nan"))
+    with pytest.raises(rr.ConversionError, match="original GPT returns NaN on the example inputs.*initialised"):
+        rr.convert_(model)
+    assert not rr.attn_res_parameters(model)
