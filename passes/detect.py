@@ -413,6 +413,13 @@ class _SiteFinder:
         )
 
 
+def _ends_in_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` is a norm's output, or one that modules without parameters hand on (dropout, DropPath: Swin V2)."""
+    while node.op == "call_module" and len(node.all_input_nodes) == 1 and not list(gm.get_submodule(node.target).parameters()):
+        node = node.all_input_nodes[0]
+    return is_known_norm(gm, node)
+
+
 def _selects_tokens(node: fx.Node, out: Any, value: Any) -> bool:
     """``node`` indexes tokens of ``value`` (a view keeping the whole hidden dimension)."""
     if not (node.op == "call_function" and node.target is operator.getitem and isinstance(value, torch.Tensor)):
@@ -478,7 +485,7 @@ def build_plan(
                 raise ConversionError(f"the residual stream after {prev.sublayer} is widened to {site.skip_upcast} "
                                       f"(cast, or scaled by a gain in that dtype) before {site.sublayer}'s add, which "
                                       "widens the sum mid-stream")
-        elif site.unnormalized and not is_known_norm(gm, nodes[site.branch_node]):  # (OLMo-2's x + norm(f(x)) starts one)
+        elif site.unnormalized and not _ends_in_norm(gm, nodes[site.branch_node]):  # (OLMo-2's x + norm(f(x)) starts one)
             plan.left_out.append(LeftOut(site.add_node, module_path(nodes[site.add_node]), NOT_PRE_NORM))
             continue
         else:

@@ -51,6 +51,14 @@ def _torchtune(family: str, **overrides):
                    **overrides)
 
 
+def _norms_drawn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape))
+    return model
+
+
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)  # pooled features out
 
 
@@ -89,6 +97,11 @@ CONVERTS = {
     "timm-cait": (lambda: _timm("cait.Cait", depth_token_only=1, init_values=0.1, **VIT), 6),
     # a block reshapes the stream between its sublayers ((B, H, W, C) -> (B, H*W, C) and back), shifted
     # windows with masks in the second block; patch merging widens the stream: a stream per stage
+    # Swin V2: a norm after each sublayer and none before (x + norm(attn(x)), res-post-norm); timm starts those
+    # norms at zero (every branch adds zeros: no query would get a gradient), a checkpoint has them trained
+    "timm-swin-v2-norms-after": (lambda: _norms_drawn(_timm("swin_transformer_v2.SwinTransformerV2", img_size=32,
+                                                            patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                                                            num_heads=(2, 2), num_classes=0)), 8),
     "timm-swin": (lambda: _timm("swin_transformer.SwinTransformer", img_size=32, patch_size=4, window_size=4,
                                 embed_dim=16, depths=(2, 2), num_heads=(2, 2), num_classes=0), 8),
 }
@@ -147,17 +160,17 @@ def test_trains(name):
     assert all(p.any() for n, p in new.items() if n.endswith(".query")), "a query still zero after training"
 
 
-def test_swin_v2_is_refused_naming_the_block_and_left_untouched():
-    """Swin V2 normalises after each sublayer (``x + norm(attn(x))``, res-post-norm): not pre-norm."""
+def test_swin_v2_cr_is_refused_naming_the_block_and_left_untouched():
+    """Swin V2 CR views its stream as (B, H, W, C) between blocks in a way the rewrite does not follow."""
     torch.manual_seed(0)
-    model = _timm("swin_transformer_v2.SwinTransformerV2", img_size=32, patch_size=4, window_size=4, embed_dim=16,
+    model = _timm("swin_transformer_v2_cr.SwinTransformerV2Cr", img_size=(32, 32), window_size=4, embed_dim=16,
                   depths=(2, 2), num_heads=(2, 2), num_classes=0).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     original = copy.deepcopy(model)
     with pytest.raises(rr.ConversionError) as info:
         rr.convert_(model, example_inputs=(x,), num_blocks=2)
     message = str(info.value)
-    assert "layers.0.blocks.0" in message and "a norm over its last dimension" in message, message
+    assert "stages.0.blocks.1" in message and "reshaped between sublayers" in message, message
     assert not rr.attn_res_parameters(model) and not hasattr(model, "attn_res_report")
     assert model.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
