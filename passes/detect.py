@@ -20,6 +20,7 @@ functions fed directly by ``x`` skip the numeric probe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 import os
 from typing import Any, Iterable, Optional
@@ -92,8 +93,9 @@ class _RegionRunner(fx.Interpreter):
 
 
 def _holds_state(value: Any) -> bool:
+    """An object a run may change (a KV cache): not a tensor, a module, a plain value or a config (a dataclass)."""
     return not isinstance(value, (torch.Tensor, nn.Module, int, float, bool, str, tuple, list, dict, torch.dtype, torch.device,
-                                  slice, type(None), type(Ellipsis)))
+                                  slice, type(None), type(Ellipsis))) and not dataclasses.is_dataclass(value)
 
 
 @torch.no_grad()
@@ -141,8 +143,8 @@ def reads_only_metadata(gm: fx.GraphModule, recorded: dict[fx.Node, Any], user: 
     """True when ``user`` reads ``x_node`` only for its shape/dtype/device (a mask builder, a rotary
     embedding taking x for its dtype): its output does not change when x's values do."""
     x = recorded.get(x_node)
-    if not isinstance(x, torch.Tensor) or user.op == "output":
-        return False
+    if not isinstance(x, torch.Tensor) or user.op == "output" or (user.op == "call_module" and _module_has_parameters(gm, user.target)):
+        return False  # (a module computing with weights reads values: zeros at init, ControlNet's, only hide it)
     noise = _random_like(x, seed=4321)
 
     def unchanged(values: dict) -> bool:  # re-run both ways (not compared with the recording: a KV cache has changed)
@@ -150,7 +152,7 @@ def reads_only_metadata(gm: fx.GraphModule, recorded: dict[fx.Node, Any], user: 
         return _same_values(runner.evaluate([user], x_node, x, user), runner.evaluate([user], x_node, noise, user))
 
     # the user's other floating inputs drawn too: a gate at zero (torch.tanh(0) * x, ReZero) hides x's values at init
-    others = {i: _random_like(v, seed=4322) for i in user.all_input_nodes
+    others = {i: _random_like(v, seed=4322 + k) for k, i in enumerate(user.all_input_nodes)
               if i is not x_node and isinstance(v := recorded.get(i), torch.Tensor) and v.is_floating_point()}
     try:
         return unchanged(recorded) and (not others or unchanged({**recorded, **others}))
@@ -308,8 +310,7 @@ class _SiteFinder:
         if not self._has_parameters(region - {skip}):
             return None, None  # elementwise algebra (e.g. x + 0.044715 * x**3 inside a GELU), not a sublayer
         # no norm: the sublayer reads x itself (Gemma 4's per-layer input, x + norm(W(act(V x) * e))), and will read
-        # the mixture there. Kept where it continues a stream or its branch ends in a norm (build_plan): a post-norm add
-        # ``norm(x + f(x))`` does neither
+        # the mixture there. Kept where it continues a stream, or starts one its branch ending in a norm (build_plan)
         return self._site(add, skip, branch, entries, entries, upcast, gain, unnormalized=True), None
 
     def _scaled_stream(self, operand: fx.Node, branch: fx.Node) -> Optional[fx.Node]:
@@ -376,10 +377,7 @@ class _SiteFinder:
         return self._known_norm_of(node, x) or probe_scale_invariant(self.gm, self.values, [node], x, node)
 
     def _has_parameters(self, region: set[fx.Node]) -> bool:
-        return any(n.op == "get_attr" or (n.op == "call_module" and self._module_has_parameters(n.target)) for n in region)
-
-    def _module_has_parameters(self, path: str) -> bool:
-        return any(True for _ in self.gm.get_submodule(path).parameters())
+        return any(n.op == "get_attr" or (n.op == "call_module" and _module_has_parameters(self.gm, n.target)) for n in region)
 
     def _site(self, add, skip, branch, norm_outs: list[fx.Node], norm_region, skip_upcast: str, gain: Optional[fx.Node],
               unnormalized=False) -> Site:
@@ -389,7 +387,7 @@ class _SiteFinder:
         # Parameter-free modules (a dropout shared by the whole layer) do not define the sublayer.
         add_path = module_path(add)
         modules = [n.target for n in after_norm if n.op == "call_module"]
-        with_params = [m for m in modules if self._module_has_parameters(m)]
+        with_params = [m for m in modules if _module_has_parameters(self.gm, m)]
         paths = with_params or modules
         paths += [
             p for p in (module_path(n) for n in after_norm if n.op in ("call_function", "call_method"))
@@ -413,11 +411,18 @@ class _SiteFinder:
         )
 
 
-def _ends_in_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """``node`` is a norm's output, or one that modules without parameters hand on (dropout, DropPath: Swin V2)."""
-    while node.op == "call_module" and len(node.all_input_nodes) == 1 and not list(gm.get_submodule(node.target).parameters()):
+def _module_has_parameters(gm: fx.GraphModule, path: str) -> bool:
+    return any(True for _ in gm.get_submodule(path).parameters())
+
+
+def _ends_in_norm(gm: fx.GraphModule, values: dict[fx.Node, Any], node: fx.Node) -> bool:
+    """``node`` is the output of a norm over the last dimension, or one that modules without parameters hand on
+    (dropout, DropPath: Swin V2). With the next site continuing its add, it starts a stream with no norm before it
+    (OLMo-2's ``x + norm(f(x))``): a post-norm add ``norm(x + f(x))`` is continued by no site, only by its norm."""
+    while node.op == "call_module" and len(node.all_input_nodes) == 1 and not _module_has_parameters(gm, node.target):
         node = node.all_input_nodes[0]
-    return is_known_norm(gm, node)
+    return is_known_norm(gm, node) and isinstance(node.args[0], fx.Node) \
+        and probe_scale_invariant(gm, values, [node], node.args[0], node, must_depend=False)  # not channels-first
 
 
 def _selects_tokens(node: fx.Node, out: Any, value: Any) -> bool:
@@ -474,6 +479,7 @@ def build_plan(
 
     # Link sites into streams: a site continues the stream whose last add is its skip input, or a token
     # view of it (Swin: ``x.reshape(B, -1, C)`` between its sublayers)
+    continued = {(_token_view_of(nodes[s.skip_node], values) or nodes[s.skip_node]).name for s in sites_by_add.values()}
     for site in sites_by_add.values():  # graph order
         skip = nodes[site.skip_node]
         viewed = _token_view_of(skip, values)
@@ -485,7 +491,7 @@ def build_plan(
                 raise ConversionError(f"the residual stream after {prev.sublayer} is widened to {site.skip_upcast} "
                                       f"(cast, or scaled by a gain in that dtype) before {site.sublayer}'s add, which "
                                       "widens the sum mid-stream")
-        elif site.unnormalized and not _ends_in_norm(gm, nodes[site.branch_node]):  # (OLMo-2's x + norm(f(x)) starts one)
+        elif site.unnormalized and not (site.add_node in continued and _ends_in_norm(gm, values, nodes[site.branch_node])):
             plan.left_out.append(LeftOut(site.add_node, module_path(nodes[site.add_node]), NOT_PRE_NORM))
             continue
         else:

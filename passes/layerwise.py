@@ -461,18 +461,23 @@ def _children_on_the_stream(call: ModuleCall, candidates: list[ModuleCall]) -> l
     """Children to trace into: those adding a branch to the stream (taking it and another tensor of its shape, returning
     one: not a layer), followed call to call (Ergo's ``ResidualGate(h, residual) = a * h + w * residual``: a gain on the
     skip), and the layer's own children taking its input and holding a norm (Megatron-BERT, DBRX)."""
-    stream, with_norms, adders = list(call.tensor_inputs()), [], []
+    stream, added, with_norms, adders = list(call.tensor_inputs()), [], [], []
     for child in candidates:  # in call order
         name = child.path.removeprefix(call.path + ".")  # relative: a child, or one in a ModuleList/Dict that is
         taken = [t for t in child.tensor_inputs() if any(_views(t, x) for x in stream)]
         if name == child.path or not is_direct_child(call.module, name) or not taken \
                 or any(has_hooks(m) for m in child.module.modules()):
             continue
-        if (out := child.tensor_outputs()[:1]) and any(t.shape == out[0].shape for t in taken) \
-                and sum(t.shape == out[0].shape for t in child.tensor_inputs()) > 1:
-            adders.append(name)  # whatever it holds: ``residual + self.inner(h)`` may hold the norm in inner
+        norms, out = any(is_norm_module(m) for m in child.module.modules()), child.tensor_outputs()[:1]
+        same = [t for t in child.tensor_inputs() if out and t.shape == out[0].shape]
+        # one holding a norm (``residual + self.inner(h)``, the norm in inner) adds to one stream value only, read twice
+        # or handed on by an earlier adder: a layer takes other tensors of that shape (encoder states, a block's x0)
+        if len(same) > 1 and any(t.shape == out[0].shape for t in taken) \
+                and (not norms or all(any(_views(t, y) for y in taken[:1] + added) for t in same)):
+            adders.append(name)
             stream += out
-        elif any(is_norm_module(m) for m in child.module.modules()):
+            added += out
+        elif norms:
             if "." not in name and any(t is x for t in taken for x in call.tensor_inputs()):  # (not a ModuleList's layer)
                 with_norms.append(name)
     return with_norms + adders

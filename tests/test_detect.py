@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -692,3 +693,125 @@ def test_a_gain_on_a_token_view_of_the_stream_scales_channels_only():
     with pytest.raises(rr.ConversionError) as info:  # refused, not "does not compute what the original computed"
         rr.convert_(model, example_inputs=(x,))
     assert "Please report it" not in str(info.value)
+
+
+class _PostNormBranchNormed(torch.nn.Module):
+    """BERT-like ``n1(x + an(a(x)))``: each branch ends in a norm too, yet the stream is normalised between adds."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.an, self.n1 = torch.nn.Linear(d, d), torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.m, self.mn, self.n2 = torch.nn.Linear(d, d), torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = self.n1(x + self.an(self.a(x)))
+        return self.n2(x + self.mn(self.m(x)))
+
+
+class _LayerNorm2d(torch.nn.LayerNorm):
+    """Over C of an [N, C, H, W] stream (timm's)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class _ChannelsFirstNormAfter(torch.nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(c, c, 3, padding=1), _LayerNorm2d(c)
+
+    def forward(self, x):
+        return x + self.norm(self.conv(x))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, block, stem, head):
+        super().__init__()
+        self.stem, self.blocks, self.head = stem, torch.nn.ModuleList(block() for _ in range(3)), head
+
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("kind", ["post-norm", "channels-first"])
+def test_a_branch_ending_in_a_norm_starts_no_stream_where_the_stream_is_not_one(kind):
+    """``x + norm(f(x))`` with no norm before starts a stream (OLMo-2, Swin V2) only where the next add continues it
+    and the norm is over the last dimension: a post-norm layer whose branches end in norms too, and a channels-first
+    [N, C, H, W] stack (a query of W entries would mix rows), stay refused."""
+    torch.manual_seed(0)
+    if kind == "post-norm":
+        model, x = _Stack(_PostNormBranchNormed, torch.nn.Embedding(11, 8), torch.nn.Linear(8, 3)), (torch.randint(0, 11, (2, 5)),)
+    else:
+        model = _Stack(_ChannelsFirstNormAfter, torch.nn.Conv2d(3, 8, 1), torch.nn.Sequential(_LayerNorm2d(8), torch.nn.Flatten(1)))
+        x = (torch.randn(2, 3, 4, 4),)
+    model = model.double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    with pytest.raises(rr.ConversionError, match="does not read x through a norm over its last dimension"):
+        rr.convert_(model, example_inputs=x)
+    assert not rr.attn_res_parameters(model)
+
+
+class _ZeroSideReaderLM(torch.nn.Module):
+    """A side reader of a mid-stream value starting at zero (ControlNet's zero convolutions, LoRA's B)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.emb, self.norm, self.head = torch.nn.Embedding(11, d), torch.nn.LayerNorm(d), torch.nn.Linear(d, 2)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(3))
+        self.ffs = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(3))
+        self.side = torch.nn.Linear(d, 2)
+        torch.nn.init.zeros_(self.side.weight)
+        torch.nn.init.zeros_(self.side.bias)
+
+    def forward(self, ids):
+        x, side = self.emb(ids), None
+        for i, (norm, ff) in enumerate(zip(self.norms, self.ffs)):
+            x = x + ff(norm(x))
+            side = self.side(x) if i == 0 else side
+        return self.head(self.norm(x)) + side
+
+
+def test_a_side_reader_starting_at_zero_reads_the_stream():
+    """Its output does not change with x at init, yet it reads x's values: taken for a shape read, it was pointed at
+    b_0, and once trained the converted model computed something else (0.8 off). Refused, naming it."""
+    model = _ZeroSideReaderLM().double()
+    with pytest.raises(rr.ConversionError, match="also read by side"):
+        rr.convert_(model, example_inputs=(torch.randint(0, 11, (2, 5)),))
+
+
+@dataclasses.dataclass
+class _NormConfig:
+    eps: float = 1e-6
+
+
+class _ConfiguredRMSNorm(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x, config):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.eps) * self.weight
+
+
+class _ConfiguredNormLM(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.config, self.emb, self.out = _NormConfig(), torch.nn.Embedding(11, d), torch.nn.LayerNorm(d)
+        self.norms = torch.nn.ModuleList(_ConfiguredRMSNorm(d) for _ in range(2))
+        self.ffs = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for norm, ff in zip(self.norms, self.ffs):
+            x = x + ff(norm(x, self.config))
+        return self.out(x)
+
+
+def test_a_norm_taking_a_config_object_is_a_norm():
+    """A config (a dataclass) among a norm's inputs holds no state a probe could change: the norm is probed as any."""
+    model = _ConfiguredNormLM().double()
+    rr.convert_(model, example_inputs=(torch.randint(0, 11, (2, 5)),))
+    assert len(model.attn_res_report.sites) == 2

@@ -882,3 +882,58 @@ def test_a_models_own_forward_with_shape_checks_is_no_obstacle_when_the_layers_h
     for t in (7, 8, 3):  # both branches of the model's own check
         x = torch.randn(2, t, 16, dtype=torch.float64)
         assert rel_err(model(x), original(x)) <= 1e-12
+
+
+class _Cross(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.kv = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, h, enc):
+        return (self.q(h) @ self.kv(enc).transpose(1, 2)).softmax(-1) @ self.kv(enc)
+
+
+class _CrossLayer(torch.nn.Module):
+    """A pre-norm decoder layer taking the encoder's states, ``(h, enc)``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.n1, self.sa, self.n2, self.ca = torch.nn.LayerNorm(d), torch.nn.Linear(d, d), torch.nn.LayerNorm(d), _Cross(d)
+
+    def forward(self, h, enc):
+        h = h + self.sa(self.n1(h))
+        return h + self.ca(self.n2(h), enc)
+
+
+class _CrossStack(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_CrossLayer(d) for _ in range(3))
+
+    def forward(self, h, enc):
+        for layer in self.layers:
+            h = layer(h, enc)
+        return h
+
+
+class _CrossDecoder(torch.nn.Module):
+    """The stack, its final norm in the model around it."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.stack, self.norm, self.head = _CrossStack(d), torch.nn.LayerNorm(d), torch.nn.Linear(d, 2)
+
+    def forward(self, h, enc):
+        return self.head(self.norm(self.stack(h, enc)))
+
+
+@pytest.mark.parametrize("source_length", [5, 7])
+def test_layers_taking_encoder_states_of_the_streams_shape_stay_the_holders(source_length):
+    """With as many source as target tokens, ``layer(h, enc)`` takes two tensors of the stream's shape, as a child
+    adding a branch does (``residual + inner(h)``): it was traced into its parent, whose parameter names then
+    depended on the example's lengths (a checkpoint of one would not load into the other)."""
+    torch.manual_seed(0)
+    model = _CrossDecoder().double()
+    h, enc = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, source_length, 8, dtype=torch.float64)
+    rr.convert_(model, example_inputs=(h, enc))
+    assert model.attn_res_report.holders == ["stack.layers.0", "stack.layers.1", "stack.layers.2"]
