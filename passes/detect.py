@@ -85,8 +85,6 @@ class _RegionRunner(fx.Interpreter):
     def evaluate(self, region: Iterable[fx.Node], x_node: fx.Node, x_value: torch.Tensor, out: fx.Node):
         self.env = dict(self.recorded)
         self.env[x_node] = x_value
-        # an object the region reads is copied: a KV cache re-run into would grow, and the next run attend to it
-        self.env.update({i: copy.deepcopy(self.env[i]) for n in region for i in n.all_input_nodes if _holds_state(self.env.get(i))})
         for node in region:
             self.env[node] = self.run_node(node)
         return self.env[out]
