@@ -1,4 +1,4 @@
-"""What ``sweep_hf.py`` and ``sweep_timm.py`` share: converting one model and checking it against the
+"""What ``sweep_hf.py``, ``sweep_timm.py``, ``sweep_litgpt.py`` and ``sweep_torchtune.py`` share: converting one model and checking it against the
 original (``check_converted``: eval, then ``training_check``, which holds the near-zero gradient rule, then
 ``oracle_check``, with non-zero queries), the per-model timeout, the printed rows, and the JSON of results
 with its counts and exit code."""
