@@ -228,3 +228,28 @@ def test_training_with_drop_path_computes_what_the_original_computes(path, optio
         assert rel_err(outputs[1], outputs[0]) <= 1e-12, f"training={training}"
     torch.manual_seed(2)
     assert not torch.equal(model(x), outputs[0])  # drop_path is live in training
+
+
+def test_torchtune_vision_fusion_decoder_with_an_image_converts_its_gated_cross_attention():
+    """Llama 3.2 Vision's fusion layers add ``tanh(gate) * cross_attention(norm(x), image)`` with the gates at zero:
+    every cross-attention sublayer is a site (the zero gate had hidden it), and with the gates opened after the
+    conversion the converted decoder still computes the original's."""
+    _library("torchtune")
+    from torchtune.models.llama3_2_vision._component_builders import llama3_2_vision_decoder
+
+    torch.manual_seed(0)
+    model = llama3_2_vision_decoder(vocab_size=VOCAB, num_layers=4, fusion_interval=2, num_special_tokens=2, num_heads=4,
+                                    num_kv_heads=2, embed_dim=64, max_seq_len=64, encoder_max_seq_len=5,
+                                    intermediate_dim=128).double().eval()
+    inputs = {"tokens": torch.randint(0, VOCAB, (2, 12)), "encoder_input": torch.randn(2, 5, 64, dtype=torch.float64),
+              "encoder_mask": torch.ones(2, 12, 5, dtype=torch.bool)}
+    original = copy.deepcopy(model)
+    rr.convert_(model, example_inputs=inputs)
+    assert len(model.attn_res_report.sites) == 12  # 4 self-attention layers and 2 cross-attention layers, 2 each
+    gates = [n for n, _ in model.named_parameters() if n.endswith("_scale.scale")]
+    assert gates, "no tanh gates found"
+    with torch.no_grad():
+        for net in (model, original):
+            for i, name in enumerate(gates):
+                net.get_parameter(name).fill_(0.3 + 0.1 * i)
+        assert rel_err(model(**inputs), original(**inputs)) <= 1e-12
