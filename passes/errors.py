@@ -4,7 +4,6 @@ to do. The original exception stays chained (``__cause__``)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sysconfig
 import types
@@ -30,22 +29,17 @@ class GraphRunError(RuntimeError):
         self.module, self.location = module, location  # raised "from" the original: __cause__ is set
 
 
-@functools.lru_cache(maxsize=None)
-def _our_dirs() -> tuple[str, ...]:
-    # this file is in passes/: beside residual_rewriter/ and kernels/ in a checkout, inside
-    # residual_rewriter/ once installed from a wheel
-    here = os.path.dirname(os.path.abspath(__file__))
-    parent = os.path.dirname(here)
-    dirs = [here, os.path.join(parent, "kernels"), os.path.join(parent, "residual_rewriter")]
-    if os.path.basename(parent) == "residual_rewriter":
-        dirs.append(parent)
-    return tuple(os.path.join(d, "") for d in dirs)
+# passes/ sits beside residual_rewriter/ and kernels/ in a checkout, inside residual_rewriter/ once installed from a wheel
+_PASSES = os.path.dirname(os.path.abspath(__file__))
+_PARENT = os.path.dirname(_PASSES)
+_OUR_DIRS = tuple(os.path.join(d, "") for d in [_PASSES, os.path.join(_PARENT, "kernels"), os.path.join(_PARENT, "residual_rewriter")]
+                  + ([_PARENT] if os.path.basename(_PARENT) == "residual_rewriter" else []))
 
 
 def is_user_code(filename: str) -> bool:
     """Code the user can act on: the model's own (or its library's, e.g. transformers) source, not
     torch, not residual_rewriter, not the Python standard library, not generated code (``<...>``)."""
-    if filename.startswith("<") or filename.startswith(_TORCH_DIR) or filename.startswith(_our_dirs()):
+    if filename.startswith("<") or filename.startswith(_TORCH_DIR) or filename.startswith(_OUR_DIRS):
         return False
     in_stdlib = filename.startswith(_STDLIB_DIR) and "-packages" + os.sep not in filename
     return not in_stdlib
