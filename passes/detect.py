@@ -270,6 +270,14 @@ class _SiteFinder:
         return (is_known_norm(self.gm, node) and bool(node.args) and node.args[0] is x
                 and probe_scale_invariant(self.gm, self.values, [node], x, node, must_depend=False))
 
+    def ends_in_norm(self, node: fx.Node) -> bool:
+        """``node`` is the output of a norm over the last dimension, or one that modules without parameters hand
+        on (dropout, DropPath: Swin V2). With the next site continuing its add, it starts a stream with no norm
+        before it (OLMo-2's ``x + norm(f(x))``): a post-norm add ``norm(x + f(x))`` is continued by no site."""
+        while node.op == "call_module" and len(node.all_input_nodes) == 1 and not _module_has_parameters(self.gm, node.target):
+            node = node.all_input_nodes[0]
+        return bool(node.args) and isinstance(node.args[0], fx.Node) and self._known_norm_of(node, node.args[0])
+
     def match(self, add: fx.Node) -> tuple[Optional[Site], Optional[str]]:
         """A Site for this add, or (None, reason) when it looks like a residual but is not pre-norm."""
         if len(add.args) < 2 or not all(isinstance(a, fx.Node) for a in add.args[:2]):
@@ -413,16 +421,6 @@ def _module_has_parameters(gm: fx.GraphModule, path: str) -> bool:
     return any(True for _ in gm.get_submodule(path).parameters())
 
 
-def _ends_in_norm(gm: fx.GraphModule, values: dict[fx.Node, Any], node: fx.Node) -> bool:
-    """``node`` is the output of a norm over the last dimension, or one that modules without parameters hand on
-    (dropout, DropPath: Swin V2). With the next site continuing its add, it starts a stream with no norm before it
-    (OLMo-2's ``x + norm(f(x))``): a post-norm add ``norm(x + f(x))`` is continued by no site, only by its norm."""
-    while node.op == "call_module" and len(node.all_input_nodes) == 1 and not _module_has_parameters(gm, node.target):
-        node = node.all_input_nodes[0]
-    return is_known_norm(gm, node) and isinstance(node.args[0], fx.Node) \
-        and probe_scale_invariant(gm, values, [node], node.args[0], node, must_depend=False)  # not channels-first
-
-
 def _selects_tokens(node: fx.Node, out: Any, value: Any) -> bool:
     """``node`` indexes tokens of ``value`` (a view keeping the whole hidden dimension)."""
     if not (node.op == "call_function" and node.target is operator.getitem and isinstance(value, torch.Tensor)):
@@ -489,7 +487,7 @@ def build_plan(
                 raise ConversionError(f"the residual stream after {prev.sublayer} is widened to {site.skip_upcast} "
                                       f"(cast, or scaled by a gain in that dtype) before {site.sublayer}'s add, which "
                                       "widens the sum mid-stream")
-        elif site.unnormalized and not (site.add_node in continued and _ends_in_norm(gm, values, nodes[site.branch_node])):
+        elif site.unnormalized and not (site.add_node in continued and finder.ends_in_norm(nodes[site.branch_node])):
             plan.left_out.append(LeftOut(site.add_node, module_path(nodes[site.add_node]), NOT_PRE_NORM))
             continue
         else:
