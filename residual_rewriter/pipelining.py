@@ -24,8 +24,8 @@ Two ways to split a converted model:
   indices into the tracer's split points and checks them.
 * ``build_stages(model, [2, 4, 6], rank=r, num_ranks=P, example_kwargs=...)``: the ``PipelineStage``
   objects of this rank (chunk ``c`` on rank ``c % P``: one stage per rank for GPipe / 1F1B, V per rank
-  for the interleaved schedules), in the layout above, caching on by default (``cache=False``: the
-  naive scheme). Every stage runs the model's own forward: the code before the first layer (embedding,
+  for the interleaved schedules; ``style="v"``: two per rank in a V, for ZBV and DualPipeV), in the
+  layout above, caching on by default (``cache=False``: the naive scheme). Every stage runs the model's own forward: the code before the first layer (embedding,
   rotary tables, masks) runs on every stage, so every stage is called with the model's inputs as
   keyword arguments (``schedule.step(idx=x, target=y)`` on every rank); the layers before the stage
   pass their input on untouched, the stage's first layer takes the received state, and the forward
@@ -285,6 +285,7 @@ class _Chunk:
     hi: int
     layout_in: Optional[StateLayout]  # None: the first chunk (takes the model's inputs)
     layout_out: Optional[StateLayout]  # None: the last chunk (returns the model's output)
+    rank: int  # the rank it runs on
     cached_in: int  # block sums its rank holds before it receives (sent: layout_in.num_blocks - cached_in)
     cached_out: int  # block sums the next chunk's rank holds
 
@@ -293,14 +294,17 @@ class _StageModule(nn.Module):
     """One chunk of a converted model: ``forward(*layout tensors, **model inputs)``."""
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], chunk: _Chunk, cache: _RankCache,
-                 other_parameters: list[nn.Parameter], model_kwargs: dict, output_fn: Callable):
+                 other_parameters: list[nn.Parameter], model_kwargs: dict, output_fn: Callable,
+                 scales_outside: bool = True):
         super().__init__()
         self._model = [model]  # not a submodule: parameters() is this chunk's own
         self._layers = layers
         self.layers = nn.ModuleList(layers[chunk.lo:chunk.hi])
-        # the parameters outside the layers (embedding, final norm, head): given to one stage module per
-        # rank, the first chunk's or the last chunk's (build_stages)
+        # the parameters outside the layers (embedding, final norm, head): held by the first and the last chunk's
+        # module (a split backward computes the weight gradients of its module's parameters only), their
+        # gradients scaled by one of them per rank (build_stages)
         self.outside = nn.ParameterList(other_parameters)
+        self.scales_outside = scales_outside
         self.chunk, self.cache = chunk, cache
         self.model_kwargs, self.output_fn = model_kwargs, output_fn
 
@@ -423,6 +427,14 @@ def _stage_class():
         def _retrieve_recv_blocks(self, chunk_id):
             return self.args_recv_info[chunk_id][0].buffer
 
+        def scale_grads(self, grad_scale_factor: int) -> None:
+            """As PipelineStage's, except the outside parameters another stage module of this rank scales."""
+            skip = set() if self.submod.scales_outside else {id(p) for p in self.submod.outside}
+            if grad_scale_factor != 1:
+                for p in self.submod.parameters():
+                    if p.grad is not None and id(p) not in skip:
+                        p.grad.div_(grad_scale_factor)
+
         def clear_runtime_states(self) -> None:  # at the start of each schedule step
             super().clear_runtime_states()
             self.rank_cache.clear()
@@ -471,10 +483,11 @@ def reduce_outside_grads(model: nn.Module, group=None) -> None:
         dist.all_reduce(p.grad, group=group)
 
 
-def plan_chunks(model: nn.Module, split_points: Sequence[int], num_ranks: int, cache: bool = True) -> list[_Chunk]:
-    """The chunks of a split (chunk ``c`` runs on rank ``c % num_ranks``) with the layout of each
-    transition: what it sends with and without caching. Computed from the plan alone, the same on
-    every rank."""
+def plan_chunks(model: nn.Module, split_points: Sequence[int], num_ranks: int, cache: bool = True,
+                style: str = "loop") -> list[_Chunk]:
+    """The chunks of a split with the layout of each transition: what it sends with and without caching.
+    Chunk ``c`` runs on rank ``ranks[c]``, as the schedules place them (``style``: "loop", ``c % num_ranks``;
+    "v", rank 0 holding the first and the last chunk). Computed from the plan alone, the same on every rank."""
     holders = layers_of(model)
     points = _check_split_points(holders, split_points)
     bounds = [0, *points, len(holders)]
@@ -484,16 +497,29 @@ def plan_chunks(model: nn.Module, split_points: Sequence[int], num_ranks: int, c
     if num_chunks % num_ranks:
         raise ValueError(f"{num_chunks} chunks ({len(points)} split points) do not divide over {num_ranks} ranks: "
                          "give num_ranks x V - 1 split points (V chunks per rank)")
+    if style == "v" and num_chunks != 2 * num_ranks:
+        raise ValueError(f"style='v' places two chunks on each rank: give 2 x {num_ranks} - 1 split points, "
+                         f"got {len(points)}")
+    ranks = _stage_ranks(num_ranks, num_chunks, style)
     layouts = [None] + [state_layout(model, p) for p in points] + [None]
-    chunks = []
-    for c in range(num_chunks):
-        def held(k):  # block sums rank(k) holds before chunk k receives: what its previous chunk received
-            prev = k - num_ranks
-            return layouts[prev].num_blocks if cache and prev >= 1 else 0
-        chunks.append(_Chunk(index=c, lo=bounds[c], hi=bounds[c + 1], layout_in=layouts[c], layout_out=layouts[c + 1],
-                             cached_in=held(c) if c > 0 else 0,
-                             cached_out=held(c + 1) if c + 1 < num_chunks else 0))
-    return chunks
+
+    def held(k):  # block sums rank(k) holds before chunk k receives: what its previous chunk there received
+        prev = max((j for j in range(1, k) if ranks[j] == ranks[k]), default=None)
+        return layouts[prev].num_blocks if cache and prev is not None else 0
+
+    return [_Chunk(index=c, lo=bounds[c], hi=bounds[c + 1], layout_in=layouts[c], layout_out=layouts[c + 1],
+                   rank=ranks[c], cached_in=held(c) if c > 0 else 0, cached_out=held(c + 1) if c + 1 < num_chunks else 0)
+            for c in range(num_chunks)]
+
+
+def _stage_ranks(num_ranks: int, num_chunks: int, style: str) -> dict[int, int]:
+    """Chunk -> rank, the mapping the schedules themselves use (ZBV and DualPipeV set "v")."""
+    from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+    if style not in ("loop", "v"):
+        raise ValueError(f"style is 'loop' (GPipe, 1F1B, the interleaved schedules) or 'v' (ScheduleZBVZeroBubble, "
+                         f"ScheduleDualPipeV), got {style!r}")
+    return generate_stage_to_rank_mapping(num_ranks, num_chunks, style=style)
 
 
 def build_stages(
@@ -510,13 +536,17 @@ def build_stages(
     model_kwargs: Optional[dict] = None,
     output_fn: Callable = _model_output,
     free_other_layers: bool = False,
+    style: str = "loop",
 ) -> list:
     """The ``PipelineStage`` objects of ``rank`` for a converted ``model`` split before the rewritten
-    layers ``split_points`` (indices into ``layers_of(model)``): chunk ``c`` on rank ``c % num_ranks``.
+    layers ``split_points`` (indices into ``layers_of(model)``): chunk ``c`` on rank ``c % num_ranks``
+    (``style="loop"``) or in a V (``style="v"``).
 
     One stage per rank (``num_ranks - 1`` split points) goes to ``ScheduleGPipe`` / ``Schedule1F1B``
     (``stages[0]``); V per rank (``V * num_ranks - 1`` split points) to ``ScheduleInterleaved1F1B`` /
-    ``ScheduleLoopedBFS``. Every stage takes the model's inputs as keyword arguments
+    ``ScheduleLoopedBFS`` / ``ScheduleInterleavedZeroBubble``; with ``style="v"`` (``2 * num_ranks - 1`` split
+    points) two per rank in a V, rank r holding chunks r and 2P-1-r, to ``ScheduleZBVZeroBubble`` /
+    ``ScheduleDualPipeV``. Every stage takes the model's inputs as keyword arguments
     (``schedule.step(**inputs, target=...)`` on every rank); ``example_kwargs`` is the WHOLE batch of
     such inputs (the stages' tensor shapes are taken from one run of the model on its first microbatch).
     ``cache=False`` sends every completed block sum at every transition (the naive scheme).
@@ -529,7 +559,7 @@ def build_stages(
     """
     from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
-    chunks = plan_chunks(model, split_points, num_ranks, cache)
+    chunks = plan_chunks(model, split_points, num_ranks, cache, style)
     if not 0 <= rank < num_ranks:
         raise ValueError(f"rank {rank} is not in 0 .. {num_ranks - 1}")
     holders = layers_of(model)
@@ -575,19 +605,20 @@ def build_stages(
     other = [p for p in model.parameters() if id(p) not in layer_params]
     rank_cache = _RankCache(enabled=cache)
     stage_cls = __getattr__("AttnResPipelineStage")
-    mine = chunks[rank::num_ranks]
+    mine = [c for c in chunks if c.rank == rank]
     if free_other_layers:
         own = {i for c in mine for i in range(c.lo, c.hi)}
         for i, layer in enumerate(layers):
             if i not in own:
                 layer.to("meta")
-    # the parameters outside the layers go to ONE stage module per rank (the schedule scales each
-    # stage module's gradients once): the first chunk's, else the last chunk's
-    holds_first = mine[0].layout_in is None
-    stages = []
+    # the parameters outside the layers go to the first and the last chunk's module (rank 0 holds both with
+    # style="v"); the schedule scales each module's gradients: the outside ones are scaled by the first of them
+    stages, scaled = [], False
     for chunk in mine:
-        owns_outside = chunk.layout_in is None or (chunk.layout_out is None and not holds_first)
-        module = _StageModule(model, layers, chunk, rank_cache, other if owns_outside else [], model_kwargs, output_fn)
+        holds_outside = chunk.layout_in is None or chunk.layout_out is None
+        module = _StageModule(model, layers, chunk, rank_cache, other if holds_outside else [], model_kwargs, output_fn,
+                              scales_outside=not scaled)
+        scaled = scaled or holds_outside
         stages.append(stage_cls(module, chunk.index, len(chunks), device,
                                 input_args=example(chunk, "in"), output_args=example(chunk, "out"),
                                 group=group))

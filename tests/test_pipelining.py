@@ -205,6 +205,10 @@ def test_bad_split_points_are_refused_with_what_is_allowed():
         rp.plan_chunks(model, [1, 2], num_ranks=2)
     with pytest.raises(ValueError, match="at least 2 ranks"):
         rp.plan_chunks(model, [2], num_ranks=1)
+    with pytest.raises(ValueError, match=r"style='v' places two chunks on each rank: give 2 x 2 - 1 split points"):
+        rp.plan_chunks(model, [1], num_ranks=2, style="v")
+    with pytest.raises(ValueError, match="style is 'loop'.*or 'v'"):
+        rp.plan_chunks(model, [1, 2, 3], num_ranks=2, style="V-shape")
     with pytest.raises(ValueError, match="rank 2 is not in 0 .. 1"):
         rp.build_stages(model, [2], rank=2, num_ranks=2, example_kwargs={}, num_microbatches=1)
     from residual_rewriter.models import GPT, GPTConfig
@@ -313,7 +317,7 @@ def _run_case(case, rank, world, sent_record):
     else:
         stages = rp.build_stages(model, case["splits"], rank=rank, num_ranks=world, example_kwargs={key: x},
                                  num_microbatches=mbs, cache=case["cache"], model_kwargs=extra,
-                                 free_other_layers=case.get("free", False))
+                                 free_other_layers=case.get("free", False), style=case.get("style", "loop"))
         multi = len(stages) > 1
         sched = schedule_cls(stages if multi else stages[0], n_microbatches=mbs, loss_fn=loss_fn)
         sched.step(**{key: x}, target=y, losses=losses)
@@ -404,7 +408,11 @@ def check(case, result, world):
     assert result["worst"][0] <= GRAD_RTOL, result["worst"]
     bounds = [0, *case["splits"], result["num_layers"]]
     chunks = [range(bounds[c], bounds[c + 1]) for c in range(len(bounds) - 1)]
-    expected = [sorted(i for c in chunks[r::world] for i in c) for r in range(world)]
+    if case.get("style") == "v":  # rank r: chunks r and 2P-1-r (the first and the last on rank 0)
+        mine = [[chunks[r], chunks[2 * world - 1 - r]] for r in range(world)]
+    else:
+        mine = [chunks[r::world] for r in range(world)]
+    expected = [sorted(i for c in mine[r] for i in c) for r in range(world)]
     assert result["layers_by_rank"] == expected, (result["layers_by_rank"], expected)
     if case.get("reduce"):  # after reduce_outside_grads every rank holds the same, whole gradients
         assert result["reduced_equal"] is True
@@ -435,6 +443,9 @@ TWO = {
     "llama-P2V2-mid-cached-freed": dict(L4, splits=[1, 2, 3], schedule=INTERLEAVED, cache=True, free=True),
     "gpt-P2V2-mid-loopedbfs-cached": dict(G8_MID, splits=[2, 4, 6], schedule="ScheduleLoopedBFS", cache=True,
                                           reduce=True),
+    "gpt-P2-v-mid-zbv-cached": dict(G8_MID, splits=[2, 4, 6], schedule="ScheduleZBVZeroBubble", cache=True, style="v"),
+    "gpt-P2-v-end-zbv-naive": dict(G8, splits=[2, 4, 6], schedule="ScheduleZBVZeroBubble", cache=False, style="v"),
+    "llama-P2-v-mid-dualpipev-cached": dict(L4, splits=[1, 2, 3], schedule="ScheduleDualPipeV", cache=True, style="v"),
     "gpt-hand-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", hand=True),
     "gpt-hand-end-1f1b": dict(G4, splits=[3], schedule="Schedule1F1B", hand=True),
     "gpt-tracer-mid-gpipe": dict(G4, splits=[2], schedule="ScheduleGPipe", tracer=True),
@@ -448,6 +459,14 @@ FOUR = {
                                   schedule=INTERLEAVED, cache=True),
     "gpt-P4V2-mid-zerobubble-cached": dict(G8_MID, splits=list(range(1, 8)), schedule="ScheduleInterleavedZeroBubble",
                                            cache=True),
+    "gpt-P4-v-mid-zbv-cached": dict(G8_MID, splits=list(range(1, 8)), schedule="ScheduleZBVZeroBubble", cache=True,
+                                    style="v"),
+    "gpt-P4-v-end-zbv-naive": dict(G8, splits=list(range(1, 8)), schedule="ScheduleZBVZeroBubble", cache=False,
+                                   style="v"),
+    "gpt-P4-v-end-zbv-cached": dict(G8, splits=list(range(1, 8)), schedule="ScheduleZBVZeroBubble", cache=True,
+                                    style="v"),
+    "gpt-P4-v-mid-dualpipev-cached": dict(G8_MID, splits=list(range(1, 8)), schedule="ScheduleDualPipeV", cache=True,
+                                          style="v", microbatches=8),
     "gpt-P4-1f1b-mid-cached": dict(G8_MID, splits=[2, 4, 6], schedule="Schedule1F1B", cache=True),
 }
 GROUPS = {2: TWO, 4: FOUR}
@@ -514,3 +533,28 @@ def test_bytes_per_transition_follow_the_papers_formula(world, V):
         # the peak: O(C) block sums naive (the last transition), O(P) cached
         assert max(fwd["naive"].values()) == ((C - 1) * Np + 1) * d
         assert max(fwd["cached"].values()) == (min(P, C - 1) * Np + 1) * d
+
+
+@pytest.mark.parametrize("cache", ["naive", "cached"])
+def test_bytes_per_transition_in_a_v(cache):
+    """style="v" (rank r holds chunks r and 2P-1-r), chunks ending at block ends (Np block sums each): the
+    transition into chunk k carries b_0 and the k Np block sums before it, naive; cached, a rank sends only
+    what the receiving rank has not received: chunk k > P's rank received b_0 .. b_{r Np} with its chunk
+    r = 2P-1-k (none on rank 0). Chunk P-1 hands chunk P its state on its own rank: no send."""
+    world = 4
+    r = results(world)[f"gpt-P{world}-v-end-zbv-{cache}"]
+    P, C = world, 2 * world
+    Np, rem = divmod(r["num_blocks"], C)
+    assert rem == 0 and Np >= 1
+    d = r["hidden_bytes"]
+    expected = {}
+    for k in range(1, C):
+        if k == P:
+            continue  # on one rank
+        held = (2 * P - 1 - k) * Np + 1 if cache == "cached" and k > P and 2 * P - 1 - k >= 1 else 0
+        expected[k] = (k * Np + 1 - held) * d
+    assert r["isend_bytes"] == sum(r["sent"].values())
+    for mb in {mb for (_, _, mb) in r["sent"]}:
+        fwd = {dst: n for (way, dst, m), n in r["sent"].items() if way == "forward" and m == mb}
+        bwd = {dst + 1: n for (way, dst, m), n in r["sent"].items() if way == "backward" and m == mb}
+        assert fwd == expected and bwd == expected, (fwd, bwd, expected)
