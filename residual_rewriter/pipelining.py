@@ -26,10 +26,10 @@ Two ways to split a converted model:
   objects of this rank (chunk ``c`` on rank ``c % P``: one stage per rank for GPipe / 1F1B, V per rank
   for the interleaved schedules; ``style="v"``: two per rank in a V, for ZBV and DualPipeV), in the
   layout above, caching on by default (``cache=False``: the naive scheme). Every stage runs the model's
-  own forward: the code before the first layer (embedding, rotary tables, masks) runs on every stage, so every stage is called with the model's inputs as
-  keyword arguments (``schedule.step(idx=x, target=y)`` on every rank); the layers before the stage
-  pass their input on untouched, the stage's first layer takes the received state, and the forward
-  stops where the next stage's first layer begins.
+  own forward: the code before the first layer (embedding, rotary tables, masks) runs on every stage, so
+  every stage is called with the model's inputs as keyword arguments (``schedule.step(idx=x, target=y)``
+  on every rank); the layers before the stage pass their input on untouched, the stage's first layer
+  takes the received state, and the forward stops where the next stage's first layer begins.
 
 Cross-stage caching: each rank keeps, per microbatch, the block sums it has received; a transition
 sends only the blocks its receiver does not hold. In the backward, the gradients that a rank's later
