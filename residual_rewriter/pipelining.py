@@ -85,19 +85,20 @@ class StateLayout:
 TORCH_VERSION = torch.__version__  # a TorchVersion: compares with (2, 13)
 
 
-def _require_torch_2_13() -> None:
-    """A stage that receives an empty partial sum, or block sums it does not read, gets no gradient for them:
-    torch >= 2.13's PipelineStage sends zeros back, older ones fail in the backward (each route: ours, a user's
-    own stage modules, ``pipeline()``)."""
+def _check_split_backward() -> None:
+    """torch < 2.13's split backward (the zero-bubble schedules) cannot take weight gradients through a custom
+    autograd op such as ``attn_res`` (``_input_metadata`` of its node)."""
     if TORCH_VERSION < (2, 13):
-        raise ConversionError(f"pipelining a converted model needs torch >= 2.13 (this is {torch.__version__}): an "
-                              "older PipelineStage fails in the backward on a stage input without a gradient")
+        raise ConversionError(
+            f"the zero-bubble schedules' split backward (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, "
+            f"ScheduleDualPipeV) needs torch >= 2.13 for a converted model (this is {torch.__version__}: its "
+            "weight backward cannot pass the attn_res op). Use ScheduleInterleaved1F1B, Schedule1F1B or GPipe, or "
+            "torch >= 2.13.")
 
 
 def pack_state(state: AttnResState, cached: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(blocks, partial)``: the state as the two tensors of the layout, leaving out the first
     ``cached`` block sums (those the receiver already holds)."""
-    _require_torch_2_13()
     if not isinstance(state, AttnResState):
         raise TypeError(
             f"pack_state takes the AttnResState a rewritten layer returns, got {type(state).__name__}: a split "
@@ -107,9 +108,11 @@ def pack_state(state: AttnResState, cached: int = 0) -> tuple[torch.Tensor, torc
         raise ValueError(f"cached={cached}, but the state holds {len(state.blocks)} block sums")
     ref = state.blocks[0]
     new = state.blocks[cached:]
-    blocks = torch.stack(new) if new else ref.new_zeros((0, *ref.shape))
-    # a new tensor, not a view (the zero-bubble backward detaches stage outputs in place)
-    partial = torch.stack([state.partial]) if state.partial is not None else ref.new_zeros((0, *ref.shape))
+    # new tensors, not views (the zero-bubble backward detaches stage outputs in place); an empty one is computed
+    # from b_0 too, so that it has a gradient (an older PipelineStage's backward asks every output for one)
+    empty = ref.unsqueeze(0)[:0].clone()
+    blocks = torch.stack(new) if new else empty
+    partial = torch.stack([state.partial]) if state.partial is not None else empty.clone()
     return blocks, partial
 
 
@@ -123,9 +126,12 @@ def unpack_state(blocks: torch.Tensor, partial: torch.Tensor, cached: Sequence[t
             f"not the state layout: blocks {tuple(blocks.shape)}, partial {tuple(partial.shape)} (expected "
             "[m, *hidden] and [0 or 1, *hidden])"
         )
-    all_blocks = (*cached, *blocks.unbind(0))
+    all_blocks = [*cached, *blocks.unbind(0)]
     if not all_blocks:
         raise ValueError("the state has no block sums: b_0 (the embedding output) is always one")
+    empty = [t for t in (blocks, partial) if t.shape[0] == 0 and t.requires_grad]
+    if empty and TORCH_VERSION < (2, 13):  # an older PipelineStage fails on an input without a gradient: a zero one
+        all_blocks[0] = all_blocks[0] + sum(t.sum() for t in empty)
     return AttnResState(tuple(all_blocks), partial[0] if partial.shape[0] else None)
 
 
@@ -133,7 +139,6 @@ def unpack_state(blocks: torch.Tensor, partial: torch.Tensor, cached: Sequence[t
 # The plan: layers and the layout before each
 # ---------------------------------------------------------------------------------------------------
 def _report(model: nn.Module):
-    _require_torch_2_13()
     report = getattr(model, "attn_res_report", None)
     if report is None or not report.converted:
         raise ConversionError(f"{type(model).__name__} is not converted: run residual_rewriter.convert_(model) first")
@@ -390,6 +395,8 @@ def _stage_class():
             return out
 
         def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
+            if backward_type in ("input", "weight"):
+                _check_split_backward()
             grads, param_groups = super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
             if backward_type in ("full", "input") and self._bwd_chunk is not None:
                 leaves = self.rank_cache.leaves.pop((self.chunk.index, self._bwd_chunk), [])
