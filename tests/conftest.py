@@ -7,7 +7,10 @@ converter shows up the day it appears. A test module is Hugging Face-facing when
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 HF_FACING_MODULES = {
     "test_architectures.py",  # every architecture the README lists
@@ -28,3 +31,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in HF_FACING_MODULES:
             item.add_marker(pytest.mark.hf)
+
+
+def pytest_configure(config):
+    # pytest-xdist (-n N) runs N worker processes: they share the cores (N x all cores' threads oversubscribe them)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
