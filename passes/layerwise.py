@@ -292,7 +292,6 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
     ``template`` (the first trace's plan) once checked against ``original`` (the first call's graph).
     Detection is not run again: it would run the module on values that, under a tracer, are not data."""
     values = [v.blocks[0] if isinstance(v, AttnResState) else v for v in bound.values]  # shape, dtype
-    names, constants = bound.names, bound.constants
     captured = _capture_call(module, bound, values, opaque_children=not whole, inline=tuple(template.inlined_children),
                              training=training, opaque=template.opaque_modules)
     split_residual_children(captured.graph_module, None, known=template.residual_children)
@@ -300,13 +299,18 @@ def retrace(module: nn.Module, bound: BoundCall, template: Plan, original: fx.Gr
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
     problems = _unmapped(plan, nodes, {n.name: n for n in original.nodes})
     if problems:
-        raise ConversionError(
-            f"{type(module).__name__} called with {sorted(constants)} and {names} in {'train' if training else 'eval'} "
-            f"mode traces to a graph whose residual sites are not those found at conversion ({'; '.join(problems[:3])}). "
-            "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
-        )
+        raise ConversionError(f"{_called_as(module, bound)} in {'train' if training else 'eval'} mode traces to a graph "
+                              f"whose residual sites are not those found at conversion ({'; '.join(problems[:3])}). "
+                              f"{_CONVERT_CALLED_THIS_WAY}")
     # no values: the parameters exist already (the rewrite needs a source's value only to create them)
     return Traced(captured, {}, plan, "" if whole else nodes[plan.streams[0].source_node].target)
+
+
+def _called_as(module: nn.Module, bound: BoundCall) -> str:
+    return f"{type(module).__name__} called with {sorted(bound.constants)} and {bound.names}"
+
+
+_CONVERT_CALLED_THIS_WAY = "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
 
 
 def _unmapped(plan: Plan, nodes: dict, original: dict) -> list[str]:
@@ -757,11 +761,8 @@ class LayerForward:
         except ConversionError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a stream value this signature reads elsewhere, a branch on an int input
-            raise ConversionError(
-                f"{type(self.module).__name__} called with {sorted(bound.constants)} and {bound.names} cannot be "
-                f"rewritten like the call it was converted with ({first_line(exc)}). "
-                "Convert with example inputs called this way (convert_(model, example_inputs={...}))."
-            ) from exc
+            raise ConversionError(f"{_called_as(self.module, bound)} cannot be rewritten like the call it was converted "
+                                  f"with ({first_line(exc)}). {_CONVERT_CALLED_THIS_WAY}") from exc
         return _compile(gm, self.module), traced.captured
 
     def __reduce__(self):  # torch.save(model), multiprocessing: passes/graph_pickle.py

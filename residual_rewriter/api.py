@@ -93,7 +93,15 @@ def convert(
     (a Hugging Face model keeps ``generate``, ``save_pretrained``, ``config``); ``model`` is untouched.
     Arguments as for ``convert_``."""
     _check_model(model)
-    return convert_(copy_to_convert(model), config, example_inputs=example_inputs, filter_fn=filter_fn, verify=verify,
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - e.g. a lock or a file handle held by a module
+        raise ConversionError(
+            f"convert works on a deep copy of {type(model).__name__} (the original stays untouched), and copying "
+            f"it fails: {first_line(exc)}.\nMake the model deep-copyable, or convert the model object itself with "
+            "residual_rewriter.convert_(model)."
+        ) from exc
+    return convert_(copied, config, example_inputs=example_inputs, filter_fn=filter_fn, verify=verify,
                     num_blocks=num_blocks, block_size=block_size, mixing=mixing, key_norm_eps=key_norm_eps)
 
 
@@ -200,18 +208,6 @@ def _check_not_meta(model: nn.Module) -> None:
         "materialize it first: model.to_empty(device='cpu'), then initialize or load its weights "
         "(load_state_dict, or init_weights() for a Hugging Face model)."
     )
-
-
-def copy_to_convert(model: nn.Module) -> nn.Module:
-    """The deep copy ``convert`` works on, so that the original stays untouched."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001 - e.g. a lock or a file handle held by a module
-        raise ConversionError(
-            f"convert works on a deep copy of {type(model).__name__} (the original stays untouched), and copying "
-            f"it fails: {first_line(exc)}.\nMake the model deep-copyable, or convert the model object itself with "
-            "residual_rewriter.convert_(model)."
-        ) from exc
 
 
 def _make_config(config: Optional[AttnResConfig], **options) -> AttnResConfig:

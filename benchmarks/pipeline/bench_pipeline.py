@@ -3,12 +3,13 @@ as the number of ranks P and of chunks per rank V grow (CPU processes over gloo)
 
 A converted GPT with one AttnRes block per layer (``block_size=2``: attention + MLP) is split into
 C = P x V chunks of ``--layers-per-chunk`` layers each (so Np = layers-per-chunk block sums per chunk),
-run by ``ScheduleInterleaved1F1B`` (``Schedule1F1B`` when V = 1) on P processes. Both schemes run
+run by ``ScheduleInterleaved1F1B`` (``Schedule1F1B`` when V = 1) on P processes; with ``--styles v``, also two
+chunks per rank in a V (``build_stages(style="v")``) run by ``ScheduleZBVZeroBubble``. Both schemes run
 in the same process group, alternating steps. Bytes are what the stages hand to ``dist.isend``
 (activations and gradients, all microbatches, one step); the paper's formula is printed next to the
 measured forward bytes per microbatch (it leaves out the embedding output b_0, see the README).
 
-    python benchmarks/pipeline/bench_pipeline.py [--ranks 2 4] [--virtual 1 2 4] [--hidden 256] [--seq 64] [--layers-per-chunk 2]
+    python benchmarks/pipeline/bench_pipeline.py [--ranks 2 4] [--virtual 1 2 4] [--styles loop v] [--hidden 256] [--seq 64] [--layers-per-chunk 2]
 
 Writes benchmarks/results/pipeline-cpu-<date>.json and .md. The machine is shared and has 2 cores:
 with P = 4 the processes share them, so step times are for orientation (compare naive with cached in
@@ -50,7 +51,7 @@ def _model(layers, hidden, seq):
     return model
 
 
-def _worker(rank, P, V, args, port, queue):
+def _worker(rank, P, V, style, args, port, queue):
     faulthandler.dump_traceback_later(WORKER_DEADLINE_S, exit=True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -70,8 +71,8 @@ def _worker(rank, P, V, args, port, queue):
     for cache in (False, True):
         model = _model(layers, args.hidden, args.seq)
         stages = rr.build_stages(model, splits, rank=rank, num_ranks=P, example_kwargs={"idx": x},
-                                 num_microbatches=args.microbatches, cache=cache)
-        cls = tp.ScheduleInterleaved1F1B if V > 1 else tp.Schedule1F1B
+                                 num_microbatches=args.microbatches, cache=cache, style=style)
+        cls = tp.ScheduleZBVZeroBubble if style == "v" else tp.ScheduleInterleaved1F1B if V > 1 else tp.Schedule1F1B
         sched = cls(stages if V > 1 else stages[0], n_microbatches=args.microbatches, loss_fn=loss_fn)
         runs[cache] = (model, stages, sched)
     times = {False: [], True: []}
@@ -105,9 +106,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run(P, V, args):
+def run(P, V, style, args):
     queue = mp.get_context("spawn").SimpleQueue()
-    ctx = mp.start_processes(_worker, args=(P, V, args, _free_port(), queue), nprocs=P, start_method="spawn", join=False)
+    ctx = mp.start_processes(_worker, args=(P, V, style, args, _free_port(), queue), nprocs=P, start_method="spawn",
+                             join=False)
     deadline = time.monotonic() + WORKER_DEADLINE_S + 30
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -121,6 +123,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--virtual", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--styles", nargs="+", choices=["loop", "v"], default=["loop", "v"],
+                   help="v: two chunks per rank in a V (ScheduleZBVZeroBubble), whatever --virtual says")
     p.add_argument("--layers-per-chunk", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq", type=int, default=64)
@@ -133,25 +137,27 @@ def main(argv=None):
     rows = []
     d = args.mb_size * args.seq * args.hidden * 4  # bytes of one block sum of one microbatch (float32)
     Np = args.layers_per_chunk
-    for P in args.ranks:
-        for V in args.virtual:
-            C = P * V
-            out = run(P, V, args)
-            row = {"P": P, "V": V, "C": C, "layers": C * Np}
-            for cache, name in ((False, "naive"), (True, "cached")):
-                sent = out["sent"][cache]
-                fwd_mb0 = {dst: n for (way, dst, mb), n in sent.items() if way == "forward" and mb == 0}
-                row[f"{name}_ms"] = out["times"][cache] * 1e3
-                row[f"{name}_MB_per_step"] = sum(sent.values()) / 1e6
-                row[f"{name}_fwd_mb_blocks"] = sum(fwd_mb0.values()) // d
-                row[f"{name}_peak_blocks"] = max(fwd_mb0.values()) // d
-            row["paper_naive_blocks"] = C * (C - 1) // 2 * Np
-            row["paper_cached_blocks"] = (P * (P - 1) // 2 + (V - 1) * P * P) * Np
-            rows.append(row)
-            print(_line(row), flush=True)
-    header = ("| P | V | C | naive ms/step | cached ms/step | naive MB/step | cached MB/step | "
+    runs = [(P, V, "loop") for P in args.ranks for V in args.virtual if "loop" in args.styles]
+    runs += [(P, 2, "v") for P in args.ranks if "v" in args.styles]
+    for P, V, style in runs:
+        C = P * V
+        out = run(P, V, style, args)
+        row = {"P": P, "V": V, "style": style, "C": C, "layers": C * Np}
+        for cache, name in ((False, "naive"), (True, "cached")):
+            sent = out["sent"][cache]
+            fwd_mb0 = {dst: n for (way, dst, mb), n in sent.items() if way == "forward" and mb == 0}
+            row[f"{name}_ms"] = out["times"][cache] * 1e3
+            row[f"{name}_MB_per_step"] = sum(sent.values()) / 1e6
+            row[f"{name}_fwd_mb_blocks"] = sum(fwd_mb0.values()) // d
+            row[f"{name}_peak_blocks"] = max(fwd_mb0.values()) // d
+        # the paper's formulas are for chunk c on rank c % P (its interleaving), not for a V
+        row["paper_naive_blocks"] = C * (C - 1) // 2 * Np if style == "loop" else None
+        row["paper_cached_blocks"] = (P * (P - 1) // 2 + (V - 1) * P * P) * Np if style == "loop" else None
+        rows.append(row)
+        print(_line(row), flush=True)
+    header = ("| P | V | style | C | naive ms/step | cached ms/step | naive MB/step | cached MB/step | "
               "naive blocks/mb (paper) | cached blocks/mb (paper) | peak blocks naive / cached |")
-    lines = [header, "|" + "---|" * 10] + [_line(r) for r in rows]
+    lines = [header, "|" + "---|" * 11] + [_line(r) for r in rows]
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "args": vars(args), "block_bytes": d}
     RESULTS.mkdir(exist_ok=True)
@@ -168,9 +174,10 @@ def main(argv=None):
 
 
 def _line(r):
-    return (f"| {r['P']} | {r['V']} | {r['C']} | {r['naive_ms']:.0f} | {r['cached_ms']:.0f} | "
+    return (f"| {r['P']} | {r['V']} | {r['style']} | {r['C']} | {r['naive_ms']:.0f} | {r['cached_ms']:.0f} | "
             f"{r['naive_MB_per_step']:.1f} | {r['cached_MB_per_step']:.1f} | "
-            f"{r['naive_fwd_mb_blocks']} ({r['paper_naive_blocks']}) | {r['cached_fwd_mb_blocks']} ({r['paper_cached_blocks']}) | "
+            f"{r['naive_fwd_mb_blocks']} ({r['paper_naive_blocks'] or '-'}) | "
+            f"{r['cached_fwd_mb_blocks']} ({r['paper_cached_blocks'] or '-'}) | "
             f"{r['naive_peak_blocks']} / {r['cached_peak_blocks']} |")
 
 
