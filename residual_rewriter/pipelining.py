@@ -108,9 +108,9 @@ def pack_state(state: AttnResState, cached: int = 0) -> tuple[torch.Tensor, torc
         raise ValueError(f"cached={cached}, but the state holds {len(state.blocks)} block sums")
     ref = state.blocks[0]
     new = state.blocks[cached:]
-    # new tensors, not views (the zero-bubble backward detaches stage outputs in place); an empty one is computed
-    # from b_0 too, so that it has a gradient (an older PipelineStage's backward asks every output for one)
-    empty = ref.unsqueeze(0)[:0].clone()
+    # new tensors, not views (the zero-bubble backward detaches stage outputs in place); on torch < 2.13 an empty one
+    # is computed from b_0, so that it has a gradient (an older PipelineStage's backward asks every output for one)
+    empty = ref.unsqueeze(0)[:0].clone() if TORCH_VERSION < (2, 13) else ref.new_zeros((0, *ref.shape))
     blocks = torch.stack(new) if new else empty
     partial = torch.stack([state.partial]) if state.partial is not None else empty.clone()
     return blocks, partial

@@ -37,4 +37,4 @@ def pytest_configure(config):
     # pytest-xdist (-n N) runs N worker processes: they share the cores (N x all cores' threads oversubscribe them)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import residual_rewriter as rr
-from processes import free_port
+from processes import rendezvous
 
 STEPS = 3
 WORKER_DEADLINE_S = 150  # a run takes ~10 s on 2 busy cores
@@ -59,15 +59,15 @@ def _train(model, x, world: int) -> list[float]:
     return losses
 
 
-def _worker(rank: int, world: int, port: int, how: str, queue) -> None:
+def _worker(rank: int, world: int, store: str, how: str, queue) -> None:
     import sys
 
     faulthandler.dump_traceback_later(WORKER_DEADLINE_S, exit=True)  # stack to stderr, then exit(1)
     torch.set_num_threads(1)  # two workers on two cores: no oversubscription
     sys.path.insert(0, os.path.dirname(__file__))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a worker that dies must not leave the other waiting forever in a collective
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     model = _model()
     if how == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -98,7 +98,7 @@ def _run_two_workers(how: str) -> list[float]:
     """Rank 0's losses. A worker that fails raises here (with its traceback); one that hangs past the
     deadlines fails the test instead of hanging the suite."""
     queue = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(_worker, args=(2, free_port(), how, queue), nprocs=2, start_method="spawn",
+    workers = mp.start_processes(_worker, args=(2, rendezvous(), how, queue), nprocs=2, start_method="spawn",
                                  join=False)
     deadline = time.monotonic() + TEST_DEADLINE_S
     while not workers.join(timeout=1):  # raises if a worker exited non-zero

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import residual_rewriter as rr
-from processes import free_port
+from processes import rendezvous
 from residual_rewriter import pipelining as rp
 
 SPLIT_BACKWARD = {"ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble", "ScheduleDualPipeV"}
@@ -192,13 +192,15 @@ def rel_err(a, b):
 def test_every_layout_tensor_a_stage_receives_gets_a_gradient(monkeypatch, torch_version):
     """torch < 2.13's PipelineStage fails in the backward on a stage input without a gradient (an empty partial
     sum; a blocks tensor emptied by caching): unpack_state makes them part of b_0 there (adding their sum, 0),
-    and pack_state computes its empty tensors from b_0, so that a stage's every output has a gradient too."""
+    and pack_state computes its empty tensors from b_0 there, so that a stage's every output has a gradient too
+    (torch >= 2.13 sends zeros back itself: nothing is added, no backward runs through them)."""
     from residual_rewriter.passes.state import AttnResState
 
     monkeypatch.setattr(rp, "TORCH_VERSION", torch_version)
     b0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     blocks, partial = rp.pack_state(AttnResState((b0 * 2,), None), cached=1)  # nothing sent: both empty
-    assert blocks.shape[0] == partial.shape[0] == 0 and blocks.grad_fn is not None and partial.grad_fn is not None
+    assert blocks.shape[0] == partial.shape[0] == 0
+    assert [t.grad_fn is not None for t in (blocks, partial)] == [torch_version < (2, 13)] * 2
     received = [t.detach().requires_grad_(True) for t in (blocks, partial)]
     kept = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     state = rp.unpack_state(*received, cached=[kept])
@@ -394,14 +396,14 @@ def compare(case, grads, losses):
                 missing=sorted(set(ref_grads) - set(grads)), extra=sorted(set(grads) - set(ref_grads)))
 
 
-def _worker(rank, world, port, cases, queue):
+def _worker(rank, world, store, cases, queue):
     import sys
 
     faulthandler.dump_traceback_later(WORKER_DEADLINE_S, exit=True)
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     record: list = []
     _spy_isend(record)
     results = []
@@ -416,7 +418,7 @@ def _worker(rank, world, port, cases, queue):
 
 def run_cases(cases, world):
     queue = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(_worker, args=(world, free_port(), cases, queue), nprocs=world,
+    workers = mp.start_processes(_worker, args=(world, rendezvous(), cases, queue), nprocs=world,
                                  start_method="spawn", join=False)
     deadline = time.monotonic() + TEST_DEADLINE_S
     while not workers.join(timeout=1):
@@ -552,6 +554,7 @@ def test_bytes_per_transition_follow_the_papers_formula(world, V):
     for r in (naive, cached):  # the stages' own count is what reached dist.isend, both directions
         assert r["isend_bytes"] == sum(r["sent"].values())
     mbs = {mb for (_, _, mb) in naive["sent"]}
+    assert mbs == {mb for (_, _, mb) in cached["sent"]} == set(range(4))  # every microbatch sent, in both
     for mb in mbs:
         fwd = {name: {dst: n for (way, dst, m), n in r["sent"].items() if way == "forward" and m == mb}
                for name, r in (("naive", naive), ("cached", cached))}
@@ -586,6 +589,7 @@ def test_bytes_per_transition_in_a_v(cache):
         held = (2 * P - 1 - k) * Np + 1 if cache == "cached" and k > P and 2 * P - 1 - k >= 1 else 0
         expected[k] = (k * Np + 1 - held) * d
     assert r["isend_bytes"] == sum(r["sent"].values())
+    assert {mb for (_, _, mb) in r["sent"]} == set(range(FOUR[name].get("microbatches", 4)))  # every microbatch sent
     for mb in {mb for (_, _, mb) in r["sent"]}:
         fwd = {dst: n for (way, dst, m), n in r["sent"].items() if way == "forward" and m == mb}
         bwd = {dst + 1: n for (way, dst, m), n in r["sent"].items() if way == "backward" and m == mb}
