@@ -48,8 +48,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from residual_rewriter.passes.errors import ConversionError
+from residual_rewriter.passes.layerwise import bind_call, installed_forward
 from residual_rewriter.passes.state import AttnResState
 
 __all__ = [
@@ -344,11 +346,33 @@ class _StageModule(nn.Module):
             if len(state.blocks) != expected.num_blocks or (state.partial is not None) != expected.has_partial:
                 raise RuntimeError(f"chunk {ch.index} received {len(state.blocks)} block sums and "
                                    f"{'a' if state.partial is not None else 'no'} partial sum; the plan says {expected}")
-        out = run_layers(self._model[0], self._layers, ch.lo, ch.hi, state, {**self.model_kwargs, **inputs},
-                         self.output_fn)
+        # a chunk without the outside parameters: their gradient through its layers would be lost or not scaled
+        guards = [] if len(self.outside) or not torch.is_grad_enabled() else [layer.register_forward_pre_hook(
+            functools.partial(_reads_no_outside_parameters, stream=installed_forward(layer).stream_argument),
+            with_kwargs=True) for layer in self.layers]
+        try:
+            out = run_layers(self._model[0], self._layers, ch.lo, ch.hi, state, {**self.model_kwargs, **inputs},
+                             self.output_fn)
+        finally:
+            for guard in guards:
+                guard.remove()
         if ch.layout_out is None:
             return out
         return pack_state(out, cached=ch.cached_out)
+
+
+def _reads_no_outside_parameters(layer: nn.Module, args: tuple, kwargs: dict, *, stream: str) -> None:
+    """A layer of a middle chunk takes, beside the stream, only tensors that need no gradient: one computed from the
+    parameters outside the layers (Gemma 4's per-layer embeddings) would give them a gradient that a split
+    backward never computes and the schedule never scales (its chunk's module does not hold them)."""
+    bound = bind_call(layer, args, kwargs)
+    needing = [n for n, v in zip(bound.names, bound.values)
+               if n != stream and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(v))]
+    if needing:
+        raise ConversionError(
+            f"{type(layer).__name__} takes {needing} computed from parameters outside the rewritten layers (the model's "
+            "own code before its layers): pipelining gives those parameters to the first and the last chunk only, so "
+            "their gradient through a middle chunk would be lost or not scaled. Such a model cannot be pipelined here.")
 
 
 def transition_bytes(stages: Sequence["AttnResPipelineStage"]) -> dict:

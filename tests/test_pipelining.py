@@ -265,6 +265,56 @@ class _Flat(torch.nn.Module):
         return self.norm(x)
 
 
+class _SharedBiasLayer(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.f = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x, bias):
+        return x + self.f(self.norm(x)) * bias
+
+
+class _SharedBias(torch.nn.Module):
+    """Its layers read a tensor the model computes from its own parameter (as Gemma 4's per-layer embeddings)."""
+
+    def __init__(self, d=16, layers=4):
+        super().__init__()
+        self.emb, self.gate = torch.nn.Embedding(16, d), torch.nn.Parameter(torch.ones(d))
+        self.layers = torch.nn.ModuleList(_SharedBiasLayer(d) for _ in range(layers))
+
+    def forward(self, ids):
+        x, bias = self.emb(ids), torch.sigmoid(self.gate)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+@pytest.mark.parametrize("kind", ["shared-bias", "gpt"])
+def test_a_middle_chunk_whose_layers_read_outside_parameters_is_refused(kind):
+    """A middle chunk's module does not hold the parameters outside the layers: a gradient reaching them through
+    its layers would be missed by a split backward and not scaled by the schedule, so it is refused when it runs
+    with grad; the GPT's layers read nothing of the kind and run."""
+    if kind == "gpt":
+        model, key, _ = make_model("gpt", 4, num_blocks=2)
+    else:
+        model, key = rr.convert_(_SharedBias().double(), example_inputs=(torch.randint(0, 16, (2, 5)),), num_blocks=2), "ids"
+    ids = torch.randint(0, 16, (2, 5))
+    chunks = rp.plan_chunks(model, [1, 2, 3], num_ranks=2, cache=False)
+    layers = [model.get_submodule(h) for h in rp.layers_of(model)]
+    outside = [p for p in model.parameters() if not any(p is q for layer in layers for q in layer.parameters())]
+    first, middle = (rp._StageModule(model, layers, chunks[i], rp._RankCache(False), held, {}, rp._model_output)
+                     for i, held in ((0, outside), (1, [])))
+    first.cache.current_mb = middle.cache.current_mb = 0
+    sent = [t.detach().requires_grad_(True) for t in first(**{key: ids})]
+    if kind == "gpt":
+        middle(*sent, **{key: ids})
+        return
+    with pytest.raises(rr.ConversionError, match=r"_SharedBiasLayer takes \['bias'\] computed from parameters outside"):
+        middle(*sent, **{key: ids})
+    with torch.no_grad():  # (no gradient: nothing to lose)
+        middle(*sent, **{key: ids})
+
+
 # ---------------------------------------------------------------------------------------------------
 # Distributed cases
 # ---------------------------------------------------------------------------------------------------
